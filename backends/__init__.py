@@ -1,0 +1,52 @@
+"""Storage backends of channels-broker, chosen by URL scheme and imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from urllib.parse import urlsplit
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    BackendUnavailable,
+    CapacityOf,
+    GroupSendResult,
+    Taken,
+    WakeupCallback,
+)
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "BackendStats",
+    "BackendUnavailable",
+    "CapacityOf",
+    "GroupSendResult",
+    "Taken",
+    "UnknownBackend",
+    "WakeupCallback",
+    "backend_from_url",
+]
+
+#: URL scheme -> "module:Class". Imported on use, so memory:// never loads a driver.
+BACKENDS: dict[str, str] = {
+    "memory": "backends.memory:MemoryBackend",
+}
+
+
+class UnknownBackend(BackendError):
+    """The URL names no backend this build has."""
+
+
+def backend_from_url(url: str) -> Backend:
+    """Create (not connect) the backend for ``url``; raise ``UnknownBackend`` otherwise."""
+    scheme = urlsplit(url).scheme
+    target = BACKENDS.get(scheme)
+    if target is None:
+        known = ", ".join(f"{name}://" for name in sorted(BACKENDS))
+        raise UnknownBackend(f"unknown backend {url!r}: supported schemes are {known}")
+    module_name, _, class_name = target.partition(":")
+    backend_class: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    return backend_class.from_url(url)

@@ -1,0 +1,167 @@
+"""The storage contract every backend keeps: few, coarse operations.
+
+Terms: ``ns`` is a namespace (the layer's ``prefix``), so several sites can share
+one daemon and ``flush`` empties one site only. Payloads are opaque bytes. A message
+is *waiting* in its channel until taken; ``take(hold=True)`` (used for pushes to a
+client's own channels) keeps it counted against the channel's capacity until
+``release``, so capacity bounds the client's buffer too.
+
+Wake-ups: a backend calls the ``on_ready(ns, channel)`` callback given to
+``set_wakeup`` whenever messages may be waiting on a channel it was asked to
+``watch`` (a normal channel with pullers, or a client id for every channel of
+that client). A spurious wake-up is harmless; a missed one is a bug.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Self
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendStats",
+    "BackendUnavailable",
+    "CapacityOf",
+    "GroupSendResult",
+    "Taken",
+    "WakeupCallback",
+]
+
+#: Maps a channel name to its capacity (the sender's ``channel_capacity`` policy).
+CapacityOf = Callable[[str], int]
+#: Called with (namespace, channel) when messages may be waiting for a watched channel.
+WakeupCallback = Callable[[str, str], None]
+
+
+class BackendError(Exception):
+    """A storage operation failed. Driver exceptions are translated to this family."""
+
+
+class BackendUnavailable(BackendError):
+    """The storage cannot be reached right now; the operation may be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A message taken from a channel: its payload and how long it stays valid."""
+
+    payload: bytes
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSendResult:
+    """Members that got the message, and how many were skipped because full."""
+
+    delivered: Sequence[str]
+    skipped: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """Cheap-to-compute gauges for metrics and status."""
+
+    channels_waiting: int
+    messages_waiting: int
+    groups: int
+    memberships: int
+    expired_total: int
+
+
+def _ignore_wakeup(ns: str, channel: str) -> None:
+    """Default wake-up target until the daemon installs its router."""
+
+
+class Backend(abc.ABC):
+    """One storage for channels and groups, shared by all connections of a daemon."""
+
+    #: True when several daemons may share this storage (Redis, PostgreSQL).
+    is_shared: bool = False
+
+    def __init__(self) -> None:
+        self._on_ready: WakeupCallback = _ignore_wakeup
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str) -> Self:
+        """Build a backend from its URL; raise ``BackendError`` for a bad URL."""
+
+    def set_wakeup(self, callback: WakeupCallback) -> None:
+        """Install the callback told about channels that may have messages."""
+        self._on_ready = callback
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open connections and start background jobs; raise ``BackendUnavailable``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background jobs and close connections. Idempotent."""
+
+    @abc.abstractmethod
+    async def is_ready(self) -> bool:
+        """True when the storage answers now (for ``/readyz``)."""
+
+    @abc.abstractmethod
+    async def send(
+        self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
+    ) -> bool:
+        """Append a message unless the channel holds ``capacity``; False when full.
+
+        The capacity check and the insert are one atomic step.
+        """
+
+    @abc.abstractmethod
+    async def send_many(
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        capacity_of: CapacityOf,
+        expiry_s: float,
+    ) -> list[int]:
+        """Send several messages in order; return the indexes refused as full."""
+
+    @abc.abstractmethod
+    async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:
+        """Remove up to ``limit`` unexpired messages from the head of a channel.
+
+        With ``hold`` they still count against capacity until ``release``.
+        """
+
+    @abc.abstractmethod
+    async def release(self, ns: str, channel: str, count: int) -> None:
+        """Stop counting ``count`` held messages of ``channel`` against its capacity."""
+
+    @abc.abstractmethod
+    async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
+        """Add or renew a membership; it lapses ``group_expiry_s`` after this call."""
+
+    @abc.abstractmethod
+    async def group_discard(self, ns: str, group: str, channel: str) -> None:
+        """Remove a membership; a no-op for a non-member."""
+
+    @abc.abstractmethod
+    async def group_send(
+        self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
+    ) -> GroupSendResult:
+        """Send to every live member that has room; full members are skipped, not errors."""
+
+    @abc.abstractmethod
+    async def flush(self, ns: str) -> None:
+        """Drop every message, held count and group of the namespace."""
+
+    @abc.abstractmethod
+    def watch(self, ns: str, key: str) -> None:
+        """Ask for wake-ups for a normal channel, or for all channels of a client id."""
+
+    @abc.abstractmethod
+    def unwatch(self, ns: str, key: str) -> None:
+        """Stop the wake-ups asked for by ``watch``."""
+
+    @abc.abstractmethod
+    def stats(self) -> BackendStats:
+        """Gauges for metrics; must not do I/O (a shared backend reports its last reading)."""

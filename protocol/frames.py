@@ -1,0 +1,418 @@
+"""The frame types of the broker protocol, named as they go on the wire.
+
+Every frame is a frozen, slotted dataclass whose constructor checks field types, so a
+frame that exists is a valid frame. On the wire a frame is a msgpack array: its type
+number first, then its fields in declaration order (see ``codec``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, TypeAlias
+
+from .errors import ErrorCode, MalformedFrame, UnknownFrame
+
+__all__ = [
+    "FRAME_TYPES",
+    "Ack",
+    "Cancel",
+    "Cancelled",
+    "Deliver",
+    "Error",
+    "Flush",
+    "Frame",
+    "GroupAdd",
+    "GroupDiscard",
+    "GroupSend",
+    "Hello",
+    "Ok",
+    "Ping",
+    "Pong",
+    "Push",
+    "Receive",
+    "Send",
+    "SendMany",
+    "Welcome",
+    "frame_from_wire",
+]
+
+#: Request ids are unsigned and fit msgpack's uint64 with room to spare.
+MAX_REQUEST_ID = 2**63 - 1
+
+
+def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_ID) -> None:
+    # bool is an int subclass; a True where a count belongs is a bug, not a 1.
+    if type(value) is not int or not low <= value <= high:
+        raise MalformedFrame(f"{name} must be an int in [{low}, {high}], got {value!r}")
+
+
+def _check_number(name: str, value: object) -> None:
+    if type(value) not in (int, float) or value < 0:  # type: ignore[operator]
+        raise MalformedFrame(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _check_str(name: str, value: object) -> None:
+    if type(value) is not str:
+        raise MalformedFrame(f"{name} must be a str, got {type(value).__name__}")
+
+
+def _check_bytes(name: str, value: object) -> None:
+    if type(value) is not bytes:
+        raise MalformedFrame(f"{name} must be bytes, got {type(value).__name__}")
+
+
+def _check_str_tuple(name: str, value: object) -> None:
+    if type(value) is not tuple or any(type(item) is not str for item in value):
+        raise MalformedFrame(f"{name} must be an array of str")
+
+
+def _check_pairs(name: str, value: object, second: Callable[[str, object], None]) -> None:
+    if type(value) is not tuple:
+        raise MalformedFrame(f"{name} must be an array of pairs")
+    for item in value:
+        if type(item) is not tuple or len(item) != 2:
+            raise MalformedFrame(f"{name} must be an array of pairs")
+        _check_str(name, item[0])
+        second(name, item[1])
+
+
+def _check_count(name: str, value: object) -> None:
+    _check_int(name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client's first frame: protocol version, credentials and the layer's settings.
+
+    ``client_id`` is empty for a new client, or the id a previous connection was
+    given, to re-attach to the messages that wait for it. ``channel_capacity`` holds
+    (regular expression, capacity) pairs, first match wins.
+    """
+
+    TYPE: ClassVar[int] = 1
+    version: int
+    token: str
+    client_id: str
+    prefix: str
+    capacity: int
+    expiry_s: float
+    group_expiry_s: float
+    channel_capacity: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version)
+        _check_str("token", self.token)
+        _check_str("client_id", self.client_id)
+        _check_str("prefix", self.prefix)
+        _check_int("capacity", self.capacity, low=1)
+        _check_number("expiry_s", self.expiry_s)
+        _check_number("group_expiry_s", self.group_expiry_s)
+        _check_pairs("channel_capacity", self.channel_capacity, _check_count)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Daemon's answer to HELLO: the agreed version and the client id to use."""
+
+    TYPE: ClassVar[int] = 2
+    version: int
+    client_id: str
+    max_message_bytes: int
+    server: str
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version)
+        _check_str("client_id", self.client_id)
+        _check_int("max_message_bytes", self.max_message_bytes, low=1)
+        _check_str("server", self.server)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Put one message (opaque bytes) on a channel. Answered by OK or ERROR."""
+
+    TYPE: ClassVar[int] = 3
+    request_id: int
+    channel: str
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("channel", self.channel)
+        _check_bytes("payload", self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class SendMany:
+    """Put several messages on channels in one request.
+
+    Answered by OK whose ``rejected`` lists the indexes of the items refused as full.
+    """
+
+    TYPE: ClassVar[int] = 4
+    request_id: int
+    items: tuple[tuple[str, bytes], ...]
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_pairs("items", self.items, _check_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Pull one message from a normal channel; answered by DELIVER when one comes."""
+
+    TYPE: ClassVar[int] = 5
+    request_id: int
+    channel: str
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("channel", self.channel)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Withdraw a pending RECEIVE. Answered by CANCELLED, or by nothing if the
+    DELIVER was already on its way (the client then keeps that message)."""
+
+    TYPE: ClassVar[int] = 6
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The client consumed pushed messages: (channel, count) pairs. No answer.
+
+    Pushed messages count against their channel's capacity until acknowledged, so
+    that capacity bounds what waits in the client's buffer too.
+    """
+
+    TYPE: ClassVar[int] = 7
+    counts: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        _check_pairs("counts", self.counts, _check_count)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAdd:
+    """Add a channel to a group (renewing its membership). Answered by OK."""
+
+    TYPE: ClassVar[int] = 8
+    request_id: int
+    group: str
+    channel: str
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("group", self.group)
+        _check_str("channel", self.channel)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDiscard:
+    """Remove a channel from a group. Answered by OK."""
+
+    TYPE: ClassVar[int] = 9
+    request_id: int
+    group: str
+    channel: str
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("group", self.group)
+        _check_str("channel", self.channel)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSend:
+    """Send one message to every member of a group. Answered by OK whose ``count``
+    is the number of members skipped because they were full."""
+
+    TYPE: ClassVar[int] = 10
+    request_id: int
+    group: str
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("group", self.group)
+        _check_bytes("payload", self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Empty every channel and group of the client's prefix. Answered by OK."""
+
+    TYPE: ClassVar[int] = 11
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Liveness check; answered by PONG with the same request id."""
+
+    TYPE: ClassVar[int] = 12
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """Success. ``count`` and ``rejected`` carry results for GROUP_SEND and SEND_MANY."""
+
+    TYPE: ClassVar[int] = 20
+    request_id: int
+    count: int = 0
+    rejected: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_int("count", self.count)
+        if type(self.rejected) is not tuple:
+            raise MalformedFrame("rejected must be an array of int")
+        for index in self.rejected:
+            _check_int("rejected", index)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Failure of one request, or of the connection when ``request_id`` is 0."""
+
+    TYPE: ClassVar[int] = 21
+    request_id: int
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_int("code", self.code)
+        _check_str("message", self.message)
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        """The code as an ``ErrorCode``, or None for a code this version does not know."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """The answer to RECEIVE: one message, valid for ``ttl_ms`` more milliseconds."""
+
+    TYPE: ClassVar[int] = 22
+    request_id: int
+    channel: str
+    payload: bytes
+    ttl_ms: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+        _check_str("channel", self.channel)
+        _check_bytes("payload", self.payload)
+        _check_int("ttl_ms", self.ttl_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The answer to CANCEL when the RECEIVE was still waiting: nothing was sent for it."""
+
+    TYPE: ClassVar[int] = 23
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Messages for the client's own channels: one payload for every listed channel
+    (a group send carries the payload once), valid for ``ttl_ms`` more milliseconds."""
+
+    TYPE: ClassVar[int] = 24
+    channels: tuple[str, ...]
+    payload: bytes
+    ttl_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str_tuple("channels", self.channels)
+        _check_bytes("payload", self.payload)
+        _check_int("ttl_ms", self.ttl_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to PING."""
+
+    TYPE: ClassVar[int] = 25
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _check_int("request_id", self.request_id)
+
+
+Frame: TypeAlias = (
+    Hello
+    | Welcome
+    | Send
+    | SendMany
+    | Receive
+    | Cancel
+    | Ack
+    | GroupAdd
+    | GroupDiscard
+    | GroupSend
+    | Flush
+    | Ping
+    | Ok
+    | Error
+    | Deliver
+    | Cancelled
+    | Push
+    | Pong
+)
+
+FRAME_TYPES: dict[int, type[Frame]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard,
+        GroupSend, Flush, Ping, Ok, Error, Deliver, Cancelled, Push, Pong,
+    )
+}  # fmt: skip
+
+# (required, total) field counts per type: trailing fields with defaults may be absent.
+_ARITY: dict[int, tuple[int, int]] = {
+    code: (
+        sum(1 for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING),
+        len(fields(cls)),
+    )
+    for code, cls in FRAME_TYPES.items()
+}
+
+
+def frame_from_wire(items: Any) -> Frame:
+    """Build a frame from its decoded msgpack array; raise ``ProtocolError`` if it is not one."""
+    if type(items) is not tuple or not items:
+        raise MalformedFrame("a frame must be a non-empty array")
+    code = items[0]
+    cls = FRAME_TYPES.get(code) if type(code) is int else None
+    if cls is None:
+        raise UnknownFrame(f"unknown frame type {code!r}")
+    required, total = _ARITY[code]
+    if not required <= len(items) - 1 <= total:
+        raise MalformedFrame(
+            f"{cls.__name__} takes {required}..{total} fields, got {len(items) - 1}"
+        )
+    return cls(*items[1:])

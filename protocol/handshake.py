@@ -1,0 +1,64 @@
+"""The connection handshake as one transition table, for both ends.
+
+Rules: the client's first frame is HELLO and it sends HELLO only once; the daemon's
+first frame is WELCOME (or a connection-level ERROR). Everything else flows only
+after that.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .errors import ErrorCode, HandshakeError
+from .frames import Error, Frame, Hello, Welcome
+
+__all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Handshake", "Role", "State"]
+
+#: The version this code speaks; a daemon refuses HELLO with any other.
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+
+
+class Role(Enum):
+    CLIENT = "client"
+    DAEMON = "daemon"
+
+
+class State(Enum):
+    AWAIT_HELLO = "await-hello"  # daemon: nothing received yet
+    AWAIT_WELCOME = "await-welcome"  # client: HELLO sent, no answer yet
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# (role, state, frame type) -> next state. Anything absent is a handshake error;
+# frames of other types in READY keep the state.
+_TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
+    (Role.DAEMON, State.AWAIT_HELLO, Hello): State.READY,
+    (Role.CLIENT, State.AWAIT_WELCOME, Welcome): State.READY,
+    (Role.CLIENT, State.AWAIT_WELCOME, Error): State.CLOSED,
+}
+
+
+class Handshake:
+    """Tracks one end's handshake state for the frames it receives."""
+
+    __slots__ = ("role", "state")
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.AWAIT_HELLO if role is Role.DAEMON else State.AWAIT_WELCOME
+
+    def receive(self, frame: Frame) -> None:
+        """Advance on a received frame; raise ``HandshakeError`` if it is out of order."""
+        if self.state is State.READY:
+            if type(frame) in (Hello, Welcome):
+                raise HandshakeError(f"{type(frame).__name__} after the handshake")
+            return
+        next_state = _TRANSITIONS.get((self.role, self.state, type(frame)))
+        if next_state is None:
+            raise HandshakeError(
+                f"{type(frame).__name__} is not allowed in state {self.state.value}",
+                ErrorCode.HANDSHAKE,
+            )
+        self.state = next_state
