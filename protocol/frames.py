@@ -7,6 +7,7 @@ number first, then its fields in declaration order (see ``codec``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, TypeAlias
@@ -21,6 +22,7 @@ __all__ = [
     "Deliver",
     "Error",
     "Flush",
+    "Flushed",
     "Frame",
     "GroupAdd",
     "GroupDiscard",
@@ -48,8 +50,9 @@ def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_I
 
 
 def _check_number(name: str, value: object) -> None:
-    if type(value) not in (int, float) or value < 0:  # type: ignore[operator]
-        raise MalformedFrame(f"{name} must be a non-negative number, got {value!r}")
+    # NaN and infinity pass a plain `< 0` test but break every deadline computed from them.
+    if type(value) not in (int, float) or not 0 <= value < math.inf:  # type: ignore[operator]
+        raise MalformedFrame(f"{name} must be a finite non-negative number, got {value!r}")
 
 
 def _check_str(name: str, value: object) -> None:
@@ -295,6 +298,9 @@ class Error:
     message: str
 
     def __post_init__(self) -> None:
+        if isinstance(self.code, ErrorCode):
+            # Store the plain int the wire gives back, so a decoded copy is identical.
+            object.__setattr__(self, "code", int(self.code))
         _check_int("request_id", self.request_id)
         _check_int("code", self.code)
         _check_str("message", self.message)
@@ -363,6 +369,13 @@ class Pong:
         _check_int("request_id", self.request_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """Someone flushed the client's namespace: drop locally buffered pushed messages."""
+
+    TYPE: ClassVar[int] = 26
+
+
 Frame: TypeAlias = (
     Hello
     | Welcome
@@ -382,13 +395,14 @@ Frame: TypeAlias = (
     | Cancelled
     | Push
     | Pong
+    | Flushed
 )
 
 FRAME_TYPES: dict[int, type[Frame]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard,
-        GroupSend, Flush, Ping, Ok, Error, Deliver, Cancelled, Push, Pong,
+        GroupSend, Flush, Ping, Ok, Error, Deliver, Cancelled, Push, Pong, Flushed,
     )
 }  # fmt: skip
 

@@ -1,0 +1,7 @@
+"""``python -m broker`` runs the ``channels-broker`` command."""
+
+from __future__ import annotations
+
+from broker.cli import main
+
+main()

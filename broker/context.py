@@ -1,0 +1,25 @@
+"""What every connection of one daemon shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends import Backend
+
+from .config import Config
+from .routing import Router
+
+__all__ = ["Context"]
+
+
+@dataclass(slots=True)
+class Context:
+    """The daemon's shared parts, handed to each new connection."""
+
+    config: Config
+    backend: Backend
+    router: Router
+    #: Live connections, for shutdown and gauges (typed loosely to avoid an import cycle).
+    connections: set[Any] = field(default_factory=set)
+    accepting: bool = True

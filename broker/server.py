@@ -1,0 +1,146 @@
+"""The daemon: listeners, connections, the backend, and shutdown in stages.
+
+Shutdown (on SIGTERM or SIGINT): stop accepting; ask each connection to finish
+the frames it has read and close; wait for them under ``shutdown_timeout_s``; abort
+the rest; close the backend. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from backends import Backend, BackendError, backend_from_url
+
+from .config import Config, parse_host_port
+from .connection import Connection
+from .context import Context
+from .health import HealthServer
+from .routing import Router
+
+__all__ = ["Server"]
+
+log = logging.getLogger("channels_broker.server")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Server:
+    """One channels-broker daemon."""
+
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend if backend is not None else backend_from_url(config.backend_url)
+        self.context = Context(config, self.backend, Router(self.backend))
+        self._listeners: list[asyncio.Server] = []
+        self._health: HealthServer | None = None
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Run until a signal or ``request_shutdown``; then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self.request_shutdown)
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.shutdown()
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def request_shutdown(self) -> None:
+        """Begin shutdown; a second call makes it immediate."""
+        if self._stop.is_set():
+            log.warning("second signal: closing connections now")
+            self._force.set()
+        self._stop.set()
+
+    async def start(self) -> None:
+        await self.backend.connect()
+        loop = asyncio.get_running_loop()
+
+        def factory() -> Connection:
+            return Connection(self.context)
+
+        for host, port in self.config.listen_addresses:
+            listener = await loop.create_server(factory, host, port, reuse_address=True)
+            self._listeners.append(listener)
+            log.info("listening on tcp://%s:%d", host, port)
+        for path in self.config.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket file of a previous run
+            self._listeners.append(await loop.create_unix_server(factory, path))
+            log.info("listening on unix://%s", path)
+        if self.config.metrics_listen:
+            host, port = parse_host_port(self.config.metrics_listen)
+            self._health = HealthServer(host, port, self.readiness)
+            await self._health.start()
+            log.info("health and metrics on http://%s:%d", host, port)
+        log.info("serving with backend %s", _redacted(self.config.backend_url))
+
+    async def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` reports."""
+        try:
+            backend_ready = await asyncio.wait_for(self.backend.is_ready(), 2.0)
+        except (BackendError, TimeoutError):
+            backend_ready = False
+        listening = bool(self._listeners) and self.context.accepting
+        return {
+            "ready": listening and backend_ready,
+            "listening": listening,
+            "backend": backend_ready,
+            "connections": len(self.context.connections),
+        }
+
+    async def shutdown(self) -> None:
+        log.info("shutting down")
+        self.context.accepting = False
+        for listener in self._listeners:
+            listener.close()
+        connections = list(self.context.connections)
+        for connection in connections:
+            connection.shut_down()
+        if connections:
+            await self._wait_for(connections)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        for path in self.config.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self._health is not None:
+            await self._health.close()
+        await self.backend.close()
+        log.info("stopped")
+
+    async def _wait_for(self, connections: list[Connection]) -> None:
+        closed = asyncio.gather(*(connection.closed for connection in connections))
+        forced = asyncio.ensure_future(self._force.wait())
+        waiters: set[asyncio.Future[Any]] = {closed, forced}
+        done, _ = await asyncio.wait(
+            waiters,
+            timeout=self.config.shutdown_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        forced.cancel()
+        if closed not in done:
+            left = [connection for connection in connections if not connection.closed.done()]
+            log.warning("aborting %d connections that did not finish in time", len(left))
+            for connection in left:
+                connection.abort("shutdown deadline")
+            await closed
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
