@@ -18,7 +18,7 @@ import re
 from collections import deque
 from typing import Any
 
-from backends import BackendError
+from backends import BackendError, Taken
 from protocol import (
     SUPPORTED_VERSIONS,
     Ack,
@@ -66,6 +66,8 @@ INBOX_HIGH_WATER = 512
 #: Messages taken from one channel per push pass; more waiting means another pass,
 #: so one busy channel cannot starve the others of the same connection.
 PUSH_BATCH = 256
+#: Seconds before retrying deliveries after a backend error.
+DELIVERY_RETRY_S = 0.5
 #: Output buffered before the worker yields to let the transport write it.
 OUTPUT_HIGH_WATER = 256 * 1024
 
@@ -208,10 +210,16 @@ class Connection(asyncio.Protocol):
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        if self.ready_pulls:
-            await self._serve_pulls()
-        if self.ready_channels and self.session is not None:
-            await self._push_ready()
+        try:
+            if self.ready_pulls:
+                await self._serve_pulls()
+            if self.ready_channels and self.session is not None:
+                await self._push_ready()
+        except BackendError as exc:
+            # What was not delivered stays queued (pulls and ready channels are put
+            # back before the failing call); try again shortly.
+            log.warning("backend error while delivering to %s: %s", self.peer, exc)
+            asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._wake)
         self._flush()
 
     async def _finish(self) -> None:
@@ -278,7 +286,9 @@ class Connection(asyncio.Protocol):
             await handler(self, frame)
         except BackendError as exc:
             log.warning("backend error for %s: %s", type(frame).__name__, exc)
-            self._fail(getattr(frame, "request_id", 0), ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+            request_id = getattr(frame, "request_id", 0)
+            if request_id:  # an ACK has none; its release is retried on close
+                self._fail(request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
 
     async def _on_hello(self, hello: Hello) -> None:
         if hello.version not in SUPPORTED_VERSIONS:
@@ -437,12 +447,17 @@ class Connection(asyncio.Protocol):
 
     async def _serve_pulls(self) -> None:
         backend, router = self.ctx.backend, self.ctx.router
-        ready, self.ready_pulls = self.ready_pulls, deque()
-        for pull in ready:
+        ready = self.ready_pulls
+        while ready:
+            pull = ready.popleft()
             if self.pulls.get(pull.request_id) is not pull:
                 router.wake(pull.ns, pull.channel)  # cancelled meanwhile: pass the wake on
                 continue
-            taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
+            try:
+                taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
+            except BackendError:
+                ready.appendleft(pull)
+                raise
             if not taken:
                 router.requeue(pull)
                 continue
@@ -462,24 +477,38 @@ class Connection(asyncio.Protocol):
         ready, self.ready_channels = self.ready_channels, {}
         frames: list[tuple[bytes, float, list[str]]] = []
         frame_of_payload: dict[int, int] = {}
-        for channel in ready:
-            taken = await backend.take(ns, channel, PUSH_BATCH, hold=True)
-            if not taken:
-                continue
-            self.held[channel] = self.held.get(channel, 0) + len(taken)
-            if len(taken) == PUSH_BATCH:
-                self.ready_channels[channel] = None  # more may wait: next pass
-            last = -1
-            for item in taken:
-                index = frame_of_payload.get(id(item.payload), -1)
-                if index <= last:
-                    index = len(frames)
-                    frames.append((item.payload, item.ttl_s, []))
-                    frame_of_payload[id(item.payload)] = index
-                frames[index][2].append(channel)
-                last = index
-        for payload, ttl_s, channels in frames:
-            self._write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+        try:
+            for channel in list(ready):
+                taken = await backend.take(ns, channel, PUSH_BATCH, hold=True)
+                del ready[channel]
+                self._collect(channel, taken, frames, frame_of_payload)
+        finally:
+            self.ready_channels.update(ready)  # channels not reached (a backend error)
+            for payload, ttl_s, channels in frames:
+                self._write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+
+    def _collect(
+        self,
+        channel: str,
+        taken: list[Taken],
+        frames: list[tuple[bytes, float, list[str]]],
+        frame_of_payload: dict[int, int],
+    ) -> None:
+        """Add one channel's taken messages to the PUSH frames being built, in order."""
+        if not taken:
+            return
+        self.held[channel] = self.held.get(channel, 0) + len(taken)
+        if len(taken) == PUSH_BATCH:
+            self.ready_channels[channel] = None  # more may wait: next pass
+        last = -1
+        for item in taken:
+            index = frame_of_payload.get(id(item.payload), -1)
+            if index <= last:
+                index = len(frames)
+                frames.append((item.payload, item.ttl_s, []))
+                frame_of_payload[id(item.payload)] = index
+            frames[index][2].append(channel)
+            last = index
 
 
 def _ttl_ms(ttl_s: float) -> int:
