@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import NamedTuple, Self
 
 __all__ = [
     "Backend",
@@ -44,9 +44,12 @@ class BackendUnavailable(BackendError):
     """The storage cannot be reached right now; the operation may be retried."""
 
 
-@dataclass(frozen=True, slots=True)
-class Taken:
-    """A message taken from a channel: its payload and how long it stays valid."""
+class Taken(NamedTuple):
+    """A message taken from a channel: its payload and how long it stays valid.
+
+    A named tuple, not a frozen dataclass: one is built per delivered message, and
+    this is about twice as cheap to build.
+    """
 
     payload: bytes
     ttl_s: float
@@ -135,6 +138,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Stop counting ``count`` held messages of ``channel`` against its capacity."""
+
+    @abc.abstractmethod
+    async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
+        """Channels of one client (``...<client_id>!...``) with waiting messages.
+
+        Asked when a client (re-)attaches, to push what waited while it was away.
+        """
 
     @abc.abstractmethod
     async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:

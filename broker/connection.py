@@ -160,7 +160,9 @@ class Connection(asyncio.Protocol):
         # The backend dropped our held counts along with the messages.
         self.held.clear()
         self._write(Flushed())
-        self._wake()
+        # Out now, before the flusher's OK: a client that sees the OK and then asks
+        # another connection must find that connection's buffer already cleared.
+        self._flush()
 
     # -- shutdown ------------------------------------------------------------
 

@@ -130,8 +130,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raise ``ChannelFull`` if it is at capacity."""
         self.require_valid_channel_name(channel)
+        payload = self._serialize(message)
         client = self._client()
-        payload = self._payload(message, await client.message_limit())
+        self._check_size(payload, await client.message_limit())
         reply = await client.request(Send(client.next_id(), channel, payload))
         _raise_for(reply)
 
@@ -162,8 +163,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
         self.require_valid_group_name(group)
+        payload = self._serialize(message)
         client = self._client()
-        payload = self._payload(message, await client.message_limit())
+        self._check_size(payload, await client.message_limit())
         reply = await client.request(GroupSend(client.next_id(), group, payload))
         _raise_for(reply)
         if isinstance(reply, Ok) and reply.count:
@@ -197,17 +199,20 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             _close_with_loop(loop, self._clients)
         return client
 
-    def _payload(self, message: dict[str, Any], limit: int) -> bytes:
+    def _serialize(self, message: dict[str, Any]) -> bytes:
+        """The message as msgpack bytes; refuses what Channels forbids, before any I/O."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         if RESERVED_KEY in message:
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
         payload: bytes = msgpack.packb(message, use_bin_type=True)
+        return payload
+
+    def _check_size(self, payload: bytes, limit: int) -> None:
         if self.max_message_bytes is not None:
             limit = min(limit, self.max_message_bytes)
         if len(payload) > limit:
             raise MessageTooLarge(f"message of {len(payload)} bytes is over the limit of {limit}")
-        return payload
 
     def hello(self, client_id: str) -> Hello:
         """The HELLO frame for a connection of ``client_id``."""
@@ -521,6 +526,8 @@ class _LoopClient:
 
     async def _wait_for_push(self, channel: str) -> None:
         await self.connected()  # the daemon pushes only to a connected owner
+        if channel in self._buffers:
+            return  # a push arrived while we connected
         waiter: asyncio.Future[None] = self.loop.create_future()
         waiters = self._waiters.setdefault(channel, deque())
         waiters.append(waiter)

@@ -1,0 +1,456 @@
+"""In-process storage: per-namespace dicts of deques, swept by a coarse timer wheel.
+
+Theory of operation. Each namespace is a ``_Space`` holding two dicts, channel name
+-> ``_Channel`` and group name -> ``_Group``, so ``flush`` touches one namespace only,
+plus an index client id -> its process-specific channels, for ``channels_with_messages``.
+A channel is a deque of ``(deadline, payload)`` in send order plus ``held``, the count of
+messages taken with ``hold=True`` and not yet released; ``len(queue) + held`` is what
+its capacity bounds. A channel record exists only while it has messages or held ones,
+so memory follows what waits, not how many names were ever used.
+
+Expiry is checked where data is read (``take`` drops every expired message it pops,
+``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
+records are filed under a coarse time bucket by the deadline of their head (oldest)
+entry, one tick visits only the buckets that came due, and a visited record that still
+holds something is filed again under its new head. No call ever scans all channels
+(the fault of channels' ``InMemoryChannelLayer``). With mixed expiries in one record a
+later, shorter-lived entry behind the head waits for the head's sweep; reads still
+never return it.
+
+Everything runs on the event loop thread and no method awaits, so each call is atomic:
+the capacity check and the append of ``send`` cannot interleave with another call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Generic, Self, TypeVar
+from urllib.parse import urlsplit
+
+from .base import Backend, BackendError, BackendStats, CapacityOf, GroupSendResult, Taken
+
+__all__ = ["DEFAULT_TICK_S", "MemoryBackend"]
+
+#: Width of a timer-wheel bucket. Reads never return expired data, so a sweep only frees
+#: memory; a second of slack costs little and keeps an idle daemon's wake-ups rare.
+DEFAULT_TICK_S = 1.0
+
+#: The clock of every deadline here (seconds, monotonic).
+_now = time.monotonic
+
+
+class _Filed:
+    """Something the timer wheel can hold; ``bucket`` says where it is filed, if at all."""
+
+    __slots__ = ("bucket",)
+
+    bucket: int | None
+
+
+class _Space:
+    """One namespace: its channels (also by client id) and its groups."""
+
+    __slots__ = ("channels", "clients", "groups")
+
+    def __init__(self) -> None:
+        self.channels: dict[str, _Channel] = {}
+        self.clients: dict[str, dict[str, _Channel]] = {}
+        self.groups: dict[str, _Group] = {}
+
+    def add_channel(self, name: str) -> _Channel:
+        record = self.channels[name] = _Channel(self, name)
+        if record.client is not None:
+            self.clients.setdefault(record.client, {})[name] = record
+        return record
+
+    def remove_channel(self, record: _Channel) -> None:
+        del self.channels[record.name]
+        if record.client is not None:
+            of_client = self.clients[record.client]
+            del of_client[record.name]
+            if not of_client:
+                del self.clients[record.client]
+
+
+class _Channel(_Filed):
+    """A channel's waiting messages, oldest first, and how many taken ones are held."""
+
+    __slots__ = ("client", "held", "name", "queue", "space")
+
+    def __init__(self, space: _Space, name: str) -> None:
+        self.bucket = None
+        self.space = space
+        self.name = name
+        # protocol.client_id_of, inlined: this runs for every channel record made.
+        bang = name.find("!")
+        self.client = None if bang < 0 else name[name.rfind(".", 0, bang) + 1 : bang]
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.held = 0
+
+
+class _Group(_Filed):
+    """A group's members, channel -> deadline, in the order of their latest ``group_add``."""
+
+    __slots__ = ("members", "name", "space")
+
+    def __init__(self, space: _Space, name: str) -> None:
+        self.bucket = None
+        self.space = space
+        self.name = name
+        self.members: dict[str, float] = {}
+
+
+_R = TypeVar("_R", bound=_Filed)
+
+
+class _Wheel(Generic[_R]):
+    """Records filed by the time bucket in which they next need a look."""
+
+    __slots__ = ("_buckets", "_due", "_per_s")
+
+    def __init__(self, tick_s: float) -> None:
+        self._per_s = 1.0 / tick_s
+        self._buckets: dict[int, set[_R]] = {}
+        # A heap of the bucket numbers in _buckets, so a tick finds the due ones without
+        # looking at the others (buckets reach as far ahead as the longest expiry).
+        self._due: list[int] = []
+
+    def file(self, record: _R, deadline: float) -> None:
+        """File ``record`` (not filed now) to be looked at once ``deadline`` has passed."""
+        # Rounding up: a bucket comes due only after every deadline filed in it.
+        bucket = int(deadline * self._per_s) + 1
+        records = self._buckets.get(bucket)
+        if records is None:
+            records = self._buckets[bucket] = set()
+            heapq.heappush(self._due, bucket)
+        records.add(record)
+        record.bucket = bucket
+
+    def unfile(self, record: _R) -> None:
+        """Take ``record`` out of the wheel, if it is in it."""
+        if record.bucket is not None:
+            self._buckets[record.bucket].discard(record)
+            record.bucket = None
+
+    def pop_due(self, now: float) -> list[_R]:
+        """Remove and return the records of every bucket due at ``now``."""
+        due: list[_R] = []
+        current = now * self._per_s
+        while self._due and self._due[0] <= current:
+            records = self._buckets.pop(heapq.heappop(self._due))
+            for record in records:
+                record.bucket = None
+            due.extend(records)
+        return due
+
+
+class MemoryBackend(Backend):
+    """Channels and groups in this process's memory: the daemon's default backend.
+
+    Not shared: each daemon on ``memory://`` has storage of its own, lost on exit.
+    """
+
+    def __init__(self, *, tick_s: float = DEFAULT_TICK_S) -> None:
+        """``tick_s``: seconds per timer-wheel bucket (how late expired data is freed)."""
+        super().__init__()
+        if not tick_s > 0:
+            raise BackendError(f"tick_s must be positive, not {tick_s!r}")
+        self._tick_s = tick_s
+        self._spaces: dict[str, _Space] = {}
+        self._channel_wheel: _Wheel[_Channel] = _Wheel(tick_s)
+        self._group_wheel: _Wheel[_Group] = _Wheel(tick_s)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._channels_waiting = 0
+        self._messages_waiting = 0
+        self._groups = 0
+        self._memberships = 0
+        self._expired_total = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Accept ``memory://`` (a trailing ``/`` is fine); raise ``BackendError`` otherwise."""
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise BackendError(f"bad backend URL {url!r}: {exc}") from exc
+        if parts.scheme != "memory":
+            raise BackendError(f"not a memory:// URL: {url!r}")
+        if parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise BackendError(f"memory:// takes no host, path or options: {url!r}")
+        return cls()
+
+    async def connect(self) -> None:
+        """Start the timer wheel on the running loop (again, if the old loop is gone)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._timer is not None:
+            return
+        await self.close()
+        self._loop = loop
+        self._timer = loop.call_later(self._tick_s, self._tick)
+
+    async def close(self) -> None:
+        """Stop the timer wheel. The data stays: a later ``connect`` carries on with it."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._loop = None
+
+    async def is_ready(self) -> bool:
+        """True between ``connect`` and ``close``."""
+        return self._timer is not None
+
+    async def send(
+        self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
+    ) -> bool:
+        """Append a message unless the channel holds ``capacity``; False when full."""
+        now = _now()
+        if not self._put(self._space(ns), channel, payload, capacity, now + expiry_s, now):
+            return False
+        self._on_ready(ns, channel)
+        return True
+
+    async def send_many(
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        capacity_of: CapacityOf,
+        expiry_s: float,
+    ) -> list[int]:
+        """Send several messages in order; return the indexes refused as full."""
+        space = self._space(ns)
+        now = _now()
+        deadline = now + expiry_s
+        refused: list[int] = []
+        for index, (channel, payload) in enumerate(items):
+            if self._put(space, channel, payload, capacity_of(channel), deadline, now):
+                self._on_ready(ns, channel)
+            else:
+                refused.append(index)
+        return refused
+
+    async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:
+        """Remove up to ``limit`` unexpired messages; ``ttl_s`` is each one's time left."""
+        space = self._spaces.get(ns)
+        record = None if space is None else space.channels.get(channel)
+        if record is None or not record.queue:
+            return []
+        now = _now()
+        queue = record.queue
+        taken: list[Taken] = []
+        popped = 0
+        while queue and len(taken) < limit:
+            deadline, payload = queue.popleft()
+            popped += 1
+            if deadline > now:  # expired ones are dropped, never returned
+                taken.append(Taken(payload, deadline - now))
+        self._messages_waiting -= popped
+        self._expired_total += popped - len(taken)
+        if hold:
+            record.held += len(taken)
+        if not queue:
+            self._channels_waiting -= 1
+            if not record.held:
+                self._forget_channel(record)
+        return taken
+
+    async def release(self, ns: str, channel: str, count: int) -> None:
+        """Uncount ``count`` held messages (never below zero); forget an empty channel."""
+        record = self._channel(ns, channel)
+        if record is None or count <= 0:
+            return
+        record.held = max(0, record.held - count)
+        if not record.held and not record.queue:
+            self._forget_channel(record)
+
+    async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
+        """The client's channels holding unexpired messages: O(that client's channels)."""
+        space = self._spaces.get(ns)
+        of_client = None if space is None else space.clients.get(client_id)
+        if not of_client:
+            return []
+        now = _now()
+        names: list[str] = []
+        for record in list(of_client.values()):  # a copy: trimming may forget a record
+            self._trim(record, now)
+            if record.queue:
+                names.append(record.name)
+            elif not record.held:
+                self._forget_channel(record)
+        return names
+
+    async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
+        """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
+        space = self._space(ns)
+        record = space.groups.get(group)
+        if record is None:
+            record = space.groups[group] = _Group(space, group)
+            self._groups += 1
+        members = record.members
+        # Pop and re-insert so the dict stays in deadline order (for a single expiry).
+        if members.pop(channel, None) is None:
+            self._memberships += 1
+        deadline = _now() + group_expiry_s
+        members[channel] = deadline
+        if record.bucket is None:
+            self._group_wheel.file(record, deadline)
+
+    async def group_discard(self, ns: str, group: str, channel: str) -> None:
+        """Remove a membership; a no-op for a non-member."""
+        record = self._group(ns, group)
+        if record is not None and channel in record.members:
+            self._drop_members(record, [channel])
+
+    async def group_send(
+        self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
+    ) -> GroupSendResult:
+        """Queue the same ``payload`` object for every live member with room."""
+        record = self._group(ns, group)
+        if record is None:
+            return GroupSendResult(delivered=[], skipped=0)
+        now = _now()
+        deadline = now + expiry_s
+        delivered: list[str] = []
+        lapsed: list[str] = []
+        skipped = 0
+        for channel, member_deadline in record.members.items():
+            if member_deadline <= now:
+                lapsed.append(channel)
+            elif self._put(record.space, channel, payload, capacity_of(channel), deadline, now):
+                delivered.append(channel)
+                self._on_ready(ns, channel)
+            else:
+                skipped += 1
+        self._drop_members(record, lapsed)
+        return GroupSendResult(delivered=delivered, skipped=skipped)
+
+    async def flush(self, ns: str) -> None:
+        """Drop the namespace's messages, held counts and groups; others are untouched."""
+        space = self._spaces.pop(ns, None)
+        if space is None:
+            return
+        for channel in space.channels.values():
+            self._channel_wheel.unfile(channel)
+            self._messages_waiting -= len(channel.queue)
+            self._channels_waiting -= bool(channel.queue)
+        for group in space.groups.values():
+            self._group_wheel.unfile(group)
+            self._memberships -= len(group.members)
+        self._groups -= len(space.groups)
+
+    def watch(self, ns: str, key: str) -> None:
+        """Nothing to do: every enqueue here calls the wake-up at once, watched or not.
+
+        There is no remote change feed to subscribe to, and a wake-up for an unwatched
+        channel is a cheap dict miss in the router, cheaper than keeping a watch set here.
+        """
+
+    def unwatch(self, ns: str, key: str) -> None:
+        """Nothing to do; see ``watch``."""
+
+    def stats(self) -> BackendStats:
+        """Running counters, kept up to date by every change: O(1)."""
+        return BackendStats(
+            channels_waiting=self._channels_waiting,
+            messages_waiting=self._messages_waiting,
+            groups=self._groups,
+            memberships=self._memberships,
+            expired_total=self._expired_total,
+        )
+
+    def _space(self, ns: str) -> _Space:
+        # Namespaces are kept until flushed: they are a site's prefixes, a handful.
+        space = self._spaces.get(ns)
+        if space is None:
+            space = self._spaces[ns] = _Space()
+        return space
+
+    def _channel(self, ns: str, name: str) -> _Channel | None:
+        space = self._spaces.get(ns)
+        return None if space is None else space.channels.get(name)
+
+    def _group(self, ns: str, name: str) -> _Group | None:
+        space = self._spaces.get(ns)
+        return None if space is None else space.groups.get(name)
+
+    def _put(
+        self, space: _Space, name: str, payload: bytes, capacity: int, deadline: float, now: float
+    ) -> bool:
+        """Append unless full: the capacity check and the append are one step."""
+        if capacity < 1:
+            return False
+        record = space.channels.get(name)
+        if record is None:
+            record = space.add_channel(name)
+        else:
+            queue = record.queue
+            if queue and queue[0][0] <= now:
+                self._trim(record, now)  # expired messages must not take up room
+            if len(queue) + record.held >= capacity:
+                return False
+        if not record.queue:
+            self._channels_waiting += 1
+        record.queue.append((deadline, payload))
+        self._messages_waiting += 1
+        if record.bucket is None:
+            self._channel_wheel.file(record, deadline)
+        return True
+
+    def _trim(self, record: _Channel, now: float) -> None:
+        """Drop the expired messages at the head of a channel (keeps the record)."""
+        queue = record.queue
+        expired = 0
+        while queue and queue[0][0] <= now:
+            queue.popleft()
+            expired += 1
+        self._messages_waiting -= expired
+        self._expired_total += expired
+        if expired and not queue:
+            self._channels_waiting -= 1
+
+    def _forget_channel(self, record: _Channel) -> None:
+        record.space.remove_channel(record)
+        self._channel_wheel.unfile(record)
+
+    def _drop_members(self, record: _Group, channels: list[str]) -> None:
+        """Remove these members (all present); forget the group once it is empty."""
+        members = record.members
+        for channel in channels:
+            del members[channel]
+        self._memberships -= len(channels)
+        if not members:
+            del record.space.groups[record.name]
+            self._groups -= 1
+            self._group_wheel.unfile(record)
+
+    def _tick(self) -> None:
+        """Sweep the buckets that came due; come back one tick later."""
+        assert self._loop is not None  # the timer runs only between connect and close
+        self._timer = self._loop.call_later(self._tick_s, self._tick)
+        now = _now()
+        for channel in self._channel_wheel.pop_due(now):
+            self._sweep_channel(channel, now)
+        for group in self._group_wheel.pop_due(now):
+            self._sweep_group(group, now)
+
+    def _sweep_channel(self, record: _Channel, now: float) -> None:
+        self._trim(record, now)
+        if record.queue:
+            self._channel_wheel.file(record, record.queue[0][0])
+        elif not record.held:
+            self._forget_channel(record)
+
+    def _sweep_group(self, record: _Group, now: float) -> None:
+        lapsed: list[str] = []
+        for channel, deadline in record.members.items():
+            if deadline > now:
+                break  # members are in deadline order while a site uses one group_expiry
+            lapsed.append(channel)
+        self._drop_members(record, lapsed)
+        if record.members:
+            self._group_wheel.file(record, next(iter(record.members.values())))

@@ -1,0 +1,394 @@
+"""MemoryBackend beyond the contract: its URL, record lifetimes, timer wheel, counters.
+
+These tests read private state on purpose (what the contract cannot see: that memory
+is freed, and how); the contract suite must never do so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends import BackendError, Taken
+from backends.memory import MemoryBackend, _Channel, _Space, _Wheel
+from protocol import client_id_of, is_process_specific
+
+#: A fast wheel, so sweeps happen within a test's patience.
+TICK_S = 0.01
+SHORT_S = 0.03
+LONG_S = 60.0
+
+
+@pytest.fixture
+def memory() -> MemoryBackend:
+    """A MemoryBackend with a fast wheel; async tests receive it connected."""
+    return MemoryBackend(tick_s=TICK_S)
+
+
+def fixed(capacity: int) -> Callable[[str], int]:
+    return lambda channel: capacity
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Wait, a tick at a time, for a sweep to make ``condition`` true."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(TICK_S)
+
+
+def recount(backend: MemoryBackend) -> tuple[int, int, int, int]:
+    """The gauges of ``stats()``, counted the slow way from the records."""
+    spaces = list(backend._spaces.values())
+    channels = [record for space in spaces for record in space.channels.values()]
+    groups = [group for space in spaces for group in space.groups.values()]
+    return (
+        sum(1 for record in channels if record.queue),
+        sum(len(record.queue) for record in channels),
+        len(groups),
+        sum(len(group.members) for group in groups),
+    )
+
+
+def gauges(backend: MemoryBackend) -> tuple[int, int, int, int]:
+    stats = backend.stats()
+    return (stats.channels_waiting, stats.messages_waiting, stats.groups, stats.memberships)
+
+
+def check_records(backend: MemoryBackend) -> None:
+    """Records exist only while they hold something, and whatever can expire is filed."""
+    wheel = backend._channel_wheel
+    for space in backend._spaces.values():
+        for record in space.channels.values():
+            assert record.queue or record.held, f"empty record {record.name!r} kept"
+            if record.queue:
+                assert record.bucket is not None
+                assert record in wheel._buckets[record.bucket]
+        for group in space.groups.values():
+            assert group.members, f"empty group {group.name!r} kept"
+            assert group.bucket is not None
+        by_client = {
+            client: sorted(records) for client, records in space.clients.items() if records
+        }
+        expected: dict[str, list[str]] = {}
+        for name, record in sorted(space.channels.items()):
+            if record.client is not None:
+                expected.setdefault(record.client, []).append(name)
+        assert by_client == expected
+        assert all(space.clients.values()), "empty client entries kept"
+
+
+# The URL
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory:///", "MEMORY://"])
+def test_from_url_accepts_the_bare_scheme(url: str) -> None:
+    assert isinstance(MemoryBackend.from_url(url), MemoryBackend)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://host",
+        "memory://:1",
+        "memory:///db",
+        "memory://?capacity=5",
+        "memory://#x",
+        "redis://",
+    ],
+)
+def test_from_url_refuses_anything_more(url: str) -> None:
+    with pytest.raises(BackendError):
+        MemoryBackend.from_url(url)
+
+
+def test_from_url_translates_a_malformed_url() -> None:
+    with pytest.raises(BackendError):
+        MemoryBackend.from_url("memory://[")
+
+
+@pytest.mark.parametrize("tick_s", [0, -1.0, float("nan")])
+def test_tick_must_be_positive(tick_s: float) -> None:
+    with pytest.raises(BackendError):
+        MemoryBackend(tick_s=tick_s)
+
+
+@pytest.mark.parametrize("name", ["work", "a.b", "specific.c1!x", "c1!x", "a.b.c2!", "s.c3!x.y"])
+def test_records_know_their_client_as_protocol_does(name: str) -> None:
+    expected = client_id_of(name) if is_process_specific(name) else None
+    assert _Channel(_Space(), name).client == expected
+
+
+# Lifecycle
+
+
+async def test_ready_only_between_connect_and_close() -> None:
+    backend = MemoryBackend()
+    assert not await backend.is_ready()
+    await backend.connect()
+    assert await backend.is_ready()
+    await backend.close()
+    assert not await backend.is_ready()
+
+
+def test_connect_in_a_new_loop_restarts_the_wheel() -> None:
+    """1. connect in a loop that then ends without close; 2. connect in a new loop;
+    3. the wheel sweeps in the new loop."""
+    backend = MemoryBackend(tick_s=TICK_S)
+
+    async def first() -> None:
+        await backend.connect()
+        await backend.send("ns", "a", b"x", capacity=1, expiry_s=SHORT_S)
+
+    async def second() -> None:
+        await backend.connect()
+        await wait_until(lambda: not backend._spaces["ns"].channels)
+        await backend.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert backend.stats().expired_total == 1
+
+
+# Record lifetimes
+
+
+async def test_records_go_once_nothing_waits_or_is_held(memory: MemoryBackend, ns: str) -> None:
+    await memory.send(ns, "work", b"1", capacity=5, expiry_s=LONG_S)
+    await memory.take(ns, "work", 5, hold=False)
+    await memory.send(ns, "specific.c1!x", b"2", capacity=5, expiry_s=LONG_S)
+    await memory.take(ns, "specific.c1!x", 5, hold=True)
+    assert list(memory._spaces[ns].channels) == ["specific.c1!x"], "kept while held"
+    await memory.release(ns, "specific.c1!x", 1)
+    assert memory._spaces[ns].channels == {}
+    assert memory._spaces[ns].clients == {}
+    assert not any(memory._channel_wheel._buckets.values()), "unfiled as well"
+
+
+async def test_refused_send_leaves_no_record(memory: MemoryBackend, ns: str) -> None:
+    assert not await memory.send(ns, "work", b"1", capacity=0, expiry_s=LONG_S)
+    assert memory._spaces[ns].channels == {}
+
+
+async def test_group_send_queues_one_payload_object(memory: MemoryBackend, ns: str) -> None:
+    payload = bytes(1000)
+    for channel in ("a", "b", "specific.c1!x"):
+        await memory.group_add(ns, "room", channel, group_expiry_s=LONG_S)
+    await memory.group_send(ns, "room", payload, capacity_of=fixed(5), expiry_s=LONG_S)
+    for channel in ("a", "b", "specific.c1!x"):
+        [taken] = await memory.take(ns, channel, 1, hold=False)
+        assert taken.payload is payload
+
+
+async def test_each_enqueue_wakes_once_and_refusals_not(memory: MemoryBackend, ns: str) -> None:
+    calls: list[tuple[str, str]] = []
+    memory.set_wakeup(lambda ns, channel: calls.append((ns, channel)))
+    await memory.send(ns, "a", b"1", capacity=1, expiry_s=LONG_S)
+    await memory.send(ns, "a", b"2", capacity=1, expiry_s=LONG_S)  # full
+    await memory.send_many(ns, [("b", b"3"), ("a", b"4")], capacity_of=fixed(1), expiry_s=LONG_S)
+    for channel in ("a", "c"):
+        await memory.group_add(ns, "room", channel, group_expiry_s=LONG_S)
+    await memory.group_send(ns, "room", b"5", capacity_of=fixed(1), expiry_s=LONG_S)
+    assert calls == [(ns, "a"), (ns, "b"), (ns, "c")]
+
+
+# The timer wheel
+
+
+def test_wheel_pops_only_the_due_buckets() -> None:
+    wheel: _Wheel[_Channel] = _Wheel(1.0)
+    space = _Space()
+    early, late, gone = (_Channel(space, name) for name in ("early", "late", "gone"))
+    wheel.file(early, 10.2)
+    wheel.file(late, 20.5)
+    wheel.file(gone, 10.7)
+    wheel.unfile(gone)
+    assert wheel.pop_due(10.9) == []
+    assert wheel.pop_due(11.0) == [early]
+    assert (early.bucket, gone.bucket, late.bucket) == (None, None, 21)
+    assert wheel.pop_due(100.0) == [late]
+    assert wheel._buckets == {} and wheel._due == []
+
+
+async def test_wheel_frees_channels_nobody_reads(memory: MemoryBackend, ns: str) -> None:
+    for i in range(100):
+        await memory.send(ns, f"idle{i}", b"x", capacity=5, expiry_s=SHORT_S)
+        await memory.send(ns, f"specific.c{i}!x", b"x", capacity=5, expiry_s=SHORT_S)
+    await wait_until(lambda: not memory._spaces[ns].channels)
+    assert memory._spaces[ns].clients == {}
+    assert memory.stats().expired_total == 200
+    assert gauges(memory) == (0, 0, 0, 0)
+
+
+async def test_wheel_keeps_what_is_still_valid_or_held(memory: MemoryBackend, ns: str) -> None:
+    await memory.send(ns, "mixed", b"short", capacity=5, expiry_s=SHORT_S)
+    await memory.send(ns, "mixed", b"long", capacity=5, expiry_s=LONG_S)
+    await memory.send(ns, "specific.c1!x", b"held", capacity=5, expiry_s=LONG_S)
+    await memory.take(ns, "specific.c1!x", 1, hold=True)
+    await wait_until(lambda: memory.stats().expired_total == 1)
+    assert sorted(memory._spaces[ns].channels) == ["mixed", "specific.c1!x"]
+    assert gauges(memory) == (1, 1, 0, 0)
+    check_records(memory)
+    assert [t.payload for t in await memory.take(ns, "mixed", 5, hold=False)] == [b"long"]
+
+
+async def test_wheel_frees_lapsed_memberships(memory: MemoryBackend, ns: str) -> None:
+    for i in range(50):
+        await memory.group_add(ns, f"room{i}", "brief", group_expiry_s=SHORT_S)
+    for channel in ("brief2", "brief3"):
+        await memory.group_add(ns, "room0", channel, group_expiry_s=SHORT_S)
+    await memory.group_add(ns, "room0", "steady", group_expiry_s=LONG_S)
+    await wait_until(lambda: list(memory._spaces[ns].groups) == ["room0"])
+    assert list(memory._spaces[ns].groups["room0"].members) == ["steady"]
+    assert gauges(memory) == (0, 0, 1, 1)
+    check_records(memory)
+
+
+async def test_group_send_drops_lapsed_members_itself() -> None:
+    backend = MemoryBackend(tick_s=LONG_S)  # not connected: no sweep can help
+    for channel in ("brief1", "brief2", "brief3"):
+        await backend.group_add("ns", "room", channel, group_expiry_s=SHORT_S)
+    await backend.group_add("ns", "room", "steady", group_expiry_s=LONG_S)
+    await backend.group_add("ns", "hall", "brief1", group_expiry_s=SHORT_S)
+    await asyncio.sleep(SHORT_S + TICK_S)
+    for group in ("room", "hall"):
+        await backend.group_send("ns", group, b"x", capacity_of=fixed(5), expiry_s=LONG_S)
+    assert list(backend._spaces["ns"].groups) == ["room"]
+    assert gauges(backend) == recount(backend) == (1, 1, 1, 1)
+    check_records(backend)
+
+
+async def test_close_stops_the_wheel(memory: MemoryBackend, ns: str) -> None:
+    await memory.send(ns, "idle", b"x", capacity=5, expiry_s=SHORT_S)
+    await memory.close()
+    await asyncio.sleep(SHORT_S + 3 * TICK_S)
+    assert list(memory._spaces[ns].channels) == ["idle"], "no sweep after close"
+    assert await memory.take(ns, "idle", 1, hold=False) == [], "reads still check expiry"
+
+
+# Counters against a model
+
+
+NAMESPACES = st.sampled_from(["n1", "n2"])
+CHANNELS = st.sampled_from(["a", "b", "specific.c1!x", "specific.c1!y", "specific.c2!x"])
+GROUPS = st.sampled_from(["g1", "g2"])
+SMALL = st.integers(0, 3)
+OPERATIONS = st.one_of(
+    st.tuples(st.just("send"), NAMESPACES, CHANNELS, SMALL),
+    st.tuples(st.just("send_many"), NAMESPACES, st.lists(CHANNELS, max_size=4), SMALL),
+    st.tuples(st.just("take"), NAMESPACES, CHANNELS, SMALL, st.booleans()),
+    st.tuples(st.just("release"), NAMESPACES, CHANNELS, SMALL),
+    st.tuples(st.just("group_add"), NAMESPACES, GROUPS, CHANNELS),
+    st.tuples(st.just("group_discard"), NAMESPACES, GROUPS, CHANNELS),
+    st.tuples(st.just("group_send"), NAMESPACES, GROUPS, SMALL),
+    st.tuples(st.just("channels_with_messages"), NAMESPACES, st.sampled_from(["c1", "c2"])),
+    st.tuples(st.just("flush"), NAMESPACES),
+)
+
+
+class ModelCheck:
+    """Applies each operation to the backend and to plain lists; asserts they agree."""
+
+    def __init__(self) -> None:
+        self.backend = MemoryBackend()
+        self.queues: dict[tuple[str, str], list[bytes]] = {}
+        self.held: dict[tuple[str, str], int] = {}
+        self.groups: dict[tuple[str, str], list[str]] = {}
+        self.sent = 0
+
+    def _put(self, ns: str, channel: str, capacity: int) -> bytes | None:
+        queue = self.queues.setdefault((ns, channel), [])
+        if len(queue) + self.held.get((ns, channel), 0) >= capacity:
+            return None
+        self.sent += 1
+        queue.append(b"%d" % self.sent)
+        return queue[-1]
+
+    async def send(self, ns: str, channel: str, capacity: int) -> None:
+        payload = self._put(ns, channel, capacity)
+        sent = await self.backend.send(
+            ns, channel, payload or b"refused", capacity=capacity, expiry_s=LONG_S
+        )
+        assert sent == (payload is not None)
+
+    async def send_many(self, ns: str, channels: list[str], capacity: int) -> None:
+        payloads = [self._put(ns, channel, capacity) for channel in channels]
+        items = [(c, p or b"refused") for c, p in zip(channels, payloads, strict=True)]
+        refused = await self.backend.send_many(
+            ns, items, capacity_of=fixed(capacity), expiry_s=LONG_S
+        )
+        assert refused == [i for i, payload in enumerate(payloads) if payload is None]
+
+    async def take(self, ns: str, channel: str, limit: int, hold: bool) -> None:
+        queue = self.queues.setdefault((ns, channel), [])
+        expected, queue[:] = queue[:limit], queue[limit:]
+        if hold:
+            self.held[ns, channel] = self.held.get((ns, channel), 0) + len(expected)
+        taken: list[Taken] = await self.backend.take(ns, channel, limit, hold=hold)
+        assert [t.payload for t in taken] == expected
+
+    async def release(self, ns: str, channel: str, count: int) -> None:
+        self.held[ns, channel] = max(0, self.held.get((ns, channel), 0) - count)
+        await self.backend.release(ns, channel, count)
+
+    async def group_add(self, ns: str, group: str, channel: str) -> None:
+        members = self.groups.setdefault((ns, group), [])
+        if channel not in members:
+            members.append(channel)
+        await self.backend.group_add(ns, group, channel, group_expiry_s=LONG_S)
+
+    async def group_discard(self, ns: str, group: str, channel: str) -> None:
+        members = self.groups.get((ns, group), [])
+        if channel in members:
+            members.remove(channel)
+        await self.backend.group_discard(ns, group, channel)
+
+    async def group_send(self, ns: str, group: str, capacity: int) -> None:
+        members = self.groups.get((ns, group), [])
+        self.sent += 1
+        payload = b"%d" % self.sent
+        delivered = []
+        for channel in members:
+            queue = self.queues.setdefault((ns, channel), [])
+            if len(queue) + self.held.get((ns, channel), 0) < capacity:
+                queue.append(payload)
+                delivered.append(channel)
+        result = await self.backend.group_send(
+            ns, group, payload, capacity_of=fixed(capacity), expiry_s=LONG_S
+        )
+        assert sorted(result.delivered) == sorted(delivered)
+        assert result.skipped == len(members) - len(delivered)
+
+    async def channels_with_messages(self, ns: str, client: str) -> None:
+        expected = [c for (n, c), q in self.queues.items() if n == ns and q and f".{client}!" in c]
+        assert sorted(await self.backend.channels_with_messages(ns, client)) == sorted(expected)
+
+    async def flush(self, ns: str) -> None:
+        for table in (self.queues, self.held, self.groups):
+            for key in [key for key in table if key[0] == ns]:
+                del table[key]
+        await self.backend.flush(ns)
+
+    def check_counters(self) -> None:
+        waiting = [queue for queue in self.queues.values() if queue]
+        members = [m for m in self.groups.values() if m]
+        expected = (len(waiting), sum(map(len, waiting)), len(members), sum(map(len, members)))
+        assert gauges(self.backend) == recount(self.backend) == expected
+        check_records(self.backend)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(OPERATIONS, max_size=40))
+def test_counters_and_records_follow_a_model(operations: list[tuple[Any, ...]]) -> None:
+    check = ModelCheck()
+
+    async def run() -> None:
+        for name, *args in operations:
+            await getattr(check, name)(*args)
+            check.check_counters()
+
+    asyncio.run(run())

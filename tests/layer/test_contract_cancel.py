@@ -1,0 +1,74 @@
+"""Contract behaviour 19: a cancelled receive loses no message and duplicates none.
+
+Channels cancels the pending ``receive`` every time a consumer exits, so this is the
+common case, not a corner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+#: 100 cancels after 0, 0.1, ... 9.9 ms: across the whole life of a receive request.
+CANCEL_DELAYS_S = [i * 0.0001 for i in range(100)]
+MESSAGES = 100
+DELIVERY_TIMEOUT_S = 5.0
+QUIET_S = 0.5
+
+
+async def cancel_after(layer: Any, channel: str, delay_s: float) -> dict[str, Any] | None:
+    """Start a receive, cancel it after ``delay_s``; return what it got, if it won the race."""
+    task = asyncio.create_task(layer.receive(channel))
+    await asyncio.sleep(delay_s)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=DELIVERY_TIMEOUT_S)
+    assert done, f"receive did not end within {DELIVERY_TIMEOUT_S} s of cancel()"
+    if task.cancelled():
+        return None
+    message: dict[str, Any] = task.result()  # any other exception fails the test here
+    return message
+
+
+@pytest.mark.parametrize("kind", ["normal", "specific"])
+async def test_cancelled_receive_loses_no_message(
+    make_layer: Any, unique: Callable[[str], str], kind: str
+) -> None:
+    """Behaviour 19.
+
+    1. A sender puts 100 messages on the channel, spread over the run.
+    2. Meanwhile 100 receives are cancelled after 0, 0.1, ... 9.9 ms; those that
+       finished first keep their message.
+    3. Draining the channel then yields every other message, exactly once each.
+    """
+    layer, sender = make_layer(capacity=MESSAGES), make_layer(capacity=MESSAGES)
+    channel = await layer.new_channel() if kind == "specific" else unique("queue")
+
+    async def send_all() -> None:
+        for n in range(MESSAGES):
+            await sender.send(channel, {"n": n})
+            await asyncio.sleep(0.0005)
+
+    sending = asyncio.create_task(send_all())
+    received: list[int] = []
+    for delay in CANCEL_DELAYS_S:
+        message = await cancel_after(layer, channel, delay)
+        if message is not None:
+            received.append(message["n"])
+    await asyncio.wait_for(sending, DELIVERY_TIMEOUT_S * 2)
+    while len(received) < MESSAGES:
+        try:
+            message = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
+        except TimeoutError:
+            missing = sorted(set(range(MESSAGES)) - set(received))
+            pytest.fail(f"lost {len(missing)} message(s): {missing}")
+        received.append(message["n"])
+    try:
+        extra = await asyncio.wait_for(layer.receive(channel), QUIET_S)
+    except TimeoutError:
+        extra = None
+    assert extra is None, f"duplicate delivered after draining: {extra!r}"
+    assert sorted(received) == list(range(MESSAGES)), "a message arrived twice"
+    assert received == sorted(received), "one writer, one reader: order must be kept"

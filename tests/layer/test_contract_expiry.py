@@ -1,0 +1,83 @@
+"""Contract behaviour 14: messages wait for a reader until ``expiry``, then are dropped.
+
+Real time with the contract's numbers (``expiry=3``). The timelines of one test run
+side by side, so each test takes one timeline's length (about 4.5 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+#: How long we watch a channel to call it empty.
+QUIET_S = 0.5
+
+#: (send times in seconds from the start, the 1-based messages the reader then sees)
+TIMELINES = [
+    ((0.0, 2.0, 4.0), [2, 3]),  # the first is 4 s old when read: expired
+    ((0.0, 1.0, 2.0), [1, 2, 3]),  # the oldest is 2 s old: all valid
+]
+
+
+async def drain(layer: Any, channel: str) -> list[int]:
+    """Everything the channel yields until it stays quiet for ``QUIET_S``."""
+    got: list[int] = []
+    while True:
+        try:
+            message = await asyncio.wait_for(layer.receive(channel), QUIET_S)
+        except TimeoutError:
+            return got
+        got.append(message["n"])
+
+
+async def run_timeline(
+    deliver: Callable[[dict[str, Any]], Awaitable[None]],
+    reader: Any,
+    channel: str,
+    offsets_s: tuple[float, ...],
+) -> list[int]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for n, offset in enumerate(offsets_s, start=1):
+        await asyncio.sleep(max(0.0, start + offset - loop.time()))
+        await deliver({"n": n})
+    return await drain(reader, channel)
+
+
+@pytest.mark.parametrize("via", ["send", "group_send"])
+async def test_message_not_read_within_expiry_is_dropped(
+    make_layer: Any, unique: Callable[[str], str], via: str
+) -> None:
+    """Behaviour 14, on a normal and a process-specific channel, through ``via``.
+
+    1. Sends at 0, 2, 4 s with ``expiry=3``: the reader then sees the 2nd and 3rd only.
+    2. Sends at 0, 1, 2 s: the reader sees all three, in order.
+    """
+    reader, sender = make_layer(expiry=3), make_layer(expiry=3)
+    scenarios = []
+    for offsets, expected in TIMELINES:
+        for channel in (unique("queue"), await reader.new_channel()):
+            if via == "send":
+
+                async def deliver(message: dict[str, Any], channel: str = channel) -> None:
+                    await sender.send(channel, message)
+
+            else:
+                group = unique("room")
+                await reader.group_add(group, channel)
+
+                async def deliver(message: dict[str, Any], group: str = group) -> None:
+                    await sender.group_send(group, message)
+
+            scenarios.append((channel, offsets, expected, deliver))
+    results = await asyncio.gather(
+        *(
+            run_timeline(deliver, reader, channel, offsets)
+            for channel, offsets, _, deliver in scenarios
+        )
+    )
+    for (channel, offsets, expected, _), got in zip(scenarios, results, strict=True):
+        assert got == expected, f"sends at {offsets} s on {channel}"
