@@ -21,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
+import socket
 import ssl
+import threading
 import types
 import weakref
 from collections import deque
@@ -60,6 +63,7 @@ from protocol import (
     Receive,
     Role,
     Send,
+    State,
     Welcome,
     encode_frame,
 )
@@ -124,6 +128,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
+        self._idle = _IdlePool()
+        # Parked sockets belong to no loop; close them when the layer goes away.
+        weakref.finalize(self, self._idle.close_all)
 
     # -- the Channels layer API --------------------------------------------
 
@@ -177,7 +184,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         _raise_for(await client.request(Flush(client.next_id())))
 
     async def close(self) -> None:
-        """Close this event loop's connection; waiting calls raise ``LayerClosed``."""
+        """Close this event loop's connection and idle ones; waiting calls raise ``LayerClosed``."""
+        self._idle.close_all()
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.close()
@@ -195,7 +203,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = _LoopClient(self, loop)
+            client = self._clients[loop] = _LoopClient(self, loop, self._idle.take())
             _close_with_loop(loop, self._clients)
         return client
 
@@ -259,7 +267,7 @@ def _close_with_loop(
     def close(self: asyncio.AbstractEventLoop) -> None:
         client = clients.pop(self, None)
         if client is not None and not self.is_running():
-            self.run_until_complete(client.close())
+            self.run_until_complete(client.close(park=True))
         self.close = original  # type: ignore[method-assign]
         original()
 
@@ -314,10 +322,16 @@ class _Connection(asyncio.Protocol):
 class _LoopClient:
     """The layer's state on one event loop: connection, requests, local buffers."""
 
-    def __init__(self, layer: BrokerChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        layer: BrokerChannelLayer,
+        loop: asyncio.AbstractEventLoop,
+        parked: _ParkedConnection | None = None,
+    ) -> None:
         self.layer = layer
         self.loop = loop
-        self.client_id = secrets.token_hex(8)
+        self._parked = parked
+        self.client_id = parked.client_id if parked else secrets.token_hex(8)
         self.conn: _Connection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
@@ -325,7 +339,10 @@ class _LoopClient:
         self._request_ids = 0
         self._pending: dict[int, asyncio.Future[Frame | None]] = {}
         self._pulls: set[int] = set()
-        self._orphans: dict[int, str] = {}  # cancelled pulls whose DELIVER may still come
+        # Cancelled pulls whose answer (DELIVER or CANCELLED) has not come yet, with a
+        # future set when it comes: a new pull of that channel waits for it, or a
+        # late DELIVER would overtake the message of the new pull.
+        self._orphans: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
@@ -362,6 +379,9 @@ class _LoopClient:
         return self.max_message_bytes
 
     async def _connect_with_backoff(self) -> _Connection:
+        parked, self._parked = self._parked, None
+        if parked is not None and parked.is_alive():
+            return await self._adopt(parked)
         delay = RECONNECT_FIRST_DELAY_S
         while True:
             for host in _rotated(self.layer.hosts):
@@ -387,6 +407,16 @@ class _LoopClient:
         self._schedule_flush()
         return conn
 
+    async def _adopt(self, parked: _ParkedConnection) -> _Connection:
+        """Take over a connection a closed loop left behind: no connect, no HELLO."""
+        _, conn = await self.loop.create_connection(lambda: _Connection(self), sock=parked.sock)
+        conn.handshake.state = State.READY
+        conn.decoder.receive_data(parked.unread)
+        self.max_message_bytes = parked.max_message_bytes
+        self.conn = conn
+        conn.data_received(b"")  # frames that were already read but not handled
+        return conn
+
     def _host_names(self) -> str:
         return ", ".join(f"{s}://{a}" + (f":{p}" if p else "") for s, a, p in self.layer.hosts)
 
@@ -395,7 +425,7 @@ class _LoopClient:
             return
         self.conn = None
         self._output.clear()
-        self._orphans.clear()
+        self._resolve_orphans()
         for request_id, future in list(self._pending.items()):
             if not future.done():
                 if request_id in self._pulls:
@@ -474,9 +504,17 @@ class _LoopClient:
             self._pulls.discard(request_id)
             future.set_result(frame)
             return
-        channel = self._orphans.pop(request_id, None)
-        if channel is not None and isinstance(frame, Deliver):
-            self._keep(channel, frame.payload, frame.ttl_ms, held=False)
+        orphan = self._orphans.pop(request_id, None)
+        if orphan is not None:
+            channel, resolved = orphan
+            if isinstance(frame, Deliver):
+                self._keep(channel, frame.payload, frame.ttl_ms, held=False)
+            resolved.set_result(None)
+
+    def _resolve_orphans(self) -> None:
+        for _, resolved in self._orphans.values():
+            resolved.set_result(None)
+        self._orphans.clear()
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
@@ -554,6 +592,11 @@ class _LoopClient:
     async def _pull(self, channel: str) -> bytes | None:
         """One RECEIVE; None if the connection dropped (the caller retries)."""
         await self.connected()
+        unresolved = [done for ch, done in self._orphans.values() if ch == channel]
+        if unresolved:
+            # Shielded: our cancellation must not cancel the shared future.
+            await asyncio.shield(asyncio.gather(*unresolved))
+            return None  # the caller looks at the buffer first
         request_id = self.next_id()
         future: asyncio.Future[Frame | None] = self.loop.create_future()
         self._pending[request_id] = future
@@ -580,15 +623,21 @@ class _LoopClient:
             if isinstance(reply, Deliver):  # it arrived as we were cancelled: keep it
                 self._keep(channel, reply.payload, reply.ttl_ms, held=False)
         elif self.conn is not None:
-            self._orphans[request_id] = channel
+            self._orphans[request_id] = (channel, self.loop.create_future())
             self.write(Cancel(request_id))
 
     # -- closing -------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, park: bool = False) -> None:
+        """Close; with ``park``, hand an idle connection to the next loop instead."""
         self.closed = True
+        if park and self._park():
+            return
+        if self._parked is not None:
+            self._parked.sock.close()
         if self._connecting is not None:
             self._connecting.cancel()
+        self._resolve_orphans()
         error = LayerClosed("the layer was closed on this event loop")
         for future in self._pending.values():
             if not future.done():
@@ -602,6 +651,87 @@ class _LoopClient:
             self._output.clear()
             conn.transport.close()
             await conn.lost
+
+    def _park(self) -> bool:
+        """Keep this loop's connection for the next loop, if it is quiet; True if kept.
+
+        ``async_to_sync`` makes a loop per call; without this every call from sync
+        code would pay a TCP connect and a HELLO. The socket is duplicated, so the
+        transport's close leaves the connection (and its daemon session) open.
+        """
+        conn = self.conn
+        quiet = not (self._pending or self._orphans or self._buffers or self._output)
+        if conn is None or conn.transport is None or not quiet:
+            return False
+        self._flush()  # acknowledgements still owed
+        if conn.transport.get_write_buffer_size():
+            return False
+        sock = conn.transport.get_extra_info("socket")
+        parked = _ParkedConnection(
+            sock.dup(), self.client_id, conn.decoder.unread(), self.max_message_bytes
+        )
+        self.conn = None
+        if not self.layer._idle.put(parked):
+            parked.sock.close()
+        conn.transport.abort()
+        return True
+
+
+class _ParkedConnection:
+    """A live daemon connection between two event loops of one process."""
+
+    __slots__ = ("client_id", "max_message_bytes", "pid", "sock", "unread")
+
+    def __init__(
+        self, sock: socket.socket, client_id: str, unread: bytes, max_message_bytes: int
+    ) -> None:
+        self.sock = sock
+        self.client_id = client_id
+        self.unread = unread
+        self.max_message_bytes = max_message_bytes
+        self.pid = os.getpid()
+
+    def is_alive(self) -> bool:
+        """Open and ours: not closed by the daemon, not inherited through fork()."""
+        if self.pid != os.getpid():
+            return False
+        try:
+            peeked = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            peeked = b""
+        if not peeked:
+            self.sock.close()
+        return bool(peeked)
+
+
+class _IdlePool:
+    """Parked connections of one layer, shared by the threads that run loops."""
+
+    #: Parked connections kept; more concurrent sync callers open their own.
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parked: list[_ParkedConnection] = []
+
+    def put(self, parked: _ParkedConnection) -> bool:
+        with self._lock:
+            if len(self._parked) >= self.SIZE:
+                return False
+            self._parked.append(parked)
+            return True
+
+    def take(self) -> _ParkedConnection | None:
+        with self._lock:
+            return self._parked.pop() if self._parked else None
+
+    def close_all(self) -> None:
+        with self._lock:
+            parked, self._parked = self._parked, []
+        for connection in parked:
+            connection.sock.close()
 
 
 def _rotated(hosts: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:

@@ -34,7 +34,7 @@ from .frames import (
     SendMany,
     Welcome,
 )
-from .handshake import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Handshake, Role
+from .handshake import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Handshake, Role, State
 from .names import (
     MAX_NAME_LENGTH,
     client_id_of,
@@ -77,6 +77,7 @@ __all__ = [
     "Role",
     "Send",
     "SendMany",
+    "State",
     "UnknownFrame",
     "Welcome",
     "client_id_of",

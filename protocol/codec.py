@@ -64,6 +64,10 @@ class FrameDecoder:
         """Store bytes read from the peer. Does nothing else."""
         self._buffer += data
 
+    def unread(self) -> bytes:
+        """Bytes received but not yet returned as frames (to hand them to another decoder)."""
+        return bytes(self._buffer)
+
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned as frames."""

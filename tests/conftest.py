@@ -22,13 +22,19 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import pytest
 
+from tests import servers
+
 #: Every layer test runs once per backend URL. More are added as their servers are.
-BACKEND_URLS = ["memory://"]
+BACKEND_URLS = [
+    "memory://",
+    "postgresql://postgres@127.0.0.1:5432/postgres?schema=cb_dev",
+    *servers.REDIS_PARAMS,
+]
 
 #: How long a daemon may take to accept connections before the test fails.
 READY_TIMEOUT_S = 10.0
@@ -179,7 +185,7 @@ class BrokerProcess:
         text = "\n".join(self.stderr_text().splitlines()[-lines:])
         return f"--- daemon stderr ({self.log_path}) ---\n{text}\n--- end ---"
 
-    def _fail(self, reason: str) -> Any:
+    def _fail(self, reason: str) -> NoReturn:
         pytest.fail(f"{reason}: {' '.join(self.command())}\n{self.log_tail()}", pytrace=False)
 
     def cleanup(self) -> None:
@@ -199,7 +205,7 @@ class BrokerProcess:
 )
 def backend_url(request: pytest.FixtureRequest) -> str:
     """Each backend URL in turn; every test that needs a daemon runs once per URL."""
-    url: str = request.param
+    url: str = servers.backend_url(request.param)
     return url
 
 

@@ -60,11 +60,11 @@ async def test_cancelled_receive_loses_no_message(
     await asyncio.wait_for(sending, DELIVERY_TIMEOUT_S * 2)
     while len(received) < MESSAGES:
         try:
-            message = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
+            drained = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
         except TimeoutError:
             missing = sorted(set(range(MESSAGES)) - set(received))
             pytest.fail(f"lost {len(missing)} message(s): {missing}")
-        received.append(message["n"])
+        received.append(drained["n"])
     try:
         extra = await asyncio.wait_for(layer.receive(channel), QUIET_S)
     except TimeoutError:

@@ -7,6 +7,7 @@ side by side, so each test takes one timeline's length (about 4.5 s).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,17 +62,11 @@ async def test_message_not_read_within_expiry_is_dropped(
     for offsets, expected in TIMELINES:
         for channel in (unique("queue"), await reader.new_channel()):
             if via == "send":
-
-                async def deliver(message: dict[str, Any], channel: str = channel) -> None:
-                    await sender.send(channel, message)
-
+                deliver = functools.partial(sender.send, channel)
             else:
                 group = unique("room")
                 await reader.group_add(group, channel)
-
-                async def deliver(message: dict[str, Any], group: str = group) -> None:
-                    await sender.group_send(group, message)
-
+                deliver = functools.partial(sender.group_send, group)
             scenarios.append((channel, offsets, expected, deliver))
     results = await asyncio.gather(
         *(
