@@ -1,0 +1,155 @@
+"""``channels-broker serve`` as a user runs it: options, environment, TOML file, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
+from tests.conftest import free_port
+
+#: Seconds a daemon may take to listen or to stop.
+DEADLINE_S = 10.0
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "broker", "serve", "--metrics-listen", "off", *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen(command, env=full_env, stderr=subprocess.PIPE)
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stderr = process.stderr.read().decode() if process.stderr else ""
+            pytest.fail(f"daemon exited with {process.returncode}: {stderr}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"nothing listens on port {port}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=DEADLINE_S)
+    return process.returncode, stderr.decode()
+
+
+def _ping(port: int) -> Pong:
+    """HELLO then PING over a raw socket; the daemon's answer to the PING."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+        hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
+        sock.sendall(encode_frame(hello) + encode_frame(Ping(7)))
+        decoder = FrameDecoder()
+        frames: list[object] = []
+        while len(frames) < 2:
+            decoder.receive_data(sock.recv(65536))
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    assert isinstance(frames[0], Welcome)
+    assert isinstance(frames[1], Pong)
+    return frames[1]
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    """1. The file names one port, the environment another, the flag a third.
+    2. Each run listens where the highest-precedence source says."""
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    config = tmp_path / "broker.toml"
+    config.write_text(f'listen = ["127.0.0.1:{file_port}"]\nlog-format = "json"\n')
+    runs = [
+        ((), {"CHANNELS_BROKER_CONFIG": str(config)}, file_port),
+        (
+            (),
+            {
+                "CHANNELS_BROKER_CONFIG": str(config),
+                "CHANNELS_BROKER_LISTEN": f"127.0.0.1:{env_port}",
+            },
+            env_port,
+        ),
+        (
+            ("--listen", f"127.0.0.1:{flag_port}"),
+            {
+                "CHANNELS_BROKER_CONFIG": str(config),
+                "CHANNELS_BROKER_LISTEN": f"127.0.0.1:{env_port}",
+            },
+            flag_port,
+        ),
+    ]
+    for args, env, expected_port in runs:
+        process = _serve(*args, env=env)
+        try:
+            _wait_listening(expected_port, process)
+            assert _ping(expected_port).request_id == 7
+        finally:
+            code, stderr = _stop(process)
+        assert code == 0, stderr
+        assert f"listening on tcp://127.0.0.1:{expected_port}" in stderr
+        assert '"level": "info"' in stderr, "log-format from the file applies in every run"
+
+
+def test_sigterm_stops_cleanly_with_a_client_connected() -> None:
+    """1. A client is connected and idle.  2. SIGTERM.  3. Exit code 0, "stopped" logged,
+    and the client sees its connection closed."""
+    port = free_port()
+    process = _serve("--listen", f"127.0.0.1:{port}")
+    try:
+        _wait_listening(port, process)
+        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+        hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
+        client.sendall(encode_frame(hello))
+        assert client.recv(65536), "WELCOME expected"
+    finally:
+        code, stderr = _stop(process)
+    assert code == 0, stderr
+    assert "stopped" in stderr
+    assert client.recv(65536) == b"", "the daemon closes client connections on shutdown"
+    client.close()
+
+
+def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> None:
+    path = tmp_path / "broker.sock"
+    port = free_port()
+    process = _serve("--listen", f"127.0.0.1:{port}", "--unix", str(path))
+    try:
+        _wait_listening(port, process)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
+            sock.sendall(encode_frame(hello))
+            assert sock.recv(65536)
+    finally:
+        code, stderr = _stop(process)
+    assert code == 0, stderr
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--listen", "nonsense"), "'nonsense' is not host:port"),
+        (("--backend", "carrier-pigeon://coop"), "unknown backend"),
+        (("--max-message-bytes", "10"), "max message bytes"),
+        (("--log-level", "loud"), "'loud' is not one of"),
+    ],
+)
+def test_bad_configuration_is_refused_with_a_clear_message(
+    args: tuple[str, ...], message: str
+) -> None:
+    process = _serve(*args)
+    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
+    code, stderr = process.returncode, stderr_bytes.decode()
+    assert code != 0
+    assert message in stderr
+    assert "Traceback" not in stderr
