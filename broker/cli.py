@@ -23,6 +23,7 @@ from .config import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_METRICS_L
 from .errors import ConfigError
 from .logs import configure_logging
 from .server import Server
+from .status import check, status, top
 from .version import __version__
 
 __all__ = ["main"]
@@ -82,6 +83,8 @@ def main() -> None:
 @_option("--log-format", default="text", type=click.Choice(["text", "json"]))
 @_option("--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, type=int)
 @_option("--shutdown-timeout", default=10.0, type=float, help="Seconds to finish on SIGTERM.")
+@_option("--tls-cert", default=None, help="PEM certificate chain: TCP listeners speak TLS.")
+@_option("--tls-key", default=None, help="PEM private key for --tls-cert.")
 def serve(
     listen: tuple[str, ...],
     unix: tuple[str, ...],
@@ -92,6 +95,8 @@ def serve(
     log_format: str,
     max_message_bytes: int,
     shutdown_timeout: float,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Run the broker daemon in the foreground."""
     try:
@@ -105,7 +110,10 @@ def serve(
             log_format=log_format,
             max_message_bytes=max_message_bytes,
             shutdown_timeout_s=shutdown_timeout,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
+        config.ssl_context()  # fail now, with a usage error, if the files are unreadable
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     configure_logging(config.log_level_number, config.log_format)
@@ -133,3 +141,6 @@ def _add_optional_commands() -> None:
 
 with contextlib.suppress(ImportError):  # bench.py not present in this build
     _add_optional_commands()
+
+for _command in (status, top, check):  # a running daemon seen from a shell (status.py)
+    main.add_command(_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 from protocol import DEFAULT_MAX_FRAME_BYTES
@@ -51,6 +52,9 @@ class Config:
     log_format: str = "text"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_timeout_s: float = 10.0
+    #: Certificate chain and key (PEM); when given, every TCP listener speaks TLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     listen_addresses: tuple[tuple[str, int], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -70,6 +74,19 @@ class Config:
             raise ConfigError("max message bytes must be between 1 KiB and 64 MiB")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown timeout must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context, or None for plain TCP; ConfigError if unreadable."""
+        if not self.tls_cert or not self.tls_key:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS certificate or key: {exc}") from exc
+        return context
 
     @property
     def max_frame_bytes(self) -> int:

@@ -267,12 +267,14 @@ class Connection(asyncio.Protocol):
         """Answer a connection-level error and close (after writing what is buffered)."""
         self.closing = True
         self.inbox.clear()
+        self.ctx.metrics.count_error(code)
         self._write(Error(0, int(code), message))
         self._flush()
         if self.transport is not None:
             self.transport.close()
 
     def _fail(self, request_id: int, code: ErrorCode, message: str) -> None:
+        self.ctx.metrics.count_error(code)
         self._write(Error(request_id, int(code), message))
 
     # -- requests ------------------------------------------------------------
@@ -284,6 +286,7 @@ class Connection(asyncio.Protocol):
             log.warning("protocol error from %s: unexpected %s", self.peer, type(frame).__name__)
             self._fatal(ErrorCode.UNKNOWN_FRAME, f"{type(frame).__name__} is not a request")
             return
+        started = self.ctx.metrics.now()
         try:
             await handler(self, frame)
         except BackendError as exc:
@@ -291,6 +294,7 @@ class Connection(asyncio.Protocol):
             request_id = getattr(frame, "request_id", 0)
             if request_id:  # an ACK has none; its release is retried on close
                 self._fail(request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+        self.ctx.metrics.request_done(frame, started)
 
     async def _on_hello(self, hello: Hello) -> None:
         if hello.version not in SUPPORTED_VERSIONS:

@@ -8,6 +8,7 @@ from typing import Any
 from backends import Backend
 
 from .config import Config
+from .metrics import Metrics
 from .routing import Router
 
 __all__ = ["Context"]
@@ -23,3 +24,5 @@ class Context:
     #: Live connections, for shutdown and gauges (typed loosely to avoid an import cycle).
     connections: set[Any] = field(default_factory=set)
     accepting: bool = True
+    #: Counters of requests and errors (``broker.metrics``), exported at scrape time.
+    metrics: Metrics = field(default_factory=Metrics)

@@ -23,6 +23,8 @@ MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, object]]]
+#: Builds the ``/status`` document (see ``broker.exporter``).
+StatusReport = Callable[[], Awaitable[dict[str, object]]]
 
 
 class HealthServer:
@@ -39,6 +41,10 @@ class HealthServer:
         self._readiness = readiness
         self._registry = registry
         self._server: asyncio.Server | None = None
+        #: Optional hooks, set by ``broker.exporter``: the /status document, and a refresh
+        #: of the gauges that need I/O (readiness), awaited before each /metrics scrape.
+        self.status: StatusReport | None = None
+        self.before_scrape: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -83,7 +89,11 @@ class HealthServer:
             status = 200 if report.get("ready") else 503
             return status, "application/json", json.dumps(report).encode() + b"\n"
         if path == "/metrics":
+            if self.before_scrape is not None:
+                await self.before_scrape()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/status" and self.status is not None:
+            return 200, "application/json", json.dumps(await self.status()).encode() + b"\n"
         return 404, "text/plain", b"not found\n"
 
 

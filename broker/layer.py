@@ -116,6 +116,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         channel_capacity: dict[Any, int] | None = None,
         max_message_bytes: int | None = None,
         connect_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
@@ -125,6 +126,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.group_expiry = group_expiry
         self.max_message_bytes = max_message_bytes
         self.connect_timeout = connect_timeout
+        #: For tls:// hosts; the default verifies the daemon against the system's CAs.
+        self.ssl_context = ssl_context
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -398,7 +401,9 @@ class _LoopClient:
         if scheme == "unix":
             _, conn = await self.loop.create_unix_connection(factory, address)
         else:
-            tls = ssl.create_default_context() if scheme == "tls" else None
+            tls = None
+            if scheme == "tls":
+                tls = self.layer.ssl_context or ssl.create_default_context()
             _, conn = await self.loop.create_connection(factory, address, port, ssl=tls)
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.

@@ -19,8 +19,12 @@ from backends import Backend, BackendError, backend_from_url
 from .config import Config, parse_host_port
 from .connection import Connection
 from .context import Context
+from .exporter import Exporter
 from .health import HealthServer
+from .instrumented import instrument
+from .metrics import Metrics
 from .routing import Router
+from .systemd import Notifier
 
 __all__ = ["Server"]
 
@@ -35,7 +39,13 @@ class Server:
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend if backend is not None else backend_from_url(config.backend_url)
+        self.metrics = Metrics()
+        if config.metrics_listen:  # off: no wrapper, for an overhead-free baseline
+            self.backend = instrument(self.backend, self.metrics, config.backend_url)
         self.context = Context(config, self.backend, Router(self.backend))
+        self.context.metrics = self.metrics
+        self.exporter = Exporter(self.metrics, self.context, self.readiness)
+        self.notifier = Notifier.from_environment()
         self._listeners: list[asyncio.Server] = []
         self._health: HealthServer | None = None
         self._stop = asyncio.Event()
@@ -68,10 +78,12 @@ class Server:
         def factory() -> Connection:
             return Connection(self.context)
 
+        tls = self.config.ssl_context()
+        scheme = "tls" if tls else "tcp"
         for host, port in self.config.listen_addresses:
-            listener = await loop.create_server(factory, host, port, reuse_address=True)
+            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
             self._listeners.append(listener)
-            log.info("listening on tcp://%s:%d", host, port)
+            log.info("listening on %s://%s:%d", scheme, host, port)
         for path in self.config.unix:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # a stale socket file of a previous run
@@ -80,9 +92,11 @@ class Server:
         if self.config.metrics_listen:
             host, port = parse_host_port(self.config.metrics_listen)
             self._health = HealthServer(host, port, self.readiness)
+            self.exporter.attach(self._health)
             await self._health.start()
             log.info("health and metrics on http://%s:%d", host, port)
         log.info("serving with backend %s", _redacted(self.config.backend_url))
+        self.notifier.ready(self.exporter.summary)
 
     async def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""
@@ -100,6 +114,7 @@ class Server:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        self.notifier.stopping(f"stopping: {len(self.context.connections)} connections to finish")
         self.context.accepting = False
         for listener in self._listeners:
             listener.close()
@@ -115,8 +130,10 @@ class Server:
                 os.unlink(path)
         if self._health is not None:
             await self._health.close()
+        self.exporter.detach()
         await self.backend.close()
         log.info("stopped")
+        self.notifier.close()
 
     async def _wait_for(self, connections: list[Connection]) -> None:
         closed = asyncio.gather(*(connection.closed for connection in connections))

@@ -153,3 +153,68 @@ def test_bad_configuration_is_refused_with_a_clear_message(
     assert code != 0
     assert message in stderr
     assert "Traceback" not in stderr
+
+
+def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path) -> None:
+    """1. A self-signed certificate for 127.0.0.1.  2. The daemon listens with it.
+    3. A layer with tls:// and a context trusting that certificate sends and receives."""
+    import asyncio
+    import ssl
+
+    from broker.layer import BrokerChannelLayer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    process = _serve(
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        _wait_listening(port, process)
+        context = ssl.create_default_context(cafile=str(cert))
+
+        async def round_trip() -> dict[str, object]:
+            layer = BrokerChannelLayer(hosts=[f"tls://127.0.0.1:{port}"], ssl_context=context)
+            try:
+                await layer.send("tls-check", {"secret": b"\x00\x01"})
+                return await asyncio.wait_for(layer.receive("tls-check"), DEADLINE_S)
+            finally:
+                await layer.close()
+
+        assert asyncio.run(round_trip()) == {"secret": b"\x00\x01"}
+    finally:
+        code, stderr = _stop(process)
+    assert code == 0, stderr
+    assert f"listening on tls://127.0.0.1:{port}" in stderr
+
+
+def test_token_is_required_when_the_daemon_has_one() -> None:
+    """A wrong token gets PermissionError and is logged; the right one works."""
+    import asyncio
+
+    from broker.layer import BrokerChannelLayer
+
+    port = free_port()
+    process = _serve("--listen", f"127.0.0.1:{port}", env={"CHANNELS_BROKER_TOKEN": "s3cret"})
+    try:
+        _wait_listening(port, process)
+
+        async def send_with(token: str) -> None:
+            layer = BrokerChannelLayer(hosts=[f"tcp://127.0.0.1:{port}"], token=token)
+            try:
+                await layer.send("token-check", {"n": 1})
+            finally:
+                await layer.close()
+
+        with pytest.raises(PermissionError):
+            asyncio.run(send_with("wrong"))
+        asyncio.run(send_with("s3cret"))
+    finally:
+        code, stderr = _stop(process)
+    assert code == 0, stderr
+    assert "authentication failed" in stderr
