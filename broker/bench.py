@@ -70,6 +70,12 @@ WORK_CHANNEL = "bench-work"
 FANOUT_GROUP = "bench-fanout"
 SYNC_GROUP = "bench-sync"
 WARM_UP_GROUP = "bench-warm-up"
+#: (label, distribution) of the libraries whose versions move the numbers.
+VERSIONS_SHOWN = (
+    ("channels", "channels"),
+    ("channels_redis", "channels-redis"),
+    ("redis-py", "redis"),
+)
 #: The directory holding the ``broker`` package, so the daemon runs the code this bench runs.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -569,7 +575,14 @@ def build_targets(
     ]
     targets += [running_target(address) for address in addresses]
     reference = channels_redis_target(redis_url, note)
-    return targets if reference is None else [*targets, reference]
+    targets += [] if reference is None else [reference]
+    postgres = [url for url in backends if urlsplit(url).scheme in ("postgresql", "postgres")]
+    if postgres:  # the same database for channels_postgres, in a schema of its own
+        from .bench_postgres import channels_postgres_target
+
+        if (pg_reference := channels_postgres_target(postgres[0], note)) is not None:
+            targets.append(pg_reference)
+    return targets
 
 
 def progress(text: str) -> None:
@@ -660,14 +673,15 @@ def command_line() -> str:
 
 def machine() -> dict[str, Any]:
     versions = {}
-    for name in ("channels", "channels-redis", "redis"):
+    for label, distribution in VERSIONS_SHOWN:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
+            versions[label] = importlib.metadata.version(distribution)
     return {
         "cpus": os.cpu_count(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
-        # Other work on the machine skews the numbers; the load says whether there was any.
+        # Other work on the machine skews the numbers; taken before the run, the load
+        # average says whether there was any.
         "load_1min": round(os.getloadavg()[0], 2),
         "versions": versions,
     }
@@ -716,7 +730,7 @@ def text_report(report: dict[str, Any], targets: Sequence[Target]) -> str:
     versions = ", ".join(f"{name} {v}" for name, v in info["versions"].items())
     lines = [
         f"command: {report['command']}",
-        f"machine: {info['cpus']} CPUs (load {info['load_1min']} after the run), {info['python']},"
+        f"machine: {info['cpus']} CPUs (load {info['load_1min']} before the run), {info['python']},"
         f" {info['platform']}; {versions}",
         "sizes: " + ", ".join(f"{k}={v}" for k, v in report["sizes"].items()),
         f"scale: {report['scale']}; ratio > 1 means broker is better (latency: theirs/ours);"
@@ -781,6 +795,7 @@ def bench(
     Exits with 1 if a scenario failed or did not verify on one of our targets; the
     references' failures (channels_redis repeats messages among workers) are findings.
     """
+    info = machine()
     notes: list[str] = []
     chosen = [s for s in SCENARIOS if not scenario_names or s.name in scenario_names]
     if not backends and not addresses:
@@ -795,7 +810,7 @@ def bench(
     ]
     report = {
         "command": command_line(),
-        "machine": machine(),
+        "machine": info,
         "scale": scale,
         "sizes": sizes(scale),
         "targets": [t.name for t in targets],

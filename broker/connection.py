@@ -66,6 +66,8 @@ INBOX_HIGH_WATER = 512
 #: Messages taken from one channel per push pass; more waiting means another pass,
 #: so one busy channel cannot starve the others of the same connection.
 PUSH_BATCH = 256
+#: Seconds a started frame may take to arrive whole before the connection is failed.
+PARTIAL_FRAME_TIMEOUT_S = 30.0
 #: Seconds before retrying deliveries after a backend error.
 DELIVERY_RETRY_S = 0.5
 #: Output buffered before the worker yields to let the transport write it.
@@ -96,6 +98,7 @@ class Connection(asyncio.Protocol):
         self._writable.set()
         self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._partial_timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks -------------------------------------------------
 
@@ -127,13 +130,41 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
+        self._watch_partial_frame()
         self._wake()
 
+    def _watch_partial_frame(self) -> None:
+        """Give a started frame ``PARTIAL_FRAME_TIMEOUT_S`` to arrive whole.
+
+        A peer that sends half a frame and then nothing would otherwise hold its
+        connection (and the bytes) forever without any error being logged.
+        """
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        if self.decoder.buffered_bytes and not self.closing:
+            loop = asyncio.get_running_loop()
+            self._partial_timer = loop.call_later(PARTIAL_FRAME_TIMEOUT_S, self._partial_expired)
+
+    def _partial_expired(self) -> None:
+        message = f"incomplete frame: {self.decoder.buffered_bytes} bytes, then silence"
+        log.warning("protocol error from %s: %s", self.peer, message)
+        self._fatal(ErrorCode.MALFORMED_FRAME, message)
+
     def eof_received(self) -> bool | None:
+        if self.decoder.buffered_bytes and not self.closing:
+            count = self.decoder.buffered_bytes
+            log.warning(
+                "protocol error from %s: connection closed inside a frame (%d bytes)",
+                self.peer,
+                count,
+            )
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
         self.ctx.connections.discard(self)
         self._writable.set()
         self._wake()
