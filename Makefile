@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean chromium example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,23 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy protocol backends broker
 
-test: $(STAMP) lint
+test: $(STAMP) lint chromium
 	$(BIN)/python -m pytest
+
+# The browser test (tests/e2e) drives Debian's chromium. Root installs it; anyone else
+# is told how, and the test then skips (or fails, under CI=true).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "chromium is not installed and this is not root: run" \
+	      "'sudo apt-get install -y chromium' for the browser test (tests/e2e)." >&2; \
+	  fi; }
+
+# The example Django site (deploy/examples/notifications) on a broker: http://127.0.0.1:8000/
+example: $(STAMP)
+	deploy/examples/notifications/run.sh
 
 bench: $(STAMP)
 	$(BIN)/channels-broker bench

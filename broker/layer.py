@@ -163,11 +163,14 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_channel_name(channel)
         client = self._client()
         _raise_for(await client.request(GroupAdd(client.next_id(), group, channel)))
+        if client.owns(channel):
+            client.memberships[(group, channel)] = client.loop.time()
 
     async def group_discard(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         client = self._client()
+        client.memberships.pop((group, channel), None)
         _raise_for(await client.request(GroupDiscard(client.next_id(), group, channel)))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -349,6 +352,9 @@ class _LoopClient:
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
+        # (group, own channel) -> when added: said again after a reconnect, since a
+        # daemon that restarted on the memory backend has forgotten them.
+        self.memberships: dict[tuple[str, str], float] = {}
         self._output: list[bytes] = []
         self._flush_scheduled = False
 
@@ -407,10 +413,20 @@ class _LoopClient:
             _, conn = await self.loop.create_connection(factory, address, port, ssl=tls)
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        self._output.insert(0, encode_frame(self.layer.hello(self.client_id)))
+        self._output[:0] = [encode_frame(self.layer.hello(self.client_id)), *self._rejoin()]
         self.conn = conn
         self._schedule_flush()
         return conn
+
+    def _rejoin(self) -> list[bytes]:
+        """GROUP_ADD frames for the live memberships; their answers are not awaited."""
+        oldest = self.loop.time() - self.layer.group_expiry
+        for key in [key for key, added in self.memberships.items() if added < oldest]:
+            del self.memberships[key]
+        return [
+            encode_frame(GroupAdd(self.next_id(), group, channel))
+            for group, channel in self.memberships
+        ]
 
     async def _adopt(self, parked: _ParkedConnection) -> _Connection:
         """Take over a connection a closed loop left behind: no connect, no HELLO."""
@@ -497,6 +513,7 @@ class _LoopClient:
             self.max_message_bytes = frame.max_message_bytes
         elif isinstance(frame, Flushed):
             self._buffers.clear()
+            self.memberships.clear()
             self._acks.clear()
 
     def _answer(self, frame: Ok | Error | Deliver | Cancelled | Pong) -> None:
@@ -508,6 +525,13 @@ class _LoopClient:
         if future is not None and not future.done():
             self._pulls.discard(request_id)
             future.set_result(frame)
+            return
+        if future is not None and request_id in self._pulls:
+            # The pull was cancelled in this very loop pass and its task has not run
+            # ``_cancel_pull`` yet: the answer is final, so keep what it delivered.
+            self._pulls.discard(request_id)
+            if isinstance(frame, Deliver):
+                self._keep(frame.channel, frame.payload, frame.ttl_ms, held=False)
             return
         orphan = self._orphans.pop(request_id, None)
         if orphan is not None:
@@ -622,6 +646,8 @@ class _LoopClient:
 
     def _cancel_pull(self, request_id: int, channel: str, future: asyncio.Future[Any]) -> None:
         self._pending.pop(request_id, None)
+        if request_id not in self._pulls and future.cancelled():
+            return  # answered meanwhile (see ``_answer``), or the connection was lost
         self._pulls.discard(request_id)
         if future.done() and not future.cancelled():
             reply = future.result()

@@ -1,0 +1,1 @@
+"""The notifications app: per-user notifications and chat rooms over Channels."""

@@ -1,0 +1,32 @@
+"""Sending to a user's open pages from plain sync code (views, commands, background jobs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+__all__ = ["chat_group", "notification_group", "send_message"]
+
+
+def notification_group(user_id: int) -> str:
+    """The group every open notifications page of one user joins."""
+    return f"notification-{user_id}"
+
+
+def chat_group(room: str) -> str:
+    """The group every page open on one chat room joins."""
+    return f"chat-{room}"
+
+
+def send_message(user: Any, data: dict[str, Any]) -> None:
+    """Show ``data`` on every notifications page ``user`` has open right now.
+
+    Plain sync code: call it from a view, a management command or a Celery task.
+    Raises ``broker.layer.BrokerUnavailable`` if no broker answers in time.
+    """
+    channel_layer = get_channel_layer()
+    async_to_sync(channel_layer.group_send)(
+        notification_group(user.pk), {"type": "task.notification", "data": data}
+    )
