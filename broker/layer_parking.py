@@ -1,0 +1,70 @@
+"""Quiet daemon connections handed from a closing event loop to the next one.
+
+``async_to_sync`` makes a loop per call; without this every call from sync code
+would pay a TCP connect and a HELLO.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+__all__ = ["IdlePool", "ParkedConnection"]
+
+
+class ParkedConnection:
+    """A live daemon connection between two event loops of one process."""
+
+    __slots__ = ("client_id", "max_message_bytes", "pid", "sock", "unread")
+
+    def __init__(
+        self, sock: socket.socket, client_id: str, unread: bytes, max_message_bytes: int
+    ) -> None:
+        self.sock = sock
+        self.client_id = client_id
+        self.unread = unread
+        self.max_message_bytes = max_message_bytes
+        self.pid = os.getpid()
+
+    def is_alive(self) -> bool:
+        """Open and ours: not closed by the daemon, not inherited through fork()."""
+        if self.pid != os.getpid():
+            return False
+        try:
+            peeked = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            peeked = b""
+        if not peeked:
+            self.sock.close()
+        return bool(peeked)
+
+
+class IdlePool:
+    """Parked connections of one layer, shared by the threads that run loops."""
+
+    #: Parked connections kept; more concurrent sync callers open their own.
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parked: list[ParkedConnection] = []
+
+    def put(self, parked: ParkedConnection) -> bool:
+        with self._lock:
+            if len(self._parked) >= self.SIZE:
+                return False
+            self._parked.append(parked)
+            return True
+
+    def take(self) -> ParkedConnection | None:
+        with self._lock:
+            return self._parked.pop() if self._parked else None
+
+    def close_all(self) -> None:
+        with self._lock:
+            parked, self._parked = self._parked, []
+        for connection in parked:
+            connection.sock.close()
