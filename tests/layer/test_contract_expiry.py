@@ -23,14 +23,16 @@ TIMELINES = [
 ]
 
 
-async def drain(layer: Any, channel: str) -> list[int]:
-    """Everything the channel yields until it stays quiet for ``QUIET_S``."""
+async def drain(layer: Any, channel: str, sent_all: asyncio.Event) -> list[int]:
+    """Everything the channel yields until all is sent and it stays quiet for ``QUIET_S``."""
     got: list[int] = []
     while True:
         try:
             message = await asyncio.wait_for(layer.receive(channel), QUIET_S)
         except TimeoutError:
-            return got
+            if sent_all.is_set():
+                return got
+            continue
         got.append(message["n"])
 
 
@@ -40,12 +42,23 @@ async def run_timeline(
     channel: str,
     offsets_s: tuple[float, ...],
 ) -> list[int]:
+    """Send at the given times; the reader starts at the last one, as its send starts.
+
+    Starting the reader with the last send (not after it returns) keeps a slow send
+    from ageing the earlier messages past their expiry before anyone reads.
+    """
     loop = asyncio.get_running_loop()
     start = loop.time()
+    sent_all = asyncio.Event()
+    reading: asyncio.Task[list[int]] | None = None
     for n, offset in enumerate(offsets_s, start=1):
         await asyncio.sleep(max(0.0, start + offset - loop.time()))
+        if n == len(offsets_s):
+            reading = asyncio.create_task(drain(reader, channel, sent_all))
         await deliver({"n": n})
-    return await drain(reader, channel)
+    sent_all.set()
+    assert reading is not None
+    return await reading
 
 
 @pytest.mark.parametrize("via", ["send", "group_send"])

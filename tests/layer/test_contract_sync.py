@@ -125,7 +125,7 @@ def test_repeated_async_to_sync_group_send_does_not_accumulate_connections(
     2. 1,000 ``async_to_sync(layer.group_send)`` calls, draining the member every 50.
     3. Every message arrived in order; sockets, threads and loops did not grow.
     """
-    threads = threading.active_count()
+    threads = _wait_for_threads(1, timeout_s=2.0)  # let earlier tests' threads end first
     layer = make_layer()
     member = unique("member")
     group = unique("room")
@@ -144,5 +144,5 @@ def test_repeated_async_to_sync_group_send_does_not_accumulate_connections(
             got += async_to_sync(drain)(50)
     assert got == list(range(GROUP_SENDS))
     assert open_sockets() <= sockets + SOCKET_SLACK, f"sockets: {sockets} -> {open_sockets()}"
-    assert _wait_for_threads(threads) == threads, "async_to_sync threads left running"
+    assert _wait_for_threads(threads) <= threads, "async_to_sync threads left running"
     assert _unclosed_event_loops() <= loops, "event loops left open"

@@ -1,0 +1,196 @@
+"""A misbehaving client loses its own connection, and nobody else notices.
+
+Each case opens a raw socket to the daemon and sends bytes no layer would send,
+while a layer client of the same daemon waits in ``receive``. The daemon answers
+with a connection-level ERROR (request id 0) where the protocol allows, closes that
+connection only, logs the protocol error, and keeps serving the layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pytest
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Send,
+    Welcome,
+    encode_frame,
+)
+
+#: Long enough for the daemon to answer and close; a hang fails well inside the test timeout.
+CLOSE_TIMEOUT_S = 5.0
+DELIVERY_TIMEOUT_S = 5.0
+
+
+def hello(version: int = PROTOCOL_VERSION, token: str = "") -> bytes:
+    return encode_frame(Hello(version, token, "", "asgi", 100, 60.0, 86400.0))
+
+
+def raw_frame(items: list[Any]) -> bytes:
+    """A length-prefixed msgpack array, valid or not as a frame."""
+    body: bytes = msgpack.packb(items, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+@dataclass(frozen=True)
+class Case:
+    #: Bytes sent after the handshake (or instead of it, if ``handshake`` is False).
+    data: bytes
+    #: Complete the HELLO/WELCOME handshake first.
+    handshake: bool
+    #: The ERROR the daemon must send before it closes; None: it just closes.
+    code: ErrorCode | None
+    #: Half-close our side after sending, as a client that gives up would.
+    close_after: bool = False
+
+
+MALFORMED, TOO_LARGE, HANDSHAKE = (
+    ErrorCode.MALFORMED_FRAME,
+    ErrorCode.FRAME_TOO_LARGE,
+    ErrorCode.HANDSHAKE,
+)
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: broker\r\n\r\n"  # its first 4 bytes: a 1.1 GB length
+
+CASES = {
+    "garbage-body": Case(b"\x00\x00\x00\x03\xc1\xc1\xc1", True, MALFORMED),
+    "http-request": Case(HTTP_REQUEST, False, TOO_LARGE),
+    "truncated-hello-then-close": Case(hello()[:9], False, None, close_after=True),
+    "truncated-frame-then-close": Case(encode_frame(Ping(1))[:-1], True, None, close_after=True),
+    "oversized-length-prefix": Case(b"\xff\xff\xff\xff", True, TOO_LARGE),
+    "unknown-frame-type": Case(raw_frame([99, 1]), True, ErrorCode.UNKNOWN_FRAME),
+    "wrong-field-types": Case(raw_frame([Send.TYPE, 1, 2, 3]), True, MALFORMED),
+    "frame-before-hello": Case(encode_frame(Ping(1)), False, HANDSHAKE),
+    "second-hello": Case(hello(), True, HANDSHAKE),
+    "unsupported-version": Case(
+        hello(version=PROTOCOL_VERSION + 100), False, ErrorCode.UNSUPPORTED_VERSION
+    ),
+}
+
+
+class RawClient:
+    """A socket to the daemon that speaks only what the test writes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder()
+        self.local_port: int = writer.get_extra_info("sockname")[1]
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> RawClient:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    async def write(self, data: bytes, *, close_after: bool = False) -> None:
+        self.writer.write(data)
+        if close_after:
+            self.writer.write_eof()
+        await self.writer.drain()
+
+    async def next_frame(self) -> Frame:
+        while (frame := self.decoder.next_frame()) is None:
+            data = await asyncio.wait_for(self.reader.read(65536), CLOSE_TIMEOUT_S)
+            assert data, "the daemon closed the connection before answering"
+            self.decoder.receive_data(data)
+        return frame
+
+    async def frames_until_closed(self) -> list[Frame]:
+        """Every frame the daemon still sends, then its close (EOF or reset)."""
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                self.decoder.receive_data(data)
+        frames = []
+        while (frame := self.decoder.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def assert_layer_still_works(layer: Any, sender: Any, unique: Callable[[str], str]) -> None:
+    queue = unique("queue")
+    await sender.send(queue, {"still": "fine"})
+    assert await asyncio.wait_for(layer.receive(queue), DELIVERY_TIMEOUT_S) == {"still": "fine"}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+async def test_bad_frame_closes_only_that_connection(
+    broker: Any, make_layer: Any, unique: Callable[[str], str], case: Case
+) -> None:
+    """A protocol error ends one connection only.
+
+    1. A layer client waits in ``receive`` on its own channel.
+    2. A raw client (after HELLO/WELCOME, if the case says so) sends the bad bytes.
+    3. The daemon sends a connection-level ERROR with the expected code (if any) and closes.
+    4. The daemon logged a protocol error for that peer (a cut-short frame too).
+    5. The waiting receive gets a message sent afterwards; the layer still sends and receives.
+    """
+    layer, sender = make_layer(), make_layer()
+    channel = await layer.new_channel()
+    waiting = asyncio.create_task(layer.receive(channel))
+    await asyncio.sleep(0.1)  # let the receive reach the daemon
+
+    raw = await RawClient.open(broker.address)
+    try:
+        if case.handshake:
+            await raw.write(hello())
+            assert isinstance(await raw.next_frame(), Welcome)
+        await raw.write(case.data, close_after=case.close_after)
+        frames = await raw.frames_until_closed()
+    finally:
+        raw.close()
+
+    if case.code is None:
+        assert frames == [], f"unexpected frames: {frames}"
+    else:
+        assert frames, "the daemon closed without an ERROR frame"
+        error = frames[-1]
+        assert isinstance(error, Error), f"last frame is {error!r}"
+        assert (error.request_id, error.error_code) == (0, case.code), error
+    peer = f"127.0.0.1:{raw.local_port}"
+    broker.wait_for_log(lambda line: peer in line and "protocol error" in line.lower())
+
+    assert broker.is_running()
+    assert not waiting.done()
+    await sender.send(channel, {"after": "bad client"})
+    assert await asyncio.wait_for(waiting, DELIVERY_TIMEOUT_S) == {"after": "bad client"}
+    await assert_layer_still_works(layer, sender, unique)
+
+
+async def test_wrong_token_is_refused_and_others_are_served(
+    broker_factory: Callable[..., Any], make_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """HELLO with a wrong token gets ERROR(AUTH_FAILED) and a close; the right token works."""
+    guarded = broker_factory(token="s3cret")
+    layer = make_layer(hosts=[guarded.url], token="s3cret")
+    sender = make_layer(hosts=[guarded.url], token="s3cret")
+    raw = await RawClient.open(guarded.address)
+    try:
+        await raw.write(hello(token="guess"))
+        frames = await raw.frames_until_closed()
+    finally:
+        raw.close()
+    assert len(frames) == 1 and isinstance(frames[0], Error), frames
+    assert (frames[0].request_id, frames[0].error_code) == (0, ErrorCode.AUTH_FAILED)
+    guarded.wait_for_log(lambda line: "authentication failed" in line.lower())
+    await assert_layer_still_works(layer, sender, unique)
