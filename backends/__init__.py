@@ -33,6 +33,15 @@ __all__ = [
 #: URL scheme -> "module:Class". Imported on use, so memory:// never loads a driver.
 BACKENDS: dict[str, str] = {
     "memory": "backends.memory:MemoryBackend",
+    "redis": "backends.redis:RedisBackend",
+    "rediss": "backends.redis:RedisBackend",
+    "redis+unix": "backends.redis:RedisBackend",
+    "redis+sentinel": "backends.redis:RedisBackend",
+    "rediss+sentinel": "backends.redis:RedisBackend",
+    "redis+cluster": "backends.redis:RedisBackend",
+    "rediss+cluster": "backends.redis:RedisBackend",
+    "postgresql": "backends.postgres:PostgresBackend",
+    "postgres": "backends.postgres:PostgresBackend",
 }
 
 

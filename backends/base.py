@@ -135,6 +135,27 @@ class Backend(abc.ABC):
         With ``hold`` they still count against capacity until ``release``.
         """
 
+    async def take_many(
+        self, ns: str, channels: Sequence[str], limit: int, *, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """``take`` from several channels, in one step where the backend can.
+
+        The result has an entry for each channel taken from (an empty list when it
+        had nothing). A backend error is raised if no channel was reached; once some
+        were, the rest are left out of the result, for the caller to try later. The
+        default takes one channel after the other; shared backends do it in one
+        round trip (a connection pushing a group message to many of its channels).
+        """
+        taken: dict[str, list[Taken]] = {}
+        for channel in channels:
+            try:
+                taken[channel] = await self.take(ns, channel, limit, hold=hold)
+            except BackendError:
+                if not taken:
+                    raise
+                break
+        return taken
+
     @abc.abstractmethod
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Stop counting ``count`` held messages of ``channel`` against its capacity."""
@@ -175,3 +196,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> BackendStats:
         """Gauges for metrics; must not do I/O (a shared backend reports its last reading)."""
+
+    async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
+        """Up to ``limit`` channels with the most waiting messages, most first.
+
+        Each is ``(namespace, channel, messages waiting)``. Asked on demand by
+        ``channels-broker status`` (never per scrape), so it may cost a scan. None,
+        the default, means this backend cannot tell cheaply.
+        """
+        return None

@@ -363,6 +363,14 @@ class MemoryBackend(Backend):
             expired_total=self._expired_total,
         )
 
+    async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
+        """The longest queues: one pass over every channel record, O(channels)."""
+        records = (
+            (ns, record) for ns, space in self._spaces.items() for record in space.channels.values()
+        )
+        longest = heapq.nlargest(limit, records, key=lambda item: len(item[1].queue))
+        return [(ns, record.name, len(record.queue)) for ns, record in longest if record.queue]
+
     def _space(self, ns: str) -> _Space:
         # Namespaces are kept until flushed: they are a site's prefixes, a handful.
         space = self._spaces.get(ns)

@@ -16,7 +16,7 @@ class CapacityPolicy:
     again and again and a regex scan per send would be the costliest part of it.
     """
 
-    __slots__ = ("_cache", "_patterns", "default")
+    __slots__ = ("_cache", "_patterns", "default", "uniform")
 
     #: Bound on cached names, so a sender to ever-new channel names stays small.
     CACHE_SIZE = 4096
@@ -25,6 +25,9 @@ class CapacityPolicy:
         self.default = default
         self._patterns = [(re.compile(pattern), capacity) for pattern, capacity in patterns]
         self._cache: dict[str, int] = {}
+        #: The one capacity of every channel when no pattern applies, else None: lets a
+        #: shared backend check a group's members inside one script.
+        self.uniform: int | None = None if self._patterns else default
 
     @classmethod
     def from_hello(cls, hello: Hello) -> CapacityPolicy:

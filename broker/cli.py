@@ -14,6 +14,7 @@ import sys
 import tomllib
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -85,6 +86,12 @@ def main() -> None:
 @_option("--shutdown-timeout", default=10.0, type=float, help="Seconds to finish on SIGTERM.")
 @_option("--tls-cert", default=None, help="PEM certificate chain: TCP listeners speak TLS.")
 @_option("--tls-key", default=None, help="PEM private key for --tls-cert.")
+@_option(
+    "--no-migrate",
+    is_flag=True,
+    default=False,
+    help="Do not create or upgrade the PostgreSQL schema at start (see 'migrate').",
+)
 def serve(
     listen: tuple[str, ...],
     unix: tuple[str, ...],
@@ -97,13 +104,14 @@ def serve(
     shutdown_timeout: float,
     tls_cert: str | None,
     tls_key: str | None,
+    no_migrate: bool,
 ) -> None:
     """Run the broker daemon in the foreground."""
     try:
         config = Config(
             listen=tuple(listen),
             unix=tuple(unix),
-            backend_url=backend,
+            backend_url=_without_migration(backend) if no_migrate else backend,
             metrics_listen=None if metrics_listen in ("", "off") else metrics_listen,
             token=token or None,
             log_level=log_level.lower(),
@@ -130,6 +138,49 @@ def serve(
 async def _serve(config: Config) -> None:
     server = Server(config)
     await server.serve()
+
+
+@main.command()
+@_option("--backend", required=True, help="postgresql://... (the schema to create or upgrade).")
+def migrate(backend: str) -> None:
+    """Create or upgrade the PostgreSQL backend's schema, then exit.
+
+    'serve' does the same at start unless --no-migrate; run this first where the
+    daemons' database user may not create tables.
+    """
+    if urlsplit(backend).scheme not in _POSTGRES_SCHEMES:
+        raise click.UsageError(f"only postgresql:// backends have a schema to migrate: {backend}")
+    configure_logging(logging.INFO, "text")
+    try:
+        before, after = asyncio.run(_migrate(backend))
+    except BackendError as exc:
+        log.error("migration failed: %s", exc)
+        sys.exit(EXIT_BACKEND)
+    if before == after:
+        click.echo(f"schema is up to date (version {after})")
+    else:
+        click.echo(f"schema migrated from version {before} to {after}")
+
+
+async def _migrate(url: str) -> tuple[int, int]:
+    from backends.postgres import PostgresBackend  # loads asyncpg: only for this command
+
+    backend = PostgresBackend.from_url(url)
+    try:
+        return await backend.migrate()
+    finally:
+        await backend.close()
+
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def _without_migration(url: str) -> str:
+    """``url`` telling a PostgreSQL backend not to migrate; other backends have no schema."""
+    parts = urlsplit(url)
+    if parts.scheme not in _POSTGRES_SCHEMES:
+        return url
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "migrate=false"]))))
 
 
 def _add_optional_commands() -> None:

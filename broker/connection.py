@@ -70,6 +70,8 @@ PUSH_BATCH = 256
 PARTIAL_FRAME_TIMEOUT_S = 30.0
 #: Seconds before retrying deliveries after a backend error.
 DELIVERY_RETRY_S = 0.5
+#: Consecutive SENDs answered with one backend call: a layer's whole send window.
+SEND_BATCH = 256
 #: Output buffered before the worker yields to let the transport write it.
 OUTPUT_HIGH_WATER = 256 * 1024
 
@@ -98,6 +100,7 @@ class Connection(asyncio.Protocol):
         self._writable.set()
         self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._retry_pending = False  # deliveries wait after a backend error
         self._partial_timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks -------------------------------------------------
@@ -225,7 +228,8 @@ class Connection(asyncio.Protocol):
                 await self._work_once()
                 if self.closing and not self.inbox:
                     break
-                if not (self.inbox or self.ready_channels or self.ready_pulls):
+                deliveries = (self.ready_channels or self.ready_pulls) and not self._retry_pending
+                if not (self.inbox or deliveries):
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
@@ -238,22 +242,32 @@ class Connection(asyncio.Protocol):
         await self._writable.wait()
         inbox = self.inbox
         while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
-            await self._handle(inbox.popleft())
+            frame = inbox.popleft()
+            if type(frame) is Send and inbox and type(inbox[0]) is Send:
+                await self._handle_sends(frame)
+            else:
+                await self._handle(frame)
         if self._reading_paused and not self.closing and len(inbox) < INBOX_HIGH_WATER // 2:
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
         try:
-            if self.ready_pulls:
+            if self.ready_pulls and not self._retry_pending:
                 await self._serve_pulls()
-            if self.ready_channels and self.session is not None:
+            if self.ready_channels and self.session is not None and not self._retry_pending:
                 await self._push_ready()
         except BackendError as exc:
             # What was not delivered stays queued (pulls and ready channels are put
-            # back before the failing call); try again shortly.
+            # back before the failing call); try again shortly, not in a busy loop
+            # (a backend that is down fails at once, without yielding).
             log.warning("backend error while delivering to %s: %s", self.peer, exc)
-            asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._wake)
+            self._retry_pending = True
+            asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._retry_deliveries)
         self._flush()
+
+    def _retry_deliveries(self) -> None:
+        self._retry_pending = False
+        self._wake()
 
     async def _finish(self) -> None:
         self._flush()
@@ -386,10 +400,52 @@ class Connection(asyncio.Protocol):
             capacity=session.capacity_of(channel),
             expiry_s=session.expiry_s,
         )
+        self.ctx.metrics.count_sent("send", int(accepted), int(not accepted))
         if accepted:
             self._write(Ok(rid))
         else:
             self._fail(rid, ErrorCode.CHANNEL_FULL, f"channel {channel} is full")
+
+    async def _handle_sends(self, first: Send) -> None:
+        """Consecutive SENDs as one ``send_many``: one backend round trip, the same replies.
+
+        A layer keeps many sends in flight; a shared backend would otherwise pay a
+        round trip for each, one after the other.
+        """
+        frames = [first]
+        while self.inbox and type(self.inbox[0]) is Send and len(frames) < SEND_BATCH:
+            frames.append(self.inbox.popleft())  # type: ignore[arg-type]
+        started = self.ctx.metrics.now()
+        valid = [
+            frame
+            for frame in frames
+            if self._check_channel(frame.request_id, frame.channel)
+            and self._check_size(frame.request_id, frame.payload)
+        ]
+        session = self._session()
+        try:
+            refused = await self.ctx.backend.send_many(
+                session.ns,
+                [(frame.channel, frame.payload) for frame in valid],
+                capacity_of=session.capacity_of,
+                expiry_s=session.expiry_s,
+            )
+        except BackendError as exc:
+            log.warning("backend error for %d Sends: %s", len(valid), exc)
+            for frame in valid:
+                self._fail(frame.request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+        else:
+            full = set(refused)
+            self.ctx.metrics.count_sent("send", len(valid) - len(full), len(full))
+            for index, frame in enumerate(valid):
+                if index in full:
+                    self._fail(
+                        frame.request_id, ErrorCode.CHANNEL_FULL, f"channel {frame.channel} is full"
+                    )
+                else:
+                    self._write(Ok(frame.request_id))
+        for frame in frames:
+            self.ctx.metrics.request_done(frame, started)
 
     async def _on_send_many(self, frame: SendMany) -> None:
         rid = frame.request_id
@@ -400,6 +456,7 @@ class Connection(asyncio.Protocol):
         rejected = await self.ctx.backend.send_many(
             session.ns, frame.items, capacity_of=session.capacity_of, expiry_s=session.expiry_s
         )
+        self.ctx.metrics.count_sent("send_many", len(frame.items) - len(rejected), len(rejected))
         self._write(Ok(rid, len(frame.items) - len(rejected), tuple(rejected)))
 
     async def _on_receive(self, frame: Receive) -> None:
@@ -461,6 +518,7 @@ class Connection(asyncio.Protocol):
             capacity_of=session.capacity_of,
             expiry_s=session.expiry_s,
         )
+        self.ctx.metrics.count_group_send(len(result.delivered), result.skipped)
         if result.skipped:
             log.debug("group_send to %s skipped %d full members", frame.group, result.skipped)
         self._write(Ok(rid, result.skipped))
@@ -499,6 +557,7 @@ class Connection(asyncio.Protocol):
                 router.requeue(pull)
                 continue
             del self.pulls[pull.request_id]
+            self.ctx.metrics.count_delivered("pull", 1)
             item = taken[0]
             self._write(Deliver(pull.request_id, pull.channel, item.payload, _ttl_ms(item.ttl_s)))
 
@@ -515,14 +574,18 @@ class Connection(asyncio.Protocol):
         frames: list[tuple[bytes, float, list[str]]] = []
         frame_of_payload: dict[int, int] = {}
         try:
-            for channel in list(ready):
-                taken = await backend.take(ns, channel, PUSH_BATCH, hold=True)
-                del ready[channel]
-                self._collect(channel, taken, frames, frame_of_payload)
-        finally:
-            self.ready_channels.update(ready)  # channels not reached (a backend error)
-            for payload, ttl_s, channels in frames:
-                self._write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+            taken = await backend.take_many(ns, list(ready), PUSH_BATCH, hold=True)
+        except BackendError:
+            self.ready_channels.update(ready)
+            raise
+        for channel, items in taken.items():
+            del ready[channel]
+            self._collect(channel, items, frames, frame_of_payload)
+        for payload, ttl_s, channels in frames:
+            self._write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+        if ready:  # not reached: a backend error stopped the batch part-way
+            self.ready_channels.update(ready)
+            raise BackendError(f"{len(ready)} channels not reached")
 
     def _collect(
         self,
@@ -535,6 +598,7 @@ class Connection(asyncio.Protocol):
         if not taken:
             return
         self.held[channel] = self.held.get(channel, 0) + len(taken)
+        self.ctx.metrics.count_delivered("push", len(taken))
         if len(taken) == PUSH_BATCH:
             self.ready_channels[channel] = None  # more may wait: next pass
         last = -1

@@ -85,6 +85,8 @@ def raise_for(reply: Frame) -> None:
     code = reply.error_code
     if code is ErrorCode.CHANNEL_FULL:
         raise ChannelFull(reply.message)
+    if code is ErrorCode.AUTH_FAILED:
+        raise PermissionError(f"the broker refused the token: {reply.message}")
     if code is ErrorCode.MESSAGE_TOO_LARGE:
         raise MessageTooLarge(reply.message)
     if code is ErrorCode.INVALID_NAME:
@@ -143,6 +145,8 @@ class LoopClient:
         self.closed = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
         self._request_ids = 0
+        #: The daemon refused this client for good (token, version): every call says so.
+        self._refusal: Error | None = None
         self._pending: dict[int, asyncio.Future[Frame | None]] = {}
         self._pulls: set[int] = set()
         # Cancelled pulls whose answer (DELIVER or CANCELLED) has not come yet, with a
@@ -174,6 +178,8 @@ class LoopClient:
             return self.conn
         if self.closed:
             raise LayerClosed("the layer was closed on this event loop")
+        if self._refusal is not None:
+            raise_for(self._refusal)  # a wrong token does not get better by retrying
         if self._connecting is None or self._connecting.done():
             self._connecting = self.loop.create_task(self._connect_with_backoff())
         try:
@@ -251,13 +257,15 @@ class LoopClient:
         self._resolve_orphans()
         for request_id, future in list(self._pending.items()):
             if not future.done():
-                if request_id in self._pulls:
+                if self._refusal is not None:
+                    future.set_result(self._refusal)
+                elif request_id in self._pulls:
                     future.set_result(None)  # a pull is simply retried
                 else:
                     future.set_exception(BrokerUnavailable("connection to the broker lost"))
         self._pending.clear()
         self._pulls.clear()
-        if not self.closed and self._waiters:
+        if not self.closed and self._waiters and self._refusal is None:
             # Someone waits for pushes: reconnect now so they arrive.
             self._connecting = self.loop.create_task(self._connect_with_backoff())
 
@@ -301,8 +309,6 @@ class LoopClient:
         finally:
             self._pending.pop(request_id, None)
         assert reply is not None  # only pulls are answered with None
-        if isinstance(reply, Error) and reply.error_code is ErrorCode.AUTH_FAILED:
-            raise PermissionError(reply.message)
         return reply
 
     def dispatch(self, conn: ClientConnection, frame: Frame) -> None:
@@ -349,6 +355,12 @@ class LoopClient:
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
+        if frame.error_code in (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION):
+            self._refusal = frame
+            for waiters in self._waiters.values():  # receives of pushed channels, too
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(PermissionError(frame.message))
         for future in self._pending.values():
             if not future.done():
                 future.set_result(frame)

@@ -6,8 +6,9 @@ the request path touches prometheus_client (its ``Counter.inc`` takes a lock, it
 (a bucket array and a sum); the event loop is the only writer, so no lock is needed.
 ``broker.exporter`` turns them into Prometheus metric families when ``/metrics`` is
 scraped, and into the ``/status`` document. Two places feed them: the connection
-(one timing per request, one count per ERROR frame) and ``InstrumentedBackend`` (one
-timing per backend call, and the message counts that the call's result implies).
+(one timing per request, a count per outcome: stored, refused, delivered, ERROR
+frame) and, for shared backends, ``InstrumentedBackend`` (one timing per storage
+call, which is a network round trip there).
 
 Every label value comes from a fixed set (operation names, error codes, the backend's
 URL scheme), never from channel or group names, so the series count stays bounded
@@ -127,7 +128,25 @@ class Metrics:
         histogram = self._request_histograms.get(type(frame))
         if histogram is None:
             histogram = self._request_histogram(type(frame))
-        histogram.observe(elapsed)
+        # Histogram.observe, inlined: this runs for every request.
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
+
+    def count_sent(self, operation: str, accepted: int, rejected: int) -> None:
+        """Record the outcome of a send or send_many: messages stored, and refused as full."""
+        self.accepted[operation] += accepted
+        if rejected:
+            self.rejected[operation] += rejected
+
+    def count_group_send(self, reached: int, skipped: int) -> None:
+        """Record a group_send: members that got the message, and those skipped as full."""
+        self.accepted["group_send"] += reached
+        self.dropped += skipped
+        self.fanout.observe(reached + skipped)
+
+    def count_delivered(self, mode: str, count: int) -> None:
+        """Record messages handed to consumers: ``push`` or ``pull``."""
+        self.delivered[mode] += count
 
     def count_error(self, code: ErrorCode | int) -> None:
         """Record one ERROR frame sent to a client."""

@@ -64,7 +64,8 @@ def _get(url: str) -> tuple[int, bytes]:
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:  # 503 and friends still carry a body
-        return exc.code, exc.read()
+        with exc:
+            return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         raise Unreachable(f"no answer from {url}: {exc}") from exc
 

@@ -27,12 +27,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests import servers
+from tests import pg_server, servers
 
 #: Every layer test runs once per backend URL. More are added as their servers are.
 BACKEND_URLS = [
     "memory://",
-    "postgresql://postgres@127.0.0.1:5432/postgres?schema=cb_dev",
+    *pg_server.POSTGRES_PARAMS,
     *servers.REDIS_PARAMS,
 ]
 

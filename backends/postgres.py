@@ -1,0 +1,530 @@
+"""PostgreSQL storage on asyncpg: queues and groups shared by every daemon on one database.
+
+Theory of operation. Each operation is one round trip on a pooled connection: a
+prepared statement or a call of one of the functions that ``postgres_schema`` installs
+(capacity check, insert and notification in one transaction). A send wakes this
+daemon's router at once, and ``pg_notify`` wakes the others through their
+``Listener``. Nothing is lost when a notification is: every ``recheck_interval`` seconds
+(and right after the listener reconnects) one query finds the waiting channels of what
+this daemon watches and wakes them, so a missed notification delays a message by at
+most that interval. ``FOR UPDATE SKIP LOCKED`` lets daemons take from one channel at
+once without ever handing out one message twice; takes of one channel that queue up in
+this daemon go out as one, and releases are written in the background, many per
+statement (round trips, and their system calls, are what a daemon spends its time on).
+A periodic sweep removes expired
+messages, lapsed memberships and idle channel rows in bounded batches, one daemon at a
+time. Driver errors become ``BackendUnavailable`` (connection lost, database down or
+slower than ``timeout``) or ``BackendError``. The URL and its options: ``postgres_url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from protocol import client_id_of, is_process_specific
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendStats,
+    BackendUnavailable,
+    CapacityOf,
+    GroupSendResult,
+    Taken,
+)
+from .postgres_batching import ReleaseWriter, TakeBatcher
+from .postgres_listener import Listener
+from .postgres_schema import SCHEMA_VERSION, current_version, migrate, quote_ident
+from .postgres_sql import Statements
+from .postgres_sweep import Sweeper
+from .postgres_url import PostgresOptions
+
+__all__ = ["PostgresBackend", "PostgresOptions"]
+
+log = logging.getLogger("channels_broker.backends.postgres")
+
+#: Groups whose member list a daemon remembers (to send with one round trip).
+MEMBER_CACHE_GROUPS = 10_000
+#: Payloads up to this size taken recently are shared by identity (see ``_interned``):
+#: a group send's payload is usually small, and hashing a large one costs more than
+#: the frames it would save.
+INTERN_MAX_BYTES = 64 * 1024
+INTERN_ENTRIES = 1024
+#: A deadlock (PostgreSQL detects it and rolls back one side) is retried this often.
+DEADLOCK_RETRIES = 3
+
+#: Driver errors meaning "cannot reach the database now"; other PostgresErrors are bugs
+#: or misconfiguration (a missing schema, a permission) and stay ``BackendError``.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InternalClientError,  # a connection caught mid-way by a shutdown
+)
+
+T = TypeVar("T")
+
+
+class PostgresBackend(Backend):
+    """Channels and groups in PostgreSQL, shared by every daemon using the same schema."""
+
+    is_shared = True
+
+    def __init__(self, options: PostgresOptions) -> None:
+        super().__init__()
+        self.options = options
+        self._sql = Statements(quote_ident(options.schema))
+        self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: Listener | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._recheck_now = asyncio.Event()
+        self._own_pids: set[int] = set()
+        self._watched: dict[tuple[str, str], int] = {}
+        self._members: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._payloads: dict[bytes, bytes] = {}
+        self._takes = TakeBatcher(self._take_now)
+        self._releases = ReleaseWriter(self._write_releases)
+        self._sweeper = Sweeper(self._fetchrow, self._sql.sweep, self._sql.stats)
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Build from a ``postgresql://`` URL (its options: ``postgres_url``)."""
+        return cls(PostgresOptions.from_url(url))
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool, migrate (unless told not to), listen, start the periodic jobs.
+
+        Raises ``BackendUnavailable`` if the database cannot be reached, ``BackendError``
+        if the schema is missing or of another version and ``migrate`` is off.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._pool is not None:
+            return
+        await self.close()
+        self._loop = loop
+        self._recheck_now = asyncio.Event()
+        try:
+            self._pool = await self._guard(self._create_pool())
+            await self._prepare_schema()
+            self._listener = Listener(
+                self._connect_listener,
+                self.options.schema,
+                self._wake_if_watched,
+                self._recheck_now.set,
+                self._own_pids,
+            )
+            await self._guard(self._listener.start())
+        except BaseException:
+            await self.close()
+            raise
+        self._tasks = [
+            loop.create_task(self._recheck_forever()),
+            loop.create_task(self._sweeper.run_forever()),
+        ]
+
+    async def close(self) -> None:
+        """Write pending releases, stop the jobs and the listener, close the pool. Idempotent."""
+        with contextlib.suppress(BackendError):
+            await self._releases.close()
+        await self._takes.close()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self.options.timeout_s)
+            except (*_UNAVAILABLE, asyncpg.PostgresError):
+                pool.terminate()
+        self._loop = None
+
+    async def is_ready(self) -> bool:
+        """True when a pooled connection answers and the listener is connected."""
+        if self._pool is None or self._listener is None or not self._listener.is_listening:
+            return False
+        try:
+            await self._run(lambda conn: conn.fetchval("SELECT 1"))
+        except BackendError:
+            return False
+        return True
+
+    async def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema; return (version before, version after)."""
+        if self._pool is None:
+            self._pool = await self._guard(self._create_pool())
+        return await self._run(self._migrate_with)
+
+    # -- channels ------------------------------------------------------------
+
+    async def send(
+        self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
+    ) -> bool:
+        """Append unless full (capacity check and insert are one transaction)."""
+        if capacity < 1:
+            return False
+        await self._releases.written(ns, [channel])
+        args = (ns, channel, _client_of(channel), payload, capacity, float(expiry_s))
+        accepted = bool(await self._run(lambda conn: conn.fetchval(self._sql.send, *args)))
+        if accepted:
+            self._on_ready(ns, channel)
+        return accepted
+
+    async def send_many(
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        capacity_of: CapacityOf,
+        expiry_s: float,
+    ) -> list[int]:
+        """Send several messages in order in one call; return the indexes refused as full."""
+        if not items:
+            return []
+        await self._releases.written(ns, [c for c, _ in items])
+        channels = [channel for channel, _ in items]
+        args = (
+            ns,
+            channels,
+            [_client_of(channel) for channel in channels],
+            [payload for _, payload in items],
+            [capacity_of(channel) for channel in channels],
+            float(expiry_s),
+        )
+        refused: list[int] = await self._run(lambda conn: conn.fetchval(self._sql.send_many, *args))
+        refused_set = set(refused)
+        for index, channel in enumerate(channels):
+            if index not in refused_set:
+                self._on_ready(ns, channel)  # one per message: each may serve a pull
+        return list(refused)
+
+    async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:
+        """Remove up to ``limit`` unexpired messages from the head, oldest first.
+
+        Takes of one channel that come while one is under way go out together.
+        """
+        if limit < 1:
+            return []
+        return await self._takes.take(ns, channel, limit, hold)
+
+    async def take_many(
+        self, ns: str, channels: Sequence[str], limit: int, *, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """``take`` from several channels in one call (all reached, or an error)."""
+        if len(channels) < 2:
+            return await super().take_many(ns, channels, limit, hold=hold)
+        sql, names = self._sql.take_many, list(channels)
+        rows = await self._run(lambda conn: conn.fetch(sql, ns, names, limit, hold))
+        taken: dict[str, list[Taken]] = {channel: [] for channel in channels}
+        for channel, payload, ttl_s in rows:
+            taken[channel].append(Taken(self._interned(payload), max(0.0, ttl_s)))
+        return taken
+
+    async def release(self, ns: str, channel: str, count: int) -> None:
+        """Uncount ``count`` held messages (never below zero), in the background.
+
+        This daemon's next send to the channel waits until it is written.
+        """
+        if count > 0:
+            self._releases.add(ns, channel, count)
+
+    async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
+        """The client's channels holding unexpired messages (from an index on the client)."""
+        sql = self._sql.channels_with_messages
+        rows = await self._run(lambda conn: conn.fetch(sql, ns, client_id))
+        return [row[0] for row in rows]
+
+    # -- groups --------------------------------------------------------------
+
+    async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
+        """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
+        args = (ns, group, channel, _client_of(channel), float(group_expiry_s))
+        await self._run(lambda conn: conn.execute(self._sql.group_add, *args))
+
+    async def group_discard(self, ns: str, group: str, channel: str) -> None:
+        """Remove a membership; a no-op for a non-member."""
+        await self._run(lambda conn: conn.execute(self._sql.group_discard, ns, group, channel))
+
+    async def group_send(
+        self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
+    ) -> GroupSendResult:
+        """Send to every live member with room, in one call while the members are known.
+
+        The capacities come from the sender's policy, so they are passed in for the
+        members this daemon last saw; members it did not know of get a second call.
+        """
+        await self._releases.written(ns)
+        key = (ns, group)
+        known = self._members.get(key, ())
+        row = await self._group_send(ns, group, payload, expiry_s, known, capacity_of)
+        delivered: list[str] = list(row["delivered"])
+        skipped: int = row["skipped"]
+        unknown: list[str] = list(row["unknown"])
+        members = [] if row["stale"] else list(known)
+        if unknown:
+            more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
+            delivered += more["delivered"]
+            skipped += more["skipped"]
+            members += unknown
+        self._remember_members(key, members)
+        for channel in delivered:
+            self._on_ready(ns, channel)
+        return GroupSendResult(delivered=delivered, skipped=skipped)
+
+    async def flush(self, ns: str) -> None:
+        """Drop the namespace's messages, channel counters and memberships."""
+        await self._run(lambda conn: conn.execute(self._sql.flush, ns))
+        self._members.clear()
+
+    # -- wake-ups ------------------------------------------------------------
+
+    def watch(self, ns: str, key: str) -> None:
+        """Wake the router for notifications about this channel or client id."""
+        self._watched[(ns, key)] = self._watched.get((ns, key), 0) + 1
+
+    def unwatch(self, ns: str, key: str) -> None:
+        """Undo one ``watch``."""
+        count = self._watched.get((ns, key), 0)
+        if count <= 1:
+            self._watched.pop((ns, key), None)
+        else:
+            self._watched[(ns, key)] = count - 1
+
+    async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
+        """The channels with the most waiting messages (expired ones not yet removed too)."""
+        rows = await self._run(lambda conn: conn.fetch(self._sql.top_channels, limit))
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def stats(self) -> BackendStats:
+        """The sweeper's last reading; ``expired_total`` counts this daemon's sweeps."""
+        return replace(self._sweeper.stats, expired_total=self._sweeper.expired_total)
+
+    # -- internals -----------------------------------------------------------
+
+    async def _create_pool(self) -> Any:
+        return await asyncpg.create_pool(
+            self.options.dsn,
+            min_size=1,
+            max_size=self.options.pool_size,
+            timeout=self.options.timeout_s,
+            init=self._on_new_connection,
+            server_settings=dict(self.options.server_settings),
+        )
+
+    async def _connect_listener(self) -> Any:
+        return await asyncio.wait_for(
+            asyncpg.connect(
+                self.options.dsn,
+                timeout=self.options.timeout_s,
+                server_settings=dict(self.options.server_settings),
+            ),
+            self.options.timeout_s,
+        )
+
+    async def _on_new_connection(self, conn: Any) -> None:
+        # Remember our own server processes, to ignore the notifications they send.
+        pid: int = conn.get_server_pid()
+        self._own_pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
+
+    async def _prepare_schema(self) -> None:
+        if self.options.migrate:
+            before, after = await self._run(self._migrate_with)
+            if before != after:
+                log.info(
+                    "migrated schema %s from version %d to %d", self.options.schema, before, after
+                )
+            return
+        version = await self._run(lambda conn: current_version(conn, self.options.schema))
+        if version != SCHEMA_VERSION:
+            raise BackendError(
+                f"schema {self.options.schema} is at version {version}, this daemon needs "
+                f"{SCHEMA_VERSION}: run 'channels-broker migrate' first, "
+                "or start without --no-migrate"
+            )
+
+    async def _migrate_with(self, conn: Any) -> tuple[int, int]:
+        try:
+            return await migrate(conn, self.options.schema, unlogged=self.options.unlogged)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def _group_send(
+        self,
+        ns: str,
+        group: str,
+        payload: bytes,
+        expiry_s: float,
+        channels: Sequence[str],
+        capacity_of: CapacityOf,
+    ) -> Any:
+        args = (
+            ns,
+            group,
+            payload,
+            float(expiry_s),
+            list(channels),
+            [capacity_of(c) for c in channels],
+        )
+        return await self._run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+
+    async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
+        rows = await self._run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
+        if rows and rows[0][2]:
+            # More wait: wake the next puller too. One notification (or re-check) may
+            # stand for many messages, and each wake-up serves one pull.
+            self._on_ready(ns, channel)
+        return [Taken(self._interned(row[0]), max(0.0, row[1])) for row in rows]
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        return await self._run(functools.partial(_fetchrow, sql, args))
+
+    async def _write_releases(self, releases: list[tuple[str, str, int]]) -> None:
+        args = ([r[0] for r in releases], [r[1] for r in releases], [r[2] for r in releases])
+        await self._run(functools.partial(_execute, self._sql.release_many, args))
+
+    def _interned(self, payload: bytes) -> bytes:
+        """One object for equal payloads: members of one connection then share a PUSH.
+
+        A group send's copies come back from each member's take as separate objects;
+        the connection merges deliveries by payload identity, as with ``memory://``.
+        """
+        if len(payload) > INTERN_MAX_BYTES:
+            return payload
+        same = self._payloads.get(payload)
+        if same is not None:
+            return same
+        if len(self._payloads) >= INTERN_ENTRIES:
+            self._payloads.clear()
+        self._payloads[payload] = payload
+        return payload
+
+    def _remember_members(self, key: tuple[str, str], members: list[str]) -> None:
+        if len(self._members) >= MEMBER_CACHE_GROUPS:
+            self._members.clear()
+        self._members[key] = tuple(dict.fromkeys(members))
+
+    async def _run(self, operation: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``operation`` on a pooled connection, under the timeout, errors translated."""
+        pool = self._pool
+        if pool is None:
+            raise BackendUnavailable("the PostgreSQL backend is not connected")
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                async with asyncio.timeout(self.options.timeout_s):
+                    conn = await pool.acquire()
+                    try:
+                        result = await operation(conn)
+                    except BaseException:
+                        await _give_back(pool, conn)
+                        raise
+                await _give_back(pool, conn)  # after the answer, which stands whatever happens
+                return result
+            except asyncpg.exceptions.DeadlockDetectedError as exc:
+                if attempt == DEADLOCK_RETRIES:
+                    raise BackendError(f"PostgreSQL: {exc}") from exc
+            except TimeoutError as exc:
+                raise BackendUnavailable(
+                    f"PostgreSQL did not answer within {self.options.timeout_s:g} s"
+                ) from exc
+            except _UNAVAILABLE as exc:
+                raise BackendUnavailable(f"PostgreSQL unavailable: {_describe(exc)}") from exc
+            except asyncpg.PostgresError as exc:
+                raise BackendError(f"PostgreSQL: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _guard(self, awaitable: Awaitable[T]) -> T:
+        """Await a connection step, translating driver errors as ``_run`` does."""
+        try:
+            async with asyncio.timeout(self.options.timeout_s * 2):
+                return await awaitable
+        except TimeoutError as exc:
+            raise BackendUnavailable(f"PostgreSQL did not answer at {self._where()}") from exc
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(
+                f"cannot reach PostgreSQL at {self._where()}: {_describe(exc)}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise BackendError(f"PostgreSQL at {self._where()}: {_describe(exc)}") from exc
+
+    def _where(self) -> str:
+        parts = urlsplit(self.options.dsn)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+    def _wake_if_watched(self, ns: str, channel: str) -> None:
+        key = client_id_of(channel) if is_process_specific(channel) else channel
+        if (ns, key) in self._watched:
+            self._on_ready(ns, channel)
+
+    async def _recheck_forever(self) -> None:
+        """Every ``recheck_s`` (or when the listener is back): wake what has messages."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.recheck_s):
+                    await self._recheck_now.wait()
+            self._recheck_now.clear()
+            if self._listener is not None:
+                await self._listener.ping(self.options.timeout_s)
+            try:
+                await self._recheck()
+            except BackendError as exc:
+                log.debug("re-check failed: %s", exc)
+
+    async def _recheck(self) -> None:
+        if not self._watched:
+            return
+        spaces = [ns for ns, _ in self._watched]
+        keys = [key for _, key in self._watched]
+        rows = await self._run(lambda conn: conn.fetch(self._sql.recheck, spaces, keys))
+        for ns, channel in rows:
+            self._wake_if_watched(ns, channel)
+
+
+async def _give_back(pool: Any, conn: Any) -> None:
+    """Return a connection to the pool; one that broke meanwhile is dropped, not raised.
+
+    A server shutting down may cut the connection right after it answered: the
+    answer (a committed send) must still reach the caller.
+    """
+    try:
+        await pool.release(conn)
+    except (*_UNAVAILABLE, asyncpg.PostgresError):
+        with contextlib.suppress(*_UNAVAILABLE):  # the pool may have dropped it already
+            conn.terminate()
+
+
+async def _fetchrow(sql: str, args: tuple[Any, ...], conn: Any) -> Any:
+    return await conn.fetchrow(sql, *args)
+
+
+async def _execute(sql: str, args: tuple[Any, ...], conn: Any) -> None:
+    await conn.execute(sql, *args)
+
+
+def _client_of(channel: str) -> str | None:
+    return client_id_of(channel) if is_process_specific(channel) else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,113 @@
+"""The statements the PostgreSQL backend sends, for one schema; each is one round trip."""
+
+from __future__ import annotations
+
+__all__ = ["Statements"]
+
+#: A held count counts only while its newest message is unexpired (``t``: its takes row).
+_HELD = "(CASE WHEN t.held_until > now() THEN t.held ELSE 0 END)"
+
+
+class Statements:
+    """SQL text for the schema ``s`` (already quoted); asyncpg prepares each once."""
+
+    __slots__ = (
+        "channels_with_messages",
+        "flush",
+        "group_add",
+        "group_discard",
+        "group_send",
+        "recheck",
+        "release_many",
+        "send",
+        "send_many",
+        "stats",
+        "sweep",
+        "take",
+        "take_many",
+        "top_channels",
+    )
+
+    def __init__(self, s: str) -> None:
+        self.send = f"SELECT {s}.send($1, $2, $3, $4, $5, $6)"
+        self.send_many = f"SELECT {s}.send_many($1, $2, $3, $4, $5, $6)"
+        self.group_send = (
+            f"SELECT delivered, skipped, unknown, stale FROM {s}.group_send($1, $2, $3, $4, $5, $6)"
+        )
+        self.sweep = f"SELECT * FROM {s}.sweep($1, $2, $3)"
+        self.take_many = f"SELECT * FROM {s}.take_many($1, $2, $3, $4)"
+        # Lock the oldest unexpired rows that no other taker holds, delete them, and
+        # count them out (or as held) on the channel's ``takes`` row, in one statement;
+        # also say whether more wait (from the statement's snapshot: a send since
+        # then wakes by itself; expired rows not yet removed count: a spare wake-up).
+        self.take = f"""
+            WITH picked AS (
+                SELECT m.ctid FROM {s}.messages m
+                WHERE m.ns = $1 AND m.channel = $2 AND m.expires_at > now()
+                ORDER BY m.id LIMIT $3 FOR UPDATE SKIP LOCKED
+            ), gone AS (
+                DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked))
+                RETURNING id, payload, expires_at
+            ), counted AS (
+                INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+                SELECT $1, $2, n.taken, CASE WHEN $4 THEN n.taken ELSE 0 END,
+                       CASE WHEN $4 THEN n.last ELSE '-infinity'::timestamptz END
+                FROM (SELECT count(*) AS taken, max(expires_at) AS last FROM gone) n
+                WHERE n.taken > 0
+                ON CONFLICT (ns, channel) DO UPDATE SET
+                    taken = t.taken + excluded.taken,
+                    held = CASE WHEN $4 THEN {_HELD} + excluded.held ELSE t.held END,
+                    held_until = greatest(t.held_until, excluded.held_until)
+                RETURNING t.taken
+            )
+            SELECT payload, extract(epoch FROM expires_at - now())::float8,
+                   coalesce((SELECT c.waiting FROM {s}.channels c
+                             WHERE c.ns = $1 AND c.channel = $2), 0)
+                   > (SELECT taken FROM counted)
+            FROM gone ORDER BY id
+        """
+        self.release_many = f"SELECT {s}.release_many($1, $2, $3)"
+        self.channels_with_messages = f"""
+            SELECT DISTINCT channel FROM {s}.messages
+            WHERE ns = $1 AND client = $2 AND expires_at > now()
+        """
+        self.group_add = f"""
+            INSERT INTO {s}.groups (ns, grp, channel, client, expires_at)
+            VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+            ON CONFLICT (ns, grp, channel) DO UPDATE SET expires_at = excluded.expires_at
+        """
+        self.group_discard = f"DELETE FROM {s}.groups WHERE ns = $1 AND grp = $2 AND channel = $3"
+        self.flush = f"""
+            WITH m AS (DELETE FROM {s}.messages WHERE ns = $1),
+                 c AS (DELETE FROM {s}.channels WHERE ns = $1),
+                 t AS (DELETE FROM {s}.takes WHERE ns = $1)
+            DELETE FROM {s}.groups WHERE ns = $1
+        """
+        # Waiting channels among watched keys: a client id's channels, or a channel itself.
+        self.recheck = f"""
+            SELECT DISTINCT m.ns, m.channel
+            FROM unnest($1::text[], $2::text[]) AS w(ns, key)
+            CROSS JOIN LATERAL (
+                SELECT x.ns, x.channel FROM {s}.messages x
+                WHERE x.ns = w.ns AND x.client = w.key AND x.expires_at > now()
+                UNION ALL
+                (SELECT x.ns, x.channel FROM {s}.messages x
+                 WHERE x.ns = w.ns AND x.channel = w.key AND x.expires_at > now() LIMIT 1)
+            ) m
+        """
+        self.top_channels = f"""
+            SELECT c.ns, c.channel, c.waiting - coalesce(t.taken, 0) AS left
+            FROM {s}.channels c LEFT JOIN {s}.takes t USING (ns, channel)
+            WHERE c.waiting - coalesce(t.taken, 0) > 0
+            ORDER BY left DESC LIMIT $1
+        """
+        self.stats = f"""
+            WITH w AS (
+                SELECT c.waiting - coalesce(t.taken, 0) AS left
+                FROM {s}.channels c LEFT JOIN {s}.takes t USING (ns, channel)
+            )
+            SELECT (SELECT count(*) FROM w WHERE w.left > 0),
+                   (SELECT coalesce(sum(w.left), 0)::bigint FROM w WHERE w.left > 0),
+                   (SELECT count(*) FROM (SELECT DISTINCT ns, grp FROM {s}.groups) g),
+                   (SELECT count(*) FROM {s}.groups)
+        """

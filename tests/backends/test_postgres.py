@@ -1,0 +1,308 @@
+"""What only the PostgreSQL backend has: its URL, schema, sharing, wake-ups, sweep, faults.
+
+The storage contract itself runs on PostgreSQL in ``test_backend_contract.py``; these
+tests build their backends from the session's server, each in a schema of its own
+(dropped after) where the schema is what they test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from backends import BackendError, BackendUnavailable, backend_from_url
+from backends.postgres import PostgresBackend, PostgresOptions
+from backends.postgres_schema import SCHEMA_VERSION
+from tests import pg_server
+from tests.backends.test_backend_contract import WakeupLog
+
+LONG_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def server_url() -> str:
+    """The session's PostgreSQL server (DATABASE_URL, or one of our own), no schema."""
+    url = pg_server.backend_url("postgresql://")
+    return url.split("?", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def session_url() -> str:
+    """The session's server and schema, as the contract suite and the daemons use it."""
+    return pg_server.backend_url("postgresql://")
+
+
+@pytest.fixture
+def schema(server_url: str) -> Iterator[str]:
+    """A schema of this test's own, dropped after it."""
+    name = f"{pg_server.session_schema}_{uuid.uuid4().hex[:6]}"
+    yield name
+    pg_server.drop_schema(server_url, name)
+
+
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[PostgresBackend]:
+    backend = backend_from_url(url)
+    assert isinstance(backend, PostgresBackend)
+    await backend.connect()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def cap(_channel: str) -> int:
+    return 100
+
+
+# URL
+
+
+def test_url_options_are_ours_and_the_rest_go_to_the_driver() -> None:
+    options = PostgresOptions.from_url(
+        "postgresql://u:p@db:6543/site?schema=cb&unlogged=yes&migrate=false&pool_size=3"
+        "&recheck_interval=0.5&timeout=2&sslmode=disable&synchronous_commit=on"
+    )
+    assert (options.schema, options.unlogged, options.migrate) == ("cb", True, False)
+    assert (options.pool_size, options.recheck_s, options.timeout_s) == (3, 0.5, 2.0)
+    assert options.dsn == "postgresql://u:p@db:6543/site?sslmode=disable&synchronous_commit=on"
+    settings = dict(options.server_settings)
+    assert "synchronous_commit" not in settings, "the URL's own setting wins"
+    assert settings["application_name"] == "channels-broker"
+    assert dict(PostgresOptions.from_url("postgres://db/site").server_settings) == {
+        "application_name": "channels-broker",
+        "jit": "off",
+        "synchronous_commit": "off",
+    }
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["schema=Bad-Name", "unlogged=maybe", "pool_size=0", "timeout=-1", "recheck_interval=x"],
+)
+def test_bad_url_options_are_refused_by_name(query: str) -> None:
+    with pytest.raises(BackendError, match=query.split("=")[0]):
+        backend_from_url(f"postgresql://db/site?{query}")
+
+
+# Schema
+
+
+async def test_migrate_creates_the_schema_once_and_says_its_version(
+    server_url: str, schema: str
+) -> None:
+    backend = PostgresBackend.from_url(f"{server_url}?schema={schema}")
+    try:
+        assert await backend.migrate() == (0, SCHEMA_VERSION)
+        assert await backend.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    finally:
+        await backend.close()
+    async with connected(f"{server_url}?schema={schema}&migrate=false") as backend:
+        assert await backend.send("ns", "work", b"x", capacity=1, expiry_s=LONG_S)
+
+
+async def test_missing_schema_without_migration_is_a_clear_error(
+    server_url: str, schema: str
+) -> None:
+    backend = backend_from_url(f"{server_url}?schema={schema}&migrate=false")
+    with pytest.raises(BackendError, match="channels-broker migrate"):
+        await backend.connect()
+    assert not await backend.is_ready()
+
+
+async def test_unlogged_option_sets_and_resets_table_persistence(
+    server_url: str, schema: str
+) -> None:
+    async def persistence() -> set[str]:
+        conn = await asyncpg.connect(server_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT relpersistence::text FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = ANY($2)",
+                schema,
+                ["channels", "messages", "groups"],
+            )
+        finally:
+            await conn.close()
+        return {row[0] for row in rows}
+
+    async with connected(f"{server_url}?schema={schema}&unlogged=true") as backend:
+        await backend.send("ns", "work", b"kept", capacity=10, expiry_s=LONG_S)
+    assert await persistence() == {"u"}
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        assert [t.payload for t in await backend.take("ns", "work", 10, hold=False)] == [b"kept"]
+    assert await persistence() == {"p"}
+
+
+# Several daemons on one schema
+
+
+async def test_two_backends_never_take_one_message_twice(session_url: str) -> None:
+    ns = f"ns-{uuid.uuid4().hex[:8]}"
+    async with connected(session_url) as one, connected(session_url) as two:
+        items = [("work", b"%d" % n) for n in range(400)]
+        assert await one.send_many(ns, items, capacity_of=lambda _: 1000, expiry_s=LONG_S) == []
+        got: list[bytes] = []
+
+        async def taker(backend: PostgresBackend) -> None:
+            while taken := await backend.take(ns, "work", 3, hold=False):
+                got.extend(message.payload for message in taken)
+
+        await asyncio.gather(*(taker(b) for b in (one, two, one, two, one, two)))
+        assert sorted(got) == sorted(payload for _, payload in items)
+        await one.flush(ns)
+
+
+async def test_capacity_holds_across_backends_sending_at_once(session_url: str) -> None:
+    ns = f"ns-{uuid.uuid4().hex[:8]}"
+    async with connected(session_url) as one, connected(session_url) as two:
+
+        async def send(backend: PostgresBackend, n: int) -> bool:
+            return await backend.send(ns, "tight", b"%d" % n, capacity=10, expiry_s=LONG_S)
+
+        results = await asyncio.gather(*(send((one, two)[n % 2], n) for n in range(60)))
+        assert sum(results) == 10
+        assert len(await two.take(ns, "tight", 100, hold=False)) == 10
+        await one.flush(ns)
+
+
+async def test_a_send_wakes_the_other_daemon_through_notify(session_url: str) -> None:
+    ns = f"ns-{uuid.uuid4().hex[:8]}"
+    async with connected(session_url) as sender, connected(session_url) as receiver:
+        heard, own = WakeupLog(), WakeupLog()
+        receiver.set_wakeup(heard)
+        sender.set_wakeup(own)
+        receiver.watch(ns, "work")
+        receiver.watch(ns, "c1")
+        await sender.send(ns, "work", b"1", capacity=10, expiry_s=LONG_S)
+        await sender.send(ns, "unwatched", b"2", capacity=10, expiry_s=LONG_S)
+        await sender.group_add(ns, "room", "specific.c1!a", group_expiry_s=LONG_S)
+        await sender.group_add(ns, "room", "specific.c1!b", group_expiry_s=LONG_S)
+        await sender.group_send(ns, "room", b"3", capacity_of=cap, expiry_s=LONG_S)
+        await heard.wait_for({(ns, "work"), (ns, "specific.c1!a"), (ns, "specific.c1!b")})
+        assert (ns, "unwatched") not in heard.calls, "only what this daemon watches"
+        await asyncio.sleep(0.2)
+        assert sorted(own.calls).count((ns, "work")) == 1, "the sender woke itself, once"
+        await sender.flush(ns)
+
+
+async def test_recheck_finds_a_message_whose_notification_was_missed(
+    server_url: str, schema: str
+) -> None:
+    url = f"{server_url}?schema={schema}&recheck_interval=0.2"
+    async with connected(url) as backend:
+        log = WakeupLog()
+        backend.set_wakeup(log)
+        backend.watch("ns", "work")
+        conn = await asyncpg.connect(server_url)
+        try:  # a message that arrives with no notification at all
+            await conn.execute(
+                f'INSERT INTO "{schema}".messages (ns, channel, payload, expires_at) '
+                "VALUES ('ns', 'work', 'x', now() + interval '1 minute')"
+            )
+        finally:
+            await conn.close()
+        await log.wait_for({("ns", "work")}, timeout_s=1.0)
+
+
+# Expiry
+
+
+async def test_sweep_removes_expired_rows_lapsed_members_and_idle_channels(
+    server_url: str, schema: str
+) -> None:
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        await backend.send("ns", "old", b"x", capacity=10, expiry_s=0.05)
+        await backend.send("ns", "new", b"x", capacity=10, expiry_s=LONG_S)
+        await backend.group_add("ns", "room", "old", group_expiry_s=0.05)
+        await backend.group_add("ns", "room", "new", group_expiry_s=LONG_S)
+        await backend.send("ns", "idle", b"x", capacity=10, expiry_s=LONG_S)
+        await backend.take("ns", "idle", 1, hold=False)
+        before = backend.stats().expired_total
+        conn = await asyncpg.connect(server_url)
+        try:
+            async with asyncio.timeout(5):
+                while await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema}".messages WHERE channel = $1', "old"
+                ):
+                    await asyncio.sleep(0.1)
+            assert backend.stats().expired_total == before + 1
+            members = await conn.fetch(f'SELECT channel FROM "{schema}".groups')
+            assert [row[0] for row in members] == ["new"]
+            async with asyncio.timeout(5):
+                while await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema}".channels WHERE channel = ANY($1)',
+                    ["old", "idle"],
+                ):
+                    await asyncio.sleep(0.1)
+            assert await conn.fetchval(f'SELECT waiting FROM "{schema}".channels') == 1
+        finally:
+            await conn.close()
+
+
+async def test_held_count_lapses_with_its_messages(server_url: str, schema: str) -> None:
+    """A daemon killed before releasing cannot shrink a channel for longer than expiry."""
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        channel = "specific.c1!x"
+        await backend.send("ns", channel, b"1", capacity=1, expiry_s=0.3)
+        await backend.take("ns", channel, 1, hold=True)  # and never released
+        assert not await backend.send("ns", channel, b"2", capacity=1, expiry_s=LONG_S)
+        await asyncio.sleep(0.4)
+        assert await backend.send("ns", channel, b"2", capacity=1, expiry_s=LONG_S)
+
+
+# Faults
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[pg_server.PostgresServer]:
+    if not pg_server.can_make_servers():
+        pytest.fail("initdb and pg_ctl are needed for the fault tests", pytrace=False)
+    server = pg_server.PostgresServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+async def test_unreachable_database_fails_connect_with_backend_unavailable() -> None:
+    backend = backend_from_url("postgresql://postgres@127.0.0.1:1/postgres?timeout=1")
+    with pytest.raises(BackendUnavailable, match="cannot reach PostgreSQL"):
+        await backend.connect()
+
+
+async def test_database_restart_fails_fast_then_recovers_with_nothing_lost(
+    own_server: pg_server.PostgresServer,
+) -> None:
+    """1. Messages wait; the server stops (fast).
+    2. Operations raise BackendUnavailable within the timeout; is_ready says False.
+    3. The server starts again: the backend reconnects by itself, LISTENs again (a
+       send from another backend wakes it), and the waiting messages are all there.
+    """
+    url = f"{own_server.url}?timeout=1&recheck_interval=0.2"
+    async with connected(url) as backend:
+        log = WakeupLog()
+        backend.set_wakeup(log)
+        backend.watch("ns", "after")
+        for n in range(5):
+            await backend.send("ns", "work", b"%d" % n, capacity=10, expiry_s=LONG_S)
+        await asyncio.to_thread(own_server.stop)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BackendUnavailable):
+            await backend.send("ns", "work", b"lost", capacity=10, expiry_s=LONG_S)
+        assert loop.time() - started < 2.0
+        assert not await backend.is_ready()
+        await asyncio.to_thread(own_server.start)
+        async with asyncio.timeout(10):
+            while not await backend.is_ready():
+                await asyncio.sleep(0.1)
+        async with connected(url) as other:
+            await other.send("ns", "after", b"x", capacity=10, expiry_s=LONG_S)
+        await log.wait_for({("ns", "after")})
+        taken = await backend.take("ns", "work", 10, hold=False)
+        assert [message.payload for message in taken] == [b"%d" % n for n in range(5)]

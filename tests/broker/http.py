@@ -1,0 +1,36 @@
+"""GET on a daemon's health and metrics listener, for the tests of ``tests/broker``.
+
+The test fixtures wait until a daemon's broker port accepts connections; its HTTP
+listener opens a moment later, so a refused connection is retried for a while.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+__all__ = ["http_get"]
+
+#: How long the listener may take to open after the broker port did.
+OPEN_TIMEOUT_S = 10.0
+POLL_S = 0.02
+IO_TIMEOUT_S = 10.0
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """Status and body of ``GET path`` on 127.0.0.1:``port`` (4xx and 5xx included)."""
+    deadline = time.monotonic() + OPEN_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{path}", timeout=IO_TIMEOUT_S
+            ) as response:
+                return response.status, bytes(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:  # it holds the connection until closed
+                return exc.code, bytes(exc.read())
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+        time.sleep(POLL_S)

@@ -1,0 +1,291 @@
+"""``/metrics`` after known traffic shows exactly the counts that traffic implies.
+
+Each test runs a daemon of its own (``own_broker``), so its counters start at zero
+and every figure below is exact. Backend gauges (waiting messages, groups) are exact
+on ``memory://`` only: a shared storage's gauges also see other tests' data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from channels.exceptions import ChannelFull
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ok,
+    SendMany,
+    Welcome,
+    encode_frame,
+)
+from tests.broker.http import http_get
+
+#: How long a count that lags the traffic (expiry sweeps, pushes in flight) may take.
+SETTLE_TIMEOUT_S = 10.0
+POLL_S = 0.05
+IO_TIMEOUT_S = 5.0
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(broker: Any) -> Samples:
+    """Every sample of the daemon's /metrics, by (name, labels)."""
+    text = http_get(broker.metrics_port, "/metrics")[1].decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"no sample {name}{labels} in /metrics"
+    return samples[key]
+
+
+async def settled(broker: Any, name: str, expected: float, **labels: str) -> Samples:
+    """Scrape until ``name{labels}`` reads ``expected``; fail with the last reading."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        samples = await asyncio.to_thread(scrape, broker)
+        found = samples.get((name, frozenset(labels.items())))
+        if found == expected:
+            return samples
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name}{labels} is {found}, expected {expected}")
+        await asyncio.sleep(POLL_S)
+
+
+class RawClient:
+    """A bare protocol connection, for frames the layer never sends (SEND_MANY, bad bytes)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = FrameDecoder()
+
+    @classmethod
+    async def open(cls, broker: Any, token: str = "", capacity: int = 100) -> RawClient:
+        reader, writer = await asyncio.open_connection(*broker.address)
+        client = cls(reader, writer)
+        writer.write(
+            encode_frame(Hello(PROTOCOL_VERSION, token, "", "asgi", capacity, 60.0, 86400.0))
+        )
+        return client
+
+    async def next_frame(self) -> Frame:
+        while (frame := self.decoder.next_frame()) is None:
+            data = await asyncio.wait_for(self.reader.read(65536), IO_TIMEOUT_S)
+            assert data, "the daemon closed the connection"
+            self.decoder.receive_data(data)
+        return frame
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_metrics_count_the_traffic(
+    own_broker: Any, make_own_layer: Any, unique: Callable[[str], str], backend_url: str
+) -> None:
+    """Every message counter, histogram and gauge matches the traffic sent.
+
+    1. 5 sends to a normal channel of capacity 3: 3 accepted, 2 rejected; 3 pulled.
+    2. Two members in a group, one made full by 3 sends: a group_send reaches one
+       (accepted) and drops the other; the fan-out histogram sees one send of 2.
+    3. The 4 messages of the members are pushed (delivered as push) and received.
+    4. 2 messages with a 1 s expiry, taken too late: 2 expired.
+    5. Per-operation request and backend histograms count each call.
+    """
+    is_memory = backend_url.startswith("memory:")
+    layer = make_own_layer(capacity=3)
+    work = unique("work")
+    for index in range(5):
+        if index < 3:
+            await layer.send(work, {"i": index})
+        else:
+            with pytest.raises(ChannelFull):
+                await layer.send(work, {"i": index})
+    for _ in range(3):
+        await asyncio.wait_for(layer.receive(work), IO_TIMEOUT_S)
+
+    group, roomy, full = unique("room"), await layer.new_channel(), await layer.new_channel()
+    await layer.group_add(group, roomy)
+    await layer.group_add(group, full)
+    for index in range(3):
+        await layer.send(full, {"fill": index})
+    await settled(own_broker, "channels_broker_messages_delivered_total", 3, mode="push")
+    await layer.group_send(group, {"to": "all"})
+    assert await asyncio.wait_for(layer.receive(roomy), IO_TIMEOUT_S) == {"to": "all"}
+    for _ in range(3):
+        await asyncio.wait_for(layer.receive(full), IO_TIMEOUT_S)
+
+    short = make_own_layer(expiry=1)
+    stale = unique("stale")
+    await short.send(stale, {"late": 1})
+    await short.send(stale, {"late": 2})
+    await asyncio.sleep(1.2)
+    await short.send(stale, {"fresh": True})
+    assert await asyncio.wait_for(short.receive(stale), IO_TIMEOUT_S) == {"fresh": True}
+    if is_memory or backend_url.startswith("redis:"):
+        # Shared PostgreSQL: any daemon's sweep may expire them; "expired" is per daemon.
+        await settled(own_broker, "channels_broker_messages_expired_total", 2)
+
+    samples = await settled(own_broker, "channels_broker_messages_delivered_total", 4, mode="push")
+    expect = {
+        ("channels_broker_messages_accepted_total", "operation", "send"): 3 + 3 + 3,
+        ("channels_broker_messages_accepted_total", "operation", "group_send"): 1,
+        ("channels_broker_messages_accepted_total", "operation", "send_many"): 0,
+        ("channels_broker_messages_rejected_total", "operation", "send"): 2,
+        ("channels_broker_messages_delivered_total", "mode", "pull"): 3 + 1,
+        ("channels_broker_operation_duration_seconds_count", "operation", "send"): 5 + 3 + 3,
+        ("channels_broker_operation_duration_seconds_count", "operation", "group_add"): 2,
+        ("channels_broker_operation_duration_seconds_count", "operation", "group_send"): 1,
+        ("channels_broker_operation_duration_seconds_count", "operation", "hello"): 2,
+        ("channels_broker_protocol_errors_total", "code", "channel_full"): 2,
+    }
+    for (name, label, label_value), count in expect.items():
+        assert value(samples, name, **{label: label_value}) == count, (name, label_value)
+    assert value(samples, "channels_broker_messages_dropped_total") == 1
+    assert value(samples, "channels_broker_group_send_members_count") == 1
+    assert value(samples, "channels_broker_group_send_members_sum") == 2
+    assert value(samples, "channels_broker_group_send_members_bucket", le="1.0") == 0
+    assert value(samples, "channels_broker_group_send_members_bucket", le="2.0") == 1
+    assert_backend_calls(samples, backend_url, sends=5 + 3 + 3)
+    assert value(samples, "channels_broker_connections") == 2
+    assert value(samples, "channels_broker_ready") == 1
+    assert value(samples, "channels_broker_backend_up") == 1
+    if is_memory:
+        assert value(samples, "channels_broker_groups") == 1
+        assert value(samples, "channels_broker_group_memberships") == 2
+        assert value(samples, "channels_broker_messages_waiting") == 0
+
+
+def assert_backend_calls(samples: Samples, backend_url: str, sends: int) -> None:
+    """Shared backends: storage calls timed, none failed. memory://: not timed at all."""
+    timed = {
+        dict(labels)["operation"]: count
+        for (name, labels), count in samples.items()
+        if name == "channels_broker_backend_operation_duration_seconds_count"
+    }
+    if backend_url.startswith("memory:"):
+        assert timed == {}, "in-process memory:// calls are not timed"
+        return
+    assert {dict(labels)["backend"] for name, labels in samples if "backend" in dict(labels)} == {
+        backend_url.split(":", 1)[0]
+    }
+    # The daemon may batch consecutive SENDs into one send_many call.
+    assert 1 <= timed["send"] + timed["send_many"] <= sends
+    errors = [
+        count
+        for (name, _labels), count in samples.items()
+        if name == "channels_broker_backend_errors_total"
+    ]
+    assert errors and sum(errors) == 0
+
+
+async def test_gauges_show_waiting_messages_and_connections(
+    own_broker: Any, make_own_layer: Any, unique: Callable[[str], str], backend_url: str
+) -> None:
+    """Messages nobody took are waiting; closed connections are gone from the gauge."""
+    if not backend_url.startswith("memory:"):
+        pytest.skip("a shared storage's gauges count every test's data, not this one's")
+    layer = make_own_layer()
+    first, second = unique("backlog"), unique("backlog")
+    for index in range(3):
+        await layer.send(first, {"i": index})
+    await layer.send(second, {"i": 0})
+    samples = await asyncio.to_thread(scrape, own_broker)
+    assert value(samples, "channels_broker_messages_waiting") == 4
+    assert value(samples, "channels_broker_channels_waiting") == 2
+    assert value(samples, "channels_broker_connections") == 1
+    await layer.close()
+    await settled(own_broker, "channels_broker_connections", 0)
+
+
+async def test_send_many_and_protocol_errors_are_counted(
+    own_broker: Any, unique: Callable[[str], str]
+) -> None:
+    """SEND_MANY's accepted and refused items, and each ERROR code, are counted."""
+    channel = unique("batch")
+    raw = await RawClient.open(own_broker, capacity=2)
+    try:
+        assert isinstance(await raw.next_frame(), Welcome)
+        items = tuple((channel, b"payload") for _ in range(3))
+        raw.writer.write(encode_frame(SendMany(1, items)))
+        reply = await raw.next_frame()
+        assert isinstance(reply, Ok) and reply.rejected == (2,), reply
+        raw.writer.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # not msgpack: MALFORMED_FRAME
+        error = await raw.next_frame()
+        assert isinstance(error, Error) and error.error_code is ErrorCode.MALFORMED_FRAME
+    finally:
+        raw.close()
+    samples = await asyncio.to_thread(scrape, own_broker)
+    name = "channels_broker_messages_accepted_total"
+    assert value(samples, name, operation="send_many") == 2
+    assert value(samples, "channels_broker_messages_rejected_total", operation="send_many") == 1
+    assert value(samples, "channels_broker_protocol_errors_total", code="malformed_frame") == 1
+    assert (
+        value(samples, "channels_broker_operation_duration_seconds_count", operation="send_many")
+        == 1
+    )
+
+
+async def test_auth_failures_are_counted(broker_factory: Callable[..., Any]) -> None:
+    """A HELLO with a wrong token counts one auth failure (and one AUTH_FAILED error)."""
+    guarded = broker_factory(token="s3cret")
+    for token in ("guess", "s3cret"):
+        raw = await RawClient.open(guarded, token=token)
+        try:
+            reply = await raw.next_frame()
+        finally:
+            raw.close()
+        assert isinstance(reply, Welcome if token == "s3cret" else Error), reply
+    samples = await asyncio.to_thread(scrape, guarded)
+    assert value(samples, "channels_broker_auth_failures_total") == 1
+    assert value(samples, "channels_broker_protocol_errors_total", code="auth_failed") == 1
+
+
+async def test_series_do_not_grow_with_channel_or_group_names(
+    own_broker: Any, make_own_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """Cardinality is bounded: 50 more channels and groups add no series or label value."""
+    layer = make_own_layer()
+
+    async def traffic(count: int) -> list[str]:
+        names = [unique("card") for _ in range(count)]
+        for name in names:
+            channel = await layer.new_channel()
+            await layer.group_add(name, channel)
+            await layer.group_send(name, {"n": 1})
+            await layer.send(name, {"n": 1})
+            await layer.receive(name)
+        return names
+
+    await traffic(2)
+    before = set(await asyncio.to_thread(scrape, own_broker))
+    names = await traffic(50)
+    after = set(await asyncio.to_thread(scrape, own_broker))
+    assert after == before
+    label_values = {label for _, labels in after for _, label in labels}
+    assert not label_values & set(names)
+
+
+async def test_build_and_process_metrics_are_exported(own_broker: Any) -> None:
+    """build_info carries the version; the process collector's series are there."""
+    from broker import __version__
+
+    samples = await asyncio.to_thread(scrape, own_broker)
+    build = [labels for name, labels in samples if name == "channels_broker_build_info"]
+    assert len(build) == 1 and ("version", __version__) in build[0]
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds"):
+        assert (name, frozenset()) in samples, name

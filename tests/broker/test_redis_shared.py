@@ -1,0 +1,135 @@
+"""Several daemons on one Redis: one site, any daemon, nothing lost to a daemon crash.
+
+Each test starts its own daemons (``broker_factory``) on the session's Redis, with the
+session's key prefix; names are unique per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from tests import servers
+
+#: How long a message may take to arrive before the test calls it lost.
+DELIVERY_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def backend_url() -> str:
+    """Every daemon of this module uses the session's Redis (overrides the parameter)."""
+    return servers.backend_url("redis://")
+
+
+@asynccontextmanager
+async def layers(*hosts: list[str], **config: Any) -> AsyncIterator[list[Any]]:
+    """One layer per ``hosts`` list, closed after the body."""
+    from broker.layer import BrokerChannelLayer
+
+    made = [BrokerChannelLayer(hosts=h, **config) for h in hosts]
+    try:
+        yield made
+    finally:
+        for layer in made:
+            await layer.close()
+
+
+async def receive_n(layer: Any, channel: str, count: int) -> list[Any]:
+    return [
+        (await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S))["n"]
+        for _ in range(count)
+    ]
+
+
+async def test_two_daemons_serve_one_site(
+    broker_factory: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """1. A send through daemon 1 reaches a consumer of daemon 2, in order.
+    2. A group_send through either daemon reaches members on both.
+    3. Workers on both daemons share a normal channel: each message exactly once.
+    """
+    one, two = broker_factory(), broker_factory()
+    async with layers([one.url], [two.url]) as (a, b):
+        channel = await b.new_channel()
+        for n in range(20):
+            await a.send(channel, {"n": n})
+        assert await receive_n(b, channel, 20) == list(range(20))
+
+        group = unique("room")
+        on_a, on_b = await a.new_channel(), await b.new_channel()
+        await a.group_add(group, on_a)
+        await b.group_add(group, on_b)
+        await a.group_send(group, {"n": 1})
+        await b.group_send(group, {"n": 2})
+        assert await receive_n(a, on_a, 2) == [1, 2]
+        assert await receive_n(b, on_b, 2) == [1, 2]
+
+        work = unique("work")
+        got: list[int] = []
+
+        async def worker(layer: Any) -> None:
+            while True:
+                got.append((await layer.receive(work))["n"])
+
+        tasks = [asyncio.create_task(worker(layer)) for layer in (a, b)]
+        for n in range(100):
+            await (a if n % 2 else b).send(work, {"n": n})
+        async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+            while len(got) < 100:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a duplicate would show up now
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert sorted(got) == list(range(100))
+
+
+async def test_consumer_moving_to_another_daemon_gets_what_waited(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """1. A consumer on daemon 1 receives some messages, then daemon 1 stops.
+    2. Messages sent meanwhile through daemon 2 wait in Redis.
+    3. The consumer reconnects to daemon 2 (its second host) and gets them, in order.
+    """
+    one, two = broker_factory(), broker_factory()
+    async with layers([one.url, two.url], [two.url]) as (consumer, sender):
+        channel = await consumer.new_channel()
+        for n in range(5):
+            await sender.send(channel, {"n": n})
+        assert await receive_n(consumer, channel, 5) == list(range(5))
+        one.stop()
+        for n in range(5, 15):
+            await sender.send(channel, {"n": n})
+        assert await receive_n(consumer, channel, 10) == list(range(5, 15))
+
+
+async def test_sigkilled_daemon_loses_no_waiting_message(
+    broker_factory: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """1. Through daemon 1: messages for a normal channel nobody reads yet, and for a
+       consumer whose daemon is down; both wait in Redis.
+    2. Daemon 1 is killed with SIGKILL.
+    3. A worker on daemon 2 gets every normal-channel message; the consumer, back on
+       its restarted daemon, gets all of its own. Exactly once, in order.
+    """
+    one, two, home = broker_factory(), broker_factory(), broker_factory()
+    async with layers([one.url], [two.url], [home.url]) as (sender, worker, consumer):
+        channel = await consumer.new_channel()
+        await consumer.send(channel, {"n": -1})  # connects, so the client id is taken
+        assert await receive_n(consumer, channel, 1) == [-1]
+        home.kill()
+        work = unique("work")
+        for n in range(20):
+            await sender.send(work, {"n": n})
+            await sender.send(channel, {"n": n})
+        one.kill()
+        assert await receive_n(worker, work, 20) == list(range(20))
+        home.start()
+        assert await receive_n(consumer, channel, 20) == list(range(20))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(worker.receive(work), 0.5)
+    one.start()  # so that the fixture's clean stop has a daemon to stop
