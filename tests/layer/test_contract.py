@@ -15,6 +15,8 @@ import msgpack
 import pytest
 
 #: Long enough for any message that should arrive to arrive.
+from tests.layer.support import assert_nothing_within, receive
+
 DELIVERY_TIMEOUT_S = 5.0
 #: Ceiling for a burst of 200 concurrent operations on a slow (shared, loaded) backend.
 BURST_TIMEOUT_S = 15.0
@@ -42,19 +44,6 @@ async def channel_of(kind: str, owner: Any, unique: Callable[[str], str]) -> str
         name: str = await owner.new_channel()
         return name
     return unique("queue")
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
-    return message
-
-
-async def assert_nothing_within(layer: Any, channel: str, seconds: float = QUIET_S) -> None:
-    try:
-        message = await asyncio.wait_for(layer.receive(channel), seconds)
-    except TimeoutError:
-        return
-    pytest.fail(f"{channel} unexpectedly received {message!r}")
 
 
 def test_layer_surface_matches_channels(make_layer: Any) -> None:

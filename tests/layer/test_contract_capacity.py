@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from collections.abc import Callable
@@ -11,21 +10,10 @@ from typing import Any
 import pytest
 from channels.exceptions import ChannelFull
 
+from tests.layer.support import assert_nothing_within, receive
+
 DELIVERY_TIMEOUT_S = 5.0
 QUIET_S = 0.5
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
-    return message
-
-
-async def assert_nothing_within(layer: Any, channel: str, seconds: float = QUIET_S) -> None:
-    try:
-        message = await asyncio.wait_for(layer.receive(channel), seconds)
-    except TimeoutError:
-        return
-    pytest.fail(f"{channel} unexpectedly received {message!r}")
 
 
 async def fill(layer: Any, channel: str, count: int) -> None:

@@ -6,23 +6,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import pytest
+from tests.layer.support import assert_nothing_within, receive
 
 DELIVERY_TIMEOUT_S = 5.0
 QUIET_S = 0.5
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
-    return message
-
-
-async def assert_nothing_within(layer: Any, channel: str, seconds: float = QUIET_S) -> None:
-    try:
-        message = await asyncio.wait_for(layer.receive(channel), seconds)
-    except TimeoutError:
-        return
-    pytest.fail(f"{channel} unexpectedly received {message!r}")
 
 
 async def test_discarded_member_gets_no_group_message_but_still_direct_sends(

@@ -17,15 +17,12 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 
+from tests.layer.support import receive
+
 DELIVERY_TIMEOUT_S = 5.0
 GROUP_SENDS = 1000
 #: Sockets a layer may legitimately keep open between calls (a pooled connection or two).
 SOCKET_SLACK = 3
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S)
-    return message
 
 
 def test_normal_channel_keeps_fifo_order_through_async_to_sync(
