@@ -12,8 +12,6 @@ from channels.exceptions import ChannelFull
 
 from tests.layer.support import assert_nothing_within, receive
 
-DELIVERY_TIMEOUT_S = 5.0
-QUIET_S = 0.5
 
 
 async def fill(layer: Any, channel: str, count: int) -> None:

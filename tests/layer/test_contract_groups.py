@@ -8,8 +8,6 @@ from typing import Any
 
 from tests.layer.support import assert_nothing_within, receive
 
-DELIVERY_TIMEOUT_S = 5.0
-QUIET_S = 0.5
 
 
 async def test_discarded_member_gets_no_group_message_but_still_direct_sends(
