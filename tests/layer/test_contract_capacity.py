@@ -13,7 +13,6 @@ from channels.exceptions import ChannelFull
 from tests.layer.support import assert_nothing_within, receive
 
 
-
 async def fill(layer: Any, channel: str, count: int) -> None:
     for n in range(count):
         await layer.send(channel, {"n": n})

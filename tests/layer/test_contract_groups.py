@@ -9,7 +9,6 @@ from typing import Any
 from tests.layer.support import assert_nothing_within, receive
 
 
-
 async def test_discarded_member_gets_no_group_message_but_still_direct_sends(
     make_layer: Any, unique: Callable[[str], str]
 ) -> None:
