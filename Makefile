@@ -40,8 +40,11 @@ chromium:
 example: $(STAMP)
 	deploy/examples/notifications/run.sh
 
+# Side by side with channels_redis and channels_postgres (the bench extra installs them).
 bench: $(STAMP)
-	$(BIN)/channels-broker bench
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/channels-broker bench --backend memory:// --backend redis://127.0.0.1:6379/0 \
+		--backend postgresql://postgres@127.0.0.1:5432/postgres
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
