@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean chromium example
+.PHONY: run test lint bench clean system-deps example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,19 +22,23 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy protocol backends broker
 
-test: $(STAMP) lint chromium
+test: $(STAMP) lint system-deps
 	$(BIN)/python -m pytest
 
-# The browser test (tests/e2e) drives Debian's chromium. Root installs it; anyone else
-# is told how, and the test then skips (or fails, under CI=true).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+# What the tests run besides Python, from Debian: the browser (tests/e2e), Redis and
+# PostgreSQL servers (throwaway ones when none answers), systemd-analyze and promtool
+# (deploy/ checks). Root installs what is missing; anyone else is told what to install.
+SYSTEM_TOOLS := chromium:chromium redis-server:redis-server redis-cli:redis-tools \
+	psql:postgresql systemd-analyze:systemd promtool:prometheus
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -eq 0 ]; then \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	  else \
-	    echo "chromium is not installed and this is not root: run" \
-	      "'sudo apt-get install -y chromium' for the browser test (tests/e2e)." >&2; \
-	  fi; }
+	    echo "missing Debian packages:$$missing; run 'sudo apt-get install$$missing'" >&2; \
+	  fi; fi
 
 # The example Django site (deploy/examples/notifications) on a broker: http://127.0.0.1:8000/
 example: $(STAMP)

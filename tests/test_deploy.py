@@ -23,7 +23,7 @@ import click
 import pytest
 
 from broker.cli import serve
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess, free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

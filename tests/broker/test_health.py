@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from backends import BACKENDS
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
 from tests.servers import RedisServer
 

@@ -28,7 +28,7 @@ from protocol import (
     Welcome,
     encode_frame,
 )
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 
 #: How long a count that lags the traffic (expiry sweeps, pushes in flight) may take.
 SETTLE_TIMEOUT_S = 10.0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests import pg_server
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 
 MESSAGES = 200
 RESTART_AT = 60

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests import servers
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 
 MESSAGES = 300
 KILL_AT = 100

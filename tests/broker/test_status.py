@@ -12,7 +12,7 @@ import pytest
 
 from broker import __version__
 from broker.layer import BrokerChannelLayer
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker.http import http_get
+from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
 
 #: A watchdog period short enough to see several pings within a second.
