@@ -199,6 +199,28 @@ class BrokerProcess:
             self.log_path.unlink(missing_ok=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the backends a ``backends("memory"|"shared")`` test is not for.
+
+    Some behaviours belong to one kind of storage (a memory daemon forgets on restart;
+    exact gauges need storage no other test writes to). Those tests say so with the
+    marker, so that a skip in the report always means something could not be tested.
+    """
+    selected, deselected = [], []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        callspec = getattr(item, "callspec", None)
+        url = callspec.params.get("backend_url") if callspec is not None else None
+        if marker is None or url is None:
+            selected.append(item)
+            continue
+        kind = "memory" if str(url).startswith("memory:") else "shared"
+        (selected if kind in marker.args else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
 @pytest.fixture(
     scope="session",
     params=[pytest.param(url, id=_backend_id(url)) for url in BACKEND_URLS],

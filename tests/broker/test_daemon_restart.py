@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from backends import backend_from_url
-
 MESSAGES = 400
 RESTART_AT = 120
 #: Pause between sends: the restart happens while messages keep coming.
@@ -51,6 +49,7 @@ async def read_all(readers: list[asyncio.Task[None]], got: dict[str, list[Any]])
     await asyncio.gather(*readers, return_exceptions=True)
 
 
+@pytest.mark.backends("shared")  # memory:// keeps messages in the daemon: a restart loses them
 async def test_daemon_restart_under_load_loses_no_accepted_message(
     backend_url: str,
     own_broker: Any,
@@ -65,8 +64,6 @@ async def test_daemon_restart_under_load_loses_no_accepted_message(
     3. Both readers get every message exactly once, in order; after the daemon is
        back, the first message sent is read within ``RESUME_WITHIN_S``.
     """
-    if not backend_from_url(backend_url).is_shared:
-        pytest.skip("memory:// keeps messages in the daemon: a restart loses them")
     sender, consumer, worker = make_own_layer(), make_own_layer(), make_own_layer()
     own, work = await consumer.new_channel(), unique("work")
     got: dict[str, list[tuple[int, float]]] = {own: [], work: []}
