@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url
@@ -85,8 +86,7 @@ class Server:
             self._listeners.append(listener)
             log.info("listening on %s://%s:%d", scheme, host, port)
         for path in self.config.unix:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # a stale socket file of a previous run
+            _remove_stale_socket(path)
             self._listeners.append(await loop.create_unix_server(factory, path))
             log.info("listening on unix://%s", path)
         if self.config.metrics_listen:
@@ -151,6 +151,17 @@ class Server:
             for connection in left:
                 connection.abort("shutdown deadline")
             await closed
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove the socket file a previous run left; refuse to remove anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; not removing it")
+    os.unlink(path)
 
 
 def _redacted(url: str) -> str:

@@ -218,3 +218,14 @@ def test_token_is_required_when_the_daemon_has_one() -> None:
         code, stderr = _stop(process)
     assert code == 0, stderr
     assert "authentication failed" in stderr
+
+
+def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
+    """A regular file where the socket should go: the daemon refuses, the file stays."""
+    path = tmp_path / "precious.txt"
+    path.write_text("keep me")
+    process = _serve("--listen", f"127.0.0.1:{free_port()}", "--unix", str(path))
+    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
+    assert process.returncode != 0
+    assert "is not a socket" in stderr_bytes.decode()
+    assert path.read_text() == "keep me"
