@@ -209,16 +209,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     selected, deselected = [], []
     for item in items:
         marker = item.get_closest_marker("backends")
-        callspec = getattr(item, "callspec", None)
-        url = callspec.params.get("backend_url") if callspec is not None else None
-        if marker is None or url is None:
+        kind = _backend_kind(item)
+        if marker is None or kind is None:
             selected.append(item)
             continue
-        kind = "memory" if str(url).startswith("memory:") else "shared"
         (selected if kind in marker.args else deselected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+def _backend_kind(item: pytest.Item) -> str | None:
+    """ "memory" or "shared" for a test bound to one backend, else None.
+
+    The backend comes from the ``backend_url`` parameter, or, in a module that
+    overrides that fixture with one storage, from the module's ``BACKEND_KIND``.
+    """
+    callspec = getattr(item, "callspec", None)
+    url = callspec.params.get("backend_url") if callspec is not None else None
+    if url is None:
+        module = getattr(item, "module", None)
+        kind: str | None = getattr(module, "BACKEND_KIND", None)
+        return kind
+    return "memory" if str(url).startswith("memory:") else "shared"
 
 
 @pytest.fixture(

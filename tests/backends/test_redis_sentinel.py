@@ -13,6 +13,9 @@ from tests import servers
 
 from .test_backend_contract import *  # noqa: F403  (the contract's test functions)
 
+#: For ``backends(...)`` markers: this module's storage is shared.
+BACKEND_KIND = "shared"
+
 
 @pytest.fixture
 def backend_url() -> str:
