@@ -47,7 +47,16 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}") from exc
     section = table.get("serve", table)
-    ctx.default_map = {key.replace("-", "_"): value for key, value in section.items()}
+    values = {key.replace("-", "_"): value for key, value in section.items()}
+    options = {param.name: param for param in ctx.command.params if param.expose_value}
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        known = ", ".join(sorted(name.replace("_", "-") for name in options))
+        raise click.BadParameter(f"{path}: unknown keys {', '.join(unknown)} (known: {known})")
+    for name, value in values.items():
+        if getattr(options[name], "multiple", False) and isinstance(value, str):
+            values[name] = [value]  # listen = "host:port" means a list of one
+    ctx.default_map = values
 
 
 def _option(*names: str, **kwargs: Any) -> Callable[[_Command], _Command]:

@@ -130,7 +130,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name owned by this event loop's connection."""
-        return f"{prefix}.{self._client().client_id}!{secrets.token_hex(6)}"
+        client = self._client()
+        client.minted = True
+        return f"{prefix}.{client.client_id}!{secrets.token_hex(6)}"
 
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)

@@ -143,6 +143,10 @@ class LoopClient:
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
+        #: new_channel() gave out a name with our client id: messages may come for it,
+        #: so this connection must not be handed to another loop (which would take
+        #: pushes for channels it never reads, and drop them when it closes).
+        self.minted = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
         self._request_ids = 0
         #: The daemon refused this client for good (token, version): every call says so.
@@ -506,7 +510,7 @@ class LoopClient:
         """
         conn = self.conn
         quiet = not (self._pending or self._orphans or self._buffers or self._output)
-        if conn is None or conn.transport is None or not quiet:
+        if conn is None or conn.transport is None or not quiet or self.minted:
             return False
         self._flush()  # acknowledgements still owed
         if conn.transport.get_write_buffer_size():

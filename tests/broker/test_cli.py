@@ -229,3 +229,20 @@ def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
     assert process.returncode != 0
     assert "is not a socket" in stderr_bytes.decode()
     assert path.read_text() == "keep me"
+
+
+def test_config_file_takes_a_single_listen_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    port = free_port()
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(f'[serve]\nlisten = "127.0.0.1:{port}"\n')
+    bad.write_text('lisen = "127.0.0.1:1"\n')
+    process = _serve("--config", str(good))
+    try:
+        _wait_listening(port, process)
+    finally:
+        code, stderr = _stop(process)
+    assert code == 0, stderr
+    refused = _serve("--config", str(bad))
+    _, stderr_bytes = refused.communicate(timeout=DEADLINE_S)
+    assert refused.returncode == 2
+    assert "unknown keys lisen" in stderr_bytes.decode()

@@ -143,3 +143,28 @@ def test_repeated_async_to_sync_group_send_does_not_accumulate_connections(
     assert open_sockets() <= sockets + SOCKET_SLACK, f"sockets: {sockets} -> {open_sockets()}"
     assert _wait_for_threads(threads) <= threads, "async_to_sync threads left running"
     assert _unclosed_event_loops() <= loops, "event loops left open"
+
+
+def test_sync_group_sends_reach_a_channel_made_in_an_earlier_sync_call(
+    make_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """1. One async_to_sync call makes a channel and adds it to a group.
+    2. Three async_to_sync(group_send) calls, each on a loop of its own.
+    3. A later async_to_sync call receives all three, in order: no loop that
+       happened to get the channel's pushes dropped them when it closed."""
+    layer = make_layer()
+    group = unique("room")
+
+    async def join() -> str:
+        channel: str = await layer.new_channel()
+        await layer.group_add(group, channel)
+        return channel
+
+    channel = async_to_sync(join)()
+    for n in range(3):
+        async_to_sync(layer.group_send)(group, {"n": n})
+
+    async def read_three() -> list[int]:
+        return [(await receive(layer, channel))["n"] for _ in range(3)]
+
+    assert async_to_sync(read_three)() == [0, 1, 2]
