@@ -38,6 +38,7 @@ from protocol import (
     Role,
     State,
     Welcome,
+    client_id_of,
     encode_frame,
 )
 
@@ -171,8 +172,7 @@ class LoopClient:
         return self._request_ids
 
     def owns(self, channel: str) -> bool:
-        head = channel[: channel.find("!")]
-        return "!" in channel and head[head.rfind(".") + 1 :] == self.client_id
+        return "!" in channel and client_id_of(channel) == self.client_id
 
     # -- connecting ----------------------------------------------------------
 
@@ -276,11 +276,14 @@ class LoopClient:
     # -- output --------------------------------------------------------------
 
     def write(self, frame: Frame) -> None:
+        self._queue_acks()  # before the frame: the daemon must free capacity first
+        self._output.append(encode_frame(frame))
+        self._schedule_flush()
+
+    def _queue_acks(self) -> None:
         if self._acks:
             self._output.append(encode_frame(Ack(tuple(self._acks.items()))))
             self._acks.clear()
-        self._output.append(encode_frame(frame))
-        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -292,9 +295,7 @@ class LoopClient:
         conn = self.conn
         if conn is None or conn.transport is None:
             return
-        if self._acks:
-            self._output.append(encode_frame(Ack(tuple(self._acks.items()))))
-            self._acks.clear()
+        self._queue_acks()
         if self._output:
             conn.transport.write(b"".join(self._output))
             self._output.clear()

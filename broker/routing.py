@@ -106,22 +106,21 @@ class Router:
 
     def add_pull(self, pull: Pull) -> None:
         """Queue a RECEIVE and try it at once (a message may already wait)."""
-        key = (pull.ns, pull.channel)
-        line = self._lines.get(key)
-        if line is None:
-            line = self._lines[key] = deque()
-            self._backend.watch(pull.ns, pull.channel)
-        line.append(pull)
+        self._line_of(pull).append(pull)
         self.wake(pull.ns, pull.channel)
 
     def requeue(self, pull: Pull) -> None:
         """Put back a served pull that found nothing, first in line (it waited longest)."""
+        self._line_of(pull).appendleft(pull)
+
+    def _line_of(self, pull: Pull) -> deque[Pull]:
+        """The line of ``pull``'s channel, made (and watched) if it is new."""
         key = (pull.ns, pull.channel)
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = deque()
             self._backend.watch(pull.ns, pull.channel)
-        line.appendleft(pull)
+        return line
 
     def remove_pull(self, pull: Pull) -> None:
         """Withdraw a pull (cancelled, or its connection closed); a no-op if not queued."""
