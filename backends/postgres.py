@@ -45,7 +45,7 @@ from .postgres_batching import ReleaseWriter, TakeBatcher
 from .postgres_listener import Listener
 from .postgres_schema import SCHEMA_VERSION, current_version, migrate, quote_ident
 from .postgres_sql import Statements
-from .postgres_sweep import Sweeper
+from .postgres_sweep import Sweeper, Vacuum
 from .postgres_url import PostgresOptions
 
 __all__ = ["PostgresBackend", "PostgresOptions"]
@@ -97,7 +97,10 @@ class PostgresBackend(Backend):
         self._payloads: dict[bytes, bytes] = {}
         self._takes = TakeBatcher(self._take_now)
         self._releases = ReleaseWriter(self._write_releases)
-        self._sweeper = Sweeper(self._fetchrow, self._sql.sweep, self._sql.stats)
+        self.vacuum = Vacuum(
+            self._fetch, self._execute, options.schema, quote_ident(options.schema)
+        )
+        self._sweeper = Sweeper(self._fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -328,6 +331,7 @@ class PostgresBackend(Backend):
             max_size=self.options.pool_size,
             timeout=self.options.timeout_s,
             init=self._on_new_connection,
+            reset=_keep_session,
             server_settings=dict(self.options.server_settings),
         )
 
@@ -398,6 +402,12 @@ class PostgresBackend(Backend):
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
         return await self._run(functools.partial(_fetchrow, sql, args))
+
+    async def _fetch(self, sql: str, *args: Any) -> Any:
+        return await self._run(lambda conn: conn.fetch(sql, *args))
+
+    async def _execute(self, sql: str) -> None:
+        await self._run(functools.partial(_execute, sql, ()))
 
     async def _write_releases(self, releases: list[tuple[str, str, int]]) -> None:
         args = ([r[0] for r in releases], [r[1] for r in releases], [r[2] for r in releases])
@@ -498,6 +508,15 @@ class PostgresBackend(Backend):
         rows = await self._run(lambda conn: conn.fetch(self._sql.recheck, spaces, keys))
         for ns, channel in rows:
             self._wake_if_watched(ns, channel)
+
+
+async def _keep_session(conn: Any) -> None:
+    """Skip asyncpg's reset query on release: one round trip per operation saved.
+
+    Nothing here changes session state: locks are transaction-scoped, LISTEN is on the
+    listener's own connection, settings come with the connection. asyncpg still rolls
+    back a transaction left open before calling this.
+    """
 
 
 async def _give_back(pool: Any, conn: Any) -> None:

@@ -256,6 +256,37 @@ async def test_held_count_lapses_with_its_messages(server_url: str, schema: str)
         assert await backend.send("ns", channel, b"2", capacity=1, expiry_s=LONG_S)
 
 
+async def test_queue_tables_are_vacuumed_once_enough_rows_are_dead(
+    server_url: str, schema: str
+) -> None:
+    """Takes walk past deleted rows until a VACUUM: the daemon runs it when autovacuum
+    is off (as on the CI server) or slow."""
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        count = 2500
+        for _ in range(0, count, 500):
+            await backend.send_many(
+                "ns", [("work", b"x")] * 500, capacity_of=lambda _c: count, expiry_s=LONG_S
+            )
+        taken = 0
+        while taken < count:
+            taken += len(await backend.take("ns", "work", 100, hold=False))
+        async with asyncio.timeout(10):  # the statistics lag about a second
+            while "messages" not in backend.vacuum.runs:
+                await backend.vacuum.run()
+                await asyncio.sleep(0.2)
+        conn = await asyncpg.connect(server_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT last_vacuum, n_dead_tup FROM pg_stat_user_tables"
+                " WHERE schemaname = $1 AND relname = 'messages'",
+                schema,
+            )
+        finally:
+            await conn.close()
+        assert row["last_vacuum"] is not None
+        assert row["n_dead_tup"] < count
+
+
 # Faults
 
 
