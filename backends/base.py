@@ -17,13 +17,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Self
+from typing import NamedTuple, Protocol, Self
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendStats",
     "BackendUnavailable",
+    "DirectPushes",
     "CapacityOf",
     "GroupSendResult",
     "Taken",
@@ -57,10 +58,15 @@ class Taken(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class GroupSendResult:
-    """Members that got the message, and how many were skipped because full."""
+    """Members that got the message, and how many were skipped because full.
+
+    ``delivered`` got it through storage; ``direct`` members got nothing stored, and
+    the caller must push the payload to them itself (see ``Backend.group_send``).
+    """
 
     delivered: Sequence[str]
     skipped: int
+    direct: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,25 @@ def _ignore_wakeup(ns: str, channel: str) -> None:
     """Default wake-up target until the daemon installs its router."""
 
 
+class DirectPushes(Protocol):
+    """The daemon's side of direct pushes, for a shared backend's ``group_send``.
+
+    Storing a message only to take it back out at once costs two round trips to
+    storage per member. A group send may instead leave out of storage the members
+    whose owner is connected to this daemon (``can_push``) and that have nothing
+    waiting or held in storage (so their order holds), and return them in
+    ``GroupSendResult.direct`` for the caller to push. Such pushes count against the
+    channel's capacity until acknowledged; storage does not see them, so every
+    capacity it checks for a channel is lowered by ``held_direct``.
+    """
+
+    def can_push(self, ns: str, channel: str) -> bool:
+        """True when ``channel``'s owner is connected here and can be written to now."""
+
+    def held_direct(self, ns: str, channel: str) -> int:
+        """Messages pushed directly to ``channel`` and not yet acknowledged."""
+
+
 class Backend(abc.ABC):
     """One storage for channels and groups, shared by all connections of a daemon."""
 
@@ -86,6 +111,7 @@ class Backend(abc.ABC):
 
     def __init__(self) -> None:
         self._on_ready: WakeupCallback = _ignore_wakeup
+        self._direct: DirectPushes | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -95,6 +121,13 @@ class Backend(abc.ABC):
     def set_wakeup(self, callback: WakeupCallback) -> None:
         """Install the callback told about channels that may have messages."""
         self._on_ready = callback
+
+    def set_direct_pushes(self, pushes: DirectPushes) -> None:
+        """Say which channels the caller can push to itself; see ``DirectPushes``.
+
+        Only shared backends use it: the others keep messages in this process anyway.
+        """
+        self._direct = pushes
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -179,7 +212,11 @@ class Backend(abc.ABC):
     async def group_send(
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
     ) -> GroupSendResult:
-        """Send to every live member that has room; full members are skipped, not errors."""
+        """Send to every live member that has room; full members are skipped, not errors.
+
+        A shared backend may leave out of storage the members its ``DirectPushes`` can
+        push to that have nothing waiting or held there, and name them in ``direct``.
+        """
 
     @abc.abstractmethod
     async def flush(self, ns: str) -> None:

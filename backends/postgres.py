@@ -184,6 +184,7 @@ class PostgresBackend(Backend):
         self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
     ) -> bool:
         """Append unless full (capacity check and insert are one transaction)."""
+        capacity = self._room(ns, channel, capacity)
         if capacity < 1:
             return False
         await self._releases.written(ns, [channel])
@@ -211,7 +212,7 @@ class PostgresBackend(Backend):
             channels,
             [_client_of(channel) for channel in channels],
             [payload for _, payload in items],
-            [capacity_of(channel) for channel in channels],
+            [self._room(ns, channel, capacity_of(channel)) for channel in channels],
             float(expiry_s),
         )
         refused: list[int] = await self._run(lambda conn: conn.fetchval(self._sql.send_many, *args))
@@ -275,6 +276,8 @@ class PostgresBackend(Backend):
 
         The capacities come from the sender's policy, so they are passed in for the
         members this daemon last saw; members it did not know of get a second call.
+        Members the daemon can push to are pushed by it if nothing of theirs waits or
+        is held here (``direct``, see ``DirectPushes``): no row is written for them.
         """
         await self._releases.written(ns)
         key = (ns, group)
@@ -283,16 +286,18 @@ class PostgresBackend(Backend):
         delivered: list[str] = list(row["delivered"])
         skipped: int = row["skipped"]
         unknown: list[str] = list(row["unknown"])
+        direct: list[str] = list(row["direct"])
         members = [] if row["stale"] else list(known)
         if unknown:
             more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
             delivered += more["delivered"]
             skipped += more["skipped"]
+            direct += more["direct"]
             members += unknown
         self._remember_members(key, members)
         for channel in delivered:
             self._on_ready(ns, channel)
-        return GroupSendResult(delivered=delivered, skipped=skipped)
+        return GroupSendResult(delivered=delivered, skipped=skipped, direct=direct)
 
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, channel counters and memberships."""
@@ -382,15 +387,27 @@ class PostgresBackend(Backend):
         channels: Sequence[str],
         capacity_of: CapacityOf,
     ) -> Any:
-        args = (
-            ns,
-            group,
-            payload,
-            float(expiry_s),
-            list(channels),
-            [capacity_of(c) for c in channels],
+        capacities = [self._room(ns, c, capacity_of(c)) for c in channels]
+        pushes = self._direct
+        direct = (
+            []
+            if pushes is None
+            else [
+                c
+                for c, n in zip(channels, capacities, strict=True)
+                if n > 0 and "!" in c and pushes.can_push(ns, c)
+            ]
         )
+        clients = list({client_id_of(c) for c in direct})
+        args = (ns, group, payload, float(expiry_s), list(channels), capacities, direct, clients)
         return await self._run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+
+    def _room(self, ns: str, channel: str, capacity: int) -> int:
+        """``capacity`` less what was pushed directly to ``channel`` and not acknowledged."""
+        pushes = self._direct
+        if pushes is None or "!" not in channel:
+            return capacity
+        return capacity - pushes.held_direct(ns, channel)
 
     async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
         rows = await self._run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))

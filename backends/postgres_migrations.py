@@ -413,10 +413,61 @@ BEGIN
 END $$;
 """
 
+# group_send_direct (version 2): group_send, except that the live members named in
+# p_direct with nothing waiting or held are not stored: they come back in ``direct``,
+# for the caller to push itself. p_direct is a part of p_channels (no duplicates) and
+# p_clients their client ids. A send committing meanwhile from another daemon is
+# stored, and arrives after it. One pass over the members sorts them (the busy ones
+# found through their clients' channel rows: a few, where one probe per member would
+# cost more than the rest together); group_send stores for the rest, if any.
+_GROUP_SEND_DIRECT = """
+CREATE INDEX channels_by_client ON {s}.channels (ns, client) WHERE client IS NOT NULL;
+CREATE FUNCTION {s}.group_send_direct(p_ns text, p_group text, p_payload bytea,
+                                      p_expiry_s double precision, p_channels text[],
+                                      p_capacities integer[], p_direct text[],
+                                      p_clients text[],
+                                      OUT delivered text[], OUT skipped integer,
+                                      OUT unknown text[], OUT stale boolean,
+                                      OUT direct text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_busy text[];
+    v_known integer;
+    v_rest text[];
+    v_rest_capacities integer[];
+BEGIN
+    SELECT coalesce(array_agg(c.channel), '{{}}') INTO v_busy FROM {s}.channels c
+    WHERE c.ns = p_ns AND c.client = ANY(p_clients) AND {used} > 0;
+    SELECT coalesce(array_agg(m.channel) FILTER (WHERE m.direct), '{{}}'),
+           coalesce(array_agg(m.channel) FILTER (WHERE m.known AND NOT m.direct), '{{}}'),
+           coalesce(array_agg(m.capacity) FILTER (WHERE m.known AND NOT m.direct), '{{}}'),
+           coalesce(array_agg(m.channel) FILTER (WHERE NOT m.known), '{{}}'),
+           count(*) FILTER (WHERE m.known)
+    INTO direct, v_rest, v_rest_capacities, unknown, v_known
+    FROM (
+        SELECT g.channel, k.channel IS NOT NULL AS known, k.capacity,
+               d.channel IS NOT NULL AND NOT g.channel = ANY(v_busy) AS direct
+        FROM {s}.groups g
+        LEFT JOIN unnest(p_channels, p_capacities) AS k(channel, capacity)
+            ON k.channel = g.channel
+        LEFT JOIN unnest(p_direct) AS d(channel) ON d.channel = g.channel
+        WHERE g.ns = p_ns AND g.grp = p_group AND g.expires_at > now()
+    ) m;
+    stale := v_known < cardinality(p_channels);
+    delivered := '{{}}';
+    skipped := 0;
+    IF cardinality(v_rest) > 0 THEN
+        SELECT r.delivered, r.skipped INTO delivered, skipped
+        FROM {s}.group_send(p_ns, p_group, p_payload, p_expiry_s, v_rest, v_rest_capacities) r;
+    END IF;
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         1,
         _TABLES + _RESERVE + _SEND + _SEND_MANY + _TAKE_MANY + _RELEASE_MANY + _GROUP_SEND + _SWEEP,
     ),
+    (2, _GROUP_SEND_DIRECT),
 )

@@ -70,7 +70,10 @@ class Connection(RequestHandlers, asyncio.Protocol):
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
         self.ready_pulls: deque[Pull] = deque()
         self.pulls: dict[int, Pull] = {}
+        #: Messages pushed and not yet acknowledged, per channel: taken from storage
+        #: (the backend counts them too, until released) and pushed directly.
         self.held: dict[str, int] = {}
+        self.held_direct: dict[str, int] = {}
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
@@ -170,9 +173,32 @@ class Connection(RequestHandlers, asyncio.Protocol):
         self.ready_pulls.append(pull)
         self._wake()
 
+    def can_push(self) -> bool:
+        transport = self.transport
+        return (
+            not self.closing
+            and transport is not None
+            and not transport.is_closing()
+            and self._writable.is_set()
+        )
+
+    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
+        transport = self.transport
+        if self.closing or transport is None or transport.is_closing():
+            return False
+        held = self.held_direct
+        for channel in channels:
+            held[channel] = held.get(channel, 0) + 1
+        self.ctx.metrics.count_delivered("direct", len(channels))
+        self._write(Push(tuple(channels), payload, ttl_ms))
+        # Out now, before the sender hears OK: nothing was stored for these channels.
+        self._flush()
+        return True
+
     def notify_flushed(self) -> None:
         # The backend dropped our held counts along with the messages.
         self.held.clear()
+        self.held_direct.clear()
         self._write(Flushed())
         # Out now, before the flusher's OK: a client that sees the OK and then asks
         # another connection must find that connection's buffer already cleared.

@@ -142,7 +142,8 @@ class Exporter(Collector):
         )
         yield _labelled_counter(
             "messages_delivered",
-            "Messages handed to a consumer: push (a client's own channel) or pull (RECEIVE).",
+            "Messages handed to a consumer: push (to a client's own channel, from storage), "
+            "direct (pushed by a group_send without storing it) or pull (RECEIVE).",
             "mode",
             metrics.delivered,
         )

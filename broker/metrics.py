@@ -99,7 +99,7 @@ class Metrics:
     """Everything the daemon counts, as plain numbers (see the module docstring).
 
     Message counters are keyed by operation (``send``, ``send_many``,
-    ``group_send``) or delivery mode (``push``, ``pull``); request and backend
+    ``group_send``) or delivery mode (``push``, ``direct``, ``pull``); request and backend
     latencies by operation name; errors by ``ErrorCode``.
     """
 
@@ -108,7 +108,7 @@ class Metrics:
         self.started_at = time.time()
         self.accepted = {"send": 0, "send_many": 0, "group_send": 0}
         self.rejected = {"send": 0, "send_many": 0}
-        self.delivered = {"push": 0, "pull": 0}
+        self.delivered = {"push": 0, "direct": 0, "pull": 0}
         self.dropped = 0
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.requests = {name: Histogram(LATENCY_BUCKETS_S) for name in REQUEST_OPERATIONS}
@@ -145,7 +145,7 @@ class Metrics:
         self.fanout.observe(reached + skipped)
 
     def count_delivered(self, mode: str, count: int) -> None:
-        """Record messages handed to consumers: ``push`` or ``pull``."""
+        """Record messages handed to consumers: ``push``, ``direct`` or ``pull``."""
         self.delivered[mode] += count
 
     def count_error(self, code: ErrorCode | int) -> None:

@@ -62,6 +62,7 @@ class RequestHandlers:
     inbox: deque[Frame]
     pulls: dict[int, Pull]
     held: dict[str, int]
+    held_direct: dict[str, int]
     ready_channels: dict[str, None]
 
     if TYPE_CHECKING:  # provided by Connection
@@ -72,6 +73,8 @@ class RequestHandlers:
         def push_later(self, channel: str) -> None: ...
         def serve_pull_later(self, pull: Pull) -> None: ...
         def notify_flushed(self) -> None: ...
+        def can_push(self) -> bool: ...
+        def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
         def abort(self, reason: str) -> None: ...
 
     async def _handle(self, frame: Frame) -> None:
@@ -232,14 +235,11 @@ class RequestHandlers:
         held = self.held
         for channel, count in frame.counts:
             # Never release more than we hold: a client must not lift its own capacity.
-            count = min(count, held.get(channel, 0))
-            if count:
-                remaining = held[channel] - count
-                if remaining:
-                    held[channel] = remaining
-                else:
-                    del held[channel]
-                await self.ctx.backend.release(session.ns, channel, count)
+            # Stored ones first: other daemons see only those.
+            stored = _uncount(held, channel, count)
+            _uncount(self.held_direct, channel, count - stored)
+            if stored:
+                await self.ctx.backend.release(session.ns, channel, stored)
 
     async def _on_group_add(self, frame: GroupAdd) -> None:
         rid = frame.request_id
@@ -261,17 +261,31 @@ class RequestHandlers:
         if not (self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)):
             return
         session = self._session()
-        result = await self.ctx.backend.group_send(
+        backend, router = self.ctx.backend, self.ctx.router
+        result = await backend.group_send(
             session.ns,
             frame.group,
             frame.payload,
             capacity_of=session.capacity_of,
             expiry_s=session.expiry_s,
         )
-        self.ctx.metrics.count_group_send(len(result.delivered), result.skipped)
-        if result.skipped:
-            log.debug("group_send to %s skipped %d full members", frame.group, result.skipped)
-        self._write(Ok(rid, result.skipped))
+        skipped = result.skipped
+        if result.direct:
+            ttl_ms = int(session.expiry_s * 1000)
+            missed = router.push_now(session.ns, result.direct, frame.payload, ttl_ms)
+            if missed:  # their owners left meanwhile: store for them, as for any member
+                refused = await backend.send_many(
+                    session.ns,
+                    [(channel, frame.payload) for channel in missed],
+                    capacity_of=session.capacity_of,
+                    expiry_s=session.expiry_s,
+                )
+                skipped += len(refused)
+        reached = len(result.delivered) + len(result.direct) - (skipped - result.skipped)
+        self.ctx.metrics.count_group_send(reached, skipped)
+        if skipped:
+            log.debug("group_send to %s skipped %d full members", frame.group, skipped)
+        self._write(Ok(rid, skipped))
 
     async def _on_flush(self, frame: Flush) -> None:
         ns = self._session().ns
@@ -287,6 +301,18 @@ class RequestHandlers:
         # or closes the connection.
         assert self.session is not None
         return self.session
+
+
+def _uncount(counts: dict[str, int], channel: str, count: int) -> int:
+    """Take up to ``count`` off ``counts[channel]``; return how many were taken off."""
+    have = counts.get(channel, 0)
+    count = min(count, have)
+    if count:
+        if have > count:
+            counts[channel] = have - count
+        else:
+            del counts[channel]
+    return max(count, 0)
 
 
 _HANDLERS: dict[type[Any], Any] = {

@@ -20,6 +20,7 @@ The router never touches the backend's data itself; connections do the ``take``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,15 @@ class Endpoint(Protocol):
 
     def serve_pull_later(self, pull: Pull) -> None:
         """Try to answer a RECEIVE: a message may be waiting on its channel."""
+
+    #: Messages pushed with ``push_now`` and not yet acknowledged, per channel.
+    held_direct: dict[str, int]
+
+    def can_push(self) -> bool:
+        """True if messages for our channels can be pushed now (``push_now``)."""
+
+    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
+        """Push one message to several of our channels at once; False if closing."""
 
     def notify_flushed(self) -> None:
         """The connection's namespace was flushed."""
@@ -64,6 +74,7 @@ class Router:
         self._lines: dict[tuple[str, str], deque[Pull]] = {}
         self._members: dict[str, set[Endpoint]] = {}
         backend.set_wakeup(self.wake)
+        backend.set_direct_pushes(self)
 
     @property
     def connection_count(self) -> int:
@@ -103,6 +114,33 @@ class Router:
             pull = line.popleft()
             self._forget_line_if_empty(ns, channel, line)
             pull.endpoint.serve_pull_later(pull)
+
+    def can_push(self, ns: str, channel: str) -> bool:
+        """True when ``channel``'s owner is connected here and can take a push now
+        (``DirectPushes``: a group send may then hand it the message directly)."""
+        owner = self._owners.get((ns, client_id_of(channel)))
+        return owner is not None and owner.can_push()
+
+    def held_direct(self, ns: str, channel: str) -> int:
+        """Messages pushed directly to ``channel`` and not yet acknowledged."""
+        owner = self._owners.get((ns, client_id_of(channel)))
+        return 0 if owner is None else owner.held_direct.get(channel, 0)
+
+    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
+        """Push ``payload`` to each channel's owner now; return the channels not reached
+        (their owner left since ``can_push`` said yes)."""
+        by_owner: dict[Endpoint, list[str]] = {}
+        missed: list[str] = []
+        for channel in channels:
+            owner = self._owners.get((ns, client_id_of(channel)))
+            if owner is None:
+                missed.append(channel)
+            else:
+                by_owner.setdefault(owner, []).append(channel)
+        for owner, owned in by_owner.items():
+            if not owner.push_now(owned, payload, ttl_ms):
+                missed += owned
+        return missed
 
     def add_pull(self, pull: Pull) -> None:
         """Queue a RECEIVE and try it at once (a message may already wait)."""

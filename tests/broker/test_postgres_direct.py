@@ -1,0 +1,95 @@
+"""PostgreSQL: a group_send pushes to members connected to the same daemon directly.
+
+Storing a message only to take it back out costs two database round trips per member;
+the daemon skips both for members whose owner is connected to it and who have nothing
+waiting or held in the database. These tests watch which path each message took
+(``channels_broker_messages_delivered_total`` by mode: ``direct`` or ``push``) and
+that order and capacity hold across the two paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests import pg_server
+from tests.broker.test_metrics import scrape, settled, value
+
+BACKEND_KIND = "shared"
+IO_TIMEOUT_S = 5.0
+DELIVERED = "channels_broker_messages_delivered_total"
+
+
+@pytest.fixture(scope="module")
+def backend_url() -> str:
+    """The session's PostgreSQL (overrides the per-backend parameter)."""
+    return pg_server.backend_url("postgresql://")
+
+
+async def receive(layer: Any, channel: str) -> dict[str, Any]:
+    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), IO_TIMEOUT_S)
+    return message
+
+
+async def test_group_send_to_members_connected_here_stores_nothing(
+    own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Members on two connections of this daemon: every message goes direct, in order."""
+    sender, first, second = make_own_layer(), make_own_layer(), make_own_layer()
+    group = unique("room")
+    members = [(first, await first.new_channel()), (second, await second.new_channel())]
+    for layer, channel in members:
+        await layer.group_add(group, channel)
+    for n in range(20):
+        await sender.group_send(group, {"n": n})
+    for layer, channel in members:
+        assert [(await receive(layer, channel))["n"] for _ in range(20)] == list(range(20))
+    samples = await settled(own_broker, DELIVERED, 40, mode="direct")
+    assert value(samples, DELIVERED, mode="push") == 0
+
+
+async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(
+    own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Pushed-but-unread messages are held in the database: the next group_send is
+    stored behind them; once they are read, group_sends go direct again."""
+    sender, owner = make_own_layer(), make_own_layer()
+    group, channel = unique("room"), await owner.new_channel()
+    await owner.group_add(group, channel)
+    for n in range(3):
+        await sender.send(channel, {"n": n})
+    await settled(own_broker, DELIVERED, 3, mode="push")  # in the owner's buffer, unread
+    await sender.group_send(group, {"n": 3})
+    assert [(await receive(owner, channel))["n"] for _ in range(4)] == [0, 1, 2, 3]
+    samples = await settled(own_broker, DELIVERED, 4, mode="push")
+    assert value(samples, DELIVERED, mode="direct") == 0
+    await asyncio.sleep(0.2)  # the acknowledgements reach the database
+    await sender.group_send(group, {"n": 4})
+    assert (await receive(owner, channel))["n"] == 4
+    await settled(own_broker, DELIVERED, 1, mode="direct")
+
+
+async def test_direct_pushes_count_against_capacity_until_read(
+    own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Capacity 2: two group_sends go direct and stay unread; a send is refused, a third
+    group_send skips the member; once both are read, there is room again."""
+    from channels.exceptions import ChannelFull
+
+    sender, owner = make_own_layer(capacity=2), make_own_layer(capacity=2)
+    group, channel = unique("room"), await owner.new_channel()
+    await owner.group_add(group, channel)
+    await sender.group_send(group, {"n": 0})
+    await sender.group_send(group, {"n": 1})
+    await settled(own_broker, DELIVERED, 2, mode="direct")
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"n": "refused"})
+    await sender.group_send(group, {"n": "skipped"})
+    assert value(scrape(own_broker), "channels_broker_messages_dropped_total") == 1
+    assert [(await receive(owner, channel))["n"] for _ in range(2)] == [0, 1]
+    await asyncio.sleep(0.2)  # the acknowledgements reach the daemon
+    await sender.send(channel, {"n": 2})
+    assert (await receive(owner, channel))["n"] == 2
