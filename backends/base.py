@@ -89,18 +89,19 @@ class DirectPushes(Protocol):
 
     Storing a message only to take it back out at once costs two round trips to
     storage per member. A group send may instead leave out of storage the members
-    whose owner is connected to this daemon (``can_push``) and that have nothing
+    whose owner is connected to this daemon (``pushable``) and that have nothing
     waiting or held in storage (so their order holds), and return them in
     ``GroupSendResult.direct`` for the caller to push. Such pushes count against the
     channel's capacity until acknowledged; storage does not see them, so every
     capacity it checks for a channel is lowered by ``held_direct``.
     """
 
-    def can_push(self, ns: str, channel: str) -> bool:
-        """True when ``channel``'s owner is connected here and can be written to now."""
-
     def held_direct(self, ns: str, channel: str) -> int:
         """Messages pushed directly to ``channel`` and not yet acknowledged."""
+
+    def pushable(self, ns: str, channels: Sequence[str], capacities: list[int]) -> list[str]:
+        """Lower each channel's capacity (in place) by its ``held_direct``; return the
+        channels with room left whose owner is connected here and can be written to."""
 
 
 class Backend(abc.ABC):

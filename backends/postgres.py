@@ -282,17 +282,15 @@ class PostgresBackend(Backend):
         await self._releases.written(ns)
         key = (ns, group)
         known = self._members.get(key, ())
-        row = await self._group_send(ns, group, payload, expiry_s, known, capacity_of)
-        delivered: list[str] = list(row["delivered"])
-        skipped: int = row["skipped"]
-        unknown: list[str] = list(row["unknown"])
-        direct: list[str] = list(row["direct"])
-        members = [] if row["stale"] else list(known)
+        delivered, skipped, unknown, stale, direct = await self._group_send(
+            ns, group, payload, expiry_s, known, capacity_of
+        )
+        members = [] if stale else list(known)
         if unknown:
             more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
-            delivered += more["delivered"]
-            skipped += more["skipped"]
-            direct += more["direct"]
+            delivered += more[0]
+            skipped += more[1]
+            direct += more[4]
             members += unknown
         self._remember_members(key, members)
         for channel in delivered:
@@ -386,21 +384,28 @@ class PostgresBackend(Backend):
         expiry_s: float,
         channels: Sequence[str],
         capacity_of: CapacityOf,
-    ) -> Any:
-        capacities = [self._room(ns, c, capacity_of(c)) for c in channels]
+    ) -> tuple[list[str], int, list[str], bool, list[str]]:
+        """One call of ``group_send_direct``: (delivered, skipped, unknown, stale, direct)."""
+        capacities = [capacity_of(c) for c in channels]
         pushes = self._direct
-        direct = (
-            []
-            if pushes is None
-            else [
-                c
-                for c, n in zip(channels, capacities, strict=True)
-                if n > 0 and "!" in c and pushes.can_push(ns, c)
-            ]
+        direct = [] if pushes is None else pushes.pushable(ns, channels, capacities)
+        chosen = set(direct)
+        pairs = list(zip(channels, capacities, strict=True))
+        stored = [pair for pair in pairs if pair[0] not in chosen]
+        stored_direct = [pair for pair in pairs if pair[0] in chosen] if chosen else []
+        args = (
+            ns,
+            group,
+            payload,
+            float(expiry_s),
+            " ".join(c for c, _ in stored),
+            " ".join(str(n) for _, n in stored),
+            " ".join(c for c, _ in stored_direct),
+            " ".join(str(n) for _, n in stored_direct),
+            " ".join({client_id_of(c) for c in direct}),
         )
-        clients = list({client_id_of(c) for c in direct})
-        args = (ns, group, payload, float(expiry_s), list(channels), capacities, direct, clients)
-        return await self._run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+        row = await self._run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+        return row[0], row[1], row[2], row[3], row[4].split()
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
         """``capacity`` less what was pushed directly to ``channel`` and not acknowledged."""

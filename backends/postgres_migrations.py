@@ -415,45 +415,54 @@ END $$;
 
 # group_send_direct (version 2): group_send, except that the live members named in
 # p_direct with nothing waiting or held are not stored: they come back in ``direct``,
-# for the caller to push itself. p_direct is a part of p_channels (no duplicates) and
-# p_clients their client ids. A send committing meanwhile from another daemon is
-# stored, and arrives after it. One pass over the members sorts them (the busy ones
-# found through their clients' channel rows: a few, where one probe per member would
-# cost more than the rest together); group_send stores for the rest, if any.
+# for the caller to push itself (the others among them are stored, with
+# p_direct_capacities). p_channels/p_capacities are the other members the caller
+# knows, p_clients the client ids of p_direct. Name lists are passed as one
+# space-separated text each (names never hold spaces): for a group of hundreds, arrays
+# cost more to build, send and read than the query itself. A send committing meanwhile
+# from another daemon is stored, and arrives after it. One pass over the members sorts
+# them (the busy ones found through their clients' channel rows: a few, where a probe
+# per member would cost more than the rest together); group_send stores for the rest.
 _GROUP_SEND_DIRECT = """
 CREATE INDEX channels_by_client ON {s}.channels (ns, client) WHERE client IS NOT NULL;
 CREATE FUNCTION {s}.group_send_direct(p_ns text, p_group text, p_payload bytea,
-                                      p_expiry_s double precision, p_channels text[],
-                                      p_capacities integer[], p_direct text[],
-                                      p_clients text[],
+                                      p_expiry_s double precision, p_channels text,
+                                      p_capacities text, p_direct text,
+                                      p_direct_capacities text, p_clients text,
                                       OUT delivered text[], OUT skipped integer,
                                       OUT unknown text[], OUT stale boolean,
-                                      OUT direct text[])
+                                      OUT direct text)
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_channels text[] := string_to_array(p_channels, ' ');
+    v_direct text[] := string_to_array(p_direct, ' ');
     v_busy text[];
     v_known integer;
     v_rest text[];
     v_rest_capacities integer[];
 BEGIN
     SELECT coalesce(array_agg(c.channel), '{{}}') INTO v_busy FROM {s}.channels c
-    WHERE c.ns = p_ns AND c.client = ANY(p_clients) AND {used} > 0;
-    SELECT coalesce(array_agg(m.channel) FILTER (WHERE m.direct), '{{}}'),
-           coalesce(array_agg(m.channel) FILTER (WHERE m.known AND NOT m.direct), '{{}}'),
-           coalesce(array_agg(m.capacity) FILTER (WHERE m.known AND NOT m.direct), '{{}}'),
+    WHERE c.ns = p_ns AND c.client = ANY(string_to_array(p_clients, ' ')) AND {used} > 0;
+    SELECT coalesce(string_agg(m.channel, ' ') FILTER (WHERE m.direct), ''),
+           coalesce(array_agg(m.channel) FILTER (WHERE m.stored), '{{}}'),
+           coalesce(array_agg(m.capacity) FILTER (WHERE m.stored), '{{}}'),
            coalesce(array_agg(m.channel) FILTER (WHERE NOT m.known), '{{}}'),
            count(*) FILTER (WHERE m.known)
     INTO direct, v_rest, v_rest_capacities, unknown, v_known
     FROM (
-        SELECT g.channel, k.channel IS NOT NULL AS known, k.capacity,
-               d.channel IS NOT NULL AND NOT g.channel = ANY(v_busy) AS direct
+        SELECT g.channel, k.channel IS NOT NULL OR d.channel IS NOT NULL AS known,
+               d.channel IS NOT NULL AND NOT g.channel = ANY(v_busy) AS direct,
+               k.channel IS NOT NULL OR (d.channel IS NOT NULL AND g.channel = ANY(v_busy))
+                   AS stored,
+               coalesce(k.capacity, d.capacity) AS capacity
         FROM {s}.groups g
-        LEFT JOIN unnest(p_channels, p_capacities) AS k(channel, capacity)
-            ON k.channel = g.channel
-        LEFT JOIN unnest(p_direct) AS d(channel) ON d.channel = g.channel
+        LEFT JOIN unnest(v_channels, string_to_array(p_capacities, ' ')::integer[])
+            AS k(channel, capacity) ON k.channel = g.channel
+        LEFT JOIN unnest(v_direct, string_to_array(p_direct_capacities, ' ')::integer[])
+            AS d(channel, capacity) ON d.channel = g.channel
         WHERE g.ns = p_ns AND g.grp = p_group AND g.expires_at > now()
     ) m;
-    stale := v_known < cardinality(p_channels);
+    stale := v_known < cardinality(v_channels) + cardinality(v_direct);
     delivered := '{{}}';
     skipped := 0;
     IF cardinality(v_rest) > 0 THEN

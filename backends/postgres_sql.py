@@ -33,7 +33,7 @@ class Statements:
         self.send_many = f"SELECT {s}.send_many($1, $2, $3, $4, $5, $6)"
         self.group_send = (
             "SELECT delivered, skipped, unknown, stale, direct"
-            f" FROM {s}.group_send_direct($1, $2, $3, $4, $5, $6, $7, $8)"
+            f" FROM {s}.group_send_direct($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         )
         self.sweep = f"SELECT * FROM {s}.sweep($1, $2, $3)"
         self.take_many = f"SELECT * FROM {s}.take_many($1, $2, $3, $4)"

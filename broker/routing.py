@@ -115,20 +115,31 @@ class Router:
             self._forget_line_if_empty(ns, channel, line)
             pull.endpoint.serve_pull_later(pull)
 
-    def can_push(self, ns: str, channel: str) -> bool:
-        """True when ``channel``'s owner is connected here and can take a push now
-        (``DirectPushes``: a group send may then hand it the message directly)."""
-        owner = self._owners.get((ns, client_id_of(channel)))
-        return owner is not None and owner.can_push()
-
     def held_direct(self, ns: str, channel: str) -> int:
         """Messages pushed directly to ``channel`` and not yet acknowledged."""
         owner = self._owners.get((ns, client_id_of(channel)))
         return 0 if owner is None else owner.held_direct.get(channel, 0)
 
+    def pushable(self, ns: str, channels: Sequence[str], capacities: list[int]) -> list[str]:
+        """``DirectPushes.pushable``: a group send may hand these members the message
+        itself; the capacities left exclude what was pushed so and is unacknowledged."""
+        owners = self._owners
+        found: list[str] = []
+        for index, channel in enumerate(channels):
+            if "!" not in channel:
+                continue
+            owner = owners.get((ns, client_id_of(channel)))
+            if owner is None:
+                continue
+            room = capacities[index] - owner.held_direct.get(channel, 0)
+            capacities[index] = room
+            if room > 0 and owner.can_push():
+                found.append(channel)
+        return found
+
     def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
         """Push ``payload`` to each channel's owner now; return the channels not reached
-        (their owner left since ``can_push`` said yes)."""
+        (their owner left since ``pushable`` named them)."""
         by_owner: dict[Endpoint, list[str]] = {}
         missed: list[str] = []
         for channel in channels:
