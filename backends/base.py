@@ -60,8 +60,8 @@ class Taken(NamedTuple):
 class GroupSendResult:
     """Members that got the message, and how many were skipped because full.
 
-    ``delivered`` got it through storage; ``direct`` members got nothing stored, and
-    the caller must push the payload to them itself (see ``Backend.group_send``).
+    ``delivered`` got it through storage; ``direct`` members were pushed to at once,
+    with nothing stored (see ``DirectPushes``).
     """
 
     delivered: Sequence[str]
@@ -85,15 +85,16 @@ def _ignore_wakeup(ns: str, channel: str) -> None:
 
 
 class DirectPushes(Protocol):
-    """The daemon's side of direct pushes, for a shared backend's ``group_send``.
+    """The daemon's side of direct pushes, for a shared backend.
 
     Storing a message only to take it back out at once costs two round trips to
-    storage per member. A group send may instead leave out of storage the members
-    whose owner is connected to this daemon (``pushable``) and that have nothing
-    waiting or held in storage (so their order holds), and return them in
-    ``GroupSendResult.direct`` for the caller to push. Such pushes count against the
-    channel's capacity until acknowledged; storage does not see them, so every
-    capacity it checks for a channel is lowered by ``held_direct``.
+    storage per recipient. A send or group send may instead leave out of storage the
+    channels whose owner is connected to this daemon (``pushable``) and that have
+    nothing waiting or held in storage (so their order holds), and push to them
+    itself (``push_now``); a group send names them in ``GroupSendResult.direct``.
+    Such pushes count against the channel's capacity until acknowledged; storage
+    does not see them, so every capacity it checks for a channel is lowered by
+    ``held_direct``.
     """
 
     def held_direct(self, ns: str, channel: str) -> int:
@@ -102,6 +103,10 @@ class DirectPushes(Protocol):
     def pushable(self, ns: str, channels: Sequence[str], capacities: list[int]) -> list[str]:
         """Lower each channel's capacity (in place) by its ``held_direct``; return the
         channels with room left whose owner is connected here and can be written to."""
+
+    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
+        """Push ``payload`` to each channel's owner at once; return the channels not
+        reached (their owner left since ``pushable`` named them)."""
 
 
 class Backend(abc.ABC):
@@ -216,7 +221,8 @@ class Backend(abc.ABC):
         """Send to every live member that has room; full members are skipped, not errors.
 
         A shared backend may leave out of storage the members its ``DirectPushes`` can
-        push to that have nothing waiting or held there, and name them in ``direct``.
+        push to that have nothing waiting or held there, push to them, and name them in
+        ``direct``.
         """
 
     @abc.abstractmethod

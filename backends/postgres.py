@@ -183,16 +183,25 @@ class PostgresBackend(Backend):
     async def send(
         self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
     ) -> bool:
-        """Append unless full (capacity check and insert are one transaction)."""
-        capacity = self._room(ns, channel, capacity)
+        """Append unless full (capacity check and insert are one transaction), or push
+        it at once if the daemon can and nothing of the channel waits (``DirectPushes``).
+        """
+        pushes, capacities = self._direct, [capacity]
+        direct = pushes is not None and bool(pushes.pushable(ns, [channel], capacities))
+        capacity = capacities[0]
         if capacity < 1:
             return False
         await self._releases.written(ns, [channel])
-        args = (ns, channel, _client_of(channel), payload, capacity, float(expiry_s))
-        accepted = bool(await self._run(lambda conn: conn.fetchval(self._sql.send, *args)))
-        if accepted:
+        outcome = await self._send(ns, channel, payload, capacity, expiry_s, direct)
+        if outcome == _SENT_DIRECT:
+            assert pushes is not None
+            if not pushes.push_now(ns, [channel], payload, _ttl_ms(expiry_s)):
+                return True
+            # Its owner left meanwhile: store it, as for any channel.
+            outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)
+        if outcome == _STORED:
             self._on_ready(ns, channel)
-        return accepted
+        return outcome != _REFUSED
 
     async def send_many(
         self,
@@ -295,6 +304,18 @@ class PostgresBackend(Backend):
         self._remember_members(key, members)
         for channel in delivered:
             self._on_ready(ns, channel)
+        if direct:
+            assert self._direct is not None
+            missed = self._direct.push_now(ns, direct, payload, _ttl_ms(expiry_s))
+            if missed:  # their owners left meanwhile: store for them, as for any member
+                gone = set(missed)
+                direct = [channel for channel in direct if channel not in gone]
+                items = [(channel, payload) for channel in missed]
+                refused = set(
+                    await self.send_many(ns, items, capacity_of=capacity_of, expiry_s=expiry_s)
+                )
+                delivered += [c for i, c in enumerate(missed) if i not in refused]
+                skipped += len(refused)
         return GroupSendResult(delivered=delivered, skipped=skipped, direct=direct)
 
     async def flush(self, ns: str) -> None:
@@ -413,6 +434,13 @@ class PostgresBackend(Backend):
         if pushes is None or "!" not in channel:
             return capacity
         return capacity - pushes.held_direct(ns, channel)
+
+    async def _send(
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
+    ) -> int:
+        args = (ns, channel, _client_of(channel), payload, capacity, float(expiry_s), direct)
+        outcome: int = await self._run(lambda conn: conn.fetchval(self._sql.send, *args))
+        return outcome
 
     async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
         rows = await self._run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
@@ -560,6 +588,14 @@ async def _fetchrow(sql: str, args: tuple[Any, ...], conn: Any) -> Any:
 
 async def _execute(sql: str, args: tuple[Any, ...], conn: Any) -> None:
     await conn.execute(sql, *args)
+
+
+#: What ``send_direct`` answers.
+_REFUSED, _STORED, _SENT_DIRECT = 0, 1, 2
+
+
+def _ttl_ms(expiry_s: float) -> int:
+    return int(expiry_s * 1000)
 
 
 def _client_of(channel: str) -> str | None:

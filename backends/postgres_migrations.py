@@ -472,11 +472,32 @@ BEGIN
 END $$;
 """
 
+# send_direct (version 2): 2 without storing anything when p_direct and the channel has
+# nothing waiting or held (the caller pushes it itself), else send's answer as 1 or 0.
+_SEND_DIRECT = """
+CREATE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
+                                p_capacity integer, p_expiry_s double precision,
+                                p_direct boolean)
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_direct AND NOT EXISTS (
+        SELECT 1 FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.channel = p_channel AND {used} > 0
+    ) THEN
+        RETURN 2;
+    END IF;
+    IF {s}.send(p_ns, p_channel, p_client, p_payload, p_capacity, p_expiry_s) THEN
+        RETURN 1;
+    END IF;
+    RETURN 0;
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
         1,
         _TABLES + _RESERVE + _SEND + _SEND_MANY + _TAKE_MANY + _RELEASE_MANY + _GROUP_SEND + _SWEEP,
     ),
-    (2, _GROUP_SEND_DIRECT),
+    (2, _GROUP_SEND_DIRECT + _SEND_DIRECT),
 )

@@ -29,7 +29,7 @@ class Statements:
     )
 
     def __init__(self, s: str) -> None:
-        self.send = f"SELECT {s}.send($1, $2, $3, $4, $5, $6)"
+        self.send = f"SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)"
         self.send_many = f"SELECT {s}.send_many($1, $2, $3, $4, $5, $6)"
         self.group_send = (
             "SELECT delivered, skipped, unknown, stale, direct"

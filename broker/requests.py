@@ -261,31 +261,18 @@ class RequestHandlers:
         if not (self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)):
             return
         session = self._session()
-        backend, router = self.ctx.backend, self.ctx.router
-        result = await backend.group_send(
+        result = await self.ctx.backend.group_send(
             session.ns,
             frame.group,
             frame.payload,
             capacity_of=session.capacity_of,
             expiry_s=session.expiry_s,
         )
-        skipped = result.skipped
-        if result.direct:
-            ttl_ms = int(session.expiry_s * 1000)
-            missed = router.push_now(session.ns, result.direct, frame.payload, ttl_ms)
-            if missed:  # their owners left meanwhile: store for them, as for any member
-                refused = await backend.send_many(
-                    session.ns,
-                    [(channel, frame.payload) for channel in missed],
-                    capacity_of=session.capacity_of,
-                    expiry_s=session.expiry_s,
-                )
-                skipped += len(refused)
-        reached = len(result.delivered) + len(result.direct) - (skipped - result.skipped)
-        self.ctx.metrics.count_group_send(reached, skipped)
-        if skipped:
-            log.debug("group_send to %s skipped %d full members", frame.group, skipped)
-        self._write(Ok(rid, skipped))
+        reached = len(result.delivered) + len(result.direct)
+        self.ctx.metrics.count_group_send(reached, result.skipped)
+        if result.skipped:
+            log.debug("group_send to %s skipped %d full members", frame.group, result.skipped)
+        self._write(Ok(rid, result.skipped))
 
     async def _on_flush(self, frame: Flush) -> None:
         ns = self._session().ns

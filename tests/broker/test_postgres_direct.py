@@ -1,8 +1,8 @@
-"""PostgreSQL: a group_send pushes to members connected to the same daemon directly.
+"""PostgreSQL: sends and group_sends push to channels connected to the same daemon directly.
 
-Storing a message only to take it back out costs two database round trips per member;
-the daemon skips both for members whose owner is connected to it and who have nothing
-waiting or held in the database. These tests watch which path each message took
+Storing a message only to take it back out costs two database round trips per
+recipient; the daemon skips both for channels whose owner is connected to it and that
+have nothing waiting or held in the database. These tests watch which path each message took
 (``channels_broker_messages_delivered_total`` by mode: ``direct`` or ``push``) and
 that order and capacity hold across the two paths.
 """
@@ -51,23 +51,41 @@ async def test_group_send_to_members_connected_here_stores_nothing(
     assert value(samples, DELIVERED, mode="push") == 0
 
 
-async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(
+async def test_sends_to_a_channel_connected_here_go_direct_in_order(
     own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
 ) -> None:
-    """Pushed-but-unread messages are held in the database: the next group_send is
-    stored behind them; once they are read, group_sends go direct again."""
     sender, owner = make_own_layer(), make_own_layer()
+    channel = await owner.new_channel()
+    await owner.group_add(unique("connect"), channel)  # layers connect on first use
+    for n in range(10):
+        await sender.send(channel, {"n": n})
+    assert [(await receive(owner, channel))["n"] for _ in range(10)] == list(range(10))
+    samples = await settled(own_broker, DELIVERED, 10, mode="direct")
+    assert value(samples, DELIVERED, mode="push") == 0
+
+
+async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(
+    own_broker: Any,
+    broker_factory: Callable[..., Any],
+    make_own_layer: Callable[..., Any],
+    unique: Callable[[str], str],
+) -> None:
+    """Messages stored through another daemon, pushed here and unread, are held in the
+    database: the next group_send is stored behind them; once they are read, group
+    sends go direct again."""
+    other = broker_factory()
+    remote, local, owner = make_own_layer(hosts=[other.url]), make_own_layer(), make_own_layer()
     group, channel = unique("room"), await owner.new_channel()
     await owner.group_add(group, channel)
     for n in range(3):
-        await sender.send(channel, {"n": n})
+        await remote.send(channel, {"n": n})
     await settled(own_broker, DELIVERED, 3, mode="push")  # in the owner's buffer, unread
-    await sender.group_send(group, {"n": 3})
+    await local.group_send(group, {"n": 3})
     assert [(await receive(owner, channel))["n"] for _ in range(4)] == [0, 1, 2, 3]
     samples = await settled(own_broker, DELIVERED, 4, mode="push")
     assert value(samples, DELIVERED, mode="direct") == 0
     await asyncio.sleep(0.2)  # the acknowledgements reach the database
-    await sender.group_send(group, {"n": 4})
+    await local.group_send(group, {"n": 4})
     assert (await receive(owner, channel))["n"] == 4
     await settled(own_broker, DELIVERED, 1, mode="direct")
 
