@@ -60,8 +60,8 @@ class Taken(NamedTuple):
 class GroupSendResult:
     """Members that got the message, and how many were skipped because full.
 
-    ``delivered`` got it through storage; ``direct`` members were pushed to at once,
-    with nothing stored (see ``DirectPushes``).
+    ``delivered`` got it through storage; nothing was stored for the ``direct``
+    members: the caller pushes it to them (see ``DirectPushes``).
     """
 
     delivered: Sequence[str]
@@ -90,8 +90,10 @@ class DirectPushes(Protocol):
     Storing a message only to take it back out at once costs two round trips to
     storage per recipient. A send or group send may instead leave out of storage the
     channels whose owner is connected to this daemon (``pushable``) and that have
-    nothing waiting or held in storage (so their order holds), and push to them
-    itself (``push_now``); a group send names them in ``GroupSendResult.direct``.
+    nothing waiting or held in storage (so their order holds), and push to them: a
+    send pushes itself (``push_now``); a group send names them in
+    ``GroupSendResult.direct`` for the caller to push once it has answered the sender
+    (pushing to many connections takes a while, and the sender need not wait for it).
     Such pushes count against the channel's capacity until acknowledged; storage
     does not see them, so every capacity it checks for a channel is lowered by
     ``held_direct``.
@@ -221,8 +223,7 @@ class Backend(abc.ABC):
         """Send to every live member that has room; full members are skipped, not errors.
 
         A shared backend may leave out of storage the members its ``DirectPushes`` can
-        push to that have nothing waiting or held there, push to them, and name them in
-        ``direct``.
+        push to that have nothing waiting or held there, and name them in ``direct``.
         """
 
     @abc.abstractmethod

@@ -285,8 +285,8 @@ class PostgresBackend(Backend):
 
         The capacities come from the sender's policy, so they are passed in for the
         members this daemon last saw; members it did not know of get a second call.
-        Members the daemon can push to are pushed by it if nothing of theirs waits or
-        is held here (``direct``, see ``DirectPushes``): no row is written for them.
+        Members the daemon can push to are left to it if nothing of theirs waits or is
+        held here (``direct``, see ``DirectPushes``): no row is written for them.
         """
         await self._releases.written(ns)
         key = (ns, group)
@@ -304,18 +304,6 @@ class PostgresBackend(Backend):
         self._remember_members(key, members)
         for channel in delivered:
             self._on_ready(ns, channel)
-        if direct:
-            assert self._direct is not None
-            missed = self._direct.push_now(ns, direct, payload, _ttl_ms(expiry_s))
-            if missed:  # their owners left meanwhile: store for them, as for any member
-                gone = set(missed)
-                direct = [channel for channel in direct if channel not in gone]
-                items = [(channel, payload) for channel in missed]
-                refused = set(
-                    await self.send_many(ns, items, capacity_of=capacity_of, expiry_s=expiry_s)
-                )
-                delivered += [c for i, c in enumerate(missed) if i not in refused]
-                skipped += len(refused)
         return GroupSendResult(delivered=delivered, skipped=skipped, direct=direct)
 
     async def flush(self, ns: str) -> None:

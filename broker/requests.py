@@ -68,6 +68,7 @@ class RequestHandlers:
     if TYPE_CHECKING:  # provided by Connection
 
         def _write(self, frame: Frame) -> None: ...
+        def _flush(self) -> None: ...
         def _fail(self, request_id: int, code: ErrorCode, message: str) -> None: ...
         def _fatal(self, code: ErrorCode, message: str) -> None: ...
         def push_later(self, channel: str) -> None: ...
@@ -261,18 +262,44 @@ class RequestHandlers:
         if not (self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)):
             return
         session = self._session()
-        result = await self.ctx.backend.group_send(
+        backend = self.ctx.backend
+        result = await backend.group_send(
             session.ns,
             frame.group,
             frame.payload,
             capacity_of=session.capacity_of,
             expiry_s=session.expiry_s,
         )
-        reached = len(result.delivered) + len(result.direct)
-        self.ctx.metrics.count_group_send(reached, result.skipped)
-        if result.skipped:
-            log.debug("group_send to %s skipped %d full members", frame.group, result.skipped)
         self._write(Ok(rid, result.skipped))
+        skipped = result.skipped
+        if result.direct:
+            # Members to push to ourselves (nothing stored for them): the sender hears
+            # first, as writing to many connections takes a while.
+            self._flush()
+            ttl_ms = int(session.expiry_s * 1000)
+            missed = self.ctx.router.push_now(session.ns, result.direct, frame.payload, ttl_ms)
+            if missed:
+                skipped += await self._store_for(missed, frame.payload)
+        reached = len(result.delivered) + len(result.direct) + result.skipped - skipped
+        self.ctx.metrics.count_group_send(reached, skipped)
+        if skipped:
+            log.debug("group_send to %s skipped %d full members", frame.group, skipped)
+
+    async def _store_for(self, channels: list[str], payload: bytes) -> int:
+        """Store a group message for members whose owner left before the push; return
+        how many were full."""
+        session = self._session()
+        try:
+            refused = await self.ctx.backend.send_many(
+                session.ns,
+                [(channel, payload) for channel in channels],
+                capacity_of=session.capacity_of,
+                expiry_s=session.expiry_s,
+            )
+        except BackendError as exc:
+            log.warning("lost a group message for %d members that left: %s", len(channels), exc)
+            return len(channels)
+        return len(refused)
 
     async def _on_flush(self, frame: Flush) -> None:
         ns = self._session().ns
