@@ -1,34 +1,35 @@
 """PostgreSQL storage on asyncpg: queues and groups shared by every daemon on one database.
 
-Theory of operation. Each operation is one round trip on a pooled connection: a
-prepared statement or a call of one of the functions that ``postgres_schema`` installs
-(capacity check, insert and notification in one transaction). A send wakes this
-daemon's router at once, and ``pg_notify`` wakes the others through their
-``Listener``. Nothing is lost when a notification is: every ``recheck_interval`` seconds
-(and right after the listener reconnects) one query finds the waiting channels of what
-this daemon watches and wakes them, so a missed notification delays a message by at
-most that interval. ``FOR UPDATE SKIP LOCKED`` lets daemons take from one channel at
-once without ever handing out one message twice; takes of one channel that queue up in
-this daemon go out as one, and releases are written in the background, many per
-statement (round trips, and their system calls, are what a daemon spends its time on).
-A periodic sweep removes expired
-messages, lapsed memberships and idle channel rows in bounded batches, one daemon at a
-time. Driver errors become ``BackendUnavailable`` (connection lost, database down or
-slower than ``timeout``) or ``BackendError``. The URL and its options: ``postgres_url``.
+Theory of operation. Each operation is one round trip on a pooled connection
+(``postgres_pool``): a prepared statement or a call of one of the functions that
+``postgres_schema`` installs (capacity check, insert and notification in one
+transaction). A send wakes this daemon's router at once, and ``pg_notify`` wakes the
+others through their ``Listener``. Nothing is lost when a notification is: every
+``recheck_interval`` seconds (and right after the listener reconnects) one query finds
+the waiting channels of what this daemon watches and wakes them, so a missed
+notification delays a message by at most that interval. ``FOR UPDATE SKIP LOCKED``
+lets daemons take from one channel at once without ever handing out one message twice;
+takes of one channel that queue up in this daemon go out as one, and releases are
+written in the background, many per statement (``postgres_batching``: round trips, and
+their system calls, are what a daemon spends its time on).
+
+A message for a channel whose owner is connected to this daemon, with nothing of that
+channel waiting or held in the database, is not stored at all: the same round trip
+that checks this hands it back for the daemon to push (``DirectPushes``), which saves
+the insert, the notification and the take. A periodic sweep (``postgres_sweep``)
+removes expired messages, lapsed memberships and idle channel rows in bounded
+batches, one daemon at a time, and vacuums the queue tables. The URL and its options:
+``postgres_url``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit
-
-import asyncpg
+from typing import Any, Self
 
 from protocol import client_id_of, is_process_specific
 
@@ -36,13 +37,13 @@ from .base import (
     Backend,
     BackendError,
     BackendStats,
-    BackendUnavailable,
     CapacityOf,
     GroupSendResult,
     Taken,
 )
 from .postgres_batching import ReleaseWriter, TakeBatcher
 from .postgres_listener import Listener
+from .postgres_pool import Database
 from .postgres_schema import SCHEMA_VERSION, current_version, migrate, quote_ident
 from .postgres_sql import Statements
 from .postgres_sweep import Sweeper, Vacuum
@@ -59,22 +60,6 @@ MEMBER_CACHE_GROUPS = 10_000
 #: the frames it would save.
 INTERN_MAX_BYTES = 64 * 1024
 INTERN_ENTRIES = 1024
-#: A deadlock (PostgreSQL detects it and rolls back one side) is retried this often.
-DEADLOCK_RETRIES = 3
-
-#: Driver errors meaning "cannot reach the database now"; other PostgresErrors are bugs
-#: or misconfiguration (a missing schema, a permission) and stay ``BackendError``.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.InternalClientError,  # a connection caught mid-way by a shutdown
-)
-
-T = TypeVar("T")
 
 
 class PostgresBackend(Backend):
@@ -86,21 +71,21 @@ class PostgresBackend(Backend):
         super().__init__()
         self.options = options
         self._sql = Statements(quote_ident(options.schema))
-        self._pool: Any = None
+        self._own_pids: set[int] = set()
+        self._db = Database(options, self._own_pids)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._recheck_now = asyncio.Event()
-        self._own_pids: set[int] = set()
         self._watched: dict[tuple[str, str], int] = {}
         self._members: dict[tuple[str, str], tuple[str, ...]] = {}
         self._payloads: dict[bytes, bytes] = {}
         self._takes = TakeBatcher(self._take_now)
         self._releases = ReleaseWriter(self._write_releases)
         self.vacuum = Vacuum(
-            self._fetch, self._execute, options.schema, quote_ident(options.schema)
+            self._db.fetch, self._db.execute, options.schema, quote_ident(options.schema)
         )
-        self._sweeper = Sweeper(self._fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
+        self._sweeper = Sweeper(self._db.fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -116,22 +101,22 @@ class PostgresBackend(Backend):
         if the schema is missing or of another version and ``migrate`` is off.
         """
         loop = asyncio.get_running_loop()
-        if self._loop is loop and self._pool is not None:
+        if self._loop is loop and self._db.is_open:
             return
         await self.close()
         self._loop = loop
         self._recheck_now = asyncio.Event()
         try:
-            self._pool = await self._guard(self._create_pool())
+            await self._db.open()
             await self._prepare_schema()
             self._listener = Listener(
-                self._connect_listener,
+                self._db.connect_listener,
                 self.options.schema,
                 self._wake_if_watched,
                 self._recheck_now.set,
                 self._own_pids,
             )
-            await self._guard(self._listener.start())
+            await self._db.guard(self._listener.start())
         except BaseException:
             await self.close()
             raise
@@ -154,29 +139,23 @@ class PostgresBackend(Backend):
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.stop()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), self.options.timeout_s)
-            except (*_UNAVAILABLE, asyncpg.PostgresError):
-                pool.terminate()
+        await self._db.close()
         self._loop = None
 
     async def is_ready(self) -> bool:
         """True when a pooled connection answers and the listener is connected."""
-        if self._pool is None or self._listener is None or not self._listener.is_listening:
+        if not self._db.is_open or self._listener is None or not self._listener.is_listening:
             return False
         try:
-            await self._run(lambda conn: conn.fetchval("SELECT 1"))
+            await self._db.run(lambda conn: conn.fetchval("SELECT 1"))
         except BackendError:
             return False
         return True
 
     async def migrate(self) -> tuple[int, int]:
         """Create or upgrade the schema; return (version before, version after)."""
-        if self._pool is None:
-            self._pool = await self._guard(self._create_pool())
-        return await self._run(self._migrate_with)
+        await self._db.open()
+        return await self._db.run(self._migrate_with)
 
     # -- channels ------------------------------------------------------------
 
@@ -224,7 +203,9 @@ class PostgresBackend(Backend):
             [self._room(ns, channel, capacity_of(channel)) for channel in channels],
             float(expiry_s),
         )
-        refused: list[int] = await self._run(lambda conn: conn.fetchval(self._sql.send_many, *args))
+        refused: list[int] = await self._db.run(
+            lambda conn: conn.fetchval(self._sql.send_many, *args)
+        )
         refused_set = set(refused)
         for index, channel in enumerate(channels):
             if index not in refused_set:
@@ -247,7 +228,7 @@ class PostgresBackend(Backend):
         if len(channels) < 2:
             return await super().take_many(ns, channels, limit, hold=hold)
         sql, names = self._sql.take_many, list(channels)
-        rows = await self._run(lambda conn: conn.fetch(sql, ns, names, limit, hold))
+        rows = await self._db.run(lambda conn: conn.fetch(sql, ns, names, limit, hold))
         taken: dict[str, list[Taken]] = {channel: [] for channel in channels}
         for channel, payload, ttl_s in rows:
             taken[channel].append(Taken(self._interned(payload), max(0.0, ttl_s)))
@@ -264,7 +245,7 @@ class PostgresBackend(Backend):
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels holding unexpired messages (from an index on the client)."""
         sql = self._sql.channels_with_messages
-        rows = await self._run(lambda conn: conn.fetch(sql, ns, client_id))
+        rows = await self._db.run(lambda conn: conn.fetch(sql, ns, client_id))
         return [row[0] for row in rows]
 
     # -- groups --------------------------------------------------------------
@@ -272,11 +253,11 @@ class PostgresBackend(Backend):
     async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
         """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
         args = (ns, group, channel, _client_of(channel), float(group_expiry_s))
-        await self._run(lambda conn: conn.execute(self._sql.group_add, *args))
+        await self._db.run(lambda conn: conn.execute(self._sql.group_add, *args))
 
     async def group_discard(self, ns: str, group: str, channel: str) -> None:
         """Remove a membership; a no-op for a non-member."""
-        await self._run(lambda conn: conn.execute(self._sql.group_discard, ns, group, channel))
+        await self._db.run(lambda conn: conn.execute(self._sql.group_discard, ns, group, channel))
 
     async def group_send(
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
@@ -308,7 +289,7 @@ class PostgresBackend(Backend):
 
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, channel counters and memberships."""
-        await self._run(lambda conn: conn.execute(self._sql.flush, ns))
+        await self._db.run(lambda conn: conn.execute(self._sql.flush, ns))
         self._members.clear()
 
     # -- wake-ups ------------------------------------------------------------
@@ -327,7 +308,7 @@ class PostgresBackend(Backend):
 
     async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
         """The channels with the most waiting messages (expired ones not yet removed too)."""
-        rows = await self._run(lambda conn: conn.fetch(self._sql.top_channels, limit))
+        rows = await self._db.run(lambda conn: conn.fetch(self._sql.top_channels, limit))
         return [(row[0], row[1], row[2]) for row in rows]
 
     def stats(self) -> BackendStats:
@@ -336,42 +317,15 @@ class PostgresBackend(Backend):
 
     # -- internals -----------------------------------------------------------
 
-    async def _create_pool(self) -> Any:
-        return await asyncpg.create_pool(
-            self.options.dsn,
-            min_size=1,
-            max_size=self.options.pool_size,
-            timeout=self.options.timeout_s,
-            init=self._on_new_connection,
-            reset=_keep_session,
-            server_settings=dict(self.options.server_settings),
-        )
-
-    async def _connect_listener(self) -> Any:
-        return await asyncio.wait_for(
-            asyncpg.connect(
-                self.options.dsn,
-                timeout=self.options.timeout_s,
-                server_settings=dict(self.options.server_settings),
-            ),
-            self.options.timeout_s,
-        )
-
-    async def _on_new_connection(self, conn: Any) -> None:
-        # Remember our own server processes, to ignore the notifications they send.
-        pid: int = conn.get_server_pid()
-        self._own_pids.add(pid)
-        conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
-
     async def _prepare_schema(self) -> None:
         if self.options.migrate:
-            before, after = await self._run(self._migrate_with)
+            before, after = await self._db.run(self._migrate_with)
             if before != after:
                 log.info(
                     "migrated schema %s from version %d to %d", self.options.schema, before, after
                 )
             return
-        version = await self._run(lambda conn: current_version(conn, self.options.schema))
+        version = await self._db.run(lambda conn: current_version(conn, self.options.schema))
         if version != SCHEMA_VERSION:
             raise BackendError(
                 f"schema {self.options.schema} is at version {version}, this daemon needs "
@@ -413,7 +367,7 @@ class PostgresBackend(Backend):
             " ".join(str(n) for _, n in stored_direct),
             " ".join({client_id_of(c) for c in direct}),
         )
-        row = await self._run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+        row = await self._db.run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
         return row[0], row[1], row[2], row[3], row[4].split()
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
@@ -427,29 +381,20 @@ class PostgresBackend(Backend):
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
     ) -> int:
         args = (ns, channel, _client_of(channel), payload, capacity, float(expiry_s), direct)
-        outcome: int = await self._run(lambda conn: conn.fetchval(self._sql.send, *args))
+        outcome: int = await self._db.run(lambda conn: conn.fetchval(self._sql.send, *args))
         return outcome
 
     async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
-        rows = await self._run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
+        rows = await self._db.run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
         if rows and rows[0][2]:
             # More wait: wake the next puller too. One notification (or re-check) may
             # stand for many messages, and each wake-up serves one pull.
             self._on_ready(ns, channel)
         return [Taken(self._interned(row[0]), max(0.0, row[1])) for row in rows]
 
-    async def _fetchrow(self, sql: str, *args: Any) -> Any:
-        return await self._run(functools.partial(_fetchrow, sql, args))
-
-    async def _fetch(self, sql: str, *args: Any) -> Any:
-        return await self._run(lambda conn: conn.fetch(sql, *args))
-
-    async def _execute(self, sql: str) -> None:
-        await self._run(functools.partial(_execute, sql, ()))
-
     async def _write_releases(self, releases: list[tuple[str, str, int]]) -> None:
         args = ([r[0] for r in releases], [r[1] for r in releases], [r[2] for r in releases])
-        await self._run(functools.partial(_execute, self._sql.release_many, args))
+        await self._db.execute(self._sql.release_many, *args)
 
     def _interned(self, payload: bytes) -> bytes:
         """One object for equal payloads: members of one connection then share a PUSH.
@@ -471,53 +416,6 @@ class PostgresBackend(Backend):
         if len(self._members) >= MEMBER_CACHE_GROUPS:
             self._members.clear()
         self._members[key] = tuple(dict.fromkeys(members))
-
-    async def _run(self, operation: Callable[[Any], Awaitable[T]]) -> T:
-        """Run ``operation`` on a pooled connection, under the timeout, errors translated."""
-        pool = self._pool
-        if pool is None:
-            raise BackendUnavailable("the PostgreSQL backend is not connected")
-        for attempt in range(DEADLOCK_RETRIES + 1):
-            try:
-                async with asyncio.timeout(self.options.timeout_s):
-                    conn = await pool.acquire()
-                    try:
-                        result = await operation(conn)
-                    except BaseException:
-                        await _give_back(pool, conn)
-                        raise
-                await _give_back(pool, conn)  # after the answer, which stands whatever happens
-                return result
-            except asyncpg.exceptions.DeadlockDetectedError as exc:
-                if attempt == DEADLOCK_RETRIES:
-                    raise BackendError(f"PostgreSQL: {exc}") from exc
-            except TimeoutError as exc:
-                raise BackendUnavailable(
-                    f"PostgreSQL did not answer within {self.options.timeout_s:g} s"
-                ) from exc
-            except _UNAVAILABLE as exc:
-                raise BackendUnavailable(f"PostgreSQL unavailable: {_describe(exc)}") from exc
-            except asyncpg.PostgresError as exc:
-                raise BackendError(f"PostgreSQL: {_describe(exc)}") from exc
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    async def _guard(self, awaitable: Awaitable[T]) -> T:
-        """Await a connection step, translating driver errors as ``_run`` does."""
-        try:
-            async with asyncio.timeout(self.options.timeout_s * 2):
-                return await awaitable
-        except TimeoutError as exc:
-            raise BackendUnavailable(f"PostgreSQL did not answer at {self._where()}") from exc
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(
-                f"cannot reach PostgreSQL at {self._where()}: {_describe(exc)}"
-            ) from exc
-        except asyncpg.PostgresError as exc:
-            raise BackendError(f"PostgreSQL at {self._where()}: {_describe(exc)}") from exc
-
-    def _where(self) -> str:
-        parts = urlsplit(self.options.dsn)
-        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
     def _wake_if_watched(self, ns: str, channel: str) -> None:
         key = client_id_of(channel) if is_process_specific(channel) else channel
@@ -543,39 +441,9 @@ class PostgresBackend(Backend):
             return
         spaces = [ns for ns, _ in self._watched]
         keys = [key for _, key in self._watched]
-        rows = await self._run(lambda conn: conn.fetch(self._sql.recheck, spaces, keys))
+        rows = await self._db.run(lambda conn: conn.fetch(self._sql.recheck, spaces, keys))
         for ns, channel in rows:
             self._wake_if_watched(ns, channel)
-
-
-async def _keep_session(conn: Any) -> None:
-    """Skip asyncpg's reset query on release: one round trip per operation saved.
-
-    Nothing here changes session state: locks are transaction-scoped, LISTEN is on the
-    listener's own connection, settings come with the connection. asyncpg still rolls
-    back a transaction left open before calling this.
-    """
-
-
-async def _give_back(pool: Any, conn: Any) -> None:
-    """Return a connection to the pool; one that broke meanwhile is dropped, not raised.
-
-    A server shutting down may cut the connection right after it answered: the
-    answer (a committed send) must still reach the caller.
-    """
-    try:
-        await pool.release(conn)
-    except (*_UNAVAILABLE, asyncpg.PostgresError):
-        with contextlib.suppress(*_UNAVAILABLE):  # the pool may have dropped it already
-            conn.terminate()
-
-
-async def _fetchrow(sql: str, args: tuple[Any, ...], conn: Any) -> Any:
-    return await conn.fetchrow(sql, *args)
-
-
-async def _execute(sql: str, args: tuple[Any, ...], conn: Any) -> None:
-    await conn.execute(sql, *args)
 
 
 #: What ``send_direct`` answers.
@@ -588,8 +456,3 @@ def _ttl_ms(expiry_s: float) -> int:
 
 def _client_of(channel: str) -> str | None:
     return client_id_of(channel) if is_process_specific(channel) else None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
