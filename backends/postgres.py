@@ -46,8 +46,9 @@ from .postgres_listener import Listener
 from .postgres_pool import Database
 from .postgres_schema import SCHEMA_VERSION, current_version, migrate, quote_ident
 from .postgres_sql import Statements
-from .postgres_sweep import Sweeper, Vacuum
+from .postgres_sweep import Sweeper
 from .postgres_url import PostgresOptions
+from .postgres_vacuum import Vacuum
 
 __all__ = ["PostgresBackend", "PostgresOptions"]
 
@@ -83,7 +84,7 @@ class PostgresBackend(Backend):
         self._takes = TakeBatcher(self._take_now)
         self._releases = ReleaseWriter(self._write_releases)
         self.vacuum = Vacuum(
-            self._db.fetch, self._db.execute, options.schema, quote_ident(options.schema)
+            self._db.fetch, self._db.connect, options.schema, quote_ident(options.schema)
         )
         self._sweeper = Sweeper(self._db.fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
 
@@ -110,7 +111,7 @@ class PostgresBackend(Backend):
             await self._db.open()
             await self._prepare_schema()
             self._listener = Listener(
-                self._db.connect_listener,
+                self._db.connect,
                 self.options.schema,
                 self._wake_if_watched,
                 self._recheck_now.set,

@@ -1,5 +1,5 @@
 """The PostgreSQL backend's connections: a pool whose every call is bounded in time and
-speaks our errors, and the listener's connection.
+speaks our errors, and connections of their own.
 
 Driver errors become ``BackendUnavailable`` (connection lost, database down or slower
 than ``timeout``) or ``BackendError`` (a bug or misconfiguration: a missing schema, a
@@ -77,8 +77,9 @@ class Database:
             except (*_UNAVAILABLE, asyncpg.PostgresError):
                 pool.terminate()
 
-    async def connect_listener(self) -> Any:
-        """A connection of its own, outside the pool (LISTEN belongs to a session)."""
+    async def connect(self) -> Any:
+        """A connection of its own, outside the pool: the listener's (LISTEN belongs to a
+        session), the vacuum's (a session lock, and statements longer than ``timeout``)."""
         return await asyncio.wait_for(
             asyncpg.connect(
                 self.options.dsn,

@@ -1,16 +1,8 @@
-"""The PostgreSQL backend's housekeeping: expired data removed in bounded batches, queue
-tables vacuumed, gauges read.
+"""The PostgreSQL backend's housekeeping: expired data removed in bounded batches, gauges
+read, and the queue tables vacuumed (``postgres_vacuum``).
 
 Reads never return expired data, so the sweep only frees room; one daemon at a time
 does it (the ``sweep`` function skips when another holds its advisory lock).
-
-Every delivery deletes a row, and a take walks the channel's index from its oldest
-entry: entries of deleted rows stay there, and slow every take down, until a VACUUM
-removes them. Autovacuum may be off, or wake only once a minute and then wait for a
-fifth of the table to be dead; a queue turns its whole table over every few seconds.
-So the sweeper VACUUMs a table of ours itself once enough of it is dead (``SKIP_LOCKED``:
-another daemon's or autovacuum's run under way is enough). A role that may not vacuum
-is told once, in the log, and left to autovacuum.
 """
 
 from __future__ import annotations
@@ -22,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .base import BackendError, BackendStats
+from .postgres_vacuum import Vacuum
 
-__all__ = ["SWEEP_BATCH", "SWEEP_INTERVAL_S", "Sweeper", "Vacuum"]
+__all__ = ["SWEEP_BATCH", "SWEEP_INTERVAL_S", "Sweeper"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
@@ -35,58 +28,8 @@ SWEEP_BATCH = 1000
 SWEEP_MAX_BATCHES = 100
 #: Gauges are counted by full scans of two small tables: not more often than this.
 STATS_INTERVAL_S = 10.0
-#: A table is vacuumed once this many of its rows are dead, and more than
-#: ``VACUUM_DEAD_FRACTION`` of it (so a large backlog is not rescanned for a few rows).
-VACUUM_MIN_DEAD = 2000
-VACUUM_DEAD_FRACTION = 0.1
-
 #: Runs one statement with its arguments on a pooled connection, errors translated.
 Fetch = Callable[..., Awaitable[Any]]
-#: Runs one statement outside any transaction (VACUUM refuses to run inside one).
-Execute = Callable[[str], Awaitable[Any]]
-
-
-class Vacuum:
-    """VACUUMs the tables of one schema whose dead rows passed the thresholds."""
-
-    def __init__(self, fetch: Fetch, execute: Execute, schema: str, quoted_schema: str) -> None:
-        self._fetch = fetch
-        self._execute = execute
-        self._schema = schema
-        self._quoted = quoted_schema
-        #: VACUUMs this daemon ran, by table name.
-        self.runs: dict[str, int] = {}
-
-    async def run(self) -> bool:
-        """Vacuum what needs it; False once this role turns out not to be allowed to."""
-        rows = await self._fetch(_DEAD_ROWS, self._schema)
-        for table, dead, live in rows:
-            if dead < VACUUM_MIN_DEAD or dead <= VACUUM_DEAD_FRACTION * (dead + live):
-                continue
-            try:
-                await self._execute(f"VACUUM (SKIP_LOCKED) {self._quoted}.{table}")
-            except BackendError as exc:
-                if "permission" in str(exc) or "owner" in str(exc):
-                    log.warning(
-                        "cannot VACUUM %s.%s (%s): left to autovacuum; takes slow down "
-                        "if it does not keep up",
-                        self._schema,
-                        table,
-                        exc,
-                    )
-                    return False
-                raise
-            self.runs[table] = self.runs.get(table, 0) + 1
-            log.debug("vacuumed %s.%s: %d dead rows", self._schema, table, dead)
-        return True
-
-
-#: The tables of a schema with their dead and live row counts (the statistics
-#: collector's, which lag a second or so).
-_DEAD_ROWS = """
-    SELECT relname, n_dead_tup, n_live_tup FROM pg_stat_user_tables
-    WHERE schemaname = $1 AND relname IN ('messages', 'takes', 'channels', 'groups')
-"""
 
 
 class Sweeper:
@@ -111,12 +54,12 @@ class Sweeper:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 await self.sweep()
-                if self._vacuum is not None and not await self._vacuum.run():
-                    self._vacuum = None
                 if time.monotonic() >= stats_due:
                     stats_due = time.monotonic() + STATS_INTERVAL_S
                     row = await self._fetchrow(self._stats_sql)
                     self.stats = BackendStats(row[0], row[1], row[2], row[3], 0)
+                if self._vacuum is not None:
+                    await self._vacuum.run()
             except BackendError as exc:
                 log.debug("sweep failed: %s", exc)
 
