@@ -100,11 +100,18 @@ class DirectPushes(Protocol):
     """
 
     def held_direct(self, ns: str, channel: str) -> int:
-        """Messages pushed directly to ``channel`` and not yet acknowledged."""
+        """Messages pushed directly to ``channel`` (or about to be) and not yet
+        acknowledged; the count lapses when the newest of them expires."""
 
-    def pushable(self, ns: str, channels: Sequence[str], capacities: list[int]) -> list[str]:
+    def pushable(
+        self, ns: str, channels: Sequence[str], capacities: list[int], expiry_s: float
+    ) -> list[str]:
         """Lower each channel's capacity (in place) by its ``held_direct``; return the
-        channels with room left whose owner is connected here and can be written to."""
+        channels with room left whose owner is connected here and can be written to,
+        each with one message reserved: ``push_now`` or ``unreserve`` it."""
+
+    def unreserve(self, ns: str, channels: Sequence[str]) -> None:
+        """Give back what ``pushable`` reserved for channels that were stored after all."""
 
     def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
         """Push ``payload`` to each channel's owner at once; return the channels not

@@ -167,18 +167,24 @@ class PostgresBackend(Backend):
         it at once if the daemon can and nothing of the channel waits (``DirectPushes``).
         """
         pushes, capacities = self._direct, [capacity]
-        direct = pushes is not None and bool(pushes.pushable(ns, [channel], capacities))
+        direct = [] if pushes is None else pushes.pushable(ns, [channel], capacities, expiry_s)
         capacity = capacities[0]
         if capacity < 1:
             return False
-        await self._releases.written(ns, [channel])
-        outcome = await self._send(ns, channel, payload, capacity, expiry_s, direct)
-        if outcome == _SENT_DIRECT:
-            assert pushes is not None
-            if not pushes.push_now(ns, [channel], payload, _ttl_ms(expiry_s)):
+        try:
+            await self._releases.written(ns, [channel])
+            outcome = await self._send(ns, channel, payload, capacity, expiry_s, bool(direct))
+        except BaseException:
+            if pushes is not None and direct:
+                pushes.unreserve(ns, direct)
+            raise
+        if pushes is not None and direct:
+            if outcome != _SENT_DIRECT:
+                pushes.unreserve(ns, direct)
+            elif not pushes.push_now(ns, direct, payload, _ttl_ms(expiry_s)):
                 return True
-            # Its owner left meanwhile: store it, as for any channel.
-            outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)
+            else:  # its owner left meanwhile (and its count with it): store it
+                outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)
         if outcome == _STORED:
             self._on_ready(ns, channel)
         return outcome != _REFUSED
@@ -352,7 +358,7 @@ class PostgresBackend(Backend):
         """One call of ``group_send_direct``: (delivered, skipped, unknown, stale, direct)."""
         capacities = [capacity_of(c) for c in channels]
         pushes = self._direct
-        direct = [] if pushes is None else pushes.pushable(ns, channels, capacities)
+        direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
         chosen = set(direct)
         pairs = list(zip(channels, capacities, strict=True))
         stored = [pair for pair in pairs if pair[0] not in chosen]
@@ -368,8 +374,17 @@ class PostgresBackend(Backend):
             " ".join(str(n) for _, n in stored_direct),
             " ".join({client_id_of(c) for c in direct}),
         )
-        row = await self._db.run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
-        return row[0], row[1], row[2], row[3], row[4].split()
+        try:
+            row = await self._db.run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+        except BaseException:
+            if pushes is not None and direct:
+                pushes.unreserve(ns, direct)
+            raise
+        confirmed: list[str] = row[4].split()
+        if pushes is not None and len(confirmed) < len(direct):
+            kept = set(confirmed)
+            pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
+        return row[0], row[1], row[2], row[3], confirmed
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
         """``capacity`` less what was pushed directly to ``channel`` and not acknowledged."""

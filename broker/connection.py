@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from backends import BackendError, Taken
@@ -71,9 +72,12 @@ class Connection(RequestHandlers, asyncio.Protocol):
         self.ready_pulls: deque[Pull] = deque()
         self.pulls: dict[int, Pull] = {}
         #: Messages pushed and not yet acknowledged, per channel: taken from storage
-        #: (the backend counts them too, until released) and pushed directly.
+        #: (the backend counts them too, until released) and pushed directly (or about
+        #: to be), the latter with when the newest of them expires: their count lapses
+        #: then, as held counts in storage do.
         self.held: dict[str, int] = {}
         self.held_direct: dict[str, int] = {}
+        self._direct_until: dict[str, float] = {}
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
@@ -182,13 +186,31 @@ class Connection(RequestHandlers, asyncio.Protocol):
             and self._writable.is_set()
         )
 
+    def direct_held(self, channel: str) -> int:
+        count = self.held_direct.get(channel, 0)
+        if count and self._direct_until[channel] < time.monotonic():
+            del self.held_direct[channel]
+            del self._direct_until[channel]
+            return 0
+        return count
+
+    def reserve_direct(self, channel: str, expiry_s: float) -> None:
+        self.held_direct[channel] = self.held_direct.get(channel, 0) + 1
+        until = time.monotonic() + expiry_s
+        if until > self._direct_until.get(channel, 0.0):
+            self._direct_until[channel] = until
+
+    def unreserve_direct(self, channel: str) -> None:
+        count = self.held_direct.get(channel, 0)
+        if count > 1:
+            self.held_direct[channel] = count - 1
+        elif count:
+            del self.held_direct[channel]
+
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport
         if self.closing or transport is None or transport.is_closing():
             return False
-        held = self.held_direct
-        for channel in channels:
-            held[channel] = held.get(channel, 0) + 1
         self.ctx.metrics.count_delivered("direct", len(channels))
         self._write(Push(tuple(channels), payload, ttl_ms))
         # Out now, before the sender hears OK: nothing was stored for these channels.
@@ -199,6 +221,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
         # The backend dropped our held counts along with the messages.
         self.held.clear()
         self.held_direct.clear()
+        self._direct_until.clear()
         self._write(Flushed())
         # Out now, before the flusher's OK: a client that sees the OK and then asks
         # another connection must find that connection's buffer already cleared.

@@ -39,11 +39,17 @@ class Endpoint(Protocol):
     def serve_pull_later(self, pull: Pull) -> None:
         """Try to answer a RECEIVE: a message may be waiting on its channel."""
 
-    #: Messages pushed with ``push_now`` and not yet acknowledged, per channel.
-    held_direct: dict[str, int]
-
     def can_push(self) -> bool:
         """True if messages for our channels can be pushed now (``push_now``)."""
+
+    def direct_held(self, channel: str) -> int:
+        """Direct pushes to one of our channels not yet acknowledged (lapsed: 0)."""
+
+    def reserve_direct(self, channel: str, expiry_s: float) -> None:
+        """Count one direct push to come (or gone out) for ``channel``."""
+
+    def unreserve_direct(self, channel: str) -> None:
+        """Undo one ``reserve_direct``."""
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
@@ -116,13 +122,15 @@ class Router:
             pull.endpoint.serve_pull_later(pull)
 
     def held_direct(self, ns: str, channel: str) -> int:
-        """Messages pushed directly to ``channel`` and not yet acknowledged."""
+        """Direct pushes to ``channel`` not yet acknowledged (``DirectPushes``)."""
         owner = self._owners.get((ns, client_id_of(channel)))
-        return 0 if owner is None else owner.held_direct.get(channel, 0)
+        return 0 if owner is None else owner.direct_held(channel)
 
-    def pushable(self, ns: str, channels: Sequence[str], capacities: list[int]) -> list[str]:
-        """``DirectPushes.pushable``: a group send may hand these members the message
-        itself; the capacities left exclude what was pushed so and is unacknowledged."""
+    def pushable(
+        self, ns: str, channels: Sequence[str], capacities: list[int], expiry_s: float
+    ) -> list[str]:
+        """``DirectPushes.pushable``: members a send may hand the message to directly,
+        one message reserved for each; capacities lowered by what is reserved already."""
         owners = self._owners
         found: list[str] = []
         for index, channel in enumerate(channels):
@@ -131,11 +139,19 @@ class Router:
             owner = owners.get((ns, client_id_of(channel)))
             if owner is None:
                 continue
-            room = capacities[index] - owner.held_direct.get(channel, 0)
+            room = capacities[index] - owner.direct_held(channel)
             capacities[index] = room
             if room > 0 and owner.can_push():
+                owner.reserve_direct(channel, expiry_s)
                 found.append(channel)
         return found
+
+    def unreserve(self, ns: str, channels: Sequence[str]) -> None:
+        """``DirectPushes.unreserve``."""
+        for channel in channels:
+            owner = self._owners.get((ns, client_id_of(channel)))
+            if owner is not None:
+                owner.unreserve_direct(channel)
 
     def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
         """Push ``payload`` to each channel's owner now; return the channels not reached

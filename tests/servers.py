@@ -182,20 +182,24 @@ class RedisCluster:
         self._wait_ok()
 
     def _wait_ok(self) -> None:
+        """Until every node says the cluster is ok: each decides on its own, from gossip,
+        and one still saying CLUSTERDOWN fails the commands routed to it."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        port = self.servers[0].port
-        while True:
-            info = subprocess.run(
-                [_redis_cli(), "-p", str(port), "cluster", "info"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout
-            if "cluster_state:ok" in info:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis Cluster not ok after {START_TIMEOUT_S} s: {info}")
-            time.sleep(0.1)
+        for server in self.servers:
+            while True:
+                info = subprocess.run(
+                    [_redis_cli(), "-p", str(server.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Redis Cluster node {server.port} not ok after {START_TIMEOUT_S} s: {info}"
+                    )
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for server in self.servers:

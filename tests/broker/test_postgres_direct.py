@@ -111,3 +111,38 @@ async def test_direct_pushes_count_against_capacity_until_read(
     await asyncio.sleep(0.2)  # the acknowledgements reach the daemon
     await sender.send(channel, {"n": 2})
     assert (await receive(owner, channel))["n"] == 2
+
+
+async def test_concurrent_sends_to_a_full_channel_let_one_through(
+    own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Capacity 1, two senders at once: the room is taken when the daemon decides to push,
+    not when it pushes, so exactly one send is refused."""
+    from channels.exceptions import ChannelFull
+
+    owner, first, second = (make_own_layer(capacity=1) for _ in range(3))
+    channel = await owner.new_channel()
+    for layer in (owner, first, second):  # connected before the race
+        await layer.group_add(unique("connect"), channel)
+    outcomes = await asyncio.gather(
+        first.send(channel, {"n": 1}), second.send(channel, {"n": 2}), return_exceptions=True
+    )
+    assert sum(isinstance(outcome, ChannelFull) for outcome in outcomes) == 1, outcomes
+    assert (await receive(owner, channel))["n"] in (1, 2)
+
+
+async def test_an_unread_direct_push_stops_counting_once_expired(
+    own_broker: Any, make_own_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """As a held count in the database lapses with its messages: capacity 1, expiry 1 s."""
+    from channels.exceptions import ChannelFull
+
+    sender, owner = make_own_layer(capacity=1, expiry=1), make_own_layer(capacity=1, expiry=1)
+    channel = await owner.new_channel()
+    await owner.group_add(unique("connect"), channel)
+    await sender.send(channel, {"n": 1})
+    with pytest.raises(ChannelFull):
+        await sender.send(channel, {"n": "refused"})
+    await asyncio.sleep(1.2)
+    await sender.send(channel, {"n": 2})
+    assert (await receive(owner, channel))["n"] == 2
