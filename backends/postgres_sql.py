@@ -97,10 +97,10 @@ class Statements:
             ) m
         """
         self.top_channels = f"""
-            SELECT c.ns, c.channel, c.waiting - coalesce(t.taken, 0) AS left
+            SELECT c.ns, c.channel, c.waiting - coalesce(t.taken, 0) AS backlog
             FROM {s}.channels c LEFT JOIN {s}.takes t USING (ns, channel)
             WHERE c.waiting - coalesce(t.taken, 0) > 0
-            ORDER BY left DESC LIMIT $1
+            ORDER BY backlog DESC, c.ns, c.channel LIMIT $1
         """
         self.stats = f"""
             WITH w AS (

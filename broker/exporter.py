@@ -143,7 +143,8 @@ class Exporter(Collector):
         yield _labelled_counter(
             "messages_delivered",
             "Messages handed to a consumer: push (to a client's own channel, from storage), "
-            "direct (pushed by a group_send without storing it) or pull (RECEIVE).",
+            "direct (pushed at once, never stored: PostgreSQL, to a client connected to "
+            "this daemon) or pull (RECEIVE).",
             "mode",
             metrics.delivered,
         )

@@ -287,6 +287,16 @@ async def test_queue_tables_are_vacuumed_once_enough_rows_are_dead(
         assert row["n_dead_tup"] < count
 
 
+async def test_top_channels_lists_the_longest_backlogs(server_url: str, schema: str) -> None:
+    """What ``channels-broker status`` shows; taken messages no longer count."""
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        for channel, count in (("a", 3), ("b", 1), ("c", 2)):
+            for _ in range(count):
+                await backend.send("ns", channel, b"x", capacity=10, expiry_s=LONG_S)
+        await backend.take("ns", "a", 2, hold=False)
+        assert await backend.top_channels(2) == [("ns", "c", 2), ("ns", "a", 1)]
+
+
 # Faults
 
 
