@@ -58,8 +58,11 @@ async def current_version(conn: asyncpg.Connection, schema: str) -> int:
     return int(version or 0)
 
 
-async def migrate(conn: asyncpg.Connection, schema: str, *, unlogged: bool) -> tuple[int, int]:
-    """Bring ``schema`` to ``SCHEMA_VERSION``; return (version before, version after).
+async def migrate(
+    conn: asyncpg.Connection, schema: str, *, unlogged: bool, up_to: int = SCHEMA_VERSION
+) -> tuple[int, int]:
+    """Bring ``schema`` to ``SCHEMA_VERSION`` (or the earlier ``up_to``, to test
+    upgrades); return (version before, version after).
 
     Also sets the tables' persistence to match ``unlogged`` (a table rewrite when it
     changes). Raises ``ValueError`` if the schema is newer than this code knows.
@@ -86,14 +89,14 @@ async def migrate(conn: asyncpg.Connection, schema: str, *, unlogged: bool) -> t
         values["held"] = EXPRESSIONS["held"]
         values["used"] = EXPRESSIONS["used"].format(**values)
         for version, sql in MIGRATIONS:
-            if version > before:
+            if before < version <= up_to:
                 await conn.execute(sql.format(**values))
                 await conn.execute(
                     f"DELETE FROM {quoted}.schema_version; "
                     f"INSERT INTO {quoted}.schema_version VALUES ({version})"
                 )
         await _set_persistence(conn, schema, unlogged=unlogged)
-    return before, SCHEMA_VERSION
+    return before, max(before, up_to)
 
 
 async def _set_persistence(conn: asyncpg.Connection, schema: str, *, unlogged: bool) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from backends import BackendError, BackendUnavailable, backend_from_url
 from backends.postgres import PostgresBackend, PostgresOptions
-from backends.postgres_schema import SCHEMA_VERSION
+from backends.postgres_schema import SCHEMA_VERSION, current_version, migrate
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
 
@@ -104,6 +104,36 @@ async def test_migrate_creates_the_schema_once_and_says_its_version(
         await backend.close()
     async with connected(f"{server_url}?schema={schema}&migrate=false") as backend:
         assert await backend.send("ns", "work", b"x", capacity=1, expiry_s=LONG_S)
+
+
+async def test_a_version_1_schema_is_upgraded_and_keeps_its_data(
+    server_url: str, schema: str
+) -> None:
+    """Session 1 shipped version 1: a daemon of today migrates it at start."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        assert await migrate(conn, schema, unlogged=False, up_to=1) == (0, 1)
+        await conn.execute(
+            f'SELECT "{schema}".send($1, $2, NULL, $3, 10, 60)', "ns", "old", b"kept"
+        )
+    finally:
+        await conn.close()
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        assert await current_version_of(server_url, schema) == SCHEMA_VERSION
+        assert await backend.take("ns", "old", 5, hold=False) == [
+            (b"kept", pytest.approx(60, abs=5))
+        ]
+        await backend.group_add("ns", "room", "old", group_expiry_s=LONG_S)
+        result = await backend.group_send("ns", "room", b"new", capacity_of=cap, expiry_s=LONG_S)
+        assert list(result.delivered) == ["old"]
+
+
+async def current_version_of(server_url: str, schema: str) -> int:
+    conn = await asyncpg.connect(server_url)
+    try:
+        return await current_version(conn, schema)
+    finally:
+        await conn.close()
 
 
 async def test_missing_schema_without_migration_is_a_clear_error(
