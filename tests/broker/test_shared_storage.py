@@ -1,7 +1,9 @@
-"""Several daemons on one Redis: one site, any daemon, nothing lost to a daemon crash.
+"""Several daemons on one Redis or PostgreSQL: one site, any daemon, nothing lost to a
+daemon crash.
 
-Each test starts its own daemons (``broker_factory``) on the session's Redis, with the
-session's key prefix; names are unique per test.
+Each test runs once per shared storage and starts its own daemons (``broker_factory``)
+on the session's Redis (with the session's key prefix) or PostgreSQL (in the session's
+schema); names are unique per test.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from tests import servers
 DELIVERY_TIMEOUT_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def backend_url() -> str:
-    """Every daemon of this module uses the session's Redis (overrides the parameter)."""
-    return servers.backend_url("redis://")
+@pytest.fixture(scope="module", params=["redis://", "postgresql://"], ids=["redis", "postgresql"])
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """The daemons of a test share the session's Redis, or its PostgreSQL."""
+    url: str = servers.backend_url(request.param)
+    return url
 
 
 @asynccontextmanager
