@@ -284,7 +284,12 @@ class PostgresBackend(Backend):
         )
         members = [] if stale else list(known)
         if unknown:
-            more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
+            try:
+                more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
+            except BaseException:
+                if direct and self._direct is not None:
+                    self._direct.unreserve(ns, direct)  # nobody will push these now
+                raise
             delivered += more[0]
             skipped += more[1]
             direct += more[4]

@@ -47,7 +47,7 @@ Connect = Callable[[], Awaitable[Any]]
 #: and whether this role may vacuum them (owner, or superuser).
 _DEAD_ROWS = """
     SELECT s.relname, s.n_dead_tup, s.n_live_tup,
-           pg_has_role(current_user, c.relowner, 'MEMBER')
+           pg_has_role(current_user, c.relowner, 'USAGE')
            OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
     FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
     WHERE s.schemaname = $1 AND s.relname IN ('messages', 'takes', 'channels', 'groups')

@@ -200,12 +200,13 @@ class Connection(RequestHandlers, asyncio.Protocol):
         if until > self._direct_until.get(channel, 0.0):
             self._direct_until[channel] = until
 
-    def unreserve_direct(self, channel: str) -> None:
-        count = self.held_direct.get(channel, 0)
-        if count > 1:
-            self.held_direct[channel] = count - 1
-        elif count:
-            del self.held_direct[channel]
+    def unreserve_direct(self, channel: str, count: int = 1) -> None:
+        held = self.held_direct.get(channel, 0)
+        if held > count:
+            self.held_direct[channel] = held - count
+        else:  # none left (never below zero: a client must not lift its own capacity)
+            self.held_direct.pop(channel, None)
+            self._direct_until.pop(channel, None)
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport

@@ -48,8 +48,8 @@ class Endpoint(Protocol):
     def reserve_direct(self, channel: str, expiry_s: float) -> None:
         """Count one direct push to come (or gone out) for ``channel``."""
 
-    def unreserve_direct(self, channel: str) -> None:
-        """Undo one ``reserve_direct``."""
+    def unreserve_direct(self, channel: str, count: int = 1) -> None:
+        """Undo ``count`` of ``reserve_direct`` (an acknowledgement does too)."""
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
