@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from .base import BackendError, BackendStats
-from .postgres_vacuum import Vacuum
+from .postgres_vacuum import Fetch, Vacuum
 
 __all__ = ["SWEEP_BATCH", "SWEEP_INTERVAL_S", "Sweeper"]
 
@@ -28,8 +26,6 @@ SWEEP_BATCH = 1000
 SWEEP_MAX_BATCHES = 100
 #: Gauges are counted by full scans of two small tables: not more often than this.
 STATS_INTERVAL_S = 10.0
-#: Runs one statement with its arguments on a pooled connection, errors translated.
-Fetch = Callable[..., Awaitable[Any]]
 
 
 class Sweeper:

@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["Vacuum"]
+__all__ = ["Connect", "Fetch", "Vacuum"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
