@@ -214,7 +214,8 @@ class Connection(RequestHandlers, asyncio.Protocol):
             return False
         self.ctx.metrics.count_delivered("direct", len(channels))
         self._write(Push(tuple(channels), payload, ttl_ms))
-        # Out now, before the sender hears OK: nothing was stored for these channels.
+        # Out now: this connection's worker may be idle, and nothing else would write
+        # its buffer (nor can anything take these messages back from storage).
         self._flush()
         return True
 

@@ -62,7 +62,6 @@ class RequestHandlers:
     inbox: deque[Frame]
     pulls: dict[int, Pull]
     held: dict[str, int]
-    held_direct: dict[str, int]
     ready_channels: dict[str, None]
 
     if TYPE_CHECKING:  # provided by Connection
@@ -266,8 +265,7 @@ class RequestHandlers:
         if not (self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)):
             return
         session = self._session()
-        backend = self.ctx.backend
-        result = await backend.group_send(
+        result = await self.ctx.backend.group_send(
             session.ns,
             frame.group,
             frame.payload,
