@@ -56,7 +56,7 @@ from .redis_scripts import (
     WAITING,
 )
 from .redis_stash import HOLD_S, Stash
-from .redis_stats import read_stats
+from .redis_stats import read_stats, read_top_channels
 from .redis_topology import Topology
 from .redis_url import RedisSettings
 from .redis_wakeups import Subscriptions
@@ -306,6 +306,11 @@ class RedisBackend(Backend):
         if self._stash and not self._subs.owns(ns, key):
             for (space, channel), entries in self._stash.pop_client(ns, key).items():
                 self._spawn(self._ungrab(space, channel, entries))
+
+    async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
+        """The longest queues, by a SCAN of our keys (expired messages not yet removed
+        count too); for ``channels-broker status``."""
+        return await read_top_channels(self._require().pipes(), self.settings.prefix, limit)
 
     def stats(self) -> BackendStats:
         """The last reading (every ``STATS_INTERVAL_S``); ``expired_total`` is this daemon's."""

@@ -221,6 +221,17 @@ async def test_stats_count_waiting_messages_and_memberships(backend: Backend, ns
     assert stats.memberships >= 2
 
 
+async def test_top_channels_lists_the_longest_queues(backend: Backend, ns: str) -> None:
+    """What ``channels-broker status`` shows, for this test's namespace."""
+    assert isinstance(backend, RedisBackend)
+    for channel, count in (("work", 3), ("specific.c1!x", 2), ("other", 1)):
+        for index in range(count):
+            await put(backend, ns, channel, str(index).encode())
+    top = [row for row in await backend.top_channels(1000) or [] if row[0] == ns]
+    assert top == [(ns, "work", 3), (ns, "specific.c1!x", 2), (ns, "other", 1)]
+    assert len(await backend.top_channels(2) or []) <= 2
+
+
 async def test_take_many_takes_from_every_channel_at_once(backend: Backend, ns: str) -> None:
     channels = ["specific.c0ffee00!a", "specific.c0ffee00!b", "work"]
     for channel in channels:
