@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
@@ -171,13 +171,9 @@ class PostgresBackend(Backend):
         capacity = capacities[0]
         if capacity < 1:
             return False
-        try:
+        with self._given_back_on_error(ns, direct):
             await self._releases.written(ns, [channel])
             outcome = await self._send(ns, channel, payload, capacity, expiry_s, bool(direct))
-        except BaseException:
-            if pushes is not None and direct:
-                pushes.unreserve(ns, direct)
-            raise
         if pushes is not None and direct:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
@@ -284,12 +280,8 @@ class PostgresBackend(Backend):
         )
         members = [] if stale else list(known)
         if unknown:
-            try:
+            with self._given_back_on_error(ns, direct):
                 more = await self._group_send(ns, group, payload, expiry_s, unknown, capacity_of)
-            except BaseException:
-                if direct and self._direct is not None:
-                    self._direct.unreserve(ns, direct)  # nobody will push these now
-                raise
             delivered += more[0]
             skipped += more[1]
             direct += more[4]
@@ -379,17 +371,24 @@ class PostgresBackend(Backend):
             " ".join(str(n) for _, n in stored_direct),
             " ".join({client_id_of(c) for c in direct}),
         )
-        try:
+        with self._given_back_on_error(ns, direct):
             row = await self._db.run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
-        except BaseException:
-            if pushes is not None and direct:
-                pushes.unreserve(ns, direct)
-            raise
         confirmed: list[str] = row[4].split()
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
             pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
         return row[0], row[1], row[2], row[3], confirmed
+
+    @contextlib.contextmanager
+    def _given_back_on_error(self, ns: str, direct: list[str]) -> Iterator[None]:
+        """Give back the direct-push reservations of ``direct`` if the body fails (or is
+        cancelled): nobody will push those messages now."""
+        try:
+            yield
+        except BaseException:
+            if direct and self._direct is not None:
+                self._direct.unreserve(ns, direct)
+            raise
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
         """``capacity`` less what was pushed directly to ``channel`` and not acknowledged."""
