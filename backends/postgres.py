@@ -9,9 +9,11 @@ others through their ``Listener``. Nothing is lost when a notification is: every
 the waiting channels of what this daemon watches and wakes them, so a missed
 notification delays a message by at most that interval. ``FOR UPDATE SKIP LOCKED``
 lets daemons take from one channel at once without ever handing out one message twice;
-takes of one channel that queue up in this daemon go out as one, and releases are
-written in the background, many per statement (``postgres_batching``: round trips, and
-their system calls, are what a daemon spends its time on).
+takes of one channel that queue up in this daemon go out as one, a channel that
+workers pull busily has its next messages taken ahead of their pulls
+(``postgres_takes``), and releases are written in the background, many per statement
+(``postgres_batching``): round trips, and their system calls, are what a daemon
+spends its time on.
 
 A message for a channel whose owner is connected to this daemon, with nothing of that
 channel waiting or held in the database, is not stored at all: the same round trip
@@ -41,12 +43,19 @@ from .base import (
     GroupSendResult,
     Taken,
 )
-from .postgres_batching import ReleaseWriter, TakeBatcher
+from .postgres_batching import ReleaseWriter
 from .postgres_listener import Listener
 from .postgres_pool import Database
-from .postgres_schema import SCHEMA_VERSION, current_version, migrate, quote_ident
+from .postgres_schema import (
+    SCHEMA_VERSION,
+    current_version,
+    migrate,
+    quote_ident,
+    quote_literal,
+)
 from .postgres_sql import Statements
 from .postgres_sweep import Sweeper
+from .postgres_takes import Ahead, Takes
 from .postgres_url import PostgresOptions
 from .postgres_vacuum import Vacuum
 
@@ -61,6 +70,9 @@ MEMBER_CACHE_GROUPS = 10_000
 #: the frames it would save.
 INTERN_MAX_BYTES = 64 * 1024
 INTERN_ENTRIES = 1024
+#: Messages taken ahead for busy workers go back after this long unwanted
+#: (``postgres_takes``); other daemons' workers wait at most this for them.
+TAKE_AHEAD_LINGER_S = 0.05
 
 
 class PostgresBackend(Backend):
@@ -71,7 +83,7 @@ class PostgresBackend(Backend):
     def __init__(self, options: PostgresOptions) -> None:
         super().__init__()
         self.options = options
-        self._sql = Statements(quote_ident(options.schema))
+        self._sql = Statements(quote_ident(options.schema), quote_literal(options.schema))
         self._own_pids: set[int] = set()
         self._db = Database(options, self._own_pids)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,7 +93,13 @@ class PostgresBackend(Backend):
         self._watched: dict[tuple[str, str], int] = {}
         self._members: dict[tuple[str, str], tuple[str, ...]] = {}
         self._payloads: dict[bytes, bytes] = {}
-        self._takes = TakeBatcher(self._take_now)
+        self._takes = Takes(
+            self._take_now,
+            self._give_back,
+            self._on_ready,
+            depth=options.prefetch,
+            linger_s=TAKE_AHEAD_LINGER_S,
+        )
         self._releases = ReleaseWriter(self._write_releases)
         self.vacuum = Vacuum(
             self._db.fetch, self._db.connect, options.schema, quote_ident(options.schema)
@@ -166,7 +184,7 @@ class PostgresBackend(Backend):
         """Append unless full (capacity check and insert are one transaction), or push
         it at once if the daemon can and nothing of the channel waits (``DirectPushes``).
         """
-        pushes, capacities = self._direct, [capacity]
+        pushes, capacities = self._direct, [self._less_ahead(ns, channel, capacity)]
         direct = [] if pushes is None else pushes.pushable(ns, [channel], capacities, expiry_s)
         capacity = capacities[0]
         if capacity < 1:
@@ -294,6 +312,7 @@ class PostgresBackend(Backend):
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, channel counters and memberships."""
         await self._db.run(lambda conn: conn.execute(self._sql.flush, ns))
+        self._takes.forget(ns)
         self._members.clear()
 
     # -- wake-ups ------------------------------------------------------------
@@ -353,7 +372,7 @@ class PostgresBackend(Backend):
         capacity_of: CapacityOf,
     ) -> tuple[list[str], int, list[str], bool, list[str]]:
         """One call of ``group_send_direct``: (delivered, skipped, unknown, stale, direct)."""
-        capacities = [capacity_of(c) for c in channels]
+        capacities = [self._less_ahead(ns, c, capacity_of(c)) for c in channels]
         pushes = self._direct
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
         chosen = set(direct)
@@ -391,11 +410,19 @@ class PostgresBackend(Backend):
             raise
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
-        """``capacity`` less what was pushed directly to ``channel`` and not acknowledged."""
+        """``capacity`` less what of ``channel`` waits outside the database: what was
+        pushed directly and not acknowledged, or what was taken ahead."""
         pushes = self._direct
-        if pushes is None or "!" not in channel:
+        if "!" not in channel:
+            return capacity - self._takes.waiting_ahead(ns, channel)
+        return capacity if pushes is None else capacity - pushes.held_direct(ns, channel)
+
+    def _less_ahead(self, ns: str, channel: str, capacity: int) -> int:
+        """``capacity`` less what this daemon took ahead of a normal channel (a
+        process-specific one's direct pushes are ``pushable``'s to count)."""
+        if "!" in channel:
             return capacity
-        return capacity - pushes.held_direct(ns, channel)
+        return capacity - self._takes.waiting_ahead(ns, channel)
 
     async def _send(
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
@@ -404,13 +431,25 @@ class PostgresBackend(Backend):
         outcome: int = await self._db.run(lambda conn: conn.fetchval(self._sql.send, *args))
         return outcome
 
-    async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
+    async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
         rows = await self._db.run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
-        if rows and rows[0][2]:
+        if rows and rows[0][3]:
             # More wait: wake the next puller too. One notification (or re-check) may
             # stand for many messages, and each wake-up serves one pull.
             self._on_ready(ns, channel)
-        return [Taken(self._interned(row[0]), max(0.0, row[1])) for row in rows]
+        now = asyncio.get_running_loop().time()
+        return [Ahead(row[0], self._interned(row[1]), now + max(0.0, row[2])) for row in rows]
+
+    async def _give_back(self, ns: str, channel: str, items: list[Ahead]) -> None:
+        now = asyncio.get_running_loop().time()
+        args = (
+            ns,
+            channel,
+            [item.id for item in items],
+            [item.payload for item in items],
+            [item.deadline - now for item in items],
+        )
+        await self._db.execute(self._sql.give_back, *args)
 
     async def _write_releases(self, releases: list[tuple[str, str, int]]) -> None:
         args = ([r[0] for r in releases], [r[1] for r in releases], [r[2] for r in releases])

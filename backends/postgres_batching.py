@@ -1,17 +1,10 @@
-"""Fewer round trips for the PostgreSQL backend: takes of one channel and releases, batched.
+"""Fewer round trips for the PostgreSQL backend: releases, written in batches.
 
-A daemon spends its time on system calls, a round trip to PostgreSQL costs two, and the
-database serializes the writers of one counter row anyway, so:
-
-* ``TakeBatcher``: takes of one channel that come while one is under way (several
-  workers of this daemon pulling one channel) wait for it, then go out together in one
-  statement; each caller gets its share, in the order they came.
-* ``ReleaseWriter``: releases (a client acknowledging pushed messages) are written in
-  the background, all those made meanwhile in one statement. Senders ask ``written``
-  first, so a release is never pending when this daemon checks that channel's capacity.
-
-A caller that gives up (is cancelled) while its take is under way loses its share, as
-it would lose the messages of a take of its own that committed before it gave up.
+A daemon spends its time on system calls, and a round trip to PostgreSQL costs two, so
+releases (a client acknowledging pushed messages) are written in the background, all
+those made meanwhile in one statement. Senders ask ``written`` first, so a release is
+never pending when this daemon checks that channel's capacity. (Takes are batched by
+``postgres_takes``.)
 """
 
 from __future__ import annotations
@@ -20,72 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from .base import BackendError, BackendUnavailable, Taken
+from .base import BackendError
 
-__all__ = ["ReleaseWriter", "TakeBatcher"]
+__all__ = ["ReleaseWriter"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
-#: Takes up to ``limit`` messages of (ns, channel), with or without ``hold``.
-TakeNow = Callable[[str, str, int, bool], Awaitable[list[Taken]]]
 #: Writes releases: (namespace, channel, count), sorted by namespace and channel.
 WriteReleases = Callable[[list[tuple[str, str, int]]], Awaitable[None]]
-#: A take waiting for the one under way on its channel: its limit and its answer.
-_Waiter = tuple[int, "asyncio.Future[list[Taken]]"]
-
-
-class TakeBatcher:
-    """Coalesces concurrent takes of one channel into one statement per round."""
-
-    def __init__(self, take_now: TakeNow) -> None:
-        self._take_now = take_now
-        #: Channels with a take under way -> the takes waiting for the next round.
-        self._queues: dict[tuple[str, str, bool], list[_Waiter]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def take(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
-        key = (ns, channel, hold)
-        queue = self._queues.get(key)
-        if queue is not None:
-            future: asyncio.Future[list[Taken]] = asyncio.get_running_loop().create_future()
-            queue.append((limit, future))
-            return await future
-        self._queues[key] = []
-        try:
-            return await self._take_now(ns, channel, limit, hold)
-        finally:
-            queued = self._queues.pop(key)
-            if queued:
-                self._queues[key] = []  # those coming now wait for the next round
-                task = asyncio.get_running_loop().create_task(self._serve(key, queued))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        """Stop serving; takes still waiting fail with ``BackendUnavailable``."""
-        tasks, self._tasks = list(self._tasks), set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _serve(self, key: tuple[str, str, bool], queued: list[_Waiter]) -> None:
-        """One round trip per round of queued takes; ``key`` stays queued until done."""
-        ns, channel, hold = key
-        try:
-            while queued:
-                try:
-                    taken = await self._take_now(ns, channel, sum(n for n, _ in queued), hold)
-                except BackendError as exc:
-                    _fail(queued, exc)
-                else:
-                    for limit, future in queued:
-                        share, taken = taken[:limit], taken[limit:]
-                        if not future.done():
-                            future.set_result(share)
-                queued = self._queues[key]
-                self._queues[key] = []
-        finally:
-            _fail([*queued, *self._queues.pop(key, [])], BackendUnavailable("closing"))
 
 
 class ReleaseWriter:
@@ -135,9 +70,3 @@ class ReleaseWriter:
                     exc,
                 )
         self._writing = {}
-
-
-def _fail(waiters: list[_Waiter], exc: BackendError) -> None:
-    for _, future in waiters:
-        if not future.done():
-            future.set_exception(exc)

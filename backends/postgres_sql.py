@@ -9,11 +9,13 @@ _HELD = "(CASE WHEN t.held_until > now() THEN t.held ELSE 0 END)"
 
 
 class Statements:
-    """SQL text for the schema ``s`` (already quoted); asyncpg prepares each once."""
+    """SQL text for the schema ``s`` (already quoted) and its notification channel
+    ``notify`` (a quoted literal); asyncpg prepares each once."""
 
     __slots__ = (
         "channels_with_messages",
         "flush",
+        "give_back",
         "group_add",
         "group_discard",
         "group_send",
@@ -28,7 +30,7 @@ class Statements:
         "top_channels",
     )
 
-    def __init__(self, s: str) -> None:
+    def __init__(self, s: str, notify: str) -> None:
         self.send = f"SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)"
         self.send_many = f"SELECT {s}.send_many($1, $2, $3, $4, $5, $6)"
         self.group_send = (
@@ -61,11 +63,30 @@ class Statements:
                     held_until = greatest(t.held_until, excluded.held_until)
                 RETURNING t.taken
             )
-            SELECT payload, extract(epoch FROM expires_at - now())::float8,
+            SELECT id, payload, extract(epoch FROM expires_at - now())::float8,
                    coalesce((SELECT c.waiting FROM {s}.channels c
                              WHERE c.ns = $1 AND c.channel = $2), 0)
                    > (SELECT taken FROM counted)
             FROM gone ORDER BY id
+        """
+        # Messages taken ahead and not handed out, back under their old ids (their
+        # place in the queue) with what is left of their lives, counted in again
+        # (the take counted them out); other daemons are told.
+        self.give_back = f"""
+            WITH back AS (
+                INSERT INTO {s}.messages (id, ns, channel, payload, expires_at)
+                OVERRIDING SYSTEM VALUE
+                SELECT b.id, $1, $2, b.payload, now() + make_interval(secs => b.ttl)
+                FROM unnest($3::bigint[], $4::bytea[], $5::float8[]) AS b(id, payload, ttl)
+                WHERE b.ttl > 0
+                RETURNING 1
+            ), counted AS (
+                INSERT INTO {s}.channels AS c (ns, channel, waiting)
+                SELECT $1, $2, n FROM (SELECT count(*) AS n FROM back) k WHERE k.n > 0
+                ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting
+                RETURNING 1
+            )
+            SELECT pg_notify({notify}, $1 || ' ' || $2) FROM counted
         """
         self.release_many = f"SELECT {s}.release_many($1, $2, $3)"
         self.channels_with_messages = f"""

@@ -1,7 +1,7 @@
 """The PostgreSQL backend's URL: where to connect, and the options it takes from the query.
 
 ``postgresql://user:password@host:5432/db?schema=channels_broker&unlogged=false&
-migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0`` (``postgres://`` too).
+migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=16`` (``postgres://`` too).
 Every other query parameter goes to asyncpg: its connection parameters (``sslmode``...)
 and PostgreSQL session settings (``synchronous_commit=on``...).
 """
@@ -25,6 +25,10 @@ DEFAULT_POOL_SIZE = 10
 #: The longest any operation waits (for a connection and its answer) before failing
 #: with ``BackendUnavailable``: a client gets BACKEND_UNAVAILABLE instead of hanging.
 DEFAULT_TIMEOUT_S = 5.0
+#: Up to this many messages of a normal channel that workers pull busily are taken
+#: out ahead of their pulls; a daemon killed outright (SIGKILL) loses them.
+DEFAULT_PREFETCH = 64
+MAX_PREFETCH = 1000
 #: The most a missed notification delays a message.
 DEFAULT_RECHECK_S = 1.0
 
@@ -56,6 +60,8 @@ class PostgresOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     recheck_s: float = DEFAULT_RECHECK_S
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: Messages a busy normal channel's takes remove ahead (``postgres_takes``); 0: none.
+    prefetch: int = DEFAULT_PREFETCH
     #: Session settings, ours only where the URL's query does not set the same name.
     server_settings: tuple[tuple[str, str], ...] = ()
 
@@ -104,6 +110,12 @@ def _parse_positive(key: str, value: str) -> float:
     return number
 
 
+def _parse_whole(key: str, value: str) -> int:
+    if not value.isdigit() or int(value) > MAX_PREFETCH:
+        raise BackendError(f"{key}={value!r}: use a whole number from 0 to {MAX_PREFETCH}")
+    return int(value)
+
+
 def _parse_count(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise BackendError(f"{key}={value!r}: use a whole number of at least 1")
@@ -117,6 +129,7 @@ _OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "pool_size": _parse_count,
     "recheck_interval": _parse_positive,
     "timeout": _parse_positive,
+    "prefetch": _parse_whole,
 }
 _OPTION_FIELDS = {
     "schema": "schema",
@@ -125,4 +138,5 @@ _OPTION_FIELDS = {
     "pool_size": "pool_size",
     "recheck_interval": "recheck_s",
     "timeout": "timeout_s",
+    "prefetch": "prefetch",
 }

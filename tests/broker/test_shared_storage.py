@@ -136,3 +136,37 @@ async def test_sigkilled_daemon_loses_no_waiting_message(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(worker.receive(work), 0.5)
     one.start()  # so that the fixture's clean stop has a daemon to stop
+
+
+async def test_workers_lose_nothing_when_their_daemon_stops_mid_stream(
+    broker_factory: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """1. Workers on daemon 1 (with daemon 2 as their second host) and on daemon 2
+       pull one normal channel busily (daemon 1 takes messages ahead of them).
+    2. Daemon 1 is stopped (SIGTERM) halfway through the stream of sends.
+    3. Every message arrives exactly once: what daemon 1 had taken ahead went back.
+    """
+    one, two = broker_factory(), broker_factory()
+    hosts = [[one.url, two.url]] * 3 + [[two.url], [two.url]]
+    async with layers(*hosts, capacity=1000) as (*workers, sender):
+        work = unique("work")
+        got: list[int] = []
+
+        async def pull(layer: Any) -> None:
+            while True:
+                got.append((await layer.receive(work))["n"])
+
+        tasks = [asyncio.create_task(pull(layer)) for layer in workers]
+        for start in range(0, 600, 50):  # bursts, so that a backlog builds up
+            if start == 300:
+                await asyncio.to_thread(one.stop)
+            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 50)))
+        async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
+            while len(got) < 600:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a duplicate would show up now
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert sorted(got) == list(range(600))
+    one.start()  # so that the fixture's clean stop has a daemon to stop
