@@ -152,6 +152,12 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Stop background jobs and close connections. Idempotent."""
 
+    async def prepare_to_stop(self) -> None:
+        """The daemon is about to stop, its clients still connected: give storage back
+        what this backend keeps in memory only to be faster (messages taken ahead), so
+        that the clients, reconnecting elsewhere, find it there in order."""
+        return  # most backends keep nothing of the kind
+
     @abc.abstractmethod
     async def is_ready(self) -> bool:
         """True when the storage answers now (for ``/readyz``)."""

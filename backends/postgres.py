@@ -96,7 +96,7 @@ class PostgresBackend(Backend):
         self._takes = Takes(
             self._take_now,
             self._give_back,
-            self._on_ready,
+            lambda ns, channel: self._on_ready(ns, channel),  # installed later: look it up
             depth=options.prefetch,
             linger_s=TAKE_AHEAD_LINGER_S,
         )
@@ -160,6 +160,10 @@ class PostgresBackend(Backend):
             await listener.stop()
         await self._db.close()
         self._loop = None
+
+    async def prepare_to_stop(self) -> None:
+        """Take nothing more ahead, and put back what was (``postgres_takes``)."""
+        await self._takes.stop_taking_ahead()
 
     async def is_ready(self) -> bool:
         """True when a pooled connection answers and the listener is connected."""
@@ -311,6 +315,10 @@ class PostgresBackend(Backend):
 
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, channel counters and memberships."""
+        # Before: nothing taken ahead may be served or put back after the flush; after:
+        # nor what rounds that were under way meanwhile took.
+        self._takes.forget(ns)
+        await self._takes.settled()
         await self._db.run(lambda conn: conn.execute(self._sql.flush, ns))
         self._takes.forget(ns)
         self._members.clear()

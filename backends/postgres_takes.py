@@ -6,22 +6,24 @@ round trip sits between every message and the next ``receive`` of a worker, so a
 workers could not pull faster than a few thousand messages a second, whatever the
 database's throughput. Two things take it off that path:
 
-* Batching. Takes of one channel that come while one is under way wait for it, then
-  go out together in one statement; each caller gets its share, in the order they came.
-* Taking ahead. While a channel is being pulled busily (at least ``BUSY_PULLS`` pulls
-  in the last ``linger`` seconds), a take also removes up to ``depth`` more messages,
-  the channel's next ones, and keeps them here; the next pulls are served from them
-  at once, and a background take tops them up when half are gone. They count against
-  the channel's capacity for this daemon's senders (``waiting_ahead``). Messages taken
-  ahead that no pull wanted for ``linger`` seconds, and all of them when the daemon
-  stops, are put back under their old ids, so they keep their place in the queue and
-  other daemons' workers get them. What a daemon killed outright had taken ahead (at
-  most ``depth`` per busy channel) is lost, as a message on its way to a worker is:
-  delivery is at most once. ``depth=0`` turns taking ahead off.
+* Batching. Takes of one channel go out as one statement per round: those that come
+  while one round is under way wait for the next; each gets its share, in order.
+* Taking ahead. While a normal channel is pulled busily (at least ``BUSY_PULLS`` pulls
+  in the last ``linger`` seconds), a round also removes the channel's next messages,
+  as many as were pulled in the last one or two ``linger`` periods and at most
+  ``depth``, and keeps them here: the next pulls are served from them at once, and a
+  background round tops them up when half are gone. They count against the channel's
+  capacity for this daemon's senders (``waiting_ahead``). What no pull wanted for
+  ``linger`` seconds, and all of it when the daemon stops (``stop_taking_ahead``,
+  before its clients go), is put back under its old ids, so it keeps its place in the
+  queue and other daemons' workers get it. What a daemon killed outright had taken
+  ahead (at most ``depth`` per busy channel) is lost, as a message on its way to a
+  worker is: delivery is at most once. ``depth=0`` turns taking ahead off.
 
-Messages are taken ahead only for normal channels and takes without ``hold``; a
-caller that gives up (is cancelled) while its take is under way loses its share, as
-it would lose the messages of a take of its own that committed before it gave up.
+Statements run in tasks of their own, so a caller that gives up (is cancelled) while
+its round is under way loses nothing: its share stays here for the next take. On a
+channel that is not taken ahead (a process-specific one, or takes with ``hold``)
+such a share is dropped if no take wants it within ``linger`` seconds.
 """
 
 from __future__ import annotations
@@ -59,25 +61,28 @@ GiveBack = Callable[[str, str, list[Ahead]], Awaitable[None]]
 #: Wakes one more pull of (ns, channel).
 Wake = Callable[[str, str], None]
 _Key = tuple[str, str, bool]
-#: A take waiting for the one under way on its channel: its limit and its answer.
+#: A take waiting for a round: its limit and its answer.
 _Waiter = tuple[int, "asyncio.Future[list[Taken]]"]
 
 
 @dataclass(slots=True)
 class _Line:
-    """One channel's takes: those waiting, the one under way, what was taken ahead."""
+    """One channel's takes: those waiting, the round under way, what was taken ahead."""
 
     may_take_ahead: bool
     waiters: list[_Waiter] = field(default_factory=list)
-    #: A statement (a take, or putting messages back) is under way for this channel.
+    #: A statement (a round, or putting messages back) is under way for this channel.
     busy: bool = False
     ahead: deque[Ahead] = field(default_factory=deque)
     #: Pulls served in the current and the previous ``linger`` window.
     pulls: int = 0
     pulls_before: int = 0
     window_start: float = 0.0
-    last_pull: float = 0.0
+    #: When a pull was last served, or messages last arrived: idleness counts from there.
+    last_used: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    #: ``Takes.generation`` when the round under way began (a flush since voids it).
+    generation: int = 0
 
 
 class Takes:
@@ -89,12 +94,13 @@ class Takes:
         self._take_now = take_now
         self._give_back = give_back
         self._wake = wake
-        self.depth = depth
+        self.depth = self._configured_depth = depth
         self.linger_s = linger_s
         self._lines: dict[_Key, _Line] = {}
-        #: Takes in the background (cancelled on close) and puts back (awaited).
-        self._rounds: set[asyncio.Task[None]] = set()
-        self._returns: set[asyncio.Task[None]] = set()
+        #: Bumped by ``forget``: rounds begun before a flush keep nothing ahead.
+        self.generation = 0
+        #: Statements under way: rounds and putting back.
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def waiting_ahead(self, ns: str, channel: str) -> int:
         """How many of the channel's messages this daemon has taken ahead."""
@@ -105,46 +111,56 @@ class Takes:
         key = (ns, channel, hold)
         line = self._lines.get(key)
         if line is None:
-            line = self._lines[key] = _Line(self.depth > 0 and not hold and "!" not in channel)
-        if line.timer is None:
-            line.timer = asyncio.get_running_loop().call_later(self.linger_s, self._tick, key)
+            may = self.depth > 0 and not hold and "!" not in channel
+            line = self._lines[key] = _Line(may)
         if not line.waiters:
             served = self._serve_from_ahead(key, line, limit)
             if served:
                 return served
-        if line.busy or line.waiters:
-            future: asyncio.Future[list[Taken]] = asyncio.get_running_loop().create_future()
-            line.waiters.append((limit, future))
-            return await future
-        line.busy = True
-        try:
-            line.ahead.extend(await self._take_now(ns, channel, limit + self._top_up(line), hold))
-            return self._serve_from_ahead(key, line, limit)
-        finally:
-            line.busy = False
-            self._after_round(key, line)
+        future: asyncio.Future[list[Taken]] = asyncio.get_running_loop().create_future()
+        line.waiters.append((limit, future))
+        if not line.busy:
+            self._start_round(key, line)
+        return await future
 
     def forget(self, ns: str) -> None:
-        """Drop what was taken ahead in ``ns`` (it was flushed)."""
+        """Drop what was taken ahead in ``ns`` (it is being flushed), and void rounds
+        under way: what they bring beyond their callers' shares is dropped too."""
+        self.generation += 1
         for (line_ns, _, _), line in self._lines.items():
             if line_ns == ns:
                 line.ahead.clear()
 
+    async def settled(self) -> None:
+        """Wait until no statement is under way (rounds, putting back)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop_taking_ahead(self) -> None:
+        """Take nothing more ahead; put back what was (the daemon is stopping)."""
+        self.depth = 0
+        for line in self._lines.values():
+            line.may_take_ahead = False
+        await self.settled()
+        returns = []
+        for key, line in self._lines.items():
+            if line.ahead and not line.busy and _puts_back(key):
+                items = list(line.ahead)
+                line.ahead.clear()
+                line.busy = True  # takes wait until they are back: order holds
+                returns.append(self._linger_back(key, line, items))
+        await asyncio.gather(*returns)
+
     async def close(self) -> None:
-        """Stop; put back what was taken ahead; takes still waiting fail."""
-        rounds, self._rounds = list(self._rounds), set()
-        for task in rounds:
-            task.cancel()
-        await asyncio.gather(*rounds, return_exceptions=True)
+        """Put back what was taken ahead; takes still waiting fail. Ready to be used
+        again (as configured) once the backend reconnects."""
+        await self.stop_taking_ahead()
         lines, self._lines = self._lines, {}
-        for (ns, channel, _), line in lines.items():
+        for line in lines.values():
             _fail(line.waiters, BackendUnavailable("closing"))
             if line.timer is not None:
                 line.timer.cancel()
-            if line.ahead:
-                await self._put_back(ns, channel, list(line.ahead))
-        returns, self._returns = list(self._returns), set()
-        await asyncio.gather(*returns, return_exceptions=True)
+        self.depth = self._configured_depth
 
     # -- internals -----------------------------------------------------------
 
@@ -162,7 +178,7 @@ class Takes:
         if ahead:
             self._wake(key[0], key[1])  # one wake-up serves one pull
         if not line.busy and len(ahead) <= self.depth // 2 and self._top_up(line) > 0:
-            self._start(self._round(key, line), self._rounds)  # before the next pulls come
+            self._start_round(key, line)  # before the next pulls come
         return served
 
     def _count_pulls(self, line: _Line, now: float, count: int) -> None:
@@ -171,7 +187,7 @@ class Takes:
             line.pulls_before = line.pulls if recent else 0
             line.pulls, line.window_start = 0, now
         line.pulls += count
-        line.last_pull = now
+        line.last_used = now
 
     def _top_up(self, line: _Line) -> int:
         """How many more to take than asked for: none unless the channel is busy."""
@@ -183,29 +199,30 @@ class Takes:
             return 0
         return max(0, min(self.depth, recent) - len(line.ahead))
 
-    def _after_round(self, key: _Key, line: _Line) -> None:
-        """Serve the takes that queued up meanwhile from what came, or give them a round."""
-        while line.waiters and line.ahead:
-            limit, future = line.waiters.pop(0)
-            if not future.done():
-                future.set_result(self._serve_from_ahead(key, line, limit))
-        if line.waiters and not line.busy:
-            self._start(self._round(key, line), self._rounds)
+    def _start_round(self, key: _Key, line: _Line) -> None:
+        line.busy = True  # at once: a take coming before the task runs joins it
+        line.generation = self.generation
+        self._start(self._round(key, line))
 
     async def _round(self, key: _Key, line: _Line) -> None:
-        """One statement for the queued takes (and a top-up); theirs, in order."""
-        if line.busy or self._lines.get(key) is not line:
-            return  # whoever is busy serves the queued takes when done
+        """One statement for the queued takes (and a top-up); theirs, in order.
+
+        A task of its own: a caller cancelled meanwhile leaves its share in ``ahead``.
+        """
         ns, channel, hold = key
-        line.busy = True
         queued, line.waiters = line.waiters, []
         try:
             want = sum(limit for limit, _ in queued) + self._top_up(line)
             if want > 0:
-                line.ahead.extend(await self._take_now(ns, channel, want, hold))
+                taken = await self._take_now(ns, channel, want, hold)
+                line.ahead.extend(taken)
+                if taken:
+                    line.last_used = asyncio.get_running_loop().time()
             for limit, future in queued:
                 if not future.done():
                     future.set_result(self._serve_from_ahead(key, line, limit))
+            if line.generation != self.generation:
+                line.ahead.clear()  # taken before a flush of this daemon's
             if line.ahead:
                 self._wake(ns, channel)  # a pull that found nothing may wait in the router
         except asyncio.CancelledError:
@@ -215,43 +232,63 @@ class Takes:
             _fail(queued, exc if isinstance(exc, BackendError) else BackendError(str(exc)))
         finally:
             line.busy = False
-        self._after_round(key, line)
+            self._after_round(key, line)
+
+    def _after_round(self, key: _Key, line: _Line) -> None:
+        """Serve the takes that queued up meanwhile, or give them a round; keep the
+        line while it may hold or take messages ahead."""
+        while line.waiters and line.ahead:
+            limit, future = line.waiters.pop(0)
+            if not future.done():
+                future.set_result(self._serve_from_ahead(key, line, limit))
+        if line.busy:
+            return
+        if line.waiters:
+            self._start_round(key, line)
+        elif line.ahead or line.may_take_ahead:
+            if line.timer is None:
+                loop = asyncio.get_running_loop()
+                line.timer = loop.call_later(self.linger_s, self._tick, key)
+        elif self._lines.get(key) is line:
+            del self._lines[key]
 
     def _tick(self, key: _Key) -> None:
-        """Every ``linger`` seconds while a channel is in use: put back what no pull
-        wanted for that long; forget the channel once it is idle."""
+        """Every ``linger`` seconds while a line is kept: put back (or, on a line that is
+        not taken ahead, drop) what no take wanted for that long; forget an idle line."""
         line = self._lines.get(key)
         if line is None:
             return
         line.timer = None
-        loop = asyncio.get_running_loop()
-        idle_s = loop.time() - line.last_pull
-        if line.busy or line.waiters or idle_s < self.linger_s:
+        idle_s = asyncio.get_running_loop().time() - line.last_used
+        if line.busy or line.waiters:
+            return  # the round re-arms the timer when it ends
+        if idle_s < self.linger_s:
             pass
-        elif line.ahead:
+        elif line.ahead and _puts_back(key):
             items = list(line.ahead)
             line.ahead.clear()
             line.busy = True  # takes wait until they are back: order holds
-            self._start(self._linger_back(key, line, items), self._returns)
+            self._start(self._linger_back(key, line, items))
+            return
+        elif line.ahead:
+            log.info("dropped %d messages of %s a cancelled take left", len(line.ahead), key[1])
+            line.ahead.clear()
         elif idle_s >= 2 * self.linger_s:
             del self._lines[key]
             return
-        line.timer = loop.call_later(self.linger_s, self._tick, key)
+        line.timer = asyncio.get_running_loop().call_later(self.linger_s, self._tick, key)
 
     async def _linger_back(self, key: _Key, line: _Line, items: list[Ahead]) -> None:
+        """Put back ``items``, taken out of the line, which is busy until they are."""
         try:
-            await self._give_back(key[0], key[1], items)
-        except BackendError as exc:
-            # Nothing came meanwhile (takes wait while busy): they are still the oldest.
-            line.ahead.extendleft(reversed(items))
-            log.warning(
-                "could not put back %d messages of %s (will retry): %s", len(items), key[1], exc
-            )
+            await self._put_back(key[0], key[1], items)
         finally:
             line.busy = False
-        self._after_round(key, line)
+            self._after_round(key, line)
 
     async def _put_back(self, ns: str, channel: str, items: list[Ahead]) -> None:
+        # Not retried, not kept: a statement that failed may have committed, and
+        # serving its messages here as well would deliver them twice.
         try:
             await self._give_back(ns, channel, items)
         except BackendError as exc:
@@ -262,10 +299,16 @@ class Takes:
                 exc,
             )
 
-    def _start(self, work: Awaitable[None], tasks: set[asyncio.Task[None]]) -> None:
+    def _start(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _puts_back(key: _Key) -> bool:
+    """Whether a line's leftovers go back to the database: a normal channel's, taken
+    without ``hold`` (``may_take_ahead`` may have been turned off since)."""
+    return "!" not in key[1] and not key[2]
 
 
 def _fail(waiters: list[_Waiter], exc: BackendError) -> None:

@@ -118,6 +118,10 @@ class Server:
         self.context.accepting = False
         for listener in self._listeners:
             listener.close()
+        try:
+            await self.backend.prepare_to_stop()
+        except BackendError as exc:
+            log.warning("could not prepare the backend to stop: %s", exc)
         connections = list(self.context.connections)
         for connection in connections:
             connection.shut_down()

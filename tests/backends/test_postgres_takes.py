@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,12 +58,32 @@ async def pull(backend: PostgresBackend, ns: str, times: int) -> list[int]:
 
 
 async def settled(backend: PostgresBackend, ns: str) -> int:
-    """How many messages of "work" the backend holds taken ahead, once no take is under way."""
+    """How many messages of "work" the backend holds taken ahead, once no round is under way."""
     async with asyncio.timeout(2):
-        takes = backend._takes
-        while takes._rounds or any(line.busy for line in takes._lines.values()):
-            await asyncio.sleep(0.001)
+        await backend._takes.settled()
     return backend._takes.waiting_ahead(ns, "work")
+
+
+async def drained_into_ahead(backend: PostgresBackend, url: str, ns: str) -> None:
+    """Six messages, four pulls: the last two wait taken ahead, none in the database
+    (pulls 1 and 2 take one each; 3 takes three; 4 is served from them and tops up)."""
+    await fill(backend, ns, 6)
+    assert await pull(backend, ns, 4) == [0, 1, 2, 3]
+    assert await settled(backend, ns) == 2
+    assert await stored(url, ns) == []
+
+
+async def rows(url: str, ns: str) -> list[tuple[int, datetime.datetime]]:
+    """(id, expires_at) of the namespace's messages in the database, oldest first."""
+    conn = await asyncpg.connect(url.split("?", 1)[0])
+    try:
+        schema = PostgresOptions.from_url(url).schema
+        found = await conn.fetch(
+            f'SELECT id, expires_at FROM "{schema}".messages WHERE ns = $1 ORDER BY id', ns
+        )
+    finally:
+        await conn.close()
+    return [(row[0], row[1]) for row in found]
 
 
 async def stored(url: str, ns: str) -> list[int]:
@@ -95,19 +116,44 @@ async def test_a_busy_channel_is_taken_ahead_and_pulls_are_served_in_order(
 async def test_what_no_pull_wants_goes_back_in_its_place_for_other_daemons(
     url: str, ns: str
 ) -> None:
-    async with connected(url) as busy, connected(url) as other:
+    quiet = f"{url}&recheck_interval=60"
+    async with connected(url) as busy, connected(quiet) as other:
         heard = WakeupLog()
         other.set_wakeup(heard)
         other.watch(ns, "work")
-        await fill(busy, ns, 100)
-        assert await pull(busy, ns, 10) == list(range(10))
-        assert await settled(busy, ns) > 0
+        await drained_into_ahead(busy, url, ns)
         heard.calls.clear()
-        await heard.wait_for({(ns, "work")}, timeout_s=PAST_LINGER_S + 1)  # told, not polled
+        # Only the put-back's notification can wake it (its re-check is a minute away).
+        await heard.wait_for({(ns, "work")}, timeout_s=PAST_LINGER_S + 0.5)
         assert busy._takes.waiting_ahead(ns, "work") == 0
-        assert await stored(url, ns) == list(range(10, 100))
-        assert await pull(other, ns, 90) == list(range(10, 100))
+        assert await stored(url, ns) == [4, 5]
+        assert await pull(other, ns, 3) == [4, 5]
         await busy.flush(ns)
+
+
+async def test_taking_from_what_was_taken_ahead_wakes_the_next_pull(url: str, ns: str) -> None:
+    async with connected(url) as backend:
+        log = WakeupLog()
+        backend.set_wakeup(log)
+        await drained_into_ahead(backend, url, ns)
+        log.calls.clear()
+        assert await pull(backend, ns, 1) == [4]
+        assert (ns, "work") in log.calls, "one is left: the router must hear of it"
+        await backend.flush(ns)
+
+
+@pytest.mark.parametrize("prefetch", ["64", "0"])
+async def test_a_take_given_up_under_way_leaves_its_message_to_the_next(
+    url: str, ns: str, prefetch: str
+) -> None:
+    async with connected(f"{url}&prefetch={prefetch}") as backend:
+        await fill(backend, ns, 5)
+        given_up = asyncio.create_task(backend.take(ns, "work", 1, hold=False))
+        await asyncio.sleep(0)  # its round is under way
+        given_up.cancel()
+        await settled(backend, ns)
+        assert await pull(backend, ns, 6) == [0, 1, 2, 3, 4]
+        await backend.flush(ns)
 
 
 async def test_closing_puts_back_what_was_taken_ahead(url: str, ns: str) -> None:
@@ -120,13 +166,20 @@ async def test_closing_puts_back_what_was_taken_ahead(url: str, ns: str) -> None
         await other.flush(ns)
 
 
-async def test_messages_put_back_keep_their_expiry(url: str, ns: str) -> None:
+async def test_messages_put_back_keep_their_place_and_expiry(url: str, ns: str) -> None:
     async with connected(url) as backend:
-        await fill(backend, ns, 30, expiry_s=0.5)
-        assert await pull(backend, ns, 5) == list(range(5))
-        assert await settled(backend, ns) > 0
-        await asyncio.sleep(0.6)  # put back meanwhile, and expired since
-        assert await backend.take(ns, "work", 100, hold=False) == []
+        await fill(backend, ns, 6)
+        before = await rows(url, ns)
+        assert await pull(backend, ns, 4) == [0, 1, 2, 3]
+        assert await settled(backend, ns) == 2
+        async with asyncio.timeout(PAST_LINGER_S + 1):
+            while not await rows(url, ns):  # until they are put back
+                await asyncio.sleep(0.01)
+        after = await rows(url, ns)
+        assert [row[0] for row in after] == [row[0] for row in before][4:]  # same ids
+        for (_, was), (_, now) in zip(before[4:], after, strict=True):
+            assert abs((now - was).total_seconds()) < 0.05
+        await backend.flush(ns)
 
 
 async def test_what_was_taken_ahead_counts_against_capacity(url: str, ns: str) -> None:
@@ -146,6 +199,7 @@ async def test_flush_drops_what_was_taken_ahead(url: str, ns: str) -> None:
     async with connected(url) as backend:
         await fill(backend, ns, 40)
         assert await pull(backend, ns, 3) == [0, 1, 2]
+        assert await settled(backend, ns) > 0
         await backend.flush(ns)
         assert backend._takes.waiting_ahead(ns, "work") == 0
         assert await pull(backend, ns, 1) == []
@@ -154,7 +208,7 @@ async def test_flush_drops_what_was_taken_ahead(url: str, ns: str) -> None:
 
 
 async def test_prefetch_0_takes_only_what_is_asked(url: str, ns: str) -> None:
-    async with connected(f"{url}&prefetch=0" if "?" in url else f"{url}?prefetch=0") as backend:
+    async with connected(f"{url}&prefetch=0") as backend:
         await fill(backend, ns, 20)
         assert await pull(backend, ns, 10) == list(range(10))
         assert backend._takes.waiting_ahead(ns, "work") == 0

@@ -157,10 +157,10 @@ async def test_workers_lose_nothing_when_their_daemon_stops_mid_stream(
                 got.append((await layer.receive(work))["n"])
 
         tasks = [asyncio.create_task(pull(layer)) for layer in workers]
-        for start in range(0, 600, 50):  # bursts, so that a backlog builds up
-            if start == 300:
+        for start in range(0, 600, 100):  # bursts, so that a backlog builds up
+            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 100)))
+            if start == 200:  # while the burst is being pulled
                 await asyncio.to_thread(one.stop)
-            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 50)))
         async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
             while len(got) < 600:
                 await asyncio.sleep(0.01)
@@ -169,4 +169,38 @@ async def test_workers_lose_nothing_when_their_daemon_stops_mid_stream(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         assert sorted(got) == list(range(600))
+    one.start()  # so that the fixture's clean stop has a daemon to stop
+
+
+async def test_a_reader_keeps_its_order_when_its_daemon_stops_mid_stream(
+    broker_factory: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """1. One reader pulls a normal channel through daemon 1 (daemon 2 its second host)
+       while a sender on daemon 2 sends in bursts.
+    2. Daemon 1 is stopped (SIGTERM) halfway: it gives back what it took ahead before
+       its clients leave.
+    3. The reader gets every message once, in the order sent.
+    """
+    one, two = broker_factory(), broker_factory()
+    async with layers([one.url, two.url], [two.url], capacity=1000) as (reader, sender):
+        work = unique("work")
+        got: list[int] = []
+
+        async def pull() -> None:
+            while True:
+                got.append((await reader.receive(work))["n"])
+                await asyncio.sleep(0.001)  # slower than the sender: a backlog waits
+
+        task = asyncio.create_task(pull())
+        for start in range(0, 600, 100):  # bursts, so that a backlog builds up
+            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 100)))
+            if start == 200:  # while the burst is being pulled
+                await asyncio.to_thread(one.stop)
+        async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
+            while len(got) < 600:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a duplicate would show up now
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert got == list(range(600))
     one.start()  # so that the fixture's clean stop has a daemon to stop
