@@ -380,7 +380,11 @@ class PostgresBackend(Backend):
         capacity_of: CapacityOf,
     ) -> tuple[list[str], int, list[str], bool, list[str]]:
         """One call of ``group_send_direct``: (delivered, skipped, unknown, stale, direct)."""
-        capacities = [self._less_ahead(ns, c, capacity_of(c)) for c in channels]
+        capacities = [capacity_of(c) for c in channels]
+        if self._takes.has_lines:  # a normal channel among the members may be pulled
+            capacities = [
+                self._less_ahead(ns, c, n) for c, n in zip(channels, capacities, strict=True)
+            ]
         pushes = self._direct
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
         chosen = set(direct)

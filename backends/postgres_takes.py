@@ -102,6 +102,11 @@ class Takes:
         #: Statements under way: rounds and putting back.
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def has_lines(self) -> bool:
+        """Whether any channel is being taken from at all (else nothing waits ahead)."""
+        return bool(self._lines)
+
     def waiting_ahead(self, ns: str, channel: str) -> int:
         """How many of the channel's messages this daemon has taken ahead."""
         line = self._lines.get((ns, channel, False))

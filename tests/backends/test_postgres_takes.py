@@ -230,3 +230,23 @@ async def test_a_pull_now_and_then_takes_nothing_ahead(url: str, ns: str) -> Non
 def test_bad_prefetch_is_refused_by_name(value: str) -> None:
     with pytest.raises(BackendError, match="prefetch"):
         PostgresOptions.from_url(f"postgresql://h/db?prefetch={value}")
+
+
+async def test_what_was_taken_ahead_counts_against_capacity_in_group_sends(
+    url: str, ns: str
+) -> None:
+    async with connected(url) as backend:
+        await backend.group_add(ns, "room", "work", group_expiry_s=LONG_S)
+        await fill(backend, ns, 10)
+        assert await pull(backend, ns, 4) == [0, 1, 2, 3]
+        assert await settled(backend, ns) > 0  # six wait, here and in the database
+
+        async def group_send(capacity: int) -> tuple[list[str], int]:
+            result = await backend.group_send(
+                ns, "room", b"x", capacity_of=lambda _: capacity, expiry_s=LONG_S
+            )
+            return result.delivered, result.skipped
+
+        assert await group_send(6) == ([], 1)
+        assert await group_send(7) == (["work"], 0)
+        await backend.flush(ns)
