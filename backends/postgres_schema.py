@@ -88,6 +88,7 @@ async def migrate(
         }
         values["held"] = EXPRESSIONS["held"]
         values["used"] = EXPRESSIONS["used"].format(**values)
+        values["live_member"] = EXPRESSIONS["live_member"]
         for version, sql in MIGRATIONS:
             if before < version <= up_to:
                 await conn.execute(sql.format(**values))

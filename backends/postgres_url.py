@@ -1,7 +1,7 @@
 """The PostgreSQL backend's URL: where to connect, and the options it takes from the query.
 
 ``postgresql://user:password@host:5432/db?schema=channels_broker&unlogged=false&
-migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=16`` (``postgres://`` too).
+migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=32`` (``postgres://`` too).
 Every other query parameter goes to asyncpg: its connection parameters (``sslmode``...)
 and PostgreSQL session settings (``synchronous_commit=on``...).
 """
@@ -27,7 +27,7 @@ DEFAULT_POOL_SIZE = 10
 DEFAULT_TIMEOUT_S = 5.0
 #: Up to this many messages of a normal channel that workers pull busily are taken
 #: out ahead of their pulls; a daemon killed outright (SIGKILL) loses them.
-DEFAULT_PREFETCH = 64
+DEFAULT_PREFETCH = 32
 MAX_PREFETCH = 1000
 #: The most a missed notification delays a message.
 DEFAULT_RECHECK_S = 1.0
