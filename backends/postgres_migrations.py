@@ -495,14 +495,15 @@ BEGIN
 END $$;
 """
 
-# Version 3: group_send and group_send_direct look the caller's capacities up in a jsonb
-# object instead of joining the group's members with unnest()ed arrays. Once VACUUM had
-# seen the groups table empty, the planner took it for a one-row table and joined by
-# nested loop, running the unnest again for every member: 200 members cost 40,000
-# comparisons, 4.5 ms a call. A member is found by the primary key's (ns, grp) prefix:
-# the expiry test is written so that the expiry index (for the sweep) cannot serve it,
-# as it would, scanning every live membership of every group, when the planner thinks
-# the table holds a row or two.
+# Version 3: plans that hold whatever the planner believes of a table's size. Once
+# VACUUM had seen a table empty (its pages kept, no live row), the planner took it for
+# a one-row table: it joined the group's members with unnest()ed capacity arrays by
+# nested loop, running the unnest again for every member (200 members: 40,000
+# comparisons, 4.5 ms a call), and scanned members through the expiry index (every
+# live membership of every group). So group_send, group_send_direct and send_many look
+# the caller's values up in jsonb objects, send_many and release_many find each row
+# by its key, and a member is found by the primary key's (ns, grp) prefix, its expiry
+# tested so that the expiry index (the sweep's) cannot serve the query.
 
 _GROUP_SEND_V3 = """
 CREATE OR REPLACE FUNCTION {s}.group_send(p_ns text, p_group text, p_payload bytea,
@@ -630,6 +631,94 @@ BEGIN
 END $$;
 """
 
+_SEND_MANY_V3 = """
+CREATE OR REPLACE FUNCTION {s}.send_many(p_ns text, p_channels text[], p_clients text[],
+                              p_payloads bytea[], p_capacities integer[],
+                              p_expiry_s double precision)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_names text[];
+    v_room bigint[];
+    v_accepted integer[];
+    v_full integer[];
+    v_refused integer[] := '{{}}';
+    v_i integer;
+    v_room_of jsonb;
+    v_added_to jsonb;
+    v_capacity_of jsonb;
+BEGIN
+    -- Every channel's row exists; then all are locked in name order and each takes
+    -- as many of its messages, in send order, as it has room for.
+    INSERT INTO {s}.channels AS c (ns, channel, client)
+    SELECT DISTINCT p_ns, k.channel, k.client
+    FROM unnest(p_channels, p_clients) AS k(channel, client) ORDER BY 2
+    ON CONFLICT (ns, channel) DO NOTHING;
+    -- Each row looked up (and locked) by its key, in name order, whatever the planner
+    -- believes of the table's size (see version 3).
+    SELECT array_agg(w.channel ORDER BY w.channel),
+           array_agg(greatest(0, w.capacity - {used}) ORDER BY w.channel)
+    INTO v_names, v_room
+    FROM (SELECT k.channel, min(k.capacity) AS capacity
+          FROM unnest(p_channels, p_capacities) AS k(channel, capacity)
+          GROUP BY k.channel ORDER BY k.channel) w
+    CROSS JOIN LATERAL (
+        SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
+        WHERE x.ns = p_ns AND x.channel = w.channel FOR UPDATE
+    ) c;
+    v_room_of := jsonb_object(v_names, v_room::text[]);
+    SELECT coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth <= x.room), '{{}}'),
+           coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth > x.room), '{{}}')
+    INTO v_accepted, v_full
+    FROM (
+        SELECT k.i::integer AS i, (v_room_of ->> k.channel)::bigint AS room,
+               row_number() OVER (PARTITION BY k.channel ORDER BY k.i) AS nth
+        FROM unnest(p_channels) WITH ORDINALITY AS k(channel, i)
+    ) x;
+    SELECT jsonb_object_agg(n.channel, n.added), jsonb_object_agg(n.channel, n.capacity)
+    INTO v_added_to, v_capacity_of
+    FROM (
+        SELECT p_channels[a.i] AS channel, count(*) AS added,
+               min(p_capacities[a.i]) AS capacity
+        FROM unnest(v_accepted) AS a(i) GROUP BY 1
+    ) n;
+    UPDATE {s}.channels c SET waiting = c.waiting + (v_added_to ->> c.channel)::bigint,
+        capacity = (v_capacity_of ->> c.channel)::integer
+    WHERE c.ns = p_ns AND c.channel = ANY(v_names) AND v_added_to ? c.channel;
+    -- The rest met a full channel; if its oldest message has expired, ``reserve``
+    -- makes room (rarely: the sweep usually has).
+    FOREACH v_i IN ARRAY v_full LOOP
+        IF {s}.reserve(p_ns, p_channels[v_i], p_clients[v_i], p_capacities[v_i]) THEN
+            v_accepted := v_accepted || v_i;
+        ELSE
+            v_refused := v_refused || (v_i - 1);
+        END IF;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
+    PERFORM pg_notify({notify}, p_ns || ' ' || n.channel)
+    FROM (SELECT DISTINCT p_channels[a.i] AS channel FROM unnest(v_accepted) AS a(i)) n;
+    RETURN v_refused;
+END $$;
+"""
+
+_RELEASE_MANY_V3 = """
+CREATE OR REPLACE FUNCTION {s}.release_many(p_ns text[], p_channels text[], p_counts integer[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+BEGIN
+    -- One row at a time, by its key, in name order (the caller sorts and merges).
+    FOR v_key IN SELECT k.ns, k.channel, k.n
+                 FROM unnest(p_ns, p_channels, p_counts) AS k(ns, channel, n)
+                 ORDER BY k.ns, k.channel LOOP
+        UPDATE {s}.takes t SET held = greatest(0, {held} - v_key.n)
+        WHERE t.ns = v_key.ns AND t.channel = v_key.channel;
+    END LOOP;
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -637,5 +726,5 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         _TABLES + _RESERVE + _SEND + _SEND_MANY + _TAKE_MANY + _RELEASE_MANY + _GROUP_SEND + _SWEEP,
     ),
     (2, _GROUP_SEND_DIRECT + _SEND_DIRECT),
-    (3, _GROUP_SEND_V3 + _GROUP_SEND_DIRECT_V3),
+    (3, _GROUP_SEND_V3 + _GROUP_SEND_DIRECT_V3 + _SEND_MANY_V3 + _RELEASE_MANY_V3),
 )
