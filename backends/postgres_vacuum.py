@@ -13,6 +13,11 @@ has ``Vacuum.run`` VACUUM a table of ours once enough of it is dead:
 * a table at most once per ``VACUUM_COOLDOWN_S``, whatever the statistics say (they
   lag), and not at all where this role may not (PostgreSQL only warns in its own log
   then): that is said once, in our log, and the table left to autovacuum.
+
+It ANALYZEs a table too once it holds far more rows than the planner believes (the
+row count VACUUM or ANALYZE last saw): a queue table VACUUMed while empty looks empty
+to the planner until then, and plans for an empty table join by nested loop and scan
+where they should look up (a sweep of 20,000 channels took seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ VACUUM_MIN_DEAD = 2000
 VACUUM_DEAD_FRACTION = 0.1
 #: Seconds between two VACUUMs of one table by this daemon (tried or done).
 VACUUM_COOLDOWN_S = 10.0
+#: A table is ANALYZEd once it holds this many rows more than twice what the planner
+#: believes it holds.
+ANALYZE_MIN_GROWTH = 1000
 #: A VACUUM of a queue table takes milliseconds; one still running after this is cut.
 VACUUM_TIMEOUT_S = 60.0
 
@@ -44,11 +52,13 @@ Fetch = Callable[..., Awaitable[Any]]
 Connect = Callable[[], Awaitable[Any]]
 
 #: Our tables with their dead and live row counts (the statistics lag a second or so),
-#: and whether this role may vacuum them (owner, or superuser).
+#: whether this role may vacuum them (owner, or superuser), and how many rows the
+#: planner believes they hold (-1: never counted).
 _DEAD_ROWS = """
     SELECT s.relname, s.n_dead_tup, s.n_live_tup,
            pg_has_role(current_user, c.relowner, 'USAGE')
-           OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+           c.reltuples
     FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
     WHERE s.schemaname = $1 AND s.relname IN ('messages', 'takes', 'channels', 'groups')
 """
@@ -67,41 +77,46 @@ class Vacuum:
         self._lock_key = _lock_key(schema)
         self._next_at: dict[str, float] = {}
         self._refused: set[str] = set()
-        #: VACUUMs this daemon ran, by table name.
+        #: VACUUMs and ANALYZEs this daemon ran, by table name.
         self.runs: dict[str, int] = {}
+        self.analyzed: dict[str, int] = {}
 
     async def run(self) -> None:
-        """Vacuum what needs it (``BackendError`` if the statistics cannot be read)."""
+        """Vacuum and analyze what needs it (``BackendError`` if the statistics cannot
+        be read)."""
         now = time.monotonic()
-        due: list[str] = []
-        for table, dead, live, allowed in await self._fetch(_DEAD_ROWS, self._schema):
-            if dead < VACUUM_MIN_DEAD or dead <= VACUUM_DEAD_FRACTION * (dead + live):
-                continue
+        due: list[tuple[str, str]] = []
+        for table, dead, live, allowed, believed in await self._fetch(_DEAD_ROWS, self._schema):
+            dead_enough = dead >= VACUUM_MIN_DEAD and dead > VACUUM_DEAD_FRACTION * (dead + live)
             if not allowed:
-                self._refuse(table, dead)
-            elif now >= self._next_at.get(table, 0.0):
-                due.append(table)
+                if dead_enough:
+                    self._refuse(table, dead)
+                continue
+            if dead_enough:
+                due.append(("VACUUM (SKIP_LOCKED, TRUNCATE false)", table))
+            elif live > 2 * max(believed, 0) + ANALYZE_MIN_GROWTH:
+                due.append(("ANALYZE (SKIP_LOCKED)", table))
+        due = [(verb, table) for verb, table in due if now >= self._next_at.get(table, 0.0)]
         if not due:
             return
-        for table in due:
+        for _, table in due:
             self._next_at[table] = now + VACUUM_COOLDOWN_S
         try:
             await self._vacuum(due)
         except _ERRORS as exc:
-            log.warning("could not VACUUM %s (%s): will try again", ", ".join(due), exc)
+            names = ", ".join(table for _, table in due)
+            log.warning("could not VACUUM or ANALYZE %s (%s): will try again", names, exc)
 
-    async def _vacuum(self, tables: list[str]) -> None:
+    async def _vacuum(self, due: list[tuple[str, str]]) -> None:
         conn = await self._connect()
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
                 return  # another daemon is at it
-            for table in tables:
-                await conn.execute(
-                    f"VACUUM (SKIP_LOCKED, TRUNCATE false) {self._quoted}.{table}",
-                    timeout=VACUUM_TIMEOUT_S,
-                )
-                self.runs[table] = self.runs.get(table, 0) + 1
-                log.debug("vacuumed %s.%s", self._schema, table)
+            for verb, table in due:
+                await conn.execute(f"{verb} {self._quoted}.{table}", timeout=VACUUM_TIMEOUT_S)
+                done = self.runs if verb.startswith("VACUUM") else self.analyzed
+                done[table] = done.get(table, 0) + 1
+                log.debug("%s %s.%s", verb.split()[0].lower(), self._schema, table)
         finally:
             # Closing ends the session, and the advisory lock with it, whatever happened.
             with contextlib.suppress(*_ERRORS):

@@ -317,6 +317,43 @@ async def test_a_send_many_stays_fast_once_vacuum_saw_the_channels_table_empty(
         assert max(took[:2]) < 0.1, f"{[round(t * 1000) for t in took]} ms for 64 channels"
 
 
+async def test_a_table_grown_past_what_the_planner_believes_is_analyzed(
+    server_url: str, schema: str
+) -> None:
+    """After a VACUUM saw the channels table empty, 20,000 rows arrive: the planner
+    would go on planning for an empty table (a sweep then took seconds) until an
+    ANALYZE, which the daemon runs itself. (Each row counts a message, so that the
+    sweep does not forget it as idle: the growth alone is what is seen.)"""
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        insert = (
+            f'INSERT INTO "{schema}".channels (ns, channel, client, waiting, capacity)'
+            " SELECT 'ns', 'specific.c!' || i, 'c', 1, 100 FROM generate_series(1, 20000) i"
+        )
+        believed = f"SELECT reltuples FROM pg_class WHERE oid = '\"{schema}\".channels'::regclass"
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(insert)
+            await conn.execute(f'DELETE FROM "{schema}".channels')
+        finally:
+            await conn.close()  # publishes its statistics: the VACUUM then clears them
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(f'VACUUM (TRUNCATE false) "{schema}".channels')
+            await conn.execute(insert)
+            assert await conn.fetchval(believed) == 0
+        finally:
+            await conn.close()  # publishes the inserts (an idle session may wait 10 s)
+        async with asyncio.timeout(10):
+            while "channels" not in backend.vacuum.analyzed:
+                await asyncio.sleep(0.6)
+                await backend.vacuum.run()
+        conn = await asyncpg.connect(server_url)
+        try:
+            assert await conn.fetchval(believed) > 10_000
+        finally:
+            await conn.close()
+
+
 # Expiry
 
 
