@@ -4,19 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
 
-from backends import BackendError, backend_from_url
+from backends import BackendError
 from backends.postgres import TAKE_AHEAD_LINGER_S, PostgresBackend
 from backends.postgres_url import PostgresOptions
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
+from tests.backends.test_postgres import connected
 
 LONG_S = 60.0
 #: Longer than a message taken ahead stays unwanted before it goes back.
@@ -31,17 +29,6 @@ def url() -> str:
 @pytest.fixture
 def ns() -> str:
     return f"ns-{uuid.uuid4().hex[:8]}"
-
-
-@asynccontextmanager
-async def connected(url: str) -> AsyncIterator[PostgresBackend]:
-    backend = backend_from_url(url)
-    assert isinstance(backend, PostgresBackend)
-    await backend.connect()
-    try:
-        yield backend
-    finally:
-        await backend.close()
 
 
 async def fill(backend: PostgresBackend, ns: str, count: int, expiry_s: float = LONG_S) -> None:
@@ -73,30 +60,21 @@ async def drained_into_ahead(backend: PostgresBackend, url: str, ns: str) -> Non
     assert await stored(url, ns) == []
 
 
-async def rows(url: str, ns: str) -> list[tuple[int, datetime.datetime]]:
-    """(id, expires_at) of the namespace's messages in the database, oldest first."""
+async def rows(url: str, ns: str, columns: str = "id, expires_at") -> list[asyncpg.Record]:
+    """``columns`` of the namespace's messages in the database, oldest first."""
     conn = await asyncpg.connect(url.split("?", 1)[0])
     try:
         schema = PostgresOptions.from_url(url).schema
-        found = await conn.fetch(
-            f'SELECT id, expires_at FROM "{schema}".messages WHERE ns = $1 ORDER BY id', ns
-        )
+        query = f'SELECT {columns} FROM "{schema}".messages WHERE ns = $1 ORDER BY id'
+        found: list[asyncpg.Record] = await conn.fetch(query, ns)
     finally:
         await conn.close()
-    return [(row[0], row[1]) for row in found]
+    return found
 
 
 async def stored(url: str, ns: str) -> list[int]:
-    """The channel's messages in the database, oldest first."""
-    conn = await asyncpg.connect(url.split("?", 1)[0])
-    try:
-        schema = PostgresOptions.from_url(url).schema
-        rows = await conn.fetch(
-            f'SELECT payload FROM "{schema}".messages WHERE ns = $1 ORDER BY id', ns
-        )
-    finally:
-        await conn.close()
-    return [int(row[0]) for row in rows]
+    """The numbers of the namespace's messages in the database, oldest first."""
+    return [int(row[0]) for row in await rows(url, ns, "payload")]
 
 
 async def test_a_busy_channel_is_taken_ahead_and_pulls_are_served_in_order(

@@ -41,6 +41,26 @@ async def layers(*hosts: list[str], **config: Any) -> AsyncIterator[list[Any]]:
             await layer.close()
 
 
+#: Messages the mid-stream stop tests send, in bursts of ``STREAM_BURST``.
+STREAM_COUNT = 600
+STREAM_BURST = 100
+
+
+async def stream_stopping(sender: Any, channel: str, daemon: Any, got: list[int]) -> None:
+    """Send ``STREAM_COUNT`` numbered messages in bursts (a backlog builds up), stop
+    ``daemon`` (SIGTERM) while the third is being pulled, and wait until ``got`` holds
+    as many (and a little longer: a duplicate would show up then)."""
+    for start in range(0, STREAM_COUNT, STREAM_BURST):
+        burst = range(start, start + STREAM_BURST)
+        await asyncio.gather(*(sender.send(channel, {"n": n}) for n in burst))
+        if start == 2 * STREAM_BURST:
+            await asyncio.to_thread(daemon.stop)
+    async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
+        while len(got) < STREAM_COUNT:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+
+
 async def receive_n(layer: Any, channel: str, count: int) -> list[Any]:
     return [
         (await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S))["n"]
@@ -157,18 +177,11 @@ async def test_workers_lose_nothing_when_their_daemon_stops_mid_stream(
                 got.append((await layer.receive(work))["n"])
 
         tasks = [asyncio.create_task(pull(layer)) for layer in workers]
-        for start in range(0, 600, 100):  # bursts, so that a backlog builds up
-            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 100)))
-            if start == 200:  # while the burst is being pulled
-                await asyncio.to_thread(one.stop)
-        async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
-            while len(got) < 600:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # a duplicate would show up now
+        await stream_stopping(sender, work, one, got)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert sorted(got) == list(range(600))
+        assert sorted(got) == list(range(STREAM_COUNT))
     one.start()  # so that the fixture's clean stop has a daemon to stop
 
 
@@ -192,15 +205,8 @@ async def test_a_reader_keeps_its_order_when_its_daemon_stops_mid_stream(
                 await asyncio.sleep(0.001)  # slower than the sender: a backlog waits
 
         task = asyncio.create_task(pull())
-        for start in range(0, 600, 100):  # bursts, so that a backlog builds up
-            await asyncio.gather(*(sender.send(work, {"n": n}) for n in range(start, start + 100)))
-            if start == 200:  # while the burst is being pulled
-                await asyncio.to_thread(one.stop)
-        async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
-            while len(got) < 600:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # a duplicate would show up now
+        await stream_stopping(sender, work, one, got)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert got == list(range(600))
+        assert got == list(range(STREAM_COUNT))
     one.start()  # so that the fixture's clean stop has a daemon to stop
