@@ -137,9 +137,9 @@ class Takes:
                 line.ahead.clear()
 
     async def settled(self) -> None:
-        """Wait until no statement is under way (rounds, putting back)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the statements under way now (rounds, putting back); not for those
+        that start meanwhile, which traffic could keep starting for ever."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def stop_taking_ahead(self) -> None:
         """Take nothing more ahead; put back what was (the daemon is stopping)."""

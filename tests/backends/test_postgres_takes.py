@@ -47,7 +47,8 @@ async def pull(backend: PostgresBackend, ns: str, times: int) -> list[int]:
 async def settled(backend: PostgresBackend, ns: str) -> int:
     """How many messages of "work" the backend holds taken ahead, once no round is under way."""
     async with asyncio.timeout(2):
-        await backend._takes.settled()
+        while backend._takes._tasks:
+            await backend._takes.settled()
     return backend._takes.waiting_ahead(ns, "work")
 
 
