@@ -646,25 +646,30 @@ DECLARE
     v_room_of jsonb;
     v_added_to jsonb;
     v_capacity_of jsonb;
+    v_distinct integer := (SELECT count(DISTINCT k) FROM unnest(p_channels) AS k);
 BEGIN
     -- Every channel's row exists; then all are locked in name order and each takes
-    -- as many of its messages, in send order, as it has room for.
-    INSERT INTO {s}.channels AS c (ns, channel, client)
-    SELECT DISTINCT p_ns, k.channel, k.client
-    FROM unnest(p_channels, p_clients) AS k(channel, client) ORDER BY 2
-    ON CONFLICT (ns, channel) DO NOTHING;
-    -- Each row looked up (and locked) by its key, in name order, whatever the planner
-    -- believes of the table's size (see version 3).
-    SELECT array_agg(w.channel ORDER BY w.channel),
-           array_agg(greatest(0, w.capacity - {used}) ORDER BY w.channel)
-    INTO v_names, v_room
-    FROM (SELECT k.channel, min(k.capacity) AS capacity
-          FROM unnest(p_channels, p_capacities) AS k(channel, capacity)
-          GROUP BY k.channel ORDER BY k.channel) w
-    CROSS JOIN LATERAL (
-        SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
-        WHERE x.ns = p_ns AND x.channel = w.channel FOR UPDATE
-    ) c;
+    -- as many of its messages, in send order, as it has room for. Each row is looked
+    -- up (and locked) by its key, whatever the planner believes of the table's size.
+    -- Between the two steps the sweep may remove a row it found idle: then it is made
+    -- again (a message left out of both lists would be lost without a word).
+    LOOP
+        INSERT INTO {s}.channels AS c (ns, channel, client)
+        SELECT DISTINCT p_ns, k.channel, k.client
+        FROM unnest(p_channels, p_clients) AS k(channel, client) ORDER BY 2
+        ON CONFLICT (ns, channel) DO NOTHING;
+        SELECT array_agg(w.channel ORDER BY w.channel),
+               array_agg(greatest(0, w.capacity - {used}) ORDER BY w.channel)
+        INTO v_names, v_room
+        FROM (SELECT k.channel, min(k.capacity) AS capacity
+              FROM unnest(p_channels, p_capacities) AS k(channel, capacity)
+              GROUP BY k.channel ORDER BY k.channel) w
+        CROSS JOIN LATERAL (
+            SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
+            WHERE x.ns = p_ns AND x.channel = w.channel FOR UPDATE
+        ) c;
+        EXIT WHEN coalesce(cardinality(v_names), 0) = v_distinct;
+    END LOOP;
     v_room_of := jsonb_object(v_names, v_room::text[]);
     SELECT coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth <= x.room), '{{}}'),
            coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth > x.room), '{{}}')

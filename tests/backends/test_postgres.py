@@ -354,6 +354,41 @@ async def test_a_table_grown_past_what_the_planner_believes_is_analyzed(
             await conn.close()
 
 
+async def test_a_send_many_loses_nothing_when_the_sweep_removes_its_channel_midway(
+    server_url: str, schema: str
+) -> None:
+    """send_many makes sure each channel row exists, then locks it. If the sweep
+    removes the row (idle) in between, the row is made again: the message is stored,
+    not silently left out."""
+    async with connected(f"{server_url}?schema={schema}") as backend:
+        assert (
+            await backend.send_many("ns", [("work", b"0")], capacity_of=cap, expiry_s=LONG_S) == []
+        )
+        assert [m.payload for m in await backend.take("ns", "work", 1, hold=False)] == [b"0"]
+        conn = await asyncpg.connect(server_url)
+        try:
+            key = ("ns", "work")
+            async with conn.transaction():  # as the sweep does: lock the idle row, delete it
+                await conn.execute(
+                    f'SELECT 1 FROM "{schema}".channels WHERE ns = $1 AND channel = $2 FOR UPDATE',
+                    *key,
+                )
+                sending = asyncio.create_task(
+                    backend.send_many("ns", [("work", b"1")], capacity_of=cap, expiry_s=LONG_S)
+                )
+                await asyncio.sleep(0.3)  # it made sure of the row, and waits for its lock
+                await conn.execute(
+                    f'DELETE FROM "{schema}".takes WHERE ns = $1 AND channel = $2', *key
+                )
+                await conn.execute(
+                    f'DELETE FROM "{schema}".channels WHERE ns = $1 AND channel = $2', *key
+                )
+            assert await sending == []
+        finally:
+            await conn.close()
+        assert [m.payload for m in await backend.take("ns", "work", 5, hold=False)] == [b"1"]
+
+
 # Expiry
 
 
