@@ -81,7 +81,8 @@ class _Line:
     #: When a pull was last served, or messages last arrived: idleness counts from there.
     last_used: float = 0.0
     timer: asyncio.TimerHandle | None = None
-    #: ``Takes.generation`` when the round under way began (a flush since voids it).
+    #: Its namespace's flush count when the round under way began (a flush since
+    #: voids what the round brings beyond its callers' shares).
     generation: int = 0
 
 
@@ -97,8 +98,8 @@ class Takes:
         self.depth = self._configured_depth = depth
         self.linger_s = linger_s
         self._lines: dict[_Key, _Line] = {}
-        #: Bumped by ``forget``: rounds begun before a flush keep nothing ahead.
-        self.generation = 0
+        #: Flushes by namespace (``forget``): rounds begun before one keep nothing ahead.
+        self._flushes: dict[str, int] = {}
         #: Statements under way: rounds and putting back.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -131,7 +132,7 @@ class Takes:
     def forget(self, ns: str) -> None:
         """Drop what was taken ahead in ``ns`` (it is being flushed), and void rounds
         under way: what they bring beyond their callers' shares is dropped too."""
-        self.generation += 1
+        self._flushes[ns] = self._flushes.get(ns, 0) + 1
         for (line_ns, _, _), line in self._lines.items():
             if line_ns == ns:
                 line.ahead.clear()
@@ -206,7 +207,7 @@ class Takes:
 
     def _start_round(self, key: _Key, line: _Line) -> None:
         line.busy = True  # at once: a take coming before the task runs joins it
-        line.generation = self.generation
+        line.generation = self._flushes.get(key[0], 0)
         self._start(self._round(key, line))
 
     async def _round(self, key: _Key, line: _Line) -> None:
@@ -226,7 +227,7 @@ class Takes:
             for limit, future in queued:
                 if not future.done():
                     future.set_result(self._serve_from_ahead(key, line, limit))
-            if line.generation != self.generation:
+            if line.generation != self._flushes.get(ns, 0):
                 line.ahead.clear()  # taken before a flush of this daemon's
             if line.ahead:
                 self._wake(ns, channel)  # a pull that found nothing may wait in the router

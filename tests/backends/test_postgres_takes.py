@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
 
 from backends import BackendError
 from backends.postgres import TAKE_AHEAD_LINGER_S, PostgresBackend
+from backends.postgres_takes import Ahead
 from backends.postgres_url import PostgresOptions
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
@@ -228,4 +230,21 @@ async def test_what_was_taken_ahead_counts_against_capacity_in_group_sends(
 
         assert await group_send(6) == ([], 1)
         assert await group_send(7) == (["work"], 0)
+        await backend.flush(ns)
+
+
+async def test_a_flush_of_another_namespace_under_way_drops_nothing_here(url: str, ns: str) -> None:
+    async with connected(url) as backend:
+        await fill(backend, ns, 20)
+        assert await pull(backend, ns, 2) == [0, 1]  # busy from now on
+        takes = backend._takes
+        take_now = takes._take_now
+
+        async def flushed_meanwhile(*args: Any) -> list[Ahead]:
+            taken = await take_now(*args)
+            takes.forget("another-namespace")  # as PostgresBackend.flush does
+            return taken
+
+        takes._take_now = flushed_meanwhile  # type: ignore[method-assign]
+        assert await pull(backend, ns, 18) == list(range(2, 20))
         await backend.flush(ns)
