@@ -170,7 +170,7 @@ class PostgresBackend(Backend):
         if not self._db.is_open or self._listener is None or not self._listener.is_listening:
             return False
         try:
-            await self._db.run(lambda conn: conn.fetchval("SELECT 1"))
+            await self._db.fetchval("SELECT 1")
         except BackendError:
             return False
         return True
@@ -228,9 +228,7 @@ class PostgresBackend(Backend):
             [self._room(ns, channel, capacity_of(channel)) for channel in channels],
             float(expiry_s),
         )
-        refused: list[int] = await self._db.run(
-            lambda conn: conn.fetchval(self._sql.send_many, *args)
-        )
+        refused: list[int] = await self._db.fetchval(self._sql.send_many, *args)
         refused_set = set(refused)
         for index, channel in enumerate(channels):
             if index not in refused_set:
@@ -253,7 +251,7 @@ class PostgresBackend(Backend):
         if len(channels) < 2:
             return await super().take_many(ns, channels, limit, hold=hold)
         sql, names = self._sql.take_many, list(channels)
-        rows = await self._db.run(lambda conn: conn.fetch(sql, ns, names, limit, hold))
+        rows = await self._db.fetch(sql, ns, names, limit, hold)
         taken: dict[str, list[Taken]] = {channel: [] for channel in channels}
         for channel, payload, ttl_s in rows:
             taken[channel].append(Taken(self._interned(payload), max(0.0, ttl_s)))
@@ -270,7 +268,7 @@ class PostgresBackend(Backend):
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels holding unexpired messages (from an index on the client)."""
         sql = self._sql.channels_with_messages
-        rows = await self._db.run(lambda conn: conn.fetch(sql, ns, client_id))
+        rows = await self._db.fetch(sql, ns, client_id)
         return [row[0] for row in rows]
 
     # -- groups --------------------------------------------------------------
@@ -278,11 +276,11 @@ class PostgresBackend(Backend):
     async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
         """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
         args = (ns, group, channel, _client_of(channel), float(group_expiry_s))
-        await self._db.run(lambda conn: conn.execute(self._sql.group_add, *args))
+        await self._db.execute(self._sql.group_add, *args)
 
     async def group_discard(self, ns: str, group: str, channel: str) -> None:
         """Remove a membership; a no-op for a non-member."""
-        await self._db.run(lambda conn: conn.execute(self._sql.group_discard, ns, group, channel))
+        await self._db.execute(self._sql.group_discard, ns, group, channel)
 
     async def group_send(
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
@@ -319,7 +317,7 @@ class PostgresBackend(Backend):
         # nor what rounds that were under way meanwhile took.
         self._takes.forget(ns)
         await self._takes.settled()
-        await self._db.run(lambda conn: conn.execute(self._sql.flush, ns))
+        await self._db.execute(self._sql.flush, ns)
         self._takes.forget(ns)
         self._members.clear()
 
@@ -339,7 +337,7 @@ class PostgresBackend(Backend):
 
     async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
         """The channels with the most waiting messages (expired ones not yet removed too)."""
-        rows = await self._db.run(lambda conn: conn.fetch(self._sql.top_channels, limit))
+        rows = await self._db.fetch(self._sql.top_channels, limit)
         return [(row[0], row[1], row[2]) for row in rows]
 
     def stats(self) -> BackendStats:
@@ -403,7 +401,7 @@ class PostgresBackend(Backend):
             " ".join({client_id_of(c) for c in direct}),
         )
         with self._given_back_on_error(ns, direct):
-            row = await self._db.run(lambda conn: conn.fetchrow(self._sql.group_send, *args))
+            row = await self._db.fetchrow(self._sql.group_send, *args)
         confirmed: list[str] = row[4].split()
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
@@ -423,11 +421,11 @@ class PostgresBackend(Backend):
 
     def _room(self, ns: str, channel: str, capacity: int) -> int:
         """``capacity`` less what of ``channel`` waits outside the database: what was
-        pushed directly and not acknowledged, or what was taken ahead."""
+        taken ahead, or pushed directly and not acknowledged."""
         pushes = self._direct
-        if "!" not in channel:
-            return capacity - self._takes.waiting_ahead(ns, channel)
-        return capacity if pushes is None else capacity - pushes.held_direct(ns, channel)
+        if "!" in channel and pushes is not None:
+            return capacity - pushes.held_direct(ns, channel)
+        return self._less_ahead(ns, channel, capacity)
 
     def _less_ahead(self, ns: str, channel: str, capacity: int) -> int:
         """``capacity`` less what this daemon took ahead of a normal channel (a
@@ -440,11 +438,11 @@ class PostgresBackend(Backend):
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
     ) -> int:
         args = (ns, channel, _client_of(channel), payload, capacity, float(expiry_s), direct)
-        outcome: int = await self._db.run(lambda conn: conn.fetchval(self._sql.send, *args))
+        outcome: int = await self._db.fetchval(self._sql.send, *args)
         return outcome
 
     async def _take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
-        rows = await self._db.run(lambda conn: conn.fetch(self._sql.take, ns, channel, limit, hold))
+        rows = await self._db.fetch(self._sql.take, ns, channel, limit, hold)
         if rows and rows[0][3]:
             # More wait: wake the next puller too. One notification (or re-check) may
             # stand for many messages, and each wake-up serves one pull.
@@ -512,7 +510,7 @@ class PostgresBackend(Backend):
             return
         spaces = [ns for ns, _ in self._watched]
         keys = [key for _, key in self._watched]
-        rows = await self._db.run(lambda conn: conn.fetch(self._sql.recheck, spaces, keys))
+        rows = await self._db.fetch(self._sql.recheck, spaces, keys)
         for ns, channel in rows:
             self._wake_if_watched(ns, channel)
 

@@ -138,13 +138,16 @@ class Database:
         parts = urlsplit(self.options.dsn)
         return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
-    # -- one statement, for the periodic jobs ----------------------------------
+    # -- one statement -----------------------------------------------------------
 
     async def fetch(self, sql: str, *args: Any) -> Any:
         return await self.run(lambda conn: conn.fetch(sql, *args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Any:
         return await self.run(lambda conn: conn.fetchrow(sql, *args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.run(lambda conn: conn.fetchval(sql, *args))
 
     async def execute(self, sql: str, *args: Any) -> None:
         await self.run(lambda conn: conn.execute(sql, *args))
