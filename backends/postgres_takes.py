@@ -69,7 +69,6 @@ _Waiter = tuple[int, "asyncio.Future[list[Taken]]"]
 class _Line:
     """One channel's takes: those waiting, the round under way, what was taken ahead."""
 
-    may_take_ahead: bool
     waiters: list[_Waiter] = field(default_factory=list)
     #: A statement (a round, or putting messages back) is under way for this channel.
     busy: bool = False
@@ -117,8 +116,7 @@ class Takes:
         key = (ns, channel, hold)
         line = self._lines.get(key)
         if line is None:
-            may = self.depth > 0 and not hold and "!" not in channel
-            line = self._lines[key] = _Line(may)
+            line = self._lines[key] = _Line()
         if not line.waiters:
             served = self._serve_from_ahead(key, line, limit)
             if served:
@@ -145,8 +143,6 @@ class Takes:
     async def stop_taking_ahead(self) -> None:
         """Take nothing more ahead; put back what was (the daemon is stopping)."""
         self.depth = 0
-        for line in self._lines.values():
-            line.may_take_ahead = False
         await self.settled()
         returns = []
         for key, line in self._lines.items():
@@ -183,7 +179,7 @@ class Takes:
         self._count_pulls(line, now, len(served))
         if ahead:
             self._wake(key[0], key[1])  # one wake-up serves one pull
-        if not line.busy and len(ahead) <= self.depth // 2 and self._top_up(line) > 0:
+        if not line.busy and len(ahead) <= self.depth // 2 and self._top_up(key, line) > 0:
             self._start_round(key, line)  # before the next pulls come
         return served
 
@@ -195,9 +191,13 @@ class Takes:
         line.pulls += count
         line.last_used = now
 
-    def _top_up(self, line: _Line) -> int:
+    def _takes_ahead(self, key: _Key) -> bool:
+        """Whether this line's channel is one to take ahead of (while it is busy)."""
+        return self.depth > 0 and _puts_back(key)
+
+    def _top_up(self, key: _Key, line: _Line) -> int:
         """How many more to take than asked for: none unless the channel is busy."""
-        if not line.may_take_ahead:
+        if not self._takes_ahead(key):
             return 0
         now = asyncio.get_running_loop().time()
         recent = line.pulls + line.pulls_before if now - line.window_start <= self.linger_s else 0
@@ -218,7 +218,7 @@ class Takes:
         ns, channel, hold = key
         queued, line.waiters = line.waiters, []
         try:
-            want = sum(limit for limit, _ in queued) + self._top_up(line)
+            want = sum(limit for limit, _ in queued) + self._top_up(key, line)
             if want > 0:
                 taken = await self._take_now(ns, channel, want, hold)
                 line.ahead.extend(taken)
@@ -251,7 +251,7 @@ class Takes:
             return
         if line.waiters:
             self._start_round(key, line)
-        elif line.ahead or line.may_take_ahead:
+        elif line.ahead or self._takes_ahead(key):
             if line.timer is None:
                 loop = asyncio.get_running_loop()
                 line.timer = loop.call_later(self.linger_s, self._tick, key)
@@ -313,7 +313,7 @@ class Takes:
 
 def _puts_back(key: _Key) -> bool:
     """Whether a line's leftovers go back to the database: a normal channel's, taken
-    without ``hold`` (``may_take_ahead`` may have been turned off since)."""
+    without ``hold`` (even once taking ahead is turned off)."""
     return "!" not in key[1] and not key[2]
 
 
