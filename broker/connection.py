@@ -35,7 +35,7 @@ from protocol import (
 )
 
 from .context import Context
-from .requests import RequestHandlers
+from .requests import RequestHandlers, uncount
 from .routing import Pull
 from .session import Session
 
@@ -201,11 +201,9 @@ class Connection(RequestHandlers, asyncio.Protocol):
             self._direct_until[channel] = until
 
     def unreserve_direct(self, channel: str, count: int = 1) -> None:
-        held = self.held_direct.get(channel, 0)
-        if held > count:
-            self.held_direct[channel] = held - count
-        else:  # none left (never below zero: a client must not lift its own capacity)
-            self.held_direct.pop(channel, None)
+        # Never below zero: a client must not lift its own capacity.
+        uncount(self.held_direct, channel, count)
+        if channel not in self.held_direct:
             self._direct_until.pop(channel, None)
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:

@@ -43,7 +43,7 @@ from .routing import Pull
 from .session import Session, is_valid_client_id, new_client_id
 from .version import __version__
 
-__all__ = ["RequestHandlers"]
+__all__ = ["RequestHandlers", "uncount"]
 
 log = logging.getLogger("channels_broker.connection")
 
@@ -239,7 +239,7 @@ class RequestHandlers:
         for channel, count in frame.counts:
             # Never release more than we hold: a client must not lift its own capacity.
             # Stored ones first: other daemons see only those.
-            stored = _uncount(held, channel, count)
+            stored = uncount(held, channel, count)
             if count > stored:
                 self.unreserve_direct(channel, count - stored)
             if stored:
@@ -319,7 +319,7 @@ class RequestHandlers:
         return self.session
 
 
-def _uncount(counts: dict[str, int], channel: str, count: int) -> int:
+def uncount(counts: dict[str, int], channel: str, count: int) -> int:
     """Take up to ``count`` off ``counts[channel]``; return how many were taken off."""
     have = counts.get(channel, 0)
     count = min(count, have)
