@@ -57,6 +57,16 @@ async def connected(url: str) -> AsyncIterator[PostgresBackend]:
         await backend.close()
 
 
+async def vacuum_until(backend: PostgresBackend, done: dict[str, int], table: str) -> None:
+    """Run the daemon's vacuum until ``done`` (its ``runs`` or ``analyzed``) counts
+    ``table``. PostgreSQL publishes a session's statistics at most once a second, and
+    only once it has been idle a moment: asking too often delays them."""
+    async with asyncio.timeout(10):
+        while table not in done:
+            await asyncio.sleep(0.6)
+            await backend.vacuum.run()
+
+
 def cap(_channel: str) -> int:
     return 100
 
@@ -343,10 +353,7 @@ async def test_a_table_grown_past_what_the_planner_believes_is_analyzed(
             assert await conn.fetchval(believed) == 0
         finally:
             await conn.close()  # publishes the inserts (an idle session may wait 10 s)
-        async with asyncio.timeout(10):
-            while "channels" not in backend.vacuum.analyzed:
-                await asyncio.sleep(0.6)
-                await backend.vacuum.run()
+        await vacuum_until(backend, backend.vacuum.analyzed, "channels")
         conn = await asyncpg.connect(server_url)
         try:
             assert await conn.fetchval(believed) > 10_000
@@ -449,12 +456,7 @@ async def test_queue_tables_are_vacuumed_once_enough_rows_are_dead(
         taken = 0
         while taken < count:
             taken += len(await backend.take("ns", "work", 100, hold=False))
-        # PostgreSQL publishes a session's statistics at most once a second, and
-        # only once it has been idle a moment: asking too often delays them.
-        async with asyncio.timeout(10):
-            while "messages" not in backend.vacuum.runs:
-                await asyncio.sleep(0.6)
-                await backend.vacuum.run()
+        await vacuum_until(backend, backend.vacuum.runs, "messages")
         conn = await asyncpg.connect(server_url)
         try:
             row = await conn.fetchrow(
