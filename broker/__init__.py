@@ -1,14 +1,13 @@
-"""The channels-broker daemon: server, connections, routing, configuration and CLI.
+"""channels-broker: the Channels layer (``broker.layer``), the daemon (``broker.daemon``),
+operations (``broker.ops``), the benchmark (``broker.bench``) and the command (``broker.cli``).
 
-``broker.layer`` (the Channels layer class) and ``broker.cli`` are imported on
-their own; importing ``broker`` loads neither Django nor Channels.
+Importing ``broker`` loads none of them: a Django process that imports ``broker.layer``
+must not pay for the daemon.
 """
 
 from __future__ import annotations
 
-from .config import Config
 from .errors import BrokerError, ConfigError
-from .server import Server
 from .version import __version__
 
-__all__ = ["BrokerError", "Config", "ConfigError", "Server", "__version__"]
+__all__ = ["BrokerError", "ConfigError", "__version__"]

@@ -21,10 +21,10 @@ import click
 from backends import BackendError
 
 from .config import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_METRICS_LISTEN, Config
+from .daemon.server import Server
 from .errors import ConfigError
-from .logs import configure_logging
-from .server import Server
-from .status import check, status, top
+from .ops.logs import configure_logging
+from .ops.status import check, status, top
 from .version import __version__
 
 __all__ = ["main"]
@@ -172,7 +172,7 @@ def migrate(backend: str) -> None:
 
 
 async def _migrate(url: str) -> tuple[int, int]:
-    from backends.postgres import PostgresBackend  # loads asyncpg: only for this command
+    from backends.postgres.backend import PostgresBackend  # loads asyncpg: only for this command
 
     backend = PostgresBackend.from_url(url)
     try:
@@ -194,7 +194,7 @@ def _without_migration(url: str) -> str:
 
 def _add_optional_commands() -> None:
     # The benchmark imports Channels lazily; the daemon itself never needs it.
-    from .bench import bench
+    from .bench.runner import bench
 
     main.add_command(bench)
 

@@ -1,33 +1,60 @@
-"""Imports go one way, protocol <- backends <- broker, and only the layer knows Channels."""
+"""Imports go one way (protocol <- backends <- broker; inside broker: ops <- daemon <- cli, the
+layer alone), no module imports itself back through others, and only the layer and the bench
+know Channels."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("protocol", "backends", "broker")
-OURS = frozenset(PACKAGES)
-#: The one module that is the Channels layer; it may use Channels and Django.
-LAYER = "broker/layer.py"
-#: The layer's own parts: they import what the layer may, and one another.
-LAYER_PARTS = frozenset({LAYER, "broker/layer_client.py", "broker/layer_parking.py"})
-LAYER_MODULES = frozenset(path.removesuffix(".py").replace("/", ".") for path in LAYER_PARTS)
-#: The benchmark compares us with channels_redis, so it alone may import that.
-BENCH = "broker/bench.py"
-#: The benchmark's modules measure other layers too, so they may load those layers'
-#: packages (channels_redis; channels_postgres, a Django app, with Django itself).
-BENCH_PARTS = frozenset({BENCH, "broker/bench_postgres.py"})
-COMPARED = frozenset({"channels_redis", "channels_postgres", "django", "channels"})
-FRAMEWORK = frozenset({"django", "channels"})
 STDLIB = frozenset(sys.stdlib_module_names)
 #: protocol is sans-IO: no event loop, sockets, threads or clock, even from the stdlib.
 IO_MODULES = frozenset(
     {"asyncio", "socket", "ssl", "selectors", "threading", "multiprocessing", "concurrent", "time"}
 )
+#: Which of our packages each part may import (its own included), longest prefix first wins.
+#: The layer runs in every Django process: it sees the protocol and nothing else of ours.
+#: ops is a library the daemon composes; it never reaches back into the daemon.
+_SHARED = ("protocol", "broker.config", "broker.errors", "broker.version")
+OURS_ALLOWED: dict[str, tuple[str, ...]] = {
+    "protocol": ("protocol",),
+    "backends": ("protocol", "backends"),
+    "broker.layer": ("protocol", "broker.layer"),
+    "broker.ops": (*_SHARED, "backends", "broker.ops"),
+    "broker.daemon": (*_SHARED, "backends", "broker.ops", "broker.daemon"),
+    "broker.bench": (*_SHARED, "broker.layer", "broker.bench"),
+    "broker.config": ("protocol", "broker.errors"),
+    "broker.errors": (),
+    "broker.version": (),
+    "broker.cli": (*_SHARED, "backends", "broker.ops", "broker.daemon", "broker.bench"),
+    "broker.__main__": ("broker.cli",),
+    "broker": ("broker.errors", "broker.version"),
+}
+#: Third-party packages only some parts may import (anything not listed is free to all).
+THIRD_PARTY_ALLOWED: dict[str, tuple[str, ...]] = {
+    "django": ("broker.layer", "broker.bench"),
+    "channels": ("broker.layer", "broker.bench"),
+    "asgiref": ("broker.layer", "broker.bench"),
+    "channels_redis": ("broker.bench",),
+    "channels_postgres": ("broker.bench",),
+    "psycopg": ("broker.bench",),
+    "psycopg_pool": ("broker.bench",),
+    "prometheus_client": ("broker.ops",),
+    "redis": ("backends.redis", "broker.bench"),
+    "asyncpg": ("backends.postgres",),
+}
+
+
+def module_name(path: str) -> str:
+    """``broker/layer/client.py`` -> ``broker.layer.client``; a package is its ``__init__``."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def imported_modules(path: str, source: str) -> list[str]:
@@ -51,26 +78,31 @@ def imported_modules(path: str, source: str) -> list[str]:
     return names
 
 
+def _part(module: str, table: dict[str, tuple[str, ...]]) -> str | None:
+    """The longest key of ``table`` that is ``module`` or a package holding it."""
+    keys = [key for key in table if module == key or module.startswith(key + ".")]
+    return max(keys, key=len) if keys else None
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
 def _refusal(path: str, name: str) -> str | None:
     """Why module ``path`` may not import the module ``name``, or None."""
-    layer, top = path.split("/")[0], name.split(".")[0]
-    if path in LAYER_PARTS:
-        allowed = STDLIB | {"msgpack", "protocol", "channels", "asgiref", "django"}
-        if top in allowed or name in LAYER_MODULES:
-            return None
-        return "the layer imports only protocol, Channels, stdlib and its own parts"
-    if layer == "protocol" and top not in STDLIB | {"msgpack", "protocol"}:
-        return "protocol imports only the standard library and msgpack"
-    if layer == "protocol" and top in IO_MODULES:
-        return "protocol is sans-IO"
-    if layer == "backends" and top == "broker":
-        return "backends never import broker"
-    if path in BENCH_PARTS and top in COMPARED:
-        return None
-    if top in FRAMEWORK:
-        return f"only {LAYER} imports {top}"
-    if top == "channels_redis" and path != BENCH:
-        return f"only {BENCH} imports channels_redis"
+    module, top = module_name(path), name.split(".")[0]
+    part = _part(module, OURS_ALLOWED)
+    if top in PACKAGES:
+        allowed = OURS_ALLOWED[part] if part is not None else ()
+        return None if _within(name, allowed) else f"{part} imports only {', '.join(allowed)}"
+    if module.split(".")[0] == "protocol":
+        if top not in STDLIB | {"msgpack"}:
+            return "protocol imports only the standard library and msgpack"
+        if top in IO_MODULES:
+            return "protocol is sans-IO"
+    owners = THIRD_PARTY_ALLOWED.get(top)
+    if owners is not None and not _within(module, owners):
+        return f"only {', '.join(owners)} import {top}"
     return None
 
 
@@ -88,20 +120,48 @@ def _modules() -> list[Path]:
     return sorted(file for package in PACKAGES for file in (ROOT / package).rglob("*.py"))
 
 
+def _sources() -> Iterator[tuple[str, str]]:
+    for file in _modules():
+        yield file.relative_to(ROOT).as_posix(), file.read_text(encoding="utf-8")
+
+
 def test_no_module_imports_the_wrong_way() -> None:
     found = []
-    for file in _modules():
-        path = file.relative_to(ROOT).as_posix()
-        found += violations(path, file.read_text(encoding="utf-8"))
+    for path, source in _sources():
+        found += violations(path, source)
 
     assert found == []
 
 
-def test_every_package_is_checked() -> None:
-    checked = {file.relative_to(ROOT).parts[0] for file in _modules()}
+def test_every_module_belongs_to_a_part() -> None:
+    unplaced = [path for path, _ in _sources() if _part(module_name(path), OURS_ALLOWED) is None]
 
-    assert {"protocol", "backends"} <= checked
+    assert unplaced == []
     assert (ROOT / "protocol" / "codec.py") in _modules()
+
+
+def test_importing_the_layer_loads_no_daemon_ops_bench_backend_or_prometheus() -> None:
+    code = (
+        "import sys, broker.layer\n"
+        "heavy = ('broker.daemon', 'broker.ops', 'broker.bench', 'broker.cli', 'backends',"
+        " 'prometheus_client', 'redis', 'asyncpg', 'click')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(heavy))))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+
+    assert loaded.stdout.split() == []
+    assert (
+        "broker.layer.client"
+        in subprocess.run(
+            [sys.executable, "-c", "import sys, broker.layer; print(*sys.modules)"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,18 +172,25 @@ def test_every_package_is_checked() -> None:
         ("protocol/codec.py", "import redis"),
         ("protocol/codec.py", "from backends import Backend"),
         ("protocol/codec.py", "from ..broker import server"),
-        ("protocol/codec.py", "def f():\n    import broker.server\n"),
-        ("backends/memory.py", "from broker.routing import Router"),
+        ("protocol/codec.py", "def f():\n    import broker.daemon.server\n"),
+        ("backends/memory.py", "from broker.daemon.routing import Router"),
         ("backends/memory.py", "from ..broker import config"),
-        ("backends/redis.py", "import channels.layers"),
-        ("broker/server.py", "from django.conf import settings"),
-        ("broker/server.py", "from channels.exceptions import ChannelFull"),
-        ("broker/server.py", "import channels_redis.core"),
-        ("broker/layer.py", "from backends import backend_from_url"),
-        ("broker/layer.py", "from .routing import Router"),
-        ("broker/layer.py", "from . import config"),
-        ("broker/layer.py", "import redis.asyncio"),
-        ("broker/layer.py", "import channels_redis"),
+        ("backends/redis/backend.py", "import channels.layers"),
+        ("backends/redis/backend.py", "import asyncpg"),
+        ("broker/daemon/server.py", "from django.conf import settings"),
+        ("broker/daemon/server.py", "from channels.exceptions import ChannelFull"),
+        ("broker/daemon/server.py", "import channels_redis.core"),
+        ("broker/daemon/server.py", "from broker.layer import BrokerChannelLayer"),
+        ("broker/daemon/server.py", "import prometheus_client"),
+        ("broker/ops/exporter.py", "from ..daemon.context import Context"),
+        ("broker/layer/channel_layer.py", "from backends import backend_from_url"),
+        ("broker/layer/channel_layer.py", "from ..daemon.routing import Router"),
+        ("broker/layer/channel_layer.py", "from .. import config"),
+        ("broker/layer/client.py", "from broker.errors import BrokerError"),
+        ("broker/layer/channel_layer.py", "import redis.asyncio"),
+        ("broker/layer/channel_layer.py", "import channels_redis"),
+        ("broker/config.py", "from .daemon import Server"),
+        ("broker/bench/runner.py", "from broker.daemon import Server"),
     ],
 )
 def test_checker_reports_a_wrong_way_import(path: str, source: str) -> None:
@@ -136,11 +203,16 @@ def test_checker_reports_a_wrong_way_import(path: str, source: str) -> None:
         ("protocol/codec.py", "import struct\nimport msgpack\nfrom .errors import ProtocolError"),
         ("protocol/__init__.py", "from __future__ import annotations\nfrom .codec import x"),
         ("backends/memory.py", "import asyncio\nfrom protocol import names\nfrom .base import B"),
-        ("backends/redis.py", "import redis.asyncio"),
-        ("broker/server.py", "from backends import Backend\nfrom .routing import Router"),
-        ("broker/bench.py", "import channels_redis.core\nfrom broker.layer import L"),
-        ("broker/layer.py", "from asgiref.sync import async_to_sync\nimport channels.layers"),
-        ("broker/layer.py", "from django.conf import settings\nfrom protocol import Hello"),
+        ("backends/redis/backend.py", "import redis.asyncio\nfrom ..base import Backend"),
+        ("backends/postgres/pool.py", "import asyncpg"),
+        ("broker/daemon/server.py", "from backends import Backend\nfrom .routing import Router"),
+        ("broker/daemon/server.py", "from ..ops.exporter import Exporter"),
+        ("broker/ops/exporter.py", "from prometheus_client import REGISTRY"),
+        ("broker/bench/runner.py", "import channels_redis.core\nfrom broker.layer import L"),
+        ("broker/layer/channel_layer.py", "from asgiref.sync import async_to_sync"),
+        ("broker/layer/client.py", "from django.conf import settings\nfrom protocol import Hello"),
+        ("broker/layer/client.py", "from .parking import IdlePool"),
+        ("broker/cli.py", "from .daemon import Server\nfrom .ops.status import status"),
     ],
 )
 def test_checker_allows_a_right_way_import(path: str, source: str) -> None:

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 
 from backends import BackendError, BackendUnavailable, backend_from_url
-from backends.postgres import PostgresBackend, PostgresOptions
-from backends.postgres_schema import SCHEMA_VERSION, current_version, migrate
+from backends.postgres.backend import PostgresBackend, PostgresOptions
+from backends.postgres.schema import SCHEMA_VERSION, current_version, migrate
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
 

@@ -1,5 +1,5 @@
 """Takes of busy normal channels on PostgreSQL: some messages taken ahead of the pulls
-(``backends/postgres_takes.py``), and none of them lost, repeated or reordered."""
+(``backends/postgres/takes.py``), and none of them lost, repeated or reordered."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 
 from backends import BackendError
-from backends.postgres import TAKE_AHEAD_LINGER_S, PostgresBackend
-from backends.postgres_takes import Ahead
-from backends.postgres_url import PostgresOptions
+from backends.postgres.backend import TAKE_AHEAD_LINGER_S, PostgresBackend
+from backends.postgres.takes import Ahead
+from backends.postgres.url import PostgresOptions
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
 from tests.backends.test_postgres import connected

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 import pytest
 
 from backends import Backend, BackendError, BackendUnavailable, backend_from_url
-from backends.redis import RedisBackend
-from backends.redis_keys import Keys
-from backends.redis_url import RedisSettings
+from backends.redis.backend import RedisBackend
+from backends.redis.keys import Keys
+from backends.redis.url import RedisSettings
 from tests import servers
-
-from .test_backend_contract import LONG_S, WakeupLog, drain, put
+from tests.backends.test_backend_contract import LONG_S, WakeupLog, drain, put
 
 
 @pytest.fixture(params=["redis://", "redis+cluster://"], ids=["redis", "redis+cluster"])
@@ -207,7 +206,7 @@ async def test_connect_to_nothing_raises_backend_unavailable() -> None:
 
 
 async def test_stats_count_waiting_messages_and_memberships(backend: Backend, ns: str) -> None:
-    from backends.redis_stats import read_stats
+    from backends.redis.stats import read_stats
 
     assert isinstance(backend, RedisBackend)
     await put(backend, ns, "work", b"1")
@@ -245,7 +244,7 @@ async def test_take_many_takes_from_every_channel_at_once(backend: Backend, ns: 
     assert not await put(backend, ns, "work", b"3", cap=2), "held, so still counted"
 
 
-# A send to a client attached to the sending daemon (see backends/redis_stash.py)
+# A send to a client attached to the sending daemon (see backends/redis/stash.py)
 
 
 async def test_a_local_owners_message_is_grabbed_and_still_counted(

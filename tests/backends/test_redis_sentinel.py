@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests import servers
-
-from .test_backend_contract import *  # noqa: F403  (the contract's test functions)
+from tests.backends.test_backend_contract import *  # noqa: F403  (the contract's test functions)
 
 #: For ``backends(...)`` markers: this module's storage is shared.
 BACKEND_KIND = "shared"

@@ -161,7 +161,7 @@ def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path)
     import asyncio
     import ssl
 
-    from broker.layer import BrokerChannelLayer
+    from broker.layer.channel_layer import BrokerChannelLayer
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -197,7 +197,7 @@ def test_token_is_required_when_the_daemon_has_one() -> None:
     """A wrong token gets PermissionError and is logged; the right one works."""
     import asyncio
 
-    from broker.layer import BrokerChannelLayer
+    from broker.layer.channel_layer import BrokerChannelLayer
 
     port = free_port()
     process = _serve("--listen", f"127.0.0.1:{port}", env={"CHANNELS_BROKER_TOKEN": "s3cret"})
@@ -250,7 +250,7 @@ def test_config_file_takes_a_single_listen_and_refuses_unknown_keys(tmp_path: Pa
 
 _LOG_SOME = """
 import logging
-from broker.logs import configure_logging
+from broker.ops.logs import configure_logging
 configure_logging(logging.DEBUG)
 log = logging.getLogger("channels_broker.test")
 log.info("one")

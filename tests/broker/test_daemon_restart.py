@@ -26,7 +26,7 @@ DELIVERY_TIMEOUT_S = 30.0
 
 async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]) -> int:
     """Send, retrying while the daemon is away, as an application would; the retries."""
-    from broker.layer import BrokerUnavailable
+    from broker.layer.channel_layer import BrokerUnavailable
 
     retries = 0
     while True:

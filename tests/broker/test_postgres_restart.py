@@ -81,7 +81,7 @@ async def test_postgres_restart_mid_traffic_loses_nothing_accepted(
        between its commit and its answer: the sender retried it, so it may come twice
        (once per send), never out of order.
     """
-    from broker.layer import BrokerUnavailable
+    from broker.layer.channel_layer import BrokerUnavailable
 
     sender, consumer, worker = make_own_layer(), make_own_layer(), make_own_layer()
     own = await consumer.new_channel()

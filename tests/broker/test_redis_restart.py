@@ -55,7 +55,7 @@ async def test_redis_restart_mid_traffic_loses_nothing_accepted(
        /readyz says 503; afterwards it says 200 again.
     4. Both readers get every accepted message exactly once, in order.
     """
-    from broker.layer import BrokerUnavailable
+    from broker.layer.channel_layer import BrokerUnavailable
 
     sender, consumer, worker = make_own_layer(), make_own_layer(), make_own_layer()
     own = await consumer.new_channel()

@@ -1,0 +1,119 @@
+"""The PostgreSQL backend's tables and functions, versioned, and the migration that installs them.
+
+Theory of operation. Everything lives in one schema (``channels_broker`` unless the URL
+says otherwise), so one database can hold several independent brokers and ``DROP
+SCHEMA ... CASCADE`` removes one whole. ``schema_version`` holds one number; each entry
+of ``MIGRATIONS`` brings the schema from the previous number to its own, and
+``migrate`` applies the missing ones in one transaction under an advisory lock, so
+daemons starting together never race (the second finds the work done).
+
+The tables, functions and how they count and lock: ``postgres_migrations``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .migrations import EXPRESSIONS, MIGRATIONS
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "current_version",
+    "migrate",
+    "quote_ident",
+    "quote_literal",
+]
+
+#: Tables whose persistence follows the ``unlogged`` option.
+TABLES = ("channels", "takes", "messages", "groups")
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+#: Key of the transaction advisory lock taken by ``migrate`` (arbitrary, fixed: b"cbmigrat").
+_MIGRATE_LOCK = 0x63626D6967726174
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """``text`` as a quoted SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def current_version(conn: asyncpg.Connection, schema: str) -> int:
+    """The schema's version: 0 when it has no ``schema_version`` table yet."""
+    exists = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(schema)}.schema_version"
+    )
+    if not exists:
+        return 0
+    version = await conn.fetchval(f"SELECT max(version) FROM {quote_ident(schema)}.schema_version")
+    return int(version or 0)
+
+
+async def migrate(
+    conn: asyncpg.Connection, schema: str, *, unlogged: bool, up_to: int = SCHEMA_VERSION
+) -> tuple[int, int]:
+    """Bring ``schema`` to ``SCHEMA_VERSION`` (or the earlier ``up_to``, to test
+    upgrades); return (version before, version after).
+
+    Also sets the tables' persistence to match ``unlogged`` (a table rewrite when it
+    changes). Raises ``ValueError`` if the schema is newer than this code knows.
+    """
+    quoted = quote_ident(schema)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {quoted}.schema_version (version integer NOT NULL)"
+        )
+        before = await current_version(conn, schema)
+        if before > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema {schema} is at version {before}, newer than this daemon's "
+                f"{SCHEMA_VERSION}: upgrade channels-broker"
+            )
+        values = {
+            "s": quoted,
+            "notify": quote_literal(schema),
+            "unlogged": "UNLOGGED" if unlogged else "",
+            "sweep_lock": str(_sweep_lock(schema)),
+        }
+        values["held"] = EXPRESSIONS["held"]
+        values["used"] = EXPRESSIONS["used"].format(**values)
+        values["live_member"] = EXPRESSIONS["live_member"]
+        for version, sql in MIGRATIONS:
+            if before < version <= up_to:
+                await conn.execute(sql.format(**values))
+                await conn.execute(
+                    f"DELETE FROM {quoted}.schema_version; "
+                    f"INSERT INTO {quoted}.schema_version VALUES ({version})"
+                )
+        await _set_persistence(conn, schema, unlogged=unlogged)
+    return before, max(before, up_to)
+
+
+async def _set_persistence(conn: asyncpg.Connection, schema: str, *, unlogged: bool) -> None:
+    wanted = "u" if unlogged else "p"
+    for table in TABLES:
+        name = f"{quote_ident(schema)}.{table}"
+        current = await conn.fetchval(
+            "SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass($1)", name
+        )
+        if current is not None and current != wanted:
+            await conn.execute(f"ALTER TABLE {name} SET {'UNLOGGED' if unlogged else 'LOGGED'}")
+
+
+def _sweep_lock(schema: str) -> int:
+    """A per-schema advisory lock key for the sweeper (stable across processes)."""
+    value = 0
+    for byte in f"channels-broker sweep {schema}".encode():
+        value = (value * 131 + byte) % (1 << 62)
+    return value

@@ -1,0 +1,77 @@
+"""Where the Redis backend keeps things: key names, hash tags and wake-up channels.
+
+Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster slot:
+
+* ``{ns!CLIENT}`` for every process-specific channel of one client (``...CLIENT!x``),
+  with that client's index set and wake-up channel: one slot per client, so a
+  group_send to fifty consumers of one process is one script on one node;
+* ``{ns:CHANNEL}`` for a normal channel and its wake-up channel;
+* ``{ns#GROUP}`` for a group.
+
+``!``, ``:`` and ``#`` cannot occur in a namespace (a group name), so tags never collide.
+Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
+``h:<channel>`` the count of taken-and-held messages, ``i`` a client's SET of channels
+with messages, ``w`` the wake-up (pub/sub) channel, ``g`` a group's ZSET of
+member -> deadline in ms. ``scripts`` builds the same names in Lua.
+"""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+from protocol import client_id_of
+
+__all__ = ["Keys"]
+
+
+class Keys:
+    """Key and channel names under one prefix."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @staticmethod
+    def tag(ns: str, channel: str) -> str:
+        """The hash tag of a channel: its client's for a process-specific one."""
+        if "!" in channel:
+            return f"{ns}!{client_id_of(channel)}"
+        return f"{ns}:{channel}"
+
+    def base(self, tag: str) -> str:
+        return f"{self.prefix}:{{{tag}}}:"
+
+    def channel_keys(self, ns: str, channel: str) -> list[str]:
+        """Queue, held count and (process-specific only) the client index, as a script's KEYS."""
+        base = self.base(self.tag(ns, channel))
+        keys = [f"{base}q:{channel}", f"{base}h:{channel}"]
+        if "!" in channel:
+            keys.append(f"{base}i")
+        return keys
+
+    def held(self, ns: str, channel: str) -> str:
+        return f"{self.base(self.tag(ns, channel))}h:{channel}"
+
+    def index(self, ns: str, client_id: str) -> str:
+        return f"{self.base(f'{ns}!{client_id}')}i"
+
+    def wake(self, ns: str, channel: str) -> str:
+        """The wake-up channel published to when ``channel`` gets a message."""
+        return f"{self.base(self.tag(ns, channel))}w"
+
+    def client_wake(self, ns: str, client_id: str) -> str:
+        """The wake-up channel of all process-specific channels of one client."""
+        return f"{self.base(f'{ns}!{client_id}')}w"
+
+    def group(self, ns: str, group: str) -> str:
+        return f"{self.base(f'{ns}#{group}')}g"
+
+    def namespace_pattern(self, ns: str) -> str:
+        """A SCAN MATCH glob for every key of a namespace (prefix and ns have no glob chars)."""
+        return f"{self.prefix}:{{{ns}[:#!]*"
+
+    @staticmethod
+    def slot(key: str) -> int:
+        """The Cluster slot of a key (by its hash tag)."""
+        return int(key_slot(key.encode()))

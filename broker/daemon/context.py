@@ -1,0 +1,28 @@
+"""What every connection of one daemon shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends import Backend
+from broker.config import Config
+from broker.ops.metrics import Metrics
+
+from .routing import Router
+
+__all__ = ["Context"]
+
+
+@dataclass(slots=True)
+class Context:
+    """The daemon's shared parts, handed to each new connection."""
+
+    config: Config
+    backend: Backend
+    router: Router
+    #: Live connections, for shutdown and gauges (typed loosely to avoid an import cycle).
+    connections: set[Any] = field(default_factory=set)
+    accepting: bool = True
+    #: Counters of requests and errors (``broker.ops.metrics``), exported at scrape time.
+    metrics: Metrics = field(default_factory=Metrics)

@@ -1,0 +1,178 @@
+"""The daemon: listeners, connections, the backend, and shutdown in stages.
+
+Shutdown (on SIGTERM or SIGINT): stop accepting; ask each connection to finish
+the frames it has read and close; wait for them under ``shutdown_timeout_s``; abort
+the rest; close the backend. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+from typing import Any
+
+from backends import Backend, BackendError, backend_from_url
+from broker.config import Config, parse_host_port
+from broker.ops.exporter import Exporter
+from broker.ops.health import HealthServer
+from broker.ops.instrumented import instrument
+from broker.ops.metrics import Metrics
+from broker.ops.systemd import Notifier
+
+from .connection import Connection
+from .context import Context
+from .routing import Router
+
+__all__ = ["Server"]
+
+log = logging.getLogger("channels_broker.server")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Server:
+    """One channels-broker daemon."""
+
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend if backend is not None else backend_from_url(config.backend_url)
+        self.metrics = Metrics()
+        if config.metrics_listen:  # off: no wrapper, for an overhead-free baseline
+            self.backend = instrument(self.backend, self.metrics, config.backend_url)
+        self.context = Context(config, self.backend, Router(self.backend))
+        self.context.metrics = self.metrics
+        self.exporter = Exporter(self.metrics, self.context, self.readiness)
+        self.notifier = Notifier.from_environment()
+        self._listeners: list[asyncio.Server] = []
+        self._health: HealthServer | None = None
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Run until a signal or ``request_shutdown``; then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self.request_shutdown)
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.shutdown()
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def request_shutdown(self) -> None:
+        """Begin shutdown; a second call makes it immediate."""
+        if self._stop.is_set():
+            log.warning("second signal: closing connections now")
+            self._force.set()
+        self._stop.set()
+
+    async def start(self) -> None:
+        await self.backend.connect()
+        loop = asyncio.get_running_loop()
+
+        def factory() -> Connection:
+            return Connection(self.context)
+
+        tls = self.config.ssl_context()
+        scheme = "tls" if tls else "tcp"
+        for host, port in self.config.listen_addresses:
+            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
+            self._listeners.append(listener)
+            log.info("listening on %s://%s:%d", scheme, host, port)
+        for path in self.config.unix:
+            _remove_stale_socket(path)
+            self._listeners.append(await loop.create_unix_server(factory, path))
+            log.info("listening on unix://%s", path)
+        if self.config.metrics_listen:
+            host, port = parse_host_port(self.config.metrics_listen)
+            self._health = HealthServer(host, port, self.readiness)
+            self.exporter.attach(self._health)
+            await self._health.start()
+            log.info("health and metrics on http://%s:%d", host, port)
+        log.info("serving with backend %s", _redacted(self.config.backend_url))
+        self.notifier.ready(self.exporter.summary)
+
+    async def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` reports."""
+        try:
+            backend_ready = await asyncio.wait_for(self.backend.is_ready(), 2.0)
+        except (BackendError, TimeoutError):
+            backend_ready = False
+        listening = bool(self._listeners) and self.context.accepting
+        return {
+            "ready": listening and backend_ready,
+            "listening": listening,
+            "backend": backend_ready,
+            "connections": len(self.context.connections),
+        }
+
+    async def shutdown(self) -> None:
+        log.info("shutting down")
+        self.notifier.stopping(f"stopping: {len(self.context.connections)} connections to finish")
+        self.context.accepting = False
+        for listener in self._listeners:
+            listener.close()
+        try:
+            await self.backend.prepare_to_stop()
+        except BackendError as exc:
+            log.warning("could not prepare the backend to stop: %s", exc)
+        connections = list(self.context.connections)
+        for connection in connections:
+            connection.shut_down()
+        if connections:
+            await self._wait_for(connections)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        for path in self.config.unix:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self._health is not None:
+            await self._health.close()
+        self.exporter.detach()
+        await self.backend.close()
+        log.info("stopped")
+        self.notifier.close()
+
+    async def _wait_for(self, connections: list[Connection]) -> None:
+        closed = asyncio.gather(*(connection.closed for connection in connections))
+        forced = asyncio.ensure_future(self._force.wait())
+        waiters: set[asyncio.Future[Any]] = {closed, forced}
+        done, _ = await asyncio.wait(
+            waiters,
+            timeout=self.config.shutdown_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        forced.cancel()
+        if closed not in done:
+            left = [connection for connection in connections if not connection.closed.done()]
+            log.warning("aborting %d connections that did not finish in time", len(left))
+            for connection in left:
+                connection.abort("shutdown deadline")
+            await closed
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove the socket file a previous run left; refuse to remove anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; not removing it")
+    os.unlink(path)
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

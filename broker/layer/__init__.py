@@ -1,0 +1,9 @@
+"""The Channels layer: what runs inside every Django process (``CHANNEL_LAYERS`` BACKEND
+``broker.layer.BrokerChannelLayer``). It imports ``protocol``, Channels and asgiref only."""
+
+from __future__ import annotations
+
+from .channel_layer import BrokerChannelLayer
+from .client import BrokerUnavailable, LayerClosed, MessageTooLarge
+
+__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge"]

@@ -1,0 +1,314 @@
+"""What ``/metrics`` and ``/status`` show: the daemon's numbers as Prometheus families and JSON.
+
+The exporter is a prometheus_client ``Collector`` registered with the default
+registry (beside the process, platform and GC collectors), so a scrape reads the
+plain counters of ``Metrics`` and the backend's ``stats()`` at that moment and the
+request path never pays for exposition. Metric names follow Prometheus' conventions:
+``channels_broker_`` prefix, base units (seconds), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from backends import Backend, BackendError, BackendStats
+from broker.config import Config
+from broker.version import __version__
+from protocol import ErrorCode
+
+from .health import HealthServer, ReadinessCheck
+from .metrics import Histogram, Metrics
+
+__all__ = ["PREFIX", "TOP_LIMIT", "Exporter", "redacted_url"]
+
+log = logging.getLogger("channels_broker.metrics")
+
+PREFIX = "channels_broker_"
+#: Rows of each "top" table in /status: one terminal screen.
+TOP_LIMIT = 10
+#: Seconds the backend may take to list its longest queues for /status.
+TOP_TIMEOUT_S = 2.0
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, for logs and /status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class Observed(Protocol):
+    """What the exporter reads of a running daemon (the daemon's ``Context`` is one)."""
+
+    config: Config
+    backend: Backend
+    #: Live connections; /status reads their ``peer``, ``session``, ``held`` and ``pulls``.
+    connections: set[Any]
+
+
+class Exporter(Collector):
+    """The daemon's collector, /status document and systemd status line."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        context: Observed,
+        readiness: ReadinessCheck,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.metrics = metrics
+        self.context = context
+        self._readiness = readiness
+        self._registry = registry
+        self._registered = False
+        self._ready: dict[str, object] = {}
+
+    def attach(self, health: HealthServer) -> None:
+        """Register with the registry and serve /status through ``health``."""
+        health.status = self.status
+        health.before_scrape = self.refresh
+        if not self._registered:
+            self._registry.register(self)
+            self._registered = True
+
+    def detach(self) -> None:
+        """Unregister (a no-op if never attached), so a later daemon may register again."""
+        if self._registered:
+            self._registry.unregister(self)
+            self._registered = False
+
+    async def refresh(self) -> None:
+        """Take the readiness reading the next scrape reports (it needs the backend)."""
+        self._ready = await self._readiness()
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: what ``systemctl status`` shows."""
+        stats = self._stats()
+        waiting = "" if stats is None else f", {stats.messages_waiting} messages waiting"
+        return f"{len(self.context.connections)} connections{waiting}"
+
+    def _stats(self) -> BackendStats | None:
+        try:
+            return self.context.backend.stats()
+        except BackendError as exc:  # a scrape must not fail because of one source
+            log.warning("backend stats unavailable: %s", exc)
+            return None
+
+    # -- /metrics --------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """Every channels_broker_ family, read now from plain counters."""
+        stats = self._stats()
+        yield from self._messages(stats)
+        yield from self._latencies()
+        yield from self._gauges(stats)
+        yield from self._errors()
+        yield InfoMetricFamily(
+            PREFIX + "build",
+            "Version of the daemon, the Python running it, and the backend kind.",
+            value={
+                "version": __version__,
+                "python_version": platform.python_version(),
+                "backend": self.metrics.backend_label,
+            },
+        )
+
+    def _messages(self, stats: BackendStats | None) -> Iterator[Metric]:
+        metrics = self.metrics
+        yield _labelled_counter(
+            "messages_accepted",
+            "Messages stored for delivery, by operation (group_send: one per member).",
+            "operation",
+            metrics.accepted,
+        )
+        yield _labelled_counter(
+            "messages_rejected",
+            "Messages refused because their channel was full, by operation.",
+            "operation",
+            metrics.rejected,
+        )
+        yield _labelled_counter(
+            "messages_delivered",
+            "Messages handed to a consumer: push (to a client's own channel, from storage), "
+            "direct (pushed at once, never stored: PostgreSQL, to a client connected to "
+            "this daemon) or pull (RECEIVE).",
+            "mode",
+            metrics.delivered,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "messages_dropped",
+            "Group members skipped by group_send because their channel was full.",
+            value=metrics.dropped,
+        )
+        if stats is not None:
+            yield CounterMetricFamily(
+                PREFIX + "messages_expired",
+                "Messages that expired before anyone took them.",
+                value=stats.expired_total,
+            )
+        fanout = HistogramMetricFamily(
+            PREFIX + "group_send_members", "Members a group_send reached or skipped."
+        )
+        fanout.add_metric([], list(metrics.fanout.cumulative()), metrics.fanout.sum)
+        yield fanout
+
+    def _latencies(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        yield _histograms(
+            "operation_duration_seconds",
+            "Time the daemon took to handle a request, by operation (receive: to register it).",
+            ["operation"],
+            {(name,): histogram for name, histogram in metrics.requests.items()},
+        )
+        backend = metrics.backend_label
+        yield _histograms(
+            "backend_operation_duration_seconds",
+            "Time a storage call took, by backend and operation.",
+            ["backend", "operation"],
+            {(backend, name): histogram for name, histogram in metrics.backend_calls.items()},
+        )
+        errors = CounterMetricFamily(
+            PREFIX + "backend_errors",
+            "Storage calls that failed, by backend and operation.",
+            labels=["backend", "operation"],
+        )
+        for name, count in metrics.backend_errors.items():
+            errors.add_metric([backend, name], count)
+        yield errors
+
+    def _gauges(self, stats: BackendStats | None) -> Iterator[Metric]:
+        yield _gauge("connections", "Client connections open now.", len(self.context.connections))
+        if stats is not None:
+            yield _gauge(
+                "channels_waiting", "Channels with waiting messages.", stats.channels_waiting
+            )
+            yield _gauge("messages_waiting", "Messages waiting in storage.", stats.messages_waiting)
+            yield _gauge("groups", "Groups with at least one member.", stats.groups)
+            yield _gauge("group_memberships", "Channel memberships of groups.", stats.memberships)
+        if self._ready:
+            ready, backend_up = bool(self._ready.get("ready")), bool(self._ready.get("backend"))
+            yield _gauge("ready", "1 when listening and the backend answers (/readyz).", ready)
+            yield _gauge("backend_up", "1 when the backend answered its last check.", backend_up)
+
+    def _errors(self) -> Iterator[Metric]:
+        errors = self.metrics.errors
+        family = CounterMetricFamily(
+            PREFIX + "protocol_errors",
+            "ERROR frames sent to clients, by error code.",
+            labels=["code"],
+        )
+        for code in ErrorCode:
+            family.add_metric([code.name.lower()], errors.get(code, 0))
+        yield family
+        yield CounterMetricFamily(
+            PREFIX + "auth_failures",
+            "Connections refused because their token was wrong.",
+            value=errors.get(ErrorCode.AUTH_FAILED, 0),
+        )
+
+    # -- /status ---------------------------------------------------------------
+
+    async def status(self) -> dict[str, object]:
+        """The document ``channels-broker status`` and ``top`` show."""
+        context, metrics = self.context, self.metrics
+        readiness = await self._readiness()
+        stats = self._stats()
+        config = context.config
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - metrics.started_at, 3),
+            "clock_s": time.monotonic(),
+            "backend": redacted_url(config.backend_url),
+            "listen": [f"tcp://{a}" for a in config.listen] + [f"unix://{p}" for p in config.unix],
+            "ready": readiness,
+            "connections": len(context.connections),
+            "totals": metrics.totals() | ({"expired": stats.expired_total} if stats else {}),
+            "waiting": None if stats is None else _waiting(stats),
+            "top_channels": await self._top_channels(),
+            "top_clients": _top_clients(context.connections),
+        }
+
+    async def _top_channels(self) -> list[dict[str, object]] | None:
+        try:
+            top = await asyncio.wait_for(
+                self.context.backend.top_channels(TOP_LIMIT), TOP_TIMEOUT_S
+            )
+        except (BackendError, TimeoutError):
+            return None
+        if top is None:
+            return None
+        return [{"namespace": ns, "channel": name, "messages": n} for ns, name, n in top]
+
+
+def _waiting(stats: BackendStats) -> dict[str, int]:
+    return {
+        "channels": stats.channels_waiting,
+        "messages": stats.messages_waiting,
+        "groups": stats.groups,
+        "memberships": stats.memberships,
+    }
+
+
+def _top_clients(connections: set[Any]) -> list[dict[str, object]]:
+    """Connections holding the most pushed, unacknowledged messages: the slow consumers."""
+    busiest = heapq.nlargest(
+        TOP_LIMIT,
+        connections,
+        key=lambda connection: (sum(connection.held.values()), len(connection.pulls)),
+    )
+    return [
+        {
+            "peer": connection.peer,
+            "namespace": None if connection.session is None else connection.session.ns,
+            "client_id": None if connection.session is None else connection.session.client_id,
+            "held": sum(connection.held.values()),
+            "pulls": len(connection.pulls),
+        }
+        for connection in busiest
+    ]
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, value=value)
+
+
+def _labelled_counter(
+    name: str, documentation: str, label: str, values: dict[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+def _histograms(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    histograms: dict[tuple[str, ...], Histogram],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(PREFIX + name, documentation, labels=labels)
+    for values, histogram in histograms.items():
+        family.add_metric(list(values), list(histogram.cumulative()), histogram.sum)
+    return family

@@ -1,0 +1,185 @@
+"""The daemon's counters and histograms: plain numbers on the hot path, read at scrape time.
+
+Theory of operation. Counting must cost a few increments per request, so nothing on
+the request path touches prometheus_client (its ``Counter.inc`` takes a lock, its
+``Histogram.observe`` more). ``Metrics`` holds ints, dicts of ints and ``Histogram``s
+(a bucket array and a sum); the event loop is the only writer, so no lock is needed.
+``broker.ops.exporter`` turns them into Prometheus metric families when ``/metrics`` is
+scraped, and into the ``/status`` document. Two places feed them: the connection
+(one timing per request, a count per outcome: stored, refused, delivered, ERROR
+frame) and, for shared backends, ``InstrumentedBackend`` (one timing per storage
+call, which is a network round trip there).
+
+Every label value comes from a fixed set (operation names, error codes, the backend's
+URL scheme), never from channel or group names, so the series count stays bounded
+whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from protocol import ErrorCode
+
+__all__ = [
+    "FANOUT_BUCKETS",
+    "LATENCY_BUCKETS_S",
+    "REQUEST_OPERATIONS",
+    "Histogram",
+    "Metrics",
+    "operation_name",
+]
+
+#: Latency bucket bounds in seconds: from 50 µs (a send to the memory backend is a few
+#: µs of daemon time plus the loop's turn) to 2.5 s (a backend failing over), spaced
+#: about 2-2.5x apart so p50 and p99 read within one bucket of the truth.
+LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+#: Group sizes: a private chat (2), a room (tens), a broadcast to a whole site (thousands).
+FANOUT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+#: Request operations, made up front so their series exist (at zero) from the first
+#: scrape: ``rate()`` misses the first increment of a series that appears later.
+REQUEST_OPERATIONS = (
+    "hello", "send", "send_many", "receive", "cancel", "ack",
+    "group_add", "group_discard", "group_send", "flush", "ping",
+)  # fmt: skip
+
+_CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def operation_name(frame_type: type) -> str:
+    """The label of a request frame type: ``GroupSend`` -> ``group_send``."""
+    return _CAMEL_HUMP.sub("_", frame_type.__name__).lower()
+
+
+class Histogram:
+    """Counts per bucket and a sum: what a Prometheus histogram exports, nothing more.
+
+    ``counts[i]`` holds the observations at most ``bounds[i]`` and above the bound
+    before it; the last slot holds those above every bound (the ``+Inf`` bucket).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left puts a value equal to a bound in that bound's bucket: "le".
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> Iterator[tuple[str, int]]:
+        """``(le, count at or below le)`` pairs, ending with ``+Inf``, as exported."""
+        total = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            total += count
+            yield _format_bound(bound), total
+        yield "+Inf", total + self.counts[-1]
+
+
+def _format_bound(bound: float) -> str:
+    # Prometheus clients print le as a float ("1.0", "0.005"); dashboards match on it.
+    return repr(float(bound))
+
+
+class Metrics:
+    """Everything the daemon counts, as plain numbers (see the module docstring).
+
+    Message counters are keyed by operation (``send``, ``send_many``,
+    ``group_send``) or delivery mode (``push``, ``direct``, ``pull``); request and backend
+    latencies by operation name; errors by ``ErrorCode``.
+    """
+
+    def __init__(self, backend_label: str = "memory") -> None:
+        self.backend_label = backend_label
+        self.started_at = time.time()
+        self.accepted = {"send": 0, "send_many": 0, "group_send": 0}
+        self.rejected = {"send": 0, "send_many": 0}
+        self.delivered = {"push": 0, "direct": 0, "pull": 0}
+        self.dropped = 0
+        self.fanout = Histogram(FANOUT_BUCKETS)
+        self.requests = {name: Histogram(LATENCY_BUCKETS_S) for name in REQUEST_OPERATIONS}
+        self.backend_calls: dict[str, Histogram] = {}
+        self.backend_errors: dict[str, int] = {}
+        self.errors: dict[ErrorCode, int] = {}
+        self._request_histograms: dict[type, Histogram] = {}
+
+    # -- hooks on the request path -----------------------------------------
+
+    #: A clock for ``request_done``: seconds, monotonic, sub-microsecond resolution.
+    now = staticmethod(time.perf_counter)
+
+    def request_done(self, frame: object, started: float) -> None:
+        """Record one request handled, from ``started`` (a ``now()`` reading) to now."""
+        elapsed = time.perf_counter() - started
+        histogram = self._request_histograms.get(type(frame))
+        if histogram is None:
+            histogram = self._request_histogram(type(frame))
+        # Histogram.observe, inlined: this runs for every request.
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
+
+    def count_sent(self, operation: str, accepted: int, rejected: int) -> None:
+        """Record the outcome of a send or send_many: messages stored, and refused as full."""
+        self.accepted[operation] += accepted
+        if rejected:
+            self.rejected[operation] += rejected
+
+    def count_group_send(self, reached: int, skipped: int) -> None:
+        """Record a group_send: members that got the message, and those skipped as full."""
+        self.accepted["group_send"] += reached
+        self.dropped += skipped
+        self.fanout.observe(reached + skipped)
+
+    def count_delivered(self, mode: str, count: int) -> None:
+        """Record messages handed to consumers: ``push``, ``direct`` or ``pull``."""
+        self.delivered[mode] += count
+
+    def count_error(self, code: ErrorCode | int) -> None:
+        """Record one ERROR frame sent to a client."""
+        code = ErrorCode(code)
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def backend_histogram(self, operation: str) -> Histogram:
+        """The latency histogram of one backend operation, made on first use."""
+        histogram = self.backend_calls.get(operation)
+        if histogram is None:
+            histogram = self.backend_calls[operation] = Histogram(LATENCY_BUCKETS_S)
+            self.backend_errors[operation] = 0
+        return histogram
+
+    def _request_histogram(self, frame_type: type) -> Histogram:
+        name = operation_name(frame_type)
+        histogram = self.requests.get(name)
+        if histogram is None:
+            histogram = self.requests[name] = Histogram(LATENCY_BUCKETS_S)
+        self._request_histograms[frame_type] = histogram
+        return histogram
+
+    # -- totals, for /status and the systemd STATUS line --------------------
+
+    def totals(self) -> dict[str, int]:
+        """Counter totals over every label, for rates in ``channels-broker status``."""
+        return {
+            "accepted": sum(self.accepted.values()),
+            "delivered": sum(self.delivered.values()),
+            "rejected": sum(self.rejected.values()),
+            "dropped": self.dropped,
+            "requests": sum(histogram.count for histogram in self.requests.values()),
+            "errors": sum(self.errors.values()),
+            "auth_failures": self.errors.get(ErrorCode.AUTH_FAILED, 0),
+            "backend_errors": sum(self.backend_errors.values()),
+        }
