@@ -5,24 +5,20 @@ from __future__ import annotations
 import importlib
 from urllib.parse import urlsplit
 
-from .base import (
-    Backend,
-    BackendError,
-    BackendStats,
-    BackendUnavailable,
-    CapacityOf,
-    GroupSendResult,
-    Taken,
-    WakeupCallback,
-)
+from .base import Backend, CapacityOf, WakeupCallback
+from .direct import AcceptsDirectPushes, DirectPushes
+from .errors import BackendError, BackendUnavailable, UnknownBackend
+from .records import BackendStats, GroupSendResult, Taken
 
 __all__ = [
     "BACKENDS",
+    "AcceptsDirectPushes",
     "Backend",
     "BackendError",
     "BackendStats",
     "BackendUnavailable",
     "CapacityOf",
+    "DirectPushes",
     "GroupSendResult",
     "Taken",
     "UnknownBackend",
@@ -43,10 +39,6 @@ BACKENDS: dict[str, str] = {
     "postgresql": "backends.postgres:PostgresBackend",
     "postgres": "backends.postgres:PostgresBackend",
 }
-
-
-class UnknownBackend(BackendError):
-    """The URL names no backend this build has."""
 
 
 def backend_from_url(url: str) -> Backend:

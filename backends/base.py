@@ -16,68 +16,25 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Self
+from typing import Protocol, Self
 
-__all__ = [
-    "Backend",
-    "BackendError",
-    "BackendStats",
-    "BackendUnavailable",
-    "DirectPushes",
-    "CapacityOf",
-    "GroupSendResult",
-    "Taken",
-    "WakeupCallback",
-]
+from .errors import BackendError
+from .records import BackendStats, GroupSendResult, Taken
 
-#: Maps a channel name to its capacity (the sender's ``channel_capacity`` policy).
-CapacityOf = Callable[[str], int]
+__all__ = ["Backend", "CapacityOf", "WakeupCallback"]
+
 #: Called with (namespace, channel) when messages may be waiting for a watched channel.
 WakeupCallback = Callable[[str, str], None]
 
 
-class BackendError(Exception):
-    """A storage operation failed. Driver exceptions are translated to this family."""
+class CapacityOf(Protocol):
+    """The sender's ``channel_capacity`` policy: a channel name to its capacity."""
 
+    #: The capacity of every channel when no pattern applies, else None: lets a backend
+    #: check a whole group at once (one script on Redis) without asking per member.
+    uniform: int | None
 
-class BackendUnavailable(BackendError):
-    """The storage cannot be reached right now; the operation may be retried."""
-
-
-class Taken(NamedTuple):
-    """A message taken from a channel: its payload and how long it stays valid.
-
-    A named tuple, not a frozen dataclass: one is built per delivered message, and
-    this is about twice as cheap to build.
-    """
-
-    payload: bytes
-    ttl_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class GroupSendResult:
-    """Members that got the message, and how many were skipped because full.
-
-    ``delivered`` got it through storage; nothing was stored for the ``direct``
-    members: the caller pushes it to them (see ``DirectPushes``).
-    """
-
-    delivered: Sequence[str]
-    skipped: int
-    direct: Sequence[str] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class BackendStats:
-    """Cheap-to-compute gauges for metrics and status."""
-
-    channels_waiting: int
-    messages_waiting: int
-    groups: int
-    memberships: int
-    expired_total: int
+    def __call__(self, channel: str) -> int: ...
 
 
 def _ignore_wakeup(ns: str, channel: str) -> None:
@@ -126,7 +83,6 @@ class Backend(abc.ABC):
 
     def __init__(self) -> None:
         self._on_ready: WakeupCallback = _ignore_wakeup
-        self._direct: DirectPushes | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -136,13 +92,6 @@ class Backend(abc.ABC):
     def set_wakeup(self, callback: WakeupCallback) -> None:
         """Install the callback told about channels that may have messages."""
         self._on_ready = callback
-
-    def set_direct_pushes(self, pushes: DirectPushes) -> None:
-        """Say which channels the caller can push to itself; see ``DirectPushes``.
-
-        Only shared backends use it: the others keep messages in this process anyway.
-        """
-        self._direct = pushes
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -235,8 +184,9 @@ class Backend(abc.ABC):
     ) -> GroupSendResult:
         """Send to every live member that has room; full members are skipped, not errors.
 
-        A shared backend may leave out of storage the members its ``DirectPushes`` can
-        push to that have nothing waiting or held there, and name them in ``direct``.
+        A backend that ``AcceptsDirectPushes`` may leave out of storage the members the
+        daemon can push to that have nothing waiting or held there, and name them in
+        ``direct``.
         """
 
     @abc.abstractmethod

@@ -31,7 +31,9 @@ from collections.abc import Sequence
 from typing import Generic, Self, TypeVar
 from urllib.parse import urlsplit
 
-from .base import Backend, BackendError, BackendStats, CapacityOf, GroupSendResult, Taken
+from .base import Backend, CapacityOf
+from .errors import BackendError
+from .records import BackendStats, GroupSendResult, Taken
 
 __all__ = ["DEFAULT_TICK_S", "MemoryBackend"]
 

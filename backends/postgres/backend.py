@@ -33,11 +33,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
-from backends.base import (
+from backends import (
     Backend,
     BackendError,
     BackendStats,
     CapacityOf,
+    DirectPushes,
     GroupSendResult,
     Taken,
 )
@@ -84,6 +85,7 @@ class PostgresBackend(Backend):
         super().__init__()
         self.options = options
         self._sql = Statements(quote_ident(options.schema), quote_literal(options.schema))
+        self._direct: DirectPushes | None = None
         self._own_pids: set[int] = set()
         self._db = Database(options, self._own_pids)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,6 +107,10 @@ class PostgresBackend(Backend):
             self._db.fetch, self._db.connect, options.schema, quote_ident(options.schema)
         )
         self._sweeper = Sweeper(self._db.fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
+
+    def set_direct_pushes(self, pushes: DirectPushes) -> None:
+        """``AcceptsDirectPushes``: the daemon's router, which pushes to its own clients."""
+        self._direct = pushes
 
     @classmethod
     def from_url(cls, url: str) -> Self:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from backends.base import BackendError
+from backends import BackendError
 
 __all__ = ["ReleaseWriter"]
 

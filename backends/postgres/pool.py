@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from backends.base import BackendError, BackendUnavailable
+from backends import BackendError, BackendUnavailable
 
 from .url import PostgresOptions
 

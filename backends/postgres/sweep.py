@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from backends.base import BackendError, BackendStats
+from backends import BackendError, BackendStats
 
 from .vacuum import Fetch, Vacuum
 

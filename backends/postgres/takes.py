@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from backends.base import BackendError, BackendUnavailable, Taken
+from backends import BackendError, BackendUnavailable, Taken
 
 __all__ = ["Ahead", "Takes"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from backends.base import BackendError
+from backends import BackendError
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresOptions"]
 

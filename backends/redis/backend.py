@@ -33,7 +33,7 @@ from typing import Any, Self
 
 from redis.exceptions import AskError, NoScriptError
 
-from backends.base import (
+from backends import (
     Backend,
     BackendError,
     BackendStats,

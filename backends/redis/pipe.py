@@ -34,7 +34,7 @@ from hiredis import pack_command
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
-from backends.base import BackendUnavailable
+from backends import BackendUnavailable
 
 __all__ = ["ConnectionFactory", "Pipe", "Subscriber"]
 

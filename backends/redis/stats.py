@@ -7,7 +7,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from backends.base import BackendStats
+from backends import BackendStats
 
 from .pipe import Pipe
 

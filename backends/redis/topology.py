@@ -35,7 +35,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from backends.base import BackendError, BackendUnavailable
+from backends import BackendError, BackendUnavailable
 
 from .pipe import ConnectionFactory, Pipe, Subscriber
 from .scripts import SCRIPTS, Script

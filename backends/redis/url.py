@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from backends.base import BackendError
+from backends import BackendError
 
 __all__ = ["DEFAULT_PREFIX", "RedisMode", "RedisSettings"]
 

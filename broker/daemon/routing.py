@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends import Backend
+from backends import AcceptsDirectPushes, Backend
 from protocol import client_id_of
 
 __all__ = ["Endpoint", "Pull", "Router"]
@@ -80,7 +80,8 @@ class Router:
         self._lines: dict[tuple[str, str], deque[Pull]] = {}
         self._members: dict[str, set[Endpoint]] = {}
         backend.set_wakeup(self.wake)
-        backend.set_direct_pushes(self)
+        if isinstance(backend, AcceptsDirectPushes):
+            backend.set_direct_pushes(self)
 
     @property
     def connection_count(self) -> int:
