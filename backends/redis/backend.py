@@ -270,8 +270,8 @@ class RedisBackend(Backend):
         else read the members, then one push script per slot."""
         topology = self._require()
         key = self._keys.group(ns, group)
-        uniform = getattr(capacity_of, "uniform", None)
-        if isinstance(uniform, int) and not topology.is_cluster:
+        uniform = capacity_of.uniform
+        if uniform is not None and not topology.is_cluster:
             args = [self.settings.prefix, ns, _ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS]
             args += [self._origin, topology.publish_command, payload, uniform]
             reply = await self._run(GROUP_SEND, [key], args)

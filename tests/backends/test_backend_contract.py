@@ -7,11 +7,13 @@ URL to ``BACKEND_URLS`` in ``conftest.py``; memory internals have their own file
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 
 import pytest
 
 from backends import Backend, CapacityOf, Taken
+from broker.daemon.capacity import CapacityPolicy
 
 #: Long enough never to lapse during a test.
 LONG_S = 60.0
@@ -25,8 +27,10 @@ def payloads(taken: Sequence[Taken]) -> list[bytes]:
 
 
 def capacity(default: int, **special: int) -> CapacityOf:
-    """A ``capacity_of`` giving ``special[channel]`` or ``default``."""
-    return lambda channel: special.get(channel, default)
+    """A ``capacity_of`` giving ``special[channel]`` or ``default``, as the daemon makes it."""
+    return CapacityPolicy(
+        default, tuple((rf"{re.escape(name)}\Z", n) for name, n in special.items())
+    )
 
 
 async def put(

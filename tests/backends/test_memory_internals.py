@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from backends import BackendError, Taken
 from backends.memory import MemoryBackend, _Channel, _Space, _Wheel
+from broker.daemon.capacity import CapacityPolicy
 from protocol import client_id_of, is_process_specific
 
 #: A fast wheel, so sweeps happen within a test's patience.
@@ -30,8 +31,8 @@ def memory() -> MemoryBackend:
     return MemoryBackend(tick_s=TICK_S)
 
 
-def fixed(capacity: int) -> Callable[[str], int]:
-    return lambda channel: capacity
+def fixed(capacity: int) -> CapacityPolicy:
+    return CapacityPolicy(capacity)
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
