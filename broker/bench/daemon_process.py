@@ -26,7 +26,7 @@ __all__ = ["daemon"]
 DAEMON_START_TIMEOUT_S = 15.0
 DAEMON_STOP_TIMEOUT_S = 10.0
 #: The directory holding the ``broker`` package, so the daemon runs the code this bench runs.
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_ports(count: int) -> list[int]:
