@@ -21,7 +21,7 @@ import click
 
 from backends import BackendError
 
-from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option
+from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option, redacted_url
 from .daemon.server import Server
 from .errors import ConfigError
 from .ops.logs import configure_logging
@@ -133,7 +133,8 @@ def migrate(backend: str) -> None:
     daemons' database user may not create tables.
     """
     if urlsplit(backend).scheme not in POSTGRES_SCHEMES:
-        raise click.UsageError(f"only postgresql:// backends have a schema to migrate: {backend}")
+        shown = redacted_url(backend)
+        raise click.UsageError(f"only postgresql:// backends have a schema to migrate: {shown}")
     configure_logging(logging.INFO, "text")
     try:
         before, after = asyncio.run(_migrate(backend))
