@@ -9,7 +9,6 @@ Exit codes live here only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import tomllib
@@ -21,6 +20,7 @@ import click
 
 from backends import BackendError
 
+from .bench import bench
 from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option, redacted_url
 from .daemon.server import Server
 from .errors import ConfigError
@@ -157,15 +157,7 @@ async def _migrate(url: str) -> tuple[int, int]:
         await backend.close()
 
 
-def _add_optional_commands() -> None:
-    # The benchmark imports Channels lazily; the daemon itself never needs it.
-    from .bench.runner import bench
-
-    main.add_command(bench)
-
-
-with contextlib.suppress(ImportError):  # bench.py not present in this build
-    _add_optional_commands()
-
+# The benchmark imports Channels and the layers it compares only when it runs.
+main.add_command(bench)
 for _command in (status, top, check):  # a running daemon seen from a shell (status.py)
     main.add_command(_command)

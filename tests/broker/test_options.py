@@ -237,3 +237,14 @@ def test_daemon_log_and_status_hide_the_passwords_of_its_backend_url(
     for secret in (MASTER_SECRET, SENTINEL_SECRET):
         assert secret not in log
         assert secret.encode() not in body
+
+
+def test_every_command_is_listed_and_answers_help() -> None:
+    from click.testing import CliRunner
+
+    from broker.cli import main
+
+    for command in ("serve", "migrate", "status", "top", "check", "bench"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage:" in result.output
