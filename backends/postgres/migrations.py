@@ -2,7 +2,7 @@
 
 Each entry of ``MIGRATIONS`` is SQL formatted with ``s`` (the quoted schema), ``notify``
 (the notification channel, a literal), ``unlogged``, ``sweep_lock`` (an advisory lock
-key) and the expressions below. See ``postgres_schema`` for how they are applied.
+key) and the expressions below. See ``schema`` for how they are applied.
 
 Counting. A channel's messages are counted on two rows, so that senders and takers
 never wait for each other: ``channels.waiting`` counts what senders put in (less the
