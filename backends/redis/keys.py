@@ -12,16 +12,25 @@ Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster sl
 Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
 ``h:<channel>`` the count of taken-and-held messages, ``i`` a client's SET of channels
 with messages, ``w`` the wake-up (pub/sub) channel, ``g`` a group's ZSET of
-member -> deadline in ms. ``scripts`` builds the same names in Lua.
+member -> deadline in ms. ``scripts`` builds the same names in Lua. Queue, index and
+held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so abandoned data
+vanishes by itself.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 from redis.crc import key_slot
 
 from protocol import client_id_of
 
-__all__ = ["Keys"]
+__all__ = ["KEEP_MARGIN_MS", "Keys"]
+
+#: Queue, index and held-count keys outlive their newest deadline by this much (ms):
+#: reads check deadlines themselves; key expiry only frees abandoned data.
+KEEP_MARGIN_MS = 5000
 
 
 class Keys:
@@ -75,3 +84,17 @@ class Keys:
     def slot(key: str) -> int:
         """The Cluster slot of a key (by its hash tag)."""
         return int(key_slot(key.encode()))
+
+    def slot_batches(
+        self, ns: str, channels: Sequence[str], *, is_cluster: bool
+    ) -> list[list[int]]:
+        """Indexes of ``channels`` grouped by Cluster slot (one group outside Cluster):
+        each group can be one script call."""
+        if not channels:
+            return []
+        if not is_cluster:
+            return [list(range(len(channels)))]
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for i, channel in enumerate(channels):
+            by_slot[Keys.slot(self.wake(ns, channel))].append(i)
+        return list(by_slot.values())

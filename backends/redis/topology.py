@@ -37,8 +37,10 @@ from redis.exceptions import (
 
 from backends import BackendError, BackendUnavailable
 
-from .pipe import ConnectionFactory, Pipe, Subscriber
+from .link import ConnectionFactory
+from .pipe import Pipe
 from .scripts import SCRIPTS, Script
+from .subscriber import Subscriber
 from .url import RedisSettings
 
 __all__ = ["Topology"]

@@ -1,21 +1,42 @@
-"""Which wake-up channels the Redis backend listens to, for whom, and since when idle.
+"""Wake-ups across daemons: which wake-up channels we listen to, for whom, and what a
+message on one of them does.
+
+Theory of operation. A script that queues a message also publishes on the wake-up
+channel of the receiving client (all its process-specific channels) or of the normal
+channel (see ``keys`` and ``scripts``). ``watch`` subscribes to it; a message another
+daemon published becomes ``on_ready(ns, channel)`` here. Our own sends wake our router
+at once (``sends``), and our echo is ignored: each message names its origin.
 
 A ``watch`` key is a normal channel (``work``), a process-specific channel pulled like
 one (``specific.ab12!x``: its client's wake-up channel), or a client id (all of that
 client's channels). A client id and a normal channel name can look alike, so a name
 that could be a client id is listened to both ways; the other wake-ups are spurious
-and harmless. A channel nobody watches lingers until ``idle`` hands it back, so a
-puller coming back for the next message costs no new subscription.
+and harmless. A channel nobody watches lingers ``LINGER_S`` before it is unsubscribed,
+so a puller coming back for the next message (pull churn) costs no SUBSCRIBE.
+
+Three gaps are closed: (1) a message sent before a subscription became active is
+found by looking once more when Redis confirms the subscription (``on_subscribed``);
+(2) after a reconnect every watched key is looked at again (``rewake_all``); (3) a
+wake-up that meets a take of that channel in flight is handled by ``takes``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 
-from .keys import Keys
+from protocol import client_id_of
 
-__all__ = ["Subscriptions", "Watcher"]
+from .commands import Commands
+from .keys import Keys
+from .takes import Takes
+
+__all__ = ["LINGER_S", "Subscriptions", "Watcher", "Wakeups"]
+
+#: Seconds a wake-up subscription outlives its last watcher: pullers come and go with
+#: every message, and re-subscribing each time would cost a round trip and a rescan.
+LINGER_S = 30.0
 
 _client_id_like = re.compile(r"^[A-Za-z0-9]{8,32}$")
 
@@ -97,3 +118,79 @@ class Subscriptions:
         if "!" not in key and _client_id_like.match(key):
             wakes.append((self._keys.client_wake(ns, key).encode(), True))
         return wakes
+
+
+class Wakeups:
+    """Watches and what comes in on the wake-up channels, turned into wake-ups of takes."""
+
+    def __init__(
+        self, subs: Subscriptions, commands: Commands, takes: Takes, *, origin: bytes
+    ) -> None:
+        self._subs = subs
+        self._commands = commands
+        self._takes = takes
+        self._origin = origin
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Listen to every watched channel (the topology is new) and sweep idle ones."""
+        self._sweeper = asyncio.get_running_loop().call_later(LINGER_S, self._sweep)
+        topology = self._commands.require()
+        if self._subs.channels():
+            topology.subscribe(self._subs.channels())
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def watch(self, ns: str, key: str) -> None:
+        """Subscribe to the wake-ups of a normal channel or of a client id (batched)."""
+        new = self._subs.add(ns, key)
+        if new and self._commands.topology is not None:
+            self._commands.topology.subscribe(new)
+
+    def unwatch(self, ns: str, key: str) -> None:
+        """Drop a watch; the subscription lingers ``LINGER_S`` in case it comes back."""
+        self._subs.remove(ns, key, asyncio.get_running_loop().time())
+        if not self._subs.owns(ns, key):
+            self._takes.return_client(ns, key)
+
+    def on_message(self, wake: bytes, data: bytes) -> None:
+        """A wake-up published by some daemon: ``<origin> <channel> [<channel>...]``."""
+        origin, _, names = data.partition(b" ")
+        if origin == self._origin:
+            return  # our own send: the router was woken already
+        ns = self._subs.namespace_of(wake)
+        if ns is not None:
+            for name in names.split(b" "):
+                self._takes.wake(ns, name.decode())
+
+    def on_subscribed(self, wake: bytes) -> None:
+        """Redis confirmed a subscription: look for what came before it."""
+        for ns, key, is_client in self._subs.watchers(wake):
+            self._rewake(ns, key, is_client)
+
+    def rewake_all(self) -> None:
+        """A command connection is back: wake every watched key, in case we missed one."""
+        for ns, key, is_client in self._subs.watchers():
+            self._rewake(ns, key, is_client)
+
+    def _rewake(self, ns: str, key: str, is_client: bool) -> None:
+        if is_client:
+            self._commands.spawn(self._wake_client(ns, key))
+        else:
+            self._takes.wake(ns, key)
+
+    async def _wake_client(self, ns: str, client_id: str) -> None:
+        for channel in await self._takes.channels_with_messages(ns, client_id):
+            if client_id_of(channel) == client_id:
+                self._takes.wake(ns, channel)
+
+    def _sweep(self) -> None:
+        """Unsubscribe wake-up channels idle for ``LINGER_S``; come back later."""
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(LINGER_S, self._sweep)
+        idle = self._subs.pop_idle(loop.time() - LINGER_S)
+        if idle and self._commands.topology is not None:
+            self._commands.topology.unsubscribe(idle)

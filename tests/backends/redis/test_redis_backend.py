@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from backends import Backend, BackendError, BackendUnavailable, backend_from_url
-from backends.redis.backend import RedisBackend
+from backends.redis import RedisBackend
 from backends.redis.keys import Keys
 from backends.redis.url import RedisSettings
 from tests import servers
@@ -145,7 +145,7 @@ async def test_take_skips_expired_heads_and_fills_its_limit(backend: Backend, ns
 async def test_scripts_come_back_after_a_script_flush(backend: Backend, ns: str) -> None:
     assert isinstance(backend, RedisBackend)
     await put(backend, ns, "work", b"1")
-    topology = backend._require()
+    topology = backend._commands.require()
     for pipe in topology.pipes():
         await pipe.execute("SCRIPT", "FLUSH")
     await put(backend, ns, "work", b"2")
@@ -213,7 +213,7 @@ async def test_stats_count_waiting_messages_and_memberships(backend: Backend, ns
     await put(backend, ns, "work", b"2")
     await backend.group_add(ns, "room", "a", group_expiry_s=LONG_S)
     await backend.group_add(ns, "room", "b", group_expiry_s=LONG_S)
-    stats = await read_stats(backend._require().pipes(), backend.settings.prefix)
+    stats = await read_stats(backend._commands.require().pipes(), backend.settings.prefix)
     assert stats.channels_waiting >= 1
     assert stats.messages_waiting >= 2
     assert stats.groups >= 1

@@ -1,0 +1,142 @@
+"""Sends and group sends to Redis: the PUSH and GROUP_SEND scripts' arguments and replies.
+
+Theory of operation. A send is a capacity check and an append in one PUSH script, so
+it costs one round trip; several sends (``send_many``, a group's members in Cluster
+mode) are one PUSH per Cluster slot, all pipelined. PUSH publishes the wake-ups of
+the channels it queued to (see ``scripts``), and tells per target whether it was
+queued, refused as full, or grabbed back for its owner attached here (then the reply
+is the entry itself, for the stash: see ``stash``). We ask for a grab only when the
+owner watches its client id here, and tell PUSH whether our own subscription is among
+a wake-up channel's listeners, so a lone daemon reads back no echo of its own sends.
+Every channel queued to wakes our router at once (``Takes.wake``).
+
+A group send is one GROUP_SEND script when every member has the same capacity, outside
+Cluster (the script builds its members' key names itself, which Cluster forbids): it
+reads the live members and queues to each one with room. Otherwise the members are
+read first, then pushed to like a ``send_many``: one PUSH per slot, which is one per
+client process. ``origin`` names this daemon in the wake-ups it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from backends import CapacityOf, GroupSendResult
+from protocol import client_id_of
+
+from .commands import Commands
+from .keys import KEEP_MARGIN_MS, Keys
+from .scripts import GROUP_MEMBERS, GROUP_SEND, PUSH
+from .takes import Takes
+from .wakeups import Subscriptions
+
+__all__ = ["Sends", "Target"]
+
+#: (channel, payload, capacity): one message to queue unless the channel is full.
+Target = tuple[str, bytes, int]
+
+
+class Sends:
+    """Capacity-checked sends of one backend, single, batched or to a group."""
+
+    def __init__(
+        self,
+        prefix: str,
+        keys: Keys,
+        commands: Commands,
+        takes: Takes,
+        subs: Subscriptions,
+        *,
+        origin: str,
+    ) -> None:
+        self._prefix = prefix
+        self._origin = origin
+        self._keys = keys
+        self._commands = commands
+        self._takes = takes
+        self._subs = subs
+
+    async def push(self, ns: str, targets: Sequence[Target], expiry_s: float) -> list[int]:
+        """Capacity-checked sends of ``targets``; the indexes refused as full."""
+        if not targets:
+            return []
+        is_cluster = self._commands.require().is_cluster
+        channels = [channel for channel, _, _ in targets]
+        batches = self._keys.slot_batches(ns, channels, is_cluster=is_cluster)
+        if len(batches) == 1:  # the common case: no task per call
+            results = [await self._push_batch(ns, targets, expiry_s)]
+        else:
+            results = await asyncio.gather(
+                *(self._push_batch(ns, [targets[i] for i in b], expiry_s) for b in batches)
+            )
+        refused: list[int] = []
+        now = asyncio.get_running_loop().time()
+        for batch, accepted in zip(batches, results, strict=True):
+            for i, ok in zip(batch, accepted, strict=True):
+                channel = targets[i][0]
+                if isinstance(ok, bytes):  # grabbed for its owner here: see stash
+                    self._takes.keep_grabbed(ns, channel, ok, now + expiry_s, now)
+                elif ok:
+                    self._takes.wake(ns, channel)
+                else:
+                    refused.append(i)
+        return sorted(refused)
+
+    async def _push_batch(
+        self, ns: str, targets: Sequence[Target], expiry_s: float
+    ) -> list[int | bytes]:
+        """One PUSH script: per target 1 (queued), 0 (full) or the grabbed entry."""
+        topology = self._commands.require()
+        keys: list[str] = []
+        payload_numbers: dict[int, int] = {}
+        payloads: list[bytes] = []
+        per_target: list[Any] = []
+        for channel, payload, capacity in targets:
+            keys += self._keys.channel_keys(ns, channel)
+            number = payload_numbers.get(id(payload))
+            if number is None:
+                payloads.append(payload)
+                number = payload_numbers[id(payload)] = len(payloads)
+            wake = self._keys.wake(ns, channel)
+            # Whether our own subscription is among the listeners (see PUSH).
+            mine = int(topology.is_listening(wake.encode()))
+            grab = "!" in channel and self._subs.owns(ns, client_id_of(channel))
+            per_target += [channel, capacity, number, wake, mine, int(grab)]
+        args = [_ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS, self._origin]
+        args += [topology.publish_command, len(payloads), *payloads, *per_target]
+        reply = await self._commands.run(PUSH, keys, args)
+        return [ok if isinstance(ok, bytes) else int(ok) for ok in reply]
+
+    async def group_send(
+        self,
+        ns: str,
+        group: str,
+        payload: bytes,
+        *,
+        capacity_of: CapacityOf,
+        expiry_s: float,
+    ) -> GroupSendResult:
+        """One script call when every member has the same capacity (outside Cluster);
+        else read the members, then one push script per slot."""
+        topology = self._commands.require()
+        key = self._keys.group(ns, group)
+        uniform = capacity_of.uniform
+        if uniform is not None and not topology.is_cluster:
+            args = [self._prefix, ns, _ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS]
+            args += [self._origin, topology.publish_command, payload, uniform]
+            reply = await self._commands.run(GROUP_SEND, [key], args)
+            delivered = [name.decode() for name in reply[1:]]
+            for channel in delivered:
+                self._takes.wake(ns, channel)
+            return GroupSendResult(delivered=delivered, skipped=int(reply[0]))
+        members = [name.decode() for name in await self._commands.run(GROUP_MEMBERS, [key], [])]
+        targets = [(channel, payload, capacity_of(channel)) for channel in members]
+        refused = set(await self.push(ns, targets, expiry_s))
+        delivered = [channel for i, channel in enumerate(members) if i not in refused]
+        return GroupSendResult(delivered=delivered, skipped=len(refused))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

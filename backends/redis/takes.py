@@ -1,0 +1,256 @@
+"""Takes from Redis channels: the stash first, then one TAKE script per Cluster slot.
+
+Theory of operation. A take of channels that share a slot (all channels of one client
+do) is one TAKE script: it pops up to ``limit`` unexpired entries per channel, counts
+them as held if asked, and reports how many expired ones it dropped. An entry is the
+deadline in ms (``DEADLINE_DIGITS`` digits, Redis server time) followed by the payload;
+small identical entries (one group message taken by several members) come back as one
+shared ``bytes`` object, so the daemon can push them in one frame.
+
+The stash (see ``stash``) holds messages a send grabbed back for an owner attached
+here; it is older than anything in Redis for its channel, so a take serves it first
+and asks Redis only for the rest. A channel woken by something other than a grab since
+its last full take (``maybe_more``) may hold messages in Redis behind the stash.
+Grabbed messages nobody took within ``HOLD_S``, or whose owner left, go back to the
+head of their Redis queue (UNGRAB).
+
+Wake-ups and takes in flight. A wake-up that arrives while a take of that channel is
+in flight may find the taker out of the router's line, so ``wake`` notes it, and an
+empty take after such a wake-up wakes the channel again on the next loop pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from backends import BackendError, Taken, WakeupCallback
+
+from .commands import Commands
+from .keys import KEEP_MARGIN_MS, Keys
+from .scripts import TAKE, UNGRAB, WAITING
+from .stash import HOLD_S, Stash
+
+__all__ = ["DEADLINE_DIGITS", "Takes"]
+
+#: Deadline digits at the head of each queue entry (see scripts).
+DEADLINE_DIGITS = 13
+#: Payloads up to this size are shared between takes of identical entries (a group
+#: message taken by several members), so the daemon can push them in one frame.
+SHARE_MAX_BYTES = 65536
+SHARE_CACHE_SIZE = 1024
+
+#: (namespace, channel)
+ChannelKey = tuple[str, str]
+
+
+class Takes:
+    """Takes, the stash they serve first, and the takes in flight that wake-ups meet."""
+
+    def __init__(self, keys: Keys, commands: Commands, notify: WakeupCallback) -> None:
+        self._keys = keys
+        self._commands = commands
+        self._notify = notify
+        self._stash = Stash()
+        self._stash_timer: asyncio.TimerHandle | None = None
+        self._inflight: dict[ChannelKey, int] = {}
+        self._woken_inflight: set[ChannelKey] = set()
+        #: Channels woken by something other than a grab since their last full take:
+        #: Redis may hold messages for them behind the stash.
+        self._maybe_more: set[ChannelKey] = set()
+        self._shared: dict[bytes, bytes] = {}
+        self.expired_total = 0
+
+    # -- takes -----------------------------------------------------------------
+
+    async def take_many(
+        self, ns: str, channels: Sequence[str], limit: int, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """One take per Cluster slot, all at once; the channels of slots that failed
+        are left out, and the first error raised if no slot answered."""
+        if not channels:
+            return {}
+        is_cluster = self._commands.require().is_cluster
+        batches = self._keys.slot_batches(ns, channels, is_cluster=is_cluster)
+        if len(batches) == 1:
+            return await self.take(ns, list(channels), limit, hold)
+        results = await asyncio.gather(
+            *(self.take(ns, [channels[i] for i in b], limit, hold) for b in batches),
+            return_exceptions=True,
+        )
+        taken: dict[str, list[Taken]] = {}
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, BackendError):
+                    raise result
+                continue
+            taken.update(result)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and not taken:
+            raise errors[0]
+        return taken
+
+    async def take(
+        self, ns: str, channels: list[str], limit: int, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """Take from channels of one slot: the stash first, then one TAKE script."""
+        if not self._stash:
+            return await self._take_from_redis(ns, channels, limit, hold)
+        now = asyncio.get_running_loop().time()
+        taken: dict[str, list[Taken]] = {}
+        rest: list[str] = []
+        for channel in channels:
+            taken[channel] = self._take_stashed(ns, channel, limit, hold, now)
+            count = len(taken[channel])
+            if not count:
+                rest.append(channel)
+            elif count < limit and (ns, channel) in self._maybe_more:
+                more = await self._take_from_redis(ns, [channel], limit - count, hold)
+                taken[channel] += more[channel]
+        if rest:
+            taken.update(await self._take_from_redis(ns, rest, limit, hold))
+        return taken
+
+    def _take_stashed(
+        self, ns: str, channel: str, limit: int, hold: bool, now: float
+    ) -> list[Taken]:
+        items, expired = self._stash.take(ns, channel, limit, now)
+        # Stashed messages are held in Redis: uncount expired ones, and all for a pull.
+        if expired or (items and not hold):
+            uncount = expired + (0 if hold else len(items))
+            self._commands.release(self._keys.held(ns, channel), uncount)
+        self.expired_total += expired
+        return [Taken(e[DEADLINE_DIGITS:], d - now) for e, d, _ in items]
+
+    async def _take_from_redis(
+        self, ns: str, channels: list[str], limit: int, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """One TAKE script for channels of one slot."""
+        keys: list[str] = []
+        for channel in channels:
+            keys += self._keys.channel_keys(ns, channel)
+            self._inflight[(ns, channel)] = self._inflight.get((ns, channel), 0) + 1
+        try:
+            args = [limit, 1 if hold else 0, KEEP_MARGIN_MS, *channels]
+            reply = await self._commands.run(TAKE, keys, args)
+        finally:
+            woken = [self._end_take(ns, channel) for channel in channels]
+        return self._read_take(ns, channels, woken, limit, reply)
+
+    def _read_take(
+        self, ns: str, channels: list[str], woken: list[bool], limit: int, reply: Any
+    ) -> dict[str, list[Taken]]:
+        """TAKE's reply: server time, expired count, then per channel a count and entries."""
+        now_ms = int(reply[0])
+        self.expired_total += int(reply[1])
+        taken: dict[str, list[Taken]] = {}
+        at = 2
+        for channel, was_woken in zip(channels, woken, strict=True):
+            count = int(reply[at])
+            items = [self._taken(entry, now_ms) for entry in reply[at + 1 : at + 1 + count]]
+            at += 1 + count
+            taken[channel] = items
+            if count < limit:
+                self._maybe_more.discard((ns, channel))
+            if not items and was_woken:
+                # A wake-up came while this take was in flight, perhaps for a message
+                # it missed, when the taker was out of the router's line: wake again.
+                asyncio.get_running_loop().call_soon(self._notify, ns, channel)
+        return taken
+
+    def _end_take(self, ns: str, channel: str) -> bool:
+        """End a take in flight; True if the channel was woken meanwhile."""
+        key = (ns, channel)
+        left = self._inflight.pop(key) - 1
+        woken = key in self._woken_inflight
+        if left:
+            self._inflight[key] = left
+        else:
+            self._woken_inflight.discard(key)
+        return woken
+
+    def _taken(self, entry: bytes, now_ms: int) -> Taken:
+        deadline_ms = int(entry[:DEADLINE_DIGITS])
+        ttl_s = (deadline_ms - now_ms) / 1000
+        if len(entry) > SHARE_MAX_BYTES:
+            return Taken(entry[DEADLINE_DIGITS:], ttl_s)
+        # Identical entries (a group message) share one payload object: one PUSH frame.
+        payload = self._shared.get(entry)
+        if payload is None:
+            if len(self._shared) >= SHARE_CACHE_SIZE:
+                self._shared.clear()
+            payload = self._shared[entry] = entry[DEADLINE_DIGITS:]
+        return Taken(payload, ttl_s)
+
+    async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
+        """The client's channels with unexpired messages, in Redis or in the stash."""
+        index = self._keys.index(ns, client_id)
+        queues = f"{self._keys.base(f'{ns}!{client_id}')}q:"
+        waiting = await self._commands.run(WAITING, [index], [queues])
+        names = {name.decode() for name in waiting}
+        return sorted(names.union(self._stash.channels_of(ns, client_id)))
+
+    # -- wake-ups --------------------------------------------------------------
+
+    def wake(self, ns: str, channel: str, *, more: bool = True) -> None:
+        """Tell the router; ``more``: Redis may hold messages for it (not just the stash)."""
+        key = (ns, channel)
+        if key in self._inflight:
+            self._woken_inflight.add(key)
+        if more and self._stash.has(ns, channel):
+            self._maybe_more.add(key)
+        self._notify(ns, channel)
+
+    # -- the stash -------------------------------------------------------------
+
+    def keep_grabbed(
+        self, ns: str, channel: str, entry: bytes, deadline: float, now: float
+    ) -> None:
+        """Stash an entry a send grabbed for its owner here, and wake the channel."""
+        self._stash.add(ns, channel, entry, deadline, now)
+        self._arm_stash_timer()
+        self.wake(ns, channel, more=False)
+
+    def return_client(self, ns: str, client_id: str) -> None:
+        """The client is no longer attached here: its grabbed messages go back to Redis."""
+        if self._stash:
+            self._return(self._stash.pop_client(ns, client_id))
+
+    def return_all(self) -> None:
+        """Every grabbed message goes back to Redis (the backend is closing)."""
+        self._return(self._stash.pop_all())
+
+    def drop_namespace(self, ns: str) -> None:
+        """Forget the grabbed messages of a namespace being flushed."""
+        self._stash.pop_namespace(ns)
+
+    def stop(self) -> None:
+        """Stop looking for stale grabbed messages."""
+        if self._stash_timer is not None:
+            self._stash_timer.cancel()
+            self._stash_timer = None
+
+    def _stale_stash(self) -> None:
+        """Return what nobody took within ``HOLD_S``; look again while any is left."""
+        self._stash_timer = None
+        cutoff = asyncio.get_running_loop().time() - HOLD_S
+        self._return(self._stash.pop_stale(cutoff))
+        if self._stash:
+            self._arm_stash_timer()
+
+    def _arm_stash_timer(self) -> None:
+        if self._stash_timer is None:
+            self._stash_timer = asyncio.get_running_loop().call_later(HOLD_S, self._stale_stash)
+
+    def _return(self, grabbed: dict[ChannelKey, list[bytes]]) -> None:
+        for (ns, channel), entries in grabbed.items():
+            self._commands.spawn(self._ungrab(ns, channel, entries))
+
+    async def _ungrab(self, ns: str, channel: str, entries: list[bytes]) -> None:
+        """Put grabbed entries back at the head of their Redis queue (see stash)."""
+        self._maybe_more.discard((ns, channel))
+        topology = self._commands.require()
+        wake = self._keys.wake(ns, channel)
+        args = [channel, wake, topology.publish_command, KEEP_MARGIN_MS, *entries]
+        await self._commands.run(UNGRAB, self._keys.channel_keys(ns, channel), args)
