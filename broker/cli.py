@@ -1,26 +1,27 @@
 """The ``channels-broker`` command: thin click commands over ``Config`` and ``Server``.
 
-Every ``serve`` option also reads ``CHANNELS_BROKER_<OPTION>`` from the environment
-and a key of the TOML file given by ``--config``; click's own lookup order makes
-that flag > environment > file > default. Exit codes live here only.
+Every ``serve`` option is a row of ``config.SERVE_OPTIONS``, declared to click from it; each
+also reads ``CHANNELS_BROKER_<OPTION>`` from the environment and a key of the TOML file given
+by ``--config``; click's own lookup order makes that flag > environment > file > default.
+Exit codes live here only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import tomllib
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 
 from backends import BackendError
 
-from .config import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_METRICS_LISTEN, Config
+from .bench import bench
+from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option, redacted_url
 from .daemon.server import Server
 from .errors import ConfigError
 from .ops.logs import configure_logging
@@ -60,9 +61,36 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
 
 
 def _option(*names: str, **kwargs: Any) -> Callable[[_Command], _Command]:
-    """A serve option whose environment variable is CHANNELS_BROKER_<NAME>."""
-    env = "CHANNELS_BROKER_" + names[0].lstrip("-").replace("-", "_").upper()
+    """An option whose environment variable is CHANNELS_BROKER_<NAME>."""
+    env = ENV_PREFIX + names[0].lstrip("-").replace("-", "_").upper()
     return click.option(*names, envvar=env, show_envvar=True, show_default=True, **kwargs)
+
+
+def _click_option(option: Option) -> Callable[[_Command], _Command]:
+    """The click declaration of one row of ``SERVE_OPTIONS`` (its type from its default)."""
+    choice = click.Choice(option.choices, case_sensitive=not option.ignores_case)
+    return _option(
+        option.flag,
+        type=choice if option.choices else None,
+        default=option.default,
+        multiple=option.is_repeatable,
+        is_flag=option.is_flag,
+        help=option.help,
+    )
+
+
+def _serve_options(command: _Command) -> _Command:
+    """``--config``, then every row of ``SERVE_OPTIONS`` in the table's order."""
+    for option in reversed(SERVE_OPTIONS):  # click lists the last decorator applied first
+        command = _click_option(option)(command)
+    return _option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config_file,
+        help="TOML file of option values (keys as option names, top level or [serve]).",
+    )(command)
 
 
 @click.group()
@@ -72,64 +100,11 @@ def main() -> None:
 
 
 @main.command()
-@_option(
-    "--config",
-    type=click.Path(dir_okay=False),
-    is_eager=True,
-    expose_value=False,
-    callback=_load_config_file,
-    help="TOML file of option values (keys as option names, top level or [serve]).",
-)
-@_option("--listen", multiple=True, default=[DEFAULT_LISTEN], help="TCP host:port; repeatable.")
-@_option("--unix", multiple=True, help="Unix socket path to listen on; repeatable.")
-@_option("--backend", default="memory://", help="memory://, redis://..., postgresql://...")
-@_option("--metrics-listen", default=DEFAULT_METRICS_LISTEN, help="host:port, or 'off'.")
-@_option("--token", default=None, help="Shared secret clients must present.")
-@_option(
-    "--log-level",
-    default="info",
-    type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
-)
-@_option("--log-format", default="text", type=click.Choice(["text", "json"]))
-@_option("--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, type=int)
-@_option("--shutdown-timeout", default=10.0, type=float, help="Seconds to finish on SIGTERM.")
-@_option("--tls-cert", default=None, help="PEM certificate chain: TCP listeners speak TLS.")
-@_option("--tls-key", default=None, help="PEM private key for --tls-cert.")
-@_option(
-    "--no-migrate",
-    is_flag=True,
-    default=False,
-    help="Do not create or upgrade the PostgreSQL schema at start (see 'migrate').",
-)
-def serve(
-    listen: tuple[str, ...],
-    unix: tuple[str, ...],
-    backend: str,
-    metrics_listen: str,
-    token: str | None,
-    log_level: str,
-    log_format: str,
-    max_message_bytes: int,
-    shutdown_timeout: float,
-    tls_cert: str | None,
-    tls_key: str | None,
-    no_migrate: bool,
-) -> None:
+@_serve_options
+def serve(**values: Any) -> None:
     """Run the broker daemon in the foreground."""
     try:
-        config = Config(
-            listen=tuple(listen),
-            unix=tuple(unix),
-            backend_url=_without_migration(backend) if no_migrate else backend,
-            metrics_listen=None if metrics_listen in ("", "off") else metrics_listen,
-            token=token or None,
-            log_level=log_level.lower(),
-            log_format=log_format,
-            max_message_bytes=max_message_bytes,
-            shutdown_timeout_s=shutdown_timeout,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-        )
+        config = Config.from_options(values)
         config.ssl_context()  # fail now, with a usage error, if the files are unreadable
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -157,8 +132,9 @@ def migrate(backend: str) -> None:
     'serve' does the same at start unless --no-migrate; run this first where the
     daemons' database user may not create tables.
     """
-    if urlsplit(backend).scheme not in _POSTGRES_SCHEMES:
-        raise click.UsageError(f"only postgresql:// backends have a schema to migrate: {backend}")
+    if urlsplit(backend).scheme not in POSTGRES_SCHEMES:
+        shown = redacted_url(backend)
+        raise click.UsageError(f"only postgresql:// backends have a schema to migrate: {shown}")
     configure_logging(logging.INFO, "text")
     try:
         before, after = asyncio.run(_migrate(backend))
@@ -181,26 +157,7 @@ async def _migrate(url: str) -> tuple[int, int]:
         await backend.close()
 
 
-_POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-def _without_migration(url: str) -> str:
-    """``url`` telling a PostgreSQL backend not to migrate; other backends have no schema."""
-    parts = urlsplit(url)
-    if parts.scheme not in _POSTGRES_SCHEMES:
-        return url
-    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "migrate=false"]))))
-
-
-def _add_optional_commands() -> None:
-    # The benchmark imports Channels lazily; the daemon itself never needs it.
-    from .bench.runner import bench
-
-    main.add_command(bench)
-
-
-with contextlib.suppress(ImportError):  # bench.py not present in this build
-    _add_optional_commands()
-
+# The benchmark imports Channels and the layers it compares only when it runs.
+main.add_command(bench)
 for _command in (status, top, check):  # a running daemon seen from a shell (status.py)
     main.add_command(_command)

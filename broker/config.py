@@ -1,10 +1,19 @@
-"""The daemon's settings as one frozen value, checked on construction."""
+"""The daemon's settings as one frozen value, checked on construction, and the table of
+``serve`` options it is made from.
+
+Each option is written once, in ``SERVE_OPTIONS``: ``broker.cli`` makes the click
+options (flag, environment variable, TOML key, default, help) from it, and ``Config``
+takes its defaults from it.
+"""
 
 from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from protocol import DEFAULT_MAX_FRAME_BYTES
 
@@ -14,8 +23,14 @@ __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_METRICS_LISTEN",
+    "ENV_PREFIX",
+    "POSTGRES_SCHEMES",
+    "SERVE_OPTIONS",
     "Config",
+    "Option",
     "parse_host_port",
+    "redacted_url",
+    "serve_option",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:7733"
@@ -25,9 +40,103 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9733"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Room kept in a frame for everything but the payload.
 FRAME_OVERHEAD_BYTES = 64 * 1024
+#: Every option also reads ``CHANNELS_BROKER_<OPTION>`` from the environment.
+ENV_PREFIX = "CHANNELS_BROKER_"
+#: The backends with a schema, the only ones ``--no-migrate`` and ``migrate`` apply to.
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: What stands for a hidden password in a URL shown to people.
+_MASK = "***"
+#: A query parameter whose name holds one of these is a secret (``password`` for
+#: asyncpg, ``sslpassword`` for libpq, ``sentinel_password`` for Redis Sentinel).
+_SECRET_WORDS = ("password", "secret", "token")
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``serve`` option: what click declares and the ``Config`` field it sets.
+
+    click takes the value's type from ``default``; a tuple default makes the option
+    repeatable, a bool default an on/off flag.
+    """
+
+    #: The flag without its dashes; also the TOML key and the environment variable's tail.
+    name: str
+    default: Any
+    help: str | None = None
+    choices: tuple[str, ...] = ()
+    #: Whether ``choices`` match in any case (``INFO`` for ``info``).
+    ignores_case: bool = False
+    #: The ``Config`` field it sets, when not ``key`` (a unit suffix).
+    config_field: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def key(self) -> str:
+        """The name click passes the value under, and ``Config.from_options`` reads."""
+        return self.name.replace("-", "_")
+
+    @property
+    def envvar(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+    @property
+    def field_name(self) -> str:
+        return self.config_field or self.key
+
+    @property
+    def is_repeatable(self) -> bool:
+        return isinstance(self.default, tuple)
+
+    @property
+    def is_flag(self) -> bool:
+        return isinstance(self.default, bool)
+
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("listen", (DEFAULT_LISTEN,), "TCP host:port; repeatable."),
+    Option("unix", (), "Unix socket path to listen on; repeatable."),
+    Option("backend", "memory://", "memory://, redis://..., postgresql://..."),
+    Option("metrics-listen", DEFAULT_METRICS_LISTEN, "host:port, or 'off'."),
+    Option("token", None, "Shared secret clients must present."),
+    Option("log-level", "info", choices=_LOG_LEVELS, ignores_case=True),
+    Option("log-format", "text", choices=_LOG_FORMATS),
+    Option("max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
+    Option(
+        "shutdown-timeout",
+        10.0,
+        "Seconds to finish on SIGTERM.",
+        config_field="shutdown_timeout_s",
+    ),
+    Option("tls-cert", None, "PEM certificate chain: TCP listeners speak TLS."),
+    Option("tls-key", None, "PEM private key for --tls-cert."),
+    Option(
+        "no-migrate",
+        False,
+        "Do not create or upgrade the PostgreSQL schema at start (see 'migrate').",
+    ),
+)
+
+
+def serve_option(name: str) -> Option:
+    """The row of ``SERVE_OPTIONS`` named ``name`` (``"metrics-listen"``); KeyError if none."""
+    for option in SERVE_OPTIONS:
+        if option.name == name:
+            return option
+    raise KeyError(name)
+
+
+def _default(field_name: str) -> Any:
+    """The default of the option that sets ``Config.<field_name>``."""
+    for option in SERVE_OPTIONS:
+        if option.field_name == field_name:
+            return option.default
+    raise KeyError(field_name)
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -39,23 +148,82 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with every password hidden, for logs and /status.
+
+    Hides the password of the userinfo (``user:***@host``) and the value of each query
+    parameter named like a secret (``?sentinel_password=***``); the rest stays as written.
+    The URL is cut as ``urllib.parse.urlsplit`` cuts it, as the backends parse it, but
+    by hand, so that no URL, however malformed, makes it fail.
+    """
+    rest, hash_mark, fragment = url.partition("#")
+    rest, question_mark, query = rest.partition("?")
+    scheme, slashes, location = rest.partition("//")
+    if slashes:
+        netloc, slash, path = location.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        if at and colon:
+            rest = f"{scheme}//{user}:{_MASK}@{hosts}{slash}{path}"
+    if question_mark:
+        query = "&".join(_redacted_parameter(item) for item in query.split("&"))
+    return rest + question_mark + query + hash_mark + fragment
+
+
+def _redacted_parameter(item: str) -> str:
+    name, equals, _value = item.partition("=")
+    words = unquote_plus(name).lower()
+    if equals and any(word in words for word in _SECRET_WORDS):
+        return f"{name}={_MASK}"
+    return item
+
+
+def _without_migration(url: str) -> str:
+    """``url`` telling a PostgreSQL backend not to migrate; other backends have no schema."""
+    parts = urlsplit(url)
+    if parts.scheme not in POSTGRES_SCHEMES:
+        return url
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "migrate=false"]))))
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything ``channels-broker serve`` needs, already validated."""
 
-    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    unix: tuple[str, ...] = ()
-    backend_url: str = "memory://"
-    metrics_listen: str | None = DEFAULT_METRICS_LISTEN
-    token: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    shutdown_timeout_s: float = 10.0
+    listen: tuple[str, ...] = _default("listen")
+    unix: tuple[str, ...] = _default("unix")
+    #: The backend's URL as given; the daemon opens ``backend_url``.
+    backend: str = _default("backend")
+    metrics_listen: str | None = _default("metrics_listen")
+    token: str | None = _default("token")
+    log_level: str = _default("log_level")
+    log_format: str = _default("log_format")
+    max_message_bytes: int = _default("max_message_bytes")
+    shutdown_timeout_s: float = _default("shutdown_timeout_s")
     #: Certificate chain and key (PEM); when given, every TCP listener speaks TLS.
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = _default("tls_cert")
+    tls_key: str | None = _default("tls_key")
+    #: PostgreSQL: leave the schema as it is at start (``backend_url`` says migrate=false).
+    no_migrate: bool = _default("no_migrate")
     listen_addresses: tuple[tuple[str, int], ...] = field(init=False, default=())
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> Config:
+        """The Config for ``serve``'s option values, keyed by ``Option.key``.
+
+        Options missing from ``values`` take their defaults. Two are said as a user says
+        them: ``off`` (or empty) for no metrics listener, an empty token for none.
+        Raises ``ConfigError`` if a value is not valid.
+        """
+        given = {
+            option.field_name: values.get(option.key, option.default) for option in SERVE_OPTIONS
+        }
+        given["listen"], given["unix"] = tuple(given["listen"]), tuple(given["unix"])
+        if given["metrics_listen"] in ("", "off"):
+            given["metrics_listen"] = None
+        given["token"] = given["token"] or None
+        given["log_level"] = given["log_level"].lower()
+        return cls(**given)
 
     def __post_init__(self) -> None:
         if not self.listen and not self.unix:
@@ -69,7 +237,9 @@ class Config:
                 f"log level {self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
             )
         if self.log_format not in _LOG_FORMATS:
-            raise ConfigError(f"log format {self.log_format!r} is not one of text, json")
+            raise ConfigError(
+                f"log format {self.log_format!r} is not one of {', '.join(_LOG_FORMATS)}"
+            )
         if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
             raise ConfigError("max message bytes must be between 1 KiB and 64 MiB")
         if self.shutdown_timeout_s < 0:
@@ -87,6 +257,11 @@ class Config:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS certificate or key: {exc}") from exc
         return context
+
+    @property
+    def backend_url(self) -> str:
+        """The URL the daemon opens its backend with: ``backend``, and migrate=false if asked."""
+        return _without_migration(self.backend) if self.no_migrate else self.backend
 
     @property
     def max_frame_bytes(self) -> int:

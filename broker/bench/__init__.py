@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
-from .runner import bench
+from .command import bench
+from .errors import BenchError
+from .layers import ChannelLayer, LayerFactory, Target
+from .runner import Outcome, run_target
+from .scenarios import SCENARIOS, Row, Scenario
+from .targets import build_targets
 
-__all__ = ["bench"]
+__all__ = [
+    "SCENARIOS",
+    "BenchError",
+    "ChannelLayer",
+    "LayerFactory",
+    "Outcome",
+    "Row",
+    "Scenario",
+    "Target",
+    "bench",
+    "build_targets",
+    "run_target",
+]

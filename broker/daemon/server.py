@@ -16,7 +16,7 @@ import stat
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url
-from broker.config import Config, parse_host_port
+from broker.config import Config, parse_host_port, redacted_url
 from broker.ops.exporter import Exporter
 from broker.ops.health import HealthServer
 from broker.ops.instrumented import instrument
@@ -95,7 +95,7 @@ class Server:
             self.exporter.attach(self._health)
             await self._health.start()
             log.info("health and metrics on http://%s:%d", host, port)
-        log.info("serving with backend %s", _redacted(self.config.backend_url))
+        log.info("serving with backend %s", redacted_url(self.config.backend_url))
         self.notifier.ready(self.exporter.summary)
 
     async def readiness(self) -> dict[str, Any]:
@@ -166,13 +166,3 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(f"{path} exists and is not a socket; not removing it")
     os.unlink(path)
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"

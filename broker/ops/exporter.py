@@ -17,7 +17,6 @@ import platform
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -30,14 +29,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from backends import Backend, BackendError, BackendStats
-from broker.config import Config
+from broker.config import Config, redacted_url
 from broker.version import __version__
 from protocol import ErrorCode
 
 from .health import HealthServer, ReadinessCheck
 from .metrics import Histogram, Metrics
 
-__all__ = ["PREFIX", "TOP_LIMIT", "Exporter", "redacted_url"]
+__all__ = ["PREFIX", "TOP_LIMIT", "Exporter"]
 
 log = logging.getLogger("channels_broker.metrics")
 
@@ -46,15 +45,6 @@ PREFIX = "channels_broker_"
 TOP_LIMIT = 10
 #: Seconds the backend may take to list its longest queues for /status.
 TOP_TIMEOUT_S = 2.0
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its password, for logs and /status."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class Observed(Protocol):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.config import DEFAULT_METRICS_LISTEN, parse_host_port
+from broker.config import parse_host_port, serve_option
 from broker.errors import ConfigError
 
 __all__ = ["EXIT_NOT_READY", "check", "fetch_status", "render", "status", "top"]
@@ -38,11 +38,13 @@ class Unreachable(Exception):
 
 
 def _address_option(command: _Command) -> _Command:
+    """``serve``'s ``--metrics-listen`` (flag, variable, default), read here as an address."""
+    option = serve_option("metrics-listen")
     return click.option(
-        "--metrics-listen",
-        envvar="CHANNELS_BROKER_METRICS_LISTEN",
+        option.flag,
+        envvar=option.envvar,
         show_envvar=True,
-        default=DEFAULT_METRICS_LISTEN,
+        default=option.default,
         show_default=True,
         help="The daemon's metrics and health address (host:port).",
     )(command)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from .errors import describe
+from .layers import CAPACITY, EXPIRY_S, ChannelLayer, Note, Target
 
 __all__ = ["channels_postgres_target"]
 
@@ -24,10 +26,8 @@ __all__ = ["channels_postgres_target"]
 BENCH_SCHEMA = "channels_postgres_bench"
 
 
-def channels_postgres_target(postgres_url: str, note: Callable[[str], None]) -> Any:
+def channels_postgres_target(postgres_url: str, note: Note) -> Target | None:
     """A bench ``Target`` for channels_postgres on ``postgres_url``'s database, or None."""
-    from .runner import CAPACITY, EXPIRY_S, ChannelLayer, Target, describe
-
     missing = [m for m in ("channels_postgres", "psycopg", "django") if not _importable(m)]
     if missing:
         note(f"channels_postgres omitted: {', '.join(missing)} not installed")
@@ -114,39 +114,47 @@ def _as_own_process(layer: Any) -> None:
     and a pool made on a loop that has since closed would fail every call.
     """
     queues: dict[str, asyncio.Queue[str]] = {}
-    pools: list[Any] = []
-    lock = asyncio.Lock()
-    db = layer.django_db
 
     def get_or_create_queue(channel: str) -> asyncio.Queue[str]:
         return queues.setdefault(channel, asyncio.Queue())
 
-    async def get_db_pool(db_params: dict[str, Any]) -> Any:
+    pool = _InstancePool(layer.django_db)
+    layer._get_or_create_queue = get_or_create_queue
+    layer.django_db.get_db_pool = pool.get
+    layer.close = pool.close
+    _listen_before_sending(layer)
+
+
+class _InstancePool:
+    """One instance's psycopg pool, opened on first use, in place of the per-process one."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._pools: list[Any] = []
+        self._lock = asyncio.Lock()
+
+    async def get(self, db_params: dict[str, Any]) -> Any:
+        """channels_postgres's ``get_db_pool``, which calls it with ``db_params=`` by name."""
         import psycopg
         import psycopg_pool
 
-        async with lock:
-            if not pools:
+        async with self._lock:
+            if not self._pools:
 
                 async def configure(conn: Any) -> None:
                     await conn.set_autocommit(True)
 
                 conninfo = psycopg.conninfo.make_conninfo(conninfo="", **db_params)
                 pool = psycopg_pool.AsyncConnectionPool(
-                    conninfo=conninfo, open=False, configure=configure, **db.psycopg_options
+                    conninfo=conninfo, open=False, configure=configure, **self._db.psycopg_options
                 )
                 await pool.open(wait=True)
-                pools.append(pool)
-            return pools[0]
+                self._pools.append(pool)
+            return self._pools[0]
 
-    async def close() -> None:
-        if pools:
-            await pools.pop().close()
-
-    layer._get_or_create_queue = get_or_create_queue
-    db.get_db_pool = get_db_pool
-    layer.close = close
-    _listen_before_sending(layer)
+    async def close(self) -> None:
+        if self._pools:
+            await self._pools.pop().close()
 
 
 #: Per event loop: the listeners of the instances made on it, started or starting.
