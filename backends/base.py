@@ -41,40 +41,6 @@ def _ignore_wakeup(ns: str, channel: str) -> None:
     """Default wake-up target until the daemon installs its router."""
 
 
-class DirectPushes(Protocol):
-    """The daemon's side of direct pushes, for a shared backend.
-
-    Storing a message only to take it back out at once costs two round trips to
-    storage per recipient. A send or group send may instead leave out of storage the
-    channels whose owner is connected to this daemon (``pushable``) and that have
-    nothing waiting or held in storage (so their order holds), and push to them: a
-    send pushes itself (``push_now``); a group send names them in
-    ``GroupSendResult.direct`` for the caller to push once it has answered the sender
-    (pushing to many connections takes a while, and the sender need not wait for it).
-    Such pushes count against the channel's capacity until acknowledged; storage
-    does not see them, so every capacity it checks for a channel is lowered by
-    ``held_direct``.
-    """
-
-    def held_direct(self, ns: str, channel: str) -> int:
-        """Messages pushed directly to ``channel`` (or about to be) and not yet
-        acknowledged; the count lapses when the newest of them expires."""
-
-    def pushable(
-        self, ns: str, channels: Sequence[str], capacities: list[int], expiry_s: float
-    ) -> list[str]:
-        """Lower each channel's capacity (in place) by its ``held_direct``; return the
-        channels with room left whose owner is connected here and can be written to,
-        each with one message reserved: ``push_now`` or ``unreserve`` it."""
-
-    def unreserve(self, ns: str, channels: Sequence[str]) -> None:
-        """Give back what ``pushable`` reserved for channels that were stored after all."""
-
-    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
-        """Push ``payload`` to each channel's owner at once; return the channels not
-        reached (their owner left since ``pushable`` named them)."""
-
-
 class Backend(abc.ABC):
     """One storage for channels and groups, shared by all connections of a daemon."""
 

@@ -2,26 +2,12 @@
 
 Each entry of ``MIGRATIONS`` is SQL formatted with ``s`` (the quoted schema), ``notify``
 (the notification channel, a literal), ``unlogged``, ``sweep_lock`` (an advisory lock
-key) and the expressions below. See ``postgres_schema`` for how they are applied.
+key) and the expressions below. See ``schema`` for how they are applied.
 
-Counting. A channel's messages are counted on two rows, so that senders and takers
-never wait for each other: ``channels.waiting`` counts what senders put in (less the
-expired messages removed), ``takes.taken`` what takers took out, and ``takes.held``
-what was taken with ``hold`` and not yet released. Senders lock the ``channels`` row
-while they check ``waiting - taken + held`` against the capacity and insert, which
-makes check and insert one step across daemons; they read ``takes`` without a lock
-(a take committing meanwhile only makes the channel look fuller, as if the send came
-first). Takers lock only ``takes`` rows. ``held`` lapses at ``held_until``, the expiry
-of the newest held message, so a daemon killed before releasing cannot shrink a
-channel for good. The sweep folds ``taken`` back into ``waiting`` and forgets idle rows.
-
-Locks. Wherever several rows of one table are locked they are locked in name order,
-and no statement waits for a ``channels`` lock while holding a ``takes`` one, so the
-functions cannot deadlock with each other.
-
-Notifications carry names only: ``"<ns> <channel> [<channel>...]"``, one per normal
-channel and one per client for process-specific ones, chunked far below PostgreSQL's
-8000-byte limit (names are under 100 characters and never hold spaces).
+Each version is kept as it shipped: a function a later version replaces is written
+again there, whole. The schema they add up to, each function at its latest version,
+reads in one file, ``schema.sql``, with how the tables count and lock and what the
+notifications carry.
 """
 
 from __future__ import annotations

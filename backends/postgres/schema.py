@@ -7,11 +7,17 @@ of ``MIGRATIONS`` brings the schema from the previous number to its own, and
 ``migrate`` applies the missing ones in one transaction under an advisory lock, so
 daemons starting together never race (the second finds the work done).
 
-The tables, functions and how they count and lock: ``postgres_migrations``.
+Every install replays the migrations, a new schema as much as an old one: one route
+to each version, the one every existing schema took, exercised by every start.
+``schema.sql`` holds the same schema at ``SCHEMA_VERSION`` written out once, to be
+read (how the tables count and lock is told there); a test holds it equal to what the
+migrations build (``current_schema_sql`` gives its text for one schema).
 """
 
 from __future__ import annotations
 
+import re
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from .migrations import EXPRESSIONS, MIGRATIONS
@@ -23,8 +29,10 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "TABLES",
+    "current_schema_sql",
     "current_version",
     "migrate",
+    "placeholders",
     "quote_ident",
     "quote_literal",
 ]
@@ -32,6 +40,10 @@ __all__ = [
 #: Tables whose persistence follows the ``unlogged`` option.
 TABLES = ("channels", "takes", "messages", "groups")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+#: ``schema.sql``'s placeholders, those ``placeholders`` gives, replaced by name: SQL's
+#: own braces (``'{}'``, an empty array) stay as they are written.
+_FILE_PLACEHOLDER = re.compile(r"\{(s|notify|unlogged|sweep_lock)\}")
 
 #: Key of the transaction advisory lock taken by ``migrate`` (arbitrary, fixed: b"cbmigrat").
 _MIGRATE_LOCK = 0x63626D6967726174
@@ -80,12 +92,7 @@ async def migrate(
                 f"schema {schema} is at version {before}, newer than this daemon's "
                 f"{SCHEMA_VERSION}: upgrade channels-broker"
             )
-        values = {
-            "s": quoted,
-            "notify": quote_literal(schema),
-            "unlogged": "UNLOGGED" if unlogged else "",
-            "sweep_lock": str(_sweep_lock(schema)),
-        }
+        values = placeholders(schema, unlogged=unlogged)
         values["held"] = EXPRESSIONS["held"]
         values["used"] = EXPRESSIONS["used"].format(**values)
         values["live_member"] = EXPRESSIONS["live_member"]
@@ -98,6 +105,26 @@ async def migrate(
                 )
         await _set_persistence(conn, schema, unlogged=unlogged)
     return before, max(before, up_to)
+
+
+def placeholders(schema: str, *, unlogged: bool) -> dict[str, str]:
+    """What the SQL's placeholders stand for in ``schema``: ``s`` (the quoted schema),
+    ``notify`` (its notification channel, a literal), ``unlogged`` and ``sweep_lock``
+    (the sweep's advisory lock key)."""
+    return {
+        "s": quote_ident(schema),
+        "notify": quote_literal(schema),
+        "unlogged": "UNLOGGED" if unlogged else "",
+        "sweep_lock": str(_sweep_lock(schema)),
+    }
+
+
+def current_schema_sql(schema: str, *, unlogged: bool) -> str:
+    """``schema.sql`` for ``schema``: the SQL that builds it at ``SCHEMA_VERSION`` in one
+    go (to read, and to compare with what ``migrate`` builds; installs use ``migrate``)."""
+    text = resources.files("backends.postgres").joinpath("schema.sql").read_text("utf-8")
+    values = placeholders(schema, unlogged=unlogged)
+    return _FILE_PLACEHOLDER.sub(lambda name: values[name[1]], text)
 
 
 async def _set_persistence(conn: asyncpg.Connection, schema: str, *, unlogged: bool) -> None:

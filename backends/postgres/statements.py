@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = ["Statements"]
 
 #: A held count counts only while its newest message is unexpired (``t``: its takes row).
 _HELD = "(CASE WHEN t.held_until > now() THEN t.held ELSE 0 END)"
 
-
-class Statements:
-    """SQL text for the schema ``s`` (already quoted) and its notification channel
-    ``notify`` (a quoted literal); asyncpg prepares each once."""
-
-    __slots__ = (
-        "channels_with_messages",
-        "flush",
-        "give_back",
-        "group_add",
-        "group_discard",
-        "group_send",
-        "recheck",
-        "release_many",
-        "send",
-        "send_many",
-        "stats",
-        "sweep",
-        "take",
-        "take_many",
-        "top_channels",
-    )
-
-    def __init__(self, s: str, notify: str) -> None:
-        self.send = f"SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)"
-        self.send_many = f"SELECT {s}.send_many($1, $2, $3, $4, $5, $6)"
-        self.group_send = (
-            "SELECT delivered, skipped, unknown, stale, direct"
-            f" FROM {s}.group_send_direct($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        )
-        self.sweep = f"SELECT * FROM {s}.sweep($1, $2, $3)"
-        self.take_many = f"SELECT * FROM {s}.take_many($1, $2, $3, $4)"
-        # Lock the oldest unexpired rows that no other taker holds, delete them, and
-        # count them out (or as held) on the channel's ``takes`` row, in one statement;
-        # also say whether more wait (from the statement's snapshot: a send since
-        # then wakes by itself; expired rows not yet removed count: a spare wake-up).
-        self.take = f"""
+#: Each statement's SQL, formatted with ``s`` (the quoted schema), ``notify`` (its
+#: notification channel, a quoted literal) and ``held``.
+_TEMPLATES = {
+    "send": "SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)",
+    "send_many": "SELECT {s}.send_many($1, $2, $3, $4, $5, $6)",
+    "group_send": (
+        "SELECT delivered, skipped, unknown, stale, direct"
+        " FROM {s}.group_send_direct($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    ),
+    "sweep": "SELECT * FROM {s}.sweep($1, $2, $3)",
+    "take_many": "SELECT * FROM {s}.take_many($1, $2, $3, $4)",
+    # Lock the oldest unexpired rows that no other taker holds, delete them, and
+    # count them out (or as held) on the channel's ``takes`` row, in one statement;
+    # also say whether more wait (from the statement's snapshot: a send since
+    # then wakes by itself; expired rows not yet removed count: a spare wake-up).
+    "take": """
             WITH picked AS (
                 SELECT m.ctid FROM {s}.messages m
                 WHERE m.ns = $1 AND m.channel = $2 AND m.expires_at > now()
@@ -59,7 +40,7 @@ class Statements:
                 WHERE n.taken > 0
                 ON CONFLICT (ns, channel) DO UPDATE SET
                     taken = t.taken + excluded.taken,
-                    held = CASE WHEN $4 THEN {_HELD} + excluded.held ELSE t.held END,
+                    held = CASE WHEN $4 THEN {held} + excluded.held ELSE t.held END,
                     held_until = greatest(t.held_until, excluded.held_until)
                 RETURNING t.taken
             )
@@ -68,11 +49,11 @@ class Statements:
                              WHERE c.ns = $1 AND c.channel = $2), 0)
                    > (SELECT taken FROM counted)
             FROM gone ORDER BY id
-        """
-        # Messages taken ahead and not handed out, back under their old ids (their
-        # place in the queue) with what is left of their lives, counted in again
-        # (the take counted them out); other daemons are told.
-        self.give_back = f"""
+        """,
+    # Messages taken ahead and not handed out, back under their old ids (their
+    # place in the queue) with what is left of their lives, counted in again
+    # (the take counted them out); other daemons are told.
+    "give_back": """
             WITH back AS (
                 INSERT INTO {s}.messages (id, ns, channel, payload, expires_at)
                 OVERRIDING SYSTEM VALUE
@@ -87,26 +68,26 @@ class Statements:
                 RETURNING 1
             )
             SELECT pg_notify({notify}, $1 || ' ' || $2) FROM counted
-        """
-        self.release_many = f"SELECT {s}.release_many($1, $2, $3)"
-        self.channels_with_messages = f"""
+        """,
+    "release_many": "SELECT {s}.release_many($1, $2, $3)",
+    "channels_with_messages": """
             SELECT DISTINCT channel FROM {s}.messages
             WHERE ns = $1 AND client = $2 AND expires_at > now()
-        """
-        self.group_add = f"""
+        """,
+    "group_add": """
             INSERT INTO {s}.groups (ns, grp, channel, client, expires_at)
             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
             ON CONFLICT (ns, grp, channel) DO UPDATE SET expires_at = excluded.expires_at
-        """
-        self.group_discard = f"DELETE FROM {s}.groups WHERE ns = $1 AND grp = $2 AND channel = $3"
-        self.flush = f"""
+        """,
+    "group_discard": "DELETE FROM {s}.groups WHERE ns = $1 AND grp = $2 AND channel = $3",
+    "flush": """
             WITH m AS (DELETE FROM {s}.messages WHERE ns = $1),
                  c AS (DELETE FROM {s}.channels WHERE ns = $1),
                  t AS (DELETE FROM {s}.takes WHERE ns = $1)
             DELETE FROM {s}.groups WHERE ns = $1
-        """
-        # Waiting channels among watched keys: a client id's channels, or a channel itself.
-        self.recheck = f"""
+        """,
+    # Waiting channels among watched keys: a client id's channels, or a channel itself.
+    "recheck": """
             SELECT DISTINCT m.ns, m.channel
             FROM unnest($1::text[], $2::text[]) AS w(ns, key)
             CROSS JOIN LATERAL (
@@ -116,14 +97,14 @@ class Statements:
                 (SELECT x.ns, x.channel FROM {s}.messages x
                  WHERE x.ns = w.ns AND x.channel = w.key AND x.expires_at > now() LIMIT 1)
             ) m
-        """
-        self.top_channels = f"""
+        """,
+    "top_channels": """
             SELECT c.ns, c.channel, c.waiting - coalesce(t.taken, 0) AS backlog
             FROM {s}.channels c LEFT JOIN {s}.takes t USING (ns, channel)
             WHERE c.waiting - coalesce(t.taken, 0) > 0
             ORDER BY backlog DESC, c.ns, c.channel LIMIT $1
-        """
-        self.stats = f"""
+        """,
+    "stats": """
             WITH w AS (
                 SELECT c.waiting - coalesce(t.taken, 0) AS left
                 FROM {s}.channels c LEFT JOIN {s}.takes t USING (ns, channel)
@@ -132,4 +113,33 @@ class Statements:
                    (SELECT coalesce(sum(w.left), 0)::bigint FROM w WHERE w.left > 0),
                    (SELECT count(*) FROM (SELECT DISTINCT ns, grp FROM {s}.groups) g),
                    (SELECT count(*) FROM {s}.groups)
-        """
+        """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """SQL text for one schema; asyncpg prepares each once."""
+
+    channels_with_messages: str
+    flush: str
+    give_back: str
+    group_add: str
+    group_discard: str
+    group_send: str
+    recheck: str
+    release_many: str
+    send: str
+    send_many: str
+    stats: str
+    sweep: str
+    take: str
+    take_many: str
+    top_channels: str
+
+    @classmethod
+    def for_schema(cls, s: str, notify: str) -> Statements:
+        """The statements for the schema ``s`` (already quoted) and its notification
+        channel ``notify`` (a quoted literal)."""
+        values = {"s": s, "notify": notify, "held": _HELD}
+        return cls(**{name: sql.format(**values) for name, sql in _TEMPLATES.items()})

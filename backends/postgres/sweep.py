@@ -1,5 +1,5 @@
 """The PostgreSQL backend's housekeeping: expired data removed in bounded batches, gauges
-read, and the queue tables vacuumed (``postgres_vacuum``).
+read, and the queue tables vacuumed (``vacuum``).
 
 Reads never return expired data, so the sweep only frees room; one daemon at a time
 does it (the ``sweep`` function skips when another holds its advisory lock).

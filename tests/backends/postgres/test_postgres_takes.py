@@ -14,9 +14,10 @@ from backends import BackendError
 from backends.postgres.backend import TAKE_AHEAD_LINGER_S, PostgresBackend
 from backends.postgres.takes import Ahead
 from backends.postgres.url import PostgresOptions
+from broker.daemon.capacity import CapacityPolicy
 from tests import pg_server
+from tests.backends.postgres.test_postgres import connected
 from tests.backends.test_backend_contract import WakeupLog
-from tests.backends.test_postgres import connected
 
 LONG_S = 60.0
 #: Longer than a message taken ahead stays unwanted before it goes back.
@@ -35,7 +36,8 @@ def ns() -> str:
 
 async def fill(backend: PostgresBackend, ns: str, count: int, expiry_s: float = LONG_S) -> None:
     items = [("work", b"%d" % n) for n in range(count)]
-    assert await backend.send_many(ns, items, capacity_of=lambda _: 1000, expiry_s=expiry_s) == []
+    capacity = CapacityPolicy(1000)
+    assert await backend.send_many(ns, items, capacity_of=capacity, expiry_s=expiry_s) == []
 
 
 async def pull(backend: PostgresBackend, ns: str, times: int) -> list[int]:
@@ -224,7 +226,7 @@ async def test_what_was_taken_ahead_counts_against_capacity_in_group_sends(
 
         async def group_send(capacity: int) -> tuple[list[str], int]:
             result = await backend.group_send(
-                ns, "room", b"x", capacity_of=lambda _: capacity, expiry_s=LONG_S
+                ns, "room", b"x", capacity_of=CapacityPolicy(capacity), expiry_s=LONG_S
             )
             return result.delivered, result.skipped
 

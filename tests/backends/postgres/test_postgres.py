@@ -19,31 +19,11 @@ import pytest
 from backends import BackendError, BackendUnavailable, backend_from_url
 from backends.postgres.backend import PostgresBackend, PostgresOptions
 from backends.postgres.schema import SCHEMA_VERSION, current_version, migrate
+from broker.daemon.capacity import CapacityPolicy
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
 
 LONG_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def server_url() -> str:
-    """The session's PostgreSQL server (DATABASE_URL, or one of our own), no schema."""
-    url = pg_server.backend_url("postgresql://")
-    return url.split("?", 1)[0]
-
-
-@pytest.fixture(scope="module")
-def session_url() -> str:
-    """The session's server and schema, as the contract suite and the daemons use it."""
-    return pg_server.backend_url("postgresql://")
-
-
-@pytest.fixture
-def schema(server_url: str) -> Iterator[str]:
-    """A schema of this test's own, dropped after it."""
-    name = f"{pg_server.session_schema}_{uuid.uuid4().hex[:6]}"
-    yield name
-    pg_server.drop_schema(server_url, name)
 
 
 @asynccontextmanager
@@ -67,12 +47,9 @@ async def vacuum_until(backend: PostgresBackend, done: dict[str, int], table: st
             await backend.vacuum.run()
 
 
-def cap(_channel: str) -> int:
-    return 100
-
-
-def roomy(_channel: str) -> int:
-    return 100_000
+#: Room for every message a test sends to one channel.
+CAP = CapacityPolicy(100)
+ROOMY = CapacityPolicy(100_000)
 
 
 # URL
@@ -139,7 +116,7 @@ async def test_a_version_1_schema_is_upgraded_and_keeps_its_data(
             (b"kept", pytest.approx(60, abs=5))
         ]
         await backend.group_add("ns", "room", "old", group_expiry_s=LONG_S)
-        result = await backend.group_send("ns", "room", b"new", capacity_of=cap, expiry_s=LONG_S)
+        result = await backend.group_send("ns", "room", b"new", capacity_of=CAP, expiry_s=LONG_S)
         assert list(result.delivered) == ["old"]
 
 
@@ -191,7 +168,8 @@ async def test_two_backends_never_take_one_message_twice(session_url: str) -> No
     ns = f"ns-{uuid.uuid4().hex[:8]}"
     async with connected(session_url) as one, connected(session_url) as two:
         items = [("work", b"%d" % n) for n in range(400)]
-        assert await one.send_many(ns, items, capacity_of=lambda _: 1000, expiry_s=LONG_S) == []
+        refused = await one.send_many(ns, items, capacity_of=CapacityPolicy(1000), expiry_s=LONG_S)
+        assert refused == []
         got: list[bytes] = []
 
         async def taker(backend: PostgresBackend) -> None:
@@ -228,7 +206,7 @@ async def test_a_send_wakes_the_other_daemon_through_notify(session_url: str) ->
         await sender.send(ns, "unwatched", b"2", capacity=10, expiry_s=LONG_S)
         await sender.group_add(ns, "room", "specific.c1!a", group_expiry_s=LONG_S)
         await sender.group_add(ns, "room", "specific.c1!b", group_expiry_s=LONG_S)
-        await sender.group_send(ns, "room", b"3", capacity_of=cap, expiry_s=LONG_S)
+        await sender.group_send(ns, "room", b"3", capacity_of=CAP, expiry_s=LONG_S)
         await heard.wait_for({(ns, "work"), (ns, "specific.c1!a"), (ns, "specific.c1!b")})
         assert (ns, "unwatched") not in heard.calls, "only what this daemon watches"
         await asyncio.sleep(0.2)
@@ -316,12 +294,12 @@ async def test_a_send_many_stays_fast_once_vacuum_saw_the_channels_table_empty(
         finally:
             await conn.close()
         for _ in range(8):  # a burst to one channel, over and over: a generic plan
-            await backend.send_many("ns", [("work", b"x")] * 64, capacity_of=roomy, expiry_s=LONG_S)
+            await backend.send_many("ns", [("work", b"x")] * 64, capacity_of=ROOMY, expiry_s=LONG_S)
         items = [(f"specific.c!{n}", b"x") for n in range(1, 65)]
         took: list[float] = []
         for _ in range(2):
             started = time.perf_counter()
-            assert await backend.send_many("ns", items, capacity_of=roomy, expiry_s=LONG_S) == []
+            assert await backend.send_many("ns", items, capacity_of=ROOMY, expiry_s=LONG_S) == []
             took.append(time.perf_counter() - started)
         # The first calls are planned for their arguments: the slow plan showed there.
         assert max(took[:2]) < 0.1, f"{[round(t * 1000) for t in took]} ms for 64 channels"
@@ -369,7 +347,7 @@ async def test_a_send_many_loses_nothing_when_the_sweep_removes_its_channel_midw
     not silently left out."""
     async with connected(f"{server_url}?schema={schema}") as backend:
         assert (
-            await backend.send_many("ns", [("work", b"0")], capacity_of=cap, expiry_s=LONG_S) == []
+            await backend.send_many("ns", [("work", b"0")], capacity_of=CAP, expiry_s=LONG_S) == []
         )
         assert [m.payload for m in await backend.take("ns", "work", 1, hold=False)] == [b"0"]
         conn = await asyncpg.connect(server_url)
@@ -381,7 +359,7 @@ async def test_a_send_many_loses_nothing_when_the_sweep_removes_its_channel_midw
                     *key,
                 )
                 sending = asyncio.create_task(
-                    backend.send_many("ns", [("work", b"1")], capacity_of=cap, expiry_s=LONG_S)
+                    backend.send_many("ns", [("work", b"1")], capacity_of=CAP, expiry_s=LONG_S)
                 )
                 await asyncio.sleep(0.3)  # it made sure of the row, and waits for its lock
                 await conn.execute(
@@ -451,7 +429,7 @@ async def test_queue_tables_are_vacuumed_once_enough_rows_are_dead(
         count = 2500
         for _ in range(0, count, 500):
             await backend.send_many(
-                "ns", [("work", b"x")] * 500, capacity_of=lambda _c: count, expiry_s=LONG_S
+                "ns", [("work", b"x")] * 500, capacity_of=CapacityPolicy(count), expiry_s=LONG_S
             )
         taken = 0
         while taken < count:

@@ -1,0 +1,522 @@
+-- The PostgreSQL backend's schema as it is at version 3 (SCHEMA_VERSION): every table,
+-- index and function, each function at its latest version.
+--
+-- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
+-- by schema.py), never from this file: it is here to be read, and a test
+-- (tests/backends/postgres/test_schema_file.py) checks that a schema built from it and
+-- one built by the migrations have the same catalog. A change to the schema is a new
+-- migration, and this file changed to match.
+--
+-- Placeholders, replaced by name (schema.current_schema_sql): {s} the quoted schema,
+-- {notify} its notification channel (the schema's name as a literal), {unlogged}
+-- UNLOGGED or nothing, {sweep_lock} the sweep's advisory lock key. Every other brace is
+-- SQL's own ('{}' is an empty array).
+--
+-- Counting. A channel's messages are counted on two rows, so that senders and takers
+-- never wait for each other: channels.waiting counts what senders put in (less the
+-- expired messages removed), takes.taken what takers took out, and takes.held what was
+-- taken with hold and not yet released. Senders lock the channels row while they check
+-- waiting - taken + held against the capacity and insert, which makes check and insert
+-- one step across daemons; they read takes without a lock (a take committing meanwhile
+-- only makes the channel look fuller, as if the send came first). Takers lock only
+-- takes rows. held lapses at held_until, the expiry of the newest held message, so a
+-- daemon killed before releasing cannot shrink a channel for good. The sweep folds
+-- taken back into waiting and forgets idle rows.
+--
+-- Two expressions recur in the functions: what counts against the capacity of the
+-- channels row c (its "used" count),
+--     (c.waiting - coalesce((SELECT t.taken - <held> FROM {s}.takes t
+--                            WHERE t.ns = c.ns AND t.channel = c.channel), 0))
+-- where <held>, a held count that counts only while its newest message is unexpired, is
+--     (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END)
+-- and a membership still valid, g.expires_at - now() > interval '0', tested so that no
+-- index on expires_at can serve it (see group_send).
+--
+-- Locks. Wherever several rows of one table are locked they are locked in name order,
+-- and no statement waits for a channels lock while holding a takes one, so the
+-- functions cannot deadlock with each other.
+--
+-- Notifications carry names only: "<ns> <channel> [<channel>...]", one per normal
+-- channel and one per client for process-specific ones, chunked far below PostgreSQL's
+-- 8000-byte limit (names are under 100 characters and never hold spaces).
+
+CREATE SCHEMA {s};
+
+-- One row: the version the schema is at.
+CREATE TABLE {s}.schema_version (version integer NOT NULL);
+INSERT INTO {s}.schema_version VALUES (3);
+
+-- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
+-- fillfactor 70 leaves room on each page for the new row versions. A large payload is
+-- stored out of line and not compressed (STORAGE EXTERNAL).
+
+CREATE {unlogged} TABLE {s}.channels (
+    ns text NOT NULL,
+    channel text NOT NULL,
+    client text,
+    waiting bigint NOT NULL DEFAULT 0,
+    capacity integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (ns, channel)
+) WITH (fillfactor = 70);
+CREATE INDEX channels_by_client ON {s}.channels (ns, client) WHERE client IS NOT NULL;
+
+CREATE {unlogged} TABLE {s}.takes (
+    ns text NOT NULL,
+    channel text NOT NULL,
+    taken bigint NOT NULL DEFAULT 0,
+    held integer NOT NULL DEFAULT 0,
+    held_until timestamptz NOT NULL DEFAULT '-infinity',
+    PRIMARY KEY (ns, channel)
+) WITH (fillfactor = 70);
+
+CREATE {unlogged} TABLE {s}.messages (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    ns text NOT NULL,
+    channel text NOT NULL,
+    client text,
+    payload bytea NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+ALTER TABLE {s}.messages ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE INDEX messages_by_channel ON {s}.messages (ns, channel, id);
+CREATE INDEX messages_by_client ON {s}.messages (ns, client) WHERE client IS NOT NULL;
+CREATE INDEX messages_by_expiry ON {s}.messages (expires_at);
+
+CREATE {unlogged} TABLE {s}.groups (
+    ns text NOT NULL,
+    grp text NOT NULL,
+    channel text NOT NULL,
+    client text,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (ns, grp, channel)
+);
+CREATE INDEX groups_by_expiry ON {s}.groups (expires_at);
+
+-- reserve: count one more message in unless the channel is full; locks its row. A full
+-- channel whose oldest message has expired is rid of its expired messages first.
+CREATE FUNCTION {s}.reserve(p_ns text, p_channel text, p_client text, p_capacity integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_purged integer;
+    v_room boolean;
+BEGIN
+    IF p_capacity < 1 THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting, capacity)
+    VALUES (p_ns, p_channel, p_client, 1, p_capacity)
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + 1, capacity = p_capacity
+    WHERE (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) < p_capacity;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    -- Full, and the row is locked. Expired messages must not take up room: if the
+    -- oldest has expired, remove this channel's expired ones (not those being taken).
+    IF NOT EXISTS (
+        SELECT 1 FROM (
+            SELECT m.expires_at FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = p_channel ORDER BY m.id LIMIT 1
+        ) head WHERE head.expires_at <= now()
+    ) THEN
+        RETURN false;
+    END IF;
+    WITH gone AS (
+        DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at <= now()
+            FOR UPDATE SKIP LOCKED))
+        RETURNING 1)
+    SELECT count(*) INTO v_purged FROM gone;
+    UPDATE {s}.channels AS c SET waiting = c.waiting - v_purged
+    WHERE c.ns = p_ns AND c.channel = p_channel
+    RETURNING (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) < p_capacity INTO v_room;
+    IF v_room THEN
+        UPDATE {s}.channels SET waiting = waiting + 1 WHERE ns = p_ns AND channel = p_channel;
+    END IF;
+    RETURN coalesce(v_room, false);
+END $$;
+
+-- send: reserve, insert, notify.
+CREATE FUNCTION {s}.send(p_ns text, p_channel text, p_client text, p_payload bytea,
+                         p_capacity integer, p_expiry_s double precision)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT {s}.reserve(p_ns, p_channel, p_client, p_capacity) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    VALUES (p_ns, p_channel, p_client, p_payload, now() + make_interval(secs => p_expiry_s));
+    PERFORM pg_notify({notify}, p_ns || ' ' || p_channel);
+    RETURN true;
+END $$;
+
+-- send_direct: 2 without storing anything when p_direct and the channel has nothing
+-- waiting or held (the caller pushes it itself), else send's answer as 1 or 0.
+CREATE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
+                                p_capacity integer, p_expiry_s double precision,
+                                p_direct boolean)
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_direct AND NOT EXISTS (
+        SELECT 1 FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.channel = p_channel AND (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) > 0
+    ) THEN
+        RETURN 2;
+    END IF;
+    IF {s}.send(p_ns, p_channel, p_client, p_payload, p_capacity, p_expiry_s) THEN
+        RETURN 1;
+    END IF;
+    RETURN 0;
+END $$;
+
+-- send_many: set-based, a few statements for any number of messages; returns the
+-- indexes (from 0) refused as full.
+CREATE FUNCTION {s}.send_many(p_ns text, p_channels text[], p_clients text[],
+                              p_payloads bytea[], p_capacities integer[],
+                              p_expiry_s double precision)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_names text[];
+    v_room bigint[];
+    v_accepted integer[];
+    v_full integer[];
+    v_refused integer[] := '{}';
+    v_i integer;
+    v_room_of jsonb;
+    v_added_to jsonb;
+    v_capacity_of jsonb;
+    v_distinct integer := (SELECT count(DISTINCT k) FROM unnest(p_channels) AS k);
+BEGIN
+    -- Every channel's row exists; then all are locked in name order and each takes
+    -- as many of its messages, in send order, as it has room for. Each row is looked
+    -- up (and locked) by its key, whatever the planner believes of the table's size.
+    -- Between the two steps the sweep may remove a row it found idle: then it is made
+    -- again (a message left out of both lists would be lost without a word).
+    LOOP
+        INSERT INTO {s}.channels AS c (ns, channel, client)
+        SELECT DISTINCT p_ns, k.channel, k.client
+        FROM unnest(p_channels, p_clients) AS k(channel, client) ORDER BY 2
+        ON CONFLICT (ns, channel) DO NOTHING;
+        SELECT array_agg(w.channel ORDER BY w.channel),
+               array_agg(greatest(0, w.capacity - (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0))) ORDER BY w.channel)
+        INTO v_names, v_room
+        FROM (SELECT k.channel, min(k.capacity) AS capacity
+              FROM unnest(p_channels, p_capacities) AS k(channel, capacity)
+              GROUP BY k.channel ORDER BY k.channel) w
+        CROSS JOIN LATERAL (
+            SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
+            WHERE x.ns = p_ns AND x.channel = w.channel FOR UPDATE
+        ) c;
+        EXIT WHEN coalesce(cardinality(v_names), 0) = v_distinct;
+    END LOOP;
+    v_room_of := jsonb_object(v_names, v_room::text[]);
+    SELECT coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth <= x.room), '{}'),
+           coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth > x.room), '{}')
+    INTO v_accepted, v_full
+    FROM (
+        SELECT k.i::integer AS i, (v_room_of ->> k.channel)::bigint AS room,
+               row_number() OVER (PARTITION BY k.channel ORDER BY k.i) AS nth
+        FROM unnest(p_channels) WITH ORDINALITY AS k(channel, i)
+    ) x;
+    SELECT jsonb_object_agg(n.channel, n.added), jsonb_object_agg(n.channel, n.capacity)
+    INTO v_added_to, v_capacity_of
+    FROM (
+        SELECT p_channels[a.i] AS channel, count(*) AS added,
+               min(p_capacities[a.i]) AS capacity
+        FROM unnest(v_accepted) AS a(i) GROUP BY 1
+    ) n;
+    UPDATE {s}.channels c SET waiting = c.waiting + (v_added_to ->> c.channel)::bigint,
+        capacity = (v_capacity_of ->> c.channel)::integer
+    WHERE c.ns = p_ns AND c.channel = ANY(v_names) AND v_added_to ? c.channel;
+    -- The rest met a full channel; if its oldest message has expired, ``reserve``
+    -- makes room (rarely: the sweep usually has).
+    FOREACH v_i IN ARRAY v_full LOOP
+        IF {s}.reserve(p_ns, p_channels[v_i], p_clients[v_i], p_capacities[v_i]) THEN
+            v_accepted := v_accepted || v_i;
+        ELSE
+            v_refused := v_refused || (v_i - 1);
+        END IF;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
+    PERFORM pg_notify({notify}, p_ns || ' ' || n.channel)
+    FROM (SELECT DISTINCT p_channels[a.i] AS channel FROM unnest(v_accepted) AS a(i)) n;
+    RETURN v_refused;
+END $$;
+
+-- take_many: the oldest unexpired messages of several channels that no other taker
+-- holds, removed and counted out (or counted as held) in one statement.
+CREATE FUNCTION {s}.take_many(p_ns text, p_channels text[], p_limit integer, p_hold boolean)
+RETURNS TABLE (taken_channel text, taken_payload bytea, taken_ttl_s double precision)
+LANGUAGE sql AS $$
+    WITH picked AS (
+        SELECT p.ctid FROM unnest(p_channels) AS k(name)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = k.name AND m.expires_at > now()
+            ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ) p
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+        RETURNING m.channel, m.id, m.payload, m.expires_at
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, g.channel, count(*), CASE WHEN p_hold THEN count(*) ELSE 0 END,
+               CASE WHEN p_hold THEN max(g.expires_at) ELSE '-infinity' END
+        FROM gone g GROUP BY g.channel ORDER BY g.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until)
+    )
+    SELECT g.channel, g.payload, extract(epoch FROM g.expires_at - now())::float8
+    FROM gone g ORDER BY g.channel, g.id
+$$;
+
+-- release_many: uncount held messages of several channels.
+CREATE FUNCTION {s}.release_many(p_ns text[], p_channels text[], p_counts integer[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+BEGIN
+    -- One row at a time, by its key, in name order (the caller sorts and merges).
+    FOR v_key IN SELECT k.ns, k.channel, k.n
+                 FROM unnest(p_ns, p_channels, p_counts) AS k(ns, channel, n)
+                 ORDER BY k.ns, k.channel LOOP
+        UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_key.n)
+        WHERE t.ns = v_key.ns AND t.channel = v_key.channel;
+    END LOOP;
+END $$;
+
+-- group_send: p_channels/p_capacities give the capacity of the members the caller knows
+-- (no duplicates); a live member missing from them is returned in unknown and not sent
+-- to; stale says some of p_channels are no longer members.
+--
+-- Its plans, and group_send_direct's, send_many's and release_many's, hold whatever the
+-- planner believes of a table's size. Once VACUUM has seen a table empty (its pages
+-- kept, no live row), the planner takes it for a one-row table: it would join the
+-- group's members with unnest()ed capacity arrays by nested loop, running the unnest
+-- again for every member (200 members: 40,000 comparisons, 4.5 ms a call), and scan
+-- members through the expiry index (every live membership of every group). So these
+-- functions look the caller's values up in jsonb objects, send_many and release_many
+-- find each row by its key, and a member is found by the primary key's (ns, grp)
+-- prefix, its expiry tested so that the expiry index (the sweep's) cannot serve it.
+CREATE FUNCTION {s}.group_send(p_ns text, p_group text, p_payload bytea,
+                               p_expiry_s double precision, p_channels text[],
+                               p_capacities integer[],
+                               OUT delivered text[], OUT skipped integer, OUT unknown text[],
+                               OUT stale boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_capacity_of jsonb := jsonb_object(p_channels, p_capacities::text[]);
+    v_channels text[];
+    v_clients text[];
+    v_capacities integer[];
+    v_full text[];
+    v_full_clients text[];
+    v_full_capacities integer[];
+    v_clients_in text[];
+BEGIN
+    SELECT coalesce(array_agg(k.channel ORDER BY k.channel)
+                    FILTER (WHERE k.capacity IS NOT NULL), '{}'),
+           coalesce(array_agg(k.client ORDER BY k.channel)
+                    FILTER (WHERE k.capacity IS NOT NULL), '{}'),
+           coalesce(array_agg(k.capacity ORDER BY k.channel)
+                    FILTER (WHERE k.capacity IS NOT NULL), '{}'),
+           coalesce(array_agg(k.channel) FILTER (WHERE k.capacity IS NULL), '{}')
+    INTO v_channels, v_clients, v_capacities, unknown
+    FROM (
+        SELECT g.channel, g.client, (v_capacity_of ->> g.channel)::integer AS capacity
+        FROM {s}.groups g
+        WHERE g.ns = p_ns AND g.grp = p_group AND g.expires_at - now() > interval '0'
+    ) k;
+    -- One upsert for all members, in name order: those with room count one more.
+    WITH room AS (
+        INSERT INTO {s}.channels AS c (ns, channel, client, waiting, capacity)
+        SELECT p_ns, k.channel, k.client, 1, k.capacity
+        FROM unnest(v_channels, v_clients, v_capacities) AS k(channel, client, capacity)
+        WHERE k.capacity > 0 ORDER BY k.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + 1,
+            capacity = excluded.capacity
+        WHERE (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) < excluded.capacity
+        RETURNING c.channel, c.client
+    )
+    SELECT coalesce(array_agg(r.channel), '{}'), coalesce(array_agg(r.client), '{}')
+    INTO delivered, v_clients_in FROM room r;
+    stale := cardinality(p_channels) <> cardinality(v_channels);
+    IF cardinality(delivered) < cardinality(v_channels) THEN
+        -- Some were full (rarely for long: expired messages may be in the way).
+        SELECT coalesce(array_agg(k.channel ORDER BY k.channel), '{}'),
+               coalesce(array_agg(k.client ORDER BY k.channel), '{}'),
+               coalesce(array_agg(k.capacity ORDER BY k.channel), '{}')
+        INTO v_full, v_full_clients, v_full_capacities
+        FROM unnest(v_channels, v_clients, v_capacities) AS k(channel, client, capacity)
+        WHERE k.channel <> ALL(delivered);
+        FOR i IN 1 .. coalesce(array_length(v_full, 1), 0) LOOP
+            IF {s}.reserve(p_ns, v_full[i], v_full_clients[i], v_full_capacities[i]) THEN
+                delivered := delivered || v_full[i];
+                v_clients_in := v_clients_in || v_full_clients[i];
+            END IF;
+        END LOOP;
+    END IF;
+    skipped := cardinality(v_channels) - cardinality(delivered);
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, k.channel, k.client, p_payload, now() + make_interval(secs => p_expiry_s)
+    FROM unnest(delivered, v_clients_in) AS k(channel, client);
+    -- One notification per client (its channels, 60 at most per notification) and
+    -- one per normal channel.
+    PERFORM pg_notify({notify}, p_ns || ' ' || string_agg(w.channel, ' '))
+    FROM (
+        SELECT k.channel, coalesce(k.client, k.channel) AS target,
+               (row_number() OVER (PARTITION BY coalesce(k.client, k.channel)) - 1) / 60 AS chunk
+        FROM unnest(delivered, v_clients_in) AS k(channel, client)
+    ) w
+    GROUP BY w.target, w.chunk;
+END $$;
+
+-- group_send_direct: group_send, except that the live members named in p_direct with
+-- nothing waiting or held are not stored: they come back in direct, for the caller to
+-- push itself (the others among them are stored, with p_direct_capacities).
+-- p_channels/p_capacities are the other members the caller knows, p_clients the client
+-- ids of p_direct. Name lists are passed as one space-separated text each (names never
+-- hold spaces): for a group of hundreds, arrays cost more to build, send and read than
+-- the query itself. A send committing meanwhile from another daemon is stored, and
+-- arrives after it. One pass over the members sorts them (the busy ones found through
+-- their clients' channel rows, by channels_by_client: a few, where a probe per member
+-- would cost more than the rest together); group_send stores for the rest.
+CREATE FUNCTION {s}.group_send_direct(p_ns text, p_group text, p_payload bytea,
+                                      p_expiry_s double precision, p_channels text,
+                                      p_capacities text, p_direct text,
+                                      p_direct_capacities text, p_clients text,
+                                      OUT delivered text[], OUT skipped integer,
+                                      OUT unknown text[], OUT stale boolean,
+                                      OUT direct text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_channels text[] := string_to_array(p_channels, ' ');
+    v_direct text[] := string_to_array(p_direct, ' ');
+    v_capacity_of jsonb := jsonb_object(v_channels, string_to_array(p_capacities, ' '));
+    v_pushed_capacity_of jsonb :=
+        jsonb_object(v_direct, string_to_array(p_direct_capacities, ' '));
+    v_busy text[];
+    v_known integer;
+    v_rest text[];
+    v_rest_capacities integer[];
+BEGIN
+    SELECT coalesce(array_agg(c.channel), '{}') INTO v_busy FROM {s}.channels c
+    WHERE c.ns = p_ns AND c.client = ANY(string_to_array(p_clients, ' ')) AND (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) > 0;
+    SELECT coalesce(string_agg(m.channel, ' ') FILTER (WHERE m.direct), ''),
+           coalesce(array_agg(m.channel) FILTER (WHERE m.stored), '{}'),
+           coalesce(array_agg(m.capacity) FILTER (WHERE m.stored), '{}'),
+           coalesce(array_agg(m.channel) FILTER (WHERE NOT m.known), '{}'),
+           count(*) FILTER (WHERE m.known)
+    INTO direct, v_rest, v_rest_capacities, unknown, v_known
+    FROM (
+        SELECT k.channel, k.capacity IS NOT NULL OR k.pushed IS NOT NULL AS known,
+               k.pushed IS NOT NULL AND NOT k.channel = ANY(v_busy) AS direct,
+               k.capacity IS NOT NULL OR (k.pushed IS NOT NULL AND k.channel = ANY(v_busy))
+                   AS stored,
+               coalesce(k.capacity, k.pushed) AS capacity
+        FROM (
+            SELECT g.channel, (v_capacity_of ->> g.channel)::integer AS capacity,
+                   (v_pushed_capacity_of ->> g.channel)::integer AS pushed
+            FROM {s}.groups g
+            WHERE g.ns = p_ns AND g.grp = p_group AND g.expires_at - now() > interval '0'
+        ) k
+    ) m;
+    stale := v_known < cardinality(v_channels) + cardinality(v_direct);
+    delivered := '{}';
+    skipped := 0;
+    IF cardinality(v_rest) > 0 THEN
+        SELECT r.delivered, r.skipped INTO delivered, skipped
+        FROM {s}.group_send(p_ns, p_group, p_payload, p_expiry_s, v_rest, v_rest_capacities) r;
+    END IF;
+END $$;
+
+-- sweep: one daemon at a time (the others skip) removes a batch of expired messages and
+-- a batch of lapsed memberships, and for a batch of channel names (a cursor going round
+-- the table) folds taken into waiting and forgets idle rows. Busy rows are skipped, to
+-- be seen next time round.
+CREATE FUNCTION {s}.sweep(p_batch integer, p_after_ns text, p_after_channel text,
+                          OUT expired integer, OUT lapsed integer, OUT forgotten integer,
+                          OUT next_ns text, OUT next_channel text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ns text[];
+    v_channels text[];
+    v_counts integer[];
+BEGIN
+    expired := 0; lapsed := 0; forgotten := 0;
+    IF NOT pg_try_advisory_xact_lock({sweep_lock}) THEN
+        RETURN;
+    END IF;
+    WITH gone AS (
+        DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+            SELECT m.ctid FROM {s}.messages m WHERE m.expires_at <= now()
+            ORDER BY m.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED))
+        RETURNING ns, channel
+    )
+    SELECT coalesce(array_agg(x.ns ORDER BY x.ns, x.channel), '{}'),
+           coalesce(array_agg(x.channel ORDER BY x.ns, x.channel), '{}'),
+           coalesce(array_agg(x.n ORDER BY x.ns, x.channel), '{}')
+    INTO v_ns, v_channels, v_counts
+    FROM (SELECT g.ns, g.channel, count(*)::integer AS n FROM gone g GROUP BY 1, 2) x;
+    PERFORM 1 FROM {s}.channels c
+    JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON c.ns = k.ns AND c.channel = k.channel
+    ORDER BY c.ns, c.channel FOR UPDATE OF c;
+    UPDATE {s}.channels c SET waiting = c.waiting - k.n
+    FROM unnest(v_ns, v_channels, v_counts) AS k(ns, channel, n)
+    WHERE c.ns = k.ns AND c.channel = k.channel;
+    expired := coalesce((SELECT sum(n) FROM unnest(v_counts) AS n), 0);
+    DELETE FROM {s}.groups WHERE ctid = ANY(ARRAY(
+        SELECT g.ctid FROM {s}.groups g WHERE g.expires_at <= now()
+        ORDER BY g.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS lapsed = ROW_COUNT;
+    -- The next batch of channel names, and the free ones among them locked.
+    SELECT coalesce(array_agg(b.ns ORDER BY b.ns, b.channel), '{}'),
+           coalesce(array_agg(b.channel ORDER BY b.ns, b.channel), '{}')
+    INTO v_ns, v_channels
+    FROM (
+        SELECT c.ns, c.channel FROM {s}.channels c
+        WHERE (c.ns, c.channel) > (p_after_ns, p_after_channel)
+        ORDER BY c.ns, c.channel LIMIT p_batch
+    ) b;
+    IF cardinality(v_ns) = p_batch THEN
+        next_ns := v_ns[p_batch];
+        next_channel := v_channels[p_batch];
+    END IF;
+    SELECT coalesce(array_agg(l.ns), '{}'), coalesce(array_agg(l.channel), '{}')
+    INTO v_ns, v_channels
+    FROM (
+        SELECT c.ns, c.channel FROM {s}.channels c
+        JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON c.ns = k.ns AND c.channel = k.channel
+        ORDER BY c.ns, c.channel FOR UPDATE OF c SKIP LOCKED
+    ) l;
+    -- Their takes rows, where free too: fold what was taken into waiting.
+    WITH free AS (
+        SELECT t.ns, t.channel, t.taken FROM {s}.takes t
+        JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON t.ns = k.ns AND t.channel = k.channel
+        ORDER BY t.ns, t.channel FOR UPDATE OF t SKIP LOCKED
+    ), folded AS (
+        UPDATE {s}.takes t SET taken = 0 FROM free f
+        WHERE t.ns = f.ns AND t.channel = f.channel AND f.taken <> 0
+        RETURNING t.ns, t.channel, f.taken
+    )
+    UPDATE {s}.channels c SET waiting = c.waiting - f.taken FROM folded f
+    WHERE c.ns = f.ns AND c.channel = f.channel;
+    -- Idle: nothing waiting, nothing held, and no taker at work on it right now.
+    WITH idle AS (
+        DELETE FROM {s}.channels c
+        USING unnest(v_ns, v_channels) AS k(ns, channel)
+        WHERE c.ns = k.ns AND c.channel = k.channel AND c.waiting = 0
+          AND NOT EXISTS (
+              SELECT 1 FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel
+                AND (t.taken <> 0 OR (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) > 0))
+        RETURNING c.ns, c.channel
+    ), idle_takes AS (
+        DELETE FROM {s}.takes t USING idle i WHERE t.ns = i.ns AND t.channel = i.channel
+    )
+    SELECT count(*) INTO forgotten FROM idle;
+END $$;
