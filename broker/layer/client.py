@@ -264,10 +264,10 @@ class LoopClient:
         if request_id == 0 and isinstance(frame, Error):
             self._connection_error(frame)
             return
-        if self._pulls.answer(frame):
-            return
         future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
+        if future is None:
+            self._pulls.answer(frame)
+        elif not future.done():
             future.set_result(frame)
 
     def _connection_error(self, frame: Error) -> None:
