@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from protocol import DEFAULT_MAX_FRAME_BYTES
+from protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LARGEST_MAX_MESSAGE_BYTES,
+    SMALLEST_MAX_MESSAGE_BYTES,
+    max_request_frame_bytes,
+)
 
 from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_LISTEN",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_METRICS_LISTEN",
     "ENV_PREFIX",
     "POSTGRES_SCHEMES",
@@ -32,14 +36,8 @@ __all__ = [
     "redacted_url",
     "serve_option",
 ]
-
 DEFAULT_LISTEN = "127.0.0.1:7733"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9733"
-#: 4 MiB: four times what Channels requires to pass (1 MB), under the frame limit
-#: with room for names and a group send's member list.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-#: Room kept in a frame for everything but the payload.
-FRAME_OVERHEAD_BYTES = 64 * 1024
 #: Every option also reads ``CHANNELS_BROKER_<OPTION>`` from the environment.
 ENV_PREFIX = "CHANNELS_BROKER_"
 #: The backends with a schema, the only ones ``--no-migrate`` and ``migrate`` apply to.
@@ -240,7 +238,7 @@ class Config:
             raise ConfigError(
                 f"log format {self.log_format!r} is not one of {', '.join(_LOG_FORMATS)}"
             )
-        if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
+        if not SMALLEST_MAX_MESSAGE_BYTES <= self.max_message_bytes <= LARGEST_MAX_MESSAGE_BYTES:
             raise ConfigError("max message bytes must be between 1 KiB and 64 MiB")
         if self.shutdown_timeout_s < 0:
             raise ConfigError("shutdown timeout must not be negative")
@@ -266,7 +264,7 @@ class Config:
     @property
     def max_frame_bytes(self) -> int:
         """Largest frame the daemon accepts: a full message plus names and headers."""
-        return max(DEFAULT_MAX_FRAME_BYTES, self.max_message_bytes + FRAME_OVERHEAD_BYTES)
+        return max_request_frame_bytes(self.max_message_bytes)
 
     @property
     def log_level_number(self) -> int:

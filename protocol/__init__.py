@@ -1,4 +1,4 @@
-"""Sans-IO protocol of channels-broker: frames, codec, handshake, names and errors."""
+"""Sans-IO protocol of channels-broker: frames and names, codec, handshake, limits, errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .errors import (
 )
 from .frames import (
     FRAME_TYPES,
+    MAX_NAME_LENGTH,
     Ack,
     Cancel,
     Cancelled,
@@ -33,18 +34,34 @@ from .frames import (
     Send,
     SendMany,
     Welcome,
-)
-from .handshake import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Handshake, Role, State
-from .names import (
-    MAX_NAME_LENGTH,
     client_id_of,
     is_process_specific,
     is_valid_channel,
     is_valid_group,
 )
+from .handshake import (
+    HANDSHAKE_FRAMES,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    Handshake,
+    Role,
+    State,
+)
+from .limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    LARGEST_MAX_MESSAGE_BYTES,
+    MAX_PUSH_FRAME_BYTES,
+    SMALLEST_MAX_MESSAGE_BYTES,
+    max_request_frame_bytes,
+)
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "HANDSHAKE_FRAMES",
+    "LARGEST_MAX_MESSAGE_BYTES",
+    "MAX_PUSH_FRAME_BYTES",
+    "SMALLEST_MAX_MESSAGE_BYTES",
     "FRAME_TYPES",
     "HEADER_BYTES",
     "MAX_NAME_LENGTH",
@@ -86,4 +103,5 @@ __all__ = [
     "is_process_specific",
     "is_valid_channel",
     "is_valid_group",
+    "max_request_frame_bytes",
 ]

@@ -15,6 +15,7 @@ import msgpack
 
 from .errors import FrameTooLarge, MalformedFrame, ProtocolError
 from .frames import Frame, frame_from_wire
+from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -26,9 +27,8 @@ __all__ = [
 
 #: Bytes of the length prefix before every frame body.
 HEADER_BYTES = 4
-#: 8 MiB: room for the default 4 MiB message limit plus a group send's member list,
-#: small enough that a hostile length prefix cannot make us buffer much.
-DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
+#: What a daemon with the default message limit reads (see ``limits``).
+DEFAULT_MAX_FRAME_BYTES = max_request_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES)
 
 _header = struct.Struct(">I")
 _pack_header = _header.pack

@@ -3,6 +3,10 @@
 Rules: the client's first frame is HELLO and it sends HELLO only once; the daemon's
 first frame is WELCOME (or a connection-level ERROR). Everything else flows only
 after that.
+
+Once the handshake is over, an end need show it only the handshake's own frames
+(``HANDSHAKE_FRAMES``, to refuse a second one): ``is_ready`` says when, so the frames
+of every request skip the table.
 """
 
 from __future__ import annotations
@@ -12,11 +16,20 @@ from enum import Enum
 from .errors import ErrorCode, HandshakeError
 from .frames import Error, Frame, Hello, Welcome
 
-__all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Handshake", "Role", "State"]
+__all__ = [
+    "HANDSHAKE_FRAMES",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Handshake",
+    "Role",
+    "State",
+]
 
 #: The version this code speaks; a daemon refuses HELLO with any other.
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+#: The frames of the handshake itself: the only ones it must see once it is over.
+HANDSHAKE_FRAMES: frozenset[type[Frame]] = frozenset({Hello, Welcome})
 
 
 class Role(Enum):
@@ -43,16 +56,23 @@ _TRANSITIONS: dict[tuple[Role, State, type[Frame]], State] = {
 class Handshake:
     """Tracks one end's handshake state for the frames it receives."""
 
-    __slots__ = ("role", "state")
+    __slots__ = ("is_ready", "role", "state")
 
     def __init__(self, role: Role) -> None:
         self.role = role
         self.state = State.AWAIT_HELLO if role is Role.DAEMON else State.AWAIT_WELCOME
+        #: True once READY: later frames need showing only if in ``HANDSHAKE_FRAMES``.
+        self.is_ready = False
+
+    def resume(self) -> None:
+        """Take up a connection another end of ours already took through the handshake."""
+        self.state = State.READY
+        self.is_ready = True
 
     def receive(self, frame: Frame) -> None:
         """Advance on a received frame; raise ``HandshakeError`` if it is out of order."""
         if self.state is State.READY:
-            if type(frame) in (Hello, Welcome):
+            if type(frame) in HANDSHAKE_FRAMES:
                 raise HandshakeError(f"{type(frame).__name__} after the handshake")
             return
         next_state = _TRANSITIONS.get((self.role, self.state, type(frame)))
@@ -62,3 +82,4 @@ class Handshake:
                 ErrorCode.HANDSHAKE,
             )
         self.state = next_state
+        self.is_ready = next_state is State.READY

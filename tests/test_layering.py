@@ -173,8 +173,8 @@ def test_importing_the_layer_loads_no_daemon_ops_bench_backend_or_prometheus() -
         ("protocol/codec.py", "from backends import Backend"),
         ("protocol/codec.py", "from ..broker import server"),
         ("protocol/codec.py", "def f():\n    import broker.daemon.server\n"),
-        ("backends/memory.py", "from broker.daemon.routing import Router"),
-        ("backends/memory.py", "from ..broker import config"),
+        ("backends/memory/backend.py", "from broker.daemon.routing import Router"),
+        ("backends/memory/backend.py", "from ...broker import config"),
         ("backends/redis/backend.py", "import channels.layers"),
         ("backends/redis/backend.py", "import asyncpg"),
         ("broker/daemon/server.py", "from django.conf import settings"),
@@ -202,7 +202,10 @@ def test_checker_reports_a_wrong_way_import(path: str, source: str) -> None:
     [
         ("protocol/codec.py", "import struct\nimport msgpack\nfrom .errors import ProtocolError"),
         ("protocol/__init__.py", "from __future__ import annotations\nfrom .codec import x"),
-        ("backends/memory.py", "import asyncio\nfrom protocol import names\nfrom .base import B"),
+        (
+            "backends/memory/backend.py",
+            "import asyncio\nfrom protocol import names\nfrom ..base import B",
+        ),
         ("backends/redis/backend.py", "import redis.asyncio\nfrom ..base import Backend"),
         ("backends/postgres/pool.py", "import asyncpg"),
         ("broker/daemon/server.py", "from backends import Backend\nfrom .routing import Router"),

@@ -1,6 +1,6 @@
 """One client connection: bytes in and out, the worker, and deliveries.
 
-What each request means is in ``requests`` (mixed into ``Connection``).
+What each request means is in ``handlers``; what a channel holds, in ``routing.Held``.
 
 Theory of operation. ``data_received`` only decodes frames into ``inbox``; one
 worker task per connection does everything else in order: it answers requests one
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 
 from backends import BackendError, Taken
 from protocol import (
+    HANDSHAKE_FRAMES,
     Deliver,
     Error,
     ErrorCode,
@@ -30,13 +30,12 @@ from protocol import (
     ProtocolError,
     Push,
     Role,
-    Send,
     encode_frame,
 )
 
 from .context import Context
-from .handlers import RequestHandlers, uncount
-from .routing import Pull
+from .handlers import Handlers
+from .routing import Held, Pull
 from .session import Session
 
 __all__ = ["Connection"]
@@ -57,7 +56,7 @@ DELIVERY_RETRY_S = 0.5
 OUTPUT_HIGH_WATER = 256 * 1024
 
 
-class Connection(RequestHandlers, asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """A client connection to the daemon."""
 
     def __init__(self, context: Context) -> None:
@@ -71,13 +70,8 @@ class Connection(RequestHandlers, asyncio.Protocol):
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
         self.ready_pulls: deque[Pull] = deque()
         self.pulls: dict[int, Pull] = {}
-        #: Messages pushed and not yet acknowledged, per channel: taken from storage
-        #: (the backend counts them too, until released) and pushed directly (or about
-        #: to be), the latter with when the newest of them expires: their count lapses
-        #: then, as held counts in storage do.
-        self.held: dict[str, int] = {}
-        self.held_direct: dict[str, int] = {}
-        self._direct_until: dict[str, float] = {}
+        self.held = Held()
+        self.handlers = Handlers(self, context)
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
@@ -98,7 +92,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if not self.ctx.accepting:
-            self._fatal(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            self.fatal(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             return
         self.ctx.connections.add(self)
         self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -109,12 +103,14 @@ class Connection(RequestHandlers, asyncio.Protocol):
         decoder = self.decoder
         decoder.receive_data(data)
         try:
+            handshake = self.handshake
             while (frame := decoder.next_frame()) is not None:
-                self.handshake.receive(frame)
+                if not handshake.is_ready or type(frame) in HANDSHAKE_FRAMES:
+                    handshake.receive(frame)
                 self.inbox.append(frame)
         except ProtocolError as exc:
             log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
-            self._fatal(exc.code, str(exc))
+            self.fatal(exc.code, str(exc))
             return
         if len(self.inbox) > INBOX_HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
@@ -139,7 +135,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
     def _partial_expired(self) -> None:
         message = f"incomplete frame: {self.decoder.buffered_bytes} bytes, then silence"
         log.warning("protocol error from %s: %s", self.peer, message)
-        self._fatal(ErrorCode.MALFORMED_FRAME, message)
+        self.fatal(ErrorCode.MALFORMED_FRAME, message)
 
     def eof_received(self) -> bool | None:
         if self.decoder.buffered_bytes and not self.closing:
@@ -186,46 +182,24 @@ class Connection(RequestHandlers, asyncio.Protocol):
             and self._writable.is_set()
         )
 
-    def direct_held(self, channel: str) -> int:
-        count = self.held_direct.get(channel, 0)
-        if count and self._direct_until[channel] < time.monotonic():
-            del self.held_direct[channel]
-            del self._direct_until[channel]
-            return 0
-        return count
-
-    def reserve_direct(self, channel: str, expiry_s: float) -> None:
-        self.held_direct[channel] = self.held_direct.get(channel, 0) + 1
-        until = time.monotonic() + expiry_s
-        if until > self._direct_until.get(channel, 0.0):
-            self._direct_until[channel] = until
-
-    def unreserve_direct(self, channel: str, count: int = 1) -> None:
-        # Never below zero: a client must not lift its own capacity.
-        uncount(self.held_direct, channel, count)
-        if channel not in self.held_direct:
-            self._direct_until.pop(channel, None)
-
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport
         if self.closing or transport is None or transport.is_closing():
             return False
-        self.ctx.metrics.count_delivered("direct", len(channels))
-        self._write(Push(tuple(channels), payload, ttl_ms))
+        self.ctx.metrics.delivered["direct"] += len(channels)
+        self.write(Push(tuple(channels), payload, ttl_ms))
         # Out now: this connection's worker may be idle, and nothing else would write
         # its buffer (nor can anything take these messages back from storage).
-        self._flush()
+        self.flush()
         return True
 
     def notify_flushed(self) -> None:
         # The backend dropped our held counts along with the messages.
         self.held.clear()
-        self.held_direct.clear()
-        self._direct_until.clear()
-        self._write(Flushed())
+        self.write(Flushed())
         # Out now, before the flusher's OK: a client that sees the OK and then asks
         # another connection must find that connection's buffer already cleared.
-        self._flush()
+        self.flush()
 
     # -- shutdown ------------------------------------------------------------
 
@@ -270,12 +244,9 @@ class Connection(RequestHandlers, asyncio.Protocol):
     async def _work_once(self) -> None:
         await self._writable.wait()
         inbox = self.inbox
+        handle = self.handlers.handle
         while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
-            frame = inbox.popleft()
-            if type(frame) is Send and inbox and type(inbox[0]) is Send:
-                await self._handle_sends(frame)
-            else:
-                await self._handle(frame)
+            await handle(inbox.popleft())
         if self._reading_paused and not self.closing and len(inbox) < INBOX_HIGH_WATER // 2:
             self._reading_paused = False
             assert self.transport is not None
@@ -292,14 +263,14 @@ class Connection(RequestHandlers, asyncio.Protocol):
             log.warning("backend error while delivering to %s: %s", self.peer, exc)
             self._retry_pending = True
             asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._retry_deliveries)
-        self._flush()
+        self.flush()
 
     def _retry_deliveries(self) -> None:
         self._retry_pending = False
         self._wake()
 
     async def _finish(self) -> None:
-        self._flush()
+        self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         session = self.session
@@ -317,8 +288,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
     async def _release_held(self, session: Session) -> None:
         # What we pushed and was not acknowledged stays in the client's buffer, if
         # the client lives; stop counting it so the channel is not full forever.
-        held, self.held = self.held, {}
-        for channel, count in held.items():
+        for channel, count in self.held.take_stored().items():
             try:
                 await self.ctx.backend.release(session.ns, channel, count)
             except BackendError:
@@ -326,30 +296,31 @@ class Connection(RequestHandlers, asyncio.Protocol):
 
     # -- output --------------------------------------------------------------
 
-    def _write(self, frame: Frame) -> None:
+    def write(self, frame: Frame) -> None:
         data = encode_frame(frame)
         self._output.append(data)
         self._output_bytes += len(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self._output and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._output))
         self._output.clear()
         self._output_bytes = 0
 
-    def _fatal(self, code: ErrorCode, message: str) -> None:
+    def fatal(self, code: ErrorCode, message: str) -> None:
         """Answer a connection-level error and close (after writing what is buffered)."""
         self.closing = True
         self.inbox.clear()
         self.ctx.metrics.count_error(code)
-        self._write(Error(0, int(code), message))
-        self._flush()
+        self.write(Error(0, int(code), message))
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
-    def _fail(self, request_id: int, code: ErrorCode, message: str) -> None:
+    def fail(self, request_id: int, code: ErrorCode, message: str) -> None:
+        """Answer one request with an ERROR."""
         self.ctx.metrics.count_error(code)
-        self._write(Error(request_id, int(code), message))
+        self.write(Error(request_id, int(code), message))
 
     # -- deliveries ----------------------------------------------------------
 
@@ -370,9 +341,9 @@ class Connection(RequestHandlers, asyncio.Protocol):
                 router.requeue(pull)
                 continue
             del self.pulls[pull.request_id]
-            self.ctx.metrics.count_delivered("pull", 1)
+            self.ctx.metrics.delivered["pull"] += 1
             item = taken[0]
-            self._write(Deliver(pull.request_id, pull.channel, item.payload, _ttl_ms(item.ttl_s)))
+            self.write(Deliver(pull.request_id, pull.channel, item.payload, _ttl_ms(item.ttl_s)))
 
     async def _push_ready(self) -> None:
         """Push waiting messages of our channels, one frame per distinct payload.
@@ -381,7 +352,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
         one connection then share one PUSH frame. A payload joins an existing frame
         only if that keeps each channel's messages in order.
         """
-        ns = self._session().ns
+        ns = self.handlers.session().ns
         backend = self.ctx.backend
         ready, self.ready_channels = self.ready_channels, {}
         frames: list[tuple[bytes, float, list[str]]] = []
@@ -395,7 +366,7 @@ class Connection(RequestHandlers, asyncio.Protocol):
             del ready[channel]
             self._collect(channel, items, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self._write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+            self.write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
         if ready:  # not reached: a backend error stopped the batch part-way
             self.ready_channels.update(ready)
             raise BackendError(f"{len(ready)} channels not reached")
@@ -410,8 +381,8 @@ class Connection(RequestHandlers, asyncio.Protocol):
         """Add one channel's taken messages to the PUSH frames being built, in order."""
         if not taken:
             return
-        self.held[channel] = self.held.get(channel, 0) + len(taken)
-        self.ctx.metrics.count_delivered("push", len(taken))
+        self.held.add_stored(channel, len(taken))
+        self.ctx.metrics.delivered["push"] += len(taken)
         if len(taken) == PUSH_BATCH:
             self.ready_channels[channel] = None  # more may wait: next pass
         last = -1

@@ -19,19 +19,24 @@ The router never touches the backend's data itself; connections do the ``take``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from backends import AcceptsDirectPushes, Backend
 from protocol import client_id_of
 
-__all__ = ["Endpoint", "Pull", "Router"]
+from .direct import DirectPusher
+
+__all__ = ["Endpoint", "Held", "Pull", "Router"]
 
 
 class Endpoint(Protocol):
     """What the router needs of a connection."""
+
+    #: What the connection's own channels hold of their capacity (``Held``).
+    held: Held
 
     def push_later(self, channel: str) -> None:
         """Push the waiting messages of one of this connection's own channels."""
@@ -41,15 +46,6 @@ class Endpoint(Protocol):
 
     def can_push(self) -> bool:
         """True if messages for our channels can be pushed now (``push_now``)."""
-
-    def direct_held(self, channel: str) -> int:
-        """Direct pushes to one of our channels not yet acknowledged (lapsed: 0)."""
-
-    def reserve_direct(self, channel: str, expiry_s: float) -> None:
-        """Count one direct push to come (or gone out) for ``channel``."""
-
-    def unreserve_direct(self, channel: str, count: int = 1) -> None:
-        """Undo ``count`` of ``reserve_direct`` (an acknowledgement does too)."""
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
@@ -80,8 +76,10 @@ class Router:
         self._lines: dict[tuple[str, str], deque[Pull]] = {}
         self._members: dict[str, set[Endpoint]] = {}
         backend.set_wakeup(self.wake)
+        #: Pushes a send may make without storing (only if the backend accepts them).
+        self.direct = DirectPusher(self.owner_of)
         if isinstance(backend, AcceptsDirectPushes):
-            backend.set_direct_pushes(self)
+            backend.set_direct_pushes(self.direct)
 
     @property
     def connection_count(self) -> int:
@@ -122,53 +120,9 @@ class Router:
             self._forget_line_if_empty(ns, channel, line)
             pull.endpoint.serve_pull_later(pull)
 
-    def held_direct(self, ns: str, channel: str) -> int:
-        """Direct pushes to ``channel`` not yet acknowledged (``DirectPushes``)."""
-        owner = self._owners.get((ns, client_id_of(channel)))
-        return 0 if owner is None else owner.direct_held(channel)
-
-    def pushable(
-        self, ns: str, channels: Sequence[str], capacities: list[int], expiry_s: float
-    ) -> list[str]:
-        """``DirectPushes.pushable``: members a send may hand the message to directly,
-        one message reserved for each; capacities lowered by what is reserved already."""
-        owners = self._owners
-        found: list[str] = []
-        for index, channel in enumerate(channels):
-            if "!" not in channel:
-                continue
-            owner = owners.get((ns, client_id_of(channel)))
-            if owner is None:
-                continue
-            room = capacities[index] - owner.direct_held(channel)
-            capacities[index] = room
-            if room > 0 and owner.can_push():
-                owner.reserve_direct(channel, expiry_s)
-                found.append(channel)
-        return found
-
-    def unreserve(self, ns: str, channels: Sequence[str]) -> None:
-        """``DirectPushes.unreserve``."""
-        for channel in channels:
-            owner = self._owners.get((ns, client_id_of(channel)))
-            if owner is not None:
-                owner.unreserve_direct(channel)
-
-    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
-        """Push ``payload`` to each channel's owner now; return the channels not reached
-        (their owner left since ``pushable`` named them)."""
-        by_owner: dict[Endpoint, list[str]] = {}
-        missed: list[str] = []
-        for channel in channels:
-            owner = self._owners.get((ns, client_id_of(channel)))
-            if owner is None:
-                missed.append(channel)
-            else:
-                by_owner.setdefault(owner, []).append(channel)
-        for owner, owned in by_owner.items():
-            if not owner.push_now(owned, payload, ttl_ms):
-                missed += owned
-        return missed
+    def owner_of(self, ns: str, channel: str) -> Endpoint | None:
+        """The connection that owns a process-specific channel here, if any."""
+        return self._owners.get((ns, client_id_of(channel)))
 
     def add_pull(self, pull: Pull) -> None:
         """Queue a RECEIVE and try it at once (a message may already wait)."""
@@ -208,3 +162,84 @@ class Router:
         if not line:
             del self._lines[(ns, channel)]
             self._backend.unwatch(ns, channel)
+
+
+class Held:
+    """What one connection's own channels hold of their capacity: messages pushed and not
+    yet acknowledged, the one count the daemon keeps of them.
+
+    Two kinds. *Stored* ones were taken from storage with ``hold`` (storage counts them
+    too, until released: other daemons see only those). *Direct* ones were pushed without
+    ever being stored (``DirectPusher``): storage never saw them, so every capacity it
+    checks is lowered by them; their count lapses when the newest of them expires, as
+    counts held in storage do.
+    """
+
+    __slots__ = ("_direct_until", "direct", "stored")
+
+    def __init__(self) -> None:
+        self.stored: dict[str, int] = {}
+        self.direct: dict[str, int] = {}
+        self._direct_until: dict[str, float] = {}
+
+    @property
+    def total(self) -> int:
+        """Every message held, of every channel (for status)."""
+        return sum(self.stored.values()) + sum(self.direct.values())
+
+    def add_stored(self, channel: str, count: int) -> None:
+        self.stored[channel] = self.stored.get(channel, 0) + count
+
+    def direct_of(self, channel: str) -> int:
+        """Direct pushes of ``channel`` not yet acknowledged; lapsed ones count 0."""
+        count = self.direct.get(channel, 0)
+        if count and self._direct_until[channel] < time.monotonic():
+            del self.direct[channel]
+            del self._direct_until[channel]
+            return 0
+        return count
+
+    def reserve_direct(self, channel: str, expiry_s: float) -> None:
+        """Count one direct push to come (or gone out) for ``channel``."""
+        self.direct[channel] = self.direct.get(channel, 0) + 1
+        until = time.monotonic() + expiry_s
+        if until > self._direct_until.get(channel, 0.0):
+            self._direct_until[channel] = until
+
+    def unreserve_direct(self, channel: str, count: int = 1) -> None:
+        """Undo ``count`` of ``reserve_direct``."""
+        _uncount(self.direct, channel, count)
+        if channel not in self.direct:
+            self._direct_until.pop(channel, None)
+
+    def acknowledge(self, channel: str, count: int) -> int:
+        """The client consumed ``count`` of ``channel``: stored ones first (storage must
+        release those, the number returned), then direct ones. Never more than held: a
+        client must not lift its own capacity."""
+        stored = _uncount(self.stored, channel, count)
+        if count > stored:
+            self.unreserve_direct(channel, count - stored)
+        return stored
+
+    def take_stored(self) -> dict[str, int]:
+        """Forget the stored counts and return them, for storage to release (on close)."""
+        stored, self.stored = self.stored, {}
+        return stored
+
+    def clear(self) -> None:
+        """Storage dropped everything (a flush): so do we."""
+        self.stored.clear()
+        self.direct.clear()
+        self._direct_until.clear()
+
+
+def _uncount(counts: dict[str, int], channel: str, count: int) -> int:
+    """Take up to ``count`` off ``counts[channel]``; return how many were taken off."""
+    have = counts.get(channel, 0)
+    count = min(count, have)
+    if count:
+        if have > count:
+            counts[channel] = have - count
+        else:
+            del counts[channel]
+    return max(count, 0)

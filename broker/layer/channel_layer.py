@@ -28,31 +28,16 @@ import types
 import weakref
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgpack
 from channels.layers import BaseChannelLayer
 
-from protocol import (
-    PROTOCOL_VERSION,
-    Flush,
-    GroupAdd,
-    GroupDiscard,
-    GroupSend,
-    Hello,
-    Ok,
-    Ping,
-    Send,
-)
+from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
 
-from .client import (
-    BrokerUnavailable,
-    LayerClosed,
-    LoopClient,
-    MessageTooLarge,
-    raise_for,
-)
+from .client import LoopClient
+from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
 from .parking import IdlePool
+from .settings import DEFAULT_HOSTS, LayerSettings, parse_host
 
 __all__ = [
     "BrokerChannelLayer",
@@ -63,14 +48,6 @@ __all__ = [
 
 log = logging.getLogger("channels_broker.layer")
 
-DEFAULT_HOSTS = ("tcp://127.0.0.1:7733",)
-#: What the daemon accepts by default; the daemon's WELCOME gives the real figure.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-#: Largest frame we read: the message limit plus a group send's member list.
-MAX_FRAME_BYTES = 80 * 1024 * 1024
-#: Reconnect backoff: first delay, cap, in seconds; each attempt is jittered.
-RECONNECT_FIRST_DELAY_S = 0.05
-RECONNECT_MAX_DELAY_S = 2.0
 RESERVED_KEY = "__asgi_channel__"
 
 
@@ -94,14 +71,21 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     ) -> None:
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
-        self.hosts = [_parse_host(host) for host in (hosts or DEFAULT_HOSTS)]
-        self.token = token or ""
         self.prefix = prefix
         self.group_expiry = group_expiry
-        self.max_message_bytes = max_message_bytes
-        self.connect_timeout = connect_timeout
-        #: For tls:// hosts; the default verifies the daemon against the system's CAs.
-        self.ssl_context = ssl_context
+        #: Handed to every event loop's client: they never read the layer back.
+        self.settings = LayerSettings(
+            hosts=tuple(parse_host(host) for host in (hosts or DEFAULT_HOSTS)),
+            token=token or "",
+            prefix=prefix,
+            capacity=int(self.capacity),
+            expiry_s=float(self.expiry),
+            group_expiry_s=float(group_expiry),
+            channel_capacity=tuple((p.pattern, n) for p, n in self.channel_capacity),
+            max_message_bytes=max_message_bytes,
+            connect_timeout_s=connect_timeout,
+            ssl_context=ssl_context,
+        )
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -117,8 +101,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = self._serialize(message)
         client = self._client()
         self._check_size(payload, await client.message_limit())
-        reply = await client.request(Send(client.next_id(), channel, payload))
-        raise_for(reply)
+        await client.request(Send(client.next_id(), channel, payload))
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait for and return the next message on ``channel``. Safe to cancel."""
@@ -138,7 +121,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         client = self._client()
-        raise_for(await client.request(GroupAdd(client.next_id(), group, channel)))
+        await client.request(GroupAdd(client.next_id(), group, channel))
         if client.owns(channel):
             client.memberships[(group, channel)] = client.loop.time()
 
@@ -147,7 +130,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_channel_name(channel)
         client = self._client()
         client.memberships.pop((group, channel), None)
-        raise_for(await client.request(GroupDiscard(client.next_id(), group, channel)))
+        await client.request(GroupDiscard(client.next_id(), group, channel))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
@@ -156,14 +139,13 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         client = self._client()
         self._check_size(payload, await client.message_limit())
         reply = await client.request(GroupSend(client.next_id(), group, payload))
-        raise_for(reply)
-        if isinstance(reply, Ok) and reply.count:
+        if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
 
     async def flush(self) -> None:
         """Empty every channel and group of this layer's prefix, for every client."""
         client = self._client()
-        raise_for(await client.request(Flush(client.next_id())))
+        await client.request(Flush(client.next_id()))
 
     async def close(self) -> None:
         """Close this event loop's connection and idle ones; waiting calls raise ``LayerClosed``."""
@@ -176,7 +158,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Round trip to the daemon in seconds."""
         client = self._client()
         started = asyncio.get_running_loop().time()
-        raise_for(await client.request(Ping(client.next_id())))
+        await client.request(Ping(client.next_id()))
         return asyncio.get_running_loop().time() - started
 
     # -- internals -----------------------------------------------------------
@@ -185,7 +167,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = LoopClient(self, loop, self.idle_pool.take())
+            client = self._clients[loop] = LoopClient(self.settings, loop, self.idle_pool)
             _close_with_loop(loop, self._clients)
         return client
 
@@ -199,24 +181,10 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return payload
 
     def _check_size(self, payload: bytes, limit: int) -> None:
-        if self.max_message_bytes is not None:
-            limit = min(limit, self.max_message_bytes)
+        if self.settings.max_message_bytes is not None:
+            limit = min(limit, self.settings.max_message_bytes)
         if len(payload) > limit:
             raise MessageTooLarge(f"message of {len(payload)} bytes is over the limit of {limit}")
-
-    def hello(self, client_id: str) -> Hello:
-        """The HELLO frame for a connection of ``client_id``."""
-        patterns = tuple((pattern.pattern, value) for pattern, value in self.channel_capacity)
-        return Hello(
-            PROTOCOL_VERSION,
-            self.token,
-            client_id,
-            self.prefix,
-            int(self.capacity),
-            float(self.expiry),
-            float(self.group_expiry),
-            patterns,
-        )
 
 
 def _close_with_loop(
@@ -240,15 +208,3 @@ def _close_with_loop(
     # A loop type that refuses attributes relies on the layer's close() instead.
     with contextlib.suppress(AttributeError):
         loop.close = types.MethodType(close, loop)  # type: ignore[method-assign]
-
-
-def _parse_host(url: str) -> tuple[str, str, int]:
-    """``tcp://h:p``, ``tls://h:p`` or ``unix:///path`` -> (scheme, host or path, port)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ValueError(f"{url!r}: a unix host needs a path, as unix:///run/broker.sock")
-        return "unix", parts.path, 0
-    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
-        return parts.scheme, parts.hostname, parts.port
-    raise ValueError(f"{url!r} is not tcp://host:port, tls://host:port or unix:///path")

@@ -6,11 +6,12 @@ would pay a TCP connect and a HELLO.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
 
-__all__ = ["IdlePool", "ParkedConnection"]
+__all__ = ["IdlePool", "ParkedConnection", "park"]
 
 
 class ParkedConnection:
@@ -68,3 +69,25 @@ class IdlePool:
             parked, self._parked = self._parked, []
         for connection in parked:
             connection.sock.close()
+
+
+def park(
+    transport: asyncio.Transport,
+    client_id: str,
+    unread: bytes,
+    max_message_bytes: int,
+    pool: IdlePool,
+) -> bool:
+    """Hand the socket of a quiet connection to ``pool``; True if it left the transport.
+
+    The socket is duplicated, so the transport's abort leaves the connection (and its
+    daemon session) open for the next loop. Nothing may wait to be written.
+    """
+    if transport.get_write_buffer_size():
+        return False
+    sock = transport.get_extra_info("socket")
+    parked = ParkedConnection(sock.dup(), client_id, unread, max_message_bytes)
+    if not pool.put(parked):
+        parked.sock.close()
+    transport.abort()
+    return True

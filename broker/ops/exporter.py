@@ -265,14 +265,14 @@ def _top_clients(connections: set[Any]) -> list[dict[str, object]]:
     busiest = heapq.nlargest(
         TOP_LIMIT,
         connections,
-        key=lambda connection: (sum(connection.held.values()), len(connection.pulls)),
+        key=lambda connection: (connection.held.total, len(connection.pulls)),
     )
     return [
         {
             "peer": connection.peer,
             "namespace": None if connection.session is None else connection.session.ns,
             "client_id": None if connection.session is None else connection.session.client_id,
-            "held": sum(connection.held.values()),
+            "held": connection.held.total,
             "pulls": len(connection.pulls),
         }
         for connection in busiest

@@ -3,12 +3,12 @@
 Theory of operation. Counting must cost a few increments per request, so nothing on
 the request path touches prometheus_client (its ``Counter.inc`` takes a lock, its
 ``Histogram.observe`` more). ``Metrics`` holds ints, dicts of ints and ``Histogram``s
-(a bucket array and a sum); the event loop is the only writer, so no lock is needed.
-``broker.ops.exporter`` turns them into Prometheus metric families when ``/metrics`` is
-scraped, and into the ``/status`` document. Two places feed them: the connection
-(one timing per request, a count per outcome: stored, refused, delivered, ERROR
-frame) and, for shared backends, ``InstrumentedBackend`` (one timing per storage
-call, which is a network round trip there).
+(a bucket array and a sum), which the daemon's handlers and connections increment
+where the event happens, without a call (one timing per request, a count per
+outcome: stored, refused, delivered, ERROR frame); the event loop is the only writer,
+so no lock is needed. For shared backends ``InstrumentedBackend`` times each storage
+call, which is a network round trip there. ``broker.ops.exporter`` turns them into
+Prometheus metric families when ``/metrics`` is scraped, and into ``/status``.
 
 Every label value comes from a fixed set (operation names, error codes, the backend's
 URL scheme), never from channel or group names, so the series count stays bounded
@@ -22,7 +22,20 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from protocol import ErrorCode
+from protocol import (
+    Ack,
+    Cancel,
+    ErrorCode,
+    Flush,
+    GroupAdd,
+    GroupDiscard,
+    GroupSend,
+    Hello,
+    Ping,
+    Receive,
+    Send,
+    SendMany,
+)
 
 __all__ = [
     "FANOUT_BUCKETS",
@@ -45,9 +58,8 @@ FANOUT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 
 #: Request operations, made up front so their series exist (at zero) from the first
 #: scrape: ``rate()`` misses the first increment of a series that appears later.
-REQUEST_OPERATIONS = (
-    "hello", "send", "send_many", "receive", "cancel", "ack",
-    "group_add", "group_discard", "group_send", "flush", "ping",
+REQUEST_FRAMES = (
+    Hello, Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard, GroupSend, Flush, Ping,
 )  # fmt: skip
 
 _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
@@ -56,6 +68,9 @@ _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
 def operation_name(frame_type: type) -> str:
     """The label of a request frame type: ``GroupSend`` -> ``group_send``."""
     return _CAMEL_HUMP.sub("_", frame_type.__name__).lower()
+
+
+REQUEST_OPERATIONS = tuple(operation_name(frame_type) for frame_type in REQUEST_FRAMES)
 
 
 class Histogram:
@@ -112,41 +127,15 @@ class Metrics:
         self.dropped = 0
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.requests = {name: Histogram(LATENCY_BUCKETS_S) for name in REQUEST_OPERATIONS}
+        #: The same histograms by frame type: what the request path looks up.
+        self.request_by_type: dict[type, Histogram] = {
+            frame_type: self.requests[operation_name(frame_type)] for frame_type in REQUEST_FRAMES
+        }
         self.backend_calls: dict[str, Histogram] = {}
         self.backend_errors: dict[str, int] = {}
         self.errors: dict[ErrorCode, int] = {}
-        self._request_histograms: dict[type, Histogram] = {}
 
-    # -- hooks on the request path -----------------------------------------
-
-    #: A clock for ``request_done``: seconds, monotonic, sub-microsecond resolution.
-    now = staticmethod(time.perf_counter)
-
-    def request_done(self, frame: object, started: float) -> None:
-        """Record one request handled, from ``started`` (a ``now()`` reading) to now."""
-        elapsed = time.perf_counter() - started
-        histogram = self._request_histograms.get(type(frame))
-        if histogram is None:
-            histogram = self._request_histogram(type(frame))
-        # Histogram.observe, inlined: this runs for every request.
-        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
-        histogram.sum += elapsed
-
-    def count_sent(self, operation: str, accepted: int, rejected: int) -> None:
-        """Record the outcome of a send or send_many: messages stored, and refused as full."""
-        self.accepted[operation] += accepted
-        if rejected:
-            self.rejected[operation] += rejected
-
-    def count_group_send(self, reached: int, skipped: int) -> None:
-        """Record a group_send: members that got the message, and those skipped as full."""
-        self.accepted["group_send"] += reached
-        self.dropped += skipped
-        self.fanout.observe(reached + skipped)
-
-    def count_delivered(self, mode: str, count: int) -> None:
-        """Record messages handed to consumers: ``push``, ``direct`` or ``pull``."""
-        self.delivered[mode] += count
+    # -- counted where it happens (see the module docstring); errors are rare --
 
     def count_error(self, code: ErrorCode | int) -> None:
         """Record one ERROR frame sent to a client."""
@@ -159,14 +148,6 @@ class Metrics:
         if histogram is None:
             histogram = self.backend_calls[operation] = Histogram(LATENCY_BUCKETS_S)
             self.backend_errors[operation] = 0
-        return histogram
-
-    def _request_histogram(self, frame_type: type) -> Histogram:
-        name = operation_name(frame_type)
-        histogram = self.requests.get(name)
-        if histogram is None:
-            histogram = self.requests[name] = Histogram(LATENCY_BUCKETS_S)
-        self._request_histograms[frame_type] = histogram
         return histogram
 
     # -- totals, for /status and the systemd STATUS line --------------------

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends import BackendError, Taken
-from backends.memory import MemoryBackend, _Channel, _Space, _Wheel
+from backends.memory import MemoryBackend
+from backends.memory.records import Channel, Space
+from backends.memory.wheel import TimerWheel
 from broker.daemon.capacity import CapacityPolicy
 from protocol import client_id_of, is_process_specific
 
@@ -61,13 +63,15 @@ def gauges(backend: MemoryBackend) -> tuple[int, int, int, int]:
 
 
 def check_records(backend: MemoryBackend) -> None:
-    """Records exist only while they hold something, and whatever can expire is filed."""
+    """Every record is filed for a sweep that will forget it once it holds nothing, or is
+    held (its sweep passed meanwhile: the release forgets it); groups live while they have
+    members."""
     wheel = backend._channel_wheel
     for space in backend._spaces.values():
         for record in space.channels.values():
-            assert record.queue or record.held, f"empty record {record.name!r} kept"
-            if record.queue:
-                assert record.bucket is not None
+            if record.bucket is None:
+                assert record.held and not record.queue, f"{record.name!r} kept, unfiled"
+            else:
                 assert record in wheel._buckets[record.bucket]
         for group in space.groups.values():
             assert group.members, f"empty group {group.name!r} kept"
@@ -121,7 +125,7 @@ def test_tick_must_be_positive(tick_s: float) -> None:
 @pytest.mark.parametrize("name", ["work", "a.b", "specific.c1!x", "c1!x", "a.b.c2!", "s.c3!x.y"])
 def test_records_know_their_client_as_protocol_does(name: str) -> None:
     expected = client_id_of(name) if is_process_specific(name) else None
-    assert _Channel(_Space(), name).client == expected
+    assert Channel(Space(), name).client == expected
 
 
 # Lifecycle
@@ -158,14 +162,23 @@ def test_connect_in_a_new_loop_restarts_the_wheel() -> None:
 # Record lifetimes
 
 
-async def test_records_go_once_nothing_waits_or_is_held(memory: MemoryBackend, ns: str) -> None:
-    await memory.send(ns, "work", b"1", capacity=5, expiry_s=LONG_S)
+async def test_an_emptied_record_stays_until_its_sweep(memory: MemoryBackend, ns: str) -> None:
+    """1. A channel emptied by a take keeps its record: the next message reuses it.
+    2. The sweep of its bucket forgets it, unless it is held; 3. the release of a held
+    record whose sweep has passed forgets it at once."""
+    channels = memory._spaces.setdefault(ns, Space()).channels
+    await memory.send(ns, "work", b"1", capacity=5, expiry_s=SHORT_S)
+    await memory.send(ns, "specific.c1!x", b"2", capacity=5, expiry_s=SHORT_S)
+    kept = channels["work"]
     await memory.take(ns, "work", 5, hold=False)
-    await memory.send(ns, "specific.c1!x", b"2", capacity=5, expiry_s=LONG_S)
     await memory.take(ns, "specific.c1!x", 5, hold=True)
-    assert list(memory._spaces[ns].channels) == ["specific.c1!x"], "kept while held"
+    assert channels["work"] is kept
+
+    await wait_until(lambda: "work" not in channels)
+    assert list(channels) == ["specific.c1!x"], "kept while held"
     await memory.release(ns, "specific.c1!x", 1)
-    assert memory._spaces[ns].channels == {}
+
+    assert channels == {}
     assert memory._spaces[ns].clients == {}
     assert not any(memory._channel_wheel._buckets.values()), "unfiled as well"
 
@@ -201,9 +214,9 @@ async def test_each_enqueue_wakes_once_and_refusals_not(memory: MemoryBackend, n
 
 
 def test_wheel_pops_only_the_due_buckets() -> None:
-    wheel: _Wheel[_Channel] = _Wheel(1.0)
-    space = _Space()
-    early, late, gone = (_Channel(space, name) for name in ("early", "late", "gone"))
+    wheel: TimerWheel[Channel] = TimerWheel(1.0)
+    space = Space()
+    early, late, gone = (Channel(space, name) for name in ("early", "late", "gone"))
     wheel.file(early, 10.2)
     wheel.file(late, 20.5)
     wheel.file(gone, 10.7)

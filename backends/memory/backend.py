@@ -1,12 +1,14 @@
 """In-process storage: per-namespace dicts of deques, swept by a coarse timer wheel.
 
-Theory of operation. Each namespace is a ``_Space`` holding two dicts, channel name
--> ``_Channel`` and group name -> ``_Group``, so ``flush`` touches one namespace only,
+Theory of operation. Each namespace is a ``Space`` holding two dicts, channel name
+-> ``Channel`` and group name -> ``Group``, so ``flush`` touches one namespace only,
 plus an index client id -> its process-specific channels, for ``channels_with_messages``.
 A channel is a deque of ``(deadline, payload)`` in send order plus ``held``, the count of
 messages taken with ``hold=True`` and not yet released; ``len(queue) + held`` is what
-its capacity bounds. A channel record exists only while it has messages or held ones,
-so memory follows what waits, not how many names were ever used.
+its capacity bounds. A channel record outlives its last message until the sweep of its
+bucket (at most one expiry later): a consumer's own channel, which gets one message at
+a time, keeps its record instead of making and forgetting one (and filing it in the
+wheel) per message. Memory follows the channels used within one expiry.
 
 Expiry is checked where data is read (``take`` drops every expired message it pops,
 ``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
@@ -26,14 +28,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import deque
 from collections.abc import Sequence
-from typing import Generic, Self, TypeVar
+from typing import Self
 from urllib.parse import urlsplit
 
-from .base import Backend, CapacityOf
-from .errors import BackendError
-from .records import BackendStats, GroupSendResult, Taken
+from ..base import Backend, CapacityOf
+from ..errors import BackendError
+from ..records import BackendStats, GroupSendResult, Taken
+from .records import Channel, Group, Space
+from .wheel import TimerWheel
 
 __all__ = ["DEFAULT_TICK_S", "MemoryBackend"]
 
@@ -43,111 +46,6 @@ DEFAULT_TICK_S = 1.0
 
 #: The clock of every deadline here (seconds, monotonic).
 _now = time.monotonic
-
-
-class _Filed:
-    """Something the timer wheel can hold; ``bucket`` says where it is filed, if at all."""
-
-    __slots__ = ("bucket",)
-
-    bucket: int | None
-
-
-class _Space:
-    """One namespace: its channels (also by client id) and its groups."""
-
-    __slots__ = ("channels", "clients", "groups")
-
-    def __init__(self) -> None:
-        self.channels: dict[str, _Channel] = {}
-        self.clients: dict[str, dict[str, _Channel]] = {}
-        self.groups: dict[str, _Group] = {}
-
-    def add_channel(self, name: str) -> _Channel:
-        record = self.channels[name] = _Channel(self, name)
-        if record.client is not None:
-            self.clients.setdefault(record.client, {})[name] = record
-        return record
-
-    def remove_channel(self, record: _Channel) -> None:
-        del self.channels[record.name]
-        if record.client is not None:
-            of_client = self.clients[record.client]
-            del of_client[record.name]
-            if not of_client:
-                del self.clients[record.client]
-
-
-class _Channel(_Filed):
-    """A channel's waiting messages, oldest first, and how many taken ones are held."""
-
-    __slots__ = ("client", "held", "name", "queue", "space")
-
-    def __init__(self, space: _Space, name: str) -> None:
-        self.bucket = None
-        self.space = space
-        self.name = name
-        # protocol.client_id_of, inlined: this runs for every channel record made.
-        bang = name.find("!")
-        self.client = None if bang < 0 else name[name.rfind(".", 0, bang) + 1 : bang]
-        self.queue: deque[tuple[float, bytes]] = deque()
-        self.held = 0
-
-
-class _Group(_Filed):
-    """A group's members, channel -> deadline, in the order of their latest ``group_add``."""
-
-    __slots__ = ("members", "name", "space")
-
-    def __init__(self, space: _Space, name: str) -> None:
-        self.bucket = None
-        self.space = space
-        self.name = name
-        self.members: dict[str, float] = {}
-
-
-_R = TypeVar("_R", bound=_Filed)
-
-
-class _Wheel(Generic[_R]):
-    """Records filed by the time bucket in which they next need a look."""
-
-    __slots__ = ("_buckets", "_due", "_per_s")
-
-    def __init__(self, tick_s: float) -> None:
-        self._per_s = 1.0 / tick_s
-        self._buckets: dict[int, set[_R]] = {}
-        # A heap of the bucket numbers in _buckets, so a tick finds the due ones without
-        # looking at the others (buckets reach as far ahead as the longest expiry).
-        self._due: list[int] = []
-
-    def file(self, record: _R, deadline: float) -> None:
-        """File ``record`` (not filed now) to be looked at once ``deadline`` has passed."""
-        # Rounding up: a bucket comes due only after every deadline filed in it.
-        bucket = int(deadline * self._per_s) + 1
-        records = self._buckets.get(bucket)
-        if records is None:
-            records = self._buckets[bucket] = set()
-            heapq.heappush(self._due, bucket)
-        records.add(record)
-        record.bucket = bucket
-
-    def unfile(self, record: _R) -> None:
-        """Take ``record`` out of the wheel, if it is in it."""
-        if record.bucket is not None:
-            self._buckets[record.bucket].discard(record)
-            record.bucket = None
-
-    def pop_due(self, now: float) -> list[_R]:
-        """Remove and return the records of every bucket due at ``now``."""
-        due: list[_R] = []
-        current = now * self._per_s
-        while self._due and self._due[0] <= current:
-            records = self._buckets.pop(heapq.heappop(self._due))
-            for record in records:
-                record.bucket = None
-            due.extend(records)
-        return due
 
 
 class MemoryBackend(Backend):
@@ -162,9 +60,9 @@ class MemoryBackend(Backend):
         if not tick_s > 0:
             raise BackendError(f"tick_s must be positive, not {tick_s!r}")
         self._tick_s = tick_s
-        self._spaces: dict[str, _Space] = {}
-        self._channel_wheel: _Wheel[_Channel] = _Wheel(tick_s)
-        self._group_wheel: _Wheel[_Group] = _Wheel(tick_s)
+        self._spaces: dict[str, Space] = {}
+        self._channel_wheel: TimerWheel[Channel] = TimerWheel(tick_s)
+        self._group_wheel: TimerWheel[Group] = TimerWheel(tick_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._channels_waiting = 0
@@ -228,9 +126,11 @@ class MemoryBackend(Backend):
         space = self._space(ns)
         now = _now()
         deadline = now + expiry_s
+        uniform = capacity_of.uniform
         refused: list[int] = []
         for index, (channel, payload) in enumerate(items):
-            if self._put(space, channel, payload, capacity_of(channel), deadline, now):
+            capacity = capacity_of(channel) if uniform is None else uniform
+            if self._put(space, channel, payload, capacity, deadline, now):
                 self._on_ready(ns, channel)
             else:
                 refused.append(index)
@@ -238,6 +138,15 @@ class MemoryBackend(Backend):
 
     async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:
         """Remove up to ``limit`` unexpired messages; ``ttl_s`` is each one's time left."""
+        return self._take(ns, channel, limit, hold)
+
+    async def take_many(
+        self, ns: str, channels: Sequence[str], limit: int, *, hold: bool
+    ) -> dict[str, list[Taken]]:
+        """``take`` from each channel, in one call: nothing here can fail part-way."""
+        return {channel: self._take(ns, channel, limit, hold) for channel in channels}
+
+    def _take(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
         space = self._spaces.get(ns)
         record = None if space is None else space.channels.get(channel)
         if record is None or not record.queue:
@@ -256,19 +165,17 @@ class MemoryBackend(Backend):
         if hold:
             record.held += len(taken)
         if not queue:
-            self._channels_waiting -= 1
-            if not record.held:
-                self._forget_channel(record)
+            self._channels_waiting -= 1  # the record stays until its sweep
         return taken
 
     async def release(self, ns: str, channel: str, count: int) -> None:
-        """Uncount ``count`` held messages (never below zero); forget an empty channel."""
+        """Uncount ``count`` held messages (never below zero)."""
         record = self._channel(ns, channel)
         if record is None or count <= 0:
             return
         record.held = max(0, record.held - count)
-        if not record.held and not record.queue:
-            self._forget_channel(record)
+        if not record.held and not record.queue and record.bucket is None:
+            self._forget_channel(record)  # its sweep passed while it was held
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels holding unexpired messages: O(that client's channels)."""
@@ -291,7 +198,7 @@ class MemoryBackend(Backend):
         space = self._space(ns)
         record = space.groups.get(group)
         if record is None:
-            record = space.groups[group] = _Group(space, group)
+            record = space.groups[group] = Group(space, group)
             self._groups += 1
         members = record.members
         # Pop and re-insert so the dict stays in deadline order (for a single expiry).
@@ -317,18 +224,21 @@ class MemoryBackend(Backend):
             return GroupSendResult(delivered=[], skipped=0)
         now = _now()
         deadline = now + expiry_s
+        uniform = capacity_of.uniform
         delivered: list[str] = []
         lapsed: list[str] = []
         skipped = 0
         for channel, member_deadline in record.members.items():
+            capacity = capacity_of(channel) if uniform is None else uniform
             if member_deadline <= now:
                 lapsed.append(channel)
-            elif self._put(record.space, channel, payload, capacity_of(channel), deadline, now):
+            elif self._put(record.space, channel, payload, capacity, deadline, now):
                 delivered.append(channel)
                 self._on_ready(ns, channel)
             else:
                 skipped += 1
-        self._drop_members(record, lapsed)
+        if lapsed:
+            self._drop_members(record, lapsed)
         return GroupSendResult(delivered=delivered, skipped=skipped)
 
     async def flush(self, ns: str) -> None:
@@ -373,23 +283,23 @@ class MemoryBackend(Backend):
         longest = heapq.nlargest(limit, records, key=lambda item: len(item[1].queue))
         return [(ns, record.name, len(record.queue)) for ns, record in longest if record.queue]
 
-    def _space(self, ns: str) -> _Space:
+    def _space(self, ns: str) -> Space:
         # Namespaces are kept until flushed: they are a site's prefixes, a handful.
         space = self._spaces.get(ns)
         if space is None:
-            space = self._spaces[ns] = _Space()
+            space = self._spaces[ns] = Space()
         return space
 
-    def _channel(self, ns: str, name: str) -> _Channel | None:
+    def _channel(self, ns: str, name: str) -> Channel | None:
         space = self._spaces.get(ns)
         return None if space is None else space.channels.get(name)
 
-    def _group(self, ns: str, name: str) -> _Group | None:
+    def _group(self, ns: str, name: str) -> Group | None:
         space = self._spaces.get(ns)
         return None if space is None else space.groups.get(name)
 
     def _put(
-        self, space: _Space, name: str, payload: bytes, capacity: int, deadline: float, now: float
+        self, space: Space, name: str, payload: bytes, capacity: int, deadline: float, now: float
     ) -> bool:
         """Append unless full: the capacity check and the append are one step."""
         if capacity < 1:
@@ -411,7 +321,7 @@ class MemoryBackend(Backend):
             self._channel_wheel.file(record, deadline)
         return True
 
-    def _trim(self, record: _Channel, now: float) -> None:
+    def _trim(self, record: Channel, now: float) -> None:
         """Drop the expired messages at the head of a channel (keeps the record)."""
         queue = record.queue
         expired = 0
@@ -423,11 +333,11 @@ class MemoryBackend(Backend):
         if expired and not queue:
             self._channels_waiting -= 1
 
-    def _forget_channel(self, record: _Channel) -> None:
+    def _forget_channel(self, record: Channel) -> None:
         record.space.remove_channel(record)
         self._channel_wheel.unfile(record)
 
-    def _drop_members(self, record: _Group, channels: list[str]) -> None:
+    def _drop_members(self, record: Group, channels: list[str]) -> None:
         """Remove these members (all present); forget the group once it is empty."""
         members = record.members
         for channel in channels:
@@ -448,14 +358,14 @@ class MemoryBackend(Backend):
         for group in self._group_wheel.pop_due(now):
             self._sweep_group(group, now)
 
-    def _sweep_channel(self, record: _Channel, now: float) -> None:
+    def _sweep_channel(self, record: Channel, now: float) -> None:
         self._trim(record, now)
         if record.queue:
             self._channel_wheel.file(record, record.queue[0][0])
         elif not record.held:
             self._forget_channel(record)
 
-    def _sweep_group(self, record: _Group, now: float) -> None:
+    def _sweep_group(self, record: Group, now: float) -> None:
         lapsed: list[str] = []
         for channel, deadline in record.members.items():
             if deadline > now:

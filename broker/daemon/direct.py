@@ -1,0 +1,89 @@
+"""Direct pushes: the daemon's side of ``backends.DirectPushes``, for a backend that
+accepts them (PostgreSQL).
+
+Storing a message only to take it back out at once costs two round trips to storage per
+recipient. So a send or group send may leave out of storage the channels whose owner is
+connected to this daemon and push to them itself; each push counts in the owner's
+``Held`` until acknowledged (or lapsed), and storage lowers every capacity it checks by
+that count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+__all__ = ["DirectPusher", "Owner"]
+
+
+class DirectCounts(Protocol):
+    """What an owner's ``Held`` offers here."""
+
+    def direct_of(self, channel: str) -> int: ...
+
+    def reserve_direct(self, channel: str, expiry_s: float) -> None: ...
+
+    def unreserve_direct(self, channel: str, count: int = 1) -> None: ...
+
+
+class Owner(Protocol):
+    """A connection that owns process-specific channels."""
+
+    @property
+    def held(self) -> DirectCounts: ...
+
+    def can_push(self) -> bool: ...
+
+    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
+
+
+class DirectPusher:
+    """``DirectPushes`` over the owners of one daemon's router."""
+
+    def __init__(self, owner_of: Callable[[str, str], Owner | None]) -> None:
+        self._owner_of = owner_of
+
+    def held_direct(self, ns: str, channel: str) -> int:
+        owner = self._owner_of(ns, channel)
+        return 0 if owner is None else owner.held.direct_of(channel)
+
+    def pushable(
+        self, ns: str, channels: Sequence[str], capacities: list[int], expiry_s: float
+    ) -> list[str]:
+        """Members a send may hand the message to directly, one message reserved for
+        each; capacities lowered by what is reserved already."""
+        found: list[str] = []
+        for index, channel in enumerate(channels):
+            if "!" not in channel:
+                continue
+            owner = self._owner_of(ns, channel)
+            if owner is None:
+                continue
+            room = capacities[index] - owner.held.direct_of(channel)
+            capacities[index] = room
+            if room > 0 and owner.can_push():
+                owner.held.reserve_direct(channel, expiry_s)
+                found.append(channel)
+        return found
+
+    def unreserve(self, ns: str, channels: Sequence[str]) -> None:
+        for channel in channels:
+            owner = self._owner_of(ns, channel)
+            if owner is not None:
+                owner.held.unreserve_direct(channel)
+
+    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
+        """Push ``payload`` to each channel's owner now; return the channels not reached
+        (their owner left since ``pushable`` named them)."""
+        by_owner: dict[Owner, list[str]] = {}
+        missed: list[str] = []
+        for channel in channels:
+            owner = self._owner_of(ns, channel)
+            if owner is None:
+                missed.append(channel)
+            else:
+                by_owner.setdefault(owner, []).append(channel)
+        for owner, owned in by_owner.items():
+            if not owner.push_now(owned, payload, ttl_ms):
+                missed += owned
+        return missed

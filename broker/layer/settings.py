@@ -1,0 +1,70 @@
+"""The layer's settings (``CHANNEL_LAYERS[...]["CONFIG"]``) as one frozen value."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from protocol import PROTOCOL_VERSION, Hello
+
+__all__ = ["DEFAULT_HOSTS", "Host", "LayerSettings", "parse_host"]
+
+DEFAULT_HOSTS = ("tcp://127.0.0.1:7733",)
+
+#: (scheme, host or socket path, port): ("tcp", "127.0.0.1", 7733), ("unix", "/run/b.sock", 0).
+Host = tuple[str, str, int]
+
+
+def parse_host(url: str) -> Host:
+    """``tcp://h:p``, ``tls://h:p`` or ``unix:///path``; raise ``ValueError`` otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{url!r}: a unix host needs a path, as unix:///run/broker.sock")
+        return "unix", parts.path, 0
+    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
+        return parts.scheme, parts.hostname, parts.port
+    raise ValueError(f"{url!r} is not tcp://host:port, tls://host:port or unix:///path")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSettings:
+    """What every event loop's client of one layer needs to know, checked once."""
+
+    hosts: tuple[Host, ...]
+    token: str
+    prefix: str
+    capacity: int
+    expiry_s: float
+    group_expiry_s: float
+    #: (regular expression, capacity) pairs, first match wins, as HELLO carries them.
+    channel_capacity: tuple[tuple[str, int], ...]
+    #: The application's own cap on message size, under the daemon's; None: the daemon's.
+    max_message_bytes: int | None
+    connect_timeout_s: float
+    #: For tls:// hosts; None verifies the daemon against the system's CAs.
+    ssl_context: ssl.SSLContext | None
+
+    def hello(self, client_id: str) -> Hello:
+        """The HELLO frame of a connection for ``client_id``."""
+        return Hello(
+            PROTOCOL_VERSION,
+            self.token,
+            client_id,
+            self.prefix,
+            self.capacity,
+            self.expiry_s,
+            self.group_expiry_s,
+            self.channel_capacity,
+        )
+
+    def tls_for(self, host: Host) -> ssl.SSLContext | None:
+        """The TLS context to open ``host`` with, or None for plain TCP and unix sockets."""
+        if host[0] != "tls":
+            return None
+        return self.ssl_context or ssl.create_default_context()
+
+    def host_names(self) -> str:
+        """The hosts as the settings wrote them, for error messages."""
+        return ", ".join(f"{s}://{a}" + (f":{p}" if p else "") for s, a, p in self.hosts)
