@@ -125,6 +125,56 @@ def _sources() -> Iterator[tuple[str, str]]:
         yield file.relative_to(ROOT).as_posix(), file.read_text(encoding="utf-8")
 
 
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (a name imported from a package that is a
+    submodule counts as that submodule; any other, as the package itself)."""
+    modules = {module_name(path) for path in sources}
+    graph: dict[str, set[str]] = {}
+    for path, source in sources.items():
+        edges = graph.setdefault(module_name(path), set())
+        tree = ast.parse(source, filename=path)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom | ast.Import):
+                continue
+            for name in imported_modules(path, ast.unparse(node)):
+                submodules = []
+                if isinstance(node, ast.ImportFrom):
+                    submodules = [f"{name}.{alias.name}" for alias in node.names]
+                found = {target for target in submodules if target in modules}
+                edges |= found or ({name} & modules)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while (member := stack.pop()) != node:
+                group.append(member)
+            group.append(node)
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
 def test_no_module_imports_the_wrong_way() -> None:
     found = []
     for path, source in _sources():
@@ -138,6 +188,21 @@ def test_every_module_belongs_to_a_part() -> None:
 
     assert unplaced == []
     assert (ROOT / "protocol" / "codec.py") in _modules()
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph(dict(_sources()))) == []
+
+
+def test_cycle_finder_finds_a_cycle_through_a_type_checking_import() -> None:
+    sources = {
+        "broker/layer/a.py": "from .b import B",
+        "broker/layer/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from .a import A",
+        "broker/layer/c.py": "from . import a",
+    }
+
+    assert cycles(import_graph(sources)) == [["broker.layer.a", "broker.layer.b"]]
 
 
 def test_importing_the_layer_loads_no_daemon_ops_bench_backend_or_prometheus() -> None:
