@@ -8,7 +8,7 @@ at once, and ``pg_notify`` wakes the others through their ``Listener``; a period
 re-check makes up for a lost notification (``wakeups``). ``FOR UPDATE SKIP LOCKED``
 lets daemons take from one channel at once without ever handing out one message twice;
 takes of one channel that queue up in this daemon go out as one, a channel that
-workers pull busily has its next messages taken ahead of their pulls (``takes``,
+workers pull busily has its next messages taken ahead of their pulls (``take_ahead``,
 ``taker``), and releases are written in the background, many per statement
 (``batching``): round trips, and their system calls, are what a daemon spends its
 time on.
@@ -51,8 +51,8 @@ from .schema import SCHEMA_VERSION, current_version, migrate, quote_ident, quote
 from .sends import Sends, client_of
 from .statements import Statements
 from .sweep import Sweeper
+from .take_ahead import Takes
 from .taker import Taker
-from .takes import Takes
 from .url import PostgresOptions
 from .vacuum import Vacuum
 from .wakeups import Wakeups
@@ -62,7 +62,7 @@ __all__ = ["PostgresBackend", "PostgresOptions"]
 log = logging.getLogger("channels_broker.backends.postgres")
 
 #: Messages taken ahead for busy workers go back after this long unwanted
-#: (``takes``); other daemons' workers wait at most this for them.
+#: (``take_ahead``); other daemons' workers wait at most this for them.
 TAKE_AHEAD_LINGER_S = 0.05
 
 
@@ -152,7 +152,7 @@ class PostgresBackend(Backend):
         self._loop = None
 
     async def prepare_to_stop(self) -> None:
-        """Take nothing more ahead, and put back what was (``takes``)."""
+        """Take nothing more ahead, and put back what was (``take_ahead``)."""
         await self._takes.stop_taking_ahead()
 
     async def is_ready(self) -> bool:

@@ -4,7 +4,7 @@ A daemon spends its time on system calls, and a round trip to PostgreSQL costs t
 releases (a client acknowledging pushed messages) are written in the background, all
 those made meanwhile in one statement. Senders ask ``written`` first, so a release is
 never pending when this daemon checks that channel's capacity. (Takes are batched by
-``takes``.)
+``take_ahead``.)
 """
 
 from __future__ import annotations

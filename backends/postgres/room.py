@@ -1,7 +1,7 @@
 """What of a channel's capacity this daemon spends outside the database.
 
 Two kinds of message count against a channel's capacity with no row in the database:
-those this daemon took ahead of its workers' pulls (``takes``), and those it pushed
+those this daemon took ahead of its workers' pulls (``take_ahead``), and those it pushed
 directly to a client and that are not yet acknowledged (``DirectPushes``). Every
 capacity a statement checks is first lowered by them, here.
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from backends import DirectPushes
 
-from .takes import Takes
+from .take_ahead import Takes
 
 __all__ = ["Room"]
 

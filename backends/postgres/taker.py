@@ -14,7 +14,7 @@ from backends import Taken, WakeupCallback
 
 from .pool import Database
 from .statements import Statements
-from .takes import Ahead
+from .take_ahead import Ahead
 
 __all__ = ["Taker"]
 

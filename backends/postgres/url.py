@@ -60,7 +60,7 @@ class PostgresOptions:
     pool_size: int = DEFAULT_POOL_SIZE
     recheck_s: float = DEFAULT_RECHECK_S
     timeout_s: float = DEFAULT_TIMEOUT_S
-    #: Messages a busy normal channel's takes remove ahead (``takes``); 0: none.
+    #: Messages a busy normal channel's takes remove ahead (``take_ahead``); 0: none.
     prefetch: int = DEFAULT_PREFETCH
     #: Session settings, ours only where the URL's query does not set the same name.
     server_settings: tuple[tuple[str, str], ...] = ()

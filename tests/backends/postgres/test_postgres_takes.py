@@ -1,5 +1,5 @@
 """Takes of busy normal channels on PostgreSQL: some messages taken ahead of the pulls
-(``backends/postgres/takes.py``), and none of them lost, repeated or reordered."""
+(``backends/postgres/take_ahead.py``), and none of them lost, repeated or reordered."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from backends import BackendError
 from backends.postgres.backend import TAKE_AHEAD_LINGER_S, PostgresBackend
-from backends.postgres.takes import Ahead
+from backends.postgres.take_ahead import Ahead
 from backends.postgres.url import PostgresOptions
 from broker.daemon.capacity import CapacityPolicy
 from tests import pg_server
