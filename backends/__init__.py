@@ -9,6 +9,7 @@ from .base import Backend, CapacityOf, WakeupCallback
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .records import BackendStats, GroupSendResult, Taken
+from .urls import redacted_url
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +25,7 @@ __all__ = [
     "UnknownBackend",
     "WakeupCallback",
     "backend_from_url",
+    "redacted_url",
 ]
 
 #: URL scheme -> "module:Class". Imported on use, so memory:// never loads a driver.
@@ -42,12 +44,18 @@ BACKENDS: dict[str, str] = {
 
 
 def backend_from_url(url: str) -> Backend:
-    """Create (not connect) the backend for ``url``; raise ``UnknownBackend`` otherwise."""
-    scheme = urlsplit(url).scheme
+    """Create (not connect) the backend for ``url``; raise ``UnknownBackend`` for a scheme
+    we do not have, ``BackendError`` for a URL its backend refuses."""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # "Invalid IPv6 URL" and the like
+        raise BackendError(f"bad backend URL {redacted_url(url)!r}: {exc}") from exc
     target = BACKENDS.get(scheme)
     if target is None:
         known = ", ".join(f"{name}://" for name in sorted(BACKENDS))
-        raise UnknownBackend(f"unknown backend {url!r}: supported schemes are {known}")
+        raise UnknownBackend(
+            f"unknown backend {redacted_url(url)!r}: supported schemes are {known}"
+        )
     module_name, _, class_name = target.partition(":")
     backend_class: type[Backend] = getattr(importlib.import_module(module_name), class_name)
     return backend_class.from_url(url)

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import click
 
-from backends import BackendError
+from backends import BackendError, redacted_url
 
 from .bench import bench
-from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option, redacted_url
+from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option
 from .daemon.server import Server
 from .errors import ConfigError
 from .ops.logs import configure_logging

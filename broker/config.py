@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -33,7 +33,6 @@ __all__ = [
     "Config",
     "Option",
     "parse_host_port",
-    "redacted_url",
     "serve_option",
 ]
 DEFAULT_LISTEN = "127.0.0.1:7733"
@@ -42,11 +41,6 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9733"
 ENV_PREFIX = "CHANNELS_BROKER_"
 #: The backends with a schema, the only ones ``--no-migrate`` and ``migrate`` apply to.
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-#: What stands for a hidden password in a URL shown to people.
-_MASK = "***"
-#: A query parameter whose name holds one of these is a secret (``password`` for
-#: asyncpg, ``sslpassword`` for libpq, ``sentinel_password`` for Redis Sentinel).
-_SECRET_WORDS = ("password", "secret", "token")
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _LOG_FORMATS = ("text", "json")
@@ -144,36 +138,6 @@ def parse_host_port(value: str) -> tuple[str, int]:
         raise ConfigError(f"{value!r} is not host:port")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port_text)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with every password hidden, for logs and /status.
-
-    Hides the password of the userinfo (``user:***@host``) and the value of each query
-    parameter named like a secret (``?sentinel_password=***``); the rest stays as written.
-    The URL is cut as ``urllib.parse.urlsplit`` cuts it, as the backends parse it, but
-    by hand, so that no URL, however malformed, makes it fail.
-    """
-    rest, hash_mark, fragment = url.partition("#")
-    rest, question_mark, query = rest.partition("?")
-    scheme, slashes, location = rest.partition("//")
-    if slashes:
-        netloc, slash, path = location.partition("/")
-        userinfo, at, hosts = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        if at and colon:
-            rest = f"{scheme}//{user}:{_MASK}@{hosts}{slash}{path}"
-    if question_mark:
-        query = "&".join(_redacted_parameter(item) for item in query.split("&"))
-    return rest + question_mark + query + hash_mark + fragment
-
-
-def _redacted_parameter(item: str) -> str:
-    name, equals, _value = item.partition("=")
-    words = unquote_plus(name).lower()
-    if equals and any(word in words for word in _SECRET_WORDS):
-        return f"{name}={_MASK}"
-    return item
 
 
 def _without_migration(url: str) -> str:

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from ..base import Backend, CapacityOf
 from ..errors import BackendError
 from ..records import BackendStats, GroupSendResult, Taken
+from ..urls import redacted_url
 from .records import Channel, Group, Space
 from .wheel import TimerWheel
 
@@ -77,11 +78,11 @@ class MemoryBackend(Backend):
         try:
             parts = urlsplit(url)
         except ValueError as exc:
-            raise BackendError(f"bad backend URL {url!r}: {exc}") from exc
+            raise BackendError(f"bad backend URL {redacted_url(url)!r}: {exc}") from exc
         if parts.scheme != "memory":
-            raise BackendError(f"not a memory:// URL: {url!r}")
+            raise BackendError(f"not a memory:// URL: {redacted_url(url)!r}")
         if parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise BackendError(f"memory:// takes no host, path or options: {url!r}")
+            raise BackendError(f"memory:// takes no host, path or options: {redacted_url(url)!r}")
         return cls()
 
     async def connect(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from backends import BackendError
+from backends import BackendError, redacted_url
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresOptions"]
 
@@ -72,9 +72,9 @@ class PostgresOptions:
             parts = urlsplit(url)
             query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         except ValueError as exc:
-            raise BackendError(f"bad backend URL {url!r}: {exc}") from exc
+            raise BackendError(f"bad backend URL {redacted_url(url)!r}: {exc}") from exc
         if parts.scheme not in _SCHEMES:
-            raise BackendError(f"not a postgresql:// URL: {url!r}")
+            raise BackendError(f"not a postgresql:// URL: {redacted_url(url)!r}")
         ours = {key: value for key, value in query if key in _OPTION_PARSERS}
         rest = [(key, value) for key, value in query if key not in _OPTION_PARSERS]
         dsn = urlunsplit(parts._replace(query=urlencode(rest), fragment=""))

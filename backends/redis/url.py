@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from backends import BackendError
+from backends import BackendError, redacted_url
 
 __all__ = ["DEFAULT_PREFIX", "RedisMode", "RedisSettings"]
 
@@ -95,12 +95,12 @@ class RedisSettings:
             parts = urlsplit(url)
             query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         except ValueError as exc:
-            raise BackendError(f"bad Redis URL {url!r}: {exc}") from exc
+            raise BackendError(f"bad Redis URL {redacted_url(url)!r}: {exc}") from exc
         if parts.scheme not in _SCHEMES:
-            raise BackendError(f"not a Redis URL: {url!r}")
+            raise BackendError(f"not a Redis URL: {redacted_url(url)!r}")
         unknown = sorted(set(query) - _KNOWN_OPTIONS)
         if unknown:
-            raise BackendError(f"unknown Redis URL options {unknown} in {_safe(url)!r}")
+            raise BackendError(f"unknown Redis URL options {unknown} in {redacted_url(url)!r}")
         mode, tls = _SCHEMES[parts.scheme]
         userinfo, _, hostinfo = parts.netloc.rpartition("@")
         username, password = _credentials(userinfo)
@@ -108,7 +108,7 @@ class RedisSettings:
             values = _location(mode, hostinfo, parts.path, query)
             values.update(_options(query))
         except (ValueError, BackendError) as exc:
-            raise BackendError(f"bad Redis URL {_safe(url)!r}: {exc}") from exc
+            raise BackendError(f"bad Redis URL {redacted_url(url)!r}: {exc}") from exc
         if mode == "cluster" and values.get("db", 0) != 0:
             raise BackendError("Redis Cluster has database 0 only")
         return cls(
@@ -186,8 +186,3 @@ def _options(query: dict[str, str]) -> dict[str, object]:
         ssl["ssl_check_hostname"] = query["ssl_check_hostname"].lower() in ("1", "true", "yes")
     values["ssl"] = ssl
     return values
-
-
-def _safe(url: str) -> str:
-    """``url`` with any password replaced, for error messages."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

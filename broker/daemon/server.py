@@ -15,8 +15,8 @@ import signal
 import stat
 from typing import Any
 
-from backends import Backend, BackendError, backend_from_url
-from broker.config import Config, parse_host_port, redacted_url
+from backends import Backend, BackendError, backend_from_url, redacted_url
+from broker.config import Config, parse_host_port
 from broker.ops.exporter import Exporter
 from broker.ops.health import HealthServer
 from broker.ops.instrumented import instrument

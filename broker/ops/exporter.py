@@ -28,8 +28,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from backends import Backend, BackendError, BackendStats
-from broker.config import Config, redacted_url
+from backends import Backend, BackendError, BackendStats, redacted_url
+from broker.config import Config
 from broker.version import __version__
 from protocol import ErrorCode
 

@@ -17,8 +17,9 @@ import click
 import pytest
 import redis
 
+from backends import BackendError, backend_from_url, redacted_url
 from broker.cli import serve
-from broker.config import SERVE_OPTIONS, Config, redacted_url, serve_option
+from broker.config import SERVE_OPTIONS, Config, serve_option
 from broker.errors import ConfigError
 from broker.ops.status import check, status, top
 from tests import servers
@@ -248,3 +249,21 @@ def test_every_command_is_listed_and_answers_help() -> None:
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:6379/0?bogus=1",
+        "redis+sentinel://127.0.0.1:26379/m?sentinel_password=hunter2&bogus=1",
+        "postgresql://u:hunter2@[::1/db",
+        "carrier-pigeon://u:hunter2@coop",
+        "memory://u:hunter2@host",
+    ],
+)
+def test_a_refused_backend_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(BackendError) as refused:
+        backend_from_url(url)
+
+    assert "hunter2" not in str(refused.value)
+    assert "***" in str(refused.value)
