@@ -95,7 +95,22 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("unix", (), "Unix socket path to listen on; repeatable."),
     Option("backend", "memory://", "memory://, redis://..., postgresql://..."),
     Option("metrics-listen", DEFAULT_METRICS_LISTEN, "host:port, or 'off'."),
-    Option("token", None, "Shared secret clients must present."),
+    Option(
+        "token",
+        None,
+        "Shared secret clients must present (a flag shows in ps: prefer"
+        " CHANNELS_BROKER_TOKEN or --token-file).",
+    ),
+    Option(
+        "token-file",
+        None,
+        "File of tokens, one per line: TOKEN NAMESPACE (* for any); re-read on SIGHUP.",
+    ),
+    Option(
+        "allow-unauthenticated",
+        False,
+        "Listen beyond loopback although no token is set.",
+    ),
     Option("log-level", "info", choices=_LOG_LEVELS, ignores_case=True),
     Option("log-format", "text", choices=_LOG_FORMATS),
     Option("max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
@@ -107,6 +122,52 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("tls-cert", None, "PEM certificate chain: TCP listeners speak TLS."),
     Option("tls-key", None, "PEM private key for --tls-cert."),
+    Option(
+        "tls-client-ca",
+        None,
+        "PEM CA bundle: TCP clients must show a certificate it signed (mutual TLS).",
+    ),
+    # Bounds the daemon sets, whatever a client asks (README, Security).
+    Option("max-capacity", 10_000, "Largest capacity a client may give a channel."),
+    Option(
+        "max-expiry",
+        86_400.0,
+        "Longest message expiry a client may ask, in seconds.",
+        config_field="max_expiry_s",
+    ),
+    Option(
+        "max-group-expiry",
+        604_800.0,
+        "Longest group membership expiry a client may ask, in seconds.",
+        config_field="max_group_expiry_s",
+    ),
+    Option("max-patterns", 100, "Most channel_capacity patterns one client may send."),
+    Option("max-batch", 10_000, "Most items in one SEND_MANY or ACK frame."),
+    Option("max-pulls", 10_000, "Most pending RECEIVEs on one connection."),
+    Option("max-memberships", 100_000, "Most group memberships one client may hold."),
+    Option(
+        "max-input-bytes",
+        16 * 1024 * 1024,
+        "Bytes of requests read from one connection and not yet handled before reading pauses.",
+    ),
+    Option(
+        "max-output-bytes",
+        64 * 1024 * 1024,
+        "Bytes one connection may leave unread before the daemon closes it.",
+    ),
+    Option(
+        "max-memory",
+        512 * 1024 * 1024,
+        "Bytes of waiting messages the memory backend may hold; past it, sends are full.",
+    ),
+    Option("max-connections", 10_000, "Most client connections the daemon holds."),
+    Option("max-connections-per-peer", 1_000, "Most client connections from one IP address."),
+    Option(
+        "hello-timeout",
+        10.0,
+        "Seconds a new connection has to say HELLO.",
+        config_field="hello_timeout_s",
+    ),
     Option(
         "no-migrate",
         False,
@@ -167,6 +228,23 @@ class Config:
     tls_key: str | None = _default("tls_key")
     #: PostgreSQL: leave the schema as it is at start (``backend_url`` says migrate=false).
     no_migrate: bool = _default("no_migrate")
+    token_file: str | None = _default("token_file")
+    allow_unauthenticated: bool = _default("allow_unauthenticated")
+    #: CA bundle (PEM) that signs the client certificates TCP listeners require (mTLS).
+    tls_client_ca: str | None = _default("tls_client_ca")
+    max_capacity: int = _default("max_capacity")
+    max_expiry_s: float = _default("max_expiry_s")
+    max_group_expiry_s: float = _default("max_group_expiry_s")
+    max_patterns: int = _default("max_patterns")
+    max_batch: int = _default("max_batch")
+    max_pulls: int = _default("max_pulls")
+    max_memberships: int = _default("max_memberships")
+    max_input_bytes: int = _default("max_input_bytes")
+    max_output_bytes: int = _default("max_output_bytes")
+    max_memory: int = _default("max_memory")
+    max_connections: int = _default("max_connections")
+    max_connections_per_peer: int = _default("max_connections_per_peer")
+    hello_timeout_s: float = _default("hello_timeout_s")
     listen_addresses: tuple[tuple[str, int], ...] = field(init=False, default=())
 
     @classmethod
@@ -208,6 +286,16 @@ class Config:
             raise ConfigError("shutdown timeout must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        for option in SERVE_OPTIONS:
+            if option.name.startswith("max-") or option.name == "hello-timeout":
+                value = getattr(self, option.field_name)
+                if not value > 0:
+                    raise ConfigError(f"{option.flag} must be positive, not {value!r}")
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context, or None for plain TCP; ConfigError if unreadable."""

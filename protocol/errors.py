@@ -43,6 +43,15 @@ class ErrorCode(IntEnum):
     DUPLICATE_REQUEST = 12
     #: An unexpected fault inside the daemon.
     INTERNAL = 13
+    #: A value or a count is over a bound the daemon sets (capacity, expiry, items in
+    #: one frame, pending pulls, patterns...); the message names the bound and its flag.
+    OVER_LIMIT = 14
+    #: The token may not do this: a namespace it is not bound to, another client's channel.
+    FORBIDDEN = 15
+    #: HELLO named a client id that a live connection holds, without proving it is that client.
+    CLIENT_ID_TAKEN = 16
+    #: The daemon, or this peer address, has as many connections as it allows.
+    TOO_MANY_CONNECTIONS = 17
 
 
 class ProtocolError(Exception):

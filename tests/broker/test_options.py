@@ -45,6 +45,22 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "tls-cert": ("/etc/broker/cert.pem", "/etc/broker/cert.pem", "/etc/broker/cert.pem"),
     "tls-key": ("/etc/broker/key.pem", "/etc/broker/key.pem", "/etc/broker/key.pem"),
     "no-migrate": ("true", True, True),
+    "token-file": ("/etc/broker/tokens", "/etc/broker/tokens", "/etc/broker/tokens"),
+    "allow-unauthenticated": ("true", True, True),
+    "tls-client-ca": ("/etc/broker/ca.pem", "/etc/broker/ca.pem", "/etc/broker/ca.pem"),
+    "max-capacity": ("500", 500, 500),
+    "max-expiry": ("120.5", 120.5, 120.5),
+    "max-group-expiry": ("3600", 3600.0, 3600.0),
+    "max-patterns": ("7", 7, 7),
+    "max-batch": ("64", 64, 64),
+    "max-pulls": ("12", 12, 12),
+    "max-memberships": ("99", 99, 99),
+    "max-input-bytes": ("65536", 65536, 65536),
+    "max-output-bytes": ("131072", 131072, 131072),
+    "max-memory": ("1048576", 1048576, 1048576),
+    "max-connections": ("40", 40, 40),
+    "max-connections-per-peer": ("4", 4, 4),
+    "hello-timeout": ("0.5", 0.5, 0.5),
 }
 
 
@@ -267,3 +283,13 @@ def test_a_refused_backend_url_is_named_without_its_password(url: str) -> None:
 
     assert "hunter2" not in str(refused.value)
     assert "***" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "option",
+    # --max-message-bytes has a range of its own (protocol.limits), tested with the CLI.
+    [o for o in SERVE_OPTIONS if o.name.startswith("max-") and o.name != "max-message-bytes"],
+)
+def test_every_bound_must_be_positive(option: Any) -> None:
+    with pytest.raises(ConfigError, match=option.flag):
+        Config(**{option.field_name: 0})
