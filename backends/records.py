@@ -42,3 +42,7 @@ class BackendStats:
     groups: int
     memberships: int
     expired_total: int
+    #: Bytes counted against a bound on this process's memory, and the messages that
+    #: bound refused; None and 0 where storage is elsewhere (memory:// only).
+    memory_bytes: int | None = None
+    memory_refused: int = 0

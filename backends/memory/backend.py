@@ -21,22 +21,23 @@ never return it.
 
 Everything runs on the event loop thread and no method awaits, so each call is atomic:
 the capacity check and the append of ``send`` cannot interleave with another call.
+What waiting messages cost is bounded by ``max_bytes`` (see ``budget``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Self
-from urllib.parse import urlsplit
 
 from ..base import Backend, CapacityOf
 from ..errors import BackendError
 from ..records import BackendStats, GroupSendResult, Taken
-from ..urls import redacted_url
-from .records import Channel, Group, Space
+from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
+from .records import Channel, Group, Space, longest_queues
+from .url import check_url
 from .wheel import TimerWheel
 
 __all__ = ["DEFAULT_TICK_S", "MemoryBackend"]
@@ -45,6 +46,9 @@ __all__ = ["DEFAULT_TICK_S", "MemoryBackend"]
 #: memory; a second of slack costs little and keeps an idle daemon's wake-ups rare.
 DEFAULT_TICK_S = 1.0
 
+#: What a message may cost beyond its payload, as the bound is checked: as if it made a
+#: new channel record, so that the bound is never passed.
+_NEW_MESSAGE_BYTES = MESSAGE_OVERHEAD_BYTES + CHANNEL_OVERHEAD_BYTES
 #: The clock of every deadline here (seconds, monotonic).
 _now = time.monotonic
 
@@ -60,6 +64,9 @@ class MemoryBackend(Backend):
         super().__init__()
         if not tick_s > 0:
             raise BackendError(f"tick_s must be positive, not {tick_s!r}")
+        self._bytes = 0  # payloads and channel records; see _used_bytes
+        self._room = sys.maxsize  # no bound until limit_memory
+        self._refusals = Refusals(None)
         self._tick_s = tick_s
         self._spaces: dict[str, Space] = {}
         self._channel_wheel: TimerWheel[Channel] = TimerWheel(tick_s)
@@ -75,15 +82,14 @@ class MemoryBackend(Backend):
     @classmethod
     def from_url(cls, url: str) -> Self:
         """Accept ``memory://`` (a trailing ``/`` is fine); raise ``BackendError`` otherwise."""
-        try:
-            parts = urlsplit(url)
-        except ValueError as exc:
-            raise BackendError(f"bad backend URL {redacted_url(url)!r}: {exc}") from exc
-        if parts.scheme != "memory":
-            raise BackendError(f"not a memory:// URL: {redacted_url(url)!r}")
-        if parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise BackendError(f"memory:// takes no host, path or options: {redacted_url(url)!r}")
+        check_url(url)
         return cls()
+
+    def limit_memory(self, max_bytes: int) -> None:
+        """Refuse sends once waiting messages would cost more than ``max_bytes`` (the
+        daemon's ``--max-memory``; see ``budget``)."""
+        self._room = max_bytes
+        self._refusals = Refusals(max_bytes)
 
     async def connect(self) -> None:
         """Start the timer wheel on the running loop (again, if the old loop is gone)."""
@@ -108,10 +114,14 @@ class MemoryBackend(Backend):
     async def send(
         self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
     ) -> bool:
-        """Append a message unless the channel holds ``capacity``; False when full."""
+        """Append a message unless the channel (or memory) is full; False when full."""
         now = _now()
+        if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._room:
+            self._refusals.count(1, self._used_bytes())
+            return False
         if not self._put(self._space(ns), channel, payload, capacity, now + expiry_s, now):
             return False
+        self._bytes += len(payload)
         self._on_ready(ns, channel)
         return True
 
@@ -131,7 +141,11 @@ class MemoryBackend(Backend):
         refused: list[int] = []
         for index, (channel, payload) in enumerate(items):
             capacity = capacity_of(channel) if uniform is None else uniform
-            if self._put(space, channel, payload, capacity, deadline, now):
+            if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._room:
+                self._refusals.count(1, self._used_bytes())
+                refused.append(index)
+            elif self._put(space, channel, payload, capacity, deadline, now):
+                self._bytes += len(payload)
                 self._on_ready(ns, channel)
             else:
                 refused.append(index)
@@ -155,13 +169,15 @@ class MemoryBackend(Backend):
         now = _now()
         queue = record.queue
         taken: list[Taken] = []
-        popped = 0
+        popped = popped_bytes = 0
         while queue and len(taken) < limit:
             deadline, payload = queue.popleft()
             popped += 1
+            popped_bytes += len(payload)
             if deadline > now:  # expired ones are dropped, never returned
                 taken.append(Taken(payload, deadline - now))
         self._messages_waiting -= popped
+        self._bytes -= popped_bytes
         self._expired_total += popped - len(taken)
         if hold:
             record.held += len(taken)
@@ -228,8 +244,13 @@ class MemoryBackend(Backend):
         uniform = capacity_of.uniform
         delivered: list[str] = []
         lapsed: list[str] = []
+        members: Iterable[tuple[str, float]] = record.members.items()
         skipped = 0
-        for channel, member_deadline in record.members.items():
+        fit = (self._room - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
+        if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
+            members, skipped = split_at_room(record.members, fit, now, lapsed)
+            self._refusals.count(skipped, self._used_bytes())
+        for channel, member_deadline in members:
             capacity = capacity_of(channel) if uniform is None else uniform
             if member_deadline <= now:
                 lapsed.append(channel)
@@ -238,6 +259,7 @@ class MemoryBackend(Backend):
                 self._on_ready(ns, channel)
             else:
                 skipped += 1
+        self._bytes += len(payload) * len(delivered)
         if lapsed:
             self._drop_members(record, lapsed)
         return GroupSendResult(delivered=delivered, skipped=skipped)
@@ -251,16 +273,16 @@ class MemoryBackend(Backend):
             self._channel_wheel.unfile(channel)
             self._messages_waiting -= len(channel.queue)
             self._channels_waiting -= bool(channel.queue)
+            self._bytes -= sum(len(payload) for _, payload in channel.queue)
+        self._bytes -= len(space.channels) * CHANNEL_OVERHEAD_BYTES
         for group in space.groups.values():
             self._group_wheel.unfile(group)
             self._memberships -= len(group.members)
         self._groups -= len(space.groups)
 
     def watch(self, ns: str, key: str) -> None:
-        """Nothing to do: every enqueue here calls the wake-up at once, watched or not.
-
-        There is no remote change feed to subscribe to, and a wake-up for an unwatched
-        channel is a cheap dict miss in the router, cheaper than keeping a watch set here.
+        """Nothing to do: every enqueue here calls the wake-up at once, watched or not (no
+        remote feed to subscribe to; a wake-up nobody watches is a dict miss in the router).
         """
 
     def unwatch(self, ns: str, key: str) -> None:
@@ -274,15 +296,13 @@ class MemoryBackend(Backend):
             groups=self._groups,
             memberships=self._memberships,
             expired_total=self._expired_total,
+            memory_bytes=self._used_bytes(),
+            memory_refused=self._refusals.total,
         )
 
     async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
         """The longest queues: one pass over every channel record, O(channels)."""
-        records = (
-            (ns, record) for ns, space in self._spaces.items() for record in space.channels.values()
-        )
-        longest = heapq.nlargest(limit, records, key=lambda item: len(item[1].queue))
-        return [(ns, record.name, len(record.queue)) for ns, record in longest if record.queue]
+        return longest_queues(self._spaces, limit)
 
     def _space(self, ns: str) -> Space:
         # Namespaces are kept until flushed: they are a site's prefixes, a handful.
@@ -308,6 +328,7 @@ class MemoryBackend(Backend):
         record = space.channels.get(name)
         if record is None:
             record = space.add_channel(name)
+            self._bytes += CHANNEL_OVERHEAD_BYTES
         else:
             queue = record.queue
             if queue and queue[0][0] <= now:
@@ -322,20 +343,26 @@ class MemoryBackend(Backend):
             self._channel_wheel.file(record, deadline)
         return True
 
+    def _used_bytes(self) -> int:
+        """What waiting messages and channel records cost, as ``limit_memory`` counts it."""
+        return self._bytes + self._messages_waiting * MESSAGE_OVERHEAD_BYTES
+
     def _trim(self, record: Channel, now: float) -> None:
         """Drop the expired messages at the head of a channel (keeps the record)."""
         queue = record.queue
-        expired = 0
+        expired = expired_bytes = 0
         while queue and queue[0][0] <= now:
-            queue.popleft()
+            expired_bytes += len(queue.popleft()[1])
             expired += 1
         self._messages_waiting -= expired
+        self._bytes -= expired_bytes
         self._expired_total += expired
         if expired and not queue:
             self._channels_waiting -= 1
 
     def _forget_channel(self, record: Channel) -> None:
         record.space.remove_channel(record)
+        self._bytes -= CHANNEL_OVERHEAD_BYTES
         self._channel_wheel.unfile(record)
 
     def _drop_members(self, record: Group, channels: list[str]) -> None:
@@ -367,11 +394,6 @@ class MemoryBackend(Backend):
             self._forget_channel(record)
 
     def _sweep_group(self, record: Group, now: float) -> None:
-        lapsed: list[str] = []
-        for channel, deadline in record.members.items():
-            if deadline > now:
-                break  # members are in deadline order while a site uses one group_expiry
-            lapsed.append(channel)
-        self._drop_members(record, lapsed)
+        self._drop_members(record, record.lapsed(now))
         if record.members:
             self._group_wheel.file(record, next(iter(record.members.values())))

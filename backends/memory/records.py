@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from .wheel import Filed
 
-__all__ = ["Channel", "Group", "Space"]
+__all__ = ["Channel", "Group", "Space", "longest_queues"]
 
 
 class Space:
@@ -60,3 +61,20 @@ class Group(Filed):
         self.space = space
         self.name = name
         self.members: dict[str, float] = {}
+
+    def lapsed(self, now: float) -> list[str]:
+        """The members lapsed at ``now``, looked for at the head only: members are in
+        deadline order while a site uses one group_expiry."""
+        lapsed: list[str] = []
+        for channel, deadline in self.members.items():
+            if deadline > now:
+                break
+            lapsed.append(channel)
+        return lapsed
+
+
+def longest_queues(spaces: dict[str, Space], limit: int) -> list[tuple[str, str, int]]:
+    """``(namespace, channel, messages)`` of the ``limit`` longest queues: O(channels)."""
+    records = ((ns, record) for ns, space in spaces.items() for record in space.channels.values())
+    longest = heapq.nlargest(limit, records, key=lambda item: len(item[1].queue))
+    return [(ns, record.name, len(record.queue)) for ns, record in longest if record.queue]

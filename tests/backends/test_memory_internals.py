@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from backends import BackendError, Taken
 from backends.memory import MemoryBackend
+from backends.memory.budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES
 from backends.memory.records import Channel, Space
 from backends.memory.wheel import TimerWheel
 from broker.daemon.capacity import CapacityPolicy
@@ -60,6 +61,16 @@ def recount(backend: MemoryBackend) -> tuple[int, int, int, int]:
 def gauges(backend: MemoryBackend) -> tuple[int, int, int, int]:
     stats = backend.stats()
     return (stats.channels_waiting, stats.messages_waiting, stats.groups, stats.memberships)
+
+
+def recount_bytes(backend: MemoryBackend) -> int:
+    """What ``limit_memory`` bounds, counted the slow way from the records."""
+    records = [record for space in backend._spaces.values() for record in space.channels.values()]
+    return sum(
+        CHANNEL_OVERHEAD_BYTES
+        + sum(MESSAGE_OVERHEAD_BYTES + len(payload) for _, payload in record.queue)
+        for record in records
+    )
 
 
 def check_records(backend: MemoryBackend) -> None:
@@ -392,6 +403,7 @@ class ModelCheck:
         members = [m for m in self.groups.values() if m]
         expected = (len(waiting), sum(map(len, waiting)), len(members), sum(map(len, members)))
         assert gauges(self.backend) == recount(self.backend) == expected
+        assert self.backend.stats().memory_bytes == recount_bytes(self.backend)
         check_records(self.backend)
 
 
