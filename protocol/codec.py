@@ -90,12 +90,18 @@ class FrameDecoder:
         end = HEADER_BYTES + length
         if len(buffer) < end:
             return None
-        body = bytes(buffer[HEADER_BYTES:end])
-        del buffer[:end]
-        return _decode_body(body)
+        # Decoded in place: a copy of the body first would cost a large frame (8 MiB)
+        # two more copies, milliseconds each of the daemon's loop.
+        with memoryview(buffer) as view, view[HEADER_BYTES:end] as body:
+            try:
+                return _decode_body(body)
+            finally:
+                body.release()
+                view.release()
+                del buffer[:end]
 
 
-def _decode_body(body: bytes) -> Frame:
+def _decode_body(body: bytes | memoryview) -> Frame:
     try:
         items = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
     except Exception as exc:
