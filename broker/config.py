@@ -143,29 +143,44 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("max-patterns", 100, "Most channel_capacity patterns one client may send."),
     Option("max-batch", 10_000, "Most items in one SEND_MANY or ACK frame."),
+    # A worker pulls a few channels at once; 10,000 pending RECEIVEs cost about 10 MB.
     Option("max-pulls", 10_000, "Most pending RECEIVEs on one connection."),
-    Option("max-memberships", 100_000, "Most group memberships one client may hold."),
+    # A Daphne process of 10,000 consumers in 5 groups holds 50,000; about 400 bytes each.
+    Option(
+        "max-memberships",
+        100_000,
+        "Most group memberships one connection may hold (made by it and not discarded).",
+    ),
+    # 4 MiB: thousands of small requests queued for the worker, or one largest frame
+    # whole (it is read to its end first); reading pauses, so nothing is refused.
     Option(
         "max-input-bytes",
-        16 * 1024 * 1024,
+        4 * 1024 * 1024,
         "Bytes of requests read from one connection and not yet handled before reading pauses.",
     ),
+    # 32 MiB: a push pass aims at 4 MiB, so a reader that keeps up never comes near; at
+    # least twice --max-message-bytes, so one message can wait while the next is written.
     Option(
         "max-output-bytes",
-        64 * 1024 * 1024,
+        32 * 1024 * 1024,
         "Bytes one connection may leave unread before the daemon closes it.",
     ),
+    # 512 MiB: a site whose consumers keep up holds a few MB; this leaves room for long
+    # backlogs on a small VM. Each message counts its payload plus about 128 bytes.
     Option(
         "max-memory",
         512 * 1024 * 1024,
         "Bytes of waiting messages the memory backend may hold; past it, sends are full.",
     ),
+    # The daemon lowers it to what the open file limit leaves (and says so at start).
     Option("max-connections", 10_000, "Most client connections the daemon holds."),
+    # A host of 32 processes, each with a few event loops, opens well under 1,000.
     Option("max-connections-per-peer", 1_000, "Most client connections from one IP address."),
+    # A layer says HELLO as soon as it connects (after TLS, which this bounds too).
     Option(
         "hello-timeout",
         10.0,
-        "Seconds a new connection has to say HELLO.",
+        "Seconds a new connection has to say HELLO (and finish its TLS handshake).",
         config_field="hello_timeout_s",
     ),
     Option(
@@ -296,6 +311,12 @@ class Config:
                 value = getattr(self, option.field_name)
                 if not value > 0:
                     raise ConfigError(f"{option.flag} must be positive, not {value!r}")
+        if self.max_output_bytes < 2 * self.max_message_bytes:
+            raise ConfigError(
+                f"--max-output-bytes ({self.max_output_bytes}) must be at least twice "
+                f"--max-message-bytes ({self.max_message_bytes}): a reader must be able to "
+                "leave one message unread while the next is written"
+            )
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context, or None for plain TCP; ConfigError if unreadable."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -74,11 +75,17 @@ class BrokerProcess:
         token: str | None = None,
         unix_path: str | None = None,
         max_message_bytes: int | None = None,
+        open_files: int | None = None,
+        **flags: object,
     ) -> None:
+        """``flags``: more options of ``serve``, ``max_pulls=10`` for ``--max-pulls 10``;
+        ``open_files``: the daemon's RLIMIT_NOFILE (soft and hard)."""
         self.backend_url = backend_url
         self.token = token
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
+        self.open_files = open_files
+        self.flags = flags
         self.port = free_port()
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -109,7 +116,14 @@ class BrokerProcess:
             args += ["--unix", self.unix_path]
         if self.max_message_bytes is not None:
             args += ["--max-message-bytes", str(self.max_message_bytes)]
+        for name, value in self.flags.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
         return args
+
+    def _limit_open_files(self) -> None:
+        # Runs in the child between fork and exec.
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -124,6 +138,7 @@ class BrokerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                preexec_fn=self._limit_open_files if self.open_files is not None else None,
             )
         self._wait_ready()
 

@@ -7,8 +7,8 @@ worker task per connection does everything else in order: it answers requests on
 after the other (so one writer's sends keep their order), pushes messages of the
 client's own channels that the router marked ready, and serves pulls handed to it.
 Everything it writes goes into one output buffer, written once per pass, so a burst
-of small frames costs one system call. Reading pauses while ``inbox`` is long or the
-transport's write buffer is full, so a fast client cannot grow the daemon's memory.
+of small frames costs one system call. Memory is bounded in bytes, input and output
+(``guard`` says how; what every frame pays for it is counted here, inline).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections import deque
 from backends import BackendError, Taken
 from protocol import (
     HANDSHAKE_FRAMES,
-    Deliver,
     Error,
     ErrorCode,
     Flushed,
@@ -34,22 +33,27 @@ from protocol import (
 )
 
 from .context import Context
+from .guard import (
+    BATCH_ITEMS,
+    FRAME_COST_BYTES,
+    ITEM_COST_BYTES,
+    PASS_FRAMES,
+    PUSH_PASS_MESSAGES,
+    Guard,
+    first_of,
+)
 from .handlers import Handlers
-from .routing import Held, Pull
+from .pulls import Pulls
+from .routing import Held, Pull, ttl_ms
 from .session import Session
 
 __all__ = ["Connection"]
 
 log = logging.getLogger("channels_broker.connection")
 
-#: Frames decoded but not yet handled before reading pauses: enough to keep the
-#: worker busy across a read, small enough to bound memory per connection.
-INBOX_HIGH_WATER = 512
 #: Messages taken from one channel per push pass; more waiting means another pass,
 #: so one busy channel cannot starve the others of the same connection.
 PUSH_BATCH = 256
-#: Seconds a started frame may take to arrive whole before the connection is failed.
-PARTIAL_FRAME_TIMEOUT_S = 30.0
 #: Seconds before retrying deliveries after a backend error.
 DELIVERY_RETRY_S = 0.5
 #: Output buffered before the worker yields to let the transport write it.
@@ -68,10 +72,14 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.inbox: deque[Frame] = deque()
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
-        self.ready_pulls: deque[Pull] = deque()
-        self.pulls: dict[int, Pull] = {}
+        self._pulls = Pulls(self, context)
+        self.pulls = self._pulls.pending  # RECEIVEs by request id
         self.held = Held()
         self.handlers = Handlers(self, context)
+        self.guard = Guard(self, context.bounds, context.config)
+        self._input_bytes = 0  # decoded and not yet handled, as FRAME_COST_BYTES says
+        # Messages the next push pass may take: the largest ones until sizes are seen.
+        self._push_budget = max(1, self.guard.pass_bytes // context.config.max_message_bytes)
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
@@ -82,7 +90,6 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._retry_pending = False  # deliveries wait after a backend error
-        self._partial_timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks -------------------------------------------------
 
@@ -93,64 +100,58 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if not self.ctx.accepting:
             self.fatal(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-            return
-        self.ctx.connections.add(self)
-        self._worker = asyncio.get_running_loop().create_task(self._run())
+        elif self.guard.admit(transport, self.ctx.config.hello_timeout_s):
+            self.ctx.connections.add(self)
+            self._worker = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        decoder = self.decoder
-        decoder.receive_data(data)
+        self.decoder.receive_data(data)
+        self._decode()
+        if self.decoder.buffered_bytes or self.guard.watching_partial:
+            self.guard.watch_partial_frame()
+        self._wake()
+
+    def _decode(self) -> None:
+        """Decode up to PASS_FRAMES frames into the inbox. Pause reading if the inbox
+        costs more than --max-input-bytes, or if that many came: more may wait in the
+        decoder, and the worker decodes them a batch per pass (one read of many small
+        frames must not hold the loop)."""
+        decoder, inbox = self.decoder, self.inbox
+        decoded, items = len(inbox), 0
+        wire_bytes = decoder.buffered_bytes
         try:
             handshake = self.handshake
-            while (frame := decoder.next_frame()) is not None:
+            for _ in range(PASS_FRAMES):
+                if (frame := decoder.next_frame()) is None:
+                    break
                 if not handshake.is_ready or type(frame) in HANDSHAKE_FRAMES:
                     handshake.receive(frame)
-                self.inbox.append(frame)
+                if (items_of := BATCH_ITEMS.get(type(frame))) is not None:
+                    items += len(items_of(frame))
+                inbox.append(frame)
         except ProtocolError as exc:
             log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
             self.fatal(exc.code, str(exc))
             return
-        if len(self.inbox) > INBOX_HIGH_WATER and not self._reading_paused:
-            self._reading_paused = True
+        frames = len(inbox) - decoded
+        wire_bytes -= decoder.buffered_bytes
+        self._input_bytes += wire_bytes + frames * FRAME_COST_BYTES + items * ITEM_COST_BYTES
+        over = self._input_bytes > self.guard.max_input_bytes
+        if (over or frames == PASS_FRAMES) and not self._reading_paused:
+            self._reading_paused = True  # flow control, not misbehaviour: counted only
+            self.ctx.metrics.limits_hit["max-input-bytes"] += over
             assert self.transport is not None
             self.transport.pause_reading()
-        self._watch_partial_frame()
-        self._wake()
-
-    def _watch_partial_frame(self) -> None:
-        """Give a started frame ``PARTIAL_FRAME_TIMEOUT_S`` to arrive whole.
-
-        A peer that sends half a frame and then nothing would otherwise hold its
-        connection (and the bytes) forever without any error being logged.
-        """
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
-            self._partial_timer = None
-        if self.decoder.buffered_bytes and not self.closing:
-            loop = asyncio.get_running_loop()
-            self._partial_timer = loop.call_later(PARTIAL_FRAME_TIMEOUT_S, self._partial_expired)
-
-    def _partial_expired(self) -> None:
-        message = f"incomplete frame: {self.decoder.buffered_bytes} bytes, then silence"
-        log.warning("protocol error from %s: %s", self.peer, message)
-        self.fatal(ErrorCode.MALFORMED_FRAME, message)
 
     def eof_received(self) -> bool | None:
-        if self.decoder.buffered_bytes and not self.closing:
-            count = self.decoder.buffered_bytes
-            log.warning(
-                "protocol error from %s: connection closed inside a frame (%d bytes)",
-                self.peer,
-                count,
-            )
+        self.guard.eof_received()
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
+        self.guard.close()
         self.ctx.connections.discard(self)
         self._writable.set()
         self._wake()
@@ -170,17 +171,13 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def serve_pull_later(self, pull: Pull) -> None:
-        self.ready_pulls.append(pull)
+        self._pulls.ready.append(pull)
         self._wake()
 
     def can_push(self) -> bool:
         transport = self.transport
-        return (
-            not self.closing
-            and transport is not None
-            and not transport.is_closing()
-            and self._writable.is_set()
-        )
+        open_ = transport is not None and not transport.is_closing() and not self.closing
+        return open_ and self._writable.is_set()
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport
@@ -194,8 +191,9 @@ class Connection(asyncio.Protocol):
         return True
 
     def notify_flushed(self) -> None:
-        # The backend dropped our held counts along with the messages.
+        # The backend dropped our held counts and memberships along with the messages.
         self.held.clear()
+        self.guard.memberships.clear()
         self.write(Flushed())
         # Out now, before the flusher's OK: a client that sees the OK and then asks
         # another connection must find that connection's buffer already cleared.
@@ -231,11 +229,13 @@ class Connection(asyncio.Protocol):
                 await self._work_once()
                 if self.closing and not self.inbox:
                     break
-                deliveries = (self.ready_channels or self.ready_pulls) and not self._retry_pending
+                deliveries = (self.ready_channels or self._pulls.ready) and not self._retry_pending
                 if not (self.inbox or deliveries):
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
+                else:  # more to do: the other connections have their turn first
+                    await asyncio.sleep(0)
         except Exception:
             log.exception("connection from %s failed", self.peer)
         finally:
@@ -245,15 +245,21 @@ class Connection(asyncio.Protocol):
         await self._writable.wait()
         inbox = self.inbox
         handle = self.handlers.handle
-        while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
+        for _ in range(PASS_FRAMES):
+            if not inbox or self._output_bytes >= OUTPUT_HIGH_WATER:
+                break
             await handle(inbox.popleft())
-        if self._reading_paused and not self.closing and len(inbox) < INBOX_HIGH_WATER // 2:
-            self._reading_paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
+        transport = self.transport
+        if not inbox and transport is not None and not transport.is_closing():
+            self._input_bytes = 0
+            if self._reading_paused:
+                self._decode()  # frames read and not decoded yet, if any
+                if not inbox and not self.closing:
+                    self._reading_paused = False
+                    transport.resume_reading()
         try:
-            if self.ready_pulls and not self._retry_pending:
-                await self._serve_pulls()
+            if self._pulls.ready and not self._retry_pending:
+                await self._pulls.serve()
             if self.ready_channels and self.session is not None and not self._retry_pending:
                 await self._push_ready()
         except BackendError as exc:
@@ -275,24 +281,12 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         session = self.session
         if session is not None:
-            router = self.ctx.router
-            for pull in self.pulls.values():
-                router.remove_pull(pull)
-            self.pulls.clear()
-            router.detach(self, session.ns, session.client_id)
-            await self._release_held(session)
+            self._pulls.withdraw()
+            self.ctx.router.detach(self, session.ns, session.client_id)
+            await self.held.release_stored(self.ctx.backend, session.ns)
         self.ctx.connections.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
-
-    async def _release_held(self, session: Session) -> None:
-        # What we pushed and was not acknowledged stays in the client's buffer, if
-        # the client lives; stop counting it so the channel is not full forever.
-        for channel, count in self.held.take_stored().items():
-            try:
-                await self.ctx.backend.release(session.ns, channel, count)
-            except BackendError:
-                log.warning("could not release %d held messages of %s", count, channel)
 
     # -- output --------------------------------------------------------------
 
@@ -302,8 +296,11 @@ class Connection(asyncio.Protocol):
         self._output_bytes += len(data)
 
     def flush(self) -> None:
-        if self._output and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._output))
+        transport = self.transport
+        if self._output and transport is not None and not transport.is_closing():
+            transport.write(b"".join(self._output))
+            if (unread := transport.get_write_buffer_size()) > self.guard.max_output_bytes:
+                self.guard.output_overflowed(transport, unread)
         self._output.clear()
         self._output_bytes = 0
 
@@ -322,28 +319,11 @@ class Connection(asyncio.Protocol):
         self.ctx.metrics.count_error(code)
         self.write(Error(request_id, int(code), message))
 
-    # -- deliveries ----------------------------------------------------------
+    def room_for_output(self) -> bool:
+        """True while this pass may write more (``OUTPUT_HIGH_WATER``)."""
+        return self._output_bytes < OUTPUT_HIGH_WATER
 
-    async def _serve_pulls(self) -> None:
-        backend, router = self.ctx.backend, self.ctx.router
-        ready = self.ready_pulls
-        while ready:
-            pull = ready.popleft()
-            if self.pulls.get(pull.request_id) is not pull:
-                router.wake(pull.ns, pull.channel)  # cancelled meanwhile: pass the wake on
-                continue
-            try:
-                taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
-            except BackendError:
-                ready.appendleft(pull)
-                raise
-            if not taken:
-                router.requeue(pull)
-                continue
-            del self.pulls[pull.request_id]
-            self.ctx.metrics.delivered["pull"] += 1
-            item = taken[0]
-            self.write(Deliver(pull.request_id, pull.channel, item.payload, _ttl_ms(item.ttl_s)))
+    # -- deliveries ----------------------------------------------------------
 
     async def _push_ready(self) -> None:
         """Push waiting messages of our channels, one frame per distinct payload.
@@ -353,20 +333,29 @@ class Connection(asyncio.Protocol):
         only if that keeps each channel's messages in order.
         """
         ns = self.handlers.session().ns
-        backend = self.ctx.backend
-        ready, self.ready_channels = self.ready_channels, {}
+        budget, ready = self._push_budget, self.ready_channels
+        if len(ready) > budget:  # one channel per message of the budget; the rest wait
+            ready = first_of(ready, budget)
+        else:
+            self.ready_channels = {}
+        limit = min(PUSH_BATCH, budget // len(ready))
         frames: list[tuple[bytes, float, list[str]]] = []
         frame_of_payload: dict[int, int] = {}
         try:
-            taken = await backend.take_many(ns, list(ready), PUSH_BATCH, hold=True)
+            taken = await self.ctx.backend.take_many(ns, list(ready), limit, hold=True)
         except BackendError:
             self.ready_channels.update(ready)
             raise
+        start, pushed = self._output_bytes, 0
         for channel, items in taken.items():
             del ready[channel]
-            self._collect(channel, items, frames, frame_of_payload)
+            pushed += len(items)
+            self._collect(channel, items, limit, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self.write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+            self.write(Push(tuple(channels), payload, ttl_ms(ttl_s)))
+        if pushed:  # the next pass takes what fits pass_bytes at this pass's sizes
+            each = (self._output_bytes - start) // pushed + 1
+            self._push_budget = min(PUSH_PASS_MESSAGES, max(1, self.guard.pass_bytes // each))
         if ready:  # not reached: a backend error stopped the batch part-way
             self.ready_channels.update(ready)
             raise BackendError(f"{len(ready)} channels not reached")
@@ -375,6 +364,7 @@ class Connection(asyncio.Protocol):
         self,
         channel: str,
         taken: list[Taken],
+        limit: int,
         frames: list[tuple[bytes, float, list[str]]],
         frame_of_payload: dict[int, int],
     ) -> None:
@@ -383,7 +373,7 @@ class Connection(asyncio.Protocol):
             return
         self.held.add_stored(channel, len(taken))
         self.ctx.metrics.delivered["push"] += len(taken)
-        if len(taken) == PUSH_BATCH:
+        if len(taken) == limit:
             self.ready_channels[channel] = None  # more may wait: next pass
         last = -1
         for item in taken:
@@ -394,7 +384,3 @@ class Connection(asyncio.Protocol):
                 frame_of_payload[id(item.payload)] = index
             frames[index][2].append(channel)
             last = index
-
-
-def _ttl_ms(ttl_s: float) -> int:
-    return max(0, int(ttl_s * 1000))

@@ -9,6 +9,7 @@ from backends import Backend
 from broker.config import Config
 from broker.ops.metrics import Metrics
 
+from .bounds import Bounds
 from .routing import Router
 
 __all__ = ["Context"]
@@ -26,3 +27,8 @@ class Context:
     accepting: bool = True
     #: Counters of requests and errors (``broker.ops.metrics``), exported at scrape time.
     metrics: Metrics = field(default_factory=Metrics)
+    #: Connection counts, and the counting and logging of every bound hit (``bounds``).
+    bounds: Bounds = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bounds = Bounds(self.config, self.metrics)

@@ -46,6 +46,7 @@ from protocol import (
 )
 
 from .context import Context
+from .guard import Guard
 from .routing import Held, Pull
 from .session import Session, is_valid_client_id, new_client_id
 
@@ -70,6 +71,8 @@ class Shell(Protocol):
     held: Held
     #: Own channels with messages to push (an insertion-ordered set).
     ready_channels: dict[str, None]
+    #: Its bounds off the message path: pulls, memberships (``guard``).
+    guard: Guard
 
     def write(self, frame: Frame) -> None: ...
 
@@ -285,6 +288,9 @@ class Handlers:
         if rid in pulls:
             self.shell.fail(rid, ErrorCode.DUPLICATE_REQUEST, f"request {rid} is already pending")
             return
+        if len(pulls) >= self.ctx.config.max_pulls:
+            self.shell.guard.over_limit(rid, "max-pulls", f"{len(pulls)} RECEIVEs are pending")
+            return
         pull = pulls[rid] = Pull(self.shell, self.session().ns, channel, rid)
         self.ctx.router.add_pull(pull)
 
@@ -307,16 +313,21 @@ class Handlers:
     async def _on_group_add(self, frame: GroupAdd) -> None:
         rid = frame.request_id
         if self._check_group(rid, frame.group) and self._check_channel(rid, frame.channel):
-            session = self.session()
+            session, guard = self.session(), self.shell.guard
+            if not guard.memberships.has_room(frame.group, frame.channel):
+                guard.over_limit(rid, "max-memberships", f"{len(guard.memberships)} memberships")
+                return
             await self.ctx.backend.group_add(
                 session.ns, frame.group, frame.channel, group_expiry_s=session.group_expiry_s
             )
+            guard.memberships.added(frame.group, frame.channel, session.group_expiry_s)
             self.shell.write(Ok(rid))
 
     async def _on_group_discard(self, frame: GroupDiscard) -> None:
         rid = frame.request_id
         if self._check_group(rid, frame.group) and self._check_channel(rid, frame.channel):
             await self.ctx.backend.group_discard(self.session().ns, frame.group, frame.channel)
+            self.shell.guard.memberships.discarded(frame.group, frame.channel)
             self.shell.write(Ok(rid))
 
     async def _on_group_send(self, frame: GroupSend) -> None:

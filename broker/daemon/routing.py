@@ -19,17 +19,20 @@ The router never touches the backend's data itself; connections do the ``take``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends import AcceptsDirectPushes, Backend
+from backends import AcceptsDirectPushes, Backend, BackendError
 from protocol import client_id_of
 
 from .direct import DirectPusher
 
-__all__ = ["Endpoint", "Held", "Pull", "Router"]
+__all__ = ["Endpoint", "Held", "Pull", "Router", "ttl_ms"]
+
+log = logging.getLogger("channels_broker.connection")
 
 
 class Endpoint(Protocol):
@@ -65,6 +68,11 @@ class Pull:
     ns: str
     channel: str
     request_id: int
+
+
+def ttl_ms(ttl_s: float) -> int:
+    """A message's time left (seconds), as PUSH and DELIVER carry it (milliseconds)."""
+    return max(0, int(ttl_s * 1000))
 
 
 class Router:
@@ -225,6 +233,16 @@ class Held:
         """Forget the stored counts and return them, for storage to release (on close)."""
         stored, self.stored = self.stored, {}
         return stored
+
+    async def release_stored(self, backend: Backend, ns: str) -> None:
+        """Forget the stored counts and have storage release them (on close): what was
+        pushed and not acknowledged stays in the client's buffer, if the client lives,
+        and must not keep its channel full forever."""
+        for channel, count in self.take_stored().items():
+            try:
+                await backend.release(ns, channel, count)
+            except BackendError:
+                log.warning("could not release %d held messages of %s", count, channel)
 
     def clear(self) -> None:
         """Storage dropped everything (a flush): so do we."""

@@ -16,6 +16,7 @@ import stat
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
+from backends.memory import MemoryBackend
 from broker.config import Config, parse_host_port
 from broker.ops.exporter import Exporter
 from broker.ops.health import HealthServer
@@ -41,13 +42,15 @@ class Server:
         self.config = config
         self.backend = backend if backend is not None else backend_from_url(config.backend_url)
         self.metrics = Metrics()
+        if isinstance(self.backend, MemoryBackend):  # its URL takes no options
+            self.backend.limit_memory(config.max_memory)
         if config.metrics_listen:  # off: no wrapper, for an overhead-free baseline
             self.backend = instrument(self.backend, self.metrics, config.backend_url)
-        self.context = Context(config, self.backend, Router(self.backend))
-        self.context.metrics = self.metrics
+        self.context = Context(config, self.backend, Router(self.backend), metrics=self.metrics)
         self.exporter = Exporter(self.metrics, self.context, self.readiness)
         self.notifier = Notifier.from_environment()
         self._listeners: list[asyncio.Server] = []
+        self._loop_exceptions: Any = None  # the loop's handler before ours
         self._health: HealthServer | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -75,14 +78,22 @@ class Server:
     async def start(self) -> None:
         await self.backend.connect()
         loop = asyncio.get_running_loop()
+        self.context.bounds.fit_file_limit()
+        self._loop_exceptions = loop.get_exception_handler()
+        loop.set_exception_handler(self.context.bounds.on_loop_exception)
 
         def factory() -> Connection:
             return Connection(self.context)
 
         tls = self.config.ssl_context()
         scheme = "tls" if tls else "tcp"
+        # A TLS handshake holds a socket before the connection is counted: it gets the
+        # HELLO deadline too.
+        handshake_s = self.config.hello_timeout_s if tls else None
         for host, port in self.config.listen_addresses:
-            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
+            listener = await loop.create_server(
+                factory, host, port, reuse_address=True, ssl=tls, ssl_handshake_timeout=handshake_s
+            )
             self._listeners.append(listener)
             log.info("listening on %s://%s:%d", scheme, host, port)
         for path in self.config.unix:
@@ -136,6 +147,7 @@ class Server:
             await self._health.close()
         self.exporter.detach()
         await self.backend.close()
+        asyncio.get_running_loop().set_exception_handler(self._loop_exceptions)
         log.info("stopped")
         self.notifier.close()
 

@@ -113,6 +113,7 @@ class Exporter(Collector):
         yield from self._latencies()
         yield from self._gauges(stats)
         yield from self._errors()
+        yield from self._limits(stats)
         yield InfoMetricFamily(
             PREFIX + "build",
             "Version of the daemon, the Python running it, and the backend kind.",
@@ -214,6 +215,28 @@ class Exporter(Collector):
             PREFIX + "auth_failures",
             "Connections refused because their token was wrong.",
             value=errors.get(ErrorCode.AUTH_FAILED, 0),
+        )
+
+    def _limits(self, stats: BackendStats | None) -> Iterator[Metric]:
+        hits = dict(self.metrics.limits_hit)
+        if stats is not None and stats.memory_bytes is not None:
+            hits["max-memory"] = stats.memory_refused
+            yield _gauge(
+                "memory_bytes",
+                "Bytes the memory backend counts for its waiting messages (--max-memory).",
+                stats.memory_bytes,
+            )
+        yield _labelled_counter(
+            "limit_hits",
+            "Times a bound of the daemon was hit (a request or connection refused, a "
+            "connection closed, reading paused), by the bound's flag.",
+            "limit",
+            hits,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "accept_errors",
+            "Connections the kernel could not hand over for want of file descriptors.",
+            value=self.metrics.accept_errors,
         )
 
     # -- /status ---------------------------------------------------------------

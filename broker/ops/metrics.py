@@ -22,6 +22,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
+from broker.config import SERVE_OPTIONS
 from protocol import (
     Ack,
     Cancel,
@@ -40,6 +41,7 @@ from protocol import (
 __all__ = [
     "FANOUT_BUCKETS",
     "LATENCY_BUCKETS_S",
+    "LIMIT_NAMES",
     "REQUEST_OPERATIONS",
     "Histogram",
     "Metrics",
@@ -71,6 +73,14 @@ def operation_name(frame_type: type) -> str:
 
 
 REQUEST_OPERATIONS = tuple(operation_name(frame_type) for frame_type in REQUEST_FRAMES)
+
+#: The daemon's bounds, by flag name (``max-pulls``...): the labels of ``limits_hit``,
+#: made up front like the request operations.
+LIMIT_NAMES = tuple(
+    option.name
+    for option in SERVE_OPTIONS
+    if option.name.startswith("max-") or option.name == "hello-timeout"
+)
 
 
 class Histogram:
@@ -134,6 +144,11 @@ class Metrics:
         self.backend_calls: dict[str, Histogram] = {}
         self.backend_errors: dict[str, int] = {}
         self.errors: dict[ErrorCode, int] = {}
+        #: Times a bound of the daemon was hit (a request refused, a connection refused
+        #: or closed, reading paused), by the bound's flag name.
+        self.limits_hit: dict[str, int] = dict.fromkeys(LIMIT_NAMES, 0)
+        #: accept() calls that failed for want of file descriptors (EMFILE, ENFILE...).
+        self.accept_errors = 0
 
     # -- counted where it happens (see the module docstring); errors are rare --
 

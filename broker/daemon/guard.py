@@ -1,0 +1,269 @@
+"""One connection's bounds away from its message path: admission, the deadlines of HELLO
+and of a started frame, pending pulls and group memberships, the reader that stays behind.
+
+``Connection`` keeps inline what every frame pays for (the input and output byte
+counts, a couple of integer operations per frame, and the size of a push pass); this
+module holds what runs once per connection or only when a bound is hit, so that the
+message path stays in the modules docs/architecture.md lists.
+
+Bytes in and out. Reading pauses once the frames decoded and not yet handled cost
+``--max-input-bytes`` (as objects: ``FRAME_COST_BYTES`` each, ``ITEM_COST_BYTES`` per
+SEND_MANY or ACK item, beyond their wire bytes), until the worker has handled them all.
+The worker starts a pass only while the transport takes more (``pause_writing``), and
+a pass writes a bounded amount: up to ``OUTPUT_HIGH_WATER`` of answers, as much of
+pulls, about ``PUSH_PASS_BYTES`` of pushes (a pass takes as many messages as fit that
+at the sizes the last pass pushed). So a reader that does not read leaves about one
+pass unread; one that leaves more than ``--max-output-bytes`` anyway (a pass of far
+larger messages than the last, many FLUSHED notices) is closed at once, dropping it.
+
+Memberships. "One client", for ``--max-memberships``, is one connection: it counts
+the memberships its own GROUP_ADDs made (renewing one it holds is not a new one), and
+gives one back on its GROUP_DISCARD, when it lapses (the session's group expiry), and
+when its namespace is flushed. A membership outlives the connection that made it
+(until its group expiry), and a reconnected client counts from zero: so the bound on
+memberships alive at once is ``--max-memberships`` times the connections made within
+one group expiry, which ``--max-connections`` bounds in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sized
+from itertools import islice
+from operator import attrgetter
+from typing import Any, Protocol
+
+from broker.config import Config
+from protocol import Ack, Error, ErrorCode, Frame, FrameDecoder, Handshake, SendMany, encode_frame
+
+from .bounds import Bounds
+
+__all__ = [
+    "BATCH_ITEMS",
+    "FRAME_COST_BYTES",
+    "ITEM_COST_BYTES",
+    "PARTIAL_FRAME_TIMEOUT_S",
+    "PASS_FRAMES",
+    "PUSH_PASS_BYTES",
+    "PUSH_PASS_MESSAGES",
+    "Guard",
+    "Guarded",
+    "Memberships",
+    "first_of",
+]
+
+log = logging.getLogger("channels_broker.connection")
+
+#: What a decoded request costs beyond its wire bytes, as ``--max-input-bytes`` counts
+#: it: the frame object and its strings (measured 65-190 bytes, CPython 3.11).
+FRAME_COST_BYTES = 256
+#: What each SEND_MANY or ACK item costs beyond its wire bytes: its tuple and strings
+#: (measured 55-130 bytes for items of 4-9 wire bytes).
+ITEM_COST_BYTES = 128
+#: Bytes of PUSH frames a pass aims at (or a quarter of --max-output-bytes, if less):
+#: a pass (one storage call, one write) still carries thousands of small messages.
+PUSH_PASS_BYTES = 4 * 1024 * 1024
+#: Most messages one push pass takes, however small, and most requests one pass
+#: answers: what bounds how long a pass holds the loop (a few milliseconds).
+PUSH_PASS_MESSAGES = 4096
+PASS_FRAMES = 256
+#: The requests that carry items, and how to get them (C getters: ``Connection`` calls
+#: them for every such frame, and they add no module to the message path).
+BATCH_ITEMS: dict[type[Frame], Callable[[Any], Sized]] = {
+    SendMany: attrgetter("items"),
+    Ack: attrgetter("counts"),
+}
+
+#: Seconds a started frame may take to arrive whole before the connection is failed.
+PARTIAL_FRAME_TIMEOUT_S = 30.0
+
+
+class Guarded(Protocol):
+    """What the guard needs of its connection."""
+
+    peer: str
+    closing: bool
+    handshake: Handshake
+    decoder: FrameDecoder
+    inbox: deque[Frame]
+
+    def fail(self, request_id: int, code: ErrorCode, message: str) -> None: ...
+
+    def fatal(self, code: ErrorCode, message: str) -> None: ...
+
+
+class Memberships:
+    """The memberships one connection made and holds: (group, channel) -> deadline.
+
+    Kept in deadline order (a renewal moves to the end; one session has one group
+    expiry), so that lapsed ones are found at the head, one step each.
+    """
+
+    __slots__ = ("_deadlines", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._deadlines: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def has_room(self, group: str, channel: str) -> bool:
+        """True if a GROUP_ADD of this membership keeps the count within ``limit``."""
+        deadlines = self._deadlines
+        if len(deadlines) < self.limit or (group, channel) in deadlines:
+            return True
+        now = time.monotonic()
+        while deadlines and next(iter(deadlines.values())) <= now:
+            deadlines.popitem(last=False)
+        return len(deadlines) < self.limit
+
+    def added(self, group: str, channel: str, group_expiry_s: float) -> None:
+        key = (group, channel)
+        self._deadlines[key] = time.monotonic() + group_expiry_s
+        self._deadlines.move_to_end(key)
+
+    def discarded(self, group: str, channel: str) -> None:
+        self._deadlines.pop((group, channel), None)
+
+    def clear(self) -> None:
+        self._deadlines.clear()
+
+
+class Guard:
+    """The bounds of one connection that cost nothing per frame."""
+
+    __slots__ = (
+        "_bounds",
+        "_connection",
+        "_hello_timer",
+        "_host",
+        "_partial_timer",
+        "admitted",
+        "max_input_bytes",
+        "max_output_bytes",
+        "memberships",
+        "pass_bytes",
+        "watching_partial",
+    )
+
+    def __init__(self, connection: Guarded, bounds: Bounds, config: Config) -> None:
+        self._connection = connection
+        self._bounds = bounds
+        self.max_input_bytes = config.max_input_bytes
+        self.max_output_bytes = config.max_output_bytes
+        #: Bytes of pushes one pass aims at (``PUSH_PASS_BYTES``).
+        self.pass_bytes = min(PUSH_PASS_BYTES, config.max_output_bytes // 4)
+        self._host: str | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._partial_timer: asyncio.TimerHandle | None = None
+        #: True while a started frame has a deadline (``watch_partial_frame``).
+        self.watching_partial = False
+        #: True once ``admit`` counted the connection (``close`` gives it back).
+        self.admitted = False
+        self.memberships = Memberships(config.max_memberships)
+
+    def admit(self, transport: asyncio.Transport, hello_timeout_s: float) -> bool:
+        """Count the new connection and start its HELLO deadline; or, over a connection
+        bound, write TOO_MANY_CONNECTIONS, close and return False (nothing is read)."""
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None
+        refusal = self._bounds.admit(host)
+        if refusal is not None:
+            self._bounds.metrics.count_error(ErrorCode.TOO_MANY_CONNECTIONS)
+            error = Error(0, int(ErrorCode.TOO_MANY_CONNECTIONS), refusal)
+            self._connection.closing = True
+            transport.write(encode_frame(error))
+            transport.close()
+            return False
+        self._host, self.admitted = host, True
+        loop = asyncio.get_running_loop()
+        self._hello_timer = loop.call_later(hello_timeout_s, self._hello_expired, hello_timeout_s)
+        return True
+
+    def close(self) -> None:
+        """The connection is gone: give back its place, stop its deadlines."""
+        for timer in (self._hello_timer, self._partial_timer):
+            if timer is not None:
+                timer.cancel()
+        self._hello_timer = self._partial_timer = None
+        self.watching_partial = False
+        if self.admitted:
+            self.admitted = False
+            self._bounds.release(self._host)
+
+    def _hello_expired(self, timeout_s: float) -> None:
+        self._hello_timer = None
+        connection = self._connection
+        if connection.handshake.is_ready or connection.closing:
+            return
+        message = f"no HELLO within {timeout_s:g} s (--hello-timeout)"
+        self._bounds.hit(
+            "hello-timeout", f"closing the connection from {connection.peer}: {message}"
+        )
+        connection.fatal(ErrorCode.OVER_LIMIT, message)
+
+    def watch_partial_frame(self) -> None:
+        """Give a started frame ``PARTIAL_FRAME_TIMEOUT_S`` to arrive whole (after a read).
+
+        A peer that sends half a frame and then nothing would otherwise hold its
+        connection (and the bytes) forever without any error being logged.
+        """
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        connection = self._connection
+        self.watching_partial = bool(connection.decoder.buffered_bytes) and not connection.closing
+        if self.watching_partial:
+            loop = asyncio.get_running_loop()
+            self._partial_timer = loop.call_later(PARTIAL_FRAME_TIMEOUT_S, self._partial_expired)
+
+    def _partial_expired(self) -> None:
+        self._partial_timer, self.watching_partial = None, False
+        connection = self._connection
+        message = f"incomplete frame: {connection.decoder.buffered_bytes} bytes, then silence"
+        log.warning("protocol error from %s: %s", connection.peer, message)
+        connection.fatal(ErrorCode.MALFORMED_FRAME, message)
+
+    def eof_received(self) -> None:
+        """The peer closed its side: say so if it left a frame unfinished."""
+        connection = self._connection
+        count = connection.decoder.buffered_bytes
+        if count and not connection.closing:
+            log.warning(
+                "protocol error from %s: connection closed inside a frame (%d bytes)",
+                connection.peer,
+                count,
+            )
+
+    def over_limit(self, request_id: int, flag: str, message: str) -> None:
+        """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""
+        connection = self._connection
+        message = f"over the limit of --{flag}: {message}"
+        self._bounds.hit(flag, f"refused a request from {connection.peer}: {message}")
+        connection.fail(request_id, ErrorCode.OVER_LIMIT, message)
+
+    def output_overflowed(self, transport: asyncio.Transport, unread: int) -> None:
+        """The peer left more than ``max_output_bytes`` unread: close at once, dropping
+        them (a reader that is not reading would not read an ERROR either)."""
+        connection = self._connection
+        self._bounds.hit(
+            "max-output-bytes",
+            f"closing the connection from {connection.peer}: it left {unread} bytes unread, "
+            f"over the limit of {self.max_output_bytes} (--max-output-bytes)",
+        )
+        connection.closing = True
+        connection.inbox.clear()
+        transport.abort()
+
+
+def first_of(ready: dict[str, None], count: int) -> dict[str, None]:
+    """Remove the first ``count`` channels from an insertion-ordered set and return them:
+    a push pass with more ready channels than its budget serves those, the rest later."""
+    first = dict.fromkeys(islice(ready, count))
+    for channel in first:
+        del ready[channel]
+    return first

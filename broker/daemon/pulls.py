@@ -1,0 +1,73 @@
+"""One connection's pending RECEIVEs of normal channels, and the serving of them.
+
+The router hands a pull back to its connection when a message may wait on its channel
+(``Router.wake``); the connection's worker then calls ``Pulls.serve``, which takes one
+message per ready pull and answers it with a DELIVER, as long as the pass has room for
+more output (``room_for_output``): a worker with many pulls ready writes about
+``OUTPUT_HIGH_WATER`` per pass, and serves the rest in the next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from backends import BackendError
+from protocol import Deliver, Frame
+
+from .context import Context
+from .routing import Pull, ttl_ms
+
+__all__ = ["Pulls"]
+
+
+class PullShell(Protocol):
+    """The connection, as its pulls see it."""
+
+    def write(self, frame: Frame) -> None: ...
+
+    def room_for_output(self) -> bool: ...
+
+
+class Pulls:
+    """Pending RECEIVEs by request id, and the ones the router made ready."""
+
+    __slots__ = ("_ctx", "_shell", "pending", "ready")
+
+    def __init__(self, shell: PullShell, ctx: Context) -> None:
+        self._shell = shell
+        self._ctx = ctx
+        #: Pending RECEIVEs by request id (what CANCEL and close withdraw).
+        self.pending: dict[int, Pull] = {}
+        #: Pulls the router handed back: a message may wait on their channel.
+        self.ready: deque[Pull] = deque()
+
+    async def serve(self) -> None:
+        """Answer ready pulls while the pass has room; raise ``BackendError`` with the
+        failing pull put back first."""
+        backend, router = self._ctx.backend, self._ctx.router
+        ready, pending, shell = self.ready, self.pending, self._shell
+        while ready and shell.room_for_output():
+            pull = ready.popleft()
+            if pending.get(pull.request_id) is not pull:
+                router.wake(pull.ns, pull.channel)  # cancelled meanwhile: pass the wake on
+                continue
+            try:
+                taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
+            except BackendError:
+                ready.appendleft(pull)
+                raise
+            if not taken:
+                router.requeue(pull)
+                continue
+            del pending[pull.request_id]
+            self._ctx.metrics.delivered["pull"] += 1
+            item = taken[0]
+            shell.write(Deliver(pull.request_id, pull.channel, item.payload, ttl_ms(item.ttl_s)))
+
+    def withdraw(self) -> None:
+        """Take every pending pull out of the router's lines (the connection closes)."""
+        router = self._ctx.router
+        for pull in self.pending.values():
+            router.remove_pull(pull)
+        self.pending.clear()
