@@ -5,6 +5,7 @@ from __future__ import annotations
 from .codec import DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, FrameDecoder, encode_frame, encode_frames
 from .errors import (
     ErrorCode,
+    FrameOverLimit,
     FrameTooLarge,
     HandshakeError,
     MalformedFrame,
@@ -38,6 +39,7 @@ from .frames import (
     is_process_specific,
     is_valid_channel,
     is_valid_group,
+    ttl_ms,
 )
 from .handshake import (
     HANDSHAKE_FRAMES,
@@ -49,7 +51,11 @@ from .handshake import (
 )
 from .limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    LARGEST_CAPACITY,
     LARGEST_MAX_MESSAGE_BYTES,
+    LONGEST_EXPIRY_S,
+    MAX_ACK_PAIRS,
+    MAX_PATTERN_CHARS,
     MAX_PUSH_FRAME_BYTES,
     SMALLEST_MAX_MESSAGE_BYTES,
     max_request_frame_bytes,
@@ -59,7 +65,11 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HANDSHAKE_FRAMES",
+    "LARGEST_CAPACITY",
     "LARGEST_MAX_MESSAGE_BYTES",
+    "LONGEST_EXPIRY_S",
+    "MAX_ACK_PAIRS",
+    "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
     "SMALLEST_MAX_MESSAGE_BYTES",
     "FRAME_TYPES",
@@ -77,6 +87,7 @@ __all__ = [
     "Flushed",
     "Frame",
     "FrameDecoder",
+    "FrameOverLimit",
     "FrameTooLarge",
     "GroupAdd",
     "GroupDiscard",
@@ -104,4 +115,5 @@ __all__ = [
     "is_valid_channel",
     "is_valid_group",
     "max_request_frame_bytes",
+    "ttl_ms",
 ]

@@ -6,6 +6,7 @@ from enum import IntEnum
 
 __all__ = [
     "ErrorCode",
+    "FrameOverLimit",
     "FrameTooLarge",
     "HandshakeError",
     "MalformedFrame",
@@ -81,6 +82,12 @@ class FrameTooLarge(ProtocolError):
     """A frame whose declared length is over the limit."""
 
     code = ErrorCode.FRAME_TOO_LARGE
+
+
+class FrameOverLimit(ProtocolError):
+    """A frame with more items than the receiver reads in one frame."""
+
+    code = ErrorCode.OVER_LIMIT
 
 
 class HandshakeError(ProtocolError):

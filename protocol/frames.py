@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
 from .errors import ErrorCode, MalformedFrame, UnknownFrame
+from .limits import LONGEST_EXPIRY_S
 
 __all__ = [
     "CLIENT_ID_CACHE_SIZE",
@@ -44,6 +45,7 @@ __all__ = [
     "is_process_specific",
     "is_valid_channel",
     "is_valid_group",
+    "ttl_ms",
 ]
 
 # -- names: what a channel or group name may be, and whose a channel is --------
@@ -369,6 +371,14 @@ class Error:
             return ErrorCode(self.code)
         except ValueError:
             return None
+
+
+def ttl_ms(ttl_s: float) -> int:
+    """``ttl_s`` as the whole milliseconds a DELIVER or PUSH carries, in [0,
+    ``LONGEST_EXPIRY_S`` in ms] for any float (NaN is 0), so the frame always encodes."""
+    if not ttl_s > 0:
+        return 0
+    return int(min(ttl_s, LONGEST_EXPIRY_S) * 1000)
 
 
 @dataclass(frozen=True, slots=True)
