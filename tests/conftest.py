@@ -74,11 +74,14 @@ class BrokerProcess:
         token: str | None = None,
         unix_path: str | None = None,
         max_message_bytes: int | None = None,
+        **flags: object,
     ) -> None:
         self.backend_url = backend_url
         self.token = token
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
+        #: Any other ``serve`` option, by its Config-style name: ``max_batch=256``.
+        self.flags = flags
         self.port = free_port()
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -109,6 +112,8 @@ class BrokerProcess:
             args += ["--unix", self.unix_path]
         if self.max_message_bytes is not None:
             args += ["--max-message-bytes", str(self.max_message_bytes)]
+        for name, value in self.flags.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
         return args
 
     def is_running(self) -> bool:
@@ -290,7 +295,7 @@ def broker(
 def broker_factory(
     backend_url: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., BrokerProcess]]:
-    """Make extra daemons (``token=``, ``max_message_bytes=``...); stopped at teardown."""
+    """Make extra daemons (``token=``, ``max_batch=``: any ``serve`` flag); stopped at teardown."""
     made: list[BrokerProcess] = []
 
     def factory(**options: Any) -> BrokerProcess:

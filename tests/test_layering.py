@@ -49,6 +49,7 @@ THIRD_PARTY_ALLOWED: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("broker.ops",),
     "redis": ("backends.redis", "broker.bench"),
     "asyncpg": ("backends.postgres",),
+    "re2": ("broker.daemon",),
 }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,8 +42,10 @@ from protocol import (
     Welcome,
     is_valid_channel,
     is_valid_group,
+    ttl_ms,
 )
 
+from .capacity import Refused
 from .context import Context
 from .routing import Held, Pull
 from .session import Session, is_valid_client_id, new_client_id
@@ -150,9 +151,11 @@ class Handlers:
             return
         client_id = hello.client_id if is_valid_client_id(hello.client_id) else new_client_id()
         try:
-            shell.session = session = Session.from_hello(hello, client_id)
-        except re.error as exc:
-            shell.fatal(ErrorCode.MALFORMED_FRAME, f"bad channel_capacity pattern: {exc}")
+            shell.session = session = Session.from_hello(hello, client_id, self.ctx.config)
+        except Refused as exc:
+            log.warning("refused HELLO from %s: %s", shell.peer, exc)
+            self.ctx.metrics.count_limit(exc.limit)
+            shell.fatal(exc.code, str(exc))
             return
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
@@ -349,8 +352,8 @@ class Handlers:
         # The sender hears first, as writing to many connections takes a while.
         self.shell.flush()
         session = self.session()
-        ttl_ms = int(session.expiry_s * 1000)
-        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl_ms)
+        ttl = ttl_ms(session.expiry_s)
+        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl)
         if not missed:
             return 0
         try:

@@ -6,9 +6,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from broker.config import Config
 from protocol import Hello
 
-from .capacity import CapacityPolicy
+from .capacity import Bounds, CapacityPolicy
 
 __all__ = ["Session", "is_valid_client_id", "new_client_id"]
 
@@ -36,12 +37,15 @@ class Session:
     group_expiry_s: float
 
     @classmethod
-    def from_hello(cls, hello: Hello, client_id: str) -> Session:
-        """Raise ``re.error`` for a channel_capacity pattern that does not compile."""
+    def from_hello(cls, hello: Hello, client_id: str, config: Config) -> Session:
+        """Raise ``capacity.Refused`` for a HELLO over the bounds ``config`` sets, or with
+        a pattern the daemon cannot match."""
+        bounds = Bounds.from_config(config)
+        bounds.check(hello)
         return cls(
             ns=hello.prefix,
             client_id=client_id,
-            capacity_of=CapacityPolicy.from_hello(hello),
+            capacity_of=CapacityPolicy.from_hello(hello, bounds),
             expiry_s=float(hello.expiry_s),
             group_expiry_s=float(hello.group_expiry_s),
         )

@@ -1,0 +1,309 @@
+"""The daemon owns its bounds: what a hostile client asks in HELLO, or puts in one frame,
+harms nobody else (issue 14, "Server-side policy" and one frame's work).
+
+Each attack is one the issue tried on the daemon before: it runs against a real daemon
+while another client PINGs it without pause, and that client's slowest PONG must come
+within ``PING_BUDGET_S``. The attacker gets OVER_LIMIT, naming the flag to change; the
+refusal is logged and counted under ``channels_broker_limit_hits_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgpack
+import pytest
+
+from protocol import (
+    LONGEST_EXPIRY_S,
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Ok,
+    Ping,
+    Pong,
+    Send,
+    SendMany,
+    Welcome,
+    encode_frame,
+)
+from tests.broker.http_client import http_get
+from tests.conftest import LayerFactory
+
+T = TypeVar("T")
+
+#: The issue's bound on another client's PING while an attack runs.
+PING_BUDGET_S = 0.05
+#: How long the daemon may take to answer or close: a hang fails well inside the test timeout.
+IO_TIMEOUT_S = 5.0
+
+
+def hello(
+    capacity: int = 100,
+    expiry_s: float = 60.0,
+    group_expiry_s: float = 86400.0,
+    channel_capacity: tuple[tuple[str, int], ...] = (),
+) -> Hello:
+    """A HELLO as a layer sends it, but for what the test asks."""
+    return Hello(
+        PROTOCOL_VERSION, "", "", "asgi", capacity, expiry_s, group_expiry_s, channel_capacity
+    )
+
+
+def raw_frame(items: list[Any]) -> bytes:
+    """A length-prefixed msgpack array, valid or not as a frame."""
+    body: bytes = msgpack.packb(items, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+class RawClient:
+    """A bare protocol connection: it says only what the test writes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = FrameDecoder()
+
+    @classmethod
+    async def open(cls, broker: Any, first: Hello | None = None) -> RawClient:
+        """Connected; with ``first``, that HELLO is sent (its answer is the test's to read)."""
+        client = cls(*await asyncio.open_connection(*broker.address))
+        if first is not None:
+            client.writer.write(encode_frame(first))
+        return client
+
+    @classmethod
+    async def welcomed(cls, broker: Any, first: Hello | None = None) -> RawClient:
+        client = await cls.open(broker, first or hello())
+        assert isinstance(await client.next_frame(), Welcome)
+        return client
+
+    async def next_frame(self) -> Frame:
+        while (frame := self.decoder.next_frame()) is None:
+            data = await asyncio.wait_for(self.reader.read(65536), IO_TIMEOUT_S)
+            assert data, "the daemon closed the connection"
+            self.decoder.receive_data(data)
+        return frame
+
+    async def refusal(self) -> Error:
+        """The connection-level ERROR the daemon closes with; fails if it answers otherwise."""
+        frame = await self.next_frame()
+        assert isinstance(frame, Error) and frame.request_id == 0, frame
+        async with asyncio.timeout(IO_TIMEOUT_S):  # then it closes
+            while await self.reader.read(65536):
+                pass
+        return frame
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, float]:
+    """Run ``attack`` while another client PINGs the daemon back to back; return its
+    result and the slowest PING's round trip, in seconds.
+
+    The attack's bytes must be encoded before: this process's own loop must not stall.
+    """
+    prober = await RawClient.welcomed(broker)
+    slowest, done, request_ids = 0.0, asyncio.Event(), iter(range(1, 2**31))
+
+    async def ping() -> None:
+        nonlocal slowest
+        request_id, started = next(request_ids), time.perf_counter()
+        prober.writer.write(encode_frame(Ping(request_id)))
+        assert await prober.next_frame() == Pong(request_id)
+        slowest = max(slowest, time.perf_counter() - started)
+
+    async def probe() -> None:
+        while not done.is_set():
+            await ping()
+
+    try:
+        await ping()  # the prober is answered before the attack starts
+        probing = asyncio.create_task(probe())
+        try:
+            result = await attack
+        finally:
+            done.set()
+            await probing
+        await ping()  # and after the daemon answered the attacker
+    finally:
+        prober.close()
+    return result, slowest
+
+
+async def refused(broker: Any, data: bytes, first: Hello | None = None) -> tuple[Error, float]:
+    """Send ``data`` (after ``first``'s WELCOME, if given) and return the daemon's closing
+    ERROR, and the slowest PING of another client meanwhile."""
+    attacker = await (RawClient.welcomed(broker, first) if first else RawClient.open(broker))
+
+    async def attack() -> Error:
+        attacker.writer.write(data)
+        return await attacker.refusal()
+
+    try:
+        return await slowest_ping_during(broker, attack())
+    finally:
+        attacker.close()
+
+
+def limit_hits(broker: Any, limit: str) -> float:
+    text = http_get(broker.metrics_port, "/metrics")[1].decode()
+    found = re.search(rf'^channels_broker_limit_hits_total{{limit="{limit}"}} (\S+)$', text, re.M)
+    assert found, f"no limit_hits sample for {limit}"
+    return float(found.group(1))
+
+
+# -- patterns: no client-supplied pattern backtracks on the event loop --------------
+
+
+async def test_a_catastrophic_pattern_costs_no_other_client_a_stall(broker: Any) -> None:
+    """``(a+)+$`` and a send to ``"a" * 27 + ".x"`` stalled every client for 4.3 s, and
+    each added character doubled it; here the name has 97, and the send is answered."""
+    attacker = await RawClient.welcomed(broker, hello(channel_capacity=((r"(a+)+$", 5),)))
+    name = "a" * 97 + ".x"
+    send = encode_frame(Send(1, name, b"x"))
+
+    async def attack() -> Frame:
+        attacker.writer.write(send)
+        return await attacker.next_frame()
+
+    try:
+        answer, slowest = await slowest_ping_during(broker, attack())
+    finally:
+        attacker.close()
+    assert answer == Ok(1)
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
+    broker: Any,
+) -> None:
+    """It stalled the daemon 1.1 s; now its array is refused from its header."""
+    patterns = tuple((f"p{index}", 1) for index in range(100_000))
+    error, slowest = await refused(broker, encode_frame(hello(channel_capacity=patterns)))
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_hello_over_max_patterns_names_the_flag(broker: Any) -> None:
+    over = tuple((f"^p{index}", 1) for index in range(17))  # the default --max-patterns: 16
+    before = await asyncio.to_thread(limit_hits, broker, "max-patterns")
+    error, _ = await refused(broker, encode_frame(hello(channel_capacity=over)))
+
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert "--max-patterns" in error.message and "17" in error.message
+    assert await asyncio.to_thread(limit_hits, broker, "max-patterns") == before + 1
+    await asyncio.to_thread(
+        broker.wait_for_log, lambda line: "refused HELLO" in line and "--max-patterns" in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [("(?=lookahead)", "(?="), (r"(a)\1", r"\1"), ("x" * 257, "257 characters")],
+)
+async def test_a_pattern_the_daemon_cannot_match_is_refused_at_hello(
+    broker: Any, pattern: str, reason: str
+) -> None:
+    error, _ = await refused(broker, encode_frame(hello(channel_capacity=((pattern, 1),))))
+    assert error.error_code in (ErrorCode.MALFORMED_FRAME, ErrorCode.OVER_LIMIT)
+    assert reason in error.message
+
+
+# -- one frame's work is bounded by --max-batch ---------------------------------------
+
+
+async def test_a_send_many_of_200_000_items_is_refused_and_stores_nothing(
+    broker: Any, make_layer: Any
+) -> None:
+    """It stalled the daemon 0.2 s; now it is refused before one item is read."""
+    channel = f"flood-{uuid.uuid4().hex[:8]}"
+    flood = encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(200_000))))
+    error, slowest = await refused(broker, flood, first=hello())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(make_layer().receive(channel), 0.5)
+
+
+async def test_an_ack_of_300_000_pairs_is_refused(broker: Any) -> None:
+    """It stalled the daemon 0.3 s."""
+    flood = encode_frame(Ack(tuple((f"asgi.x!{index}", 1) for index in range(300_000))))
+    before = await asyncio.to_thread(limit_hits, broker, "max-batch")
+    error, slowest = await refused(broker, flood, first=hello())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+    assert await asyncio.to_thread(limit_hits, broker, "max-batch") == before + 1
+
+
+async def test_a_frame_of_nested_arrays_is_refused_by_its_object_count(broker: Any) -> None:
+    """No array over --max-batch, but 7 million objects in all (half a second to build):
+    refused once it holds more than a frame of --max-batch pairs could."""
+    counts = [[f"c{index}", [[1] * 70] * 100] for index in range(1000)]
+    error, slowest = await refused(broker, raw_frame([Ack.TYPE, counts]), first=hello())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_send_many_at_max_batch_is_served(broker: Any) -> None:
+    channel = f"batch-{uuid.uuid4().hex[:8]}"
+    client = await RawClient.welcomed(broker, hello(capacity=1000))
+    try:
+        client.writer.write(encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(1000)))))
+        assert await client.next_frame() == Ok(1, 1000, ())
+    finally:
+        client.close()
+
+
+# -- capacity and expiry are the daemon's to bound ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "flag"),
+    [
+        (hello(capacity=10**9), "--max-capacity"),
+        (hello(channel_capacity=(("^big", 10**9),)), "--max-capacity"),
+        (hello(expiry_s=1e17), "--max-expiry"),
+        (hello(group_expiry_s=1e17), "--max-group-expiry"),
+    ],
+    ids=["capacity", "pattern-capacity", "expiry", "group-expiry"],
+)
+async def test_a_hello_over_a_bound_is_refused_naming_its_flag(
+    broker: Any, asked: Hello, flag: str
+) -> None:
+    """Capacity 10^9 let one channel hold 249 MB; expiry 1e17 poisoned a receiver."""
+    error, slowest = await refused(broker, encode_frame(asked))
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert flag in error.message
+    assert slowest < PING_BUDGET_S
+
+
+async def test_the_longest_expiry_a_daemon_allows_poisons_no_receiver(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """With --max-expiry at its ceiling, 11 messages sent with that expiry all reach the
+    receiver's pushed channel (1e17 made its PUSH fail to encode and lost all 11)."""
+    layers = LayerFactory(broker_factory(max_expiry=LONGEST_EXPIRY_S))
+    try:
+        receiver, sender = layers(), layers(expiry=LONGEST_EXPIRY_S)
+        channel = await receiver.new_channel()
+        for index in range(11):
+            await sender.send(channel, {"n": index})
+        got = [await asyncio.wait_for(receiver.receive(channel), IO_TIMEOUT_S) for _ in range(11)]
+        assert [message["n"] for message in got] == list(range(11))
+    finally:
+        await layers.aclose()
