@@ -4,6 +4,6 @@
 from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
-from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, OverLimit
 
-__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge"]
+__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge", "OverLimit"]

@@ -37,7 +37,7 @@ from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
 from .client import LoopClient
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
 from .parking import IdlePool
-from .settings import DEFAULT_HOSTS, LayerSettings, parse_host
+from .settings import DEFAULT_HOSTS, LayerSettings, capacity_patterns, parse_host
 
 __all__ = [
     "BrokerChannelLayer",
@@ -81,7 +81,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             capacity=int(self.capacity),
             expiry_s=float(self.expiry),
             group_expiry_s=float(group_expiry),
-            channel_capacity=tuple((p.pattern, n) for p, n in self.channel_capacity),
+            channel_capacity=capacity_patterns(channel_capacity or {}),
             max_message_bytes=max_message_bytes,
             connect_timeout_s=connect_timeout,
             ssl_context=ssl_context,

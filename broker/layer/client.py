@@ -16,12 +16,12 @@ from collections import deque
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HANDSHAKE_FRAMES,
+    MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
     Ack,
     Cancelled,
     Deliver,
     Error,
-    ErrorCode,
     Flushed,
     Frame,
     FrameDecoder,
@@ -38,7 +38,7 @@ from protocol import (
 )
 
 from .connecting import adopt, connect_any
-from .errors import BrokerUnavailable, LayerClosed, exception_for
+from .errors import BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
 from .settings import LayerSettings
@@ -211,7 +211,10 @@ class LoopClient:
 
     def _queue_acks(self) -> None:
         if self._acks:
-            self._output.append(encode_frame(Ack(tuple(self._acks.items()))))
+            # In ACKs of MAX_ACK_PAIRS at most: a daemon allows that many items a frame.
+            pairs = tuple(self._acks.items())
+            for start in range(0, len(pairs), MAX_ACK_PAIRS):
+                self._output.append(encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS])))
             self._acks.clear()
 
     def _schedule_flush(self) -> None:
@@ -272,12 +275,12 @@ class LoopClient:
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
-        if frame.error_code in (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION):
+        if is_refusal(frame, at_hello=self.conn is not None and not self.conn.handshake.is_ready):
             self._refusal = frame
             for waiters in self._waiters.values():  # receives of pushed channels, too
                 for waiter in waiters:
                     if not waiter.done():
-                        waiter.set_exception(PermissionError(frame.message))
+                        waiter.set_exception(exception_for(frame))
         self._pulls.end(frame)
         for future in self._pending.values():
             if not future.done():

@@ -6,7 +6,20 @@ from channels.exceptions import ChannelFull
 
 from protocol import Error, ErrorCode
 
-__all__ = ["BrokerUnavailable", "LayerClosed", "MessageTooLarge", "exception_for"]
+__all__ = [
+    "BrokerUnavailable",
+    "LayerClosed",
+    "MessageTooLarge",
+    "OverLimit",
+    "exception_for",
+    "is_refusal",
+]
+
+#: Errors that end the layer's use of a daemon: every call raises them from then on.
+_REFUSALS = (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION)
+#: The same when they answer HELLO: settings over the daemon's bounds, a
+#: channel_capacity pattern it cannot match.
+_HELLO_REFUSALS = (ErrorCode.OVER_LIMIT, ErrorCode.MALFORMED_FRAME)
 
 
 class MessageTooLarge(ValueError):
@@ -15,6 +28,11 @@ class MessageTooLarge(ValueError):
 
 class BrokerUnavailable(ConnectionError):
     """No daemon could be reached within the timeout, or the connection dropped mid-request."""
+
+
+class OverLimit(ValueError):
+    """The daemon refused a setting or a request over one of its bounds: the message
+    names the bound and the daemon's flag that sets it."""
 
 
 class LayerClosed(RuntimeError):
@@ -31,8 +49,20 @@ def exception_for(error: Error) -> Exception:
         return PermissionError(f"the broker refused the token: {error.message}")
     if code is ErrorCode.MESSAGE_TOO_LARGE:
         return MessageTooLarge(error.message)
+    if code is ErrorCode.OVER_LIMIT:
+        return OverLimit(
+            f"{error.message}. Ask for less in the layer's CONFIG (CHANNEL_LAYERS), or"
+            " raise that bound on the daemon."
+        )
     if code is ErrorCode.INVALID_NAME:
         return TypeError(error.message)
     if code in (ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.SHUTTING_DOWN):
         return BrokerUnavailable(error.message)
     return RuntimeError(f"broker error {error.code}: {error.message}")
+
+
+def is_refusal(error: Error, at_hello: bool) -> bool:
+    """True if ``error`` (connection-level) says retrying cannot help: the daemon refused
+    the layer's token or version, or (``at_hello``, answering HELLO) its settings."""
+    code = error.error_code
+    return code in _REFUSALS or (at_hello and code in _HELLO_REFUSALS)

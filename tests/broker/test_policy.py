@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 import msgpack
 import pytest
 
+from broker.layer import OverLimit
 from protocol import (
     LONGEST_EXPIRY_S,
+    MAX_ACK_PAIRS,
     PROTOCOL_VERSION,
     Ack,
     Error,
@@ -307,3 +309,50 @@ async def test_the_longest_expiry_a_daemon_allows_poisons_no_receiver(
         assert [message["n"] for message in got] == list(range(11))
     finally:
         await layers.aclose()
+
+
+# -- the layer: says what to change, and never sends an ACK over the bound -------------
+
+
+async def test_the_layer_names_the_bound_its_settings_are_over(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """Raised at once, and again at the next call: retrying cannot help."""
+    layers = LayerFactory(broker_factory(max_capacity=50))
+    try:
+        layer = layers(capacity=100, connect_timeout=30)
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(OverLimit, match="--max-capacity") as raised:
+                await layer.send("work", {"n": 1})
+            assert time.monotonic() - started < IO_TIMEOUT_S
+        assert "CONFIG" in str(raised.value)
+    finally:
+        await layers.aclose()
+
+
+async def test_the_layer_splits_acknowledgements_into_acks_the_daemon_accepts(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """600 of its channels read in one pass of its loop owe 600 (channel, count) pairs:
+    they go as ACKs of MAX_ACK_PAIRS, to a daemon whose --max-batch is that low.
+
+    One group_send pushes to all 600; their receives wake together, and their
+    acknowledgements wait for the flush that follows the last."""
+    daemon = broker_factory(max_batch=MAX_ACK_PAIRS)
+    layers = LayerFactory(daemon)
+    try:
+        owner, sender = layers(), layers()
+        group = f"g{uuid.uuid4().hex[:8]}"
+        channels = [await owner.new_channel() for _ in range(600)]
+        for channel in channels:
+            await owner.group_add(group, channel)
+        receiving = asyncio.gather(*(owner.receive(channel) for channel in channels))
+        await sender.group_send(group, {"n": 1})
+        assert len(await asyncio.wait_for(receiving, IO_TIMEOUT_S)) == 600
+        await owner.send(channels[0], {"n": 2})  # the acknowledgements go first
+        assert (await asyncio.wait_for(owner.receive(channels[0]), IO_TIMEOUT_S))["n"] == 2
+    finally:
+        await layers.aclose()
+    assert await asyncio.to_thread(limit_hits, daemon, "max-batch") == 0
+    assert "OVER_LIMIT" not in daemon.stderr_text()
