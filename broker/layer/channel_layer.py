@@ -5,9 +5,10 @@ event loops, so the layer keeps one ``LoopClient`` (``broker.layer.client``) per
 loop (the server's main loop, and the fresh loop ``async_to_sync`` makes for each
 call from sync code),
 created on first use and closed when its loop closes. Each loop client mints its
-own client id, so ``new_channel()`` needs no round trip, and sends HELLO with it on
-every (re)connect, so the daemon pushes messages for ``<prefix>.<client id>!...``
-to it, including those that waited during a reconnect.
+own client id, derived from a secret (``broker.layer.identity``), so ``new_channel()``
+needs no round trip, and sends HELLO with both on every (re)connect, so the daemon
+pushes messages for ``<prefix>.<client id>!...`` to it, including those that waited
+during a reconnect, and to nobody else.
 
 Receiving: pushed messages land in a per-channel local buffer and ``receive`` takes
 them from there; the daemon counts them against the channel's capacity until an
@@ -36,6 +37,7 @@ from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
 
 from .client import LoopClient
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .identity import Family
 from .parking import IdlePool
 from .settings import DEFAULT_HOSTS, LayerSettings, parse_host
 
@@ -90,6 +92,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             weakref.WeakKeyDictionary()
         )
         self.idle_pool = IdlePool()
+        #: Every loop's client id is of this family, so any loop may read another's channels.
+        self.family = Family()
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
@@ -167,7 +171,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = LoopClient(self.settings, loop, self.idle_pool)
+            client = self._clients[loop] = LoopClient(
+                self.settings, loop, self.idle_pool, self.family
+            )
             _close_with_loop(loop, self._clients)
         return client
 

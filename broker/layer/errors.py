@@ -6,7 +6,17 @@ from channels.exceptions import ChannelFull
 
 from protocol import Error, ErrorCode
 
-__all__ = ["BrokerUnavailable", "LayerClosed", "MessageTooLarge", "exception_for"]
+__all__ = ["REFUSALS", "BrokerUnavailable", "LayerClosed", "MessageTooLarge", "exception_for"]
+
+#: Connection errors that retrying would only repeat: every call raises them from then on.
+REFUSALS = frozenset(
+    {
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.FORBIDDEN,  # the token may not use this prefix
+        ErrorCode.CLIENT_ID_TAKEN,  # our secret does not prove our id: no retry makes it
+    }
+)
 
 
 class MessageTooLarge(ValueError):
@@ -29,6 +39,8 @@ def exception_for(error: Error) -> Exception:
         return full
     if code is ErrorCode.AUTH_FAILED:
         return PermissionError(f"the broker refused the token: {error.message}")
+    if code in (ErrorCode.FORBIDDEN, ErrorCode.CLIENT_ID_TAKEN):
+        return PermissionError(f"the broker refused: {error.message}")
     if code is ErrorCode.MESSAGE_TOO_LARGE:
         return MessageTooLarge(error.message)
     if code is ErrorCode.INVALID_NAME:
