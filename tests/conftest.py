@@ -74,8 +74,11 @@ class BrokerProcess:
         token: str | None = None,
         unix_path: str | None = None,
         max_message_bytes: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.backend_url = backend_url
+        #: More ``serve`` flags, as given (``("--token-file", path)``).
+        self.extra_args = extra_args
         self.token = token
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
@@ -109,7 +112,7 @@ class BrokerProcess:
             args += ["--unix", self.unix_path]
         if self.max_message_bytes is not None:
             args += ["--max-message-bytes", str(self.max_message_bytes)]
-        return args
+        return [*args, *self.extra_args]
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

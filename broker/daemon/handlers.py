@@ -10,7 +10,6 @@ runs for every request, and the exporter reads the numbers only when scraped.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from bisect import bisect_left
@@ -46,6 +45,7 @@ from protocol import (
     proves,
 )
 
+from . import tokens
 from .context import Context
 from .routing import Held, Pull
 from .session import Session, new_client_id
@@ -169,10 +169,9 @@ class Handlers:
             log.warning("protocol error from %s: version %d", self.shell.peer, hello.version)
             return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unknown"
         peer = self.shell.peer
-        token = self.ctx.config.token
-        if token and not hmac.compare_digest(hello.token.encode(), token.encode()):
-            log.warning("authentication failed from %s", peer)
-            return ErrorCode.AUTH_FAILED, "invalid token"
+        denied = tokens.refusal(self.ctx.tokens, hello.token, hello.prefix, peer)
+        if denied is not None:
+            return denied
         if not is_valid_group(hello.prefix):
             return ErrorCode.INVALID_NAME, f"invalid prefix {hello.prefix!r}"
         client_id = hello.client_id

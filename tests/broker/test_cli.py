@@ -142,6 +142,8 @@ def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> N
         (("--backend", "carrier-pigeon://coop"), "unknown backend"),
         (("--max-message-bytes", "10"), "max message bytes"),
         (("--log-level", "loud"), "'loud' is not one of"),
+        (("--token", "s3cret", "--token-file", "/etc/hosts"), "not both"),
+        (("--token-file", "/nonexistent/tokens"), "cannot read the token file"),
     ],
 )
 def test_bad_configuration_is_refused_with_a_clear_message(
