@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import pg_server
-from tests.broker.test_metrics import scrape, settled, value
+from tests.broker.ops.test_metrics import scrape, settled, value
 
 BACKEND_KIND = "shared"
 IO_TIMEOUT_S = 5.0
