@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 #: Long enough for any message that should arrive to arrive.
-from tests.layer.support import assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 DELIVERY_TIMEOUT_S = 5.0
 #: Ceiling for a burst of 200 concurrent operations on a slow (shared, loaded) backend.

@@ -17,7 +17,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 
-from tests.layer.support import receive
+from tests.waits import receive
 
 DELIVERY_TIMEOUT_S = 5.0
 GROUP_SENDS = 1000

@@ -1,4 +1,4 @@
-"""What the layer-contract tests share: receiving with a deadline, and asserting silence."""
+"""What the tests share about waiting: receiving with a deadline, and asserting silence."""
 
 from __future__ import annotations
 
