@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import pg_server
+from tests.waits import POLL_S, START_TIMEOUT_S
 
 __all__ = [
     "REDIS_PARAMS",
@@ -42,9 +43,6 @@ __all__ = [
 ]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-#: How long a redis-server may take to answer PING after starting.
-START_TIMEOUT_S = 10.0
-POLL_S = 0.02
 
 #: Backend parameters for ``BACKEND_URLS``: resolved (and started) by ``backend_url``.
 REDIS_PARAMS = ["redis://", "redis+cluster://"]

@@ -14,9 +14,7 @@ import pytest
 
 from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
 from tests.conftest import free_port
-
-#: Seconds a daemon may take to listen or to stop.
-DEADLINE_S = 10.0
+from tests.waits import POLL_S, START_TIMEOUT_S
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -26,7 +24,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[by
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             stderr = process.stderr.read().decode() if process.stderr else ""
@@ -35,20 +33,20 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
-            time.sleep(0.02)
+            time.sleep(POLL_S)
     pytest.fail(f"nothing listens on port {port}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=DEADLINE_S)
+    _, stderr = process.communicate(timeout=START_TIMEOUT_S)
     return process.returncode, stderr.decode()
 
 
 def _ping(port: int) -> Pong:
     """HELLO then PING over a raw socket; the daemon's answer to the PING."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
         hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
         sock.sendall(encode_frame(hello) + encode_frame(Ping(7)))
         decoder = FrameDecoder()
@@ -106,7 +104,7 @@ def test_sigterm_stops_cleanly_with_a_client_connected() -> None:
     process = _serve("--listen", f"127.0.0.1:{port}")
     try:
         _wait_listening(port, process)
-        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+        client = socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S)
         hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
         client.sendall(encode_frame(hello))
         assert client.recv(65536), "WELCOME expected"
@@ -148,7 +146,7 @@ def test_bad_configuration_is_refused_with_a_clear_message(
     args: tuple[str, ...], message: str
 ) -> None:
     process = _serve(*args)
-    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
+    _, stderr_bytes = process.communicate(timeout=START_TIMEOUT_S)
     code, stderr = process.returncode, stderr_bytes.decode()
     assert code != 0
     assert message in stderr
@@ -182,7 +180,7 @@ def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path)
             layer = BrokerChannelLayer(hosts=[f"tls://127.0.0.1:{port}"], ssl_context=context)
             try:
                 await layer.send("tls-check", {"secret": b"\x00\x01"})
-                return await asyncio.wait_for(layer.receive("tls-check"), DEADLINE_S)
+                return await asyncio.wait_for(layer.receive("tls-check"), START_TIMEOUT_S)
             finally:
                 await layer.close()
 
@@ -225,7 +223,7 @@ def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "precious.txt"
     path.write_text("keep me")
     process = _serve("--listen", f"127.0.0.1:{free_port()}", "--unix", str(path))
-    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
+    _, stderr_bytes = process.communicate(timeout=START_TIMEOUT_S)
     assert process.returncode != 0
     assert "is not a socket" in stderr_bytes.decode()
     assert path.read_text() == "keep me"
@@ -243,6 +241,6 @@ def test_config_file_takes_a_single_listen_and_refuses_unknown_keys(tmp_path: Pa
         code, stderr = _stop(process)
     assert code == 0, stderr
     refused = _serve("--config", str(bad))
-    _, stderr_bytes = refused.communicate(timeout=DEADLINE_S)
+    _, stderr_bytes = refused.communicate(timeout=START_TIMEOUT_S)
     assert refused.returncode == 2
     assert "unknown keys lisen" in stderr_bytes.decode()

@@ -27,6 +27,7 @@ import pytest
 
 from backends import BACKENDS
 from tests import servers
+from tests.waits import POLL_S
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "notifications"
 CHROMIUM = "/usr/bin/chromium"
@@ -46,7 +47,6 @@ CHROMIUM_ARGS = [
 BROWSER_LAUNCH_TIMEOUT_S = 60.0
 #: Daphne imports Django and Twisted and opens the port; a second or two, usually.
 SITE_READY_TIMEOUT_S = 30.0
-POLL_INTERVAL_S = 0.05
 
 
 def _e2e_backend_params() -> list[str]:
@@ -80,7 +80,7 @@ def _wait_until(ready: Callable[[], bool], timeout_s: float, failure: str) -> No
     while not ready():
         if time.monotonic() > deadline:
             pytest.fail(failure, pytrace=False)
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(POLL_S)
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,7 @@ from protocol import (
     Welcome,
     encode_frame,
 )
-
-#: Long enough for the daemon to answer and close; a hang fails well inside the test timeout.
-CLOSE_TIMEOUT_S = 5.0
-DELIVERY_TIMEOUT_S = 5.0
+from tests.waits import DELIVERY_TIMEOUT_S, IN_FLIGHT_S
 
 
 def hello(version: int = PROTOCOL_VERSION, token: str = "") -> bytes:
@@ -102,14 +99,14 @@ class RawClient:
 
     async def next_frame(self) -> Frame:
         while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), CLOSE_TIMEOUT_S)
+            data = await asyncio.wait_for(self.reader.read(65536), DELIVERY_TIMEOUT_S)
             assert data, "the daemon closed the connection before answering"
             self.decoder.receive_data(data)
         return frame
 
     async def frames_until_closed(self) -> list[Frame]:
         """Every frame the daemon still sends, then its close (EOF or reset)."""
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+        async with asyncio.timeout(DELIVERY_TIMEOUT_S):
             while True:
                 try:
                     data = await self.reader.read(65536)
@@ -148,7 +145,7 @@ async def test_bad_frame_closes_only_that_connection(
     layer, sender = make_layer(), make_layer()
     channel = await layer.new_channel()
     waiting = asyncio.create_task(layer.receive(channel))
-    await asyncio.sleep(0.1)  # let the receive reach the daemon
+    await asyncio.sleep(IN_FLIGHT_S)  # let the receive reach the daemon
 
     raw = await RawClient.open(broker.address)
     try:

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
+from tests.waits import QUIET_S, RECOVERY_TIMEOUT_S, RETRY_S
+
 MESSAGES = 400
 RESTART_AT = 120
 #: Pause between sends: the restart happens while messages keep coming.
 SEND_INTERVAL_S = 0.004
 #: What "consumers reconnect by themselves within a few seconds" means here.
 RESUME_WITHIN_S = 5.0
-DELIVERY_TIMEOUT_S = 30.0
 
 
 async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]) -> int:
@@ -35,15 +36,15 @@ async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]
             return retries
         except BrokerUnavailable:
             retries += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(RETRY_S)
 
 
 async def read_all(readers: list[asyncio.Task[None]], got: dict[str, list[Any]]) -> None:
     """Wait until every channel got ``MESSAGES``, and a little more for duplicates."""
-    async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+    async with asyncio.timeout(RECOVERY_TIMEOUT_S):
         while any(len(numbers) < MESSAGES for numbers in got.values()):
             await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)  # a duplicate would show up now
+    await asyncio.sleep(QUIET_S)  # a duplicate would show up now
     for task in readers:
         task.cancel()
     await asyncio.gather(*readers, return_exceptions=True)

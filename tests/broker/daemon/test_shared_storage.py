@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 
 from tests import servers
-
-#: How long a message may take to arrive before the test calls it lost.
-DELIVERY_TIMEOUT_S = 5.0
+from tests.waits import DELIVERY_TIMEOUT_S, QUIET_S
 
 
 @pytest.fixture(scope="module", params=["redis://", "postgresql://"], ids=["redis", "postgresql"])
@@ -58,7 +56,7 @@ async def stream_stopping(sender: Any, channel: str, daemon: Any, got: list[int]
     async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
         while len(got) < STREAM_COUNT:
             await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(QUIET_S)
 
 
 async def receive_n(layer: Any, channel: str, count: int) -> list[Any]:
@@ -104,7 +102,7 @@ async def test_two_daemons_serve_one_site(
         async with asyncio.timeout(DELIVERY_TIMEOUT_S):
             while len(got) < 100:
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # a duplicate would show up now
+        await asyncio.sleep(QUIET_S)  # a duplicate would show up now
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -154,7 +152,7 @@ async def test_sigkilled_daemon_loses_no_waiting_message(
         home.start()
         assert await receive_n(consumer, channel, 20) == list(range(20))
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(worker.receive(work), 0.5)
+            await asyncio.wait_for(worker.receive(work), QUIET_S)
     one.start()  # so that the fixture's clean stop has a daemon to stop
 
 

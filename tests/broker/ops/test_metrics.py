@@ -29,11 +29,10 @@ from protocol import (
     encode_frame,
 )
 from tests.broker.http_client import http_get
+from tests.waits import DELIVERY_TIMEOUT_S, POLL_S
 
 #: How long a count that lags the traffic (expiry sweeps, pushes in flight) may take.
 SETTLE_TIMEOUT_S = 10.0
-POLL_S = 0.05
-IO_TIMEOUT_S = 5.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -85,7 +84,7 @@ class RawClient:
 
     async def next_frame(self) -> Frame:
         while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), IO_TIMEOUT_S)
+            data = await asyncio.wait_for(self.reader.read(65536), DELIVERY_TIMEOUT_S)
             assert data, "the daemon closed the connection"
             self.decoder.receive_data(data)
         return frame
@@ -117,7 +116,7 @@ async def test_metrics_count_the_traffic(
             with pytest.raises(ChannelFull):
                 await layer.send(work, {"i": index})
     for _ in range(3):
-        await asyncio.wait_for(layer.receive(work), IO_TIMEOUT_S)
+        await asyncio.wait_for(layer.receive(work), DELIVERY_TIMEOUT_S)
 
     group, roomy, full = unique("room"), await layer.new_channel(), await layer.new_channel()
     await layer.group_add(group, roomy)
@@ -129,9 +128,9 @@ async def test_metrics_count_the_traffic(
         await layer.send(full, {"fill": index})
     await settled(own_broker, "channels_broker_messages_delivered_total", 3, mode=pushed)
     await layer.group_send(group, {"to": "all"})
-    assert await asyncio.wait_for(layer.receive(roomy), IO_TIMEOUT_S) == {"to": "all"}
+    assert await asyncio.wait_for(layer.receive(roomy), DELIVERY_TIMEOUT_S) == {"to": "all"}
     for _ in range(3):
-        await asyncio.wait_for(layer.receive(full), IO_TIMEOUT_S)
+        await asyncio.wait_for(layer.receive(full), DELIVERY_TIMEOUT_S)
 
     short = make_own_layer(expiry=1)
     stale = unique("stale")
@@ -139,7 +138,7 @@ async def test_metrics_count_the_traffic(
     await short.send(stale, {"late": 2})
     await asyncio.sleep(1.2)
     await short.send(stale, {"fresh": True})
-    assert await asyncio.wait_for(short.receive(stale), IO_TIMEOUT_S) == {"fresh": True}
+    assert await asyncio.wait_for(short.receive(stale), DELIVERY_TIMEOUT_S) == {"fresh": True}
     if is_memory or backend_url.startswith("redis:"):
         # Shared PostgreSQL: any daemon's sweep may expire them; "expired" is per daemon.
         await settled(own_broker, "channels_broker_messages_expired_total", 2)
