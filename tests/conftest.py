@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import pg_server, servers
+from tests.ports import free_port
 from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, START_TIMEOUT_S
 
 #: Every layer test runs once per backend URL. More are added as their servers are.
@@ -40,14 +41,6 @@ BACKEND_URLS = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _backend_id(url: str) -> str:
@@ -333,21 +326,22 @@ class LayerFactory:
             await layer.close()
 
 
-@pytest.fixture
-def make_layer(broker: BrokerProcess) -> Iterator[LayerFactory]:
+def _layers_of(broker: BrokerProcess) -> Iterator[LayerFactory]:
     factory = LayerFactory(broker)
     yield factory
-    if factory.layers:
+    if factory.layers:  # a sync test's layers; an async test's are closed in its loop
         asyncio.run(factory.aclose())
+
+
+@pytest.fixture
+def make_layer(broker: BrokerProcess) -> Iterator[LayerFactory]:
+    yield from _layers_of(broker)
 
 
 @pytest.fixture
 def make_own_layer(own_broker: BrokerProcess) -> Iterator[LayerFactory]:
     """``make_layer`` for the test's own daemon (``own_broker``)."""
-    factory = LayerFactory(own_broker)
-    yield factory
-    if factory.layers:
-        asyncio.run(factory.aclose())
+    yield from _layers_of(own_broker)
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ import pytest
 
 from broker.cli import serve
 from tests.broker.http_client import http_get
-from tests.conftest import BrokerProcess, free_port
+from tests.conftest import BrokerProcess
+from tests.ports import free_port
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import pg_server
-from tests.broker.ops.test_metrics import scrape, settled, value
+from tests.broker.samples import scrape, settled, value
 from tests.waits import IN_FLIGHT_S, receive
 
 BACKEND_KIND = "shared"
