@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.waits import QUIET_S, RECOVERY_TIMEOUT_S, RETRY_S
+from tests.broker.daemon.traffic import Readers, assert_once_in_order, send_until_accepted
 
 MESSAGES = 400
 RESTART_AT = 120
@@ -23,31 +23,6 @@ RESTART_AT = 120
 SEND_INTERVAL_S = 0.004
 #: What "consumers reconnect by themselves within a few seconds" means here.
 RESUME_WITHIN_S = 5.0
-
-
-async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]) -> int:
-    """Send, retrying while the daemon is away, as an application would; the retries."""
-    from broker.layer.channel_layer import BrokerUnavailable
-
-    retries = 0
-    while True:
-        try:
-            await sender.send(channel, message)
-            return retries
-        except BrokerUnavailable:
-            retries += 1
-            await asyncio.sleep(RETRY_S)
-
-
-async def read_all(readers: list[asyncio.Task[None]], got: dict[str, list[Any]]) -> None:
-    """Wait until every channel got ``MESSAGES``, and a little more for duplicates."""
-    async with asyncio.timeout(RECOVERY_TIMEOUT_S):
-        while any(len(numbers) < MESSAGES for numbers in got.values()):
-            await asyncio.sleep(0.05)
-    await asyncio.sleep(QUIET_S)  # a duplicate would show up now
-    for task in readers:
-        task.cancel()
-    await asyncio.gather(*readers, return_exceptions=True)
 
 
 @pytest.mark.backends("shared")  # memory:// keeps messages in the daemon: a restart loses them
@@ -66,34 +41,26 @@ async def test_daemon_restart_under_load_loses_no_accepted_message(
        back, the first message sent is read within ``RESUME_WITHIN_S``.
     """
     sender, consumer, worker = make_own_layer(), make_own_layer(), make_own_layer()
-    own, work = await consumer.new_channel(), unique("work")
-    got: dict[str, list[tuple[int, float]]] = {own: [], work: []}
-
-    async def read(layer: Any, channel: str) -> None:
-        while True:
-            message = await layer.receive(channel)
-            got[channel].append((message["n"], time.monotonic()))
-
-    readers = [asyncio.create_task(read(consumer, own)), asyncio.create_task(read(worker, work))]
+    channels = [await consumer.new_channel(), unique("work")]
     restart: asyncio.Task[None] | None = None
     back_at = resume_n = None
     retries = 0
-    for n in range(MESSAGES):
-        if n == RESTART_AT:
-            restart = asyncio.create_task(asyncio.to_thread(own_broker.restart))
-        for channel in (own, work):
-            retries += await send_until_accepted(sender, channel, {"n": n})
-        if restart is not None and restart.done() and back_at is None:
-            await restart  # raises if the daemon did not stop cleanly or start again
-            back_at, resume_n = time.monotonic(), n + 1
-        await asyncio.sleep(SEND_INTERVAL_S)
-    assert restart is not None and back_at is not None and resume_n is not None
-    assert resume_n < MESSAGES, "the restart took the whole run: send more messages"
+    async with Readers(zip((consumer, worker), channels, strict=True)) as readers:
+        for n in range(MESSAGES):
+            if n == RESTART_AT:
+                restart = asyncio.create_task(asyncio.to_thread(own_broker.restart))
+            for channel in channels:
+                retries += len(await send_until_accepted(sender, channel, {"n": n}))
+            if restart is not None and restart.done() and back_at is None:
+                await restart  # raises if the daemon did not stop cleanly or start again
+                back_at, resume_n = time.monotonic(), n + 1
+            await asyncio.sleep(SEND_INTERVAL_S)
+        assert restart is not None and back_at is not None and resume_n is not None
+        assert resume_n < MESSAGES, "the restart took the whole run: send more messages"
+        await readers.wait_for_all(MESSAGES)
 
-    await read_all(readers, got)
-    for channel in (own, work):
-        numbers = [n for n, _ in got[channel]]
-        assert numbers == list(range(MESSAGES)), f"lost or repeated on {channel}"
-        resumed_at = dict(got[channel])[resume_n]
+    for channel in channels:
+        assert_once_in_order(readers.got[channel], MESSAGES)
+        resumed_at = readers.arrived_at[channel][resume_n]
         assert resumed_at - back_at < RESUME_WITHIN_S, f"{channel} resumed late"
     assert retries, "no send met the restart: it did not happen under load"
