@@ -313,7 +313,7 @@ class LayerFactory:
         self.layers: list[Any] = []
 
     def __call__(self, **config: Any) -> Any:
-        from broker.layer.channel_layer import BrokerChannelLayer
+        from broker.layer import BrokerChannelLayer
 
         config.setdefault("hosts", [self.broker.url])
         layer = BrokerChannelLayer(**config)

@@ -173,7 +173,7 @@ def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path)
     import asyncio
     import ssl
 
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -203,7 +203,7 @@ def test_token_is_required_when_the_daemon_has_one() -> None:
     """A wrong token gets PermissionError and is logged; the right one works."""
     import asyncio
 
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     port = free_port()
     token = {"CHANNELS_BROKER_TOKEN": "s3cret"}

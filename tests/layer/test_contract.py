@@ -369,7 +369,7 @@ async def test_message_over_limit_raises_message_too_large_and_nothing_breaks(
     1. A message before, then one a byte over the limit (send and group_send), then one after.
     2. Both oversized calls raise MessageTooLarge; the others arrive, in order, and only they.
     """
-    from broker.layer.channel_layer import MessageTooLarge
+    from broker.layer import MessageTooLarge
 
     layer, sender = make_layer(), make_layer()
     channel = await channel_of(kind, layer, unique)
@@ -390,7 +390,7 @@ async def test_layer_learns_message_limit_from_daemon(
     broker_factory: Callable[..., Any], make_layer: Any, unique: Callable[[str], str]
 ) -> None:
     """Behaviour 23 with ``--max-message-bytes``: the layer enforces the daemon's limit."""
-    from broker.layer.channel_layer import MessageTooLarge
+    from broker.layer import MessageTooLarge
 
     limit = 64 * 1024
     small = broker_factory(max_message_bytes=limit)

@@ -30,7 +30,7 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 @asynccontextmanager
 async def layers(*hosts: list[str], **config: Any) -> AsyncIterator[list[Any]]:
     """One layer per ``hosts`` list, closed after the body."""
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     made = [BrokerChannelLayer(hosts=h, **config) for h in hosts]
     try:
