@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from protocol import DEFAULT_MAX_MESSAGE_BYTES
 from tests.waits import (
     DELIVERY_TIMEOUT_S,
     IN_FLIGHT_S,
@@ -24,8 +25,6 @@ from tests.waits import (
 
 #: Ceiling for a burst of 200 concurrent operations on a slow (shared, loaded) backend.
 BURST_TIMEOUT_S = 15.0
-#: The daemon's default limit on a serialized message.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 KINDS = ["normal", "specific"]
 

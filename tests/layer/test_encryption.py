@@ -12,7 +12,7 @@ import pytest
 
 from broker.layer import MessageTooLarge, UndecryptableMessage
 from tests.layer.storage import storage_holds
-from tests.layer.support import assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 KEYS = ["a key this site has used for years"]
 NEW_KEY = b"\x00the new key, as bytes\xff"
