@@ -136,6 +136,19 @@ def test_sigterm_stops_cleanly_with_a_client_connected() -> None:
     client.close()
 
 
+def _connect_once_listening(sock: socket.socket, path: Path) -> None:
+    """Connect to the daemon's unix socket, which it opens after its TCP port."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
+
+
 def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> None:
     path = tmp_path / "broker.sock"
     port = free_port()
@@ -143,7 +156,7 @@ def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> N
         serving(port, "--listen", f"127.0.0.1:{port}", "--unix", str(path)),
         socket.socket(socket.AF_UNIX) as sock,
     ):
-        sock.connect(str(path))
+        _connect_once_listening(sock, path)
         sock.sendall(hello())
         assert sock.recv(65536)
     assert not path.exists()
