@@ -4,6 +4,13 @@
 from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
+from .encryption import UndecryptableMessage
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
 
-__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge"]
+__all__ = [
+    "BrokerChannelLayer",
+    "BrokerUnavailable",
+    "LayerClosed",
+    "MessageTooLarge",
+    "UndecryptableMessage",
+]

@@ -83,6 +83,10 @@ def test_error_codes_keep_their_wire_numbers() -> None:
         "SHUTTING_DOWN": 11,
         "DUPLICATE_REQUEST": 12,
         "INTERNAL": 13,
+        "OVER_LIMIT": 14,
+        "FORBIDDEN": 15,
+        "CLIENT_ID_TAKEN": 16,
+        "TOO_MANY_CONNECTIONS": 17,
     }
 
 

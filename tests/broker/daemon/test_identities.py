@@ -29,8 +29,8 @@ from protocol import (
     client_id_of,
     encode_frame,
 )
-from tests.broker.test_bad_frames import RawClient
-from tests.layer.support import receive
+from tests.broker.raw_client import RawClient
+from tests.waits import receive
 
 #: Messages sent to the victim while the attack goes on.
 MESSAGES = 300

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from protocol import PROTOCOL_VERSION, Error, ErrorCode, Hello, encode_frame
-from tests.broker.test_bad_frames import RawClient
-from tests.broker.test_metrics import scrape, value
+from tests.broker.raw_client import RawClient
+from tests.broker.samples import scrape, value
 from tests.conftest import BrokerProcess, LayerFactory
-from tests.layer.support import assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 #: One token per site, and the operator's for any namespace.
 A, B, C, OPS = (secrets.token_hex(16) for _ in range(4))
