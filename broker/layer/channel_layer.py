@@ -97,8 +97,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             weakref.WeakKeyDictionary()
         )
         self.idle_pool = IdlePool()
-        #: Every loop's client id is of this family, so any loop may read another's channels.
-        self.family = Family()
+        self.family = Family()  # of every loop's client id: each may pull another's channels
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
