@@ -298,6 +298,11 @@ class Config:
             raise ConfigError("shutdown timeout must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.token and self.token_file:
+            raise ConfigError(
+                "give --token or --token-file, not both (a token for any namespace"
+                " goes in the file with '*')"
+            )
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
         self._check_bounds()

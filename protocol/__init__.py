@@ -49,6 +49,7 @@ from .handshake import (
     Role,
     State,
 )
+from .identity import CLIENT_ID_LENGTH, SECRET_BYTES, client_id_for, family_of, proves
 from .limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     LARGEST_CAPACITY,
@@ -72,10 +73,12 @@ __all__ = [
     "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
     "SMALLEST_MAX_MESSAGE_BYTES",
+    "CLIENT_ID_LENGTH",
     "FRAME_TYPES",
     "HEADER_BYTES",
     "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
+    "SECRET_BYTES",
     "SUPPORTED_VERSIONS",
     "Ack",
     "Cancel",
@@ -108,12 +111,15 @@ __all__ = [
     "State",
     "UnknownFrame",
     "Welcome",
+    "client_id_for",
     "client_id_of",
     "encode_frame",
     "encode_frames",
+    "family_of",
     "is_process_specific",
     "is_valid_channel",
     "is_valid_group",
     "max_request_frame_bytes",
+    "proves",
     "ttl_ms",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections import deque
 
 from protocol import (
@@ -39,6 +38,7 @@ from protocol import (
 
 from .connecting import adopt, connect_any
 from .errors import BrokerUnavailable, LayerClosed, exception_for, is_refusal
+from .identity import Family
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
 from .settings import LayerSettings
@@ -89,12 +89,15 @@ class LoopClient:
         settings: LayerSettings,
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
+        family: Family,
     ) -> None:
         self.settings = settings
         self.loop = loop
         self._idle_pool = idle_pool
         self._parked = parked = idle_pool.take()
-        self.client_id = parked.client_id if parked else secrets.token_hex(8)
+        #: Our client id and the secret HELLO proves it with (a parked session's, if any).
+        self.identity = parked.identity if parked else family.mint()
+        self.client_id = self.identity.client_id
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
@@ -159,7 +162,7 @@ class LoopClient:
         conn = await connect_any(self.settings, self.loop, lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = encode_frame(self.settings.hello(self.client_id))
+        hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
         self._output[:0] = [hello, *self._rejoin()]
         self.conn = conn
         self._schedule_flush()
@@ -387,9 +390,7 @@ class LoopClient:
             return False
         self._flush()  # acknowledgements still owed
         unread = conn.decoder.unread()
-        if not park(
-            conn.transport, self.client_id, unread, self.max_message_bytes, self._idle_pool
-        ):
+        if not park(conn.transport, self.identity, unread, self.max_message_bytes, self._idle_pool):
             return False
         self.conn = None
         return True

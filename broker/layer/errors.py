@@ -7,6 +7,7 @@ from channels.exceptions import ChannelFull
 from protocol import Error, ErrorCode
 
 __all__ = [
+    "REFUSALS",
     "BrokerUnavailable",
     "LayerClosed",
     "MessageTooLarge",
@@ -15,11 +16,18 @@ __all__ = [
     "is_refusal",
 ]
 
-#: Errors that end the layer's use of a daemon: every call raises them from then on.
-_REFUSALS = (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION)
+#: Connection errors that retrying would only repeat: every call raises them from then on.
+REFUSALS = frozenset(
+    {
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.FORBIDDEN,  # the token may not use this prefix
+        ErrorCode.CLIENT_ID_TAKEN,  # our secret does not prove our id: no retry makes it
+    }
+)
 #: The same when they answer HELLO: settings over the daemon's bounds, a
 #: channel_capacity pattern it cannot match.
-_HELLO_REFUSALS = (ErrorCode.OVER_LIMIT, ErrorCode.MALFORMED_FRAME)
+_HELLO_REFUSALS = frozenset({ErrorCode.OVER_LIMIT, ErrorCode.MALFORMED_FRAME})
 
 
 class MessageTooLarge(ValueError):
@@ -47,6 +55,8 @@ def exception_for(error: Error) -> Exception:
         return full
     if code is ErrorCode.AUTH_FAILED:
         return PermissionError(f"the broker refused the token: {error.message}")
+    if code in (ErrorCode.FORBIDDEN, ErrorCode.CLIENT_ID_TAKEN):
+        return PermissionError(f"the broker refused: {error.message}")
     if code is ErrorCode.MESSAGE_TOO_LARGE:
         return MessageTooLarge(error.message)
     if code is ErrorCode.OVER_LIMIT:
@@ -65,4 +75,4 @@ def is_refusal(error: Error, at_hello: bool) -> bool:
     """True if ``error`` (connection-level) says retrying cannot help: the daemon refused
     the layer's token or version, or (``at_hello``, answering HELLO) its settings."""
     code = error.error_code
-    return code in _REFUSALS or (at_hello and code in _HELLO_REFUSALS)
+    return code in REFUSALS or (at_hello and code in _HELLO_REFUSALS)

@@ -89,8 +89,8 @@ class LayerSettings:
     #: For tls:// hosts; None verifies the daemon against the system's CAs.
     ssl_context: ssl.SSLContext | None
 
-    def hello(self, client_id: str) -> Hello:
-        """The HELLO frame of a connection for ``client_id``."""
+    def hello(self, client_id: str, secret: bytes) -> Hello:
+        """The HELLO frame of a connection for ``client_id``, proven by ``secret``."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -100,6 +100,7 @@ class LayerSettings:
             self.expiry_s,
             self.group_expiry_s,
             self.channel_capacity,
+            secret,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:

@@ -10,14 +10,11 @@ refusal is logged and counted under ``channels_broker_limit_hits_total``.
 from __future__ import annotations
 
 import asyncio
-import re
-import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import msgpack
 import pytest
 
 from broker.layer import OverLimit
@@ -29,7 +26,6 @@ from protocol import (
     Error,
     ErrorCode,
     Frame,
-    FrameDecoder,
     Hello,
     Ok,
     Ping,
@@ -39,18 +35,18 @@ from protocol import (
     Welcome,
     encode_frame,
 )
-from tests.broker.http_client import http_get
+from tests.broker.raw_client import RawClient, raw_frame
+from tests.broker.samples import scrape, value
 from tests.conftest import LayerFactory
+from tests.waits import DELIVERY_TIMEOUT_S, assert_nothing_within, receive
 
 T = TypeVar("T")
 
 #: The issue's bound on another client's PING while an attack runs.
 PING_BUDGET_S = 0.05
-#: How long the daemon may take to answer or close: a hang fails well inside the test timeout.
-IO_TIMEOUT_S = 5.0
 
 
-def hello(
+def asking(
     capacity: int = 100,
     expiry_s: float = 60.0,
     group_expiry_s: float = 86400.0,
@@ -62,51 +58,21 @@ def hello(
     )
 
 
-def raw_frame(items: list[Any]) -> bytes:
-    """A length-prefixed msgpack array, valid or not as a frame."""
-    body: bytes = msgpack.packb(items, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
+async def welcomed(broker: Any, hello: Hello | None = None) -> RawClient:
+    """A raw client past its handshake."""
+    client = await RawClient.open(broker.address)
+    await client.write(encode_frame(hello or asking()))
+    assert isinstance(await client.next_frame(), Welcome)
+    return client
 
 
-class RawClient:
-    """A bare protocol connection: it says only what the test writes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.decoder = FrameDecoder()
-
-    @classmethod
-    async def open(cls, broker: Any, first: Hello | None = None) -> RawClient:
-        """Connected; with ``first``, that HELLO is sent (its answer is the test's to read)."""
-        client = cls(*await asyncio.open_connection(*broker.address))
-        if first is not None:
-            client.writer.write(encode_frame(first))
-        return client
-
-    @classmethod
-    async def welcomed(cls, broker: Any, first: Hello | None = None) -> RawClient:
-        client = await cls.open(broker, first or hello())
-        assert isinstance(await client.next_frame(), Welcome)
-        return client
-
-    async def next_frame(self) -> Frame:
-        while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), IO_TIMEOUT_S)
-            assert data, "the daemon closed the connection"
-            self.decoder.receive_data(data)
-        return frame
-
-    async def refusal(self) -> Error:
-        """The connection-level ERROR the daemon closes with; fails if it answers otherwise."""
-        frame = await self.next_frame()
-        assert isinstance(frame, Error) and frame.request_id == 0, frame
-        async with asyncio.timeout(IO_TIMEOUT_S):  # then it closes
-            while await self.reader.read(65536):
-                pass
-        return frame
-
-    def close(self) -> None:
-        self.writer.close()
+async def refusal(client: RawClient) -> Error:
+    """The connection-level ERROR the daemon closes with; fails if it answers otherwise."""
+    frames = await client.frames_until_closed()
+    assert len(frames) == 1, frames
+    error = frames[0]
+    assert isinstance(error, Error) and error.request_id == 0, error
+    return error
 
 
 async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, float]:
@@ -115,13 +81,13 @@ async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, flo
 
     The attack's bytes must be encoded before: this process's own loop must not stall.
     """
-    prober = await RawClient.welcomed(broker)
+    prober = await welcomed(broker)
     slowest, done, request_ids = 0.0, asyncio.Event(), iter(range(1, 2**31))
 
     async def ping() -> None:
         nonlocal slowest
         request_id, started = next(request_ids), time.perf_counter()
-        prober.writer.write(encode_frame(Ping(request_id)))
+        await prober.write(encode_frame(Ping(request_id)))
         assert await prober.next_frame() == Pong(request_id)
         slowest = max(slowest, time.perf_counter() - started)
 
@@ -146,11 +112,11 @@ async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, flo
 async def refused(broker: Any, data: bytes, first: Hello | None = None) -> tuple[Error, float]:
     """Send ``data`` (after ``first``'s WELCOME, if given) and return the daemon's closing
     ERROR, and the slowest PING of another client meanwhile."""
-    attacker = await (RawClient.welcomed(broker, first) if first else RawClient.open(broker))
+    attacker = await welcomed(broker, first) if first else await RawClient.open(broker.address)
 
     async def attack() -> Error:
-        attacker.writer.write(data)
-        return await attacker.refusal()
+        await attacker.write(data)
+        return await refusal(attacker)
 
     try:
         return await slowest_ping_during(broker, attack())
@@ -159,10 +125,7 @@ async def refused(broker: Any, data: bytes, first: Hello | None = None) -> tuple
 
 
 def limit_hits(broker: Any, limit: str) -> float:
-    text = http_get(broker.metrics_port, "/metrics")[1].decode()
-    found = re.search(rf'^channels_broker_limit_hits_total{{limit="{limit}"}} (\S+)$', text, re.M)
-    assert found, f"no limit_hits sample for {limit}"
-    return float(found.group(1))
+    return value(scrape(broker), "channels_broker_limit_hits_total", limit=limit)
 
 
 # -- patterns: no client-supplied pattern backtracks on the event loop --------------
@@ -171,12 +134,12 @@ def limit_hits(broker: Any, limit: str) -> float:
 async def test_a_catastrophic_pattern_costs_no_other_client_a_stall(broker: Any) -> None:
     """``(a+)+$`` and a send to ``"a" * 27 + ".x"`` stalled every client for 4.3 s, and
     each added character doubled it; here the name has 97, and the send is answered."""
-    attacker = await RawClient.welcomed(broker, hello(channel_capacity=((r"(a+)+$", 5),)))
+    attacker = await welcomed(broker, asking(channel_capacity=((r"(a+)+$", 5),)))
     name = "a" * 97 + ".x"
     send = encode_frame(Send(1, name, b"x"))
 
     async def attack() -> Frame:
-        attacker.writer.write(send)
+        await attacker.write(send)
         return await attacker.next_frame()
 
     try:
@@ -192,7 +155,7 @@ async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
 ) -> None:
     """It stalled the daemon 1.1 s; now its array is refused from its header."""
     patterns = tuple((f"p{index}", 1) for index in range(100_000))
-    error, slowest = await refused(broker, encode_frame(hello(channel_capacity=patterns)))
+    error, slowest = await refused(broker, encode_frame(asking(channel_capacity=patterns)))
     assert error.error_code is ErrorCode.OVER_LIMIT
     assert "--max-batch" in error.message
     assert slowest < PING_BUDGET_S
@@ -201,7 +164,7 @@ async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
 async def test_a_hello_over_max_patterns_names_the_flag(broker: Any) -> None:
     over = tuple((f"^p{index}", 1) for index in range(17))  # the default --max-patterns: 16
     before = await asyncio.to_thread(limit_hits, broker, "max-patterns")
-    error, _ = await refused(broker, encode_frame(hello(channel_capacity=over)))
+    error, _ = await refused(broker, encode_frame(asking(channel_capacity=over)))
 
     assert error.error_code is ErrorCode.OVER_LIMIT
     assert "--max-patterns" in error.message and "17" in error.message
@@ -218,7 +181,7 @@ async def test_a_hello_over_max_patterns_names_the_flag(broker: Any) -> None:
 async def test_a_pattern_the_daemon_cannot_match_is_refused_at_hello(
     broker: Any, pattern: str, reason: str
 ) -> None:
-    error, _ = await refused(broker, encode_frame(hello(channel_capacity=((pattern, 1),))))
+    error, _ = await refused(broker, encode_frame(asking(channel_capacity=((pattern, 1),))))
     assert error.error_code in (ErrorCode.MALFORMED_FRAME, ErrorCode.OVER_LIMIT)
     assert reason in error.message
 
@@ -232,19 +195,18 @@ async def test_a_send_many_of_200_000_items_is_refused_and_stores_nothing(
     """It stalled the daemon 0.2 s; now it is refused before one item is read."""
     channel = f"flood-{uuid.uuid4().hex[:8]}"
     flood = encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(200_000))))
-    error, slowest = await refused(broker, flood, first=hello())
+    error, slowest = await refused(broker, flood, first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
     assert slowest < PING_BUDGET_S
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(make_layer().receive(channel), 0.5)
+    await assert_nothing_within(make_layer(), channel)
 
 
 async def test_an_ack_of_300_000_pairs_is_refused(broker: Any) -> None:
     """It stalled the daemon 0.3 s."""
     flood = encode_frame(Ack(tuple((f"asgi.x!{index}", 1) for index in range(300_000))))
     before = await asyncio.to_thread(limit_hits, broker, "max-batch")
-    error, slowest = await refused(broker, flood, first=hello())
+    error, slowest = await refused(broker, flood, first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
     assert slowest < PING_BUDGET_S
@@ -255,7 +217,7 @@ async def test_a_frame_of_nested_arrays_is_refused_by_its_object_count(broker: A
     """No array over --max-batch, but 7 million objects in all (half a second to build):
     refused once it holds more than a frame of --max-batch pairs could."""
     counts = [[f"c{index}", [[1] * 70] * 100] for index in range(1000)]
-    error, slowest = await refused(broker, raw_frame([Ack.TYPE, counts]), first=hello())
+    error, slowest = await refused(broker, raw_frame([Ack.TYPE, counts]), first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT
     assert slowest < PING_BUDGET_S
@@ -263,9 +225,9 @@ async def test_a_frame_of_nested_arrays_is_refused_by_its_object_count(broker: A
 
 async def test_a_send_many_at_max_batch_is_served(broker: Any) -> None:
     channel = f"batch-{uuid.uuid4().hex[:8]}"
-    client = await RawClient.welcomed(broker, hello(capacity=1000))
+    client = await welcomed(broker, asking(capacity=1000))
     try:
-        client.writer.write(encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(1000)))))
+        await client.write(encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(1000)))))
         assert await client.next_frame() == Ok(1, 1000, ())
     finally:
         client.close()
@@ -277,10 +239,10 @@ async def test_a_send_many_at_max_batch_is_served(broker: Any) -> None:
 @pytest.mark.parametrize(
     ("asked", "flag"),
     [
-        (hello(capacity=10**9), "--max-capacity"),
-        (hello(channel_capacity=(("^big", 10**9),)), "--max-capacity"),
-        (hello(expiry_s=1e17), "--max-expiry"),
-        (hello(group_expiry_s=1e17), "--max-group-expiry"),
+        (asking(capacity=10**9), "--max-capacity"),
+        (asking(channel_capacity=(("^big", 10**9),)), "--max-capacity"),
+        (asking(expiry_s=1e17), "--max-expiry"),
+        (asking(group_expiry_s=1e17), "--max-group-expiry"),
     ],
     ids=["capacity", "pattern-capacity", "expiry", "group-expiry"],
 )
@@ -299,13 +261,13 @@ async def test_the_longest_expiry_a_daemon_allows_poisons_no_receiver(
 ) -> None:
     """With --max-expiry at its ceiling, 11 messages sent with that expiry all reach the
     receiver's pushed channel (1e17 made its PUSH fail to encode and lost all 11)."""
-    layers = LayerFactory(broker_factory(max_expiry=LONGEST_EXPIRY_S))
+    layers = LayerFactory(broker_factory(extra_args=("--max-expiry", str(LONGEST_EXPIRY_S))))
     try:
         receiver, sender = layers(), layers(expiry=LONGEST_EXPIRY_S)
         channel = await receiver.new_channel()
         for index in range(11):
             await sender.send(channel, {"n": index})
-        got = [await asyncio.wait_for(receiver.receive(channel), IO_TIMEOUT_S) for _ in range(11)]
+        got = [await receive(receiver, channel) for _ in range(11)]
         assert [message["n"] for message in got] == list(range(11))
     finally:
         await layers.aclose()
@@ -318,14 +280,14 @@ async def test_the_layer_names_the_bound_its_settings_are_over(
     broker_factory: Callable[..., Any],
 ) -> None:
     """Raised at once, and again at the next call: retrying cannot help."""
-    layers = LayerFactory(broker_factory(max_capacity=50))
+    layers = LayerFactory(broker_factory(extra_args=("--max-capacity", "50")))
     try:
         layer = layers(capacity=100, connect_timeout=30)
         for _ in range(2):
             started = time.monotonic()
             with pytest.raises(OverLimit, match="--max-capacity") as raised:
                 await layer.send("work", {"n": 1})
-            assert time.monotonic() - started < IO_TIMEOUT_S
+            assert time.monotonic() - started < DELIVERY_TIMEOUT_S
         assert "CONFIG" in str(raised.value)
     finally:
         await layers.aclose()
@@ -339,7 +301,7 @@ async def test_the_layer_splits_acknowledgements_into_acks_the_daemon_accepts(
 
     One group_send pushes to all 600; their receives wake together, and their
     acknowledgements wait for the flush that follows the last."""
-    daemon = broker_factory(max_batch=MAX_ACK_PAIRS)
+    daemon = broker_factory(extra_args=("--max-batch", str(MAX_ACK_PAIRS)))
     layers = LayerFactory(daemon)
     try:
         owner, sender = layers(), layers()
@@ -349,9 +311,9 @@ async def test_the_layer_splits_acknowledgements_into_acks_the_daemon_accepts(
             await owner.group_add(group, channel)
         receiving = asyncio.gather(*(owner.receive(channel) for channel in channels))
         await sender.group_send(group, {"n": 1})
-        assert len(await asyncio.wait_for(receiving, IO_TIMEOUT_S)) == 600
+        assert len(await asyncio.wait_for(receiving, DELIVERY_TIMEOUT_S)) == 600
         await owner.send(channels[0], {"n": 2})  # the acknowledgements go first
-        assert (await asyncio.wait_for(owner.receive(channels[0]), IO_TIMEOUT_S))["n"] == 2
+        assert (await receive(owner, channels[0]))["n"] == 2
     finally:
         await layers.aclose()
     assert await asyncio.to_thread(limit_hits, daemon, "max-batch") == 0
