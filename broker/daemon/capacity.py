@@ -35,12 +35,21 @@ __all__ = ["PROGRAM_PER_PATTERN", "Bounds", "CapacityPolicy", "Refused"]
 #: of Channels (``websocket.send!*``) compiles to about 25, a prefix regex to 17.
 PROGRAM_PER_PATTERN = 64
 #: Memory RE2 may use for one client's patterns: the program and its DFA's cache of
-#: states (made as names are matched; when it fills RE2 starts it afresh).
+#: states (made as names are matched; when it fills RE2 starts it afresh). Room for
+#: 16 patterns' programs and a cache; more for a daemon that allows more patterns.
 _PATTERN_MEMORY_BYTES = 256 * 1024
+#: Bytes of RE2 memory per instruction of the program budget: its program (16 each)
+#: and twice as much again, as RE2 keeps two thirds of its memory for the DFA.
+_MEMORY_PER_INSTRUCTION = 48
 
-_options = re2.Options()
-_options.log_errors = False  # a client's bad pattern is its refusal, not a line on stderr
-_options.max_mem = _PATTERN_MEMORY_BYTES
+
+def _options(max_program: int) -> Any:
+    options = re2.Options()
+    options.log_errors = False  # a client's bad pattern is its refusal, not stderr's
+    options.max_mem = max(_PATTERN_MEMORY_BYTES, _MEMORY_PER_INSTRUCTION * max_program)
+    return options
+
+
 _ANCHOR_START = _re2.RE2.Anchor.ANCHOR_START
 
 
@@ -159,10 +168,11 @@ class CapacityPolicy:
 def _compile(patterns: list[str], max_program: int) -> tuple[Any, list[int]]:
     """The patterns as one RE2 alternation, each in a group, in order, and the number of
     each one's group; ``Refused`` if one is not RE2's, or they compile to over ``max_program``."""
+    options = _options(max_program)
     groups, number, size = [], 1, 0
     for pattern in patterns:
         # Compiled alone first, so none can close its group and open another.
-        regexp = _regexp(pattern)
+        regexp = _regexp(pattern, options)
         size += regexp.ProgramSize()
         if size > max_program:
             raise Refused(
@@ -173,16 +183,17 @@ def _compile(patterns: list[str], max_program: int) -> tuple[Any, list[int]]:
             )
         groups.append(number)
         number += 1 + regexp.NumberOfCapturingGroups()
-    return _regexp("|".join(f"({_to_re2(pattern)})" for pattern in patterns)), groups
+    alternation = "|".join(f"({_to_re2(pattern)})" for pattern in patterns)
+    return _regexp(alternation, options), groups
 
 
-def _regexp(pattern: str) -> Any:
-    regexp = _re2.RE2(_to_re2(pattern).encode(), _options)
+def _regexp(pattern: str, options: Any) -> Any:
+    regexp = _re2.RE2(_to_re2(pattern).encode(), options)
     if not regexp.ok():
         error = regexp.error()
         reason = error.decode(errors="replace") if isinstance(error, bytes) else str(error)
-        if "too large" in reason:  # its program alone is over _PATTERN_MEMORY_BYTES
-            raise Refused(f"channel_capacity pattern {pattern!r} is too large", "pattern-size")
+        if "too large" in reason:  # its program is over RE2's memory (``_options``)
+            raise Refused(f"channel_capacity pattern {pattern:.60}... is too large", "pattern-size")
         raise Refused(
             f"channel_capacity pattern {pattern!r} is not one the daemon's matcher (RE2)"
             f" reads: {reason}",
