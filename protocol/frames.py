@@ -151,7 +151,8 @@ class Hello:
     id the client derived from ``secret``, which proves it owns the id (see
     ``protocol.identity``): on every (re)connect it re-attaches to the messages that
     wait for it. ``channel_capacity`` holds (regular expression, capacity) pairs,
-    first match wins.
+    first match wins, each matched from the name's start; in RE2's syntax (Python's
+    ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
     """
 
     TYPE: ClassVar[int] = 1
