@@ -246,7 +246,8 @@ class MemoryBackend(Backend):
         lapsed: list[str] = []
         members: Iterable[tuple[str, float]] = record.members.items()
         skipped = 0
-        fit = (self._room - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
+        used = self._bytes + self._messages_waiting * MESSAGE_OVERHEAD_BYTES
+        fit = (self._room - used) // (_NEW_MESSAGE_BYTES + len(payload))
         if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
             members, skipped = split_at_room(record.members, fit, now, lapsed)
             self._refusals.count(skipped, self._used_bytes())

@@ -24,12 +24,12 @@ from protocol import (
     ErrorCode,
     Flushed,
     Frame,
-    FrameDecoder,
     Handshake,
     ProtocolError,
     Push,
     Role,
     encode_frame,
+    ttl_ms,
 )
 
 from .context import Context
@@ -44,7 +44,7 @@ from .guard import (
 )
 from .handlers import Handlers
 from .pulls import Pulls
-from .routing import Held, Pull, ttl_ms
+from .routing import Held, Pull
 from .session import Session
 
 __all__ = ["Connection"]
@@ -65,7 +65,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, context: Context) -> None:
         self.ctx = context
-        self.decoder = FrameDecoder(context.config.max_frame_bytes)
+        self.decoder = context.config.frame_decoder()
         self.handshake = Handshake(Role.DAEMON)
         self.session: Session | None = None
         self.peer = "?"
@@ -77,7 +77,7 @@ class Connection(asyncio.Protocol):
         self.held = Held()
         self.handlers = Handlers(self, context)
         self.guard = Guard(self, context.bounds, context.config)
-        self._input_bytes = 0  # decoded and not yet handled, as FRAME_COST_BYTES says
+        self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
         # Messages the next push pass may take: the largest ones until sizes are seen.
         self._push_budget = max(1, self.guard.pass_bytes // context.config.max_message_bytes)
         self.closing = False
@@ -87,6 +87,7 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
+        self._write_blocked = False  # not _writable: the output check reads it each flush
         self._waiter: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._retry_pending = False  # deliveries wait after a backend error
@@ -108,6 +109,7 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.decoder.receive_data(data)
+        self._input_bytes += len(data)
         self._decode()
         if self.decoder.buffered_bytes or self.guard.watching_partial:
             self.guard.watch_partial_frame()
@@ -118,31 +120,35 @@ class Connection(asyncio.Protocol):
         costs more than --max-input-bytes, or if that many came: more may wait in the
         decoder, and the worker decodes them a batch per pass (one read of many small
         frames must not hold the loop)."""
-        decoder, inbox = self.decoder, self.inbox
-        decoded, items = len(inbox), 0
-        wire_bytes = decoder.buffered_bytes
+        decoder, inbox, handshake = self.decoder, self.inbox, self.handshake
+        cost = 0  # beyond their bytes, counted as they were read
         try:
-            handshake = self.handshake
             for _ in range(PASS_FRAMES):
                 if (frame := decoder.next_frame()) is None:
                     break
-                if not handshake.is_ready or type(frame) in HANDSHAKE_FRAMES:
+                kind = type(frame)
+                if not handshake.is_ready or kind in HANDSHAKE_FRAMES:
                     handshake.receive(frame)
-                if (items_of := BATCH_ITEMS.get(type(frame))) is not None:
-                    items += len(items_of(frame))
+                if kind in BATCH_ITEMS:
+                    cost += len(BATCH_ITEMS[kind](frame)) * ITEM_COST_BYTES
+                cost += FRAME_COST_BYTES
                 inbox.append(frame)
+            else:  # a whole batch: more may wait in the decoder
+                self._pause_reading()
         except ProtocolError as exc:
             log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
+            if exc.code is ErrorCode.OVER_LIMIT:
+                self.ctx.metrics.count_limit("max-batch")
             self.fatal(exc.code, str(exc))
             return
-        frames = len(inbox) - decoded
-        wire_bytes -= decoder.buffered_bytes
-        self._input_bytes += wire_bytes + frames * FRAME_COST_BYTES + items * ITEM_COST_BYTES
-        over = self._input_bytes > self.guard.max_input_bytes
-        if (over or frames == PASS_FRAMES) and not self._reading_paused:
-            self._reading_paused = True  # flow control, not misbehaviour: counted only
-            self.ctx.metrics.limits_hit["max-input-bytes"] += over
-            assert self.transport is not None
+        self._input_bytes += cost
+        if self._input_bytes > self.guard.max_input_bytes and not self._reading_paused:
+            self.ctx.metrics.limits_hit["max-input-bytes"] += 1  # flow control: counted only
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -159,9 +165,11 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
+        self._write_blocked = True
         self._writable.clear()
 
     def resume_writing(self) -> None:
+        self._write_blocked = False
         self._writable.set()
 
     # -- router callbacks (Endpoint) -----------------------------------------
@@ -203,9 +211,7 @@ class Connection(asyncio.Protocol):
 
     def shut_down(self) -> None:
         """Stop reading; the worker answers what was already read, then closes."""
-        if self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        self._pause_reading()
         self.closing = True
         self._wake()
 
@@ -245,18 +251,12 @@ class Connection(asyncio.Protocol):
         await self._writable.wait()
         inbox = self.inbox
         handle = self.handlers.handle
-        for _ in range(PASS_FRAMES):
-            if not inbox or self._output_bytes >= OUTPUT_HIGH_WATER:
-                break
+        while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
             await handle(inbox.popleft())
-        transport = self.transport
-        if not inbox and transport is not None and not transport.is_closing():
+        if not inbox:
             self._input_bytes = 0
             if self._reading_paused:
-                self._decode()  # frames read and not decoded yet, if any
-                if not inbox and not self.closing:
-                    self._reading_paused = False
-                    transport.resume_reading()
+                self._read_on()
         try:
             if self._pulls.ready and not self._retry_pending:
                 await self._pulls.serve()
@@ -270,6 +270,15 @@ class Connection(asyncio.Protocol):
             self._retry_pending = True
             asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._retry_deliveries)
         self.flush()
+
+    def _read_on(self) -> None:
+        """The inbox is empty: decode what was read and not yet, or else read again."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._decode()
+            if not self.inbox and not self.closing:
+                self._reading_paused = False
+                transport.resume_reading()
 
     def _retry_deliveries(self) -> None:
         self._retry_pending = False
@@ -299,7 +308,10 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
             transport.write(b"".join(self._output))
-            if (unread := transport.get_write_buffer_size()) > self.guard.max_output_bytes:
+            # Past its high-water mark (at most the bound) the transport paused writing.
+            if self._write_blocked and (
+                (unread := transport.get_write_buffer_size()) > self.guard.max_output_bytes
+            ):
                 self.guard.output_overflowed(transport, unread)
         self._output.clear()
         self._output_bytes = 0
@@ -349,13 +361,13 @@ class Connection(asyncio.Protocol):
         start, pushed = self._output_bytes, 0
         for channel, items in taken.items():
             del ready[channel]
-            pushed += len(items)
-            self._collect(channel, items, limit, frames, frame_of_payload)
+            pushed += self._collect(channel, items, limit, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
             self.write(Push(tuple(channels), payload, ttl_ms(ttl_s)))
-        if pushed:  # the next pass takes what fits pass_bytes at this pass's sizes
-            each = (self._output_bytes - start) // pushed + 1
-            self._push_budget = min(PUSH_PASS_MESSAGES, max(1, self.guard.pass_bytes // each))
+        written, pass_bytes = self._output_bytes - start, self.guard.pass_bytes
+        if pushed and (written > pass_bytes or budget < PUSH_PASS_MESSAGES):
+            # The next pass takes what fits pass_bytes at this pass's sizes.
+            self._push_budget = min(PUSH_PASS_MESSAGES, max(1, pass_bytes * pushed // written))
         if ready:  # not reached: a backend error stopped the batch part-way
             self.ready_channels.update(ready)
             raise BackendError(f"{len(ready)} channels not reached")
@@ -367,10 +379,11 @@ class Connection(asyncio.Protocol):
         limit: int,
         frames: list[tuple[bytes, float, list[str]]],
         frame_of_payload: dict[int, int],
-    ) -> None:
-        """Add one channel's taken messages to the PUSH frames being built, in order."""
+    ) -> int:
+        """Add one channel's taken messages to the PUSH frames being built, in order;
+        return how many."""
         if not taken:
-            return
+            return 0
         self.held.add_stored(channel, len(taken))
         self.ctx.metrics.delivered["push"] += len(taken)
         if len(taken) == limit:
@@ -384,3 +397,4 @@ class Connection(asyncio.Protocol):
                 frame_of_payload[id(item.payload)] = index
             frames[index][2].append(channel)
             last = index
+        return len(taken)

@@ -11,6 +11,7 @@ from broker.ops.metrics import Metrics
 
 from .bounds import Bounds
 from .routing import Router
+from .tokens import TokenTable
 
 __all__ = ["Context"]
 
@@ -27,6 +28,9 @@ class Context:
     accepting: bool = True
     #: Counters of requests and errors (``broker.ops.metrics``), exported at scrape time.
     metrics: Metrics = field(default_factory=Metrics)
+    #: The tokens HELLO may carry and their namespaces; None: no token is asked for.
+    #: Replaced whole on SIGHUP (``Server.reload``).
+    tokens: TokenTable | None = None
     #: Connection counts, and the counting and logging of every bound hit (``bounds``).
     bounds: Bounds = field(init=False)
 

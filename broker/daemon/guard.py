@@ -70,6 +70,8 @@ PUSH_PASS_BYTES = 4 * 1024 * 1024
 #: answers: what bounds how long a pass holds the loop (a few milliseconds).
 PUSH_PASS_MESSAGES = 4096
 PASS_FRAMES = 256
+#: asyncio's default high-water mark of a transport's write buffer.
+_ASYNCIO_HIGH_WATER = 64 * 1024
 #: The requests that carry items, and how to get them (C getters: ``Connection`` calls
 #: them for every such frame, and they add no module to the message path).
 BATCH_ITEMS: dict[type[Frame], Callable[[Any], Sized]] = {
@@ -180,6 +182,9 @@ class Guard:
             transport.close()
             return False
         self._host, self.admitted = host, True
+        if self.max_output_bytes < _ASYNCIO_HIGH_WATER:
+            # The output bound is checked once writing pauses: it must pause by then.
+            transport.set_write_buffer_limits(high=self.max_output_bytes)
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(hello_timeout_s, self._hello_expired, hello_timeout_s)
         return True

@@ -13,10 +13,10 @@ from collections import deque
 from typing import Protocol
 
 from backends import BackendError
-from protocol import Deliver, Frame
+from protocol import Deliver, Frame, ttl_ms
 
 from .context import Context
-from .routing import Pull, ttl_ms
+from .routing import Pull
 
 __all__ = ["Pulls"]
 

@@ -7,7 +7,8 @@ message may be waiting on a channel. Two kinds of channel:
   session holds that client id. The owner is told to push the channel's messages;
   with no owner (a client reconnecting) they wait in the backend, and the owner
   collects them when it attaches again. Without an owner such a channel can also
-  be pulled like a normal one (a process reading it from another event loop).
+  be pulled like a normal one by another event loop of the same process, whose id
+  is of the same family (``protocol.identity``; handlers refuse anyone else's RECEIVE).
 * Normal (no ``!``): a work queue. Connections register pulls (a RECEIVE each) in
   one FIFO line per channel; each wake hands the channel to the first pull in line
   (round-robin across workers). A served pull that finds the queue empty (another
@@ -30,7 +31,7 @@ from protocol import client_id_of
 
 from .direct import DirectPusher
 
-__all__ = ["Endpoint", "Held", "Pull", "Router", "ttl_ms"]
+__all__ = ["Endpoint", "Held", "Pull", "Router"]
 
 log = logging.getLogger("channels_broker.connection")
 
@@ -68,11 +69,6 @@ class Pull:
     ns: str
     channel: str
     request_id: int
-
-
-def ttl_ms(ttl_s: float) -> int:
-    """A message's time left (seconds), as PUSH and DELIVER carry it (milliseconds)."""
-    return max(0, int(ttl_s * 1000))
 
 
 class Router:
@@ -120,8 +116,7 @@ class Router:
             if owner is not None:
                 owner.push_later(channel)
                 return
-            # No owner here: another connection (say, another event loop of the
-            # same process) may be pulling it.
+            # No owner here: another event loop of the same process may be pulling it.
         line = self._lines.get((ns, channel))
         if line:
             pull = line.popleft()

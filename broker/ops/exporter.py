@@ -228,8 +228,9 @@ class Exporter(Collector):
             )
         yield _labelled_counter(
             "limit_hits",
-            "Times a bound of the daemon was hit (a request or connection refused, a "
-            "connection closed, reading paused), by the bound's flag.",
+            "Requests and connections refused at one of the daemon's bounds, connections"
+            " closed past one, reading paused at one, by the bound (its flag: max-capacity,"
+            " max-batch...).",
             "limit",
             hits,
         )

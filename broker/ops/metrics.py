@@ -41,7 +41,7 @@ from protocol import (
 __all__ = [
     "FANOUT_BUCKETS",
     "LATENCY_BUCKETS_S",
-    "LIMIT_NAMES",
+    "LIMITS",
     "REQUEST_OPERATIONS",
     "Histogram",
     "Metrics",
@@ -73,10 +73,9 @@ def operation_name(frame_type: type) -> str:
 
 
 REQUEST_OPERATIONS = tuple(operation_name(frame_type) for frame_type in REQUEST_FRAMES)
-
-#: The daemon's bounds, by flag name (``max-pulls``...): the labels of ``limits_hit``,
-#: made up front like the request operations.
-LIMIT_NAMES = tuple(
+#: The bounds a refusal is counted under: the daemon's ``--max-*`` flags, and
+#: ``--hello-timeout``.
+LIMITS = tuple(
     option.name
     for option in SERVE_OPTIONS
     if option.name.startswith("max-") or option.name == "hello-timeout"
@@ -144,9 +143,10 @@ class Metrics:
         self.backend_calls: dict[str, Histogram] = {}
         self.backend_errors: dict[str, int] = {}
         self.errors: dict[ErrorCode, int] = {}
-        #: Times a bound of the daemon was hit (a request refused, a connection refused
-        #: or closed, reading paused), by the bound's flag name.
-        self.limits_hit: dict[str, int] = dict.fromkeys(LIMIT_NAMES, 0)
+        #: Hits of one of the daemon's bounds (a request or connection refused, a
+        #: connection closed, reading paused), by the bound: its flag's name
+        #: (``max-batch``), made up front like the request series.
+        self.limits_hit: dict[str, int] = dict.fromkeys(LIMITS, 0)
         #: accept() calls that failed for want of file descriptors (EMFILE, ENFILE...).
         self.accept_errors = 0
 
@@ -156,6 +156,11 @@ class Metrics:
         """Record one ERROR frame sent to a client."""
         code = ErrorCode(code)
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_limit(self, limit: str | None) -> None:
+        """Record one refusal at the bound ``limit`` (None: a refusal at no bound)."""
+        if limit is not None:
+            self.limits_hit[limit] = self.limits_hit.get(limit, 0) + 1
 
     def backend_histogram(self, operation: str) -> Histogram:
         """The latency histogram of one backend operation, made on first use."""

@@ -32,14 +32,15 @@ from protocol import (
     encode_frame,
 )
 from tests.broker.daemon.attack import (
-    IO_TIMEOUT_S,
     PING_BOUND_S,
+    Client,
     Flood,
-    RawClient,
+    flags,
     limit_hits,
     pinging,
     rss_bytes,
 )
+from tests.waits import DELIVERY_TIMEOUT_S
 
 pytestmark = pytest.mark.backends("memory")
 
@@ -95,11 +96,11 @@ async def test_a_reader_that_leaves_more_than_max_output_bytes_unread_is_closed(
     counted and logged. (Writing that pass costs the loop tens of milliseconds of
     copies: passes are sized by the messages the last one pushed, and a jump in size is
     what this bound is there for.)"""
-    broker = broker_factory(max_message_bytes=MiB, max_output_bytes=2 * MiB)
+    broker = broker_factory(max_message_bytes=MiB, extra_args=flags(max_output_bytes=2 * MiB))
     pid = broker.process.pid
-    reader = await RawClient.open(broker.address, receive_buffer=4096)
+    reader = await Client.connect(broker.address, receive_buffer=4096)
     await reader.hello()
-    sender = await RawClient.open(broker.address)
+    sender = await Client.connect(broker.address)
     await sender.hello()
     for index in range(3):
         sender.send(Send(index + 1, reader.own(), b"small"))
@@ -126,10 +127,10 @@ async def test_a_reader_that_keeps_up_is_not_closed_by_large_messages(
 ) -> None:
     """The same burst, three times, to a client that reads: passes are sized to the
     messages, so it never has more than --max-output-bytes unread."""
-    broker = broker_factory(max_message_bytes=MiB, max_output_bytes=2 * MiB)
-    reader = await RawClient.open(broker.address)
+    broker = broker_factory(max_message_bytes=MiB, extra_args=flags(max_output_bytes=2 * MiB))
+    reader = await Client.connect(broker.address)
     await reader.hello()
-    sender = await RawClient.open(broker.address)
+    sender = await Client.connect(broker.address)
     await sender.hello()
     burst = tuple((reader.own(), b"x" * (MiB - 1024)) for _ in range(7))
     for request_id in (1, 2, 3):
@@ -147,7 +148,7 @@ async def test_a_reader_that_keeps_up_is_not_closed_by_large_messages(
     sender.close()
 
 
-async def refusals(client: RawClient, count: int) -> Error:
+async def refusals(client: Client, count: int) -> Error:
     """Read ``count`` ERROR frames (OVER_LIMIT, nothing else); return the last."""
     for _ in range(count):
         error = await client.next_frame()
@@ -160,7 +161,7 @@ async def test_pending_receives_stop_at_max_pulls(broker_factory: Callable[..., 
     the default --max-pulls wait, every other one is refused OVER_LIMIT at once."""
     broker = broker_factory()
     pid = broker.process.pid
-    attacker = await RawClient.open(broker.address)
+    attacker = await Client.connect(broker.address)
     await attacker.hello()
     before = rss_bytes(pid)
     async with pinging(broker.address) as probe:
@@ -169,7 +170,7 @@ async def test_pending_receives_stop_at_max_pulls(broker_factory: Callable[..., 
             attacker.send(Receive(request_id, f"empty{request_id % 1000}"))
             if request_id % 10_000 == 0:
                 await attacker.writer.drain()
-        last = await asyncio.wait_for(refused, IO_TIMEOUT_S)
+        last = await asyncio.wait_for(refused, DELIVERY_TIMEOUT_S)
     peak = rss_bytes(pid)
     attacker.close()
 
@@ -185,8 +186,8 @@ async def test_memberships_stop_at_max_memberships_and_are_given_back(
 ) -> None:
     """One connection holds at most --max-memberships; renewing one it holds is not a
     new one; a discard and a flush give them back."""
-    broker = broker_factory(max_memberships=3)
-    client = await RawClient.open(broker.address)
+    broker = broker_factory(extra_args=flags(max_memberships=3))
+    client = await Client.connect(broker.address)
     await client.hello()
 
     async def add(request_id: int, group: str, channel: str = "member") -> object:
@@ -217,9 +218,9 @@ async def test_waiting_messages_stop_at_max_memory_as_full(
 ) -> None:
     """A client stores messages nobody reads until --max-memory (64 MiB): the sends and
     group sends past it are refused as full, and the daemon's RSS stays near it."""
-    broker = broker_factory(max_memory=64 * MiB)
+    broker = broker_factory(extra_args=flags(max_memory=64 * MiB))
     pid = broker.process.pid
-    attacker = await RawClient.open(broker.address)
+    attacker = await Client.connect(broker.address)
     await attacker.hello()
     before = rss_bytes(pid)
     message = b"x" * (MiB - 1024)

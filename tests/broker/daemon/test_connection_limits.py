@@ -21,12 +21,13 @@ import pytest
 
 from protocol import Error, ErrorCode, Welcome
 from tests.broker.daemon.attack import (
-    IO_TIMEOUT_S,
     PING_BOUND_S,
-    RawClient,
+    Client,
+    flags,
     limit_hits,
     pinging,
 )
+from tests.waits import DELIVERY_TIMEOUT_S, POLL_S
 
 pytestmark = pytest.mark.backends("memory")
 
@@ -34,14 +35,13 @@ pytestmark = pytest.mark.backends("memory")
 OPEN_FILES = 256
 ATTACKER, GOOD = "127.0.0.2", "127.0.0.1"
 HELLO_TIMEOUT_S = 2.0
-POLL_S = 0.02
 
 
-async def open_many(address: tuple[str, int], count: int, source: str) -> list[RawClient]:
-    return [await RawClient.open(address, source=source) for _ in range(count)]
+async def open_many(address: tuple[str, int], count: int, source: str) -> list[Client]:
+    return [await Client.connect(address, source=source) for _ in range(count)]
 
 
-async def closing_errors(clients: list[RawClient]) -> list[Error]:
+async def closing_errors(clients: list[Client]) -> list[Error]:
     """The one ERROR each connection got before the daemon closed it."""
     errors = []
     for frames in await asyncio.gather(*(client.frames_until_closed() for client in clients)):
@@ -54,7 +54,7 @@ async def closing_errors(clients: list[RawClient]) -> list[Error]:
 
 async def no_connections(broker: Any) -> None:
     """Wait until the daemon holds no client connection (its gauge gives no event)."""
-    async with asyncio.timeout(IO_TIMEOUT_S):
+    async with asyncio.timeout(DELIVERY_TIMEOUT_S):
         while limit_hits(broker)["connections"]:
             await asyncio.sleep(POLL_S)
 
@@ -63,6 +63,7 @@ def count_lines(broker: Any, text: str) -> int:
     return sum(text in line for line in broker.stderr_text().splitlines())
 
 
+@pytest.mark.slow
 async def test_silent_sockets_from_one_peer_leave_room_for_the_others(
     broker_factory: Callable[..., Any],
 ) -> None:
@@ -71,12 +72,11 @@ async def test_silent_sockets_from_one_peer_leave_room_for_the_others(
     address gets in and is answered within the bound all along."""
     broker = broker_factory(
         open_files=OPEN_FILES,
-        max_connections_per_peer=50,
-        hello_timeout=HELLO_TIMEOUT_S,
+        extra_args=flags(max_connections_per_peer=50, hello_timeout=HELLO_TIMEOUT_S),
     )
     async with pinging(broker.address) as probe:
         silent = await open_many(broker.address, 300, ATTACKER)
-        good = await RawClient.open(broker.address, source=GOOD)
+        good = await Client.connect(broker.address, source=GOOD)
         assert isinstance(await good.hello(), Welcome)
         errors = await closing_errors(silent)
     good.close()
@@ -96,6 +96,7 @@ async def test_silent_sockets_from_one_peer_leave_room_for_the_others(
     assert count_lines(broker, "--hello-timeout") == 1
 
 
+@pytest.mark.slow
 async def test_the_daemon_keeps_its_connections_within_its_open_file_limit(
     broker_factory: Callable[..., Any],
 ) -> None:
@@ -103,12 +104,12 @@ async def test_the_daemon_keeps_its_connections_within_its_open_file_limit(
     said so: 300 silent sockets fill that and the rest are refused by the daemon, not
     by the kernel (no accept error). The deadline frees the places, and a good client
     gets one."""
-    broker = broker_factory(open_files=OPEN_FILES, hello_timeout=HELLO_TIMEOUT_S)
+    broker = broker_factory(open_files=OPEN_FILES, extra_args=flags(hello_timeout=HELLO_TIMEOUT_S))
     broker.wait_for_log(lambda line: "--max-connections 10000 lowered to" in line)
     silent = await open_many(broker.address, 300, ATTACKER)
-    late = await RawClient.open(broker.address, source=GOOD)
+    late = await Client.connect(broker.address, source=GOOD)
     errors = await closing_errors([*silent, late])
-    good = await RawClient.open(broker.address, source=GOOD)
+    good = await Client.connect(broker.address, source=GOOD)
     assert isinstance(await good.hello(), Welcome)
     good.close()
 
@@ -126,12 +127,14 @@ async def test_unix_socket_clients_count_against_max_connections_only(
     broker_factory: Callable[..., Any],
 ) -> None:
     path = os.path.join(tempfile.mkdtemp(prefix="broker-"), "broker.sock")
-    broker = broker_factory(unix_path=path, max_connections=3, max_connections_per_peer=1)
+    broker = broker_factory(
+        unix_path=path, extra_args=flags(max_connections=3, max_connections_per_peer=1)
+    )
     await no_connections(broker)  # the fixture's readiness probe has gone
 
-    async def connect() -> RawClient:
+    async def connect() -> Client:
         reader, writer = await asyncio.open_unix_connection(path)
-        return RawClient(reader, writer)
+        return Client(reader, writer)
 
     clients = [await connect() for _ in range(3)]
     for client in clients:
@@ -147,6 +150,7 @@ async def test_unix_socket_clients_count_against_max_connections_only(
     assert limit_hits(broker)["max-connections-per-peer"] == 0
 
 
+@pytest.mark.slow
 async def test_accept_errors_are_counted_and_logged_once_per_burst(
     broker_factory: Callable[..., Any],
 ) -> None:
@@ -156,6 +160,7 @@ async def test_accept_errors_are_counted_and_logged_once_per_burst(
     sockets time out, a good client gets in."""
     broker = broker_factory(open_files=OPEN_FILES)
     metrics = ("127.0.0.1", broker.metrics_port)
+    assert limit_hits(broker)["accept-errors"] == 0  # and the metrics listener is open
     hogs = [socket.create_connection(metrics) for _ in range(OPEN_FILES)]
     knocks = [socket.create_connection(broker.address) for _ in range(20)]
     broker.wait_for_log(lambda line: "cannot accept connections" in line)
@@ -166,7 +171,7 @@ async def test_accept_errors_are_counted_and_logged_once_per_burst(
         hog.close()
     for knock in knocks:
         knock.close()
-    good = await RawClient.open(broker.address, source=GOOD)
+    good = await Client.connect(broker.address, source=GOOD)
     assert isinstance(await good.hello(), Welcome)
     good.close()
 
