@@ -1,12 +1,12 @@
 """A live daemon on each backend, fuzzed over many connections while a good client PINGs.
 
-One run per backend (module fixture ``fuzzed``): a daemon process; a short warm-up of
-random scripts (first use of every code path, so that its memory is not counted as the
-run's); the daemon's RSS; then ``FUZZ_INPUTS`` inputs from ``tests.fuzz.frames`` (the
-heavy ones of issue 14 among them), over ``campaign.CONCURRENCY`` connections at a time,
-while ``tests.fuzz.pinger`` PINGs from a process of its own; then the fuzz namespaces
-flushed, and the RSS read again until it is back (bounded wait). Each pass criterion is a
-test of its own, so the report says which ones fail:
+One run per backend (module fixture ``fuzzed``): a daemon process; a warm-up of random
+scripts (``WARM_UP_INPUTS``: what a fresh daemon grows by at first is not the run's); the
+daemon's RSS; then ``FUZZ_INPUTS`` inputs from ``tests.fuzz.frames`` (the heavy ones of
+issue 14 among them), over ``campaign.CONCURRENCY`` connections at a time, while
+``tests.fuzz.pinger`` PINGs from a process of its own; then the fuzz namespaces flushed,
+and the RSS read again until it is back (bounded wait). Each pass criterion is a test of
+its own, so the report says which ones fail:
 
 1. the daemon never crashes (and still answers; no connection hung);
 2. its log holds no traceback;
@@ -45,8 +45,11 @@ FUZZ_INPUTS = 2**62 if math.isfinite(FUZZ_SECONDS) else _INPUTS
 _SEED = os.environ.get("CHANNELS_BROKER_FUZZ_SEED") or "14"
 #: A fixed seed by default, so that a run finds what the last one found.
 FUZZ_SEED = random.randrange(2**32) if _SEED == "random" else int(_SEED)
-#: Inputs of the warm-up before the RSS is read (random ones only).
-WARM_UP_INPUTS = 3_000
+#: Random inputs (no heavy ones) sent before the RSS is read. A fresh daemon's RSS creeps
+#: as it first serves such traffic (pool connections, caches, allocator arenas: on
+#: PostgreSQL +16 MB, level after ~150,000 inputs) with no Python object left behind
+#: (tracemalloc); after 40,000 of them the run's own +3-7% is what remains.
+WARM_UP_INPUTS = 40_000
 #: The bounds of issue 14.
 SLOW_PING_MS = 50.0
 RSS_SLACK = 0.10
@@ -188,6 +191,11 @@ def test_good_clients_ping_never_takes_over_50_ms(fuzzed: FuzzRun) -> None:
     )
 
 
+# Fails today, and not only for the unbounded frames: a closed connection is cyclic garbage
+# (Connection <-> Handlers, Pull.endpoint) that keeps its decoder buffer, up to a whole
+# frame, and a flushed namespace of the memory backend (Space <-> Channel, Group) keeps
+# its messages, until the cyclic GC runs; with 4 MiB messages and frames cut short at
+# 8 MiB that is +12-52% on every backend even with every bound of issue 14 in place.
 def test_rss_is_back_within_10_percent_after_the_run(fuzzed: FuzzRun) -> None:
     before, after = fuzzed.rss_before_kib, fuzzed.rss_after_kib
     assert after <= before * (1 + RSS_SLACK), (
