@@ -111,6 +111,8 @@ def serve(**values: Any) -> None:
     configure_logging(config.log_level_number, config.log_format)
     try:
         asyncio.run(_serve(config))
+    except ConfigError as exc:  # the token file, read as the server is made
+        raise click.UsageError(str(exc)) from exc
     except BackendError as exc:
         log.error("backend failed: %s", exc)
         sys.exit(EXIT_BACKEND)

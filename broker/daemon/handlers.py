@@ -10,9 +10,7 @@ runs for every request, and the exporter reads the numbers only when scraped.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import re
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,11 +41,15 @@ from protocol import (
     Welcome,
     is_valid_channel,
     is_valid_group,
+    proves,
+    ttl_ms,
 )
 
+from . import tokens
+from .capacity import Refused
 from .context import Context
 from .routing import Held, Pull
-from .session import Session, is_valid_client_id, new_client_id
+from .session import Session, new_client_id
 
 __all__ = ["SEND_BATCH", "Handlers", "Shell"]
 
@@ -148,11 +150,13 @@ class Handlers:
         if refusal is not None:
             shell.fatal(*refusal)
             return
-        client_id = hello.client_id if is_valid_client_id(hello.client_id) else new_client_id()
+        client_id = hello.client_id or new_client_id()
         try:
-            shell.session = session = Session.from_hello(hello, client_id)
-        except re.error as exc:
-            shell.fatal(ErrorCode.MALFORMED_FRAME, f"bad channel_capacity pattern: {exc}")
+            shell.session = session = Session.from_hello(hello, client_id, self.ctx.config)
+        except Refused as exc:
+            log.warning("refused HELLO from %s: %s", shell.peer, exc)
+            self.ctx.metrics.count_limit(exc.limit)
+            shell.fatal(exc.code, str(exc))
             return
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
@@ -167,12 +171,18 @@ class Handlers:
         if hello.version not in SUPPORTED_VERSIONS:
             log.warning("protocol error from %s: version %d", self.shell.peer, hello.version)
             return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unknown"
-        token = self.ctx.config.token
-        if token and not hmac.compare_digest(hello.token.encode(), token.encode()):
-            log.warning("authentication failed from %s", self.shell.peer)
-            return ErrorCode.AUTH_FAILED, "invalid token"
+        peer = self.shell.peer
+        denied = tokens.refusal(self.ctx.tokens, hello.token, hello.prefix, peer)
+        if denied is not None:
+            return denied
         if not is_valid_group(hello.prefix):
             return ErrorCode.INVALID_NAME, f"invalid prefix {hello.prefix!r}"
+        client_id = hello.client_id
+        if client_id and not proves(hello.secret, client_id):
+            # Not its secret: a HELLO may not take another client's id and messages.
+            log.warning("refused %s: client id %.40r without its secret", peer, client_id)
+            message = f"client id {client_id:.40} needs its secret (a layer older than the daemon?)"
+            return ErrorCode.CLIENT_ID_TAKEN, message
         return None
 
     # -- checks --------------------------------------------------------------
@@ -281,6 +291,10 @@ class Handlers:
         rid, channel = frame.request_id, frame.channel
         if not self._check_channel(rid, channel):
             return
+        if not self.session().may_pull(channel):
+            message = f"{channel} is another client's channel"
+            self.shell.fail(rid, ErrorCode.FORBIDDEN, message)
+            return
         pulls = self.shell.pulls
         if rid in pulls:
             self.shell.fail(rid, ErrorCode.DUPLICATE_REQUEST, f"request {rid} is already pending")
@@ -349,8 +363,8 @@ class Handlers:
         # The sender hears first, as writing to many connections takes a while.
         self.shell.flush()
         session = self.session()
-        ttl_ms = int(session.expiry_s * 1000)
-        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl_ms)
+        ttl = ttl_ms(session.expiry_s)
+        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl)
         if not missed:
             return 0
         try:

@@ -4,6 +4,14 @@
 from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
-from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .encryption import UndecryptableMessage
+from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, OverLimit
 
-__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge"]
+__all__ = [
+    "BrokerChannelLayer",
+    "BrokerUnavailable",
+    "LayerClosed",
+    "MessageTooLarge",
+    "OverLimit",
+    "UndecryptableMessage",
+]

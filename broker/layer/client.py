@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections import deque
 
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HANDSHAKE_FRAMES,
+    MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
     Ack,
     Cancelled,
     Deliver,
     Error,
-    ErrorCode,
     Flushed,
     Frame,
     FrameDecoder,
@@ -38,7 +37,8 @@ from protocol import (
 )
 
 from .connecting import adopt, connect_any
-from .errors import BrokerUnavailable, LayerClosed, exception_for
+from .errors import BrokerUnavailable, LayerClosed, exception_for, is_refusal
+from .identity import Family
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
 from .settings import LayerSettings
@@ -89,12 +89,15 @@ class LoopClient:
         settings: LayerSettings,
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
+        family: Family,
     ) -> None:
         self.settings = settings
         self.loop = loop
         self._idle_pool = idle_pool
         self._parked = parked = idle_pool.take()
-        self.client_id = parked.client_id if parked else secrets.token_hex(8)
+        #: Our client id and the secret HELLO proves it with (a parked session's, if any).
+        self.identity = parked.identity if parked else family.mint()
+        self.client_id = self.identity.client_id
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
@@ -159,7 +162,7 @@ class LoopClient:
         conn = await connect_any(self.settings, self.loop, lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = encode_frame(self.settings.hello(self.client_id))
+        hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
         self._output[:0] = [hello, *self._rejoin()]
         self.conn = conn
         self._schedule_flush()
@@ -211,7 +214,10 @@ class LoopClient:
 
     def _queue_acks(self) -> None:
         if self._acks:
-            self._output.append(encode_frame(Ack(tuple(self._acks.items()))))
+            # In ACKs of MAX_ACK_PAIRS at most: a daemon allows that many items a frame.
+            pairs = tuple(self._acks.items())
+            for start in range(0, len(pairs), MAX_ACK_PAIRS):
+                self._output.append(encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS])))
             self._acks.clear()
 
     def _schedule_flush(self) -> None:
@@ -272,12 +278,12 @@ class LoopClient:
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
-        if frame.error_code in (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION):
+        if is_refusal(frame, at_hello=self.conn is not None and not self.conn.handshake.is_ready):
             self._refusal = frame
             for waiters in self._waiters.values():  # receives of pushed channels, too
                 for waiter in waiters:
                     if not waiter.done():
-                        waiter.set_exception(PermissionError(frame.message))
+                        waiter.set_exception(exception_for(frame))
         self._pulls.end(frame)
         for future in self._pending.values():
             if not future.done():
@@ -384,9 +390,7 @@ class LoopClient:
             return False
         self._flush()  # acknowledgements still owed
         unread = conn.decoder.unread()
-        if not park(
-            conn.transport, self.client_id, unread, self.max_message_bytes, self._idle_pool
-        ):
+        if not park(conn.transport, self.identity, unread, self.max_message_bytes, self._idle_pool):
             return False
         self.conn = None
         return True

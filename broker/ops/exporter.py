@@ -215,6 +215,13 @@ class Exporter(Collector):
             "Connections refused because their token was wrong.",
             value=errors.get(ErrorCode.AUTH_FAILED, 0),
         )
+        yield _labelled_counter(
+            "limit_hits",
+            "Requests and connections refused at one of the daemon's bounds, by the bound"
+            " (its flag: max-capacity, max-batch...).",
+            "limit",
+            self.metrics.limits_hit,
+        )
 
     # -- /status ---------------------------------------------------------------
 

@@ -10,17 +10,17 @@ import time
 import urllib.error
 import urllib.request
 
+from tests.waits import POLL_S, START_TIMEOUT_S
+
 __all__ = ["http_get"]
 
-#: How long the listener may take to open after the broker port did.
-OPEN_TIMEOUT_S = 10.0
-POLL_S = 0.02
+#: How long an answer may take: /readyz waits up to 2 s for the backend.
 IO_TIMEOUT_S = 10.0
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes]:
     """Status and body of ``GET path`` on 127.0.0.1:``port`` (4xx and 5xx included)."""
-    deadline = time.monotonic() + OPEN_TIMEOUT_S
+    deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
             with urllib.request.urlopen(
