@@ -3,8 +3,9 @@
 ``run`` sends ``FrameFuzzer`` scripts over ``concurrency`` connections at a time (each
 connection writes its HELLO and body in one go, reads everything the daemon sends, waits
 for the PONG that ends the body, writes its tail and half-closes, then reads until the
-daemon closes), while ``tests.fuzz.pinger`` PINGs from a process of its own. It stops at
-``inputs`` inputs or after ``duration_s``, whichever comes first, and reports what it saw.
+daemon closes), while ``tests.fuzz.pinger`` PINGs from a process of its own. Random ones
+until ``inputs`` inputs or ``duration_s``, whichever comes first, then the heavy ones; it
+reports what it saw.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Outcome:
 
     inputs: int = 0
     connections: int = 0
+    #: Connections whose body the daemon answered (their PONG came).
+    answered: int = 0
     elapsed_s: float = 0.0
     #: Connections that could not connect, or got neither their PONG nor a close in time:
     #: the script's label and what happened (the first ``MAX_REPORTED``).
@@ -57,16 +60,9 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def _scripts(fuzzer: FrameFuzzer, heavy: bool) -> Iterator[Script]:
-    """Random scripts, with the heavy ones among the first hundred (if asked)."""
-    pending = fuzzer.heavy() if heavy else []
-    index = 0
+def _scripts(fuzzer: FrameFuzzer) -> Iterator[Script]:
     while True:
-        index += 1
-        if pending and index % 16 == 0:
-            yield pending.pop(0)
-        else:
-            yield fuzzer.script()
+        yield fuzzer.script()
 
 
 async def _read_until(reader: asyncio.StreamReader, sentinel: bytes) -> bool:
@@ -93,15 +89,19 @@ async def _write(writer: asyncio.StreamWriter, data: bytes, byte_split: bool) ->
         await writer.drain()
 
 
-async def _play(address: tuple[str, int], script: Script) -> None:
-    """One connection: HELLO and body, wait for the PONG, tail and EOF, read until closed."""
+async def _play(address: tuple[str, int], script: Script) -> bool:
+    """One connection: HELLO and body, wait for the PONG, tail and EOF, read until closed.
+    True if the daemon answered the body (its PONG came)."""
     reader, writer = await asyncio.open_connection(*address)
     answered = asyncio.ensure_future(_read_until(reader, script.sentinel))
+    got_pong = False
     try:
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await _write(writer, script.hello + script.body, script.byte_split)
-        if script.sentinel and not await answered:
-            return  # closed before the PONG: a refused HELLO, or another took its id
+        if script.sentinel:
+            got_pong = await answered
+            if not got_pong:
+                return False  # closed before the PONG: a refused HELLO, or a taken id
         await _write(writer, script.tail, script.byte_split)
         writer.write_eof()
         await (_read_until(reader, b"") if script.sentinel else answered)
@@ -112,23 +112,26 @@ async def _play(address: tuple[str, int], script: Script) -> None:
         answered.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await answered
+    return got_pong
 
 
 async def _worker(
     address: tuple[str, int], scripts: Iterator[Script], outcome: Outcome, until: float, cap: int
 ) -> None:
-    while outcome.inputs < cap and time.monotonic() < until:
-        script = next(scripts)
+    for script in scripts:
+        if outcome.inputs >= cap or time.monotonic() >= until:
+            return
         outcome.inputs += script.inputs
         outcome.connections += 1
         try:
             async with asyncio.timeout(SCRIPT_TIMEOUT_S):
-                await _play(address, script)
+                answered = await _play(address, script)
         except TimeoutError:
             anomaly = f"{script.label}: no PONG and no close in {SCRIPT_TIMEOUT_S} s"
         except OSError as exc:  # from connect: nothing was sent
             anomaly = f"{script.label}: connect failed: {type(exc).__name__}: {exc}"
         else:
+            outcome.answered += answered
             continue
         if len(outcome.stuck) < MAX_REPORTED:
             outcome.stuck.append(anomaly)
@@ -143,13 +146,21 @@ async def run(
     heavy: bool = True,
     concurrency: int = CONCURRENCY,
 ) -> Outcome:
-    """Send scripts until ``inputs`` inputs or ``duration_s``; then the connections close."""
+    """Send random scripts until ``inputs`` inputs or ``duration_s``, then (``heavy``) the
+    heavy ones, all at once: the run ends with them, so that what they leave behind is
+    what the daemon holds after the run. The connections are closed when it returns."""
     outcome = Outcome()
-    scripts = _scripts(fuzzer, heavy)
     started = time.monotonic()
+    scripts = _scripts(fuzzer)
     until = started + duration_s
-    workers = [_worker(address, scripts, outcome, until, inputs) for _ in range(concurrency)]
-    await asyncio.gather(*workers)
+    await asyncio.gather(
+        *(_worker(address, scripts, outcome, until, inputs) for _ in range(concurrency))
+    )
+    if heavy:
+        last = fuzzer.heavy()
+        await asyncio.gather(
+            *(_worker(address, iter([script]), outcome, float("inf"), 2**62) for script in last)
+        )
     outcome.elapsed_s = time.monotonic() - started
     return outcome
 

@@ -10,10 +10,11 @@ infinities, huge and negative numbers), deep msgpack nesting, invalid UTF-8, unk
 daemon-to-client frame types, a second HELLO, extreme length prefixes, garbage after the
 valid frames. A few scripts are written one byte per write (frames split at every byte).
 
-``FrameFuzzer.heavy`` adds the inputs that each cost the daemon a lot at once (the attacks
-of issue 14): huge item counts in one frame, many or backtracking ``channel_capacity``
-patterns, messages at the size limit. Bodies are built as msgpack arrays, never through
-``protocol.frames`` (whose constructors would refuse most of them).
+``FrameFuzzer.heavy`` gives the inputs that each cost the daemon a lot at once (the attacks
+of issue 14), which a run sends last: huge item counts in one frame, many or backtracking
+``channel_capacity`` patterns, messages at the size limit, the largest frame cut short.
+Bodies are built as msgpack arrays, never through ``protocol.frames`` (whose constructors
+would refuse most of them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import msgpack
 
 from protocol import FRAME_TYPES, PROTOCOL_VERSION, Hello
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.identity import SECRET_BYTES, client_id_for
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["PREFIXES", "FrameFuzzer", "Script", "frame"]
@@ -41,9 +43,10 @@ _ANSWER_TYPES = tuple(code for code in FRAME_TYPES if code >= 20) + (2,)
 
 #: The namespaces valid fuzz HELLOs use: the campaign flushes each of them at the end.
 PREFIXES = ("fuzz", "fuzz-b", "f" * 99)
-#: Client ids the HELLOs ask for, so connections collide on them and can name their own
-#: process-specific channels (a valid id is used as given).
-CLIENT_IDS = ("fuzzclient000001", "fuzzclient000002", "fuzzclient000003")
+#: Client ids the HELLOs ask for, with the secrets that prove them, so that connections
+#: own them (and get pushes to their channels) or collide on them.
+SECRETS = tuple(bytes([n]) * SECRET_BYTES for n in (1, 2, 3))
+CLIENT_IDS = tuple(client_id_for(secret) for secret in SECRETS)
 
 _INTS = (
     0,
@@ -68,11 +71,15 @@ _COUNTS = (0, 1, 2, 100, 2**32, 2**63 - 1)
 #: bounds or at them (usually, so that most bodies get served), or far past them.
 _CAPACITIES = ((1, 2, 3, 100, 10_000), (10_001, 10**9, 2**63 - 1))
 _EXPIRIES = ((0, 1e-9, 0.5, 1, 60, 60.0, 86_400), (86_401.0, 1e17, 1e300, 2**63 - 1, 1.7e308))
-#: Mostly none (the daemon makes one), else a fuzz id (to own it, or to collide on it), or
-#: one no daemon would make.
-_CLIENT_ID_CHOICES = ("",) * 16 + CLIENT_IDS + ("short", "x" * 33, "a!b" * 5)
+#: (client id, secret): mostly none (the daemon makes one), else a fuzz id with its secret
+#: (to own it, or to collide on it), or without it, or an id no daemon would make.
+_IDENTITIES = (
+    (("", b""),) * 40
+    + tuple(zip(CLIENT_IDS, SECRETS, strict=True))
+    + ((CLIENT_IDS[0], b""), (CLIENT_IDS[1], SECRETS[0]), ("short", b"s"), ("a!b" * 5, b""))
+)
 #: How often a HELLO setting is an extreme one.
-_EXTREME = 0.08
+_EXTREME = 0.05
 _VERSIONS = (0, 2, 255, 2**63 - 1)
 #: Patterns: plain, invalid regexes, and backtracking ones (harmless without a long name).
 _PATTERNS = ("^fuzz", ".*", "^a.*b$", "(", "[", "\\", "*", "(?P<x", "(a+)+$", "(a|aa)*c", "")
@@ -152,15 +159,17 @@ class FrameFuzzer:
     def hello(self, **fields: Any) -> bytes:
         """A HELLO that passes the frame checks; ``fields`` override the random settings."""
         rng = self.rng
+        client_id, secret = rng.choice(_IDENTITIES)
         settings = {
             "version": PROTOCOL_VERSION,
             "token": rng.choice(("", "t", "\u00e9" * 50)),
-            "client_id": rng.choice(_CLIENT_ID_CHOICES),
+            "client_id": client_id,
             "prefix": rng.choice(PREFIXES),
             "capacity": self._pick(*_CAPACITIES),
             "expiry_s": self._pick(*_EXPIRIES),
             "group_expiry_s": self._pick(*_EXPIRIES),
             "channel_capacity": [],
+            "secret": secret,
         }
         if rng.random() < 0.1:
             pairs = rng.randint(1, 4)
@@ -350,7 +359,9 @@ class FrameFuzzer:
                 label="backtracking pattern",
             ),
             Script(
-                self.hello(prefix="fuzz", expiry_s=1e17, client_id=CLIENT_IDS[0]),
+                self.hello(
+                    prefix="fuzz", expiry_s=1e17, client_id=CLIENT_IDS[0], secret=SECRETS[0]
+                ),
                 frame(_SEND, 1, f"fuzz.{CLIENT_IDS[0]}!a", b"x") + ping,
                 label="expiry 1e17, pushed",
             ),
@@ -387,7 +398,7 @@ def _channel_names(rng: random.Random) -> tuple[str, ...]:
     specific = [f"{prefix}.{cid}!x" for prefix in PREFIXES[:2] for cid in CLIENT_IDS]
     return (
         "fuzz.a", "fuzz.b", "fuzz.c", "fuzz-b.a", *specific, f"{CLIENT_IDS[1]}!",
-        "c" * 99, "fuzz." + "d" * 94, f"x.{CLIENT_IDS[2]}!" + "e" * 80,
+        "c" * 99, "fuzz." + "d" * 94, f"x.{CLIENT_IDS[2]}!".ljust(99, "e"),
         "c" * 100, "", "!", "a!b!c", "\u00e7a", "\u540d\u524d", "a\x00b", "a" * 10_000,
         "".join(rng.choice("ab.-_!") for _ in range(30)),
     )  # fmt: skip

@@ -29,7 +29,9 @@ REQUESTS = {Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard, GroupS
 def _decode(data: bytes) -> list[Frame]:
     decoder = FrameDecoder()
     decoder.receive_data(data)
-    frames = list(iter(decoder.next_frame, None))
+    frames: list[Frame] = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
     assert decoder.buffered_bytes == 0
     return frames
 

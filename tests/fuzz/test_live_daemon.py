@@ -72,7 +72,7 @@ class FuzzRun:
         o = self.outcome
         return (
             f"{self.backend}: seed {FUZZ_SEED}, {o.inputs} inputs over {o.connections} "
-            f"connections in {o.elapsed_s:.1f} s"
+            f"connections ({o.answered} bodies answered) in {o.elapsed_s:.1f} s"
         )
 
 
@@ -143,16 +143,12 @@ def test_daemon_survives_and_every_connection_ends(fuzzed: FuzzRun) -> None:
     assert fuzzed.broker.is_running(), f"daemon died: {fuzzed.describe()}"
     assert outcome.inputs >= FUZZ_INPUTS or outcome.elapsed_s >= FUZZ_SECONDS, fuzzed.describe()
     assert outcome.stuck == [], f"{fuzzed.describe()}\n" + "\n".join(outcome.stuck[:20])
+    # Most bodies reached the request handlers: the fuzz is more than refused HELLOs.
+    assert outcome.answered > outcome.connections / 2, fuzzed.describe()
     assert "error" not in outcome.ping, outcome.ping
     assert asyncio.run(_ping_once(fuzzed.broker.address)) == Pong(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no bound on HELLO expiry_s/group_expiry_s yet (--max-expiry, --max-group-expiry:"
-    " issue 14 item 1): 1e17 s and more overflow ttl_ms in PUSH/DELIVER, and the backends'"
-    " deadlines (OverflowError, MalformedFrame in the connection's worker)",
-)
 def test_daemon_log_holds_no_traceback(fuzzed: FuzzRun) -> None:
     tracebacks = _tracebacks(fuzzed.log)
     summary = "\n".join(f"{count} x {what}" for what, count in tracebacks.most_common())
@@ -174,13 +170,6 @@ def _tracebacks(log: str) -> Counter[str]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no bound on one frame's work yet (issue 14 items 1-2): a SEND_MANY of 200,000"
-    " items or an ACK of 300,000 pairs (--max-batch; decoding alone takes over 50 ms),"
-    " 100,000 channel_capacity patterns (--max-patterns) and a backtracking pattern hold"
-    " the event loop for 0.1-0.8 s",
-)
 def test_good_clients_ping_never_takes_over_50_ms(fuzzed: FuzzRun) -> None:
     ping = fuzzed.outcome.ping
     assert ping["count"] > 0, ping
@@ -191,11 +180,11 @@ def test_good_clients_ping_never_takes_over_50_ms(fuzzed: FuzzRun) -> None:
     )
 
 
-# Fails today, and not only for the unbounded frames: a closed connection is cyclic garbage
-# (Connection <-> Handlers, Pull.endpoint) that keeps its decoder buffer, up to a whole
-# frame, and a flushed namespace of the memory backend (Space <-> Channel, Group) keeps
-# its messages, until the cyclic GC runs; with 4 MiB messages and frames cut short at
-# 8 MiB that is +12-52% on every backend even with every bound of issue 14 in place.
+# Fails today: a closed connection is cyclic garbage (Connection <-> Handlers, Pull.endpoint)
+# that keeps its decoder buffer, up to a whole frame, and a flushed namespace of the memory
+# backend (Space <-> Channel, Group) keeps its messages, until the cyclic GC runs; and the
+# 4 MiB buffers that are freed stay in the heap (glibc's mmap threshold grows to their
+# size). The run ends with its heavy inputs, so no later traffic triggers that GC by luck.
 def test_rss_is_back_within_10_percent_after_the_run(fuzzed: FuzzRun) -> None:
     before, after = fuzzed.rss_before_kib, fuzzed.rss_after_kib
     assert after <= before * (1 + RSS_SLACK), (
