@@ -284,9 +284,7 @@ class Connection(asyncio.Protocol):
             router.detach(self, session.ns, session.client_id)
             await self._release_held(session)
         self.ctx.connections.discard(self)
-        # The handlers point back at us: without this the cycle, and the decoder's
-        # buffer with it (up to a whole frame), waits for the cyclic GC.
-        del self.handlers
+        del self.handlers  # they point back at us: free our buffers now, not at a GC
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -48,7 +48,7 @@ from protocol import (
 from . import tokens
 from .capacity import Refused
 from .context import Context
-from .routing import Held, Pull
+from .routing import Endpoint, Pull
 from .session import Session, new_client_id
 
 __all__ = ["SEND_BATCH", "Handlers", "Shell"]
@@ -61,15 +61,15 @@ SEND_BATCH = 256
 _SERVER = f"channels-broker/{__version__}"
 
 
-class Shell(Protocol):
-    """The connection, as its handlers see it: its client's state and its output."""
+class Shell(Endpoint, Protocol):
+    """The connection, as its handlers see it: what the router sees of it (``Endpoint``),
+    its client's state and its output."""
 
     peer: str
     session: Session | None
     inbox: deque[Frame]
     #: Pending RECEIVEs by request id.
     pulls: dict[int, Pull]
-    held: Held
     #: Own channels with messages to push (an insertion-ordered set).
     ready_channels: dict[str, None]
 
@@ -81,18 +81,6 @@ class Shell(Protocol):
 
     def fatal(self, code: ErrorCode, message: str) -> None: ...
 
-    def serve_pull_later(self, pull: Pull) -> None: ...
-
-    def push_later(self, channel: str) -> None: ...
-
-    def can_push(self) -> bool: ...
-
-    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
-
-    def notify_flushed(self) -> None: ...
-
-    def abort(self, reason: str) -> None: ...
-
 
 class Handlers:
     """The request handlers of one connection."""
@@ -100,26 +88,13 @@ class Handlers:
     def __init__(self, shell: Shell, ctx: Context) -> None:
         self.shell = shell
         self.ctx = ctx
-        self._table: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            Hello: self._on_hello,
-            Send: self._on_send,
-            SendMany: self._on_send_many,
-            Receive: self._on_receive,
-            Cancel: self._on_cancel,
-            Ack: self._on_ack,
-            GroupAdd: self._on_group_add,
-            GroupDiscard: self._on_group_discard,
-            GroupSend: self._on_group_send,
-            Flush: self._on_flush,
-            Ping: self._on_ping,
-        }
 
     async def handle(self, frame: Frame) -> None:
         """Answer one request; consecutive SENDs in the inbox are answered together."""
         if type(frame) is Send and self.shell.inbox and type(self.shell.inbox[0]) is Send:
             await self._handle_sends(frame)
             return
-        handler = self._table.get(type(frame))
+        handler = _HANDLERS.get(type(frame))
         if handler is None:
             # A daemon-to-client frame sent to the daemon.
             name = type(frame).__name__
@@ -128,7 +103,7 @@ class Handlers:
             return
         started = perf_counter()
         try:
-            await handler(frame)
+            await handler(self, frame)
         except BackendError as exc:
             log.warning("backend error for %s: %s", type(frame).__name__, exc)
             request_id = getattr(frame, "request_id", 0)
@@ -389,6 +364,23 @@ class Handlers:
 
     async def _on_ping(self, frame: Ping) -> None:
         self.shell.write(Pong(frame.request_id))
+
+
+#: Frame type -> its handler: functions, not bound methods kept per instance (they would
+#: point back at it, and a closed connection's buffers would wait for the cyclic GC).
+_HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
+    Hello: Handlers._on_hello,
+    Send: Handlers._on_send,
+    SendMany: Handlers._on_send_many,
+    Receive: Handlers._on_receive,
+    Cancel: Handlers._on_cancel,
+    Ack: Handlers._on_ack,
+    GroupAdd: Handlers._on_group_add,
+    GroupDiscard: Handlers._on_group_discard,
+    GroupSend: Handlers._on_group_send,
+    Flush: Handlers._on_flush,
+    Ping: Handlers._on_ping,
+}
 
 
 def _observe(histogram: Histogram, value: float) -> None:
