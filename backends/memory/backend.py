@@ -274,12 +274,12 @@ class MemoryBackend(Backend):
             self._channel_wheel.unfile(channel)
             self._messages_waiting -= len(channel.queue)
             self._channels_waiting -= bool(channel.queue)
-            self._bytes -= sum(len(payload) for _, payload in channel.queue)
-        self._bytes -= len(space.channels) * CHANNEL_OVERHEAD_BYTES
+            self._bytes -= CHANNEL_OVERHEAD_BYTES + sum(len(p) for _, p in channel.queue)
         for group in space.groups.values():
             self._group_wheel.unfile(group)
             self._memberships -= len(group.members)
         self._groups -= len(space.groups)
+        space.forget_all()  # its records point back at it: free them now, not at a GC
 
     def watch(self, ns: str, key: str) -> None:
         """Nothing to do: every enqueue here calls the wake-up at once, watched or not (no

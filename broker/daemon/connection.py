@@ -294,6 +294,7 @@ class Connection(asyncio.Protocol):
             self.ctx.router.detach(self, session.ns, session.client_id)
             await self.held.release_stored(self.ctx.backend, session.ns)
         self.ctx.connections.discard(self)
+        del self.handlers  # they point back at us: free our buffers now, not at a GC
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -308,11 +309,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
             transport.write(b"".join(self._output))
-            # Past its high-water mark (at most the bound) the transport paused writing.
-            if self._write_blocked and (
-                (unread := transport.get_write_buffer_size()) > self.guard.max_output_bytes
-            ):
-                self.guard.output_overflowed(transport, unread)
+            if self._write_blocked:  # past its high-water mark (at most the bound)
+                self.guard.check_output(transport)
         self._output.clear()
         self._output_bytes = 0
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sized
 from itertools import islice
@@ -153,7 +154,8 @@ class Guard:
     )
 
     def __init__(self, connection: Guarded, bounds: Bounds, config: Config) -> None:
-        self._connection = connection
+        # A proxy: no cycle through us keeps a closed connection's buffers until a GC.
+        self._connection: Guarded = weakref.proxy(connection)
         self._bounds = bounds
         self.max_input_bytes = config.max_input_bytes
         self.max_output_bytes = config.max_output_bytes
@@ -251,9 +253,12 @@ class Guard:
         self._bounds.hit(flag, f"refused a request from {connection.peer}: {message}")
         connection.fail(request_id, ErrorCode.OVER_LIMIT, message)
 
-    def output_overflowed(self, transport: asyncio.Transport, unread: int) -> None:
-        """The peer left more than ``max_output_bytes`` unread: close at once, dropping
-        them (a reader that is not reading would not read an ERROR either)."""
+    def check_output(self, transport: asyncio.Transport) -> None:
+        """Writing paused: if the peer left more than ``max_output_bytes`` unread, close
+        at once, dropping them (a reader that is not reading would not read an ERROR)."""
+        unread = transport.get_write_buffer_size()
+        if unread <= self.max_output_bytes:
+            return
         connection = self._connection
         self._bounds.hit(
             "max-output-bytes",

@@ -67,26 +67,13 @@ class Handlers:
     def __init__(self, shell: Shell, ctx: Context) -> None:
         self.shell = shell
         self.ctx = ctx
-        self._table: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            Hello: self._on_hello,
-            Send: self._on_send,
-            SendMany: self._on_send_many,
-            Receive: self._on_receive,
-            Cancel: self._on_cancel,
-            Ack: self._on_ack,
-            GroupAdd: self._on_group_add,
-            GroupDiscard: self._on_group_discard,
-            GroupSend: self._on_group_send,
-            Flush: self._on_flush,
-            Ping: self._on_ping,
-        }
 
     async def handle(self, frame: Frame) -> None:
         """Answer one request; consecutive SENDs in the inbox are answered together."""
         if type(frame) is Send and self.shell.inbox and type(self.shell.inbox[0]) is Send:
             await self._handle_sends(frame)
             return
-        handler = self._table.get(type(frame))
+        handler = _HANDLERS.get(type(frame))
         if handler is None:
             # A daemon-to-client frame sent to the daemon.
             name = type(frame).__name__
@@ -95,7 +82,7 @@ class Handlers:
             return
         started = perf_counter()
         try:
-            await handler(frame)
+            await handler(self, frame)
         except BackendError as exc:
             log.warning("backend error for %s: %s", type(frame).__name__, exc)
             request_id = getattr(frame, "request_id", 0)
@@ -364,6 +351,23 @@ class Handlers:
 
     async def _on_ping(self, frame: Ping) -> None:
         self.shell.write(Pong(frame.request_id))
+
+
+#: Frame type -> its handler: functions, not bound methods kept per instance (they would
+#: point back at it, and a closed connection's buffers would wait for the cyclic GC).
+_HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
+    Hello: Handlers._on_hello,
+    Send: Handlers._on_send,
+    SendMany: Handlers._on_send_many,
+    Receive: Handlers._on_receive,
+    Cancel: Handlers._on_cancel,
+    Ack: Handlers._on_ack,
+    GroupAdd: Handlers._on_group_add,
+    GroupDiscard: Handlers._on_group_discard,
+    GroupSend: Handlers._on_group_send,
+    Flush: Handlers._on_flush,
+    Ping: Handlers._on_ping,
+}
 
 
 def _observe(histogram: Histogram, value: float) -> None:

@@ -9,6 +9,7 @@ more output (``room_for_output``): a worker with many pulls ready writes about
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Protocol
 
@@ -35,7 +36,8 @@ class Pulls:
     __slots__ = ("_ctx", "_shell", "pending", "ready")
 
     def __init__(self, shell: PullShell, ctx: Context) -> None:
-        self._shell = shell
+        # A proxy: no cycle through us keeps a closed connection's buffers until a GC.
+        self._shell: PullShell = weakref.proxy(shell)
         self._ctx = ctx
         #: Pending RECEIVEs by request id (what CANCEL and close withdraw).
         self.pending: dict[int, Pull] = {}
