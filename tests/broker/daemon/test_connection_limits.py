@@ -11,10 +11,9 @@ attacker connects from 127.0.0.2, the good client from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,9 +123,9 @@ async def test_the_daemon_keeps_its_connections_within_its_open_file_limit(
 
 
 async def test_unix_socket_clients_count_against_max_connections_only(
-    broker_factory: Callable[..., Any],
+    broker_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="broker-"), "broker.sock")
+    path = str(tmp_path / "broker.sock")
     broker = broker_factory(
         unix_path=path, extra_args=flags(max_connections=3, max_connections_per_peer=1)
     )
