@@ -8,6 +8,7 @@ takes its defaults from it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ __all__ = [
     "SERVE_OPTIONS",
     "Config",
     "Option",
+    "is_loopback",
     "parse_host_port",
     "serve_option",
 ]
@@ -201,6 +203,22 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address of ``--listen``, or a peer's) is this machine only.
+
+    A name other than ``localhost`` counts as reachable from elsewhere: it may resolve
+    to any address.
+    """
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # fe80::1%eth0: its scope
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, from a dual-stack socket
+    return (mapped or address).is_loopback
+
+
 def _without_migration(url: str) -> str:
     """``url`` telling a PostgreSQL backend not to migrate; other backends have no schema."""
     parts = urlsplit(url)
@@ -289,6 +307,7 @@ class Config:
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
         self._check_bounds()
+        self._check_exposure()
 
     def _check_bounds(self) -> None:
         for option in SERVE_OPTIONS:
@@ -296,6 +315,27 @@ class Config:
                 value = getattr(self, option.field_name)
                 if not value > 0:
                     raise ConfigError(f"{option.flag} must be positive, not {value!r}")
+
+    def _check_exposure(self) -> None:
+        """Refuse a TCP listener other hosts can reach while clients prove nothing.
+
+        A token, a token file or client certificates (``--tls-client-ca``) each make
+        clients prove who they are; ``--allow-unauthenticated`` says no proof is wanted.
+        """
+        if self.is_authenticated or self.allow_unauthenticated:
+            return
+        exposed = [item for item in self.listen if not is_loopback(parse_host_port(item)[0])]
+        if exposed:
+            raise ConfigError(
+                f"--listen {exposed[0]} is reachable from other hosts and no client has to"
+                " prove who it is: give --token (or CHANNELS_BROKER_TOKEN), --token-file or"
+                " --tls-client-ca; or --allow-unauthenticated to serve anyone who reaches it"
+            )
+
+    @property
+    def is_authenticated(self) -> bool:
+        """Whether clients must prove who they are: a token, or a client certificate."""
+        return bool(self.token or self.token_file or self.tls_client_ca)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context, or None for plain TCP; ConfigError if unreadable."""

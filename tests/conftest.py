@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -74,11 +74,14 @@ class BrokerProcess:
         token: str | None = None,
         unix_path: str | None = None,
         max_message_bytes: int | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.backend_url = backend_url
         self.token = token
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
+        #: More ``serve`` flags, as a user writes them (``["--tls-cert", path, ...]``).
+        self.args = list(args)
         self.port = free_port()
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -109,7 +112,7 @@ class BrokerProcess:
             args += ["--unix", self.unix_path]
         if self.max_message_bytes is not None:
             args += ["--max-message-bytes", str(self.max_message_bytes)]
-        return args
+        return args + self.args
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

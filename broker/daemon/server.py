@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
-from broker.config import Config, parse_host_port
+from broker.config import Config, is_loopback, parse_host_port
 from broker.ops.exporter import Exporter
-from broker.ops.health import HealthServer
+from broker.ops.health import ALL_NAMESPACES, HealthServer
 from broker.ops.instrumented import instrument
 from broker.ops.metrics import Metrics
 from broker.ops.systemd import Notifier
@@ -79,24 +81,59 @@ class Server:
         def factory() -> Connection:
             return Connection(self.context)
 
-        tls = self.config.ssl_context()
-        scheme = "tls" if tls else "tcp"
-        for host, port in self.config.listen_addresses:
-            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
-            self._listeners.append(listener)
-            log.info("listening on %s://%s:%d", scheme, host, port)
+        await self._listen_tcp(loop, factory)
         for path in self.config.unix:
             _remove_stale_socket(path)
             self._listeners.append(await loop.create_unix_server(factory, path))
             log.info("listening on unix://%s", path)
         if self.config.metrics_listen:
-            host, port = parse_host_port(self.config.metrics_listen)
-            self._health = HealthServer(host, port, self.readiness)
-            self.exporter.attach(self._health)
-            await self._health.start()
-            log.info("health and metrics on http://%s:%d", host, port)
+            await self._start_health(self.config.metrics_listen)
         log.info("serving with backend %s", redacted_url(self.config.backend_url))
         self.notifier.ready(self.exporter.summary)
+
+    async def _listen_tcp(
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection]
+    ) -> None:
+        """The TCP listeners, and a warning for each that serves anyone."""
+        config, tls = self.config, self.config.ssl_context()
+        scheme = "tls" if tls else "tcp"
+        for host, port in config.listen_addresses:
+            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
+            self._listeners.append(listener)
+            log.info("listening on %s://%s:%d", scheme, host, port)
+            if not is_loopback(host) and not config.is_authenticated:
+                log.warning(
+                    "%s:%d serves any client that reaches it: no token, no client certificate"
+                    " (--allow-unauthenticated)",
+                    host,
+                    port,
+                )
+
+    async def _start_health(self, address: str) -> None:
+        host, port = parse_host_port(address)
+        access = self.status_scope if self.config.token or self.config.token_file else None
+        self._health = HealthServer(host, port, self.readiness, status_access=access)
+        self.exporter.attach(self._health)
+        await self._health.start()
+        log.info("health and metrics on http://%s:%d", host, port)
+        if access is None and not is_loopback(host):
+            log.warning(
+                "http://%s:%d serves /metrics, /healthz and /readyz to anyone who reaches it,"
+                " and /status to loopback only: the daemon has no token",
+                host,
+                port,
+            )
+
+    def status_scope(self, token: str) -> str | None:
+        """What ``/status`` shows the bearer of ``token``: every namespace for the token
+        of ``--token``; None (refused) for any other.
+
+        A ``--token-file`` token shows its own namespace: that table answers here too.
+        """
+        expected = self.config.token
+        if expected and hmac.compare_digest(token.encode(), expected.encode()):
+            return ALL_NAMESPACES
+        return None
 
     async def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

@@ -33,7 +33,7 @@ from broker.config import Config
 from broker.version import __version__
 from protocol import ErrorCode
 
-from .health import HealthServer, ReadinessCheck
+from .health import ALL_NAMESPACES, HealthServer, ReadinessCheck
 from .metrics import Histogram, Metrics
 
 __all__ = ["PREFIX", "TOP_LIMIT", "Exporter"]
@@ -218,8 +218,12 @@ class Exporter(Collector):
 
     # -- /status ---------------------------------------------------------------
 
-    async def status(self) -> dict[str, object]:
-        """The document ``channels-broker status`` and ``top`` show."""
+    async def status(self, scope: str = ALL_NAMESPACES) -> dict[str, object]:
+        """The document ``channels-broker status`` and ``top`` show.
+
+        ``scope`` is the one namespace whose channels and clients the reader may see
+        (a token bound to a namespace), or ``ALL_NAMESPACES``; counts stay daemon-wide.
+        """
         context, metrics = self.context, self.metrics
         readiness = await self._readiness()
         stats = self._stats()
@@ -235,11 +239,11 @@ class Exporter(Collector):
             "connections": len(context.connections),
             "totals": metrics.totals() | ({"expired": stats.expired_total} if stats else {}),
             "waiting": None if stats is None else _waiting(stats),
-            "top_channels": await self._top_channels(),
-            "top_clients": _top_clients(context.connections),
+            "top_channels": await self._top_channels(scope),
+            "top_clients": _top_clients(context.connections, scope),
         }
 
-    async def _top_channels(self) -> list[dict[str, object]] | None:
+    async def _top_channels(self, scope: str) -> list[dict[str, object]] | None:
         try:
             top = await asyncio.wait_for(
                 self.context.backend.top_channels(TOP_LIMIT), TOP_TIMEOUT_S
@@ -248,7 +252,11 @@ class Exporter(Collector):
             return None
         if top is None:
             return None
-        return [{"namespace": ns, "channel": name, "messages": n} for ns, name, n in top]
+        return [
+            {"namespace": ns, "channel": name, "messages": n}
+            for ns, name, n in top
+            if scope in (ALL_NAMESPACES, ns)
+        ]
 
 
 def _waiting(stats: BackendStats) -> dict[str, int]:
@@ -260,8 +268,10 @@ def _waiting(stats: BackendStats) -> dict[str, int]:
     }
 
 
-def _top_clients(connections: set[Any]) -> list[dict[str, object]]:
+def _top_clients(connections: set[Any], scope: str) -> list[dict[str, object]]:
     """Connections holding the most pushed, unacknowledged messages: the slow consumers."""
+    if scope != ALL_NAMESPACES:
+        connections = {c for c in connections if c.session is not None and c.session.ns == scope}
     busiest = heapq.nlargest(
         TOP_LIMIT,
         connections,
