@@ -338,14 +338,21 @@ class Config:
         return bool(self.token or self.token_file or self.tls_client_ca)
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """The server-side TLS context, or None for plain TCP; ConfigError if unreadable."""
+        """The server-side TLS context, or None for plain TCP; ConfigError if unreadable.
+
+        With ``tls_client_ca``, a client must show a certificate that CA signed: the
+        handshake fails without one, before the daemon reads a byte of the client's.
+        """
         if not self.tls_cert or not self.tls_key:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             context.load_cert_chain(self.tls_cert, self.tls_key)
+            if self.tls_client_ca:
+                context.load_verify_locations(cafile=self.tls_client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load TLS certificate or key: {exc}") from exc
+            raise ConfigError(f"cannot load TLS certificate, key or client CA: {exc}") from exc
         return context
 
     @property

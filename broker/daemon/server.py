@@ -15,6 +15,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
@@ -28,6 +29,7 @@ from broker.ops.systemd import Notifier
 from .connection import Connection
 from .context import Context
 from .routing import Router
+from .tls import TlsHandshake
 
 __all__ = ["Server"]
 
@@ -94,11 +96,14 @@ class Server:
     async def _listen_tcp(
         self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection]
     ) -> None:
-        """The TCP listeners, and a warning for each that serves anyone."""
+        """The TCP listeners; with TLS each connection starts as a ``TlsHandshake``."""
         config, tls = self.config, self.config.ssl_context()
+        accept: Callable[[], asyncio.Protocol] = factory
+        if tls is not None:
+            accept = partial(TlsHandshake, factory, tls, config.hello_timeout_s, self.metrics)
         scheme = "tls" if tls else "tcp"
         for host, port in config.listen_addresses:
-            listener = await loop.create_server(factory, host, port, reuse_address=True, ssl=tls)
+            listener = await loop.create_server(accept, host, port, reuse_address=True)
             self._listeners.append(listener)
             log.info("listening on %s://%s:%d", scheme, host, port)
             if not is_loopback(host) and not config.is_authenticated:

@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
-from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, MessageTooLarge
 
-__all__ = ["BrokerChannelLayer", "BrokerUnavailable", "LayerClosed", "MessageTooLarge"]
+__all__ = [
+    "BrokerChannelLayer",
+    "BrokerTLSError",
+    "BrokerUnavailable",
+    "LayerClosed",
+    "MessageTooLarge",
+]

@@ -6,7 +6,13 @@ from channels.exceptions import ChannelFull
 
 from protocol import Error, ErrorCode
 
-__all__ = ["BrokerUnavailable", "LayerClosed", "MessageTooLarge", "exception_for"]
+__all__ = [
+    "BrokerTLSError",
+    "BrokerUnavailable",
+    "LayerClosed",
+    "MessageTooLarge",
+    "exception_for",
+]
 
 
 class MessageTooLarge(ValueError):
@@ -15,6 +21,12 @@ class MessageTooLarge(ValueError):
 
 class BrokerUnavailable(ConnectionError):
     """No daemon could be reached within the timeout, or the connection dropped mid-request."""
+
+
+class BrokerTLSError(BrokerUnavailable):
+    """TLS with the daemon failed for a reason that trying again does not change: its
+    certificate is not trusted or names another host, it refused the layer's client
+    certificate, or it does not speak TLS. Raised at once, not after ``connect_timeout``."""
 
 
 class LayerClosed(RuntimeError):

@@ -215,6 +215,12 @@ class Exporter(Collector):
             "Connections refused because their token was wrong.",
             value=errors.get(ErrorCode.AUTH_FAILED, 0),
         )
+        yield CounterMetricFamily(
+            PREFIX + "tls_refused",
+            "TLS handshakes refused: no client certificate, or one not signed by"
+            " --tls-client-ca, or a client not speaking TLS.",
+            value=self.metrics.tls_refused,
+        )
 
     # -- /status ---------------------------------------------------------------
 

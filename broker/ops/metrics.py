@@ -134,6 +134,8 @@ class Metrics:
         self.backend_calls: dict[str, Histogram] = {}
         self.backend_errors: dict[str, int] = {}
         self.errors: dict[ErrorCode, int] = {}
+        #: TLS handshakes the daemon refused: no client certificate, or one it does not trust.
+        self.tls_refused = 0
 
     # -- counted where it happens (see the module docstring); errors are rare --
 
@@ -162,5 +164,6 @@ class Metrics:
             "requests": sum(histogram.count for histogram in self.requests.values()),
             "errors": sum(self.errors.values()),
             "auth_failures": self.errors.get(ErrorCode.AUTH_FAILED, 0),
+            "tls_refused": self.tls_refused,
             "backend_errors": sum(self.backend_errors.values()),
         }
