@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean system-deps example
+.PHONY: run test lint bench clean system-deps example fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ system-deps:
 	  else \
 	    echo "missing Debian packages:$$missing; run 'sudo apt-get install$$missing'" >&2; \
 	  fi; fi
+
+# A longer fuzz run of a live daemon on each backend (tests/fuzz; `make test` sends 40,000
+# inputs per backend): FUZZ_INPUTS per backend, or FUZZ_SECONDS per backend instead, and
+# FUZZ_SEED (a number to replay a run; `random` picks one and prints it on failure).
+# --runxfail: a criterion marked as failing today is reported as the failure it is.
+FUZZ_INPUTS ?= 1000000
+FUZZ_SECONDS ?=
+FUZZ_SEED ?= random
+fuzz: $(STAMP) system-deps
+	CHANNELS_BROKER_FUZZ_INPUTS=$(FUZZ_INPUTS) CHANNELS_BROKER_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+		CHANNELS_BROKER_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/python -m pytest tests/fuzz --runxfail --timeout=0
 
 # The example Django site (deploy/examples/notifications) on a broker: http://127.0.0.1:8000/
 example: $(STAMP)

@@ -25,6 +25,7 @@ from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option
 from .daemon.server import Server
 from .errors import ConfigError
 from .ops.logs import configure_logging
+from .ops.malloc import pin_mmap_threshold
 from .ops.status import check, status, top
 from .version import __version__
 
@@ -109,8 +110,11 @@ def serve(**values: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     configure_logging(config.log_level_number, config.log_format)
+    pin_mmap_threshold()  # so memory a burst of large frames took goes back (ops/malloc.py)
     try:
         asyncio.run(_serve(config))
+    except ConfigError as exc:  # the token file, read as the server is made
+        raise click.UsageError(str(exc)) from exc
     except BackendError as exc:
         log.error("backend failed: %s", exc)
         sys.exit(EXIT_BACKEND)

@@ -18,8 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    LARGEST_CAPACITY,
     LARGEST_MAX_MESSAGE_BYTES,
+    LONGEST_EXPIRY_S,
+    MAX_ACK_PAIRS,
     SMALLEST_MAX_MESSAGE_BYTES,
+    FrameDecoder,
     max_request_frame_bytes,
 )
 
@@ -143,8 +147,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "Longest group membership expiry a client may ask, in seconds.",
         config_field="max_group_expiry_s",
     ),
-    Option("max-patterns", 100, "Most channel_capacity patterns one client may send."),
-    Option("max-batch", 10_000, "Most items in one SEND_MANY or ACK frame."),
+    # 16: a site uses a handful, and each costs every send to a channel name not seen
+    # lately its share of a match (up to 0.2 ms for 16 hostile ones; see daemon/capacity).
+    Option("max-patterns", 16, "Most channel_capacity patterns one client may send."),
+    # 1,000: a frame of 1,000 items is under a millisecond of the daemon's time; the
+    # layer sends ACKs of at most 256 pairs (MAX_ACK_PAIRS) and no SEND_MANY.
+    Option(
+        "max-batch",
+        1_000,
+        "Most items in one frame: SEND_MANY messages, ACK pairs, HELLO patterns.",
+    ),
     Option("max-pulls", 10_000, "Most pending RECEIVEs on one connection."),
     Option("max-memberships", 100_000, "Most group memberships one client may hold."),
     Option(
@@ -204,11 +216,8 @@ def parse_host_port(value: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address of ``--listen``, or a peer's) is this machine only.
-
-    A name other than ``localhost`` counts as reachable from elsewhere: it may resolve
-    to any address.
-    """
+    """Whether ``host`` (a ``--listen`` address, or a peer's) is this machine only; a
+    name other than ``localhost`` is not: it may resolve to any address."""
     if host == "localhost":
         return True
     try:
@@ -304,6 +313,11 @@ class Config:
             raise ConfigError("shutdown timeout must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.token and self.token_file:
+            raise ConfigError(
+                "give --token or --token-file, not both (a token for any namespace"
+                " goes in the file with '*')"
+            )
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
         self._check_bounds()
@@ -315,13 +329,23 @@ class Config:
                 value = getattr(self, option.field_name)
                 if not value > 0:
                     raise ConfigError(f"{option.flag} must be positive, not {value!r}")
+        # What a client may ask must stay representable wherever it goes (protocol.limits).
+        if self.max_capacity > LARGEST_CAPACITY:
+            raise ConfigError(f"--max-capacity must be at most {LARGEST_CAPACITY}")
+        for flag, value in (
+            ("--max-expiry", self.max_expiry_s),
+            ("--max-group-expiry", self.max_group_expiry_s),
+        ):
+            if value > LONGEST_EXPIRY_S:
+                raise ConfigError(f"{flag} must be at most {LONGEST_EXPIRY_S} s (100 years)")
+        if self.max_batch < MAX_ACK_PAIRS:
+            raise ConfigError(f"--max-batch must be at least {MAX_ACK_PAIRS}: the layer's ACKs")
+        if self.max_patterns > self.max_batch:
+            raise ConfigError("--max-patterns must not be over --max-batch (items of one frame)")
 
     def _check_exposure(self) -> None:
-        """Refuse a TCP listener other hosts can reach while clients prove nothing.
-
-        A token, a token file or client certificates (``--tls-client-ca``) each make
-        clients prove who they are; ``--allow-unauthenticated`` says no proof is wanted.
-        """
+        """Refuse a TCP listener other hosts reach unless clients prove who they are, or
+        ``--allow-unauthenticated`` says no proof is wanted."""
         if self.is_authenticated or self.allow_unauthenticated:
             return
         exposed = [item for item in self.listen if not is_loopback(parse_host_port(item)[0])]
@@ -339,10 +363,7 @@ class Config:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server-side TLS context, or None for plain TCP; ConfigError if unreadable.
-
-        With ``tls_client_ca``, a client must show a certificate that CA signed: the
-        handshake fails without one, before the daemon reads a byte of the client's.
-        """
+        With ``tls_client_ca``, the handshake fails without a certificate that CA signed."""
         if not self.tls_cert or not self.tls_key:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -359,6 +380,11 @@ class Config:
     def backend_url(self) -> str:
         """The URL the daemon opens its backend with: ``backend``, and migrate=false if asked."""
         return _without_migration(self.backend) if self.no_migrate else self.backend
+
+    def frame_decoder(self) -> FrameDecoder:
+        """A decoder for what clients send: frames of up to ``max_frame_bytes`` whose
+        arrays hold up to ``max_batch`` items (``FrameOverLimit`` beyond)."""
+        return FrameDecoder(self.max_frame_bytes, self.max_batch, "--max-batch")
 
     @property
     def max_frame_bytes(self) -> int:

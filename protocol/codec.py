@@ -4,6 +4,13 @@ A frame on the wire is a 4-byte big-endian body length, then the msgpack body (a
 array: frame type number, then fields). The decoder is sans-IO: ``receive_data``
 stores bytes, ``next_frame`` returns one complete frame, ``None`` when more bytes
 are needed, or raises ``ProtocolError``; it never raises anything else.
+
+A daemon also bounds the work of decoding one frame (``max_items``): the length prefix
+bounds bytes, but 8 MiB of one-byte msgpack objects take half a second to build. An
+array longer than ``max_items`` is refused from its header, before its items are
+read; a body that could hold more objects than a frame of ``max_items`` pairs needs
+(or 64 K) is decoded counting the objects of each array as it completes, and refused
+past them.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import FrameTooLarge, MalformedFrame, ProtocolError
+from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
 from .frames import Frame, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
@@ -29,6 +36,14 @@ __all__ = [
 HEADER_BYTES = 4
 #: What a daemon with the default message limit reads (see ``limits``).
 DEFAULT_MAX_FRAME_BYTES = max_request_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES)
+
+#: Objects per item of the longest array a frame carries (a pair: its array and two
+#: fields), and room for the frame's own fields: a bounded body holds no more.
+_OBJECTS_PER_ITEM = 3
+_FIELD_OBJECTS = 64
+#: Objects any bounded body may hold all the same: 64 K take a few ms to build, and a
+#: body of fewer bytes (each object takes one at least) is decoded without counting.
+_UNCOUNTED_OBJECTS = 64 * 1024
 
 _header = struct.Struct(">I")
 _pack_header = _header.pack
@@ -52,12 +67,28 @@ def encode_frames(frames: list[Frame]) -> bytes:
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames, refusing any frame over ``max_frame_bytes``."""
+    """Turns a byte stream into frames, refusing any frame over ``max_frame_bytes``.
 
-    __slots__ = ("_buffer", "max_frame_bytes")
+    With ``max_items``, it also refuses (``FrameOverLimit``) a frame with an array of
+    more items, or with more objects than such a frame holds; ``limit_name`` (a flag)
+    is named in the refusal. Without it (the layer, which reads PUSH frames listing a
+    whole group's members), frames are bounded by bytes only.
+    """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    __slots__ = ("_buffer", "_max_objects", "limit_name", "max_frame_bytes", "max_items")
+
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_items: int | None = None,
+        limit_name: str = "",
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self.max_items = max_items
+        self.limit_name = limit_name
+        self._max_objects = max(
+            _OBJECTS_PER_ITEM * (max_items or 0) + _FIELD_OBJECTS, _UNCOUNTED_OBJECTS
+        )
         self._buffer = bytearray()
 
     def receive_data(self, data: bytes) -> None:
@@ -92,7 +123,50 @@ class FrameDecoder:
             return None
         body = bytes(buffer[HEADER_BYTES:end])
         del buffer[:end]
-        return _decode_body(body)
+        if self.max_items is None:
+            return _decode_body(body)
+        return self._decode_bounded(body)
+
+    def _decode_bounded(self, body: bytes) -> Frame:
+        max_items = self.max_items
+        assert max_items is not None
+        # Each object takes a byte at least: a short body needs no counting.
+        hook = None if len(body) <= self._max_objects else _ObjectCount(self._max_objects)
+        try:
+            items = msgpack.unpackb(
+                body,
+                use_list=False,
+                raw=False,
+                strict_map_key=True,
+                max_array_len=max_items,
+                max_map_len=0,  # no frame holds a map
+                list_hook=hook,
+            )
+        except (ValueError, FrameOverLimit) as exc:
+            if isinstance(exc, FrameOverLimit) or "max_array_len" in str(exc):
+                where = f" ({self.limit_name})" if self.limit_name else ""
+                message = f"a frame over the limit of {max_items} items per array{where}: {exc}"
+                raise FrameOverLimit(message) from None
+            raise MalformedFrame(f"body is not valid msgpack: {exc}") from exc
+        except Exception as exc:
+            raise MalformedFrame(f"body is not valid msgpack: {exc}") from exc
+        return _frame(items)
+
+
+class _ObjectCount:
+    """msgpack's ``list_hook``: counts the items of each array as it completes."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def __call__(self, array: tuple[Any, ...]) -> tuple[Any, ...]:
+        self.left -= len(array)
+        if self.left < 0:
+            raise FrameOverLimit(f"a frame of more than {self.limit} objects")
+        return array
 
 
 def _decode_body(body: bytes) -> Frame:
@@ -102,6 +176,10 @@ def _decode_body(body: bytes) -> Frame:
         # msgpack raises several unrelated types (ExtraData, ValueError, FormatError,
         # StackError, UnicodeDecodeError...); all mean the same thing to us.
         raise MalformedFrame(f"body is not valid msgpack: {exc}") from exc
+    return _frame(items)
+
+
+def _frame(items: Any) -> Frame:
     try:
         return frame_from_wire(items)
     except ProtocolError:

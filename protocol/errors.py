@@ -6,6 +6,7 @@ from enum import IntEnum
 
 __all__ = [
     "ErrorCode",
+    "FrameOverLimit",
     "FrameTooLarge",
     "HandshakeError",
     "MalformedFrame",
@@ -48,7 +49,8 @@ class ErrorCode(IntEnum):
     OVER_LIMIT = 14
     #: The token may not do this: a namespace it is not bound to, another client's channel.
     FORBIDDEN = 15
-    #: HELLO named a client id that a live connection holds, without proving it is that client.
+    #: HELLO named a client id without the secret it was made from (``protocol.identity``):
+    #: only its owner may attach to it, whether or not a connection holds it now.
     CLIENT_ID_TAKEN = 16
     #: The daemon, or this peer address, has as many connections as it allows.
     TOO_MANY_CONNECTIONS = 17
@@ -81,6 +83,12 @@ class FrameTooLarge(ProtocolError):
     """A frame whose declared length is over the limit."""
 
     code = ErrorCode.FRAME_TOO_LARGE
+
+
+class FrameOverLimit(ProtocolError):
+    """A frame with more items than the receiver reads in one frame."""
+
+    code = ErrorCode.OVER_LIMIT
 
 
 class HandshakeError(ProtocolError):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeAlias
 
 from .errors import ErrorCode, MalformedFrame, UnknownFrame
+from .limits import LONGEST_EXPIRY_S
 
 __all__ = [
     "CLIENT_ID_CACHE_SIZE",
@@ -44,6 +45,7 @@ __all__ = [
     "is_process_specific",
     "is_valid_channel",
     "is_valid_group",
+    "ttl_ms",
 ]
 
 # -- names: what a channel or group name may be, and whose a channel is --------
@@ -145,20 +147,24 @@ def _check_count(name: str, value: object) -> None:
 class Hello:
     """Client's first frame: protocol version, credentials and the layer's settings.
 
-    ``client_id`` is empty for a new client, or the id a previous connection was
-    given, to re-attach to the messages that wait for it. ``channel_capacity`` holds
-    (regular expression, capacity) pairs, first match wins.
+    ``client_id`` is empty for a client the daemon names (it cannot re-attach), or the
+    id the client derived from ``secret``, which proves it owns the id (see
+    ``protocol.identity``): on every (re)connect it re-attaches to the messages that
+    wait for it. ``channel_capacity`` holds (regular expression, capacity) pairs,
+    first match wins, each matched from the name's start; in RE2's syntax (Python's
+    ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
     """
 
     TYPE: ClassVar[int] = 1
     version: int
-    token: str
+    token: str = field(repr=False)  # no repr of a frame shows a credential
     client_id: str
     prefix: str
     capacity: int
     expiry_s: float
     group_expiry_s: float
     channel_capacity: tuple[tuple[str, int], ...] = ()
+    secret: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -169,6 +175,7 @@ class Hello:
         _check_number("expiry_s", self.expiry_s)
         _check_number("group_expiry_s", self.group_expiry_s)
         _check_pairs("channel_capacity", self.channel_capacity, _check_count)
+        _check_bytes("secret", self.secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +376,14 @@ class Error:
             return ErrorCode(self.code)
         except ValueError:
             return None
+
+
+def ttl_ms(ttl_s: float) -> int:
+    """``ttl_s`` as the whole milliseconds a DELIVER or PUSH carries, in [0,
+    ``LONGEST_EXPIRY_S`` in ms] for any float (NaN is 0), so the frame always encodes."""
+    if not ttl_s > 0:
+        return 0
+    return int(min(ttl_s, LONGEST_EXPIRY_S) * 1000)
 
 
 @dataclass(frozen=True, slots=True)

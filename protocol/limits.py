@@ -4,7 +4,11 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "LARGEST_CAPACITY",
     "LARGEST_MAX_MESSAGE_BYTES",
+    "LONGEST_EXPIRY_S",
+    "MAX_ACK_PAIRS",
+    "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
     "SMALLEST_MAX_MESSAGE_BYTES",
     "max_request_frame_bytes",
@@ -31,3 +35,21 @@ def max_request_frame_bytes(max_message_bytes: int) -> int:
     A hostile length prefix can make it buffer no more than that.
     """
     return max(_SMALLEST_MAX_REQUEST_FRAME_BYTES, max_message_bytes + _REQUEST_NAMES_BYTES)
+
+
+#: Most (channel, count) pairs the layer puts in one ACK; it sends more as several.
+#: A layer acknowledges one pair per channel read since its last write (a few, rarely
+#: hundreds), and 256 pairs of 100-character names is a 27 KiB frame a daemon handles
+#: in well under a millisecond. A daemon's item bound (``--max-batch``) is never lower.
+MAX_ACK_PAIRS = 256
+#: The longest expiry, of a message or a membership, a daemon may allow: 100 years.
+#: Every deadline and time-to-live made from it stays representable: in ms it is 3.2e12,
+#: far inside msgpack's uint64; Redis's 13-digit deadlines in ms last until 2286;
+#: PostgreSQL's timestamps until 294276.
+LONGEST_EXPIRY_S = 100 * 365 * 86_400
+#: The largest capacity a daemon may allow: PostgreSQL stores capacities as ``integer``.
+LARGEST_CAPACITY = 2**31 - 1
+#: The longest ``channel_capacity`` pattern in a HELLO, in characters. It matches names
+#: shorter than 100 characters: what ``fnmatch.translate`` (Channels' glob keys) makes
+#: of the longest glob, every character escaped, is about 210.
+MAX_PATTERN_CHARS = 256

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import pg_server, servers
+from tests.ports import free_port
+from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, START_TIMEOUT_S
 
 #: Every layer test runs once per backend URL. More are added as their servers are.
 BACKEND_URLS = [
@@ -36,24 +38,9 @@ BACKEND_URLS = [
     *servers.REDIS_PARAMS,
 ]
 
-#: How long a daemon may take to accept connections before the test fails.
-READY_TIMEOUT_S = 10.0
-#: How long SIGTERM may take to stop a daemon before the test fails.
-STOP_TIMEOUT_S = 10.0
-#: Pause between connection attempts while waiting for readiness.
-POLL_INTERVAL_S = 0.02
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _backend_id(url: str) -> str:
@@ -74,14 +61,14 @@ class BrokerProcess:
         token: str | None = None,
         unix_path: str | None = None,
         max_message_bytes: int | None = None,
-        args: Sequence[str] = (),
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.backend_url = backend_url
+        #: More ``serve`` flags, as given (``("--token-file", path)``).
+        self.extra_args = extra_args
         self.token = token
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
-        #: More ``serve`` flags, as a user writes them (``["--tls-cert", path, ...]``).
-        self.args = list(args)
         self.port = free_port()
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -112,7 +99,7 @@ class BrokerProcess:
             args += ["--unix", self.unix_path]
         if self.max_message_bytes is not None:
             args += ["--max-message-bytes", str(self.max_message_bytes)]
-        return args + self.args
+        return [*args, *self.extra_args]
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -131,7 +118,7 @@ class BrokerProcess:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -143,8 +130,8 @@ class BrokerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.kill()
-                self._fail(f"daemon did not accept connections within {READY_TIMEOUT_S} s")
-            time.sleep(POLL_INTERVAL_S)
+                self._fail(f"daemon did not accept connections within {START_TIMEOUT_S} s")
+            time.sleep(POLL_S)
 
     def stop(self) -> int:
         """SIGTERM and wait; return the exit code. Fails the test if it does not stop."""
@@ -152,10 +139,10 @@ class BrokerProcess:
             return self.process.returncode if self.process is not None else 0
         self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=STOP_TIMEOUT_S)
+            return self.process.wait(timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.kill()
-            self._fail(f"daemon did not stop within {STOP_TIMEOUT_S} s of SIGTERM")
+            self._fail(f"daemon did not stop within {START_TIMEOUT_S} s of SIGTERM")
 
     def kill(self) -> None:
         """SIGKILL and reap: the connection cut a crash or power loss makes."""
@@ -173,7 +160,9 @@ class BrokerProcess:
     def stderr_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, predicate: Callable[[str], bool], timeout_s: float = 5.0) -> str:
+    def wait_for_log(
+        self, predicate: Callable[[str], bool], timeout_s: float = DELIVERY_TIMEOUT_S
+    ) -> str:
         """Return the first log line matching ``predicate``, waiting up to ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -182,7 +171,7 @@ class BrokerProcess:
                     return line
             if time.monotonic() > deadline:
                 pytest.fail(f"no matching daemon log line in {timeout_s} s\n{self.log_tail()}")
-            time.sleep(POLL_INTERVAL_S)
+            time.sleep(POLL_S)
 
     def log_tail(self, lines: int = 60) -> str:
         text = "\n".join(self.stderr_text().splitlines()[-lines:])
@@ -327,7 +316,7 @@ class LayerFactory:
         self.layers: list[Any] = []
 
     def __call__(self, **config: Any) -> Any:
-        from broker.layer.channel_layer import BrokerChannelLayer
+        from broker.layer import BrokerChannelLayer
 
         config.setdefault("hosts", [self.broker.url])
         layer = BrokerChannelLayer(**config)
@@ -340,21 +329,22 @@ class LayerFactory:
             await layer.close()
 
 
-@pytest.fixture
-def make_layer(broker: BrokerProcess) -> Iterator[LayerFactory]:
+def _layers_of(broker: BrokerProcess) -> Iterator[LayerFactory]:
     factory = LayerFactory(broker)
     yield factory
-    if factory.layers:
+    if factory.layers:  # a sync test's layers; an async test's are closed in its loop
         asyncio.run(factory.aclose())
+
+
+@pytest.fixture
+def make_layer(broker: BrokerProcess) -> Iterator[LayerFactory]:
+    yield from _layers_of(broker)
 
 
 @pytest.fixture
 def make_own_layer(own_broker: BrokerProcess) -> Iterator[LayerFactory]:
     """``make_layer`` for the test's own daemon (``own_broker``)."""
-    factory = LayerFactory(own_broker)
-    yield factory
-    if factory.layers:
-        asyncio.run(factory.aclose())
+    yield from _layers_of(own_broker)
 
 
 @pytest.fixture

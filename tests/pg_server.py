@@ -23,7 +23,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -32,6 +31,8 @@ from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+from tests.ports import free_port
 
 __all__ = [
     "POSTGRES_PARAMS",
@@ -74,13 +75,6 @@ def _version_key(path: str) -> tuple[int, ...]:
 def can_make_servers() -> bool:
     """True if initdb and pg_ctl are installed (throwaway servers can be made)."""
     return _bin("initdb") is not None and _bin("pg_ctl") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def is_answering(url: str, timeout_s: float = 3.0) -> bool:
@@ -132,7 +126,7 @@ class PostgresServer:
     """
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cb-postgres-"))
         self.data = self.dir / "data"
         self.log_path = self.dir / "server.log"

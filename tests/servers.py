@@ -31,20 +31,20 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import pg_server
+from tests.ports import free_port, free_ports, is_free
+from tests.waits import POLL_S, START_TIMEOUT_S
 
 __all__ = [
     "REDIS_PARAMS",
     "RedisCluster",
     "RedisServer",
     "backend_url",
+    "free_ports",  # from tests.ports; the backend tests take it from here
     "redis_available",
     "session_prefix",
 ]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-#: How long a redis-server may take to answer PING after starting.
-START_TIMEOUT_S = 10.0
-POLL_S = 0.02
 
 #: Backend parameters for ``BACKEND_URLS``: resolved (and started) by ``backend_url``.
 REDIS_PARAMS = ["redis://", "redis+cluster://"]
@@ -56,28 +56,10 @@ _servers: list[RedisServer | RedisCluster | RedisSentinel] = []
 _shared: list[str] = []
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def cluster_port() -> int:
     """A free port whose cluster-bus port (+10000) is free too: at most 55535."""
     while True:
-        port = free_ports(1)[0]
+        port = free_port()
         if port <= 55535 and is_free(port + 10000):
             return port
         for _ in range(100):  # ephemeral ports are often high: try lower ones
@@ -106,7 +88,7 @@ class RedisServer:
     def __init__(
         self, *, appendonly: bool = False, extra: tuple[str, ...] = (), port: int | None = None
     ) -> None:
-        self.port = port if port is not None else free_ports(1)[0]
+        self.port = port if port is not None else free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cb-redis-"))
         self.appendonly = appendonly
         self.extra = extra
@@ -213,7 +195,7 @@ class RedisSentinel:
 
     def __init__(self) -> None:
         self.master = RedisServer()
-        self.port = free_ports(1)[0]
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cb-sentinel-"))
         self.process: subprocess.Popen[bytes] | None = None
 

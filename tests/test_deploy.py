@@ -24,7 +24,9 @@ import pytest
 
 from broker.cli import serve
 from tests.broker.http_client import http_get
-from tests.conftest import BrokerProcess, free_port
+from tests.conftest import BrokerProcess
+from tests.ports import free_port
+from tests.waits import POLL_S, START_TIMEOUT_S
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "systemd" / "channels-broker.service"
@@ -178,7 +180,7 @@ def test_env_file_configures_a_working_daemon(
     env_daemon: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     process, metrics_port = env_daemon
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
             if http_get(metrics_port, "/readyz")[0] == 200:
@@ -186,7 +188,7 @@ def test_env_file_configures_a_working_daemon(
         except OSError:
             pass
         assert process.poll() is None and time.monotonic() < deadline, "daemon not ready"
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
 

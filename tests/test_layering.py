@@ -49,6 +49,8 @@ THIRD_PARTY_ALLOWED: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("broker.ops",),
     "redis": ("backends.redis", "broker.bench"),
     "asyncpg": ("backends.postgres",),
+    "re2": ("broker.daemon",),
+    "cryptography": ("broker.layer",),
 }
 
 
@@ -205,11 +207,11 @@ def test_cycle_finder_finds_a_cycle_through_a_type_checking_import() -> None:
     assert cycles(import_graph(sources)) == [["broker.layer.a", "broker.layer.b"]]
 
 
-def test_importing_the_layer_loads_no_daemon_ops_bench_backend_or_prometheus() -> None:
+def test_importing_the_layer_loads_no_daemon_ops_bench_backend_prometheus_or_crypto() -> None:
     code = (
         "import sys, broker.layer\n"
         "heavy = ('broker.daemon', 'broker.ops', 'broker.bench', 'broker.cli', 'backends',"
-        " 'prometheus_client', 'redis', 'asyncpg', 'click')\n"
+        " 'prometheus_client', 'redis', 'asyncpg', 'click', 'cryptography')\n"
         "print(' '.join(sorted(m for m in sys.modules if m.startswith(heavy))))\n"
     )
     loaded = subprocess.run(
@@ -256,6 +258,7 @@ def test_importing_the_layer_loads_no_daemon_ops_bench_backend_or_prometheus() -
         ("broker/layer/channel_layer.py", "import channels_redis"),
         ("broker/config.py", "from .daemon import Server"),
         ("broker/bench/runner.py", "from broker.daemon import Server"),
+        ("broker/daemon/server.py", "from cryptography.fernet import Fernet"),
     ],
 )
 def test_checker_reports_a_wrong_way_import(path: str, source: str) -> None:
@@ -280,6 +283,7 @@ def test_checker_reports_a_wrong_way_import(path: str, source: str) -> None:
         ("broker/layer/channel_layer.py", "from asgiref.sync import async_to_sync"),
         ("broker/layer/client.py", "from django.conf import settings\nfrom protocol import Hello"),
         ("broker/layer/client.py", "from .parking import IdlePool"),
+        ("broker/layer/encryption.py", "from cryptography.fernet import Fernet"),
         ("broker/cli.py", "from .daemon import Server\nfrom .ops.status import status"),
     ],
 )

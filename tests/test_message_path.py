@@ -14,7 +14,7 @@ from typing import Any
 from broker.config import Config
 from broker.daemon import Server
 from broker.layer import BrokerChannelLayer
-from tests.conftest import free_port
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = tuple(str(ROOT / package) + "/" for package in ("protocol", "backends", "broker"))

@@ -255,6 +255,7 @@ class MemoryBackend(Backend):
             self._group_wheel.unfile(group)
             self._memberships -= len(group.members)
         self._groups -= len(space.groups)
+        space.forget_all()  # its records point back at it: free them now, not at a GC
 
     def watch(self, ns: str, key: str) -> None:
         """Nothing to do: every enqueue here calls the wake-up at once, watched or not.

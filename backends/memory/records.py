@@ -25,6 +25,12 @@ class Space:
             self.clients.setdefault(record.client, {})[name] = record
         return record
 
+    def forget_all(self) -> None:
+        """Drop every record (the namespace was flushed), so none outlives it."""
+        self.channels.clear()
+        self.clients.clear()
+        self.groups.clear()
+
     def remove_channel(self, record: Channel) -> None:
         del self.channels[record.name]
         if record.client is not None:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
+from .pool import DRIVER_ERRORS
 
 __all__ = ["Listener"]
 
@@ -94,12 +94,7 @@ class Listener:
                 try:
                     await self._listen()
                     break
-                except (
-                    OSError,
-                    asyncpg.PostgresError,
-                    asyncpg.InterfaceError,
-                    TimeoutError,
-                ) as exc:
+                except DRIVER_ERRORS as exc:
                     log.debug("reconnecting the LISTEN connection failed: %s", exc)
                     await asyncio.sleep(delay_s)
                     delay_s = min(delay_s * 2, RECONNECT_DELAY_MAX_S)
@@ -114,7 +109,7 @@ class Listener:
         conn.remove_termination_listener(self._on_terminated)
         try:
             await asyncio.wait_for(conn.close(), 1.0)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except DRIVER_ERRORS:
             conn.terminate()
 
     def _on_terminated(self, conn: Any) -> None:
@@ -138,7 +133,7 @@ class Listener:
             return
         try:
             await conn.execute("SELECT 1", timeout=timeout_s)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DRIVER_ERRORS as exc:  # InternalClientError too: the task must live on
             log.debug("the LISTEN connection did not answer: %s", exc)
             conn.terminate()
             self._lost.set()

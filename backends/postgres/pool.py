@@ -22,14 +22,14 @@ from backends import BackendError, BackendUnavailable
 
 from .url import PostgresOptions
 
-__all__ = ["Database"]
+__all__ = ["DRIVER_ERRORS", "UNAVAILABLE", "Database"]
 
 #: A deadlock (PostgreSQL detects it and rolls back one side) is retried this often.
 DEADLOCK_RETRIES = 3
 
 #: Driver errors meaning "cannot reach the database now"; other PostgresErrors are bugs
 #: or misconfiguration and stay ``BackendError``.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
+UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
@@ -38,6 +38,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.InternalClientError,  # a connection caught mid-way by a shutdown
 )
+
+#: Every error the driver raises for a statement that did not complete.
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE, asyncpg.PostgresError)
 
 T = TypeVar("T")
 
@@ -75,7 +78,7 @@ class Database:
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), self.options.timeout_s)
-            except (*_UNAVAILABLE, asyncpg.PostgresError):
+            except DRIVER_ERRORS:
                 pool.terminate()
 
     async def connect(self) -> Any:
@@ -114,7 +117,7 @@ class Database:
                 raise BackendUnavailable(
                     f"PostgreSQL did not answer within {timeout_s:g} s"
                 ) from exc
-            except _UNAVAILABLE as exc:
+            except UNAVAILABLE as exc:
                 raise BackendUnavailable(f"PostgreSQL unavailable: {_describe(exc)}") from exc
             except asyncpg.PostgresError as exc:
                 raise BackendError(f"PostgreSQL: {_describe(exc)}") from exc
@@ -127,7 +130,7 @@ class Database:
                 return await awaitable
         except TimeoutError as exc:
             raise BackendUnavailable(f"PostgreSQL did not answer at {self.where()}") from exc
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise BackendUnavailable(
                 f"cannot reach PostgreSQL at {self.where()}: {_describe(exc)}"
             ) from exc
@@ -176,8 +179,8 @@ async def _give_back(pool: Any, conn: Any) -> None:
     """
     try:
         await pool.release(conn)
-    except (*_UNAVAILABLE, asyncpg.PostgresError):
-        with contextlib.suppress(*_UNAVAILABLE):  # the pool may have dropped it already
+    except DRIVER_ERRORS:
+        with contextlib.suppress(*UNAVAILABLE):  # the pool may have dropped it already
             conn.terminate()
 
 

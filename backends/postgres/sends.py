@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from backends import CapacityOf, WakeupCallback
-from protocol import client_id_of, is_process_specific
+from protocol import client_id_of, is_process_specific, ttl_ms
 
 from .batching import ReleaseWriter
 from .pool import Database
@@ -57,7 +57,7 @@ class Sends:
         if pushes is not None and direct:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
-            elif not pushes.push_now(ns, direct, payload, int(expiry_s * 1000)):
+            elif not pushes.push_now(ns, direct, payload, ttl_ms(expiry_s)):
                 return True
             else:  # its owner left meanwhile (and its count with it): store it
                 outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import BenchError
-from .layers import Note
+from .layers import CAPACITY, Note
 
 __all__ = ["daemon"]
 
@@ -78,7 +78,9 @@ def daemon(backend_url: str, note: Note) -> Iterator[str]:
     port, metrics_port = free_ports(2)
     command = [sys.executable, "-m", "broker", "serve", "--listen", f"127.0.0.1:{port}"]
     command += ["--backend", backend_url, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    command += ["--log-level", "warning"]
+    # The layers ask for CAPACITY, over a site's --max-capacity: the bench measures
+    # speed, never back-pressure.
+    command += ["--log-level", "warning", "--max-capacity", str(CAPACITY)]
     path = os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(

@@ -25,12 +25,12 @@ from protocol import (
     ErrorCode,
     Flushed,
     Frame,
-    FrameDecoder,
     Handshake,
     ProtocolError,
     Push,
     Role,
     encode_frame,
+    ttl_ms,
 )
 
 from .context import Context
@@ -61,7 +61,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, context: Context) -> None:
         self.ctx = context
-        self.decoder = FrameDecoder(context.config.max_frame_bytes)
+        self.decoder = context.config.frame_decoder()
         self.handshake = Handshake(Role.DAEMON)
         self.session: Session | None = None
         self.peer = "?"
@@ -110,6 +110,8 @@ class Connection(asyncio.Protocol):
                 self.inbox.append(frame)
         except ProtocolError as exc:
             log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
+            if exc.code is ErrorCode.OVER_LIMIT:
+                self.ctx.metrics.count_limit("max-batch")
             self.fatal(exc.code, str(exc))
             return
         if len(self.inbox) > INBOX_HIGH_WATER and not self._reading_paused:
@@ -282,6 +284,7 @@ class Connection(asyncio.Protocol):
             router.detach(self, session.ns, session.client_id)
             await self._release_held(session)
         self.ctx.connections.discard(self)
+        del self.handlers  # they point back at us: free our buffers now, not at a GC
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -343,7 +346,7 @@ class Connection(asyncio.Protocol):
             del self.pulls[pull.request_id]
             self.ctx.metrics.delivered["pull"] += 1
             item = taken[0]
-            self.write(Deliver(pull.request_id, pull.channel, item.payload, _ttl_ms(item.ttl_s)))
+            self.write(Deliver(pull.request_id, pull.channel, item.payload, ttl_ms(item.ttl_s)))
 
     async def _push_ready(self) -> None:
         """Push waiting messages of our channels, one frame per distinct payload.
@@ -366,7 +369,7 @@ class Connection(asyncio.Protocol):
             del ready[channel]
             self._collect(channel, items, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self.write(Push(tuple(channels), payload, _ttl_ms(ttl_s)))
+            self.write(Push(tuple(channels), payload, ttl_ms(ttl_s)))
         if ready:  # not reached: a backend error stopped the batch part-way
             self.ready_channels.update(ready)
             raise BackendError(f"{len(ready)} channels not reached")
@@ -394,7 +397,3 @@ class Connection(asyncio.Protocol):
                 frame_of_payload[id(item.payload)] = index
             frames[index][2].append(channel)
             last = index
-
-
-def _ttl_ms(ttl_s: float) -> int:
-    return max(0, int(ttl_s * 1000))

@@ -10,6 +10,7 @@ from broker.config import Config
 from broker.ops.metrics import Metrics
 
 from .routing import Router
+from .tokens import TokenTable
 
 __all__ = ["Context"]
 
@@ -26,3 +27,6 @@ class Context:
     accepting: bool = True
     #: Counters of requests and errors (``broker.ops.metrics``), exported at scrape time.
     metrics: Metrics = field(default_factory=Metrics)
+    #: The tokens HELLO may carry and their namespaces; None: no token is asked for.
+    #: Replaced whole on SIGHUP (``Server.reload``).
+    tokens: TokenTable | None = None

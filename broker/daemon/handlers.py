@@ -10,9 +10,7 @@ runs for every request, and the exporter reads the numbers only when scraped.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import re
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,11 +41,15 @@ from protocol import (
     Welcome,
     is_valid_channel,
     is_valid_group,
+    proves,
+    ttl_ms,
 )
 
+from . import tokens
+from .capacity import Refused
 from .context import Context
-from .routing import Held, Pull
-from .session import Session, is_valid_client_id, new_client_id
+from .routing import Endpoint, Pull
+from .session import Session, new_client_id
 
 __all__ = ["SEND_BATCH", "Handlers", "Shell"]
 
@@ -59,15 +61,15 @@ SEND_BATCH = 256
 _SERVER = f"channels-broker/{__version__}"
 
 
-class Shell(Protocol):
-    """The connection, as its handlers see it: its client's state and its output."""
+class Shell(Endpoint, Protocol):
+    """The connection, as its handlers see it: what the router sees of it (``Endpoint``),
+    its client's state and its output."""
 
     peer: str
     session: Session | None
     inbox: deque[Frame]
     #: Pending RECEIVEs by request id.
     pulls: dict[int, Pull]
-    held: Held
     #: Own channels with messages to push (an insertion-ordered set).
     ready_channels: dict[str, None]
 
@@ -79,18 +81,6 @@ class Shell(Protocol):
 
     def fatal(self, code: ErrorCode, message: str) -> None: ...
 
-    def serve_pull_later(self, pull: Pull) -> None: ...
-
-    def push_later(self, channel: str) -> None: ...
-
-    def can_push(self) -> bool: ...
-
-    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
-
-    def notify_flushed(self) -> None: ...
-
-    def abort(self, reason: str) -> None: ...
-
 
 class Handlers:
     """The request handlers of one connection."""
@@ -98,26 +88,13 @@ class Handlers:
     def __init__(self, shell: Shell, ctx: Context) -> None:
         self.shell = shell
         self.ctx = ctx
-        self._table: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            Hello: self._on_hello,
-            Send: self._on_send,
-            SendMany: self._on_send_many,
-            Receive: self._on_receive,
-            Cancel: self._on_cancel,
-            Ack: self._on_ack,
-            GroupAdd: self._on_group_add,
-            GroupDiscard: self._on_group_discard,
-            GroupSend: self._on_group_send,
-            Flush: self._on_flush,
-            Ping: self._on_ping,
-        }
 
     async def handle(self, frame: Frame) -> None:
         """Answer one request; consecutive SENDs in the inbox are answered together."""
         if type(frame) is Send and self.shell.inbox and type(self.shell.inbox[0]) is Send:
             await self._handle_sends(frame)
             return
-        handler = self._table.get(type(frame))
+        handler = _HANDLERS.get(type(frame))
         if handler is None:
             # A daemon-to-client frame sent to the daemon.
             name = type(frame).__name__
@@ -126,7 +103,7 @@ class Handlers:
             return
         started = perf_counter()
         try:
-            await handler(frame)
+            await handler(self, frame)
         except BackendError as exc:
             log.warning("backend error for %s: %s", type(frame).__name__, exc)
             request_id = getattr(frame, "request_id", 0)
@@ -148,11 +125,13 @@ class Handlers:
         if refusal is not None:
             shell.fatal(*refusal)
             return
-        client_id = hello.client_id if is_valid_client_id(hello.client_id) else new_client_id()
+        client_id = hello.client_id or new_client_id()
         try:
-            shell.session = session = Session.from_hello(hello, client_id)
-        except re.error as exc:
-            shell.fatal(ErrorCode.MALFORMED_FRAME, f"bad channel_capacity pattern: {exc}")
+            shell.session = session = Session.from_hello(hello, client_id, self.ctx.config)
+        except Refused as exc:
+            log.warning("refused HELLO from %s: %s", shell.peer, exc)
+            self.ctx.metrics.count_limit(exc.limit)
+            shell.fatal(exc.code, str(exc))
             return
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
@@ -167,12 +146,18 @@ class Handlers:
         if hello.version not in SUPPORTED_VERSIONS:
             log.warning("protocol error from %s: version %d", self.shell.peer, hello.version)
             return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unknown"
-        token = self.ctx.config.token
-        if token and not hmac.compare_digest(hello.token.encode(), token.encode()):
-            log.warning("authentication failed from %s", self.shell.peer)
-            return ErrorCode.AUTH_FAILED, "invalid token"
+        peer = self.shell.peer
+        denied = tokens.refusal(self.ctx.tokens, hello.token, hello.prefix, peer)
+        if denied is not None:
+            return denied
         if not is_valid_group(hello.prefix):
             return ErrorCode.INVALID_NAME, f"invalid prefix {hello.prefix!r}"
+        client_id = hello.client_id
+        if client_id and not proves(hello.secret, client_id):
+            # Not its secret: a HELLO may not take another client's id and messages.
+            log.warning("refused %s: client id %.40r without its secret", peer, client_id)
+            message = f"client id {client_id:.40} needs its secret (a layer older than the daemon?)"
+            return ErrorCode.CLIENT_ID_TAKEN, message
         return None
 
     # -- checks --------------------------------------------------------------
@@ -281,6 +266,10 @@ class Handlers:
         rid, channel = frame.request_id, frame.channel
         if not self._check_channel(rid, channel):
             return
+        if not self.session().may_pull(channel):
+            message = f"{channel} is another client's channel"
+            self.shell.fail(rid, ErrorCode.FORBIDDEN, message)
+            return
         pulls = self.shell.pulls
         if rid in pulls:
             self.shell.fail(rid, ErrorCode.DUPLICATE_REQUEST, f"request {rid} is already pending")
@@ -349,8 +338,8 @@ class Handlers:
         # The sender hears first, as writing to many connections takes a while.
         self.shell.flush()
         session = self.session()
-        ttl_ms = int(session.expiry_s * 1000)
-        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl_ms)
+        ttl = ttl_ms(session.expiry_s)
+        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl)
         if not missed:
             return 0
         try:
@@ -375,6 +364,23 @@ class Handlers:
 
     async def _on_ping(self, frame: Ping) -> None:
         self.shell.write(Pong(frame.request_id))
+
+
+#: Frame type -> its handler: functions, not bound methods kept per instance (they would
+#: point back at it, and a closed connection's buffers would wait for the cyclic GC).
+_HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
+    Hello: Handlers._on_hello,
+    Send: Handlers._on_send,
+    SendMany: Handlers._on_send_many,
+    Receive: Handlers._on_receive,
+    Cancel: Handlers._on_cancel,
+    Ack: Handlers._on_ack,
+    GroupAdd: Handlers._on_group_add,
+    GroupDiscard: Handlers._on_group_discard,
+    GroupSend: Handlers._on_group_send,
+    Flush: Handlers._on_flush,
+    Ping: Handlers._on_ping,
+}
 
 
 def _observe(histogram: Histogram, value: float) -> None:

@@ -7,7 +7,8 @@ message may be waiting on a channel. Two kinds of channel:
   session holds that client id. The owner is told to push the channel's messages;
   with no owner (a client reconnecting) they wait in the backend, and the owner
   collects them when it attaches again. Without an owner such a channel can also
-  be pulled like a normal one (a process reading it from another event loop).
+  be pulled like a normal one by another event loop of the same process, whose id
+  is of the same family (``protocol.identity``; handlers refuse anyone else's RECEIVE).
 * Normal (no ``!``): a work queue. Connections register pulls (a RECEIVE each) in
   one FIFO line per channel; each wake hands the channel to the first pull in line
   (round-robin across workers). A served pull that finds the queue empty (another
@@ -112,8 +113,7 @@ class Router:
             if owner is not None:
                 owner.push_later(channel)
                 return
-            # No owner here: another connection (say, another event loop of the
-            # same process) may be pulling it.
+            # No owner here: another event loop of the same process may be pulling it.
         line = self._lines.get((ns, channel))
         if line:
             pull = line.popleft()

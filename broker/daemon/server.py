@@ -2,14 +2,14 @@
 
 Shutdown (on SIGTERM or SIGINT): stop accepting; ask each connection to finish
 the frames it has read and close; wait for them under ``shutdown_timeout_s``; abort
-the rest; close the backend. A second signal skips the wait.
+the rest; close the backend. A second signal skips the wait. SIGHUP re-reads
+``--token-file`` (``reload``) and drops no connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -20,8 +20,9 @@ from typing import Any
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
 from broker.config import Config, is_loopback, parse_host_port
+from broker.errors import ConfigError
 from broker.ops.exporter import Exporter
-from broker.ops.health import ALL_NAMESPACES, HealthServer
+from broker.ops.health import HealthServer
 from broker.ops.instrumented import instrument
 from broker.ops.metrics import Metrics
 from broker.ops.systemd import Notifier
@@ -30,6 +31,7 @@ from .connection import Connection
 from .context import Context
 from .routing import Router
 from .tls import TlsHandshake
+from .tokens import TokenTable
 
 __all__ = ["Server"]
 
@@ -42,6 +44,7 @@ class Server:
     """One channels-broker daemon."""
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        """Raise ``ConfigError`` if the token file cannot be read or is not valid."""
         self.config = config
         self.backend = backend if backend is not None else backend_from_url(config.backend_url)
         self.metrics = Metrics()
@@ -49,6 +52,7 @@ class Server:
             self.backend = instrument(self.backend, self.metrics, config.backend_url)
         self.context = Context(config, self.backend, Router(self.backend))
         self.context.metrics = self.metrics
+        self.context.tokens = TokenTable.from_config(config)
         self.exporter = Exporter(self.metrics, self.context, self.readiness)
         self.notifier = Notifier.from_environment()
         self._listeners: list[asyncio.Server] = []
@@ -61,12 +65,13 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             await self._stop.wait()
             await self.shutdown()
         finally:
-            for sig in _SIGNALS:
+            for sig in (*_SIGNALS, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
     def request_shutdown(self) -> None:
@@ -75,6 +80,22 @@ class Server:
             log.warning("second signal: closing connections now")
             self._force.set()
         self._stop.set()
+
+    def reload(self) -> None:
+        """Re-read ``--token-file`` (SIGHUP). Live connections keep the namespace they
+        were admitted to; a token no longer in the file stops new HELLOs. An unreadable
+        or invalid file leaves the tokens as they were."""
+        path = self.config.token_file
+        if not path:
+            log.info("SIGHUP: no --token-file to re-read")
+            return
+        try:
+            tokens = TokenTable.read(path)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the tokens as they were: %s", exc)
+            return
+        self.context.tokens = tokens
+        log.info("SIGHUP: %d tokens from %s", len(tokens), path)
 
     async def start(self) -> None:
         await self.backend.connect()
@@ -129,16 +150,12 @@ class Server:
                 port,
             )
 
-    def status_scope(self, token: str) -> str | None:
-        """What ``/status`` shows the bearer of ``token``: every namespace for the token
-        of ``--token``; None (refused) for any other.
-
-        A ``--token-file`` token shows its own namespace: that table answers here too.
-        """
-        expected = self.config.token
-        if expected and hmac.compare_digest(token.encode(), expected.encode()):
-            return ALL_NAMESPACES
-        return None
+    def status_scope(self, token: str) -> frozenset[str] | None:
+        """The namespaces ``/status`` shows the bearer of ``token``: those the token may
+        use (``*``: all; ``--token`` is one such), from the tokens in force now (SIGHUP
+        re-reads them); None (refused) for a token the daemon does not know."""
+        tokens = self.context.tokens
+        return None if tokens is None else tokens.namespaces_of(token)
 
     async def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 
-from protocol import Hello
+from broker.config import Config
+from protocol import Hello, client_id_of, family_of
 
-from .capacity import CapacityPolicy
+from .capacity import Bounds, CapacityPolicy
 
-__all__ = ["Session", "is_valid_client_id", "new_client_id"]
-
-_client_id = re.compile(r"^[A-Za-z0-9]{8,32}$")
+__all__ = ["Session", "new_client_id"]
 
 
 def new_client_id() -> str:
-    """A fresh client id: 64 random bits, hex, so it fits channel names as is."""
+    """A fresh client id for a HELLO that names none: 64 random bits, hex, so it fits
+    channel names as is. Half as long as a proven id, so it is in no family."""
     return secrets.token_hex(8)
-
-
-def is_valid_client_id(value: str) -> bool:
-    """True for an id a client may re-attach to (one a daemon could have minted)."""
-    return _client_id.match(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,17 +25,31 @@ class Session:
 
     ns: str
     client_id: str
+    #: The ids whose process-specific channels it may pull: ``protocol.identity``.
+    family: str
     capacity_of: CapacityPolicy
     expiry_s: float
     group_expiry_s: float
 
     @classmethod
-    def from_hello(cls, hello: Hello, client_id: str) -> Session:
-        """Raise ``re.error`` for a channel_capacity pattern that does not compile."""
+    def from_hello(cls, hello: Hello, client_id: str, config: Config) -> Session:
+        """Raise ``capacity.Refused`` for a HELLO over the bounds ``config`` sets, or with
+        a pattern the daemon cannot match."""
+        bounds = Bounds.from_config(config)
+        bounds.check(hello)
         return cls(
             ns=hello.prefix,
             client_id=client_id,
-            capacity_of=CapacityPolicy.from_hello(hello),
+            family=family_of(client_id),
+            capacity_of=CapacityPolicy.from_hello(hello, bounds),
             expiry_s=float(hello.expiry_s),
             group_expiry_s=float(hello.group_expiry_s),
         )
+
+    def may_pull(self, channel: str) -> bool:
+        """True if this client may RECEIVE ``channel``: a normal one, or a process-specific
+        one of its own id or of its family (another event loop of its process)."""
+        if "!" not in channel:
+            return True
+        owner = client_id_of(channel)
+        return owner == self.client_id or (bool(self.family) and family_of(owner) == self.family)

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
-from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, MessageTooLarge
+from .encryption import UndecryptableMessage
+from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, MessageTooLarge, OverLimit
 
 __all__ = [
     "BrokerChannelLayer",
@@ -12,4 +13,6 @@ __all__ = [
     "BrokerUnavailable",
     "LayerClosed",
     "MessageTooLarge",
+    "OverLimit",
+    "UndecryptableMessage",
 ]

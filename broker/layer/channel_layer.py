@@ -5,9 +5,10 @@ event loops, so the layer keeps one ``LoopClient`` (``broker.layer.client``) per
 loop (the server's main loop, and the fresh loop ``async_to_sync`` makes for each
 call from sync code),
 created on first use and closed when its loop closes. Each loop client mints its
-own client id, so ``new_channel()`` needs no round trip, and sends HELLO with it on
-every (re)connect, so the daemon pushes messages for ``<prefix>.<client id>!...``
-to it, including those that waited during a reconnect.
+own client id, derived from a secret (``broker.layer.identity``), so ``new_channel()``
+needs no round trip, and sends HELLO with both on every (re)connect, so the daemon
+pushes messages for ``<prefix>.<client id>!...`` to it, including those that waited
+during a reconnect, and to nobody else.
 
 Receiving: pushed messages land in a per-channel local buffer and ``receive`` takes
 them from there; the daemon counts them against the channel's capacity until an
@@ -35,15 +36,18 @@ from channels.layers import BaseChannelLayer
 from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
 
 from .client import LoopClient
+from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .identity import Family
 from .parking import IdlePool
-from .settings import DEFAULT_HOSTS, LayerSettings, parse_host
+from .settings import DEFAULT_HOSTS, LayerSettings, capacity_patterns, parse_host
 
 __all__ = [
     "BrokerChannelLayer",
     "BrokerUnavailable",
     "LayerClosed",
     "MessageTooLarge",
+    "UndecryptableMessage",
 ]
 
 log = logging.getLogger("channels_broker.layer")
@@ -65,6 +69,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         group_expiry: float = 86400,
         capacity: int = 100,
         channel_capacity: dict[Any, int] | None = None,
+        symmetric_encryption_keys: Iterable[str | bytes] | None = None,
         max_message_bytes: int | None = None,
         connect_timeout: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
@@ -73,6 +78,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
         self.prefix = prefix
         self.group_expiry = group_expiry
+        #: None without keys: then no code of broker.layer.encryption runs for a message.
+        self._encryption = encryption_for(symmetric_encryption_keys, self.expiry)
         #: Handed to every event loop's client: they never read the layer back.
         self.settings = LayerSettings(
             hosts=tuple(parse_host(host) for host in (hosts or DEFAULT_HOSTS)),
@@ -81,7 +88,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             capacity=int(self.capacity),
             expiry_s=float(self.expiry),
             group_expiry_s=float(group_expiry),
-            channel_capacity=tuple((p.pattern, n) for p, n in self.channel_capacity),
+            channel_capacity=capacity_patterns(channel_capacity or {}),
             max_message_bytes=max_message_bytes,
             connect_timeout_s=connect_timeout,
             ssl_context=ssl_context,
@@ -90,6 +97,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             weakref.WeakKeyDictionary()
         )
         self.idle_pool = IdlePool()
+        self.family = Family()  # of every loop's client id: each may pull another's channels
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
@@ -104,11 +112,21 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await client.request(Send(client.next_id(), channel, payload))
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        """Wait for and return the next message on ``channel``. Safe to cancel."""
+        """Wait for and return the next message on ``channel``. Safe to cancel.
+
+        Raises ``UndecryptableMessage`` for a message this layer's keys cannot open
+        (that message is consumed; the next call returns the next one).
+        """
         self.require_valid_channel_name(channel)
         client = self._client()
         payload = await client.receive(channel)
-        message: dict[str, Any] = msgpack.unpackb(payload, raw=False)
+        if self._encryption is not None:
+            payload = self._encryption.decrypt(payload, channel)
+        try:
+            message: dict[str, Any] = msgpack.unpackb(payload, raw=False)
+        except ValueError:
+            check_not_encrypted(payload, channel)  # say so, if that is why
+            raise
         return message
 
     async def new_channel(self, prefix: str = "specific") -> str:
@@ -167,17 +185,22 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = self._clients[loop] = LoopClient(self.settings, loop, self.idle_pool)
+            client = self._clients[loop] = LoopClient(
+                self.settings, loop, self.idle_pool, self.family
+            )
             _close_with_loop(loop, self._clients)
         return client
 
     def _serialize(self, message: dict[str, Any]) -> bytes:
-        """The message as msgpack bytes; refuses what Channels forbids, before any I/O."""
+        """The message as msgpack bytes, encrypted if the layer has keys; refuses what
+        Channels forbids, before any I/O."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         if RESERVED_KEY in message:
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
         payload: bytes = msgpack.packb(message, use_bin_type=True)
+        if self._encryption is not None:
+            payload = self._encryption.encrypt(payload)
         return payload
 
     def _check_size(self, payload: bytes, limit: int) -> None:

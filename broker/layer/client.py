@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections import deque
 
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HANDSHAKE_FRAMES,
+    MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
     Ack,
     Cancelled,
     Deliver,
     Error,
-    ErrorCode,
     Flushed,
     Frame,
     FrameDecoder,
@@ -38,7 +37,8 @@ from protocol import (
 )
 
 from .connecting import Dialer, adopt, tls_refusal
-from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for
+from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
+from .identity import Family
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
 from .settings import LayerSettings
@@ -90,12 +90,15 @@ class LoopClient:
         settings: LayerSettings,
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
+        family: Family,
     ) -> None:
         self.settings = settings
         self.loop = loop
         self._idle_pool = idle_pool
         self._parked = parked = idle_pool.take()
-        self.client_id = parked.client_id if parked else secrets.token_hex(8)
+        #: Our client id and the secret HELLO proves it with (a parked session's, if any).
+        self.identity = parked.identity if parked else family.mint()
+        self.client_id = self.identity.client_id
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
@@ -157,7 +160,7 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = encode_frame(self.settings.hello(self.client_id))
+        hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
         self._output[:0] = [hello, *self._rejoin()]
         self.conn = conn
         self._schedule_flush()
@@ -217,7 +220,10 @@ class LoopClient:
 
     def _queue_acks(self) -> None:
         if self._acks:
-            self._output.append(encode_frame(Ack(tuple(self._acks.items()))))
+            # In ACKs of MAX_ACK_PAIRS at most: a daemon allows that many items a frame.
+            pairs = tuple(self._acks.items())
+            for start in range(0, len(pairs), MAX_ACK_PAIRS):
+                self._output.append(encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS])))
             self._acks.clear()
 
     def _schedule_flush(self) -> None:
@@ -278,14 +284,15 @@ class LoopClient:
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
+        at_hello = self.conn is not None and not self.conn.handshake.is_ready
         self._pulls.end(frame)
         for future in self._pending.values():
             if not future.done():
                 future.set_result(frame)
         self._pending.clear()
-        if frame.error_code in (ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION):
+        if is_refusal(frame, at_hello=at_hello):
             self._refusal = frame
-            self._fail_calls(PermissionError(frame.message))  # receives of pushed channels
+            self._fail_calls(exception_for(frame))  # receives of pushed channels, too
 
     # -- receiving -----------------------------------------------------------
 
@@ -353,8 +360,7 @@ class LoopClient:
                 waiter.set_result(None)
                 return
 
-    def _fail_calls(self, error: Exception) -> None:
-        """Every pull, request and receive of a pushed channel still waiting raises ``error``."""
+    def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
         self._pulls.end(error=error)
         for future in self._pending.values():
             if not future.done():
@@ -388,9 +394,7 @@ class LoopClient:
             return False
         self._flush()  # acknowledgements still owed
         unread = conn.decoder.unread()
-        if not park(
-            conn.transport, self.client_id, unread, self.max_message_bytes, self._idle_pool
-        ):
+        if not park(conn.transport, self.identity, unread, self.max_message_bytes, self._idle_pool):
             return False
         self.conn = None
         return True

@@ -11,19 +11,22 @@ import os
 import socket
 import threading
 
+from .identity import Identity
+
 __all__ = ["IdlePool", "ParkedConnection", "park"]
 
 
 class ParkedConnection:
     """A live daemon connection between two event loops of one process."""
 
-    __slots__ = ("client_id", "max_message_bytes", "pid", "sock", "unread")
+    __slots__ = ("identity", "max_message_bytes", "pid", "sock", "unread")
 
     def __init__(
-        self, sock: socket.socket, client_id: str, unread: bytes, max_message_bytes: int
+        self, sock: socket.socket, identity: Identity, unread: bytes, max_message_bytes: int
     ) -> None:
         self.sock = sock
-        self.client_id = client_id
+        #: The session's id and its secret: the next loop reconnects with them if need be.
+        self.identity = identity
         self.unread = unread
         self.max_message_bytes = max_message_bytes
         self.pid = os.getpid()
@@ -73,7 +76,7 @@ class IdlePool:
 
 def park(
     transport: asyncio.Transport,
-    client_id: str,
+    identity: Identity,
     unread: bytes,
     max_message_bytes: int,
     pool: IdlePool,
@@ -87,7 +90,7 @@ def park(
     if transport.get_write_buffer_size() or transport.get_extra_info("ssl_object"):
         return False
     sock = transport.get_extra_info("socket")
-    parked = ParkedConnection(sock.dup(), client_id, unread, max_message_bytes)
+    parked = ParkedConnection(sock.dup(), identity, unread, max_message_bytes)
     if not pool.put(parked):
         parked.sock.close()
     transport.abort()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from protocol import PROTOCOL_VERSION, Hello
 
-__all__ = ["DEFAULT_HOSTS", "Host", "LayerSettings", "host_url", "parse_host"]
+__all__ = ["DEFAULT_HOSTS", "Host", "LayerSettings", "capacity_patterns", "host_url", "parse_host"]
 
 DEFAULT_HOSTS = ("tcp://127.0.0.1:7733",)
 
@@ -36,6 +39,46 @@ def host_url(host: Host) -> str:
     return f"{scheme}://[{address}]:{port}" if ":" in address else f"{scheme}://{address}:{port}"
 
 
+def capacity_patterns(channel_capacity: Mapping[Any, int]) -> tuple[tuple[str, int], ...]:
+    """``channel_capacity`` as HELLO carries it: (regular expression, capacity), in order.
+
+    A compiled pattern goes as written. A glob (a str key) goes as Channels matches it,
+    ``fnmatch.translate``, less the atomic groups Python 3.11+ wraps around each
+    ``.*?X`` for speed: the daemon's matcher (RE2) has no need of them and does not read
+    them, and since fnmatch ends with ``.*`` or a literal, they change nothing matched.
+    """
+    return tuple((_pattern_of(key), capacity) for key, capacity in channel_capacity.items())
+
+
+def _pattern_of(key: Any) -> str:
+    if hasattr(key, "match"):
+        pattern: str = key.pattern
+        return pattern
+    return _without_atomic_groups(fnmatch.translate(key))
+
+
+def _without_atomic_groups(pattern: str) -> str:
+    """``(?>`` as ``(?:`` wherever it opens a group (not escaped, not in a class)."""
+    out, index, in_class = [], 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            out.append(pattern[index : index + 2])
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]" or out[-1] == "[" or out[-1] == "[^"
+        elif char == "[":
+            in_class = True
+            if pattern.startswith("^", index + 1):  # "[^": one token, so "]" next is literal
+                char, index = "[^", index + 1
+        elif pattern.startswith("(?>", index):
+            char, index = "(?:", index + 2
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
 @dataclass(frozen=True, slots=True)
 class LayerSettings:
     """What every event loop's client of one layer needs to know, checked once."""
@@ -54,8 +97,8 @@ class LayerSettings:
     #: For tls:// hosts; None verifies the daemon against the system's CAs.
     ssl_context: ssl.SSLContext | None
 
-    def hello(self, client_id: str) -> Hello:
-        """The HELLO frame of a connection for ``client_id``."""
+    def hello(self, client_id: str, secret: bytes) -> Hello:
+        """The HELLO frame of a connection for ``client_id``, proven by ``secret``."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -65,6 +108,7 @@ class LayerSettings:
             self.expiry_s,
             self.group_expiry_s,
             self.channel_capacity,
+            secret,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:

@@ -33,7 +33,7 @@ from broker.config import Config
 from broker.version import __version__
 from protocol import ErrorCode
 
-from .health import ALL_NAMESPACES, HealthServer, ReadinessCheck
+from .health import ALL_NAMESPACES, HealthServer, ReadinessCheck, Scope, is_visible
 from .metrics import Histogram, Metrics
 
 __all__ = ["PREFIX", "TOP_LIMIT", "Exporter"]
@@ -221,14 +221,21 @@ class Exporter(Collector):
             " --tls-client-ca, or a client not speaking TLS.",
             value=self.metrics.tls_refused,
         )
+        yield _labelled_counter(
+            "limit_hits",
+            "Requests and connections refused at one of the daemon's bounds, by the bound"
+            " (its flag: max-capacity, max-batch...).",
+            "limit",
+            self.metrics.limits_hit,
+        )
 
     # -- /status ---------------------------------------------------------------
 
-    async def status(self, scope: str = ALL_NAMESPACES) -> dict[str, object]:
+    async def status(self, scope: Scope = ALL_NAMESPACES) -> dict[str, object]:
         """The document ``channels-broker status`` and ``top`` show.
 
-        ``scope`` is the one namespace whose channels and clients the reader may see
-        (a token bound to a namespace), or ``ALL_NAMESPACES``; counts stay daemon-wide.
+        ``scope`` is the namespaces whose channels and clients the reader may see (a
+        token's, from ``--token-file``), or ``ALL_NAMESPACES``; counts stay daemon-wide.
         """
         context, metrics = self.context, self.metrics
         readiness = await self._readiness()
@@ -249,7 +256,7 @@ class Exporter(Collector):
             "top_clients": _top_clients(context.connections, scope),
         }
 
-    async def _top_channels(self, scope: str) -> list[dict[str, object]] | None:
+    async def _top_channels(self, scope: Scope) -> list[dict[str, object]] | None:
         try:
             top = await asyncio.wait_for(
                 self.context.backend.top_channels(TOP_LIMIT), TOP_TIMEOUT_S
@@ -261,7 +268,7 @@ class Exporter(Collector):
         return [
             {"namespace": ns, "channel": name, "messages": n}
             for ns, name, n in top
-            if scope in (ALL_NAMESPACES, ns)
+            if is_visible(ns, scope)
         ]
 
 
@@ -274,10 +281,10 @@ def _waiting(stats: BackendStats) -> dict[str, int]:
     }
 
 
-def _top_clients(connections: set[Any], scope: str) -> list[dict[str, object]]:
+def _top_clients(connections: set[Any], scope: Scope) -> list[dict[str, object]]:
     """Connections holding the most pushed, unacknowledged messages: the slow consumers."""
     if scope != ALL_NAMESPACES:
-        connections = {c for c in connections if c.session is not None and c.session.ns == scope}
+        connections = {c for c in connections if c.session and is_visible(c.session.ns, scope)}
     busiest = heapq.nlargest(
         TOP_LIMIT,
         connections,

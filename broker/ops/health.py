@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from broker.config import is_loopback
 
-__all__ = ["ALL_NAMESPACES", "HealthServer", "StatusAccess"]
+__all__ = ["ALL_NAMESPACES", "HealthServer", "Scope", "StatusAccess", "is_visible"]
 
 log = logging.getLogger("channels_broker.health")
 
@@ -31,15 +31,15 @@ MAX_REQUEST_BYTES = 8192
 #: Seconds a client may take to send its request.
 REQUEST_TIMEOUT_S = 5.0
 
-#: The scope of a /status reader who may see every namespace.
-ALL_NAMESPACES = "*"
+#: The namespaces a /status reader may see; ``*`` among them: every one.
+Scope = frozenset[str]
+ALL_NAMESPACES: Scope = frozenset({"*"})
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, object]]]
-#: Builds the ``/status`` document (see ``broker.ops.exporter``) for a scope: the one
-#: namespace its reader may see, or ``ALL_NAMESPACES``.
-StatusReport = Callable[[str], Awaitable[dict[str, object]]]
+#: Builds the ``/status`` document (see ``broker.ops.exporter``) for a scope.
+StatusReport = Callable[[Scope], Awaitable[dict[str, object]]]
 #: The scope a bearer token gives on /status, or None if it is not one of the daemon's.
-StatusAccess = Callable[[str], str | None]
+StatusAccess = Callable[[str], Scope | None]
 
 
 class HealthServer:
@@ -177,3 +177,8 @@ def _is_loopback_peer(peer: Any) -> bool:
 
 def _shown(peer: Any) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def is_visible(namespace: str | None, scope: Scope) -> bool:
+    """Whether a row of ``namespace`` shows to a reader of ``scope``."""
+    return "*" in scope or namespace in scope

@@ -22,6 +22,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
+from broker.config import SERVE_OPTIONS
 from protocol import (
     Ack,
     Cancel,
@@ -40,6 +41,7 @@ from protocol import (
 __all__ = [
     "FANOUT_BUCKETS",
     "LATENCY_BUCKETS_S",
+    "LIMITS",
     "REQUEST_OPERATIONS",
     "Histogram",
     "Metrics",
@@ -71,6 +73,8 @@ def operation_name(frame_type: type) -> str:
 
 
 REQUEST_OPERATIONS = tuple(operation_name(frame_type) for frame_type in REQUEST_FRAMES)
+#: The bounds a refusal is counted under: the daemon's ``--max-*`` flags.
+LIMITS = tuple(option.name for option in SERVE_OPTIONS if option.name.startswith("max-"))
 
 
 class Histogram:
@@ -136,6 +140,9 @@ class Metrics:
         self.errors: dict[ErrorCode, int] = {}
         #: TLS handshakes the daemon refused: no client certificate, or one it does not trust.
         self.tls_refused = 0
+        #: Refusals at one of the daemon's bounds, by the bound: its flag's name
+        #: (``max-batch``), made up front like the request series.
+        self.limits_hit: dict[str, int] = dict.fromkeys(LIMITS, 0)
 
     # -- counted where it happens (see the module docstring); errors are rare --
 
@@ -143,6 +150,11 @@ class Metrics:
         """Record one ERROR frame sent to a client."""
         code = ErrorCode(code)
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_limit(self, limit: str | None) -> None:
+        """Record one refusal at the bound ``limit`` (None: a refusal at no bound)."""
+        if limit is not None:
+            self.limits_hit[limit] = self.limits_hit.get(limit, 0) + 1
 
     def backend_histogram(self, operation: str) -> Histogram:
         """The latency histogram of one backend operation, made on first use."""

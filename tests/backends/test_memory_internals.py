@@ -1,4 +1,5 @@
-"""MemoryBackend beyond the contract: its URL, record lifetimes, timer wheel, counters.
+"""MemoryBackend beyond the contract: its URL, record lifetimes, timer wheel, counters
+(against a model: test_memory_machine.py).
 
 These tests read private state on purpose (what the contract cannot see: that memory
 is freed, and how); the contract suite must never do so.
@@ -8,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from backends import BackendError, Taken
+from backends import BackendError
 from backends.memory import MemoryBackend
 from backends.memory.records import Channel, Space
 from backends.memory.wheel import TimerWheel
 from broker.daemon.capacity import CapacityPolicy
 from protocol import client_id_of, is_process_specific
+from tests.backends.memory_support import check_records, gauges, recount
 
 #: A fast wheel, so sweeps happen within a test's patience.
 TICK_S = 0.01
@@ -42,49 +41,6 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> N
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(TICK_S)
-
-
-def recount(backend: MemoryBackend) -> tuple[int, int, int, int]:
-    """The gauges of ``stats()``, counted the slow way from the records."""
-    spaces = list(backend._spaces.values())
-    channels = [record for space in spaces for record in space.channels.values()]
-    groups = [group for space in spaces for group in space.groups.values()]
-    return (
-        sum(1 for record in channels if record.queue),
-        sum(len(record.queue) for record in channels),
-        len(groups),
-        sum(len(group.members) for group in groups),
-    )
-
-
-def gauges(backend: MemoryBackend) -> tuple[int, int, int, int]:
-    stats = backend.stats()
-    return (stats.channels_waiting, stats.messages_waiting, stats.groups, stats.memberships)
-
-
-def check_records(backend: MemoryBackend) -> None:
-    """Every record is filed for a sweep that will forget it once it holds nothing, or is
-    held (its sweep passed meanwhile: the release forgets it); groups live while they have
-    members."""
-    wheel = backend._channel_wheel
-    for space in backend._spaces.values():
-        for record in space.channels.values():
-            if record.bucket is None:
-                assert record.held and not record.queue, f"{record.name!r} kept, unfiled"
-            else:
-                assert record in wheel._buckets[record.bucket]
-        for group in space.groups.values():
-            assert group.members, f"empty group {group.name!r} kept"
-            assert group.bucket is not None
-        by_client = {
-            client: sorted(records) for client, records in space.clients.items() if records
-        }
-        expected: dict[str, list[str]] = {}
-        for name, record in sorted(space.channels.items()):
-            if record.client is not None:
-                expected.setdefault(record.client, []).append(name)
-        assert by_client == expected
-        assert all(space.clients.values()), "empty client entries kept"
 
 
 # The URL
@@ -282,127 +238,3 @@ async def test_close_stops_the_wheel(memory: MemoryBackend, ns: str) -> None:
     await asyncio.sleep(SHORT_S + 3 * TICK_S)
     assert list(memory._spaces[ns].channels) == ["idle"], "no sweep after close"
     assert await memory.take(ns, "idle", 1, hold=False) == [], "reads still check expiry"
-
-
-# Counters against a model
-
-
-NAMESPACES = st.sampled_from(["n1", "n2"])
-CHANNELS = st.sampled_from(["a", "b", "specific.c1!x", "specific.c1!y", "specific.c2!x"])
-GROUPS = st.sampled_from(["g1", "g2"])
-SMALL = st.integers(0, 3)
-OPERATIONS = st.one_of(
-    st.tuples(st.just("send"), NAMESPACES, CHANNELS, SMALL),
-    st.tuples(st.just("send_many"), NAMESPACES, st.lists(CHANNELS, max_size=4), SMALL),
-    st.tuples(st.just("take"), NAMESPACES, CHANNELS, SMALL, st.booleans()),
-    st.tuples(st.just("release"), NAMESPACES, CHANNELS, SMALL),
-    st.tuples(st.just("group_add"), NAMESPACES, GROUPS, CHANNELS),
-    st.tuples(st.just("group_discard"), NAMESPACES, GROUPS, CHANNELS),
-    st.tuples(st.just("group_send"), NAMESPACES, GROUPS, SMALL),
-    st.tuples(st.just("channels_with_messages"), NAMESPACES, st.sampled_from(["c1", "c2"])),
-    st.tuples(st.just("flush"), NAMESPACES),
-)
-
-
-class ModelCheck:
-    """Applies each operation to the backend and to plain lists; asserts they agree."""
-
-    def __init__(self) -> None:
-        self.backend = MemoryBackend()
-        self.queues: dict[tuple[str, str], list[bytes]] = {}
-        self.held: dict[tuple[str, str], int] = {}
-        self.groups: dict[tuple[str, str], list[str]] = {}
-        self.sent = 0
-
-    def _put(self, ns: str, channel: str, capacity: int) -> bytes | None:
-        queue = self.queues.setdefault((ns, channel), [])
-        if len(queue) + self.held.get((ns, channel), 0) >= capacity:
-            return None
-        self.sent += 1
-        queue.append(b"%d" % self.sent)
-        return queue[-1]
-
-    async def send(self, ns: str, channel: str, capacity: int) -> None:
-        payload = self._put(ns, channel, capacity)
-        sent = await self.backend.send(
-            ns, channel, payload or b"refused", capacity=capacity, expiry_s=LONG_S
-        )
-        assert sent == (payload is not None)
-
-    async def send_many(self, ns: str, channels: list[str], capacity: int) -> None:
-        payloads = [self._put(ns, channel, capacity) for channel in channels]
-        items = [(c, p or b"refused") for c, p in zip(channels, payloads, strict=True)]
-        refused = await self.backend.send_many(
-            ns, items, capacity_of=fixed(capacity), expiry_s=LONG_S
-        )
-        assert refused == [i for i, payload in enumerate(payloads) if payload is None]
-
-    async def take(self, ns: str, channel: str, limit: int, hold: bool) -> None:
-        queue = self.queues.setdefault((ns, channel), [])
-        expected, queue[:] = queue[:limit], queue[limit:]
-        if hold:
-            self.held[ns, channel] = self.held.get((ns, channel), 0) + len(expected)
-        taken: list[Taken] = await self.backend.take(ns, channel, limit, hold=hold)
-        assert [t.payload for t in taken] == expected
-
-    async def release(self, ns: str, channel: str, count: int) -> None:
-        self.held[ns, channel] = max(0, self.held.get((ns, channel), 0) - count)
-        await self.backend.release(ns, channel, count)
-
-    async def group_add(self, ns: str, group: str, channel: str) -> None:
-        members = self.groups.setdefault((ns, group), [])
-        if channel not in members:
-            members.append(channel)
-        await self.backend.group_add(ns, group, channel, group_expiry_s=LONG_S)
-
-    async def group_discard(self, ns: str, group: str, channel: str) -> None:
-        members = self.groups.get((ns, group), [])
-        if channel in members:
-            members.remove(channel)
-        await self.backend.group_discard(ns, group, channel)
-
-    async def group_send(self, ns: str, group: str, capacity: int) -> None:
-        members = self.groups.get((ns, group), [])
-        self.sent += 1
-        payload = b"%d" % self.sent
-        delivered = []
-        for channel in members:
-            queue = self.queues.setdefault((ns, channel), [])
-            if len(queue) + self.held.get((ns, channel), 0) < capacity:
-                queue.append(payload)
-                delivered.append(channel)
-        result = await self.backend.group_send(
-            ns, group, payload, capacity_of=fixed(capacity), expiry_s=LONG_S
-        )
-        assert sorted(result.delivered) == sorted(delivered)
-        assert result.skipped == len(members) - len(delivered)
-
-    async def channels_with_messages(self, ns: str, client: str) -> None:
-        expected = [c for (n, c), q in self.queues.items() if n == ns and q and f".{client}!" in c]
-        assert sorted(await self.backend.channels_with_messages(ns, client)) == sorted(expected)
-
-    async def flush(self, ns: str) -> None:
-        for table in (self.queues, self.held, self.groups):
-            for key in [key for key in table if key[0] == ns]:
-                del table[key]
-        await self.backend.flush(ns)
-
-    def check_counters(self) -> None:
-        waiting = [queue for queue in self.queues.values() if queue]
-        members = [m for m in self.groups.values() if m]
-        expected = (len(waiting), sum(map(len, waiting)), len(members), sum(map(len, members)))
-        assert gauges(self.backend) == recount(self.backend) == expected
-        check_records(self.backend)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(OPERATIONS, max_size=40))
-def test_counters_and_records_follow_a_model(operations: list[tuple[Any, ...]]) -> None:
-    check = ModelCheck()
-
-    async def run() -> None:
-        for name, *args in operations:
-            await getattr(check, name)(*args)
-            check.check_counters()
-
-    asyncio.run(run())

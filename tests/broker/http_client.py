@@ -10,11 +10,11 @@ import time
 import urllib.error
 import urllib.request
 
+from tests.waits import POLL_S, START_TIMEOUT_S
+
 __all__ = ["http_get"]
 
-#: How long the listener may take to open after the broker port did.
-OPEN_TIMEOUT_S = 10.0
-POLL_S = 0.02
+#: How long an answer may take: /readyz waits up to 2 s for the backend.
 IO_TIMEOUT_S = 10.0
 
 
@@ -22,7 +22,7 @@ def http_get(
     port: int, path: str, host: str = "127.0.0.1", headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
     """Status and body of ``GET path`` on ``host``:``port`` (4xx and 5xx included)."""
-    deadline = time.monotonic() + OPEN_TIMEOUT_S
+    deadline = time.monotonic() + START_TIMEOUT_S
     request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
     while True:
         try:

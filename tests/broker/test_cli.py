@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
-from tests.conftest import free_port
-
-#: Seconds a daemon may take to listen or to stop.
-DEADLINE_S = 10.0
+from protocol import FrameDecoder, Ping, Pong, Welcome, encode_frame
+from tests.broker.raw_client import hello
+from tests.ports import free_port, outside_address
+from tests.waits import POLL_S, START_TIMEOUT_S
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -26,7 +28,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[by
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             stderr = process.stderr.read().decode() if process.stderr else ""
@@ -35,22 +37,49 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
-            time.sleep(0.02)
+            time.sleep(POLL_S)
     pytest.fail(f"nothing listens on port {port}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=DEADLINE_S)
+    _, stderr = process.communicate(timeout=START_TIMEOUT_S)
+    return process.returncode, stderr.decode()
+
+
+@dataclass
+class Served:
+    """The daemon of a ``serving`` block; its stderr is there once the block is over."""
+
+    process: subprocess.Popen[bytes]
+    stderr: str = ""
+
+
+@contextlib.contextmanager
+def serving(port: int, *args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """``serve *args`` for the block, once it listens on ``port``; then SIGTERM, on which
+    it must exit 0."""
+    served = Served(_serve(*args, env=env))
+    try:
+        _wait_listening(port, served.process)
+        yield served
+    finally:
+        code, served.stderr = _stop(served.process)
+    assert code == 0, served.stderr
+
+
+def _refused(*args: str) -> tuple[int, str]:
+    """Exit code and stderr of a ``serve *args`` expected to refuse to start."""
+    process = _serve(*args)
+    _, stderr = process.communicate(timeout=START_TIMEOUT_S)
     return process.returncode, stderr.decode()
 
 
 def _ping(port: int) -> Pong:
     """HELLO then PING over a raw socket; the daemon's answer to the PING."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
-        hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
-        sock.sendall(encode_frame(hello) + encode_frame(Ping(7)))
+    with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
+        sock.sendall(hello() + encode_frame(Ping(7)))
         decoder = FrameDecoder()
         frames: list[object] = []
         while len(frames) < 2:
@@ -88,50 +117,48 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None
         ),
     ]
     for args, env, expected_port in runs:
-        process = _serve(*args, env=env)
-        try:
-            _wait_listening(expected_port, process)
+        with serving(expected_port, *args, env=env) as served:
             assert _ping(expected_port).request_id == 7
-        finally:
-            code, stderr = _stop(process)
-        assert code == 0, stderr
-        assert f"listening on tcp://127.0.0.1:{expected_port}" in stderr
-        assert '"level": "info"' in stderr, "log-format from the file applies in every run"
+        assert f"listening on tcp://127.0.0.1:{expected_port}" in served.stderr
+        assert '"level": "info"' in served.stderr, "log-format from the file applies in every run"
 
 
 def test_sigterm_stops_cleanly_with_a_client_connected() -> None:
     """1. A client is connected and idle.  2. SIGTERM.  3. Exit code 0, "stopped" logged,
     and the client sees its connection closed."""
     port = free_port()
-    process = _serve("--listen", f"127.0.0.1:{port}")
-    try:
-        _wait_listening(port, process)
-        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
-        hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
-        client.sendall(encode_frame(hello))
+    with serving(port, "--listen", f"127.0.0.1:{port}") as served:
+        client = socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S)
+        client.sendall(hello())
         assert client.recv(65536), "WELCOME expected"
-    finally:
-        code, stderr = _stop(process)
-    assert code == 0, stderr
-    assert "stopped" in stderr
+    assert "stopped" in served.stderr
     assert client.recv(65536) == b"", "the daemon closes client connections on shutdown"
     client.close()
+
+
+def _connect_once_listening(sock: socket.socket, path: Path) -> None:
+    """Connect to the daemon's unix socket, which it opens after its TCP port."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
 
 
 def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> None:
     path = tmp_path / "broker.sock"
     port = free_port()
-    process = _serve("--listen", f"127.0.0.1:{port}", "--unix", str(path))
-    try:
-        _wait_listening(port, process)
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(path))
-            hello = Hello(PROTOCOL_VERSION, "", "", "asgi", 100, 60.0, 86400.0)
-            sock.sendall(encode_frame(hello))
-            assert sock.recv(65536)
-    finally:
-        code, stderr = _stop(process)
-    assert code == 0, stderr
+    with (
+        serving(port, "--listen", f"127.0.0.1:{port}", "--unix", str(path)),
+        socket.socket(socket.AF_UNIX) as sock,
+    ):
+        _connect_once_listening(sock, path)
+        sock.sendall(hello())
+        assert sock.recv(65536)
     assert not path.exists()
 
 
@@ -142,14 +169,14 @@ def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> N
         (("--backend", "carrier-pigeon://coop"), "unknown backend"),
         (("--max-message-bytes", "10"), "max message bytes"),
         (("--log-level", "loud"), "'loud' is not one of"),
+        (("--token", "s3cret", "--token-file", "/etc/hosts"), "not both"),
+        (("--token-file", "/nonexistent/tokens"), "cannot read the token file"),
     ],
 )
 def test_bad_configuration_is_refused_with_a_clear_message(
     args: tuple[str, ...], message: str
 ) -> None:
-    process = _serve(*args)
-    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
-    code, stderr = process.returncode, stderr_bytes.decode()
+    code, stderr = _refused(*args)
     assert code != 0
     assert message in stderr
     assert "Traceback" not in stderr
@@ -161,7 +188,7 @@ def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path)
     import asyncio
     import ssl
 
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -171,38 +198,31 @@ def test_tls_listener_serves_a_layer_that_trusts_its_certificate(tmp_path: Path)
         check=True, capture_output=True,
     )  # fmt: skip
     port = free_port()
-    process = _serve(
-        "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)
-    )
-    try:
-        _wait_listening(port, process)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with serving(port, "--listen", f"127.0.0.1:{port}", *tls) as served:
         context = ssl.create_default_context(cafile=str(cert))
 
         async def round_trip() -> dict[str, object]:
             layer = BrokerChannelLayer(hosts=[f"tls://127.0.0.1:{port}"], ssl_context=context)
             try:
                 await layer.send("tls-check", {"secret": b"\x00\x01"})
-                return await asyncio.wait_for(layer.receive("tls-check"), DEADLINE_S)
+                return await asyncio.wait_for(layer.receive("tls-check"), START_TIMEOUT_S)
             finally:
                 await layer.close()
 
         assert asyncio.run(round_trip()) == {"secret": b"\x00\x01"}
-    finally:
-        code, stderr = _stop(process)
-    assert code == 0, stderr
-    assert f"listening on tls://127.0.0.1:{port}" in stderr
+    assert f"listening on tls://127.0.0.1:{port}" in served.stderr
 
 
 def test_token_is_required_when_the_daemon_has_one() -> None:
     """A wrong token gets PermissionError and is logged; the right one works."""
     import asyncio
 
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     port = free_port()
-    process = _serve("--listen", f"127.0.0.1:{port}", env={"CHANNELS_BROKER_TOKEN": "s3cret"})
-    try:
-        _wait_listening(port, process)
+    token = {"CHANNELS_BROKER_TOKEN": "s3cret"}
+    with serving(port, "--listen", f"127.0.0.1:{port}", env=token) as served:
 
         async def send_with(token: str) -> None:
             layer = BrokerChannelLayer(hosts=[f"tcp://127.0.0.1:{port}"], token=token)
@@ -214,20 +234,16 @@ def test_token_is_required_when_the_daemon_has_one() -> None:
         with pytest.raises(PermissionError):
             asyncio.run(send_with("wrong"))
         asyncio.run(send_with("s3cret"))
-    finally:
-        code, stderr = _stop(process)
-    assert code == 0, stderr
-    assert "authentication failed" in stderr
+    assert "authentication failed" in served.stderr
 
 
 def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
     """A regular file where the socket should go: the daemon refuses, the file stays."""
     path = tmp_path / "precious.txt"
     path.write_text("keep me")
-    process = _serve("--listen", f"127.0.0.1:{free_port()}", "--unix", str(path))
-    _, stderr_bytes = process.communicate(timeout=DEADLINE_S)
-    assert process.returncode != 0
-    assert "is not a socket" in stderr_bytes.decode()
+    code, stderr = _refused("--listen", f"127.0.0.1:{free_port()}", "--unix", str(path))
+    assert code != 0
+    assert "is not a socket" in stderr
     assert path.read_text() == "keep me"
 
 
@@ -236,52 +252,41 @@ def test_config_file_takes_a_single_listen_and_refuses_unknown_keys(tmp_path: Pa
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
     good.write_text(f'[serve]\nlisten = "127.0.0.1:{port}"\n')
     bad.write_text('lisen = "127.0.0.1:1"\n')
-    process = _serve("--config", str(good))
-    try:
-        _wait_listening(port, process)
-    finally:
-        code, stderr = _stop(process)
-    assert code == 0, stderr
-    refused = _serve("--config", str(bad))
-    _, stderr_bytes = refused.communicate(timeout=DEADLINE_S)
-    assert refused.returncode == 2
-    assert "unknown keys lisen" in stderr_bytes.decode()
+    with serving(port, "--config", str(good)):
+        pass
+    code, stderr = _refused("--config", str(bad))
+    assert code == 2
+    assert "unknown keys lisen" in stderr
 
 
-_LOG_SOME = """
-import logging
-from broker.ops.logs import configure_logging
-configure_logging(logging.DEBUG)
-log = logging.getLogger("channels_broker.test")
-log.info("one")
-log.warning("two")
-try:
-    raise ValueError("three")
-except ValueError:
-    log.exception("four")
-"""
+def test_listening_beyond_loopback_without_token_is_refused_at_start() -> None:
+    """``--listen`` on an address other hosts reach, with no token, token file or client
+    CA: exit 2 naming the flags that would allow it; nothing listens meanwhile."""
+    port = free_port()
+    for listen in (f"0.0.0.0:{port}", f"[::]:{port}", f"{outside_address()}:{port}"):
+        code, stderr = _refused("--listen", "127.0.0.1:0", "--listen", listen)
+        assert code == 2, stderr
+        assert f"--listen {listen} is reachable from other hosts" in stderr
+        for flag in ("--token", "--token-file", "--tls-client-ca", "--allow-unauthenticated"):
+            assert flag in stderr
+        assert "Traceback" not in stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def _log_to_file(path: Path, journal: bool) -> list[str]:
-    with path.open("wb") as stderr:
-        found = os.fstat(stderr.fileno())
-        env = dict(os.environ)
-        env.pop("JOURNAL_STREAM", None)
-        if journal:
-            env["JOURNAL_STREAM"] = f"{found.st_dev}:{found.st_ino}"
-        subprocess.run([sys.executable, "-c", _LOG_SOME], stderr=stderr, env=env, check=True)
-    return path.read_text().splitlines()
-
-
-def test_log_lines_carry_their_syslog_priority_when_stderr_is_the_journal(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("args", "env", "warned"),
+    [
+        (("--allow-unauthenticated",), {}, True),
+        ((), {"CHANNELS_BROKER_TOKEN": "s3cret"}, False),
+    ],
+    ids=["allow-unauthenticated", "token"],
+)
+def test_listening_beyond_loopback_starts_with_a_token_or_when_allowed_without(
+    args: tuple[str, ...], env: dict[str, str], warned: bool
 ) -> None:
-    """journald reads ``<N>`` as the priority of each line (``journalctl -p``)."""
-    lines = _log_to_file(tmp_path / "journal", journal=True)
-    assert lines[0].startswith("<6>") and lines[0].endswith("one")
-    assert lines[1].startswith("<4>") and lines[1].endswith("two")
-    assert lines[2].startswith("<3>") and lines[2].endswith("four")
-    assert all(line.startswith("<3>") for line in lines[3:]), "the traceback too"
-    assert any("ValueError: three" in line for line in lines[3:])
-    plain = _log_to_file(tmp_path / "file", journal=False)
-    assert not any(line.startswith("<") for line in plain), "no prefix outside the journal"
+    """Allowed without a token, it says so at start; with a token it has nothing to say."""
+    port = free_port()
+    with serving(port, "--listen", f"0.0.0.0:{port}", *args, env=env) as served:
+        pass
+    assert ("serves any client that reaches it" in served.stderr) is warned

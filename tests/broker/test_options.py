@@ -52,7 +52,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max-expiry": ("120.5", 120.5, 120.5),
     "max-group-expiry": ("3600", 3600.0, 3600.0),
     "max-patterns": ("7", 7, 7),
-    "max-batch": ("64", 64, 64),
+    "max-batch": ("512", 512, 512),
     "max-pulls": ("12", 12, 12),
     "max-memberships": ("99", 99, 99),
     "max-input-bytes": ("65536", 65536, 65536),
@@ -137,6 +137,14 @@ def test_no_migrate_tells_only_a_postgresql_backend_not_to_migrate() -> None:
         ({"log_format": "xml"}, "'xml' is not one of text, json"),
         ({"listen": (), "unix": ()}, "nothing to listen on"),
         ({"tls_cert": "cert.pem"}, "needs both"),
+        # Bounds a client's HELLO is checked against must stay representable.
+        ({"max_capacity": 2**31}, "--max-capacity must be at most"),
+        ({"max_expiry": 1e17}, "--max-expiry must be at most"),
+        ({"max_group_expiry": float("inf")}, "--max-group-expiry must be at most"),
+        ({"max_expiry": float("nan")}, "--max-expiry must be positive"),
+        # The layer's ACKs carry up to MAX_ACK_PAIRS; HELLO's patterns are items too.
+        ({"max_batch": 255}, "--max-batch must be at least 256"),
+        ({"max_patterns": 1001}, "--max-patterns must not be over --max-batch"),
     ],
 )
 def test_bad_option_values_raise_config_error(values: dict[str, Any], message: str) -> None:

@@ -12,7 +12,6 @@ Playwright package brings its own driver, and the browser is ``/usr/bin/chromium
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import pytest
 
 from backends import BACKENDS
 from tests import servers
+from tests.ports import free_port
+from tests.waits import POLL_S
 
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "notifications"
 CHROMIUM = "/usr/bin/chromium"
@@ -46,7 +47,6 @@ CHROMIUM_ARGS = [
 BROWSER_LAUNCH_TIMEOUT_S = 60.0
 #: Daphne imports Django and Twisted and opens the port; a second or two, usually.
 SITE_READY_TIMEOUT_S = 30.0
-POLL_INTERVAL_S = 0.05
 
 
 def _e2e_backend_params() -> list[str]:
@@ -80,7 +80,7 @@ def _wait_until(ready: Callable[[], bool], timeout_s: float, failure: str) -> No
     while not ready():
         if time.monotonic() > deadline:
             pytest.fail(failure, pytrace=False)
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(POLL_S)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ class Site:
     """The example project served by Daphne, talking to one broker daemon."""
 
     def __init__(self, broker_url: str, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = workdir / "daphne.log"
         self.env = {
             key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"
@@ -181,13 +181,6 @@ class Site:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         tail = "\n".join(text.splitlines()[-lines:])
         return f"--- daphne log ({self.log_path}) ---\n{tail}\n--- end ---"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

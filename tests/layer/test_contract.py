@@ -14,16 +14,17 @@ from typing import Any
 import msgpack
 import pytest
 
-#: Long enough for any message that should arrive to arrive.
-from tests.layer.support import assert_nothing_within, receive
+from protocol import DEFAULT_MAX_MESSAGE_BYTES
+from tests.waits import (
+    DELIVERY_TIMEOUT_S,
+    IN_FLIGHT_S,
+    QUIET_S,
+    assert_nothing_within,
+    receive,
+)
 
-DELIVERY_TIMEOUT_S = 5.0
 #: Ceiling for a burst of 200 concurrent operations on a slow (shared, loaded) backend.
 BURST_TIMEOUT_S = 15.0
-#: How long we watch a channel to call it empty.
-QUIET_S = 0.5
-#: The daemon's default limit on a serialized message.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 KINDS = ["normal", "specific"]
 
@@ -77,7 +78,7 @@ async def test_receive_started_before_send_gets_message(
     receiver, sender = make_layer(), make_layer()
     channel = await channel_of(kind, receiver, unique)
     pending = asyncio.create_task(receiver.receive(channel))
-    await asyncio.sleep(0.1)  # let the receive reach the daemon first
+    await asyncio.sleep(IN_FLIGHT_S)  # let the receive reach the daemon first
     assert not pending.done()
     await sender.send(channel, {"type": "late.send"})
     assert await asyncio.wait_for(pending, DELIVERY_TIMEOUT_S) == {"type": "late.send"}
@@ -114,7 +115,7 @@ async def test_two_instances_waiting_on_one_channel_get_each_message_once(
     a, b, sender = make_layer(), make_layer(), make_layer()
     channel = unique("shared")
     waiting = {asyncio.create_task(a.receive(channel)), asyncio.create_task(b.receive(channel))}
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(IN_FLIGHT_S)  # let both receives reach the daemon
     await sender.send(channel, {"n": 1})
     done, waiting = await asyncio.wait(
         waiting, timeout=DELIVERY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
@@ -367,7 +368,7 @@ async def test_message_over_limit_raises_message_too_large_and_nothing_breaks(
     1. A message before, then one a byte over the limit (send and group_send), then one after.
     2. Both oversized calls raise MessageTooLarge; the others arrive, in order, and only they.
     """
-    from broker.layer.channel_layer import MessageTooLarge
+    from broker.layer import MessageTooLarge
 
     layer, sender = make_layer(), make_layer()
     channel = await channel_of(kind, layer, unique)
@@ -388,7 +389,7 @@ async def test_layer_learns_message_limit_from_daemon(
     broker_factory: Callable[..., Any], make_layer: Any, unique: Callable[[str], str]
 ) -> None:
     """Behaviour 23 with ``--max-message-bytes``: the layer enforces the daemon's limit."""
-    from broker.layer.channel_layer import MessageTooLarge
+    from broker.layer import MessageTooLarge
 
     limit = 64 * 1024
     small = broker_factory(max_message_bytes=limit)
@@ -442,7 +443,7 @@ async def test_close_ends_pending_receive_and_layer_is_reusable(
     layer = make_layer()
     channel = await channel_of(kind, layer, unique)
     pending = asyncio.create_task(layer.receive(channel))
-    await asyncio.sleep(0.1)  # let the receive reach the daemon
+    await asyncio.sleep(IN_FLIGHT_S)  # let the receive reach the daemon
     await asyncio.wait_for(layer.close(), DELIVERY_TIMEOUT_S)
     done, _ = await asyncio.wait({pending}, timeout=DELIVERY_TIMEOUT_S)
     assert done, "receive still pending after close()"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from tests.waits import DELIVERY_TIMEOUT_S, QUIET_S
+
 #: 100 cancels after 0, 0.1, ... 9.9 ms: across the whole life of a receive request.
 CANCEL_DELAYS_S = [i * 0.0001 for i in range(100)]
 MESSAGES = 100
-DELIVERY_TIMEOUT_S = 5.0
-QUIET_S = 0.5
 
 
 async def cancel_after(layer: Any, channel: str, delay_s: float) -> dict[str, Any] | None:

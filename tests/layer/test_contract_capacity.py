@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from channels.exceptions import ChannelFull
 
-from tests.layer.support import assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 
 async def fill(layer: Any, channel: str, count: int) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-#: How long we watch a channel to call it empty.
-QUIET_S = 0.5
+from tests.waits import QUIET_S
 
 #: (send times in seconds from the start, the 1-based messages the reader then sees)
 TIMELINES = [

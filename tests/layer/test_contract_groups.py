@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from tests.layer.support import assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 
 async def test_discarded_member_gets_no_group_message_but_still_direct_sends(

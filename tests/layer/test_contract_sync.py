@@ -17,9 +17,8 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 
-from tests.layer.support import receive
+from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, receive
 
-DELIVERY_TIMEOUT_S = 5.0
 GROUP_SENDS = 1000
 #: Sockets a layer may legitimately keep open between calls (a pooled connection or two).
 SOCKET_SLACK = 3
@@ -109,7 +108,7 @@ def _wait_for_threads(baseline: int, timeout_s: float = 5.0) -> int:
     deadline = time.monotonic() + timeout_s
     while threading.active_count() > baseline and time.monotonic() < deadline:
         gc.collect()  # async_to_sync's executors end their thread when collected
-        time.sleep(0.01)
+        time.sleep(POLL_S)
     return threading.active_count()
 
 

@@ -13,17 +13,11 @@ from typing import Any
 
 import pytest
 
-#: A reconnect needs a few backoff rounds (the layer's delay is capped at 2 s).
-RECONNECT_TIMEOUT_S = 15.0
+from tests.waits import IN_FLIGHT_S, RECONNECT_TIMEOUT_S, receive
 
 
 def is_durable(backend_url: str) -> bool:
     return not backend_url.startswith("memory://")
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), RECONNECT_TIMEOUT_S)
-    return message
 
 
 @pytest.mark.parametrize("cut", ["restart", "kill"])
@@ -50,7 +44,7 @@ async def test_layer_reconnects_after_daemon_restart_and_later_messages_arrive(
     await sender.send(parked, {"before": "restart"})
     waiting_specific = asyncio.create_task(consumer.receive(specific))
     waiting_queue = asyncio.create_task(consumer.receive(queue))
-    await asyncio.sleep(0.2)  # let both receives reach the daemon
+    await asyncio.sleep(IN_FLIGHT_S)  # let both receives reach the daemon
     assert not waiting_specific.done() and not waiting_queue.done()
 
     if cut == "restart":
@@ -64,7 +58,7 @@ async def test_layer_reconnects_after_daemon_restart_and_later_messages_arrive(
     assert await asyncio.wait_for(waiting_specific, RECONNECT_TIMEOUT_S) == {"after": "specific"}
     assert await asyncio.wait_for(waiting_queue, RECONNECT_TIMEOUT_S) == {"after": "queue"}
     if is_durable(backend_url):
-        assert await receive(consumer, parked) == {"before": "restart"}
+        assert await receive(consumer, parked, RECONNECT_TIMEOUT_S) == {"before": "restart"}
 
 
 async def test_layer_keeps_working_across_two_restarts(
@@ -75,5 +69,5 @@ async def test_layer_keeps_working_across_two_restarts(
     channel = unique("queue")
     for round_ in range(3):
         await asyncio.wait_for(layer.send(channel, {"round": round_}), RECONNECT_TIMEOUT_S)
-        assert await receive(layer, channel) == {"round": round_}
+        assert await receive(layer, channel, RECONNECT_TIMEOUT_S) == {"round": round_}
         await asyncio.to_thread(own_broker.restart)

@@ -12,10 +12,10 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-#: A reconnect needs a few backoff rounds (the layer's delay is capped at 2 s).
-RECONNECT_TIMEOUT_S = 15.0
+from tests.waits import IN_FLIGHT_S, QUIET_S, RECONNECT_TIMEOUT_S, assert_nothing_within
+
 #: Pause between group_sends while the consumer's layer reconnects.
-RETRY_S = 0.2
+GROUP_SEND_INTERVAL_S = 0.2
 
 
 async def test_consumer_keeps_its_groups_across_a_daemon_restart(
@@ -30,7 +30,7 @@ async def test_consumer_keeps_its_groups_across_a_daemon_restart(
     group = unique("room")
     await consumer.group_add(group, channel)
     waiting = asyncio.create_task(consumer.receive(channel))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(IN_FLIGHT_S)  # let the receive reach the daemon
     await asyncio.to_thread(own_broker.restart)
 
     async def send_until_received() -> dict[str, Any]:
@@ -40,7 +40,7 @@ async def test_consumer_keeps_its_groups_across_a_daemon_restart(
             with contextlib.suppress(ConnectionError):
                 await sender.group_send(group, {"n": n})
             n += 1
-            await asyncio.wait([waiting], timeout=RETRY_S)
+            await asyncio.wait([waiting], timeout=GROUP_SEND_INTERVAL_S)
         message: dict[str, Any] = waiting.result()
         return message
 
@@ -48,13 +48,9 @@ async def test_consumer_keeps_its_groups_across_a_daemon_restart(
     assert "n" in message
     while True:  # drain what the retries left
         try:
-            await asyncio.wait_for(consumer.receive(channel), 0.5)
+            await asyncio.wait_for(consumer.receive(channel), QUIET_S)
         except TimeoutError:
             break
     await consumer.group_discard(group, channel)
     await sender.group_send(group, {"after": "discard"})
-    try:
-        late = await asyncio.wait_for(consumer.receive(channel), 1.0)
-    except TimeoutError:
-        late = None
-    assert late is None
+    await assert_nothing_within(consumer, channel, 1.0)

@@ -14,6 +14,7 @@ from protocol import (
     Deliver,
     Error,
     ErrorCode,
+    FrameOverLimit,
     FrameTooLarge,
     HandshakeError,
     Hello,
@@ -83,6 +84,10 @@ def test_error_codes_keep_their_wire_numbers() -> None:
         "SHUTTING_DOWN": 11,
         "DUPLICATE_REQUEST": 12,
         "INTERNAL": 13,
+        "OVER_LIMIT": 14,
+        "FORBIDDEN": 15,
+        "CLIENT_ID_TAKEN": 16,
+        "TOO_MANY_CONNECTIONS": 17,
     }
 
 
@@ -93,6 +98,7 @@ def test_error_codes_keep_their_wire_numbers() -> None:
         (UnknownFrame, ErrorCode.UNKNOWN_FRAME),
         (FrameTooLarge, ErrorCode.FRAME_TOO_LARGE),
         (HandshakeError, ErrorCode.HANDSHAKE),
+        (FrameOverLimit, ErrorCode.OVER_LIMIT),
     ],
 )
 def test_every_protocol_error_carries_its_code(error: type[ProtocolError], code: ErrorCode) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from broker import __version__
-from broker.layer.channel_layer import BrokerChannelLayer
+from broker.layer import BrokerChannelLayer
 from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
 

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from tests import servers
-
-#: How long a message may take to arrive before the test calls it lost.
-DELIVERY_TIMEOUT_S = 5.0
+from tests.broker.daemon.traffic import Readers
+from tests.waits import DELIVERY_TIMEOUT_S, QUIET_S, receive
 
 
 @pytest.fixture(scope="module", params=["redis://", "postgresql://"], ids=["redis", "postgresql"])
@@ -31,7 +30,7 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 @asynccontextmanager
 async def layers(*hosts: list[str], **config: Any) -> AsyncIterator[list[Any]]:
     """One layer per ``hosts`` list, closed after the body."""
-    from broker.layer.channel_layer import BrokerChannelLayer
+    from broker.layer import BrokerChannelLayer
 
     made = [BrokerChannelLayer(hosts=h, **config) for h in hosts]
     try:
@@ -46,26 +45,20 @@ STREAM_COUNT = 600
 STREAM_BURST = 100
 
 
-async def stream_stopping(sender: Any, channel: str, daemon: Any, got: list[int]) -> None:
+async def stream_stopping(sender: Any, channel: str, daemon: Any, readers: Readers) -> None:
     """Send ``STREAM_COUNT`` numbered messages in bursts (a backlog builds up), stop
-    ``daemon`` (SIGTERM) while the third is being pulled, and wait until ``got`` holds
-    as many (and a little longer: a duplicate would show up then)."""
+    ``daemon`` (SIGTERM) while the third is being pulled, and wait until ``readers``
+    got them all (and a little longer: a duplicate would show up then)."""
     for start in range(0, STREAM_COUNT, STREAM_BURST):
         burst = range(start, start + STREAM_BURST)
         await asyncio.gather(*(sender.send(channel, {"n": n}) for n in burst))
         if start == 2 * STREAM_BURST:
             await asyncio.to_thread(daemon.stop)
-    async with asyncio.timeout(DELIVERY_TIMEOUT_S * 2):
-        while len(got) < STREAM_COUNT:
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
+    await readers.wait_for_all(STREAM_COUNT)
 
 
 async def receive_n(layer: Any, channel: str, count: int) -> list[Any]:
-    return [
-        (await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S))["n"]
-        for _ in range(count)
-    ]
+    return [(await receive(layer, channel))["n"] for _ in range(count)]
 
 
 async def test_two_daemons_serve_one_site(
@@ -92,23 +85,11 @@ async def test_two_daemons_serve_one_site(
         assert await receive_n(b, on_b, 2) == [1, 2]
 
         work = unique("work")
-        got: list[int] = []
-
-        async def worker(layer: Any) -> None:
-            while True:
-                got.append((await layer.receive(work))["n"])
-
-        tasks = [asyncio.create_task(worker(layer)) for layer in (a, b)]
-        for n in range(100):
-            await (a if n % 2 else b).send(work, {"n": n})
-        async with asyncio.timeout(DELIVERY_TIMEOUT_S):
-            while len(got) < 100:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # a duplicate would show up now
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert sorted(got) == list(range(100))
+        async with Readers([(a, work), (b, work)]) as workers:
+            for n in range(100):
+                await (a if n % 2 else b).send(work, {"n": n})
+            await workers.wait_for_all(100, DELIVERY_TIMEOUT_S)
+        assert sorted(workers.got[work]) == list(range(100))
 
 
 async def test_consumer_moving_to_another_daemon_gets_what_waited(
@@ -154,7 +135,7 @@ async def test_sigkilled_daemon_loses_no_waiting_message(
         home.start()
         assert await receive_n(consumer, channel, 20) == list(range(20))
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(worker.receive(work), 0.5)
+            await asyncio.wait_for(worker.receive(work), QUIET_S)
     one.start()  # so that the fixture's clean stop has a daemon to stop
 
 
@@ -170,18 +151,9 @@ async def test_workers_lose_nothing_when_their_daemon_stops_mid_stream(
     hosts = [[one.url, two.url]] * 3 + [[two.url], [two.url]]
     async with layers(*hosts, capacity=1000) as (*workers, sender):
         work = unique("work")
-        got: list[int] = []
-
-        async def pull(layer: Any) -> None:
-            while True:
-                got.append((await layer.receive(work))["n"])
-
-        tasks = [asyncio.create_task(pull(layer)) for layer in workers]
-        await stream_stopping(sender, work, one, got)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert sorted(got) == list(range(STREAM_COUNT))
+        async with Readers((layer, work) for layer in workers) as readers:
+            await stream_stopping(sender, work, one, readers)
+        assert sorted(readers.got[work]) == list(range(STREAM_COUNT))
     one.start()  # so that the fixture's clean stop has a daemon to stop
 
 
@@ -197,16 +169,8 @@ async def test_a_reader_keeps_its_order_when_its_daemon_stops_mid_stream(
     one, two = broker_factory(), broker_factory()
     async with layers([one.url, two.url], [two.url], capacity=1000) as (reader, sender):
         work = unique("work")
-        got: list[int] = []
-
-        async def pull() -> None:
-            while True:
-                got.append((await reader.receive(work))["n"])
-                await asyncio.sleep(0.001)  # slower than the sender: a backlog waits
-
-        task = asyncio.create_task(pull())
-        await stream_stopping(sender, work, one, got)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        assert got == list(range(STREAM_COUNT))
+        # Slower than the sender: a backlog waits.
+        async with Readers([(reader, work)], pace_s=0.001) as readers:
+            await stream_stopping(sender, work, one, readers)
+        assert readers.got[work] == list(range(STREAM_COUNT))
     one.start()  # so that the fixture's clean stop has a daemon to stop

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests import pg_server
-from tests.broker.test_metrics import scrape, settled, value
+from tests.broker.samples import scrape, settled, value
+from tests.waits import IN_FLIGHT_S, receive
 
 BACKEND_KIND = "shared"
-IO_TIMEOUT_S = 5.0
 DELIVERED = "channels_broker_messages_delivered_total"
 
 
@@ -27,11 +27,6 @@ DELIVERED = "channels_broker_messages_delivered_total"
 def backend_url() -> str:
     """The session's PostgreSQL (overrides the per-backend parameter)."""
     return pg_server.backend_url("postgresql://")
-
-
-async def receive(layer: Any, channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), IO_TIMEOUT_S)
-    return message
 
 
 async def test_group_send_to_members_connected_here_stores_nothing(
@@ -84,7 +79,7 @@ async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(
     assert [(await receive(owner, channel))["n"] for _ in range(4)] == [0, 1, 2, 3]
     samples = await settled(own_broker, DELIVERED, 4, mode="push")
     assert value(samples, DELIVERED, mode="direct") == 0
-    await asyncio.sleep(0.2)  # the acknowledgements reach the database
+    await asyncio.sleep(IN_FLIGHT_S)  # the acknowledgements reach the database
     await local.group_send(group, {"n": 4})
     assert (await receive(owner, channel))["n"] == 4
     await settled(own_broker, DELIVERED, 1, mode="direct")
@@ -108,7 +103,7 @@ async def test_direct_pushes_count_against_capacity_until_read(
     await sender.group_send(group, {"n": "skipped"})
     assert value(scrape(own_broker), "channels_broker_messages_dropped_total") == 1
     assert [(await receive(owner, channel))["n"] for _ in range(2)] == [0, 1]
-    await asyncio.sleep(0.2)  # the acknowledgements reach the daemon
+    await asyncio.sleep(IN_FLIGHT_S)  # the acknowledgements reach the daemon
     await sender.send(channel, {"n": 2})
     assert (await receive(owner, channel))["n"] == 2
 

@@ -8,90 +8,16 @@ on ``memory://`` only: a shared storage's gauges also see other tests' data.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from channels.exceptions import ChannelFull
-from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import (
-    PROTOCOL_VERSION,
-    Error,
-    ErrorCode,
-    Frame,
-    FrameDecoder,
-    Hello,
-    Ok,
-    SendMany,
-    Welcome,
-    encode_frame,
-)
-from tests.broker.http_client import http_get
-
-#: How long a count that lags the traffic (expiry sweeps, pushes in flight) may take.
-SETTLE_TIMEOUT_S = 10.0
-POLL_S = 0.05
-IO_TIMEOUT_S = 5.0
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(broker: Any) -> Samples:
-    """Every sample of the daemon's /metrics, by (name, labels)."""
-    text = http_get(broker.metrics_port, "/metrics")[1].decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    key = (name, frozenset(labels.items()))
-    assert key in samples, f"no sample {name}{labels} in /metrics"
-    return samples[key]
-
-
-async def settled(broker: Any, name: str, expected: float, **labels: str) -> Samples:
-    """Scrape until ``name{labels}`` reads ``expected``; fail with the last reading."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while True:
-        samples = await asyncio.to_thread(scrape, broker)
-        found = samples.get((name, frozenset(labels.items())))
-        if found == expected:
-            return samples
-        if time.monotonic() > deadline:
-            pytest.fail(f"{name}{labels} is {found}, expected {expected}")
-        await asyncio.sleep(POLL_S)
-
-
-class RawClient:
-    """A bare protocol connection, for frames the layer never sends (SEND_MANY, bad bytes)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.decoder = FrameDecoder()
-
-    @classmethod
-    async def open(cls, broker: Any, token: str = "", capacity: int = 100) -> RawClient:
-        reader, writer = await asyncio.open_connection(*broker.address)
-        client = cls(reader, writer)
-        writer.write(
-            encode_frame(Hello(PROTOCOL_VERSION, token, "", "asgi", capacity, 60.0, 86400.0))
-        )
-        return client
-
-    async def next_frame(self) -> Frame:
-        while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), IO_TIMEOUT_S)
-            assert data, "the daemon closed the connection"
-            self.decoder.receive_data(data)
-        return frame
-
-    def close(self) -> None:
-        self.writer.close()
+from protocol import Error, ErrorCode, Ok, SendMany, Welcome, encode_frame
+from tests.broker.raw_client import RawClient, hello
+from tests.broker.samples import Samples, scrape, settled, value
+from tests.waits import DELIVERY_TIMEOUT_S
 
 
 async def test_metrics_count_the_traffic(
@@ -117,7 +43,7 @@ async def test_metrics_count_the_traffic(
             with pytest.raises(ChannelFull):
                 await layer.send(work, {"i": index})
     for _ in range(3):
-        await asyncio.wait_for(layer.receive(work), IO_TIMEOUT_S)
+        await asyncio.wait_for(layer.receive(work), DELIVERY_TIMEOUT_S)
 
     group, roomy, full = unique("room"), await layer.new_channel(), await layer.new_channel()
     await layer.group_add(group, roomy)
@@ -129,9 +55,9 @@ async def test_metrics_count_the_traffic(
         await layer.send(full, {"fill": index})
     await settled(own_broker, "channels_broker_messages_delivered_total", 3, mode=pushed)
     await layer.group_send(group, {"to": "all"})
-    assert await asyncio.wait_for(layer.receive(roomy), IO_TIMEOUT_S) == {"to": "all"}
+    assert await asyncio.wait_for(layer.receive(roomy), DELIVERY_TIMEOUT_S) == {"to": "all"}
     for _ in range(3):
-        await asyncio.wait_for(layer.receive(full), IO_TIMEOUT_S)
+        await asyncio.wait_for(layer.receive(full), DELIVERY_TIMEOUT_S)
 
     short = make_own_layer(expiry=1)
     stale = unique("stale")
@@ -139,7 +65,7 @@ async def test_metrics_count_the_traffic(
     await short.send(stale, {"late": 2})
     await asyncio.sleep(1.2)
     await short.send(stale, {"fresh": True})
-    assert await asyncio.wait_for(short.receive(stale), IO_TIMEOUT_S) == {"fresh": True}
+    assert await asyncio.wait_for(short.receive(stale), DELIVERY_TIMEOUT_S) == {"fresh": True}
     if is_memory or backend_url.startswith("redis:"):
         # Shared PostgreSQL: any daemon's sweep may expire them; "expired" is per daemon.
         await settled(own_broker, "channels_broker_messages_expired_total", 2)
@@ -224,14 +150,15 @@ async def test_send_many_and_protocol_errors_are_counted(
 ) -> None:
     """SEND_MANY's accepted and refused items, and each ERROR code, are counted."""
     channel = unique("batch")
-    raw = await RawClient.open(own_broker, capacity=2)
+    raw = await RawClient.open(own_broker.address)
     try:
+        await raw.write(hello(capacity=2))
         assert isinstance(await raw.next_frame(), Welcome)
         items = tuple((channel, b"payload") for _ in range(3))
-        raw.writer.write(encode_frame(SendMany(1, items)))
+        await raw.write(encode_frame(SendMany(1, items)))
         reply = await raw.next_frame()
         assert isinstance(reply, Ok) and reply.rejected == (2,), reply
-        raw.writer.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # not msgpack: MALFORMED_FRAME
+        await raw.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # not msgpack: MALFORMED_FRAME
         error = await raw.next_frame()
         assert isinstance(error, Error) and error.error_code is ErrorCode.MALFORMED_FRAME
     finally:
@@ -251,8 +178,9 @@ async def test_auth_failures_are_counted(broker_factory: Callable[..., Any]) -> 
     """A HELLO with a wrong token counts one auth failure (and one AUTH_FAILED error)."""
     guarded = broker_factory(token="s3cret")
     for token in ("guess", "s3cret"):
-        raw = await RawClient.open(guarded, token=token)
+        raw = await RawClient.open(guarded.address)
         try:
+            await raw.write(hello(token=token))
             reply = await raw.next_frame()
         finally:
             raw.close()

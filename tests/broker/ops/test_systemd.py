@@ -16,10 +16,10 @@ import pytest
 
 from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
+from tests.waits import START_TIMEOUT_S
 
 #: A watchdog period short enough to see several pings within a second.
 WATCHDOG_USEC = 200_000
-RECEIVE_TIMEOUT_S = 10.0
 
 
 class NotifySocket:
@@ -31,7 +31,7 @@ class NotifySocket:
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.messages: list[dict[str, str]] = []
 
-    def wait_for(self, key: str, value: str = "1", timeout_s: float = RECEIVE_TIMEOUT_S) -> int:
+    def wait_for(self, key: str, value: str = "1", timeout_s: float = START_TIMEOUT_S) -> int:
         """Index of the first message with ``key=value``, reading until it comes."""
         deadline = time.monotonic() + timeout_s
         while True:

@@ -21,22 +21,13 @@ from protocol import (
     PROTOCOL_VERSION,
     Error,
     ErrorCode,
-    Frame,
-    FrameDecoder,
-    Hello,
     Ping,
     Send,
     Welcome,
     encode_frame,
 )
-
-#: Long enough for the daemon to answer and close; a hang fails well inside the test timeout.
-CLOSE_TIMEOUT_S = 5.0
-DELIVERY_TIMEOUT_S = 5.0
-
-
-def hello(version: int = PROTOCOL_VERSION, token: str = "") -> bytes:
-    return encode_frame(Hello(version, token, "", "asgi", 100, 60.0, 86400.0))
+from tests.broker.raw_client import RawClient, hello
+from tests.waits import DELIVERY_TIMEOUT_S, IN_FLIGHT_S
 
 
 def raw_frame(items: list[Any]) -> bytes:
@@ -80,53 +71,6 @@ CASES = {
 }
 
 
-class RawClient:
-    """A socket to the daemon that speaks only what the test writes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.decoder = FrameDecoder()
-        self.local_port: int = writer.get_extra_info("sockname")[1]
-
-    @classmethod
-    async def open(cls, address: tuple[str, int]) -> RawClient:
-        reader, writer = await asyncio.open_connection(*address)
-        return cls(reader, writer)
-
-    async def write(self, data: bytes, *, close_after: bool = False) -> None:
-        self.writer.write(data)
-        if close_after:
-            self.writer.write_eof()
-        await self.writer.drain()
-
-    async def next_frame(self) -> Frame:
-        while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), CLOSE_TIMEOUT_S)
-            assert data, "the daemon closed the connection before answering"
-            self.decoder.receive_data(data)
-        return frame
-
-    async def frames_until_closed(self) -> list[Frame]:
-        """Every frame the daemon still sends, then its close (EOF or reset)."""
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            while True:
-                try:
-                    data = await self.reader.read(65536)
-                except ConnectionResetError:
-                    break
-                if not data:
-                    break
-                self.decoder.receive_data(data)
-        frames = []
-        while (frame := self.decoder.next_frame()) is not None:
-            frames.append(frame)
-        return frames
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 async def assert_layer_still_works(layer: Any, sender: Any, unique: Callable[[str], str]) -> None:
     queue = unique("queue")
     await sender.send(queue, {"still": "fine"})
@@ -148,7 +92,7 @@ async def test_bad_frame_closes_only_that_connection(
     layer, sender = make_layer(), make_layer()
     channel = await layer.new_channel()
     waiting = asyncio.create_task(layer.receive(channel))
-    await asyncio.sleep(0.1)  # let the receive reach the daemon
+    await asyncio.sleep(IN_FLIGHT_S)  # let the receive reach the daemon
 
     raw = await RawClient.open(broker.address)
     try:

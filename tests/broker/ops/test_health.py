@@ -21,10 +21,10 @@ from backends import BACKENDS
 from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
 from tests.servers import RedisServer
+from tests.waits import POLL_S
 
 #: /readyz asks the backend with a 2 s timeout; a dead Redis shows within a few polls.
 CHANGE_TIMEOUT_S = 15.0
-POLL_S = 0.1
 
 
 def get(broker: BrokerProcess, path: str) -> tuple[int, Any]:

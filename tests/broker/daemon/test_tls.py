@@ -20,17 +20,16 @@ from pathlib import Path
 import pytest
 from asgiref.sync import async_to_sync
 
-from broker.layer import BrokerTLSError, BrokerUnavailable
-from broker.layer.channel_layer import BrokerChannelLayer
+from broker.layer import BrokerChannelLayer, BrokerTLSError, BrokerUnavailable
 from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
 from tests.broker.http_client import http_get
 from tests.certificates import Authority, Issued
 from tests.conftest import BrokerProcess
+from tests.waits import DELIVERY_TIMEOUT_S
 
 #: A TLS failure is reported within this, though the layer would wait 5 s for a daemon.
 AT_ONCE_S = 1.0
 CONNECT_TIMEOUT_S = 5.0
-IO_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-def _tls_args(server: Issued, client_ca: Path | None) -> list[str]:
-    args = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
-    return args + (["--tls-client-ca", str(client_ca)] if client_ca else [])
+def _tls_args(server: Issued, client_ca: Path | None) -> tuple[str, ...]:
+    args = ("--tls-cert", str(server.cert), "--tls-key", str(server.key))
+    return args + (("--tls-client-ca", str(client_ca)) if client_ca else ())
 
 
 @pytest.fixture(scope="module")
 def mtls(pki: Pki) -> Iterator[BrokerProcess]:
     """A daemon that requires client certificates its CA signed."""
-    process = BrokerProcess("memory://", args=_tls_args(pki.daemon, pki.ca.cert))
+    process = BrokerProcess("memory://", extra_args=_tls_args(pki.daemon, pki.ca.cert))
     process.start()
     yield process
     process.cleanup()
@@ -85,7 +84,7 @@ def context(pki: Pki, client: Issued | None = None) -> ssl.SSLContext:
 def _dial(broker: BrokerProcess, client: ssl.SSLContext) -> ssl.SSLSocket:
     """A blocking TLS socket to ``broker``, its handshake done (as far as a TLS 1.3
     client can tell: the daemon checks the client's certificate after that)."""
-    raw = socket.create_connection(broker.address, timeout=IO_TIMEOUT_S)
+    raw = socket.create_connection(broker.address, timeout=DELIVERY_TIMEOUT_S)
     try:
         return client.wrap_socket(raw, server_hostname="127.0.0.1")
     except BaseException:
@@ -227,24 +226,24 @@ async def test_a_waiting_receiver_rides_a_tls_restart_and_hears_of_an_impostor(
     with its own certificate: the consumer reconnects and gets a message sent after.
     3. It restarts with a certificate another CA signed: the waiting receive raises
     ``BrokerTLSError`` instead of waiting for ever."""
-    daemon = BrokerProcess("memory://", args=_tls_args(pki.daemon, pki.ca.cert))
+    daemon = BrokerProcess("memory://", extra_args=_tls_args(pki.daemon, pki.ca.cert))
     daemon.start()
     layer = BrokerChannelLayer(hosts=[tls_url(daemon)], ssl_context=context(pki, pki.worker))
     try:
         channel = await layer.new_channel()
         waiting = asyncio.ensure_future(layer.receive(channel))
         await layer.send(channel, {"n": 1})
-        assert (await asyncio.wait_for(waiting, IO_TIMEOUT_S)) == {"n": 1}
+        assert (await asyncio.wait_for(waiting, DELIVERY_TIMEOUT_S)) == {"n": 1}
         waiting = asyncio.ensure_future(layer.receive(channel))
         await asyncio.to_thread(daemon.restart)
         await layer.send(channel, {"n": 2})
-        assert (await asyncio.wait_for(waiting, IO_TIMEOUT_S)) == {"n": 2}
+        assert (await asyncio.wait_for(waiting, DELIVERY_TIMEOUT_S)) == {"n": 2}
         waiting = asyncio.ensure_future(layer.receive(channel))
         await asyncio.to_thread(daemon.stop)
-        daemon.args = _tls_args(pki.impostor, pki.ca.cert)
+        daemon.extra_args = _tls_args(pki.impostor, pki.ca.cert)
         await asyncio.to_thread(daemon.start)
         with pytest.raises(BrokerTLSError, match="not trusted"):
-            await asyncio.wait_for(waiting, IO_TIMEOUT_S)
+            await asyncio.wait_for(waiting, DELIVERY_TIMEOUT_S)
     finally:
         await layer.close()
         daemon.cleanup()

@@ -1,0 +1,320 @@
+"""The daemon owns its bounds: what a hostile client asks in HELLO, or puts in one frame,
+harms nobody else (issue 14, "Server-side policy" and one frame's work).
+
+Each attack is one the issue tried on the daemon before: it runs against a real daemon
+while another client PINGs it without pause, and that client's slowest PONG must come
+within ``PING_BUDGET_S``. The attacker gets OVER_LIMIT, naming the flag to change; the
+refusal is logged and counted under ``channels_broker_limit_hits_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from broker.layer import OverLimit
+from protocol import (
+    LONGEST_EXPIRY_S,
+    MAX_ACK_PAIRS,
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    Hello,
+    Ok,
+    Ping,
+    Pong,
+    Send,
+    SendMany,
+    Welcome,
+    encode_frame,
+)
+from tests.broker.raw_client import RawClient, raw_frame
+from tests.broker.samples import scrape, value
+from tests.conftest import LayerFactory
+from tests.waits import DELIVERY_TIMEOUT_S, assert_nothing_within, receive
+
+T = TypeVar("T")
+
+#: The issue's bound on another client's PING while an attack runs.
+PING_BUDGET_S = 0.05
+
+
+def asking(
+    capacity: int = 100,
+    expiry_s: float = 60.0,
+    group_expiry_s: float = 86400.0,
+    channel_capacity: tuple[tuple[str, int], ...] = (),
+) -> Hello:
+    """A HELLO as a layer sends it, but for what the test asks."""
+    return Hello(
+        PROTOCOL_VERSION, "", "", "asgi", capacity, expiry_s, group_expiry_s, channel_capacity
+    )
+
+
+async def welcomed(broker: Any, hello: Hello | None = None) -> RawClient:
+    """A raw client past its handshake."""
+    client = await RawClient.open(broker.address)
+    await client.write(encode_frame(hello or asking()))
+    assert isinstance(await client.next_frame(), Welcome)
+    return client
+
+
+async def refusal(client: RawClient) -> Error:
+    """The connection-level ERROR the daemon closes with; fails if it answers otherwise."""
+    frames = await client.frames_until_closed()
+    assert len(frames) == 1, frames
+    error = frames[0]
+    assert isinstance(error, Error) and error.request_id == 0, error
+    return error
+
+
+async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, float]:
+    """Run ``attack`` while another client PINGs the daemon back to back; return its
+    result and the slowest PING's round trip, in seconds.
+
+    The attack's bytes must be encoded before: this process's own loop must not stall.
+    """
+    prober = await welcomed(broker)
+    slowest, done, request_ids = 0.0, asyncio.Event(), iter(range(1, 2**31))
+
+    async def ping() -> None:
+        nonlocal slowest
+        request_id, started = next(request_ids), time.perf_counter()
+        await prober.write(encode_frame(Ping(request_id)))
+        assert await prober.next_frame() == Pong(request_id)
+        slowest = max(slowest, time.perf_counter() - started)
+
+    async def probe() -> None:
+        while not done.is_set():
+            await ping()
+
+    try:
+        await ping()  # the prober is answered before the attack starts
+        probing = asyncio.create_task(probe())
+        try:
+            result = await attack
+        finally:
+            done.set()
+            await probing
+        await ping()  # and after the daemon answered the attacker
+    finally:
+        prober.close()
+    return result, slowest
+
+
+async def refused(broker: Any, data: bytes, first: Hello | None = None) -> tuple[Error, float]:
+    """Send ``data`` (after ``first``'s WELCOME, if given) and return the daemon's closing
+    ERROR, and the slowest PING of another client meanwhile."""
+    attacker = await welcomed(broker, first) if first else await RawClient.open(broker.address)
+
+    async def attack() -> Error:
+        await attacker.write(data)
+        return await refusal(attacker)
+
+    try:
+        return await slowest_ping_during(broker, attack())
+    finally:
+        attacker.close()
+
+
+def limit_hits(broker: Any, limit: str) -> float:
+    return value(scrape(broker), "channels_broker_limit_hits_total", limit=limit)
+
+
+# -- patterns: no client-supplied pattern backtracks on the event loop --------------
+
+
+async def test_a_catastrophic_pattern_costs_no_other_client_a_stall(broker: Any) -> None:
+    """``(a+)+$`` and a send to ``"a" * 27 + ".x"`` stalled every client for 4.3 s, and
+    each added character doubled it; here the name has 97, and the send is answered."""
+    attacker = await welcomed(broker, asking(channel_capacity=((r"(a+)+$", 5),)))
+    name = "a" * 97 + ".x"
+    send = encode_frame(Send(1, name, b"x"))
+
+    async def attack() -> Frame:
+        await attacker.write(send)
+        return await attacker.next_frame()
+
+    try:
+        answer, slowest = await slowest_ping_during(broker, attack())
+    finally:
+        attacker.close()
+    assert answer == Ok(1)
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
+    broker: Any,
+) -> None:
+    """It stalled the daemon 1.1 s; now its array is refused from its header."""
+    patterns = tuple((f"p{index}", 1) for index in range(100_000))
+    error, slowest = await refused(broker, encode_frame(asking(channel_capacity=patterns)))
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_hello_over_max_patterns_names_the_flag(broker: Any) -> None:
+    over = tuple((f"^p{index}", 1) for index in range(17))  # the default --max-patterns: 16
+    before = await asyncio.to_thread(limit_hits, broker, "max-patterns")
+    error, _ = await refused(broker, encode_frame(asking(channel_capacity=over)))
+
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert "--max-patterns" in error.message and "17" in error.message
+    assert await asyncio.to_thread(limit_hits, broker, "max-patterns") == before + 1
+    await asyncio.to_thread(
+        broker.wait_for_log, lambda line: "refused HELLO" in line and "--max-patterns" in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [("(?=lookahead)", "(?="), (r"(a)\1", r"\1"), ("x" * 257, "257 characters")],
+)
+async def test_a_pattern_the_daemon_cannot_match_is_refused_at_hello(
+    broker: Any, pattern: str, reason: str
+) -> None:
+    error, _ = await refused(broker, encode_frame(asking(channel_capacity=((pattern, 1),))))
+    assert error.error_code in (ErrorCode.MALFORMED_FRAME, ErrorCode.OVER_LIMIT)
+    assert reason in error.message
+
+
+# -- one frame's work is bounded by --max-batch ---------------------------------------
+
+
+async def test_a_send_many_of_200_000_items_is_refused_and_stores_nothing(
+    broker: Any, make_layer: Any
+) -> None:
+    """It stalled the daemon 0.2 s; now it is refused before one item is read."""
+    channel = f"flood-{uuid.uuid4().hex[:8]}"
+    flood = encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(200_000))))
+    error, slowest = await refused(broker, flood, first=asking())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+    await assert_nothing_within(make_layer(), channel)
+
+
+async def test_an_ack_of_300_000_pairs_is_refused(broker: Any) -> None:
+    """It stalled the daemon 0.3 s."""
+    flood = encode_frame(Ack(tuple((f"asgi.x!{index}", 1) for index in range(300_000))))
+    before = await asyncio.to_thread(limit_hits, broker, "max-batch")
+    error, slowest = await refused(broker, flood, first=asking())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
+    assert slowest < PING_BUDGET_S
+    assert await asyncio.to_thread(limit_hits, broker, "max-batch") == before + 1
+
+
+async def test_a_frame_of_nested_arrays_is_refused_by_its_object_count(broker: Any) -> None:
+    """No array over --max-batch, but 7 million objects in all (half a second to build):
+    refused once it holds more than a frame of --max-batch pairs could."""
+    counts = [[f"c{index}", [[1] * 70] * 100] for index in range(1000)]
+    error, slowest = await refused(broker, raw_frame([Ack.TYPE, counts]), first=asking())
+
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert slowest < PING_BUDGET_S
+
+
+async def test_a_send_many_at_max_batch_is_served(broker: Any) -> None:
+    channel = f"batch-{uuid.uuid4().hex[:8]}"
+    client = await welcomed(broker, asking(capacity=1000))
+    try:
+        await client.write(encode_frame(SendMany(1, tuple((channel, b"x") for _ in range(1000)))))
+        assert await client.next_frame() == Ok(1, 1000, ())
+    finally:
+        client.close()
+
+
+# -- capacity and expiry are the daemon's to bound ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "flag"),
+    [
+        (asking(capacity=10**9), "--max-capacity"),
+        (asking(channel_capacity=(("^big", 10**9),)), "--max-capacity"),
+        (asking(expiry_s=1e17), "--max-expiry"),
+        (asking(group_expiry_s=1e17), "--max-group-expiry"),
+    ],
+    ids=["capacity", "pattern-capacity", "expiry", "group-expiry"],
+)
+async def test_a_hello_over_a_bound_is_refused_naming_its_flag(
+    broker: Any, asked: Hello, flag: str
+) -> None:
+    """Capacity 10^9 let one channel hold 249 MB; expiry 1e17 poisoned a receiver."""
+    error, slowest = await refused(broker, encode_frame(asked))
+    assert error.error_code is ErrorCode.OVER_LIMIT
+    assert flag in error.message
+    assert slowest < PING_BUDGET_S
+
+
+async def test_the_longest_expiry_a_daemon_allows_poisons_no_receiver(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """With --max-expiry at its ceiling, 11 messages sent with that expiry all reach the
+    receiver's pushed channel (1e17 made its PUSH fail to encode and lost all 11)."""
+    layers = LayerFactory(broker_factory(extra_args=("--max-expiry", str(LONGEST_EXPIRY_S))))
+    try:
+        receiver, sender = layers(), layers(expiry=LONGEST_EXPIRY_S)
+        channel = await receiver.new_channel()
+        for index in range(11):
+            await sender.send(channel, {"n": index})
+        got = [await receive(receiver, channel) for _ in range(11)]
+        assert [message["n"] for message in got] == list(range(11))
+    finally:
+        await layers.aclose()
+
+
+# -- the layer: says what to change, and never sends an ACK over the bound -------------
+
+
+async def test_the_layer_names_the_bound_its_settings_are_over(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """Raised at once, and again at the next call: retrying cannot help."""
+    layers = LayerFactory(broker_factory(extra_args=("--max-capacity", "50")))
+    try:
+        layer = layers(capacity=100, connect_timeout=30)
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(OverLimit, match="--max-capacity") as raised:
+                await layer.send("work", {"n": 1})
+            assert time.monotonic() - started < DELIVERY_TIMEOUT_S
+        assert "CONFIG" in str(raised.value)
+    finally:
+        await layers.aclose()
+
+
+async def test_the_layer_splits_acknowledgements_into_acks_the_daemon_accepts(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """600 of its channels read in one pass of its loop owe 600 (channel, count) pairs:
+    they go as ACKs of MAX_ACK_PAIRS, to a daemon whose --max-batch is that low.
+
+    One group_send pushes to all 600; their receives wake together, and their
+    acknowledgements wait for the flush that follows the last."""
+    daemon = broker_factory(extra_args=("--max-batch", str(MAX_ACK_PAIRS)))
+    layers = LayerFactory(daemon)
+    try:
+        owner, sender = layers(), layers()
+        group = f"g{uuid.uuid4().hex[:8]}"
+        channels = [await owner.new_channel() for _ in range(600)]
+        for channel in channels:
+            await owner.group_add(group, channel)
+        receiving = asyncio.gather(*(owner.receive(channel) for channel in channels))
+        await sender.group_send(group, {"n": 1})
+        assert len(await asyncio.wait_for(receiving, DELIVERY_TIMEOUT_S)) == 600
+        await owner.send(channels[0], {"n": 2})  # the acknowledgements go first
+        assert (await receive(owner, channels[0]))["n"] == 2
+    finally:
+        await layers.aclose()
+    assert await asyncio.to_thread(limit_hits, daemon, "max-batch") == 0
+    assert "OVER_LIMIT" not in daemon.stderr_text()
