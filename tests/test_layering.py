@@ -22,7 +22,7 @@ IO_MODULES = frozenset(
 #: Which of our packages each part may import (its own included), longest prefix first wins.
 #: The layer runs in every Django process: it sees the protocol and nothing else of ours.
 #: ops is a library the daemon composes; it never reaches back into the daemon.
-_SHARED = ("protocol", "broker.config", "broker.errors", "broker.version")
+_SHARED = ("protocol", "broker.config", "broker.options", "broker.errors", "broker.version")
 OURS_ALLOWED: dict[str, tuple[str, ...]] = {
     "protocol": ("protocol",),
     "backends": ("protocol", "backends"),
@@ -30,7 +30,8 @@ OURS_ALLOWED: dict[str, tuple[str, ...]] = {
     "broker.ops": (*_SHARED, "backends", "broker.ops"),
     "broker.daemon": (*_SHARED, "backends", "broker.ops", "broker.daemon"),
     "broker.bench": (*_SHARED, "broker.layer", "broker.bench"),
-    "broker.config": ("protocol", "broker.errors"),
+    "broker.config": ("protocol", "broker.errors", "broker.options"),
+    "broker.options": ("protocol",),
     "broker.errors": (),
     "broker.version": (),
     "broker.cli": (*_SHARED, "backends", "broker.ops", "broker.daemon", "broker.bench"),

@@ -14,11 +14,13 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
 from backends.memory import MemoryBackend
-from broker.config import Config, parse_host_port
+from broker.config import Config, is_loopback, parse_host_port
 from broker.errors import ConfigError
 from broker.ops.exporter import Exporter
 from broker.ops.health import HealthServer
@@ -29,6 +31,7 @@ from broker.ops.systemd import Notifier
 from .connection import Connection
 from .context import Context
 from .routing import Router
+from .tls import TlsHandshake
 from .tokens import TokenTable
 
 __all__ = ["Server"]
@@ -107,29 +110,58 @@ class Server:
         def factory() -> Connection:
             return Connection(self.context)
 
-        tls = self.config.ssl_context()
-        scheme = "tls" if tls else "tcp"
-        # A TLS handshake holds a socket before the connection is counted: it gets the
-        # HELLO deadline too.
-        handshake_s = self.config.hello_timeout_s if tls else None
-        for host, port in self.config.listen_addresses:
-            listener = await loop.create_server(
-                factory, host, port, reuse_address=True, ssl=tls, ssl_handshake_timeout=handshake_s
-            )
-            self._listeners.append(listener)
-            log.info("listening on %s://%s:%d", scheme, host, port)
+        await self._listen_tcp(loop, factory)
         for path in self.config.unix:
             _remove_stale_socket(path)
             self._listeners.append(await loop.create_unix_server(factory, path))
             log.info("listening on unix://%s", path)
         if self.config.metrics_listen:
-            host, port = parse_host_port(self.config.metrics_listen)
-            self._health = HealthServer(host, port, self.readiness)
-            self.exporter.attach(self._health)
-            await self._health.start()
-            log.info("health and metrics on http://%s:%d", host, port)
+            await self._start_health(self.config.metrics_listen)
         log.info("serving with backend %s", redacted_url(self.config.backend_url))
         self.notifier.ready(self.exporter.summary)
+
+    async def _listen_tcp(
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection]
+    ) -> None:
+        """The TCP listeners; with TLS each connection starts as a ``TlsHandshake``."""
+        config, tls = self.config, self.config.ssl_context()
+        accept: Callable[[], asyncio.Protocol] = factory
+        if tls is not None:
+            accept = partial(TlsHandshake, factory, tls, config.hello_timeout_s, self.metrics)
+        scheme = "tls" if tls else "tcp"
+        for host, port in config.listen_addresses:
+            listener = await loop.create_server(accept, host, port, reuse_address=True)
+            self._listeners.append(listener)
+            log.info("listening on %s://%s:%d", scheme, host, port)
+            if not is_loopback(host) and not config.is_authenticated:
+                log.warning(
+                    "%s:%d serves any client that reaches it: no token, no client certificate"
+                    " (--allow-unauthenticated)",
+                    host,
+                    port,
+                )
+
+    async def _start_health(self, address: str) -> None:
+        host, port = parse_host_port(address)
+        access = self.status_scope if self.config.token or self.config.token_file else None
+        self._health = HealthServer(host, port, self.readiness, status_access=access)
+        self.exporter.attach(self._health)
+        await self._health.start()
+        log.info("health and metrics on http://%s:%d", host, port)
+        if access is None and not is_loopback(host):
+            log.warning(
+                "http://%s:%d serves /metrics, /healthz and /readyz to anyone who reaches it,"
+                " and /status to loopback only: the daemon has no token",
+                host,
+                port,
+            )
+
+    def status_scope(self, token: str) -> frozenset[str] | None:
+        """The namespaces ``/status`` shows the bearer of ``token``: those the token may
+        use (``*``: all; ``--token`` is one such), from the tokens in force now (SIGHUP
+        re-reads them); None (refused) for a token the daemon does not know."""
+        tokens = self.context.tokens
+        return None if tokens is None else tokens.namespaces_of(token)
 
     async def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from .channel_layer import BrokerChannelLayer
 from .encryption import UndecryptableMessage
-from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, OverLimit
+from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, MessageTooLarge, OverLimit
 
 __all__ = [
     "BrokerChannelLayer",
+    "BrokerTLSError",
     "BrokerUnavailable",
     "LayerClosed",
     "MessageTooLarge",

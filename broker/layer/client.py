@@ -36,8 +36,8 @@ from protocol import (
     encode_frame,
 )
 
-from .connecting import adopt, connect_any
-from .errors import BrokerUnavailable, LayerClosed, exception_for, is_refusal
+from .connecting import Dialer, adopt, tls_refusal
+from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
@@ -56,7 +56,7 @@ class ClientConnection(asyncio.Protocol):
         self.decoder = FrameDecoder(MAX_PUSH_FRAME_BYTES)
         self.handshake = Handshake(Role.CLIENT)
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = client.loop.create_future()
+        self.lost: asyncio.Future[BrokerTLSError | None] = client.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -76,9 +76,10 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        refused = tls_refusal(exc, self.transport, self.handshake)
         if not self.lost.done():
-            self.lost.set_result(None)
-        self.client.connection_lost(self)
+            self.lost.set_result(refused)
+        self.client.connection_lost(self, refused)
 
 
 class LoopClient:
@@ -101,11 +102,11 @@ class LoopClient:
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
-        #: new_channel() gave out a name with our client id: messages may come for it,
-        #: so this connection must not be handed to another loop (which would take
-        #: pushes for channels it never reads, and drop them when it closes).
+        #: new_channel() gave out a name with our client id: this connection must not go
+        #: to another loop (which would take, and drop, pushes for channels it never reads).
         self.minted = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
+        self._dialer = Dialer(settings, loop)
         self._request_ids = 0
         #: The daemon refused this client for good (token, version): every call says so.
         self._refusal: Error | None = None
@@ -143,13 +144,10 @@ class LoopClient:
             raise exception_for(self._refusal)
         if self._connecting is None or self._connecting.done():
             self._connecting = self.loop.create_task(self._connect())
-        try:
-            return await asyncio.wait_for(
-                asyncio.shield(self._connecting), self.settings.connect_timeout_s
-            )
-        except TimeoutError:
-            hosts = self.settings.host_names()
-            raise BrokerUnavailable(f"no broker reachable at {hosts}") from None
+        conn = await self._dialer.wait(self._connecting)
+        if conn.lost.done() and (refused := conn.lost.result()) is not None:
+            raise refused  # refused (TLS) before our turn came: as a request would hear
+        return conn
 
     async def message_limit(self) -> int:
         await self.connected()
@@ -159,7 +157,7 @@ class LoopClient:
         parked, self._parked = self._parked, None
         if parked is not None and parked.is_alive():
             return await self._adopt(parked)
-        conn = await connect_any(self.settings, self.loop, lambda: ClientConnection(self))
+        conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
         hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
@@ -188,11 +186,14 @@ class LoopClient:
         conn.data_received(b"")  # frames that were already read but not handled
         return conn
 
-    def connection_lost(self, conn: ClientConnection) -> None:
+    def connection_lost(self, conn: ClientConnection, refused: Exception | None = None) -> None:
         if self.conn is not conn:
             return
         self.conn = None
         self._output.clear()
+        if refused is not None:  # the daemon refused our client certificate: no retry
+            self._fail_calls(refused)
+            return
         self._pulls.end(self._refusal)  # None: a pull is simply retried
         for future in self._pending.values():
             if not future.done():
@@ -204,6 +205,11 @@ class LoopClient:
         if not self.closed and self._waiters and self._refusal is None:
             # Someone waits for pushes: reconnect now so they arrive.
             self._connecting = self.loop.create_task(self._connect())
+            self._connecting.add_done_callback(self._reconnected)
+
+    def _reconnected(self, task: asyncio.Task[ClientConnection]) -> None:
+        if not task.cancelled() and isinstance(error := task.exception(), Exception):
+            self._fail_calls(error)  # it failed for good (TLS): receivers hear why
 
     # -- output --------------------------------------------------------------
 
@@ -278,17 +284,15 @@ class LoopClient:
 
     def _connection_error(self, frame: Error) -> None:
         log.error("the broker closed the connection: %s", frame.message)
-        if is_refusal(frame, at_hello=self.conn is not None and not self.conn.handshake.is_ready):
-            self._refusal = frame
-            for waiters in self._waiters.values():  # receives of pushed channels, too
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exception_for(frame))
+        at_hello = self.conn is not None and not self.conn.handshake.is_ready
         self._pulls.end(frame)
         for future in self._pending.values():
             if not future.done():
                 future.set_result(frame)
         self._pending.clear()
+        if is_refusal(frame, at_hello=at_hello):
+            self._refusal = frame
+            self._fail_calls(exception_for(frame))  # receives of pushed channels, too
 
     # -- receiving -----------------------------------------------------------
 
@@ -356,6 +360,14 @@ class LoopClient:
                 waiter.set_result(None)
                 return
 
+    def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
+        self._pulls.end(error=error)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        for waiter in [w for waiters in self._waiters.values() for w in waiters if not w.done()]:
+            waiter.set_exception(error)
+
     # -- closing -------------------------------------------------------------
 
     async def close(self, park: bool = False) -> None:
@@ -367,15 +379,7 @@ class LoopClient:
             self._parked.sock.close()
         if self._connecting is not None:
             self._connecting.cancel()
-        error = LayerClosed("the layer was closed on this event loop")
-        self._pulls.end(error=error)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(error)
+        self._fail_calls(LayerClosed("the layer was closed on this event loop"))
         conn, self.conn = self.conn, None
         if conn is not None and conn.transport is not None:
             self._output.clear()

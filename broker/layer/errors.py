@@ -8,6 +8,7 @@ from protocol import Error, ErrorCode
 
 __all__ = [
     "REFUSALS",
+    "BrokerTLSError",
     "BrokerUnavailable",
     "LayerClosed",
     "MessageTooLarge",
@@ -36,6 +37,12 @@ class MessageTooLarge(ValueError):
 
 class BrokerUnavailable(ConnectionError):
     """No daemon could be reached within the timeout, or the connection dropped mid-request."""
+
+
+class BrokerTLSError(BrokerUnavailable):
+    """TLS with the daemon failed for a reason that trying again does not change: its
+    certificate is not trusted or names another host, it refused the layer's client
+    certificate, or it does not speak TLS. Raised at once, not after ``connect_timeout``."""
 
 
 class OverLimit(ValueError):

@@ -84,9 +84,10 @@ def park(
     """Hand the socket of a quiet connection to ``pool``; True if it left the transport.
 
     The socket is duplicated, so the transport's abort leaves the connection (and its
-    daemon session) open for the next loop. Nothing may wait to be written.
+    daemon session) open for the next loop. Nothing may wait to be written. A TLS
+    connection is not parked: its session lives in the transport, not in the socket.
     """
-    if transport.get_write_buffer_size():
+    if transport.get_write_buffer_size() or transport.get_extra_info("ssl_object"):
         return False
     sock = transport.get_extra_info("socket")
     parked = ParkedConnection(sock.dup(), identity, unread, max_message_bytes)

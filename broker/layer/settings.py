@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from protocol import PROTOCOL_VERSION, Hello
 
-__all__ = ["DEFAULT_HOSTS", "Host", "LayerSettings", "capacity_patterns", "parse_host"]
+__all__ = ["DEFAULT_HOSTS", "Host", "LayerSettings", "capacity_patterns", "host_url", "parse_host"]
 
 DEFAULT_HOSTS = ("tcp://127.0.0.1:7733",)
 
@@ -29,6 +29,14 @@ def parse_host(url: str) -> Host:
     if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
         return parts.scheme, parts.hostname, parts.port
     raise ValueError(f"{url!r} is not tcp://host:port, tls://host:port or unix:///path")
+
+
+def host_url(host: Host) -> str:
+    """``host`` as the settings wrote it: ``tcp://127.0.0.1:7733``, ``unix:///run/b.sock``."""
+    scheme, address, port = host
+    if scheme == "unix":
+        return f"unix://{address}"
+    return f"{scheme}://[{address}]:{port}" if ":" in address else f"{scheme}://{address}:{port}"
 
 
 def capacity_patterns(channel_capacity: Mapping[Any, int]) -> tuple[tuple[str, int], ...]:
@@ -111,4 +119,4 @@ class LayerSettings:
 
     def host_names(self) -> str:
         """The hosts as the settings wrote them, for error messages."""
-        return ", ".join(f"{s}://{a}" + (f":{p}" if p else "") for s, a, p in self.hosts)
+        return ", ".join(host_url(host) for host in self.hosts)

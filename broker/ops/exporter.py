@@ -33,7 +33,7 @@ from broker.config import Config
 from broker.version import __version__
 from protocol import ErrorCode
 
-from .health import HealthServer, ReadinessCheck
+from .health import ALL_NAMESPACES, HealthServer, ReadinessCheck, Scope, is_visible
 from .metrics import Histogram, Metrics
 
 __all__ = ["PREFIX", "TOP_LIMIT", "Exporter"]
@@ -216,6 +216,12 @@ class Exporter(Collector):
             "Connections refused because their token was wrong.",
             value=errors.get(ErrorCode.AUTH_FAILED, 0),
         )
+        yield CounterMetricFamily(
+            PREFIX + "tls_refused",
+            "TLS handshakes refused: no client certificate, or one not signed by"
+            " --tls-client-ca, or a client not speaking TLS.",
+            value=self.metrics.tls_refused,
+        )
 
     def _limits(self, stats: BackendStats | None) -> Iterator[Metric]:
         hits = dict(self.metrics.limits_hit)
@@ -242,8 +248,12 @@ class Exporter(Collector):
 
     # -- /status ---------------------------------------------------------------
 
-    async def status(self) -> dict[str, object]:
-        """The document ``channels-broker status`` and ``top`` show."""
+    async def status(self, scope: Scope = ALL_NAMESPACES) -> dict[str, object]:
+        """The document ``channels-broker status`` and ``top`` show.
+
+        ``scope`` is the namespaces whose channels and clients the reader may see (a
+        token's, from ``--token-file``), or ``ALL_NAMESPACES``; counts stay daemon-wide.
+        """
         context, metrics = self.context, self.metrics
         readiness = await self._readiness()
         stats = self._stats()
@@ -259,11 +269,11 @@ class Exporter(Collector):
             "connections": len(context.connections),
             "totals": metrics.totals() | ({"expired": stats.expired_total} if stats else {}),
             "waiting": None if stats is None else _waiting(stats),
-            "top_channels": await self._top_channels(),
-            "top_clients": _top_clients(context.connections),
+            "top_channels": await self._top_channels(scope),
+            "top_clients": _top_clients(context.connections, scope),
         }
 
-    async def _top_channels(self) -> list[dict[str, object]] | None:
+    async def _top_channels(self, scope: Scope) -> list[dict[str, object]] | None:
         try:
             top = await asyncio.wait_for(
                 self.context.backend.top_channels(TOP_LIMIT), TOP_TIMEOUT_S
@@ -272,7 +282,11 @@ class Exporter(Collector):
             return None
         if top is None:
             return None
-        return [{"namespace": ns, "channel": name, "messages": n} for ns, name, n in top]
+        return [
+            {"namespace": ns, "channel": name, "messages": n}
+            for ns, name, n in top
+            if is_visible(ns, scope)
+        ]
 
 
 def _waiting(stats: BackendStats) -> dict[str, int]:
@@ -284,8 +298,10 @@ def _waiting(stats: BackendStats) -> dict[str, int]:
     }
 
 
-def _top_clients(connections: set[Any]) -> list[dict[str, object]]:
+def _top_clients(connections: set[Any], scope: Scope) -> list[dict[str, object]]:
     """Connections holding the most pushed, unacknowledged messages: the slow consumers."""
+    if scope != ALL_NAMESPACES:
+        connections = {c for c in connections if c.session and is_visible(c.session.ns, scope)}
     busiest = heapq.nlargest(
         TOP_LIMIT,
         connections,

@@ -1,7 +1,13 @@
-"""The HTTP listener for ``/healthz``, ``/readyz`` and ``/metrics``.
+"""The HTTP listener for ``/healthz``, ``/readyz``, ``/metrics`` and ``/status``.
 
 A few lines of HTTP/1.1 on asyncio streams: the endpoints are tiny, scraped a few
 times a minute, and a web framework would be a larger dependency than this file.
+
+Who may read what. ``/healthz``, ``/readyz`` and ``/metrics`` answer anyone: probes and
+Prometheus ask without credentials, and they carry counts and fixed labels only, never
+a channel, group, client or address. ``/status`` names channels, clients, peers and
+namespaces, so it needs the daemon's token (``Authorization: Bearer <token>``), and a
+daemon with no token shows it to loopback peers only.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-__all__ = ["HealthServer"]
+from broker.config import is_loopback
+
+__all__ = ["ALL_NAMESPACES", "HealthServer", "Scope", "StatusAccess", "is_visible"]
 
 log = logging.getLogger("channels_broker.health")
 
@@ -22,9 +31,15 @@ MAX_REQUEST_BYTES = 8192
 #: Seconds a client may take to send its request.
 REQUEST_TIMEOUT_S = 5.0
 
+#: The namespaces a /status reader may see; ``*`` among them: every one.
+Scope = frozenset[str]
+ALL_NAMESPACES: Scope = frozenset({"*"})
+
 ReadinessCheck = Callable[[], Awaitable[dict[str, object]]]
-#: Builds the ``/status`` document (see ``broker.ops.exporter``).
-StatusReport = Callable[[], Awaitable[dict[str, object]]]
+#: Builds the ``/status`` document (see ``broker.ops.exporter``) for a scope.
+StatusReport = Callable[[Scope], Awaitable[dict[str, object]]]
+#: The scope a bearer token gives on /status, or None if it is not one of the daemon's.
+StatusAccess = Callable[[str], Scope | None]
 
 
 class HealthServer:
@@ -36,10 +51,13 @@ class HealthServer:
         port: int,
         readiness: ReadinessCheck,
         registry: CollectorRegistry = REGISTRY,
+        status_access: StatusAccess | None = None,
     ) -> None:
         self.host, self.port = host, port
         self._readiness = readiness
         self._registry = registry
+        #: None: the daemon has no token, and /status answers loopback peers only.
+        self._status_access = status_access
         self._server: asyncio.Server | None = None
         #: Optional hooks, set by ``broker.ops.exporter``: the /status document, and a refresh
         #: of the gauges that need I/O (readiness), awaited before each /metrics scrape.
@@ -60,7 +78,8 @@ class HealthServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
             method, path = _request_target(head)
-            status, content_type, body = await self._respond(method, path)
+            peer = writer.get_extra_info("peername")
+            status, content_type, body = await self._respond(method, path, head, peer)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
         except ConnectionError:
@@ -69,7 +88,8 @@ class HealthServer:
         header = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
+            + ('WWW-Authenticate: Bearer realm="channels-broker"\r\n' if status == 401 else "")
+            + "Connection: close\r\n\r\n"
         )
         try:
             writer.write(header.encode() + body)
@@ -79,7 +99,9 @@ class HealthServer:
         finally:
             writer.close()
 
-    async def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def _respond(
+        self, method: str, path: str, head: bytes, peer: Any
+    ) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/healthz":
@@ -93,13 +115,39 @@ class HealthServer:
                 await self.before_scrape()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/status" and self.status is not None:
-            return 200, "application/json", json.dumps(await self.status()).encode() + b"\n"
+            return await self._status(self.status, head, peer)
         return 404, "text/plain", b"not found\n"
 
+    async def _status(self, status: StatusReport, head: bytes, peer: Any) -> tuple[int, str, bytes]:
+        """/status for the scope the request proves, or why it may not read it."""
+        if self._status_access is None:
+            if not _is_loopback_peer(peer):
+                log.warning("refused /status to %s: the daemon has no token", _shown(peer))
+                return 403, "text/plain", _NO_TOKEN_NO_STATUS
+            scope = ALL_NAMESPACES
+        else:
+            token = _bearer_token(head)
+            granted = None if token is None else self._status_access(token)
+            if granted is None:
+                reason = "no token" if token is None else "a wrong token"
+                log.warning("refused /status to %s: %s", _shown(peer), reason)
+                return 401, "text/plain", _TOKEN_NEEDED
+            scope = granted
+        return 200, "application/json", json.dumps(await status(scope)).encode() + b"\n"
 
+
+_TOKEN_NEEDED = (
+    b"/status needs the daemon's token: send 'Authorization: Bearer <token>'"
+    b" (channels-broker status --token, or CHANNELS_BROKER_TOKEN)\n"
+)
+_NO_TOKEN_NO_STATUS = (
+    b"/status answers on loopback only while the daemon has no token (--token or --token-file)\n"
+)
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     503: "Service Unavailable",
@@ -110,3 +158,27 @@ def _request_target(head: bytes) -> tuple[str, str]:
     """Method and path (query dropped) of an HTTP request head; ValueError if not one."""
     method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
     return method, target.split("?", 1)[0]
+
+
+def _bearer_token(head: bytes) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "authorization":
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _is_loopback_peer(peer: Any) -> bool:
+    return isinstance(peer, tuple) and is_loopback(str(peer[0]))
+
+
+def _shown(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def is_visible(namespace: str | None, scope: Scope) -> bool:
+    """Whether a row of ``namespace`` shows to a reader of ``scope``."""
+    return "*" in scope or namespace in scope

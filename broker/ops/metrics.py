@@ -143,6 +143,8 @@ class Metrics:
         self.backend_calls: dict[str, Histogram] = {}
         self.backend_errors: dict[str, int] = {}
         self.errors: dict[ErrorCode, int] = {}
+        #: TLS handshakes the daemon refused: no client certificate, or one it does not trust.
+        self.tls_refused = 0
         #: Hits of one of the daemon's bounds (a request or connection refused, a
         #: connection closed, reading paused), by the bound: its flag's name
         #: (``max-batch``), made up front like the request series.
@@ -182,5 +184,6 @@ class Metrics:
             "requests": sum(histogram.count for histogram in self.requests.values()),
             "errors": sum(self.errors.values()),
             "auth_failures": self.errors.get(ErrorCode.AUTH_FAILED, 0),
+            "tls_refused": self.tls_refused,
             "backend_errors": sum(self.backend_errors.values()),
         }

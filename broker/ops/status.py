@@ -2,8 +2,10 @@
 
 All three read the daemon's HTTP listener (``--metrics-listen``, the same option and
 ``CHANNELS_BROKER_METRICS_LISTEN`` variable as ``serve``): ``/status`` for the
-screens, ``/readyz`` for ``check``. Rates are differences between two readings of
-the daemon's counters over the daemon's own monotonic clock.
+screens, ``/readyz`` for ``check``. ``/status`` names channels and clients, so a daemon
+with a token asks for it: ``status`` and ``top`` send ``--token`` (or
+``CHANNELS_BROKER_TOKEN``, as ``serve`` reads it). Rates are differences between two
+readings of the daemon's counters over the daemon's own monotonic clock.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _address_option(command: _Command) -> _Command:
     )(command)
 
 
+def _token_option(command: _Command) -> _Command:
+    """``serve``'s token (flag and variable), which ``/status`` asks for."""
+    option = serve_option("token")
+    return click.option(
+        option.flag,
+        envvar=option.envvar,
+        show_envvar=True,
+        default=None,
+        help="The daemon's token, which /status needs if the daemon has one (a flag shows"
+        " in ps: prefer the variable).",
+    )(command)
+
+
 def _base_url(address: str) -> str:
     try:
         host, port = parse_host_port(address)
@@ -60,10 +75,13 @@ def _base_url(address: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _get(url: str) -> tuple[int, bytes]:
-    """Status code and body of a GET; ``Unreachable`` if nothing answers."""
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    """Status code and body of a GET (with the token, if any); ``Unreachable`` if
+    nothing answers."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:  # 503 and friends still carry a body
         with exc:
@@ -72,9 +90,11 @@ def _get(url: str) -> tuple[int, bytes]:
         raise Unreachable(f"no answer from {url}: {exc}") from exc
 
 
-def fetch_status(address: str) -> dict[str, Any]:
+def fetch_status(address: str, token: str | None = None) -> dict[str, Any]:
     """The daemon's ``/status`` document."""
-    code, body = _get(_base_url(address) + "/status")
+    code, body = _get(_base_url(address) + "/status", token)
+    if code in (401, 403):  # the daemon says why: no token, a wrong one, not loopback
+        raise Unreachable(f"{address}/status refused: {body.decode(errors='replace').strip()}")
     if code != 200:
         raise Unreachable(f"{address}/status answered HTTP {code}")
     document: dict[str, Any] = json.loads(body)
@@ -167,9 +187,9 @@ def render(doc: dict[str, Any], per_s: dict[str, float] | None = None) -> str:
 # -- commands -------------------------------------------------------------------
 
 
-def _fetch_or_exit(address: str) -> dict[str, Any]:
+def _fetch_or_exit(address: str, token: str | None) -> dict[str, Any]:
     try:
-        return fetch_status(address)
+        return fetch_status(address, token)
     except Unreachable as exc:
         click.echo(f"channels-broker: {exc}", err=True)
         sys.exit(EXIT_NOT_READY)
@@ -177,31 +197,33 @@ def _fetch_or_exit(address: str) -> dict[str, Any]:
 
 @click.command()
 @_address_option
+@_token_option
 @click.option("--interval", default=1.0, show_default=True, help="Seconds to measure rates over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's /status document.")
-def status(metrics_listen: str, interval: float, as_json: bool) -> None:
+def status(metrics_listen: str, token: str | None, interval: float, as_json: bool) -> None:
     """Show how a running daemon is doing, on one screen."""
-    first = _fetch_or_exit(metrics_listen)
+    first = _fetch_or_exit(metrics_listen, token)
     if as_json:
         click.echo(json.dumps(first, indent=2))
         return
     time.sleep(max(0.0, interval))
-    second = _fetch_or_exit(metrics_listen)
+    second = _fetch_or_exit(metrics_listen, token)
     click.echo(render(second, rates(first, second)))
 
 
 @click.command()
 @_address_option
+@_token_option
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--count", default=0, help="Stop after this many screens (0: until Ctrl-C).")
-def top(metrics_listen: str, interval: float, count: int) -> None:
+def top(metrics_listen: str, token: str | None, interval: float, count: int) -> None:
     """Show a running daemon's status, refreshed in place until Ctrl-C."""
     is_terminal = sys.stdout.isatty()
     previous: dict[str, Any] | None = None
     shown = 0
     try:
         while not count or shown < count:
-            doc = _fetch_or_exit(metrics_listen)
+            doc = _fetch_or_exit(metrics_listen, token)
             screen = render(doc, None if previous is None else rates(previous, doc))
             stamp = time.strftime("%H:%M:%S")
             click.echo((_CLEAR if is_terminal else "") + f"{stamp}  {screen}\n")

@@ -18,14 +18,15 @@ __all__ = ["http_get"]
 IO_TIMEOUT_S = 10.0
 
 
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    """Status and body of ``GET path`` on 127.0.0.1:``port`` (4xx and 5xx included)."""
+def http_get(
+    port: int, path: str, host: str = "127.0.0.1", headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """Status and body of ``GET path`` on ``host``:``port`` (4xx and 5xx included)."""
     deadline = time.monotonic() + START_TIMEOUT_S
+    request = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers or {})
     while True:
         try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{port}{path}", timeout=IO_TIMEOUT_S
-            ) as response:
+            with urllib.request.urlopen(request, timeout=IO_TIMEOUT_S) as response:
                 return response.status, bytes(response.read())
         except urllib.error.HTTPError as exc:
             with exc:  # it holds the connection until closed

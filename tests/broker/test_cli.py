@@ -17,7 +17,7 @@ import pytest
 
 from protocol import FrameDecoder, Ping, Pong, Welcome, encode_frame
 from tests.broker.raw_client import hello
-from tests.ports import free_port
+from tests.ports import free_port, outside_address
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 
@@ -257,3 +257,36 @@ def test_config_file_takes_a_single_listen_and_refuses_unknown_keys(tmp_path: Pa
     code, stderr = _refused("--config", str(bad))
     assert code == 2
     assert "unknown keys lisen" in stderr
+
+
+def test_listening_beyond_loopback_without_token_is_refused_at_start() -> None:
+    """``--listen`` on an address other hosts reach, with no token, token file or client
+    CA: exit 2 naming the flags that would allow it; nothing listens meanwhile."""
+    port = free_port()
+    for listen in (f"0.0.0.0:{port}", f"[::]:{port}", f"{outside_address()}:{port}"):
+        code, stderr = _refused("--listen", "127.0.0.1:0", "--listen", listen)
+        assert code == 2, stderr
+        assert f"--listen {listen} is reachable from other hosts" in stderr
+        for flag in ("--token", "--token-file", "--tls-client-ca", "--allow-unauthenticated"):
+            assert flag in stderr
+        assert "Traceback" not in stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "warned"),
+    [
+        (("--allow-unauthenticated",), {}, True),
+        ((), {"CHANNELS_BROKER_TOKEN": "s3cret"}, False),
+    ],
+    ids=["allow-unauthenticated", "token"],
+)
+def test_listening_beyond_loopback_starts_with_a_token_or_when_allowed_without(
+    args: tuple[str, ...], env: dict[str, str], warned: bool
+) -> None:
+    """Allowed without a token, it says so at start; with a token it has nothing to say."""
+    port = free_port()
+    with serving(port, "--listen", f"0.0.0.0:{port}", *args, env=env) as served:
+        pass
+    assert ("serves any client that reaches it" in served.stderr) is warned
