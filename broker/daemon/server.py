@@ -127,7 +127,8 @@ class Server:
         config, tls = self.config, self.config.ssl_context()
         accept: Callable[[], asyncio.Protocol] = factory
         if tls is not None:
-            accept = partial(TlsHandshake, factory, tls, config.hello_timeout_s, self.metrics)
+            bounds = self.context.bounds
+            accept = partial(TlsHandshake, factory, tls, config.hello_timeout_s, bounds)
         scheme = "tls" if tls else "tcp"
         for host, port in config.listen_addresses:
             listener = await loop.create_server(accept, host, port, reuse_address=True)

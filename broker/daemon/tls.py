@@ -6,7 +6,10 @@ TCP to a TLS port vanishes without a line. So a TLS listener accepts plain socke
 gives each to a ``TlsHandshake``, which runs ``loop.start_tls`` (bounded by the HELLO
 deadline) and only then makes the daemon's ``Connection`` and gives it the TLS
 transport: a refusal is logged with the peer and its reason and counted, and a socket
-that never finishes its handshake costs no ``Connection``.
+that never finishes its handshake costs no ``Connection``. A socket in its handshake
+counts against ``--max-connections`` and ``--max-connections-per-peer`` as a connection
+does (over a bound it is closed at once), so a flood of handshakes that never finish
+cannot take the file descriptors the bounds keep for everyone.
 
 The TLS transport may call this protocol between the end of the handshake and the
 hand-over (bytes the client sent right after it, an end of stream, a loss scheduled
@@ -21,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from broker.ops.metrics import Metrics
+from .bounds import Bounds
 
 __all__ = ["TlsHandshake"]
 
@@ -36,12 +39,12 @@ class TlsHandshake(asyncio.Protocol):
         make_connection: Callable[[], asyncio.Protocol],
         context: ssl.SSLContext,
         timeout_s: float,
-        metrics: Metrics,
+        bounds: Bounds,
     ) -> None:
         self._make_connection = make_connection
         self._context = context
         self._timeout_s = timeout_s
-        self._metrics = metrics
+        self._bounds = bounds
         self._connection: asyncio.Protocol | None = None
         self._early: list[bytes] = []  # read after the handshake, before the hand-over
         self._eof = False
@@ -51,9 +54,14 @@ class TlsHandshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # the ClientHello is for start_tls, not for us
-        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else None
+        if self._bounds.admit(host) is not None:  # counted and logged there
+            transport.abort()
+            return
+        self._task = asyncio.get_running_loop().create_task(self._upgrade(transport, host))
 
-    async def _upgrade(self, transport: asyncio.Transport) -> None:
+    async def _upgrade(self, transport: asyncio.Transport, host: str | None) -> None:
         peer = _peer(transport)
         try:
             tls = await asyncio.get_running_loop().start_tls(
@@ -66,6 +74,8 @@ class TlsHandshake(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._refused(peer, exc)
             return
+        finally:  # over, or cancelled: from here the Connection counts itself
+            self._bounds.release(host)
         assert tls is not None
         self._connection = connection = self._make_connection()
         tls.set_protocol(connection)
@@ -79,7 +89,7 @@ class TlsHandshake(asyncio.Protocol):
 
     def _refused(self, peer: str, exc: BaseException) -> None:
         if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
-            self._metrics.tls_refused += 1
+            self._bounds.metrics.tls_refused += 1
             log.warning("TLS handshake from %s refused: %s", peer, describe(exc))
         else:  # gone, or silent past the deadline: a port probe, a TCP health check
             reason = str(exc) or type(exc).__name__

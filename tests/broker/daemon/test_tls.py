@@ -247,3 +247,39 @@ async def test_a_waiting_receiver_rides_a_tls_restart_and_hears_of_an_impostor(
     finally:
         await layer.close()
         daemon.cleanup()
+
+
+def test_handshakes_that_never_finish_count_against_the_connection_bounds(pki: Pki) -> None:
+    """1. Three sockets to a TLS port that never start their handshake, with
+    --max-connections-per-peer 3.  2. A worker with its certificate from the same
+    address is refused at once (logged, counted), not left to find the daemon out of
+    file descriptors.  3. The three go: the worker is served.  4. A socket that never
+    starts its handshake is closed at the HELLO deadline."""
+    bounds = ("--max-connections-per-peer", "3", "--hello-timeout", "1")
+    daemon = BrokerProcess("memory://", extra_args=(*_tls_args(pki.daemon, None), *bounds))
+    daemon.start()
+    daemon.wait_for_log(lambda line: "did not finish" in line)  # the start's own probe
+    idle = [socket.create_connection(daemon.address, timeout=DELIVERY_TIMEOUT_S) for _ in range(3)]
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _dial(daemon, context(pki, pki.worker)).close()  # closed before a TLS byte
+        daemon.wait_for_log(lambda line: "--max-connections-per-peer" in line)
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while True:  # the daemon sees the three go as their handshakes fail
+            try:
+                with _dial(daemon, context(pki, pki.worker)) as sock:
+                    if [type(f) for f in _hello_and_ping(sock)] == [Welcome, Pong]:
+                        break
+            except (ssl.SSLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "the idle sockets' places were not given back"
+        started = time.monotonic()
+        with socket.create_connection(daemon.address, timeout=DELIVERY_TIMEOUT_S) as silent:
+            assert silent.recv(1) == b""
+        assert time.monotonic() - started < 1 + AT_ONCE_S, "closed at --hello-timeout"
+    finally:
+        for sock in idle:
+            sock.close()
+        daemon.cleanup()
