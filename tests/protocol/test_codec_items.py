@@ -4,11 +4,9 @@ objects in all (``FrameDecoder(max_items=...)``); and a ttl always fits its fiel
 from __future__ import annotations
 
 import math
-import struct
 import time
 from typing import Any
 
-import msgpack
 import pytest
 
 from protocol import (
@@ -24,15 +22,11 @@ from protocol import (
     encode_frame,
     ttl_ms,
 )
+from tests.broker.raw_client import raw_frame
 
 MAX_ITEMS = 100
 #: Refusing must not cost what decoding would: far under the 50 ms a stall may take.
 REFUSAL_BUDGET_S = 0.01
-
-
-def raw_frame(items: list[Any]) -> bytes:
-    body: bytes = msgpack.packb(items, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
 
 
 def bounded(data: bytes) -> FrameDecoder:

@@ -9,12 +9,10 @@ connection only, logs the protocol error, and keeps serving the layer.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import pytest
 
 from protocol import (
@@ -26,14 +24,8 @@ from protocol import (
     Welcome,
     encode_frame,
 )
-from tests.broker.raw_client import RawClient, hello
+from tests.broker.raw_client import RawClient, hello, raw_frame
 from tests.waits import DELIVERY_TIMEOUT_S, IN_FLIGHT_S
-
-
-def raw_frame(items: list[Any]) -> bytes:
-    """A length-prefixed msgpack array, valid or not as a frame."""
-    body: bytes = msgpack.packb(items, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
 
 
 @dataclass(frozen=True)
