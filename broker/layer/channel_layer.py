@@ -40,7 +40,7 @@ from .encryption import UndecryptableMessage, check_not_encrypted, encryption_fo
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
 from .identity import Family
 from .parking import IdlePool
-from .settings import DEFAULT_HOSTS, LayerSettings, capacity_patterns, parse_host
+from .settings import CONFIG_KEYS, LayerSettings
 
 __all__ = [
     "BrokerChannelLayer",
@@ -73,26 +73,20 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         max_message_bytes: int | None = None,
         connect_timeout: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
+        **other: Any,
     ) -> None:
+        """Raises ``LayerConfigError`` for each CONFIG key or value it cannot use, saying what
+        to write instead (docs/migrating.md), before any I/O."""
+        # The parameters as CONFIG gave them; ``other`` holds the keys the layer does not take.
+        given = {name: value for name, value in locals().items() if name in CONFIG_KEYS}
+        #: Checked whole, then handed to every loop's client: they never read the layer back.
+        self.settings = LayerSettings.from_config({**given, **other})
         super().__init__(expiry=expiry, capacity=capacity, channel_capacity=channel_capacity)
         self.channel_capacity = self.compile_capacities(channel_capacity or {})
         self.prefix = prefix
         self.group_expiry = group_expiry
         #: None without keys: then no code of broker.layer.encryption runs for a message.
         self._encryption = encryption_for(symmetric_encryption_keys, self.expiry)
-        #: Handed to every event loop's client: they never read the layer back.
-        self.settings = LayerSettings(
-            hosts=tuple(parse_host(host) for host in (hosts or DEFAULT_HOSTS)),
-            token=token or "",
-            prefix=prefix,
-            capacity=int(self.capacity),
-            expiry_s=float(self.expiry),
-            group_expiry_s=float(group_expiry),
-            channel_capacity=capacity_patterns(channel_capacity or {}),
-            max_message_bytes=max_message_bytes,
-            connect_timeout_s=connect_timeout,
-            ssl_context=ssl_context,
-        )
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient] = (
             weakref.WeakKeyDictionary()
         )
