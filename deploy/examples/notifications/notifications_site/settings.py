@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "channels",
+    "broker.layer",  # manage.py check validates CHANNEL_LAYERS
     "notifications",
 ]
 
