@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 import re
@@ -335,6 +334,8 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Why]] = {
 
 
 def _unknown_key_problems(config: Mapping[Any, Any]) -> list[Problem]:
+    import difflib  # only for a mistake: every Django process imports this module
+
     problems = []
     for key in config:
         if key in CONFIG_KEYS or key in FOREIGN_KEYS:
