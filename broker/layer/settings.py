@@ -195,7 +195,7 @@ def config_problems(config: object) -> list[Problem]:
                 "CONFIG", what, f'write a dict, as {{"hosts": ["{DEFAULT_HOSTS[0]}"]}}', BAD_VALUE
             )
         ]
-    problems = hosts_problems(config.get("hosts"))
+    problems = _hosts_problems(config.get("hosts"))
     for key, check in _VALUE_CHECKS.items():
         value = config.get(key)
         if key not in config or (value is None and key in _OPTIONAL):
@@ -206,7 +206,7 @@ def config_problems(config: object) -> list[Problem]:
     return problems + foreign_key_problems(config) + _unknown_key_problems(config)
 
 
-def hosts_problems(hosts: object) -> list[Problem]:
+def _hosts_problems(hosts: object) -> list[Problem]:
     """The problems of ``hosts``: a list of daemon addresses (None: the default)."""
     if hosts is None:
         return []
