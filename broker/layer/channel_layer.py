@@ -155,7 +155,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Send ``message`` to ``channel``; raise ``ChannelFull`` if it is at capacity."""
         self.require_valid_channel_name(channel)
         client = self._client()
-        payload = self._serialize(message, client)
+        payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         self._check_size(payload, await client.message_limit())
         await client.request(Send(client.next_id(), channel, payload))
 
@@ -206,7 +206,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
         self.require_valid_group_name(group)
         client = self._client()
-        payload = self._serialize(message, client)
+        payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         self._check_size(payload, await client.message_limit())
         reply = await client.request(GroupSend(client.next_id(), group, payload))
         if type(reply) is Ok and reply.count:
@@ -243,9 +243,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             _close_with_loop(loop, self._clients)
         return client
 
-    def _serialize(self, message: dict[str, Any], client: LoopClient) -> bytes:
-        """The message as msgpack bytes, encrypted if the layer has keys, after the
-        client's next message id; refuses what Channels forbids, before any I/O."""
+    def _serialize(self, message: dict[str, Any]) -> bytes:
+        """The message as msgpack bytes, encrypted if the layer has keys (the body its
+        id goes in front of); refuses what Channels forbids, before any I/O."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         if RESERVED_KEY in message:
@@ -253,7 +253,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload: bytes = msgpack.packb(message, use_bin_type=True)
         if self._encryption is not None:
             payload = self._encryption.encrypt(payload)
-        return with_message_id(client.sender, client.next_seq(), payload)
+        return payload
 
     def _check_size(self, payload: bytes, limit: int) -> None:
         if self.settings.max_message_bytes is not None:
