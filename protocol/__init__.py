@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, FrameDecoder, encode_frame, encode_frames
+from .codec import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_BYTES,
+    SENDER_BYTES,
+    FrameDecoder,
+    encode_frame,
+    encode_frames,
+    split_message_id,
+    with_message_id,
+)
 from .errors import (
     ErrorCode,
     FrameOverLimit,
@@ -72,6 +81,7 @@ __all__ = [
     "MAX_ACK_PAIRS",
     "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
+    "SENDER_BYTES",
     "SMALLEST_MAX_MESSAGE_BYTES",
     "CLIENT_ID_LENGTH",
     "FRAME_TYPES",
@@ -121,5 +131,7 @@ __all__ = [
     "is_valid_group",
     "max_request_frame_bytes",
     "proves",
+    "split_message_id",
     "ttl_ms",
+    "with_message_id",
 ]

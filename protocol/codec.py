@@ -27,9 +27,12 @@ from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
+    "SENDER_BYTES",
     "FrameDecoder",
     "encode_frame",
     "encode_frames",
+    "split_message_id",
+    "with_message_id",
 ]
 
 #: Bytes of the length prefix before every frame body.
@@ -49,7 +52,17 @@ _UNCOUNTED_OBJECTS = 64 * 1024
 #: view costs more than copying a small body.
 _IN_PLACE_BYTES = 64 * 1024
 
+#: A payload that starts with this byte carries its message id before the body: 0xC1
+#: is the one byte msgpack never uses, and a Fernet token is base64 text, so neither
+#: kind of body can start with it, and a payload without an id reads as before.
+MESSAGE_ID_MARK = 0xC1
+#: Random bytes naming the sending layer client: 96 bits, so two never meet.
+SENDER_BYTES = 12
+
 _header = struct.Struct(">I")
+_message_id = struct.Struct(f">B{SENDER_BYTES}sQ")
+_pack_message_id = _message_id.pack
+_unpack_message_id = _message_id.unpack_from
 _pack_header = _header.pack
 _unpack_header = _header.unpack_from
 
@@ -68,6 +81,24 @@ def encode_frame(frame: Frame) -> bytes:
 def encode_frames(frames: list[Frame]) -> bytes:
     """Serialize several frames into one buffer, for a single write."""
     return b"".join(encode_frame(frame) for frame in frames)
+
+
+def with_message_id(sender: bytes, seq: int, body: bytes) -> bytes:
+    """A message payload carrying its id: the sending client and its send number.
+
+    Daemons and backends store and move payloads whole, so the id reaches the receiving
+    layer with the message, whatever path it took, and that layer can tell a message
+    it was handed before (a redelivery after a fault) from a new one.
+    """
+    return _pack_message_id(MESSAGE_ID_MARK, sender, seq) + body
+
+
+def split_message_id(payload: bytes) -> tuple[bytes, int, bytes]:
+    """(sender, seq, body) of a payload; (b"", 0, payload) for one without an id."""
+    if payload[:1] != b"\xc1" or len(payload) < _message_id.size:
+        return b"", 0, payload
+    _, sender, seq = _unpack_message_id(payload)
+    return sender, seq, payload[_message_id.size :]
 
 
 class FrameDecoder:

@@ -86,15 +86,20 @@ class Keys:
         return int(key_slot(key.encode()))
 
     def slot_batches(
-        self, ns: str, channels: Sequence[str], *, is_cluster: bool
+        self, ns: str, channels: Sequence[str], *, is_cluster: bool, most: int | None = None
     ) -> list[list[int]]:
-        """Indexes of ``channels`` grouped by Cluster slot (one group outside Cluster):
-        each group can be one script call."""
+        """Indexes of ``channels`` grouped by Cluster slot (one group outside Cluster),
+        in order, each group cut into batches of at most ``most``: each batch can be one
+        script call."""
         if not channels:
             return []
         if not is_cluster:
-            return [list(range(len(channels)))]
-        by_slot: dict[int, list[int]] = defaultdict(list)
-        for i, channel in enumerate(channels):
-            by_slot[Keys.slot(self.wake(ns, channel))].append(i)
-        return list(by_slot.values())
+            groups = [list(range(len(channels)))]
+        else:
+            by_slot: dict[int, list[int]] = defaultdict(list)
+            for i, channel in enumerate(channels):
+                by_slot[Keys.slot(self.wake(ns, channel))].append(i)
+            groups = list(by_slot.values())
+        if most is None:
+            return groups
+        return [group[at : at + most] for group in groups for at in range(0, len(group), most)]

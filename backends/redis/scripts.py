@@ -154,8 +154,9 @@ return results
 )
 
 #: group_send in one call, keys computed here (outside Cluster only). KEYS: group.
-#: ARGV: prefix, ns, expiry_ms, keep_ms, origin, pubcmd, payload, capacity.
-#: -> {skipped, delivered channel...}
+#: ARGV: prefix, ns, expiry_ms, keep_ms, origin, pubcmd, payload, capacity, most
+#: members. -> {skipped, delivered channel...}, or {-1} and nothing done when the group
+#: has more live members than that (``sends`` then goes by slices).
 GROUP_SEND = Script.of(
     "group_send",
     r"""
@@ -163,6 +164,7 @@ local now = now_ms()
 local prefix, ns = ARGV[1], ARGV[2]
 local keep_ms, cap = tonumber(ARGV[4]), tonumber(ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[9]) then return {-1} end
 local entry = entry_of(now + tonumber(ARGV[3]), ARGV[7])
 local out, wakes = {0}, {}
 for _, channel in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -189,12 +191,20 @@ return out
 """,
 )
 
-#: A group's live members, dropping lapsed ones. KEYS: group. -> members.
+#: One page of a group's live members (ZSCAN: a member there all along comes at least
+#: once, perhaps twice), dropping lapsed ones on the first page. KEYS: group. ARGV:
+#: cursor ("0" to start), page size. -> {next cursor ("0": done), member...}
 GROUP_MEMBERS = Script.of(
     "group_members",
     r"""
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+local now = now_ms()
+if ARGV[1] == '0' then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
+local page = redis.call('ZSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local out, items = {page[1]}, page[2]
+for i = 1, #items, 2 do
+  if tonumber(items[i + 1]) > now then out[#out + 1] = items[i] end
+end
+return out
 """,
 )
 

@@ -11,10 +11,16 @@ a wake-up channel's listeners, so a lone daemon reads back no echo of its own se
 Every channel queued to wakes our router at once (``Takes.wake``).
 
 A group send is one GROUP_SEND script when every member has the same capacity, outside
-Cluster (the script builds its members' key names itself, which Cluster forbids): it
-reads the live members and queues to each one with room. Otherwise the members are
-read first, then pushed to like a ``send_many``: one PUSH per slot, which is one per
-client process. ``origin`` names this daemon in the wake-ups it publishes.
+Cluster (the script builds its members' key names itself, which Cluster forbids), and
+the group has at most ``SLICE_MEMBERS`` members: it reads the live members and queues to
+each one with room. Otherwise the members are read first, a page at a time, then pushed
+to like a ``send_many``: one PUSH per slot (one per client process) and per
+``SLICE_MEMBERS`` targets. Redis runs one script at a time, so a script over a whole
+room of 100,000 members would hold every other client of that Redis for seconds; slices
+of a few hundred take a millisecond or two each, and others' commands run between them.
+The slices of one send go out in order on one connection, and the sender's next send
+waits for them all, so each member still gets a sender's messages once and in order.
+``origin`` names this daemon in the wake-ups it publishes.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ __all__ = ["Sends", "Target"]
 
 #: (channel, payload, capacity): one message to queue unless the channel is full.
 Target = tuple[str, bytes, int]
+
+#: Most members one script queues to: about 10-30 us each, so a slice holds Redis for a
+#: few milliseconds at most, and a group of this size or less is still one round trip.
+SLICE_MEMBERS = 256
+#: Slices sent before waiting for their replies: enough to keep Redis busy, few enough
+#: that the last one's reply comes well within the per-command ``timeout``.
+SLICES_IN_FLIGHT = 16
+#: Members read per page of a big group (ZSCAN's COUNT): a fraction of a millisecond.
+PAGE_MEMBERS = 1000
 
 
 class Sends:
@@ -64,13 +79,18 @@ class Sends:
             return []
         is_cluster = self._commands.require().is_cluster
         channels = [channel for channel, _, _ in targets]
-        batches = self._keys.slot_batches(ns, channels, is_cluster=is_cluster)
+        batches = self._keys.slot_batches(ns, channels, is_cluster=is_cluster, most=SLICE_MEMBERS)
         if len(batches) == 1:  # the common case: no task per call
             results = [await self._push_batch(ns, targets, expiry_s)]
         else:
-            results = await asyncio.gather(
-                *(self._push_batch(ns, [targets[i] for i in b], expiry_s) for b in batches)
-            )
+            results = []
+            for at in range(0, len(batches), SLICES_IN_FLIGHT):
+                results += await asyncio.gather(
+                    *(
+                        self._push_batch(ns, [targets[i] for i in batch], expiry_s)
+                        for batch in batches[at : at + SLICES_IN_FLIGHT]
+                    )
+                )
         refused: list[int] = []
         now = asyncio.get_running_loop().time()
         for batch, accepted in zip(batches, results, strict=True):
@@ -125,17 +145,29 @@ class Sends:
         uniform = capacity_of.uniform
         if uniform is not None and not topology.is_cluster:
             args = [self._prefix, ns, _ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS]
-            args += [self._origin, topology.publish_command, payload, uniform]
+            args += [self._origin, topology.publish_command, payload, uniform, SLICE_MEMBERS]
             reply = await self._commands.run(GROUP_SEND, [key], args)
-            delivered = [name.decode() for name in reply[1:]]
-            for channel in delivered:
-                self._takes.wake(ns, channel)
-            return GroupSendResult(delivered=delivered, skipped=int(reply[0]))
-        members = [name.decode() for name in await self._commands.run(GROUP_MEMBERS, [key], [])]
+            if int(reply[0]) >= 0:
+                delivered = [name.decode() for name in reply[1:]]
+                for channel in delivered:
+                    self._takes.wake(ns, channel)
+                return GroupSendResult(delivered=delivered, skipped=int(reply[0]))
+        members = await self._members(key)
         targets = [(channel, payload, capacity_of(channel)) for channel in members]
         refused = set(await self.push(ns, targets, expiry_s))
         delivered = [channel for i, channel in enumerate(members) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused))
+
+    async def _members(self, key: str) -> list[str]:
+        """A group's live members, a page per call (each once, in the order first met)."""
+        members: dict[bytes, None] = {}
+        cursor: bytes | str = "0"
+        while True:
+            page = await self._commands.run(GROUP_MEMBERS, [key], [cursor, PAGE_MEMBERS])
+            members.update(dict.fromkeys(page[1:]))
+            cursor = page[0]
+            if cursor in (b"0", "0"):
+                return [name.decode() for name in members]
 
 
 def _ms(seconds: float) -> int:

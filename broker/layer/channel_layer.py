@@ -16,6 +16,13 @@ ACK says they were consumed. Normal channels, and another loop's process-specifi
 channels, are pulled with RECEIVE. Cancellation never loses a message: a DELIVER
 that arrives for a cancelled RECEIVE goes into the local buffer for the next
 ``receive`` of that channel.
+
+Message ids: each loop client names itself with random bytes and numbers its sends,
+and the payload carries both (``protocol.with_message_id``). A fault can hand a
+message to a receiver again (a Redis primary that failed over before a take reached
+its replica); ``HandedIds`` remembers, per channel and sender, the newest number
+handed to ``receive``, and a message at or below it is dropped: one sender's
+messages reach one channel in the order sent, so anything older was seen already.
 """
 
 from __future__ import annotations
@@ -27,13 +34,24 @@ import secrets
 import ssl
 import types
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 from channels.layers import BaseChannelLayer
 
-from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
+from protocol import (
+    Flush,
+    GroupAdd,
+    GroupDiscard,
+    GroupSend,
+    Ok,
+    Ping,
+    Send,
+    split_message_id,
+    with_message_id,
+)
 
 from .client import LoopClient
 from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
@@ -53,6 +71,35 @@ __all__ = [
 log = logging.getLogger("channels_broker.layer")
 
 RESERVED_KEY = "__asgi_channel__"
+#: (channel, sender) pairs whose newest handed id is remembered: a process that
+#: receives on more pairs than this at once forgets the least recently used, and could
+#: then miss a redelivery of theirs, never a new message.
+HANDED_IDS_KEPT = 65_536
+
+
+class HandedIds:
+    """The newest message id handed to ``receive``, per (channel, sender)."""
+
+    __slots__ = ("_newest", "redelivered")
+
+    def __init__(self) -> None:
+        self._newest: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        #: Messages dropped because they had been handed before.
+        self.redelivered = 0
+
+    def is_new(self, channel: str, sender: bytes, seq: int) -> bool:
+        """Note ``seq`` as handed and say True, or say False if it was handed before."""
+        key = (channel, sender)
+        newest = self._newest.get(key)
+        if newest is not None:
+            if seq <= newest:
+                self.redelivered += 1
+                return False
+            self._newest.move_to_end(key)
+        elif len(self._newest) >= HANDED_IDS_KEPT:
+            self._newest.popitem(last=False)
+        self._newest[key] = seq
+        return True
 
 
 class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
@@ -92,6 +139,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.idle_pool = IdlePool()
         self.family = Family()  # of every loop's client id: each may pull another's channels
+        self.handed = HandedIds()
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
@@ -100,8 +148,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raise ``ChannelFull`` if it is at capacity."""
         self.require_valid_channel_name(channel)
-        payload = self._serialize(message)
         client = self._client()
+        payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         self._check_size(payload, await client.message_limit())
         await client.request(Send(client.next_id(), channel, payload))
 
@@ -113,7 +161,11 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """
         self.require_valid_channel_name(channel)
         client = self._client()
-        payload = await client.receive(channel)
+        while True:
+            sender, seq, payload = split_message_id(await client.receive(channel))
+            if not sender or self.handed.is_new(channel, sender, seq):
+                break
+            log.info("dropped a message %s handed to receive() before (a redelivery)", channel)
         if self._encryption is not None:
             payload = self._encryption.decrypt(payload, channel)
         try:
@@ -147,8 +199,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
         self.require_valid_group_name(group)
-        payload = self._serialize(message)
         client = self._client()
+        payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         self._check_size(payload, await client.message_limit())
         reply = await client.request(GroupSend(client.next_id(), group, payload))
         if type(reply) is Ok and reply.count:
@@ -186,8 +238,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return client
 
     def _serialize(self, message: dict[str, Any]) -> bytes:
-        """The message as msgpack bytes, encrypted if the layer has keys; refuses what
-        Channels forbids, before any I/O."""
+        """The message as msgpack bytes, encrypted if the layer has keys (the body its
+        id goes in front of); refuses what Channels forbids, before any I/O."""
         if not isinstance(message, dict):
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         if RESERVED_KEY in message:

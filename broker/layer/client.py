@@ -9,7 +9,9 @@ hand-over of a quiet connection to the next short-lived loop (``parking``). See
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 from collections import deque
 
 from protocol import (
@@ -17,6 +19,7 @@ from protocol import (
     HANDSHAKE_FRAMES,
     MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
+    SENDER_BYTES,
     Ack,
     Cancelled,
     Deliver,
@@ -102,12 +105,13 @@ class LoopClient:
         self.conn: ClientConnection | None = None
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.closed = False
-        #: new_channel() gave out a name with our client id: this connection must not go
-        #: to another loop (which would take, and drop, pushes for channels it never reads).
+        #: new_channel() gave out our client id: this connection must not go to another loop.
         self.minted = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
         self._dialer = Dialer(settings, loop)
-        self._request_ids = 0
+        self.next_id = itertools.count(1).__next__  # request ids
+        #: The ids of the messages this client sends: (sender, next_seq()); see channel_layer.
+        self.sender, self.next_seq = secrets.token_bytes(SENDER_BYTES), itertools.count(1).__next__
         #: The daemon refused this client for good (token, version): every call says so.
         self._refusal: Error | None = None
         self._pending: dict[int, asyncio.Future[Frame]] = {}
@@ -120,10 +124,6 @@ class LoopClient:
         self.memberships: dict[tuple[str, str], float] = {}
         self._output: list[bytes] = []
         self._flush_scheduled = False
-
-    def next_id(self) -> int:
-        self._request_ids += 1
-        return self._request_ids
 
     @property
     def is_connected(self) -> bool:

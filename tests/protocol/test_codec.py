@@ -39,6 +39,8 @@ from protocol import (
     Welcome,
     encode_frame,
     encode_frames,
+    split_message_id,
+    with_message_id,
 )
 
 # One frame of every type, with distinct field values so a swapped field shows.
@@ -346,3 +348,15 @@ def test_bad_body_raises_protocol_error_with_its_code(data: bytes, code: ErrorCo
         decoder.next_frame()
     assert caught.value.code is code
     assert isinstance(caught.value, UnknownFrame if code is UNKNOWN else MalformedFrame)
+
+
+def test_a_message_id_goes_before_the_body_and_comes_off_whole() -> None:
+    body = msgpack.packb({"type": "t"})
+    sender = bytes(range(12))
+    assert split_message_id(with_message_id(sender, 2**40, body)) == (sender, 2**40, body)
+
+
+def test_a_payload_without_an_id_is_its_own_body() -> None:
+    """Plain msgpack and a Fernet token (base64 text) can never start with the mark."""
+    for payload in (msgpack.packb({"type": "t"}), b"gAAAAABk-token", b"", b"\xc1short"):
+        assert split_message_id(payload) == (b"", 0, payload)

@@ -1,0 +1,94 @@
+"""Message ids: every payload a layer sends carries (sender, seq), and a receiving layer
+hands a message of one sender to ``receive()`` once, however often a fault redelivers it.
+
+A redelivery is made here the way a fault makes one: the same payload, id and all,
+stored in the channel again (a bare connection sends the bytes a layer sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgpack
+
+from protocol import Deliver, Ok, Receive, Send, encode_frame, split_message_id, with_message_id
+from tests.broker.raw_client import RawClient, hello
+from tests.waits import assert_nothing_within
+
+
+def payload(sender: bytes, seq: int, n: int) -> bytes:
+    return with_message_id(sender, seq, msgpack.packb({"type": "t", "n": n}))
+
+
+@contextlib.asynccontextmanager
+async def opened(broker: Any) -> AsyncIterator[RawClient]:
+    """A bare connection past HELLO."""
+    raw = await RawClient.open(broker.address)
+    try:
+        await raw.write(hello())
+        await raw.next_frame()
+        yield raw
+    finally:
+        raw.close()
+
+
+async def store(raw: RawClient, channel: str, payloads: list[bytes]) -> None:
+    """Send each payload over a bare connection, as a layer would have."""
+    for request_id, body in enumerate(payloads, start=1):
+        await raw.write(encode_frame(Send(request_id, channel, body)))
+        assert isinstance(await raw.next_frame(), Ok)
+
+
+async def test_a_layer_sends_each_message_with_its_own_id(
+    broker: Any, make_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Two sends of one layer: one sender, growing numbers; another layer: another sender."""
+    first, second = make_layer(), make_layer()
+    channel = unique("ids")
+    for layer in (first, first, second):
+        await layer.send(channel, {"type": "t"})
+    ids = []
+    async with opened(broker) as raw:
+        for request_id in range(1, 4):
+            await raw.write(encode_frame(Receive(request_id, channel)))
+            delivered = await raw.next_frame()
+            assert isinstance(delivered, Deliver)
+            ids.append(split_message_id(delivered.payload)[:2])
+    (a1, s1), (a2, s2), (b, _) = ids
+    assert a1 == a2 != b and len(a1) == len(b) == 12
+    assert s2 > s1 > 0
+
+
+async def test_a_redelivered_message_reaches_receive_once(
+    broker: Any, make_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """Sender A's 1, 2, then 2 and 1 again (redeliveries), then 3; sender B's 1: the
+    reader gets A1, A2, A3 and B1, each once, in order."""
+    reader = make_layer()
+    channel = unique("redelivered")
+    a, b = b"A" * 12, b"B" * 12
+    async with opened(broker) as raw:
+        await store(
+            raw,
+            channel,
+            [payload(a, 1, 1), payload(a, 2, 2), payload(a, 2, 2), payload(a, 1, 1)]
+            + [payload(b, 1, 10), payload(a, 3, 3)],
+        )
+    got = [(await reader.receive(channel))["n"] for _ in range(4)]
+    assert got == [1, 2, 10, 3]
+    await assert_nothing_within(reader, channel)
+    assert reader.handed.redelivered == 2
+
+
+async def test_a_message_without_an_id_is_handed_as_before(
+    broker: Any, make_layer: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """A payload of plain msgpack (an older layer's): handed every time, never dropped."""
+    reader = make_layer()
+    channel = unique("plain")
+    plain = msgpack.packb({"type": "t", "n": 7})
+    async with opened(broker) as raw:
+        await store(raw, channel, [plain, plain])
+    assert [(await reader.receive(channel))["n"] for _ in range(2)] == [7, 7]
