@@ -20,9 +20,8 @@ that arrives for a cancelled RECEIVE goes into the local buffer for the next
 Message ids: each loop client names itself with random bytes and numbers its sends,
 and the payload carries both (``protocol.with_message_id``). A fault can hand a
 message to a receiver again (a Redis primary that failed over before a take reached
-its replica); ``HandedIds`` remembers, per channel and sender, the newest number
-handed to ``receive``, and a message at or below it is dropped: one sender's
-messages reach one channel in the order sent, so anything older was seen already.
+its replica); ``HandedIds`` remembers the ids of the latest messages handed to
+``receive`` on each channel, and a message with one of them is dropped.
 """
 
 from __future__ import annotations
@@ -71,34 +70,36 @@ __all__ = [
 log = logging.getLogger("channels_broker.layer")
 
 RESERVED_KEY = "__asgi_channel__"
-#: (channel, sender) pairs whose newest handed id is remembered: a process that
-#: receives on more pairs than this at once forgets the least recently used, and could
-#: then miss a redelivery of theirs, never a new message.
-HANDED_IDS_KEPT = 65_536
+#: Messages whose ids are remembered after ``receive`` handed them: a redelivery comes
+#: within seconds (a failover's, after a few thousand newer messages at most), and
+#: each id kept costs about 200 bytes, so about 3 MB per process at most.
+HANDED_IDS_KEPT = 16_384
 
 
 class HandedIds:
-    """The newest message id handed to ``receive``, per (channel, sender)."""
+    """The ids of the latest messages handed to ``receive``, per channel.
 
-    __slots__ = ("_newest", "redelivered")
+    Exact ids, not the newest per sender: a worker pulling a normal channel beside
+    others may get one sender's messages out of order (a daemon that stops gives back
+    what it took ahead, and another hands it out later), and those are new messages.
+    """
+
+    __slots__ = ("_ids", "redelivered")
 
     def __init__(self) -> None:
-        self._newest: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, bytes, int], None] = OrderedDict()
         #: Messages dropped because they had been handed before.
         self.redelivered = 0
 
     def is_new(self, channel: str, sender: bytes, seq: int) -> bool:
-        """Note ``seq`` as handed and say True, or say False if it was handed before."""
-        key = (channel, sender)
-        newest = self._newest.get(key)
-        if newest is not None:
-            if seq <= newest:
-                self.redelivered += 1
-                return False
-            self._newest.move_to_end(key)
-        elif len(self._newest) >= HANDED_IDS_KEPT:
-            self._newest.popitem(last=False)
-        self._newest[key] = seq
+        """Note the id as handed and say True, or say False if it was handed before."""
+        key = (channel, sender, seq)
+        if key in self._ids:
+            self.redelivered += 1
+            return False
+        if len(self._ids) >= HANDED_IDS_KEPT:
+            self._ids.popitem(last=False)
+        self._ids[key] = None
         return True
 
 
