@@ -158,7 +158,7 @@ def serve(**values: Any) -> None:
     except ConfigError as exc:  # the token file, read as the server is made
         raise click.UsageError(_blamed(ctx, exc)) from exc
     except BackendError as exc:
-        log.error("backend failed: %s (from %s)", exc, _origin(ctx, "backend"))
+        log.error("backend failed: %s (its URL from %s)", exc, _origin(ctx, "backend"))
         sys.exit(EXIT_BACKEND)
     except ListenError as exc:
         log.error("%s", _blamed(ctx, exc))

@@ -282,14 +282,15 @@ class Guard:
         connection, config = self._connection, self._config
         message = strangers.what_to_say(kind, connection.peer, config)
         self._bounds.notice(kind, message, strangers.STRANGER_LOG_INTERVAL_S, log)
-        transport = connection.transport
-        if kind != "HTTP" or transport is None:
+        if kind == "TLS":
             connection.fatal(error.code, "this port speaks plain TCP, not TLS")
             return
         connection.closing = True
         connection.inbox.clear()
-        transport.write(strangers.http_answer(config))
-        transport.close()
+        transport = connection.transport
+        if transport is not None:
+            transport.write(strangers.http_answer(config))
+            transport.close()
 
     def over_limit(self, request_id: int, flag: str, message: str) -> None:
         """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""
