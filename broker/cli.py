@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
+from click.core import ParameterSource
 
 from backends import BackendError, redacted_url
 
 from .bench import bench
 from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option
 from .daemon.server import Server
-from .errors import ConfigError
+from .errors import ConfigError, ListenError
 from .ops.logs import configure_logging
 from .ops.malloc import pin_mmap_threshold
 from .ops.status import check, status, top
@@ -38,6 +39,8 @@ _Command = TypeVar("_Command", bound=Callable[..., Any])
 #: Exit codes: 0 clean stop, 2 bad usage or configuration (click's own), 3 backend down.
 EXIT_CONFIG = 2
 EXIT_BACKEND = 3
+#: ``ctx.meta`` key of the TOML file read: its path, and each option's key as written.
+_FILE_META = "channels_broker.config_file"
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
@@ -48,23 +51,61 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, path: str | N
             table = tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}") from exc
-    section = table.get("serve", table)
+    section, where = (table["serve"], "serve.") if "serve" in table else (table, "")
     values = {key.replace("-", "_"): value for key, value in section.items()}
+    ctx.meta[_FILE_META] = (path, {key.replace("-", "_"): where + key for key in section})
     options = {param.name: param for param in ctx.command.params if param.expose_value}
     unknown = sorted(set(values) - set(options))
     if unknown:
         known = ", ".join(sorted(name.replace("_", "-") for name in options))
         raise click.BadParameter(f"{path}: unknown keys {', '.join(unknown)} (known: {known})")
     for name, value in values.items():
-        if getattr(options[name], "multiple", False) and isinstance(value, str):
+        if getattr(options[name], "multiple", False) and not isinstance(value, list):
             values[name] = [value]  # listen = "host:port" means a list of one
     ctx.default_map = values
+
+
+def _origin(ctx: click.Context, name: str) -> str:
+    """Where the value of the option ``name`` (``metrics-listen``) came from: its flag, its
+    environment variable, the TOML file's key, or the default."""
+    key = name.replace("-", "_")
+    source = ctx.get_parameter_source(key)
+    if source is ParameterSource.ENVIRONMENT:
+        return f"environment variable {ENV_PREFIX}{key.upper()}"
+    if source is ParameterSource.DEFAULT_MAP and _FILE_META in ctx.meta:
+        path, keys = ctx.meta[_FILE_META]
+        return f"{path}, key {keys.get(key, key)}"
+    if source is ParameterSource.COMMANDLINE:
+        return f"--{name}"
+    return f"the default of --{name}"
+
+
+def _blamed(ctx: click.Context, error: ConfigError | ListenError) -> str:
+    """The error's message, with where its option's value came from (if one is at fault)."""
+    if error.option is None:
+        return str(error)
+    return f"{error} (from {_origin(ctx, error.option)})"
+
+
+class _SourcedOption(click.Option):
+    """An option whose conversion errors name where the value came from (click names the
+    environment variable whatever the source, so a bad TOML value blamed the variable)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = click.Parameter.get_error_hint(self, ctx)
+        if ctx is None or self.name is None:
+            return hint
+        if ctx.get_parameter_source(self.name) is ParameterSource.COMMANDLINE:
+            return hint
+        return f"{hint} (from {_origin(ctx, self.name)})"
 
 
 def _option(*names: str, **kwargs: Any) -> Callable[[_Command], _Command]:
     """An option whose environment variable is CHANNELS_BROKER_<NAME>."""
     env = ENV_PREFIX + names[0].lstrip("-").replace("-", "_").upper()
-    return click.option(*names, envvar=env, show_envvar=True, show_default=True, **kwargs)
+    return click.option(
+        *names, cls=_SourcedOption, envvar=env, show_envvar=True, show_default=True, **kwargs
+    )
 
 
 def _click_option(option: Option) -> Callable[[_Command], _Command]:
@@ -104,20 +145,24 @@ def main() -> None:
 @_serve_options
 def serve(**values: Any) -> None:
     """Run the broker daemon in the foreground."""
+    ctx = click.get_current_context()
     try:
         config = Config.from_options(values)
         config.ssl_context()  # fail now, with a usage error, if the files are unreadable
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(_blamed(ctx, exc)) from exc
     configure_logging(config.log_level_number, config.log_format)
     pin_mmap_threshold()  # so memory a burst of large frames took goes back (ops/malloc.py)
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:  # the token file, read as the server is made
-        raise click.UsageError(str(exc)) from exc
+        raise click.UsageError(_blamed(ctx, exc)) from exc
     except BackendError as exc:
-        log.error("backend failed: %s", exc)
+        log.error("backend failed: %s (its URL from %s)", exc, _origin(ctx, "backend"))
         sys.exit(EXIT_BACKEND)
+    except ListenError as exc:
+        log.error("%s", _blamed(ctx, exc))
+        sys.exit(EXIT_CONFIG)
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         sys.exit(EXIT_CONFIG)

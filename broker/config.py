@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,14 +49,44 @@ __all__ = [
     "serve_option",
 ]
 
+#: One label of a host name (RFC 1123, and '_', which container names use).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+#: How to give several --listen addresses, in each place an option's value comes from.
+_MANY_ADDRESSES = (
+    "one address per --listen: repeat the flag, separate them with spaces in"
+    f" {ENV_PREFIX}LISTEN, or give a list in the TOML file"
+)
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[::1]:7733`` for IPv6); raise ``ConfigError`` if invalid."""
+
+def parse_host_port(value: str, option: str | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:7733`` for IPv6); raise ``ConfigError`` if invalid,
+    saying which part is wrong (blamed on ``option``, a ``serve`` option's name)."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{value!r} is not host:port")
+    if not sep:
+        hint = f": give its address too, as 127.0.0.1:{value} or 0.0.0.0:{value}"
+        raise ConfigError(f"{value!r} is not host:port{hint if value.isdigit() else ''}", option)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        reason = f"{port_text!r} is not a port number (0 to 65535)"
+        raise ConfigError(f"{value!r} is not host:port: {reason}", option)
     host = host.strip("[]") or "127.0.0.1"
+    if not _is_host(host):
+        reason = f"{host!r} is not an IP address or a host name"
+        if "," in host or " " in host:
+            reason += f" ({_MANY_ADDRESSES})" if option == "listen" else " (one address only)"
+        raise ConfigError(f"{value!r} is not host:port: {reason}", option)
     return host, int(port_text)
+
+
+def _is_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or could be a host name (letters, digits, '-' and
+    '_' in dot-separated labels): what to try to bind, before a resolver says more."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # fe80::1%eth0: its scope
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def is_loopback(host: str) -> bool:
@@ -137,21 +168,24 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.listen and not self.unix:
-            raise ConfigError("nothing to listen on: give --listen or --unix")
-        addresses = tuple(parse_host_port(item) for item in self.listen)
+            raise ConfigError("nothing to listen on: give --listen or --unix", "listen")
+        addresses = tuple(parse_host_port(item, "listen") for item in self.listen)
         object.__setattr__(self, "listen_addresses", addresses)
         if self.metrics_listen is not None:
-            parse_host_port(self.metrics_listen)
+            parse_host_port(self.metrics_listen, "metrics-listen")
         if self.log_level.lower() not in LOG_LEVELS:
-            raise ConfigError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+            levels = ", ".join(LOG_LEVELS)
+            raise ConfigError(f"log level {self.log_level!r} is not one of {levels}", "log-level")
         if self.log_format not in LOG_FORMATS:
-            raise ConfigError(
-                f"log format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}"
-            )
+            formats = ", ".join(LOG_FORMATS)
+            message = f"log format {self.log_format!r} is not one of {formats}"
+            raise ConfigError(message, "log-format")
         if not SMALLEST_MAX_MESSAGE_BYTES <= self.max_message_bytes <= LARGEST_MAX_MESSAGE_BYTES:
-            raise ConfigError("max message bytes must be between 1 KiB and 64 MiB")
+            value = self.max_message_bytes
+            message = f"--max-message-bytes must be between 1 KiB and 64 MiB, not {value}"
+            raise ConfigError(message, "max-message-bytes")
         if self.shutdown_timeout_s < 0:
-            raise ConfigError("shutdown timeout must not be negative")
+            raise ConfigError("shutdown timeout must not be negative", "shutdown-timeout")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.token and self.token_file:
@@ -160,7 +194,7 @@ class Config:
                 " goes in the file with '*')"
             )
         if self.tls_client_ca and not self.tls_cert:
-            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key", "tls-client-ca")
         self._check_bounds()
         self._check_exposure()
 
@@ -169,25 +203,30 @@ class Config:
             if option.name.startswith("max-") or option.name == "hello-timeout":
                 value = getattr(self, option.field_name)
                 if not value > 0:
-                    raise ConfigError(f"{option.flag} must be positive, not {value!r}")
+                    raise ConfigError(f"{option.flag} must be positive, not {value!r}", option.name)
         # What a client may ask must stay representable wherever it goes (protocol.limits).
         if self.max_capacity > LARGEST_CAPACITY:
-            raise ConfigError(f"--max-capacity must be at most {LARGEST_CAPACITY}")
-        for flag, value in (
-            ("--max-expiry", self.max_expiry_s),
-            ("--max-group-expiry", self.max_group_expiry_s),
+            message = f"--max-capacity must be at most {LARGEST_CAPACITY}"
+            raise ConfigError(message, "max-capacity")
+        for name, value in (
+            ("max-expiry", self.max_expiry_s),
+            ("max-group-expiry", self.max_group_expiry_s),
         ):
             if value > LONGEST_EXPIRY_S:
-                raise ConfigError(f"{flag} must be at most {LONGEST_EXPIRY_S} s (100 years)")
+                message = f"--{name} must be at most {LONGEST_EXPIRY_S} s (100 years)"
+                raise ConfigError(message, name)
         if self.max_batch < MAX_ACK_PAIRS:
-            raise ConfigError(f"--max-batch must be at least {MAX_ACK_PAIRS}: the layer's ACKs")
+            message = f"--max-batch must be at least {MAX_ACK_PAIRS}: the layer's ACKs"
+            raise ConfigError(message, "max-batch")
         if self.max_patterns > self.max_batch:
-            raise ConfigError("--max-patterns must not be over --max-batch (items of one frame)")
+            message = "--max-patterns must not be over --max-batch (items of one frame)"
+            raise ConfigError(message, "max-patterns")
         if self.max_output_bytes < 2 * self.max_message_bytes:
             raise ConfigError(
                 f"--max-output-bytes ({self.max_output_bytes}) must be at least twice "
                 f"--max-message-bytes ({self.max_message_bytes}): a reader must be able to "
-                "leave one message unread while the next is written"
+                "leave one message unread while the next is written",
+                "max-output-bytes",
             )
 
     def _check_exposure(self) -> None:
@@ -200,7 +239,8 @@ class Config:
             raise ConfigError(
                 f"--listen {exposed[0]} is reachable from other hosts and no client has to"
                 " prove who it is: give --token (or CHANNELS_BROKER_TOKEN), --token-file or"
-                " --tls-client-ca; or --allow-unauthenticated to serve anyone who reaches it"
+                " --tls-client-ca; or --allow-unauthenticated to serve anyone who reaches it",
+                "listen",
             )
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "ConfigError"]
+__all__ = ["BrokerError", "ConfigError", "ListenError"]
 
 
 class BrokerError(Exception):
@@ -10,4 +10,22 @@ class BrokerError(Exception):
 
 
 class ConfigError(BrokerError):
-    """A configuration value is not valid; the message says which and why."""
+    """A configuration value is not valid; the message says which and why.
+
+    ``option`` names the ``serve`` option at fault (``"listen"``), when one is: the CLI
+    then adds where its value came from (the flag, the environment or the TOML file).
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class ListenError(BrokerError):
+    """A listener could not be opened: the message names the address and why, and
+    ``option`` the ``serve`` option that gave the address (``"listen"``, ``"unix"``,
+    ``"metrics-listen"``)."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option

@@ -6,6 +6,10 @@ tests can use, starting what it needs once per test session:
 * ``redis://`` -> the Redis at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) if
   it answers, else a redis-server of our own on a free port; each session gets its own
   key prefix, so runs never see each other's keys and nothing is ever FLUSHALLed;
+  a test that needs a server-wide command (SCRIPT FLUSH, CONFIG SET...) takes
+  ``own_url(url)``, a server of our own, and runs it through ``server_command``, which
+  refuses any server this session did not start (tests/test_hygiene.py holds every test
+  to that);
 * ``redis+cluster://`` -> a three-node Redis Cluster of our own, on free ports;
 * ``redis+sentinel://`` -> a redis-server and a Sentinel of our own that names it.
 
@@ -40,7 +44,9 @@ __all__ = [
     "RedisServer",
     "backend_url",
     "free_ports",  # from tests.ports; the backend tests take it from here
+    "own_url",
     "redis_available",
+    "server_command",
     "session_prefix",
 ]
 
@@ -52,6 +58,9 @@ REDIS_PARAMS = ["redis://", "redis+cluster://"]
 session_prefix = f"cbtest-{uuid.uuid4().hex[:10]}"
 
 _started: dict[str, str] = {}
+#: Ports of every redis-server (and Sentinel) this session started: the only servers
+#: ``server_command`` may send a server-wide command.
+_own_ports: set[int] = set()
 _servers: list[RedisServer | RedisCluster | RedisSentinel] = []
 _shared: list[str] = []
 
@@ -107,6 +116,7 @@ class RedisServer:
         return args + list(self.extra)
 
     def start(self) -> None:
+        _own_ports.add(self.port)
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
@@ -210,6 +220,7 @@ class RedisSentinel:
             f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
             f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 1\n"
         )
+        _own_ports.add(self.port)
         self.process = subprocess.Popen(
             [_redis_server(), str(config), "--sentinel", "--logfile", str(self.dir / "log")],
             stdin=subprocess.DEVNULL,
@@ -315,6 +326,51 @@ def backend_url(param: str) -> str:
         else:
             _started[param] = param
     return _started[param]
+
+
+def _nodes(url: str) -> list[tuple[str, int]]:
+    """The host:port pairs a Redis URL names (a Cluster's list, or the one server)."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        nodes.append((host or item, int(port) if port.isdigit() else 6379))
+    return nodes
+
+
+def _is_own(url: str) -> bool:
+    return all(
+        host in ("127.0.0.1", "localhost") and port in _own_ports for host, port in _nodes(url)
+    )
+
+
+def own_url(url: str) -> str:
+    """``url`` if this session started its servers (a Cluster always), else the URL of a
+    redis-server of our own (started once), with the session's key prefix: where a test
+    may run a server-wide command."""
+    if _is_own(url):
+        return url
+    if "own" not in _started:
+        if not redis_available():
+            _unavailable("a throwaway Redis", "redis-server is missing")
+        server = RedisServer()
+        _servers.append(server)
+        server.start()
+        _started["own"] = _with_prefix(server.url)
+    return _started["own"]
+
+
+def server_command(url: str, *command: str) -> None:
+    """Run a server-wide command (``SCRIPT FLUSH``, ``CONFIG SET``...) on every server of
+    ``url``, which this session must have started: the Redis at ``REDIS_URL`` serves other
+    applications and other test runs, whose scripts and settings these commands change."""
+    if not _is_own(url):
+        raise AssertionError(f"{' '.join(command[:2])} refused: {url} is not a server of ours")
+    import redis
+
+    for host, port in _nodes(url):
+        with redis.Redis(host=host, port=port, socket_timeout=5) as client:
+            client.execute_command(*command)
 
 
 def delete_prefixed(url: str, prefix: str) -> None:

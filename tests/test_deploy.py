@@ -259,9 +259,48 @@ def test_dashboard_is_an_importable_grafana_dashboard() -> None:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] != "row":
-            assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
+            assert panel["targets"], panel["title"]
     variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert {"datasource", "job", "instance"} <= variables
+    assert {"job", "instance"} <= variables
+
+
+def _datasource_references(node: object) -> list[object]:
+    """Every ``"datasource"`` value anywhere in ``node`` (a JSON document)."""
+    found: list[object] = []
+    if isinstance(node, dict):
+        found += [value for key, value in node.items() if key == "datasource"]
+        for value in node.values():
+            found += _datasource_references(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _datasource_references(value)
+    return found
+
+
+def test_dashboard_import_asks_one_data_source_question_that_every_panel_uses() -> None:
+    """Grafana's import asks one question per ``__inputs`` entry: there is one (the
+    Prometheus), and every panel, target and variable queries it; no other data source
+    variable or placeholder is left to ask or to ignore the answer."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    inputs = dashboard["__inputs"]
+    assert [(entry["type"], entry["pluginId"]) for entry in inputs] == [
+        ("datasource", "prometheus")
+    ]
+    declared = {"type": "prometheus", "uid": "${" + inputs[0]["name"] + "}"}
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == declared, panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"] == declared, (panel["title"], target)
+    variables = dashboard["templating"]["list"]
+    assert all(v["type"] != "datasource" for v in variables), "a second question"
+    for variable in variables:
+        if variable["type"] == "query":
+            assert variable["datasource"] == declared, variable["name"]
+    body = {key: value for key, value in dashboard.items() if not key.startswith("__")}
+    assert all(ref == declared for ref in _datasource_references(body))
+    placeholders = set(re.findall(r"\$\{(\w+)", json.dumps(body)))
+    assert placeholders <= {inputs[0]["name"]} | {v["name"] for v in variables}, placeholders
 
 
 #: Sample names of each metric type, from the name in its ``# TYPE`` line (a

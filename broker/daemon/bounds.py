@@ -50,10 +50,11 @@ _ACCEPT_FAILED = "socket.accept() out of system resource"
 class BurstLog:
     """Warnings of one kind: the first at once, then one per ``interval_s`` with a count."""
 
-    __slots__ = ("_interval_s", "_logged_at", "_unlogged")
+    __slots__ = ("_interval_s", "_log", "_logged_at", "_unlogged")
 
-    def __init__(self, interval_s: float = BURST_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float = BURST_INTERVAL_S, logger: logging.Logger = log) -> None:
         self._interval_s = interval_s
+        self._log = logger
         self._logged_at = -interval_s
         self._unlogged = 0
 
@@ -65,7 +66,7 @@ class BurstLog:
             return
         more = self._unlogged - 1
         suffix = f" (and {more} more like it in the last {self._interval_s:g} s)" if more else ""
-        log.warning("%s%s", message, suffix)
+        self._log.warning("%s%s", message, suffix)
         self._logged_at = now
         self._unlogged = 0
 
@@ -84,9 +85,20 @@ class Bounds:
     def hit(self, flag: str, message: str) -> None:
         """Count a hit of the bound ``flag`` (``max-pulls``...) and log ``message``."""
         self.metrics.limits_hit[flag] += 1
-        burst = self._logs.get(flag)
+        self.notice(flag, message)
+
+    def notice(
+        self,
+        kind: str,
+        message: str,
+        interval_s: float = BURST_INTERVAL_S,
+        logger: logging.Logger = log,
+    ) -> None:
+        """Log ``message`` through the ``BurstLog`` of ``kind`` (made with ``interval_s``
+        and ``logger`` on first use): one line per burst, whoever causes it."""
+        burst = self._logs.get(kind)
         if burst is None:
-            burst = self._logs[flag] = BurstLog()
+            burst = self._logs[kind] = BurstLog(interval_s, logger)
         burst.event(message)
 
     # -- connections ---------------------------------------------------------

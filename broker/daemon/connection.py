@@ -136,10 +136,7 @@ class Connection(asyncio.Protocol):
             else:  # a whole batch: more may wait in the decoder
                 self._pause_reading()
         except ProtocolError as exc:
-            log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
-            if exc.code is ErrorCode.OVER_LIMIT:
-                self.ctx.metrics.count_limit("max-batch")
-            self.fatal(exc.code, str(exc))
+            self.guard.protocol_error(exc)  # an ERROR and a close (an HTTP client: in HTTP)
             return
         self._input_bytes += cost
         if self._input_bytes > self.guard.max_input_bytes and not self._reading_paused:

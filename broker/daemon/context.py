@@ -11,7 +11,7 @@ from broker.ops.metrics import Metrics
 
 from .bounds import Bounds
 from .routing import Router
-from .tokens import TokenTable
+from .tokens import IgnoredTokens, TokenTable
 
 __all__ = ["Context"]
 
@@ -31,6 +31,8 @@ class Context:
     #: The tokens HELLO may carry and their namespaces; None: no token is asked for.
     #: Replaced whole on SIGHUP (``Server.reload``).
     tokens: TokenTable | None = None
+    #: The clients told that this daemon, having no tokens, ignores theirs.
+    ignored_tokens: IgnoredTokens = field(default_factory=IgnoredTokens)
     #: Connection counts, and the counting and logging of every bound hit (``bounds``).
     bounds: Bounds = field(init=False)
 

@@ -38,8 +38,19 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from broker.config import Config
-from protocol import Ack, Error, ErrorCode, Frame, FrameDecoder, Handshake, SendMany, encode_frame
+from protocol import (
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Handshake,
+    ProtocolError,
+    SendMany,
+    encode_frame,
+)
 
+from . import strangers
 from .bounds import Bounds
 
 __all__ = [
@@ -92,6 +103,7 @@ class Guarded(Protocol):
     handshake: Handshake
     decoder: FrameDecoder
     inbox: deque[Frame]
+    transport: asyncio.Transport | None
 
     def fail(self, request_id: int, code: ErrorCode, message: str) -> None: ...
 
@@ -141,6 +153,7 @@ class Guard:
 
     __slots__ = (
         "_bounds",
+        "_config",
         "_connection",
         "_hello_timer",
         "_host",
@@ -157,6 +170,7 @@ class Guard:
         # A proxy: no cycle through us keeps a closed connection's buffers until a GC.
         self._connection: Guarded = weakref.proxy(connection)
         self._bounds = bounds
+        self._config = config
         self.max_input_bytes = config.max_input_bytes
         self.max_output_bytes = config.max_output_bytes
         #: Bytes of pushes one pass aims at (``PUSH_PASS_BYTES``).
@@ -245,6 +259,38 @@ class Guard:
                 connection.peer,
                 count,
             )
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        """The peer sent what the decoder refuses: log it, answer with its ERROR, close.
+        A peer that opened with HTTP or TLS instead of HELLO is told so in words."""
+        connection = self._connection
+        kind = None
+        if not connection.handshake.is_ready:
+            kind = strangers.kind_of(connection.decoder.unread()[:4])
+        if kind is not None:
+            self._turn_away(kind, error)
+            return
+        log.warning("protocol error from %s: %s (%s)", connection.peer, error, error.code.name)
+        if error.code is ErrorCode.OVER_LIMIT:
+            self._bounds.metrics.count_limit("max-batch")
+        connection.fatal(error.code, str(error))
+
+    def _turn_away(self, kind: str, error: ProtocolError) -> None:
+        """Log (a line a minute) what spoke; answer an HTTP client in HTTP and close. A
+        TLS client still gets the ERROR frame: its TLS library reads those bytes as a
+        record of no TLS version, which a layer reports as a daemon without TLS."""
+        connection, config = self._connection, self._config
+        message = strangers.what_to_say(kind, connection.peer, config)
+        self._bounds.notice(kind, message, strangers.STRANGER_LOG_INTERVAL_S, log)
+        if kind == "TLS":
+            connection.fatal(error.code, "this port speaks plain TCP, not TLS")
+            return
+        connection.closing = True
+        connection.inbox.clear()
+        transport = connection.transport
+        if transport is not None:
+            transport.write(strangers.http_answer(config))
+            transport.close()
 
     def over_limit(self, request_id: int, flag: str, message: str) -> None:
         """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""

@@ -126,7 +126,7 @@ class Handlers:
             log.warning("protocol error from %s: version %d", self.shell.peer, hello.version)
             return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unknown"
         peer = self.shell.peer
-        denied = tokens.refusal(self.ctx.tokens, hello.token, hello.prefix, peer)
+        denied = tokens.refusal(self.ctx.tokens, hello, peer, self.ctx.ignored_tokens)
         if denied is not None:
             return denied
         if not is_valid_group(hello.prefix):

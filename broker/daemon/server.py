@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from backends import Backend, BackendError, backend_from_url, redacted_url
 from backends.memory import MemoryBackend
 from broker.config import Config, is_loopback, parse_host_port
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ListenError
 from broker.ops.exporter import Exporter
 from broker.ops.health import HealthServer
 from broker.ops.instrumented import instrument
@@ -39,6 +41,15 @@ __all__ = ["Server"]
 log = logging.getLogger("channels_broker.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_T = TypeVar("_T")
+#: What to do about the usual reasons a listener cannot open, by errno.
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there (another channels-broker? `ss -ltnp`)",
+    errno.EADDRNOTAVAIL: "no network interface of this host has that address",
+    errno.EACCES: "not allowed: ports below 1024 need root or CAP_NET_BIND_SERVICE, and a"
+    " socket path a directory this user may write to",
+    errno.ENOENT: "its directory does not exist",
+}
 
 
 class Server:
@@ -112,8 +123,8 @@ class Server:
 
         await self._listen_tcp(loop, factory)
         for path in self.config.unix:
-            _remove_stale_socket(path)
-            self._listeners.append(await loop.create_unix_server(factory, path))
+            opening = _open_unix(loop, factory, path)
+            self._listeners.append(await _listening(opening, f"unix://{path}", "unix"))
             log.info("listening on unix://%s", path)
         if self.config.metrics_listen:
             await self._start_health(self.config.metrics_listen)
@@ -131,7 +142,8 @@ class Server:
             accept = partial(TlsHandshake, factory, tls, config.hello_timeout_s, bounds)
         scheme = "tls" if tls else "tcp"
         for host, port in config.listen_addresses:
-            listener = await loop.create_server(accept, host, port, reuse_address=True)
+            opening = loop.create_server(accept, host, port, reuse_address=True)
+            listener = await _listening(opening, f"{host}:{port}", "listen")
             self._listeners.append(listener)
             log.info("listening on %s://%s:%d", scheme, host, port)
             if not is_loopback(host) and not config.is_authenticated:
@@ -147,7 +159,7 @@ class Server:
         access = self.status_scope if self.config.token or self.config.token_file else None
         self._health = HealthServer(host, port, self.readiness, status_access=access)
         self.exporter.attach(self._health)
-        await self._health.start()
+        await _listening(self._health.start(), address, "metrics-listen")
         log.info("health and metrics on http://%s:%d", host, port)
         if access is None and not is_loopback(host):
             log.warning(
@@ -222,6 +234,29 @@ class Server:
             for connection in left:
                 connection.abort("shutdown deadline")
             await closed
+
+
+async def _listening(opening: Awaitable[_T], address: str, option: str) -> _T:
+    """What ``opening`` opens; ``ListenError`` naming ``address``, why, and what to do,
+    if it cannot (``option`` gave the address)."""
+    try:
+        return await opening
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            reason = f"{exc.strerror}: the host name does not resolve (give an IP address)"
+        else:
+            # asyncio's message repeats the address: the system's own says it shorter.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = _LISTEN_HINTS.get(exc.errno or 0)
+            reason = f"{reason}: {hint}" if hint else reason
+        raise ListenError(f"cannot listen on {address}: {reason}", option) from exc
+
+
+async def _open_unix(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], Connection], path: str
+) -> asyncio.Server:
+    _remove_stale_socket(path)
+    return await loop.create_unix_server(factory, path)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -31,14 +31,17 @@ from collections.abc import Iterable
 
 from broker.config import Config
 from broker.errors import ConfigError
-from protocol import MAX_NAME_LENGTH, ErrorCode, is_valid_group
+from protocol import MAX_NAME_LENGTH, ErrorCode, Hello, family_of, is_valid_group
 
-__all__ = ["ANY_NAMESPACE", "TokenTable", "refusal"]
+__all__ = ["ANY_NAMESPACE", "IgnoredTokens", "TokenTable", "refusal"]
 
 log = logging.getLogger("channels_broker.connection")
 
 #: The namespace field that lets a token use any namespace.
 ANY_NAMESPACE = "*"
+#: Clients ``IgnoredTokens`` remembers before it starts over: a site has a handful of
+#: processes, and this bounds what a stream of new ones costs (a few hundred KB).
+IGNORED_TOKENS_REMEMBERED = 10_000
 
 
 def _digest(token: str) -> bytes:
@@ -80,7 +83,8 @@ class TokenTable:
             with open(path, encoding="utf-8") as file:
                 text = file.read()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the token file {path}: {exc}") from exc
+            message = f"cannot read the token file {path}: {exc}"
+            raise ConfigError(message, "token-file") from exc
         return cls.parse(text, path)
 
     @classmethod
@@ -94,16 +98,19 @@ class TokenTable:
             if not fields:
                 continue
             if len(fields) != 2:
-                raise ConfigError(f"{source}, line {number}: expected TOKEN NAMESPACE")
+                message = f"{source}, line {number}: expected TOKEN NAMESPACE"
+                raise ConfigError(message, "token-file")
             token, namespace = fields
             if namespace != ANY_NAMESPACE and not is_valid_group(namespace):
                 raise ConfigError(
                     f"{source}, line {number}: {namespace!r} is not a namespace (a layer's"
-                    " prefix: letters, digits, '-', '_', '.') nor '*'"
+                    " prefix: letters, digits, '-', '_', '.') nor '*'",
+                    "token-file",
                 )
             grants.append((token, namespace))
         if not grants:
-            raise ConfigError(f"{source} holds no token: no client could connect")
+            message = f"{source} holds no token: no client could connect"
+            raise ConfigError(message, "token-file")
         return cls(grants, source)
 
     def namespaces_of(self, token: str) -> frozenset[str] | None:
@@ -119,12 +126,57 @@ class TokenTable:
         return found
 
 
+class IgnoredTokens:
+    """Clients that sent a token to a daemon that asks for none: each is logged once.
+
+    A client is its id's family (one per layer instance: every event loop and reconnect
+    of one Django process), or its peer's host for an id of another form. Past
+    ``IGNORED_TOKENS_REMEMBERED`` the memory starts over (a client may be logged again).
+    """
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def note(self, client_id: str, peer: str) -> None:
+        """A HELLO from ``peer`` for ``client_id`` carried a token the daemon ignores."""
+        client = family_of(client_id) or peer.rpartition(":")[0] or peer
+        if client in self._seen:
+            return
+        if len(self._seen) >= IGNORED_TOKENS_REMEMBERED:
+            self._seen.clear()
+        self._seen.add(client)
+        log.warning(
+            "client %.40s from %s sent a token, but this daemon has none (--token,"
+            " --token-file): its token is ignored and it is served; give the daemon the"
+            " token, or take it out of the layer's CONFIG (said once per client process)",
+            client_id,
+            peer,
+        )
+
+
 def refusal(
-    tokens: TokenTable | None, token: str, namespace: str, peer: str
+    tokens: TokenTable | None, hello: Hello, peer: str, ignored: IgnoredTokens | None = None
 ) -> tuple[ErrorCode, str] | None:
-    """Why a HELLO with ``token`` may not use ``namespace`` (logged), or None if it may."""
+    """Why ``hello`` may not use its namespace (logged), or None if it may.
+
+    A daemon with no tokens serves any HELLO, and tells ``ignored`` of one that carries
+    a token anyway (a client configured for another daemon, or a daemon that lost its
+    token: either way someone believes the token protects something).
+    """
+    token, namespace = hello.token, hello.prefix
     if tokens is None:
+        if token and ignored is not None:
+            ignored.note(hello.client_id, peer)
         return None
+    if not token:
+        log.warning(
+            "authentication failed from %s: no token (%s asks for one)", peer, tokens.source
+        )
+        return ErrorCode.AUTH_FAILED, (
+            "missing token: this daemon asks for one (the layer's CONFIG 'token')"
+        )
     namespaces = tokens.namespaces_of(token)
     if namespaces is None:
         log.warning("authentication failed from %s: a token not in %s", peer, tokens.source)

@@ -11,16 +11,22 @@ import json
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 
 __all__ = ["configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the traceback)."""
+    """One JSON object per line: time, level, logger, message (and the traceback).
+
+    The time is ISO 8601 in UTC with milliseconds and its offset
+    (``2026-12-06T10:34:49.123+00:00``): collectors parse it as it is, and lines of
+    daemons on hosts in different zones sort together.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -167,7 +167,7 @@ def test_unix_socket_listener_serves_and_is_removed_on_exit(tmp_path: Path) -> N
     [
         (("--listen", "nonsense"), "'nonsense' is not host:port"),
         (("--backend", "carrier-pigeon://coop"), "unknown backend"),
-        (("--max-message-bytes", "10"), "max message bytes"),
+        (("--max-message-bytes", "10"), "--max-message-bytes must be between"),
         (("--log-level", "loud"), "'loud' is not one of"),
         (("--token", "s3cret", "--token-file", "/etc/hosts"), "not both"),
         (("--token-file", "/nonexistent/tokens"), "cannot read the token file"),
@@ -231,10 +231,37 @@ def test_token_is_required_when_the_daemon_has_one() -> None:
             finally:
                 await layer.close()
 
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError, match="invalid token"):
             asyncio.run(send_with("wrong"))
+        with pytest.raises(PermissionError, match="missing token"):
+            asyncio.run(send_with(""))
         asyncio.run(send_with("s3cret"))
     assert "authentication failed" in served.stderr
+    assert "no token (--token asks for one)" in served.stderr
+
+
+def test_a_token_sent_to_a_daemon_without_one_is_served_and_said_once_per_client() -> None:
+    """1. A daemon with no token.  2. One layer sends with a token from two event loops
+    (two connections of one process), another layer once.  3. All are served; the log
+    says twice, once per process, that their token is ignored."""
+    import asyncio
+
+    from broker.layer import BrokerChannelLayer
+
+    port = free_port()
+    with serving(port, "--listen", f"127.0.0.1:{port}") as served:
+        first = BrokerChannelLayer(hosts=[f"tcp://127.0.0.1:{port}"], token="s3cret")
+        second = BrokerChannelLayer(hosts=[f"tcp://127.0.0.1:{port}"], token="s3cret")
+
+        async def send_with(layer: BrokerChannelLayer) -> None:
+            await layer.send("token-check", {"n": 1})
+            await layer.close()
+
+        for layer in (first, first, second):
+            asyncio.run(send_with(layer))
+    lines = [line for line in served.stderr.splitlines() if "sent a token" in line]
+    assert len(lines) == 2, served.stderr
+    assert "this daemon has none" in lines[0] and "its token is ignored" in lines[0]
 
 
 def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 import pytest
-import redis
 
 from backends import BackendError, backend_from_url, redacted_url
 from broker.cli import serve
@@ -223,14 +222,13 @@ def guarded_sentinel() -> Iterator[servers.RedisSentinel]:
     sentinel = servers.RedisSentinel()
     sentinel.start()
     try:
-        with redis.Redis(port=sentinel.port, socket_timeout=5) as client:
-            # Sentinel first learns the master's password, so it never sees it refuse.
-            client.execute_command(
-                "SENTINEL", "SET", sentinel.MASTER_NAME, "auth-pass", MASTER_SECRET
-            )
-            client.execute_command("ACL", "SETUSER", "default", "resetpass", f">{SENTINEL_SECRET}")
-        with redis.Redis(port=sentinel.master.port, socket_timeout=5) as client:
-            client.config_set("requirepass", MASTER_SECRET)
+        # Sentinel first learns the master's password, so it never sees it refuse.
+        sentinel_url = f"redis://127.0.0.1:{sentinel.port}"
+        command = ("SENTINEL", "SET", sentinel.MASTER_NAME, "auth-pass", MASTER_SECRET)
+        servers.server_command(sentinel_url, *command)
+        command = ("ACL", "SETUSER", "default", "resetpass", f">{SENTINEL_SECRET}")
+        servers.server_command(sentinel_url, *command)
+        servers.server_command(sentinel.master.url, "CONFIG", "SET", "requirepass", MASTER_SECRET)
         yield sentinel
     finally:
         sentinel.stop()

@@ -142,14 +142,26 @@ async def test_take_skips_expired_heads_and_fills_its_limit(backend: Backend, ns
     assert [t.payload for t in taken] == [b"new"]
 
 
-async def test_scripts_come_back_after_a_script_flush(backend: Backend, ns: str) -> None:
-    assert isinstance(backend, RedisBackend)
-    await put(backend, ns, "work", b"1")
-    topology = backend._commands.require()
-    for pipe in topology.pipes():
-        await pipe.execute("SCRIPT", "FLUSH")
-    await put(backend, ns, "work", b"2")
-    assert await drain(backend, ns, "work") == [b"1", b"2"]
+@pytest.fixture
+def own_url(backend_url: str) -> str:
+    """``backend_url``'s kind of Redis, on servers of our own: SCRIPT FLUSH empties the
+    script cache of every application on a server, so never the shared one."""
+    return servers.own_url(backend_url)
+
+
+@pytest.fixture
+def own_backend(own_url: str) -> Backend:
+    return backend_from_url(own_url)
+
+
+async def test_scripts_come_back_after_a_script_flush(
+    own_backend: Backend, own_url: str, ns: str
+) -> None:
+    assert isinstance(own_backend, RedisBackend)
+    await put(own_backend, ns, "work", b"1")
+    servers.server_command(own_url, "SCRIPT", "FLUSH")
+    await put(own_backend, ns, "work", b"2")
+    assert await drain(own_backend, ns, "work") == [b"1", b"2"]
 
 
 # Faults (a throwaway server: killed and restarted)

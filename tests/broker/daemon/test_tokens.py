@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from broker.config import Config
-from broker.daemon.tokens import TokenTable, refusal
+from broker.daemon.tokens import IgnoredTokens, TokenTable, refusal
 from broker.errors import ConfigError
-from protocol import ErrorCode
+from broker.layer.identity import Family
+from protocol import PROTOCOL_VERSION, ErrorCode, Hello
 
 FILE = """\
 # site A's processes
@@ -32,16 +33,58 @@ def test_the_file_binds_each_token_to_its_namespaces() -> None:
     assert table.namespaces_of("") is None
 
 
+def hello_with(token: str, prefix: str = "asgi", client_id: str = "") -> Hello:
+    return Hello(
+        version=PROTOCOL_VERSION,
+        token=token,
+        client_id=client_id,
+        prefix=prefix,
+        capacity=100,
+        expiry_s=60.0,
+        group_expiry_s=86400.0,
+    )
+
+
 def test_a_hello_is_refused_outside_its_tokens_namespaces() -> None:
     table = TokenTable.parse(FILE, "tokens")
     peer = "127.0.0.1:1"
-    assert refusal(table, "alpha-token", "site-a", peer) is None
-    assert refusal(table, "ops-token", "anything", peer) is None
-    forbidden = refusal(table, "alpha-token", "site-b", peer)
+    assert refusal(table, hello_with("alpha-token", "site-a"), peer) is None
+    assert refusal(table, hello_with("ops-token", "anything"), peer) is None
+    forbidden = refusal(table, hello_with("alpha-token", "site-b"), peer)
     assert forbidden is not None and forbidden[0] is ErrorCode.FORBIDDEN
-    unknown = refusal(table, "guess", "site-a", peer)
-    assert unknown is not None and unknown[0] is ErrorCode.AUTH_FAILED
-    assert refusal(None, "", "any", peer) is None  # no token asked for
+    unknown = refusal(table, hello_with("guess", "site-a"), peer)
+    assert unknown == (ErrorCode.AUTH_FAILED, "invalid token")
+    assert refusal(None, hello_with(""), peer) is None  # no token asked for
+
+
+def test_no_token_is_missing_not_invalid(caplog: pytest.LogCaptureFixture) -> None:
+    table = TokenTable.parse(FILE, "tokens")
+    refused = refusal(table, hello_with(""), "127.0.0.1:1")
+    assert refused is not None
+    code, message = refused
+    assert code is ErrorCode.AUTH_FAILED
+    assert message.startswith("missing token") and "'token'" in message
+    assert "no token (tokens asks for one)" in caplog.text
+
+
+def test_a_token_the_daemon_does_not_ask_for_is_logged_once_per_client_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two clients of one process (one family), a reconnect, and another process: the
+    HELLOs are all served, and two lines say their tokens are ignored."""
+    ignored = IgnoredTokens()
+    family = Family()
+    first, second = family.mint().client_id, family.mint().client_id
+    other = Family().mint().client_id
+    for client_id in (first, second, first, other):
+        hello = hello_with("s3cret", client_id=client_id)
+        assert refusal(None, hello, "127.0.0.1:5", ignored) is None
+    assert refusal(None, hello_with(""), "127.0.0.1:5", ignored) is None  # no token: nothing
+    lines = [r.getMessage() for r in caplog.records if "sent a token" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert first in lines[0] and other in lines[1]
+    assert "this daemon has none" in lines[0] and "ignored" in lines[0]
+    assert "s3cret" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,14 @@
-"""Log lines under systemd: each carries its syslog priority when stderr is the journal."""
+"""Log lines under systemd: each carries its syslog priority when stderr is the journal;
+JSON lines carry their time as ISO 8601 with milliseconds and zone."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 _LOG_SOME = """
@@ -44,3 +48,22 @@ def test_log_lines_carry_their_syslog_priority_when_stderr_is_the_journal(
     assert any("ValueError: three" in line for line in lines[3:])
     plain = _log_to_file(tmp_path / "file", journal=False)
     assert not any(line.startswith("<") for line in plain), "no prefix outside the journal"
+
+
+def test_json_lines_carry_iso_8601_times_with_milliseconds_and_zone() -> None:
+    """``--log-format json``: ``2026-12-06T10:34:49.123+00:00``, the moment it was logged."""
+    script = (
+        "import logging\n"
+        "from broker.ops.logs import configure_logging\n"
+        "configure_logging(logging.INFO, 'json')\n"
+        "logging.getLogger('channels_broker.test').warning('hello')\n"
+    )
+    before = datetime.now(UTC)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    entry = json.loads(done.stderr)
+    assert entry["message"] == "hello" and entry["level"] == "warning"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", entry["time"])
+    logged = datetime.fromisoformat(entry["time"])
+    assert before - timedelta(seconds=1) <= logged <= datetime.now(UTC)
