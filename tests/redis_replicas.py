@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-from tests.servers import RedisServer, cluster_port, ping
+from tests.servers import RedisServer, cluster_port, note_own, ping, server_command
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 __all__ = ["ReplicatedCluster", "SentinelGroup"]
@@ -65,6 +65,7 @@ class _Sentinel:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        note_own(self.port)
         self.process = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", str(self.dir / "sentinel.conf")]
             + ["--sentinel", "--logfile", str(self.dir / "log")],
@@ -124,7 +125,8 @@ class SentinelGroup:
         every Sentinel names it and the old primary follows it."""
         old = self.primary_port()
         new = self.replica.port if old == self.primary.port else self.primary.port
-        _client(self.sentinels[0].port).execute_command("SENTINEL", "FAILOVER", self.NAME)
+        sentinel_url = f"redis://127.0.0.1:{self.sentinels[0].port}"
+        server_command(sentinel_url, "SENTINEL", "FAILOVER", self.NAME)
 
         def switched() -> bool:
             named = {
@@ -222,7 +224,7 @@ class ReplicatedCluster:
         old_id = self._id_of(self.owner_port(slot))
         replica = next(row for row in self._nodes() if row["master"] == old_id)
         port = int(replica["port"])
-        _client(port).execute_command("CLUSTER", "FAILOVER")
+        server_command(f"redis://127.0.0.1:{port}", "CLUSTER", "FAILOVER")
         _wait_until(
             "Cluster failover",
             lambda: (

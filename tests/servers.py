@@ -44,6 +44,7 @@ __all__ = [
     "RedisServer",
     "backend_url",
     "free_ports",  # from tests.ports; the backend tests take it from here
+    "note_own",
     "own_url",
     "redis_available",
     "server_command",
@@ -336,6 +337,12 @@ def _nodes(url: str) -> list[tuple[str, int]]:
         host, _, port = item.rpartition(":")
         nodes.append((host or item, int(port) if port.isdigit() else 6379))
     return nodes
+
+
+def note_own(port: int) -> None:
+    """Count a server this session started outside this module (a Sentinel of a failover
+    test) as its own, where ``server_command`` may run."""
+    _own_ports.add(port)
 
 
 def _is_own(url: str) -> bool:

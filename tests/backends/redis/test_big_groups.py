@@ -77,16 +77,17 @@ async def test_a_group_send_to_100000_members_goes_in_slices(
     members each; no command held Redis over the bound."""
     client = redis.Redis(port=redis_server.port)
     members = fill_room(client, ns, "room")
-    client.config_set("slowlog-log-slower-than", 1000)
-    client.config_set("slowlog-max-len", 10_000)
-    client.slowlog_reset()
+    url = redis_server.url
+    servers.server_command(url, "CONFIG", "SET", "slowlog-log-slower-than", "1000")
+    servers.server_command(url, "CONFIG", "SET", "slowlog-max-len", "10000")
+    servers.server_command(url, "SLOWLOG", "RESET")
     calls_before = script_calls(client)
     started = time.monotonic()
     result = await backend.group_send(ns, "room", b"m", capacity_of=capacity(10), expiry_s=LONG_S)
     took_s = time.monotonic() - started
     calls = script_calls(client) - calls_before
     slowest = slowest_commands(client)
-    client.config_set("slowlog-log-slower-than", 10_000)
+    servers.server_command(url, "CONFIG", "SET", "slowlog-log-slower-than", "10000")
     assert sorted(result.delivered) == sorted(members) and result.skipped == 0
     keys = Keys(PREFIX)
     with client.pipeline(transaction=False) as pipe:
