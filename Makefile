@@ -11,7 +11,7 @@ RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 DIST_STAMP := $(VENV)/.installed-dist-$(HASH)
 STAMP := $(VENV)/.installed-test-$(HASH)
 
-.PHONY: run test lint bench clean system-deps example fuzz dist
+.PHONY: run test lint bench clean system-deps example fuzz dist soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,15 @@ fuzz: $(STAMP) system-deps
 	CHANNELS_BROKER_FUZZ_INPUTS=$(FUZZ_INPUTS) CHANNELS_BROKER_FUZZ_SECONDS=$(FUZZ_SECONDS) \
 		CHANNELS_BROKER_FUZZ_SEED=$(FUZZ_SEED) \
 		$(BIN)/python -m pytest tests/fuzz --runxfail --timeout=0
+
+# Two daemons on Redis, then on PostgreSQL, under hundreds of connections while a daemon
+# is SIGKILLed, the storage restarted and connections cut (tests/soak): SOAK_SECONDS per
+# storage; each report goes to SOAK_REPORT_DIR.
+SOAK_SECONDS ?= 600
+SOAK_REPORT_DIR ?= .
+soak: $(STAMP) system-deps
+	CHANNELS_BROKER_SOAK_SECONDS=$(SOAK_SECONDS) CHANNELS_BROKER_SOAK_REPORT_DIR=$(SOAK_REPORT_DIR) \
+		$(BIN)/python -m pytest tests/soak -s --timeout=0
 
 # The example Django site (deploy/examples/notifications) on a broker: http://127.0.0.1:8000/
 example: $(STAMP)

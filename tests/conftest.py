@@ -41,6 +41,11 @@ BACKEND_URLS = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: tests/soak runs by ``make soak`` only (it sets the duration), until leases land
+#: (issue 15): today a daemon SIGKILLed with pulls in flight loses them, and the soak
+#: counts every message.
+collect_ignore = [] if os.environ.get("CHANNELS_BROKER_SOAK_SECONDS") else ["soak"]
+
 T = TypeVar("T")
 
 
