@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .layers import Note, Settings
+from .loopback import echo_round_trips, echo_server
 from .report import build_report, machine, text_report
 from .runner import run_target
 from .scenarios import SCENARIOS
@@ -22,6 +23,17 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 LOOPS = ("asyncio", "uvloop")
 POSITIVE = click.IntRange(min=1)
+LOOPBACK_ROUND_TRIPS = 2000
+
+
+def loopback_note() -> str:
+    """The yardstick, measured once: one send awaited for its reply cannot beat it."""
+    with echo_server() as (port, _):
+        echo = echo_round_trips(port, LOOPBACK_ROUND_TRIPS)
+    return (
+        f"asyncio loopback echo (another process, one round trip at a time): p50"
+        f" {echo.p50_us:,.0f} us, {echo.per_s:,.0f} round trips/s"
+    )
 
 
 def default_loops(note: Note) -> tuple[str, ...]:
@@ -126,6 +138,7 @@ def bench(
     if not backends and not addresses:
         backends = (DEFAULT_BACKEND,)
     loops = loops or default_loops(notes.append)
+    notes.append(loopback_note())
     peers = {"redis": redis_url, "nats": nats_url}
     targets = build_targets(backends, loops, addresses, peers, notes.append)
     results = {t.name: run_target(t, chosen, settings, notes.append) for t in targets}

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 
 from .harness import percentile
 
-__all__ = ["Echo", "echo_round_trips", "echo_server"]
+__all__ = ["Echo", "echo_round_trips", "echo_server", "round_trips"]
 
 #: About what one of our SEND frames carries for a chat-sized message.
 PAYLOAD = b"x" * 160
@@ -60,8 +60,9 @@ def run_echo_server(pipe: Connection) -> None:
 
 
 @contextlib.contextmanager
-def echo_server() -> Iterator[int]:
-    """An echo server in a process of its own, on asyncio's own loop; yields its port."""
+def echo_server() -> Iterator[tuple[int, int]]:
+    """An echo server in a process of its own, on asyncio's own loop; yields its port and
+    its pid."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(target=run_echo_server, args=(theirs,), daemon=True)
@@ -70,7 +71,8 @@ def echo_server() -> Iterator[int]:
     try:
         if not ours.poll(START_TIMEOUT_S):
             raise TimeoutError(f"echo server not started after {START_TIMEOUT_S:.0f} s")
-        yield int(ours.recv())
+        assert process.pid is not None  # started
+        yield int(ours.recv()), process.pid
     finally:
         ours.close()
         process.join(5)

@@ -5,16 +5,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "pid_listening_on", "rss_bytes"]
+__all__ = ["cpu_ns", "cpu_seconds", "pid_listening_on", "rss_bytes"]
 
+#: The kind of CPU clock of a process that counts its threads' run time (Linux).
+CPUCLOCK_SCHED = 2
 #: /proc/net/tcp's state column for a listening socket.
 TCP_LISTEN = "0A"
 
 
+def cpu_ns(pid: int) -> int | None:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds; None if not readable.
+
+    Linux's clock of another process (what ``clock_getcpuclockid`` returns, which Python
+    lacks: the pid, inverted, shifted by 3, with CPUCLOCK_SCHED): exact to the
+    nanosecond, where ``/proc/PID/stat`` counts 10 ms ticks."""
+    try:
+        return time.clock_gettime_ns((~pid << 3) | CPUCLOCK_SCHED)
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of ``pid`` so far; None if it cannot be read."""
+    if (exact := cpu_ns(pid)) is not None:
+        return exact / 1e9
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
