@@ -67,8 +67,9 @@ class Opened:
     factory: LayerFactory
     #: The server process (our daemon, redis-server, nats-server), for its CPU and RSS.
     server_pid: int | None = None
-    #: Our daemon on ``memory://``: the memory scenario measures it.
-    is_memory_daemon: bool = False
+    #: Our daemon on ``memory://``: starts another one like it, fresh, for the memory
+    #: scenario (the RSS of a daemon that served other scenarios stays where they left it).
+    fresh_memory_daemon: Callable[[], contextlib.AbstractContextManager[Opened]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ PostgreSQL backend)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import socket
@@ -33,11 +34,13 @@ def broker_spec(address: str) -> LayerSpec:
 
 
 def daemon_target(name: str, backend_url: str, loop: str) -> Target:
+    is_memory = urlsplit(backend_url).scheme == "memory"
+
     @contextlib.contextmanager
     def open_target(note: Note) -> Iterator[Opened]:
         with daemon(backend_url, loop, note) as running:
-            is_memory = urlsplit(backend_url).scheme == "memory"
-            yield Opened(broker_spec(running.address), running.pid, is_memory)
+            fresh = functools.partial(open_target, note) if is_memory else None
+            yield Opened(broker_spec(running.address), running.pid, fresh)
 
     return Target(name, open_target, is_ours=True)
 
