@@ -86,11 +86,15 @@ soak: $(STAMP) system-deps
 example: $(STAMP)
 	deploy/examples/notifications/run.sh
 
-# Side by side with channels_redis and channels_postgres (the bench extra installs them).
+# Side by side with channels_redis and channels_postgres (the bench extra installs them)
+# and channels-nats (the script installs it on Python 3.11; a failure leaves its column
+# out, with a note). BENCH_JSON: where the JSON report goes.
+BENCH_JSON ?= bench.json
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	-deploy/bench/install-channels-nats.sh $(BIN)/python
 	$(BIN)/channels-broker bench --backend memory:// --backend redis://127.0.0.1:6379/0 \
-		--backend postgresql://postgres@127.0.0.1:5432/postgres
+		--backend postgresql://postgres@127.0.0.1:5432/postgres --json $(BENCH_JSON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from backends import BackendError, redacted_url
 
 from .bench import bench
 from .config import ENV_PREFIX, POSTGRES_SCHEMES, SERVE_OPTIONS, Config, Option
+from .daemon.loops import loop_name, run_on_loop
 from .daemon.server import Server
 from .errors import ConfigError, ListenError
 from .ops.logs import configure_logging
@@ -149,12 +150,14 @@ def serve(**values: Any) -> None:
     try:
         config = Config.from_options(values)
         config.ssl_context()  # fail now, with a usage error, if the files are unreadable
+        loop = loop_name(config.loop, has_tls=bool(config.tls_cert))
     except ConfigError as exc:
         raise click.UsageError(_blamed(ctx, exc)) from exc
     configure_logging(config.log_level_number, config.log_format)
     pin_mmap_threshold()  # so memory a burst of large frames took goes back (ops/malloc.py)
+    log.info("event loop: %s", loop)
     try:
-        asyncio.run(_serve(config))
+        run_on_loop(loop, _serve(config))
     except ConfigError as exc:  # the token file, read as the server is made
         raise click.UsageError(_blamed(ctx, exc)) from exc
     except BackendError as exc:

@@ -29,6 +29,7 @@ from .options import (
     ENV_PREFIX,
     LOG_FORMATS,
     LOG_LEVELS,
+    LOOP_CHOICES,
     POSTGRES_SCHEMES,
     SERVE_OPTIONS,
     Option,
@@ -146,6 +147,8 @@ class Config:
     max_connections: int = default_of("max_connections")
     max_connections_per_peer: int = default_of("max_connections_per_peer")
     hello_timeout_s: float = default_of("hello_timeout_s")
+    #: ``auto``, ``asyncio`` or ``uvloop``; ``broker.daemon.loops`` resolves ``auto``.
+    loop: str = default_of("loop")
     listen_addresses: tuple[tuple[str, int], ...] = field(init=False, default=())
 
     @classmethod
@@ -180,6 +183,9 @@ class Config:
             formats = ", ".join(LOG_FORMATS)
             message = f"log format {self.log_format!r} is not one of {formats}"
             raise ConfigError(message, "log-format")
+        if self.loop not in LOOP_CHOICES:
+            loops = ", ".join(LOOP_CHOICES)
+            raise ConfigError(f"loop {self.loop!r} is not one of {loops}", "loop")
         if not SMALLEST_MAX_MESSAGE_BYTES <= self.max_message_bytes <= LARGEST_MAX_MESSAGE_BYTES:
             value = self.max_message_bytes
             message = f"--max-message-bytes must be between 1 KiB and 64 MiB, not {value}"

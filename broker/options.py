@@ -15,6 +15,7 @@ __all__ = [
     "ENV_PREFIX",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "LOOP_CHOICES",
     "POSTGRES_SCHEMES",
     "SERVE_OPTIONS",
     "Option",
@@ -31,6 +32,8 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
+#: ``auto`` is uvloop when it is installed (``pip install 'channels-broker[uvloop]'``).
+LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("log-level", "info", choices=LOG_LEVELS, ignores_case=True),
     Option("log-format", "text", choices=LOG_FORMATS),
+    Option(
+        "loop", "auto", "Event loop: auto (uvloop when installed), asyncio, uvloop.", LOOP_CHOICES
+    ),
     Option("max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
     Option(
         "shutdown-timeout",

@@ -15,16 +15,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .errors import BenchError
 from .layers import CAPACITY, Note
 
-__all__ = ["daemon"]
+__all__ = ["Daemon", "daemon"]
 
 DAEMON_START_TIMEOUT_S = 15.0
 DAEMON_STOP_TIMEOUT_S = 10.0
+#: The memory scenario holds 10,000,000 memberships over a few connections and about
+#: 1 GiB of waiting messages: over a site's defaults, which bound clients, not the bench.
+MEMORY_SCENARIO_ARGS = ("--max-memberships", "100000000", "--max-memory", str(64 * 2**30))
 #: The directory holding the ``broker`` package, so the daemon runs the code this bench runs.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,15 +76,28 @@ def stop_daemon(process: subprocess.Popen[bytes], note: Note) -> None:
         note(f"daemon exited with code {process.returncode} after SIGTERM")
 
 
-@contextlib.contextmanager
-def daemon(backend_url: str, note: Note) -> Iterator[str]:
-    """A ``channels-broker serve`` subprocess on free ports; yields its ``tcp://`` address."""
-    port, metrics_port = free_ports(2)
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """A running daemon: where layers reach it, and its process (for CPU and RSS)."""
+
+    address: str
+    pid: int
+
+
+def serve_command(backend_url: str, loop: str, port: int, metrics_port: int) -> list[str]:
     command = [sys.executable, "-m", "broker", "serve", "--listen", f"127.0.0.1:{port}"]
     command += ["--backend", backend_url, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
     # The layers ask for CAPACITY, over a site's --max-capacity: the bench measures
     # speed, never back-pressure.
-    command += ["--log-level", "warning", "--max-capacity", str(CAPACITY)]
+    command += ["--log-level", "warning", "--max-capacity", str(CAPACITY), "--loop", loop]
+    return command + list(MEMORY_SCENARIO_ARGS)
+
+
+@contextlib.contextmanager
+def daemon(backend_url: str, loop: str, note: Note) -> Iterator[Daemon]:
+    """A ``channels-broker serve`` subprocess on free ports, on event loop ``loop``."""
+    port, metrics_port = free_ports(2)
+    command = serve_command(backend_url, loop, port, metrics_port)
     path = os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
@@ -93,7 +110,7 @@ def daemon(backend_url: str, note: Note) -> Iterator[str]:
             process.wait()
             raise
         try:
-            yield f"tcp://127.0.0.1:{port}"
+            yield Daemon(f"tcp://127.0.0.1:{port}", process.pid)
         finally:
             stop_daemon(process, note)
             if text := log_text(log):

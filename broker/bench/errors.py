@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from broker.errors import BrokerError
 
-__all__ = ["BenchError", "Unverified", "describe"]
+__all__ = ["BenchError", "NotApplicable", "Unverified", "describe"]
 
 
 class BenchError(BrokerError):
@@ -17,6 +17,10 @@ class Unverified(BenchError):
     def __init__(self, problem: str, values: list[float]) -> None:
         super().__init__(problem)
         self.values = values
+
+
+class NotApplicable(BenchError):
+    """The scenario does not apply to this target (the message says why): no value, no error."""
 
 
 def describe(exc: BaseException) -> str:

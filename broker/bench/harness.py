@@ -7,22 +7,26 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BenchError, Unverified, describe
-from .layers import ChannelLayer, LayerFactory, close_layer
+from .layers import ChannelLayer, LayerFactory, Opened, Settings, close_layer
 from .progress import progress
 
 __all__ = [
     "SCENARIO_TIMEOUT_S",
+    "Row",
     "SEND_WINDOW",
     "Tally",
     "drain",
     "in_new_loop",
     "message",
     "open_layers",
+    "percentile",
     "running",
     "scaled",
+    "send_each",
     "send_windowed",
     "wait_done",
     "warm_up",
@@ -35,6 +39,15 @@ SCENARIO_TIMEOUT_S = 30.0
 #: About the size of a chat message; envelope-only messages would flatter per-byte costs.
 BODY = "x" * 100
 WARM_UP_GROUP = "bench-warm-up"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One measured number of a scenario: a table row."""
+
+    label: str
+    unit: str
+    is_higher_better: bool
 
 
 class Tally:
@@ -64,6 +77,10 @@ class Tally:
         if self.duplicates:
             raise Unverified(f"{self.duplicates} of {self.expected} delivered twice", rate)
         return rate
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def scaled(count: int, scale: float) -> int:
@@ -149,8 +166,16 @@ async def wait_done(tally: Tally, tasks: Sequence[asyncio.Task[None]]) -> None:
         raise BenchError(f"timed out {seen}")
 
 
+async def send_each(layer: ChannelLayer, channel: str, count: int) -> None:
+    """Send ``count`` numbered messages one after the other, each ``send`` awaited before
+    the next, as a consumer's code does."""
+    for index in range(count):
+        await layer.send(channel, message(index))
+
+
 async def send_windowed(layer: ChannelLayer, channel: str, count: int) -> None:
-    """Send ``count`` numbered messages, at most ``SEND_WINDOW`` in flight."""
+    """Send ``count`` numbered messages, at most ``SEND_WINDOW`` in flight: pipelined,
+    which no application code does (each of its sends is awaited)."""
     for start in range(0, count, SEND_WINDOW):
         end = min(start + SEND_WINDOW, count)
         await asyncio.gather(*(layer.send(channel, message(i)) for i in range(start, end)))
@@ -158,13 +183,13 @@ async def send_windowed(layer: ChannelLayer, channel: str, count: int) -> None:
 
 def in_new_loop(
     body: Callable[[LayerFactory, float], Coroutine[Any, Any, list[float]]],
-) -> Callable[[LayerFactory, float], list[float]]:
+) -> Callable[[Opened, Settings], list[float]]:
     """Run ``body`` on a fresh event loop, bounded in time (``wait_done`` has its own bound)."""
 
-    def run(factory: LayerFactory, scale: float) -> list[float]:
+    def run(opened: Opened, settings: Settings) -> list[float]:
         async def bounded() -> list[float]:
             async with asyncio.timeout(SCENARIO_TIMEOUT_S * 1.5):
-                return await body(factory, scale)
+                return await body(opened.factory, settings.scale)
 
         return asyncio.run(bounded())
 

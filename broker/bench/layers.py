@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
@@ -12,7 +13,10 @@ __all__ = [
     "EXPIRY_S",
     "ChannelLayer",
     "LayerFactory",
+    "LayerSpec",
     "Note",
+    "Opened",
+    "Settings",
     "Target",
     "close_layer",
     "flush",
@@ -43,11 +47,49 @@ Note = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """A layer class by import path (``module:Class``) and its keyword arguments: a
+    ``LayerFactory`` that another process can rebuild from its two plain fields."""
+
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> ChannelLayer:
+        module, _, name = self.path.partition(":")
+        layer: ChannelLayer = getattr(importlib.import_module(module), name)(**self.kwargs)
+        return layer
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What an opened target gives the scenarios."""
+
+    factory: LayerFactory
+    #: The server process (our daemon, redis-server, nats-server), for its CPU and RSS.
+    server_pid: int | None = None
+    #: Our daemon on ``memory://``: starts another one like it, fresh, for the memory
+    #: scenario (the RSS of a daemon that served other scenarios stays where they left it).
+    fresh_memory_daemon: Callable[[], contextlib.AbstractContextManager[Opened]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the command line says about sizes: ``scale`` multiplies message and call
+    counts; the big room and the memory scenario have sizes of their own."""
+
+    scale: float = 1.0
+    room_channels: int = 10_000
+    room_processes: int = 8
+    room_sends: int = 20
+    memory_scale: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
-    """A layer under test; ``open`` brings up what it needs (a daemon) and yields its factory."""
+    """A layer under test; ``open`` brings up what it needs (a daemon) and yields it."""
 
     name: str
-    open: Callable[[Note], contextlib.AbstractContextManager[LayerFactory]]
+    open: Callable[[Note], contextlib.AbstractContextManager[Opened]]
     is_ours: bool
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .errors import describe
-from .layers import CAPACITY, EXPIRY_S, ChannelLayer, Note, Target
+from .layers import CAPACITY, EXPIRY_S, ChannelLayer, Note, Opened, Target
 
 __all__ = ["channels_postgres_target"]
 
@@ -55,7 +55,9 @@ def channels_postgres_target(postgres_url: str, note: Note) -> Target | None:
         instance: ChannelLayer = layer
         return instance
 
-    return Target("channels_postgres", lambda note: contextlib.nullcontext(factory), is_ours=False)
+    return Target(
+        "channels_postgres", lambda note: contextlib.nullcontext(Opened(factory)), is_ours=False
+    )
 
 
 def _importable(module: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import shlex
@@ -12,9 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .layers import Target
+from .harness import Row
+from .layers import Settings, Target
 from .runner import Outcome, Results
-from .scenarios import Row, Scenario, sizes
+from .scenarios import Scenario, sizes
 
 __all__ = ["build_report", "machine", "text_report"]
 
@@ -22,6 +24,8 @@ __all__ = ["build_report", "machine", "text_report"]
 VERSIONS_SHOWN = (
     ("channels", "channels"),
     ("channels_redis", "channels-redis"),
+    ("channels-nats", "channels-nats"),
+    ("uvloop", "uvloop"),
     ("redis-py", "redis"),
 )
 
@@ -31,7 +35,12 @@ def ratio_pairs(targets: Sequence[Target]) -> list[tuple[str, str, str]]:
     ours = [t.name for t in targets if t.is_ours]
     theirs = [t.name for t in targets if not t.is_ours]
     # With one daemon, "broker/channels_redis" says it all; with several, name each.
-    return [(a, b, f"{a if len(ours) > 1 else 'broker'}/{b}") for a in ours for b in theirs]
+    return [(a, b, f"{short(a) if len(ours) > 1 else 'broker'}/{b}") for a in ours for b in theirs]
+
+
+def short(name: str) -> str:
+    """ "memory, uvloop" for "broker (memory, uvloop)": the ratio columns are many."""
+    return name.removeprefix("broker (").removesuffix(")")
 
 
 def ratio(row: Row, ours: float | None, theirs: float | None) -> float | None:
@@ -41,11 +50,16 @@ def ratio(row: Row, ours: float | None, theirs: float | None) -> float | None:
     return ours / theirs if row.is_higher_better else theirs / ours
 
 
+def known(value: float) -> float | None:
+    """``value``, or None for one that could not be read (NaN: JSON has no such number)."""
+    return None if math.isnan(value) else value
+
+
 def table_row(
     row: Row, index: int, outcomes: dict[str, Outcome], pairs: Sequence[tuple[str, str, str]]
 ) -> dict[str, Any]:
     """One row as the JSON output has it; the text table is drawn from these."""
-    values = {name: o.values[index] if o.values else None for name, o in outcomes.items()}
+    values = {name: known(o.values[index]) if o.values else None for name, o in outcomes.items()}
     verified = {name: o.error is None for name, o in outcomes.items()}
     # A ratio against a number that failed verification would compare unlike things.
     sound = {name: value if verified[name] else None for name, value in values.items()}
@@ -55,6 +69,7 @@ def table_row(
         "higher_is_better": row.is_higher_better,
         "values": values,
         "verified": verified,
+        "skipped": {name: o.skipped for name, o in outcomes.items() if o.skipped},
         "ratios": {label: ratio(row, sound[a], sound[b]) for a, b, label in pairs},
     }
 
@@ -106,7 +121,7 @@ def machine() -> dict[str, Any]:
 
 def build_report(
     info: dict[str, Any],
-    scale: float,
+    settings: Settings,
     scenarios: Sequence[Scenario],
     targets: Sequence[Target],
     results: Results,
@@ -116,8 +131,8 @@ def build_report(
     return {
         "command": command_line(),
         "machine": info,
-        "scale": scale,
-        "sizes": sizes(scale),
+        "scale": settings.scale,
+        "sizes": sizes(settings),
         "targets": [t.name for t in targets],
         "rows": table_rows(scenarios, targets, results),
         "notes": notes,
@@ -125,9 +140,11 @@ def build_report(
     }
 
 
-def format_value(value: float | None, is_verified: bool) -> str:
+def format_value(value: float | None, is_verified: bool, is_skipped: bool = False) -> str:
+    if is_skipped:
+        return "n/a"
     if value is None:
-        return "error"
+        return "error" if not is_verified else "?"
     text = f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
     return text if is_verified else f"{text}!"
 
@@ -138,7 +155,10 @@ def text_table(rows: Sequence[dict[str, Any]], targets: Sequence[Target]) -> lis
     header = ["metric", *names, *pairs]
     body = [
         [f"{row['metric']} ({row['unit']})"]
-        + [format_value(row["values"][name], row["verified"][name]) for name in names]
+        + [
+            format_value(row["values"][name], row["verified"][name], name in row["skipped"])
+            for name in names
+        ]
         + [("-" if (r := row["ratios"][pair]) is None else f"{r:.2f}x") for pair in pairs]
         for row in rows
     ]
@@ -161,7 +181,7 @@ def text_report(report: dict[str, Any], targets: Sequence[Target]) -> str:
         f" {info['platform']}; {versions}",
         "sizes: " + ", ".join(f"{k}={v}" for k, v in report["sizes"].items()),
         f"scale: {report['scale']}; ratio > 1 means broker is better (latency: theirs/ours);"
-        " '!' marks a value that failed verification",
+        " '!' marks a value that failed verification; n/a: does not apply; ?: not readable",
         "",
         *text_table(report["rows"], targets),
         "",

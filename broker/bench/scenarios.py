@@ -5,29 +5,40 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from .big_room import ROOM_ROWS, big_room
 from .errors import BenchError
 from .harness import (
     SCENARIO_TIMEOUT_S,
     SEND_WINDOW,
+    Row,
     Tally,
     drain,
     in_new_loop,
     message,
     open_layers,
+    percentile,
     running,
     scaled,
+    send_each,
     send_windowed,
     wait_done,
     warm_up,
 )
-from .layers import ChannelLayer, LayerFactory, close_layer
+from .layers import ChannelLayer, LayerFactory, Opened, Settings, close_layer
+from .memory import MEMORY_ROWS, memory_footprint, memory_sizes
 
 __all__ = ["SCENARIOS", "Row", "Scenario", "sizes"]
 
+Send = Callable[[ChannelLayer, str, int], Coroutine[Any, Any, None]]
+
 PING_PONG_EXCHANGES = 2000
+#: channels-nats subscribes a plain channel on its first receive and drops what is
+#: published before: the workers' pulls get this long to reach their layer.
+PULL_SETTLE_S = 0.5
 #: Warm-up round trips are not timed: they pay for connecting and the first allocations.
 PING_PONG_WARMUP = 200
 #: Sized so channels_redis (~1,000 Redis commands/s from one process) keeps the run < 2 min.
@@ -44,25 +55,12 @@ SYNC_GROUP = "bench-sync"
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    """One measured number of a scenario: a table row."""
-
-    label: str
-    unit: str
-    is_higher_better: bool
-
-
-@dataclass(frozen=True, slots=True)
 class Scenario:
-    """A named measurement; ``run(factory, scale)`` returns one value per row."""
+    """A named measurement; ``run(opened, settings)`` returns one value per row."""
 
     name: str
     rows: tuple[Row, ...]
-    run: Callable[[LayerFactory, float], list[float]]
-
-
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+    run: Callable[[Opened, Settings], list[float]]
 
 
 async def echo(layer: ChannelLayer, own: str, peer: str) -> None:
@@ -93,29 +91,34 @@ async def ping_pong(factory: LayerFactory, scale: float) -> list[float]:
     return [percentile(timed, 0.50) / 1000, percentile(timed, 0.99) / 1000]
 
 
-async def stream(factory: LayerFactory, scale: float) -> list[float]:
-    """One producer to one consumer's process-specific channel; msgs/s."""
-    count = scaled(STREAM_MESSAGES, scale)
-    async with open_layers(factory, 2) as (producer, consumer):
-        channel = await consumer.new_channel()
-        tally = Tally(count)
-        await warm_up([producer], SEND_WINDOW)
-        async with running([drain(consumer, channel, tally)]) as tasks:
-            started = time.perf_counter()
-            await send_windowed(producer, channel, count)
-            await wait_done(tally, tasks)
-    return tally.rate(started)
+def stream(send: Send) -> Callable[[LayerFactory, float], Coroutine[Any, Any, list[float]]]:
+    """One producer to one consumer's process-specific channel, sending with ``send``; msgs/s."""
+
+    async def run(factory: LayerFactory, scale: float) -> list[float]:
+        count = scaled(STREAM_MESSAGES, scale)
+        async with open_layers(factory, 2) as (producer, consumer):
+            channel = await consumer.new_channel()
+            tally = Tally(count)
+            await warm_up([producer], SEND_WINDOW)
+            async with running([drain(consumer, channel, tally)]) as tasks:
+                started = time.perf_counter()
+                await send(producer, channel, count)
+                await wait_done(tally, tasks)
+        return tally.rate(started)
+
+    return run
 
 
 async def workers(factory: LayerFactory, scale: float) -> list[float]:
-    """One producer to a normal channel pulled by several workers; msgs/s, each once."""
+    """One producer, each send awaited, to a normal channel pulled by several workers;
+    msgs/s, each once."""
     count = scaled(WORKER_MESSAGES, scale)
     async with open_layers(factory, WORKER_COUNT + 1) as (producer, *pullers):
         tally = Tally(count)
-        await warm_up([producer], SEND_WINDOW)
         async with running(drain(layer, WORK_CHANNEL, tally) for layer in pullers) as tasks:
+            await asyncio.sleep(PULL_SETTLE_S)
             started = time.perf_counter()
-            await send_windowed(producer, WORK_CHANNEL, count)
+            await send_each(producer, WORK_CHANNEL, count)
             await wait_done(tally, tasks)
     return tally.rate(started)
 
@@ -168,9 +171,9 @@ def sync_calls(factory: LayerFactory, calls: int) -> float:
     return elapsed_s
 
 
-def sync_group_send(factory: LayerFactory, scale: float) -> list[float]:
+def sync_group_send(opened: Opened, settings: Settings) -> list[float]:
     """group_send from a plain thread with no event loop, as a Celery task or view does."""
-    calls = scaled(SYNC_CALLS, scale)
+    factory, calls = opened.factory, scaled(SYNC_CALLS, settings.scale)
     outcome: list[float | BaseException] = []
 
     def call() -> None:
@@ -195,17 +198,31 @@ SCENARIOS: tuple[Scenario, ...] = (
         (Row("ping-pong p50", "us", False), Row("ping-pong p99", "us", False)),
         in_new_loop(ping_pong),
     ),
-    Scenario("stream", (Row("stream", "msg/s", True),), in_new_loop(stream)),
+    Scenario("stream", (Row("stream", "msg/s", True),), in_new_loop(stream(send_each))),
     Scenario("workers", (Row(f"workers x{WORKER_COUNT}", "msg/s", True),), in_new_loop(workers)),
     Scenario(
         "fan-out", (Row(f"fan-out x{FANOUT_MEMBERS}", "deliveries/s", True),), in_new_loop(fan_out)
     ),
     Scenario("sync", (Row("sync group_send", "calls/s", True),), sync_group_send),
+    Scenario(
+        "stream-windowed",
+        (
+            Row(
+                f"stream windowed x{SEND_WINDOW} (pipelined, not application-like)",
+                "msg/s",
+                True,
+            ),
+        ),
+        in_new_loop(stream(send_windowed)),
+    ),
+    Scenario("big-room", ROOM_ROWS, big_room),
+    Scenario("memory", MEMORY_ROWS, memory_footprint),
 )
 
 
-def sizes(scale: float) -> dict[str, int]:
-    """The message and call counts the scenarios use at ``scale``, as the report shows them."""
+def sizes(settings: Settings) -> dict[str, int]:
+    """The message and call counts the scenarios use, as the report shows them."""
+    scale = settings.scale
     return {
         "ping_pong_exchanges": scaled(PING_PONG_EXCHANGES, scale),
         "ping_pong_warmup": scaled(PING_PONG_WARMUP, scale),
@@ -213,4 +230,8 @@ def sizes(scale: float) -> dict[str, int]:
         "worker_messages": scaled(WORKER_MESSAGES, scale),
         "fanout_group_sends": scaled(FANOUT_SENDS, scale),
         "sync_calls": scaled(SYNC_CALLS, scale),
+        "big_room_channels": settings.room_channels,
+        "big_room_processes": settings.room_processes,
+        "big_room_group_sends": settings.room_sends,
+        **memory_sizes(settings.memory_scale),
     }

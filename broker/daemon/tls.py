@@ -23,6 +23,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from .bounds import Bounds
 
@@ -51,8 +52,9 @@ class TlsHandshake(asyncio.Protocol):
         self._lost: tuple[Exception | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports have asyncio.Transport's methods without subclassing it.
+        transport = cast(asyncio.Transport, base)
         transport.pause_reading()  # the ClientHello is for start_tls, not for us
         peer = transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else None

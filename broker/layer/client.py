@@ -62,8 +62,7 @@ class ClientConnection(asyncio.Protocol):
         self.lost: asyncio.Future[BrokerTLSError | None] = client.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: Transport, no subclass
 
     def data_received(self, data: bytes) -> None:
         self.decoder.receive_data(data)

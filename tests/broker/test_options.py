@@ -39,6 +39,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "token": ("s3cret", "s3cret", "s3cret"),
     "log-level": ("DEBUG", "DEBUG", "debug"),  # in any case; click gives the choice's own
     "log-format": ("json", "json", "json"),
+    "loop": ("asyncio", "asyncio", "asyncio"),
     "max-message-bytes": ("2048", 2048, 2048),
     "shutdown-timeout": ("2.5", 2.5, 2.5),
     "tls-cert": ("/etc/broker/cert.pem", "/etc/broker/cert.pem", "/etc/broker/cert.pem"),
