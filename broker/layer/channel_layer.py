@@ -53,11 +53,14 @@ from protocol import (
 )
 
 from .client import LoopClient
+from .connecting import RECONNECT_MAX_DELAY_S
 from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
-from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge
+from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, too_large
 from .identity import Family
+from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
+from .unserializable import unserializable
 
 __all__ = [
     "BrokerChannelLayer",
@@ -141,6 +144,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.idle_pool = IdlePool()
         self.family = Family()  # of every loop's client id: each may pull another's channels
         self.handed = HandedIds()
+        self.outages = Outages(connect_timeout, RECONNECT_MAX_DELAY_S)  # shared by the loops
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
@@ -233,7 +237,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = LoopClient(
-                self.settings, loop, self.idle_pool, self.family
+                self.settings, loop, self.idle_pool, self.family, self.outages
             )
             _close_with_loop(loop, self._clients)
         return client
@@ -245,16 +249,18 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             raise TypeError(f"message must be a dict, not {type(message).__name__}")
         if RESERVED_KEY in message:
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
-        payload: bytes = msgpack.packb(message, use_bin_type=True)
+        try:
+            payload: bytes = msgpack.packb(message, use_bin_type=True)
+        except (TypeError, OverflowError) as exc:  # a value msgpack cannot pack
+            raise unserializable(message, exc) from exc
         if self._encryption is not None:
             payload = self._encryption.encrypt(payload)
         return payload
 
     def _check_size(self, payload: bytes, limit: int) -> None:
-        if self.settings.max_message_bytes is not None:
-            limit = min(limit, self.settings.max_message_bytes)
-        if len(payload) > limit:
-            raise MessageTooLarge(f"message of {len(payload)} bytes is over the limit of {limit}")
+        own_limit = self.settings.max_message_bytes
+        if len(payload) > limit or (own_limit is not None and len(payload) > own_limit):
+            raise too_large(len(payload), limit, own_limit)
 
 
 def _close_with_loop(

@@ -27,7 +27,6 @@ from protocol import (
     Flushed,
     Frame,
     FrameDecoder,
-    GroupAdd,
     Handshake,
     Ok,
     Pong,
@@ -39,9 +38,10 @@ from protocol import (
     encode_frame,
 )
 
-from .connecting import Dialer, adopt, tls_refusal
+from .connecting import Dialer, adopt, rejoin_frames, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
+from .outages import Outages
 from .parking import IdlePool, ParkedConnection, park
 from .pulls import Pulls
 from .settings import LayerSettings
@@ -93,6 +93,7 @@ class LoopClient:
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
         family: Family,
+        outages: Outages | None = None,
     ) -> None:
         self.settings = settings
         self.loop = loop
@@ -107,7 +108,7 @@ class LoopClient:
         #: new_channel() gave out our client id: this connection must not go to another loop.
         self.minted = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
-        self._dialer = Dialer(settings, loop)
+        self._dialer = Dialer(settings, loop, outages)
         self.next_id = itertools.count(1).__next__  # request ids
         #: The ids of the messages this client sends: (sender, next_seq()); see channel_layer.
         self.sender, self.next_seq = secrets.token_bytes(SENDER_BYTES), itertools.count(1).__next__
@@ -133,8 +134,8 @@ class LoopClient:
 
     # -- connecting ----------------------------------------------------------
 
-    async def connected(self) -> ClientConnection:
-        """The live connection, connecting (with backoff) for up to ``connect_timeout``."""
+    async def connected(self, patient: bool = False) -> ClientConnection:
+        """The live connection, connecting if need be (how long: ``Dialer.wait``)."""
         if self.conn is not None:
             return self.conn
         if self.closed:
@@ -143,7 +144,8 @@ class LoopClient:
             raise exception_for(self._refusal)
         if self._connecting is None or self._connecting.done():
             self._connecting = self.loop.create_task(self._connect())
-        conn = await self._dialer.wait(self._connecting)
+            self._connecting.add_done_callback(self._reconnected)
+        conn = await self._dialer.wait(self._connecting, patient)
         if conn.lost.done() and (refused := conn.lost.result()) is not None:
             raise refused  # refused (TLS) before our turn came: as a request would hear
         return conn
@@ -160,20 +162,11 @@ class LoopClient:
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
         hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
-        self._output[:0] = [hello, *self._rejoin()]
+        oldest = self.loop.time() - self.settings.group_expiry_s
+        self._output[:0] = [hello, *rejoin_frames(self.memberships, oldest, self.next_id)]
         self.conn = conn
         self._schedule_flush()
         return conn
-
-    def _rejoin(self) -> list[bytes]:
-        """GROUP_ADD frames for the live memberships; their answers are not awaited."""
-        oldest = self.loop.time() - self.settings.group_expiry_s
-        for key in [key for key, added in self.memberships.items() if added < oldest]:
-            del self.memberships[key]
-        return [
-            encode_frame(GroupAdd(self.next_id(), group, channel))
-            for group, channel in self.memberships
-        ]
 
     async def _adopt(self, parked: ParkedConnection) -> ClientConnection:
         """Take over a connection a closed loop left behind: no connect, no HELLO."""
@@ -186,6 +179,7 @@ class LoopClient:
         return conn
 
     def connection_lost(self, conn: ClientConnection, refused: Exception | None = None) -> None:
+        self._dialer.outages.saw_alive()  # until now: a call failing next meets a restart
         if self.conn is not conn:
             return
         self.conn = None
@@ -333,7 +327,7 @@ class LoopClient:
             self.keep(channel, frame.payload, frame.ttl_ms, held=True)
 
     async def _wait_for_push(self, channel: str) -> None:
-        await self.connected()  # the daemon pushes only to a connected owner
+        await self.connected(patient=True)  # the daemon pushes only to a connected owner
         if channel in self._buffers:
             return  # a push arrived while we connected
         waiter: asyncio.Future[None] = self.loop.create_future()

@@ -1,33 +1,46 @@
-"""Reaching a daemon: its hosts from a random one, backoff between rounds, TLS, why no
-host answered, and taking over a connection a closed event loop parked (see ``parking``).
+"""Reaching a daemon: its hosts from a random one, backoff between rounds, TLS, how long
+each caller waits, and taking over a connection a closed event loop parked (``parking``).
 
-A host that refuses the connection or does not answer is tried again, with backoff,
-until the caller's ``connect_timeout``: a daemon that restarts or starts beside its
-clients (systemd, a container) is back within it, and the layer rides through. A TLS
-failure that no retry can fix (a certificate not trusted, a hostname mismatch, a
-client certificate refused, a daemon without TLS) ends the wait at once.
+A receive waits for the daemon however long it is away (a worker must outlive an
+outage), reconnecting with backoff. A send, a group_send and every other call cannot
+wait long (a view would hang): when a round of hosts fails they raise at once why
+(``unreachable``), unless the daemon was reachable within ``connect_timeout``
+(``Outages.is_restarting``: a restart, as systemd or a container does it): then they
+wait for it up to ``connect_timeout``. A TLS failure that no retry can fix (a
+certificate not trusted, a hostname mismatch, a client certificate refused, a daemon
+without TLS) ends every wait at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from protocol import Handshake, State
+from protocol import GroupAdd, Handshake, State, encode_frame
 
-from .errors import BrokerTLSError, BrokerUnavailable
+from .errors import (
+    BrokerCertificateNotTrusted,
+    BrokerHostnameMismatch,
+    BrokerTLSError,
+    BrokerUnavailable,
+    LayerClosed,
+)
+from .outages import Outages
 from .parking import ParkedConnection
 from .settings import Host, LayerSettings, host_url
+from .unreachable import unreachable
 
 __all__ = [
     "RECONNECT_FIRST_DELAY_S",
     "RECONNECT_MAX_DELAY_S",
     "Dialer",
     "adopt",
+    "rejoin_frames",
     "rotated",
     "tls_failure",
     "tls_refusal",
@@ -35,8 +48,9 @@ __all__ = [
 
 log = logging.getLogger("channels_broker.layer")
 
-#: Reconnect backoff: first delay, cap, in seconds; each attempt is jittered, so the
-#: processes of a site that lost their daemon do not all come back in the same instant.
+#: Reconnect backoff: first delay, cap, in seconds; each pause is jittered (half to all
+#: of the delay), so the processes of a site that lost their daemon do not all come back
+#: in the same instant.
 RECONNECT_FIRST_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 2.0
 
@@ -61,52 +75,113 @@ _P = TypeVar("_P", bound=asyncio.Protocol)
 
 
 class Dialer:
-    """How one event loop's client reaches a daemon, and why it did not."""
+    """How one event loop's client reaches a daemon, and why it did not.
 
-    def __init__(self, settings: LayerSettings, loop: asyncio.AbstractEventLoop) -> None:
+    One connect (``connect``, a task of the client's) goes round the hosts until one
+    answers, with backoff between rounds; callers wait for it in ``wait``: receives
+    never give up, other calls give up at once on a daemon that is down, or after
+    ``connect_timeout`` on one that is restarting. The connect goes on after they gave
+    up (until its loop closes), so the next call may find the daemon back.
+    """
+
+    def __init__(
+        self,
+        settings: LayerSettings,
+        loop: asyncio.AbstractEventLoop,
+        outages: Outages | None = None,
+    ) -> None:
         self.settings = settings
         self.loop = loop
-        #: Each host's latest failure, for the error of a connect that timed out.
+        #: The layer's, shared by its loops: is the daemon restarting, or down?
+        self.outages = outages or Outages(settings.connect_timeout_s, RECONNECT_MAX_DELAY_S)
+        #: Each host's latest failure, for the error of a connect that found no daemon.
         self.failures: dict[Host, OSError] = {}
+        #: Resolved when the round of hosts under way fails; then replaced.
+        self._round: asyncio.Future[None] = loop.create_future()
+        #: Set to cut the pause between two rounds short.
+        self._hurry = asyncio.Event()
 
     async def connect(self, factory: Callable[[], _P]) -> _P:
-        """A connection to the first host that answers; tries again, with backoff,
-        until cancelled (the caller bounds the wait). Raises ``BrokerTLSError`` if no
-        host answered and one failed TLS for a reason no retry fixes."""
+        """A connection to the first host that answers; tries again, with backoff, until
+        cancelled. Raises ``BrokerTLSError`` if no host answered and one failed TLS for a
+        reason no retry fixes."""
         delay = RECONNECT_FIRST_DELAY_S
         while True:
-            hopeless: BrokerTLSError | None = None
-            for host in rotated(self.settings.hosts):
-                try:
-                    conn = await _open(self.settings, self.loop, host, factory)
-                except OSError as exc:
-                    log.debug("cannot connect to %s: %s", host_url(host), exc)
-                    self.failures[host] = exc
-                    hopeless = hopeless or tls_failure(exc, host_url(host))
-                else:
-                    self.failures.clear()
-                    return conn
-            if hopeless is not None:
-                raise hopeless
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            conn = await self._round_of_hosts(factory)
+            if conn is not None:
+                return conn
+            self._end_round()
+            await self._pause(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
-    async def wait(self, connecting: asyncio.Future[_P]) -> _P:
-        """The connection ``connecting`` makes, if it comes within ``connect_timeout``
-        (``connecting`` goes on after a timeout, for the next caller); else
-        ``BrokerUnavailable`` naming each host and why it did not answer."""
-        try:
-            timeout = self.settings.connect_timeout_s
-            return await asyncio.wait_for(asyncio.shield(connecting), timeout)
-        except TimeoutError:
-            raise self.unreachable() from None
+    async def _round_of_hosts(self, factory: Callable[[], _P]) -> _P | None:
+        hopeless: BrokerTLSError | None = None
+        timeout_s = self.settings.connect_timeout_s
+        for host in rotated(self.settings.hosts):
+            try:
+                conn = await asyncio.wait_for(
+                    _open(self.settings, self.loop, host, factory), timeout_s
+                )
+            except OSError as exc:  # TimeoutError too: no answer within connect_timeout
+                log.debug("cannot connect to %s: %s", host_url(host), exc)
+                self.failures[host] = exc
+                hopeless = hopeless or tls_failure(exc, host_url(host))
+            else:
+                self.failures.clear()
+                self.outages.reached(host_url(host))
+                return conn
+        if hopeless is not None:
+            raise hopeless
+        return None
 
-    def unreachable(self) -> BrokerUnavailable:
-        """The error of a connect that found no daemon within ``connect_timeout``: each
-        host and why (a refused connection says so: no daemon listens there)."""
-        reasons = [_why(host_url(host), self.failures.get(host)) for host in self.settings.hosts]
-        timeout = self.settings.connect_timeout_s
-        return BrokerUnavailable(f"no broker reachable within {timeout:g} s: {'; '.join(reasons)}")
+    def _end_round(self) -> None:
+        self.outages.unreachable(self.unreachable())  # logged once per outage
+        ended, self._round = self._round, self.loop.create_future()
+        ended.set_result(None)
+
+    async def _pause(self, delay_s: float) -> None:
+        self._hurry.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), delay_s)
+
+    async def wait(self, connecting: asyncio.Task[_P], patient: bool = False) -> _P:
+        """The connection ``connecting`` makes. ``patient`` (a receive) waits however long
+        it takes. Else (a call that cannot wait long) a round of hosts starts at once, and
+        if it fails, the unreachable error is raised, unless the daemon is restarting
+        (``Outages.is_restarting``): then the call waits for it until ``connect_timeout``.
+        ``connecting`` goes on after, as long as anyone needs it."""
+        if patient:
+            return await self._wait_patiently(connecting)
+        started = self.loop.time()
+        deadline = started + self.settings.connect_timeout_s
+        self._hurry.set()  # a fresh round now, not after the backoff pause
+        while not connecting.done():
+            round_ = self._round
+            timeout_s = max(deadline - self.loop.time(), 0)
+            await asyncio.wait(
+                (connecting, round_), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if connecting.done():
+                break
+            if not round_.done() or not self.outages.is_restarting():
+                raise self.unreachable(self.loop.time() - started)
+        return _result(connecting)
+
+    async def _wait_patiently(self, connecting: asyncio.Task[_P]) -> _P:
+        await asyncio.wait((connecting,))
+        return _result(connecting)
+
+    def unreachable(self, waited_s: float = 0.0) -> BrokerUnavailable:
+        """Why no host answered: each host and what it met, with what to do."""
+        return unreachable(
+            self.settings.hosts, self.failures, self.settings.connect_timeout_s, waited_s
+        )
+
+
+def _result(connecting: asyncio.Task[_P]) -> _P:
+    if connecting.cancelled():  # by close(), while we waited
+        raise LayerClosed("the layer was closed on this event loop")
+    return connecting.result()
 
 
 async def _open(
@@ -165,11 +240,11 @@ def tls_failure(exc: BaseException | None, where: str) -> BrokerTLSError | None:
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         if exc.verify_code in _NAME_MISMATCHES:
-            return BrokerTLSError(
+            return BrokerHostnameMismatch(
                 f"TLS to {where} failed: hostname mismatch ({exc.verify_message}): the"
                 " daemon's certificate must name the host written in `hosts`"
             )
-        return BrokerTLSError(
+        return BrokerCertificateNotTrusted(
             f"TLS to {where} failed: the daemon's certificate is not trusted"
             f" ({exc.verify_message}): give the layer an ssl_context that trusts the CA"
             " that signed it, as ssl.create_default_context(cafile=...)"
@@ -188,22 +263,23 @@ def tls_failure(exc: BaseException | None, where: str) -> BrokerTLSError | None:
     return None
 
 
-def _why(where: str, exc: OSError | None) -> str:
-    if exc is None:
-        return f"no answer from {where}"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused at {where}: is `channels-broker serve` running?"
-    if isinstance(exc, FileNotFoundError):
-        return f"no socket at {where}: is `channels-broker serve` running?"
-    return f"{where}: {exc.strerror or exc}"
-
-
 async def adopt(
     parked: ParkedConnection, loop: asyncio.AbstractEventLoop, factory: Callable[[], _P]
 ) -> _P:
     """Take over the socket of a parked connection: no connect, no HELLO."""
     _, conn = await loop.create_connection(factory, sock=parked.sock)
     return conn
+
+
+def rejoin_frames(
+    memberships: dict[tuple[str, str], float], oldest: float, next_id: Callable[[], int]
+) -> list[bytes]:
+    """GROUP_ADD frames for the memberships added since ``oldest`` (older ones are dropped),
+    said again after a reconnect, since a daemon that restarted on the memory backend
+    has forgotten them. Their answers are not awaited."""
+    for key in [key for key, added in memberships.items() if added < oldest]:
+        del memberships[key]
+    return [encode_frame(GroupAdd(next_id(), group, channel)) for group, channel in memberships]
 
 
 def rotated(hosts: tuple[Host, ...]) -> list[Host]:

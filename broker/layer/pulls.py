@@ -26,7 +26,7 @@ class Puller(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
-    async def connected(self) -> Any: ...
+    async def connected(self, patient: bool = False) -> Any: ...
 
     def next_id(self) -> int: ...
 
@@ -53,8 +53,8 @@ class Pulls:
 
     async def pull(self, channel: str) -> bytes | None:
         """One RECEIVE; None if the connection dropped or the message expired on its way
-        (the caller looks at its buffer and tries again)."""
-        await self._client.connected()
+        (the caller looks at its buffer and tries again). Waits for a daemon that is away."""
+        await self._client.connected(patient=True)  # a receive outlives an outage
         unresolved = [done for ch, done in self._orphans.values() if ch == channel]
         if unresolved:
             # Shielded: our cancellation must not cancel the shared future.

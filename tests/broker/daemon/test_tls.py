@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import ssl
 import time
@@ -20,7 +21,14 @@ from pathlib import Path
 import pytest
 from asgiref.sync import async_to_sync
 
-from broker.layer import BrokerChannelLayer, BrokerTLSError, BrokerUnavailable
+from broker.layer import (
+    BrokerCertificateNotTrusted,
+    BrokerChannelLayer,
+    BrokerHostnameMismatch,
+    BrokerTimeout,
+    BrokerTLSError,
+    BrokerUnavailable,
+)
 from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
 from tests.broker.http_client import http_get
 from tests.certificates import Authority, Issued
@@ -179,6 +187,7 @@ def test_a_missing_client_certificate_is_reported_at_once(pki: Pki, mtls: Broker
 def test_an_untrusted_daemon_certificate_is_reported_at_once(mtls: BrokerProcess) -> None:
     """No ssl_context: the system's CAs, which never signed ours."""
     error = _fails_at_once(hosts=[tls_url(mtls)])
+    assert isinstance(error, BrokerCertificateNotTrusted)
     assert "certificate is not trusted" in str(error)
     assert "cafile" in str(error)
 
@@ -186,7 +195,9 @@ def test_an_untrusted_daemon_certificate_is_reported_at_once(mtls: BrokerProcess
 def test_a_hostname_mismatch_is_reported_at_once(pki: Pki, mtls: BrokerProcess) -> None:
     """The daemon's certificate names 127.0.0.1; ``hosts`` says localhost."""
     error = _fails_at_once(hosts=[tls_url(mtls, "localhost")], ssl_context=context(pki, pki.worker))
+    assert isinstance(error, BrokerHostnameMismatch)
     assert "hostname mismatch" in str(error)
+    assert "must name the host written in `hosts`" in str(error)
 
 
 def test_tls_to_a_daemon_without_tls_is_reported_at_once(pki: Pki) -> None:
@@ -199,24 +210,37 @@ def test_tls_to_a_daemon_without_tls_is_reported_at_once(pki: Pki) -> None:
     assert "does not speak TLS" in str(error)
 
 
-def test_a_refused_connection_is_named_after_the_timeout(dead_url: str) -> None:
-    """No daemon listens: the layer keeps trying for ``connect_timeout`` (a daemon that
-    restarts or starts beside its clients comes back within it), then says what it met."""
+def test_a_daemon_that_does_not_answer_is_a_timeout(pki: Pki) -> None:
+    """A TLS daemon stopped (SIGSTOP): the kernel still accepts the connection, but the
+    handshake gets no answer. The send raises BrokerTimeout after connect_timeout,
+    naming the host and what to check; the daemon, continued, serves again."""
+    daemon = BrokerProcess("memory://", extra_args=_tls_args(pki.daemon, None))
+    daemon.start()
+    assert daemon.process is not None
+    layer_config = {"hosts": [tls_url(daemon)], "ssl_context": context(pki)}
 
     async def send() -> None:
-        layer = BrokerChannelLayer(hosts=[dead_url], connect_timeout=0.3)
+        layer = BrokerChannelLayer(connect_timeout=0.5, **layer_config)
         try:
-            await layer.send("nobody-home", {"n": 1})
+            await layer.send("no-answer", {"n": 1})
         finally:
             await layer.close()
 
-    with pytest.raises(BrokerUnavailable) as failed:
-        asyncio.run(send())
-    assert not isinstance(failed.value, BrokerTLSError)
-    assert str(failed.value) == (
-        f"no broker reachable within 0.3 s: connection refused at {dead_url}:"
-        " is `channels-broker serve` running?"
-    )
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerTimeout) as failed:
+            asyncio.run(send())
+        assert 0.5 <= time.monotonic() - started < 0.5 + AT_ONCE_S
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    assert isinstance(failed.value, BrokerUnavailable)
+    assert f"no answer from {tls_url(daemon)} within 0.5 s" in str(failed.value)
+    assert "raise connect_timeout" in str(failed.value)
+    try:
+        asyncio.run(send())  # answered now
+    finally:
+        daemon.cleanup()
 
 
 async def test_a_waiting_receiver_rides_a_tls_restart_and_hears_of_an_impostor(

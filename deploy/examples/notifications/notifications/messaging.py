@@ -7,7 +7,16 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-__all__ = ["chat_group", "notification_group", "send_message"]
+__all__ = [
+    "WORKER_CHANNEL",
+    "chat_group",
+    "notification_group",
+    "queue_notification",
+    "send_message",
+]
+
+#: The channel ``manage.py runworker notifications-worker`` reads (see ``workers``).
+WORKER_CHANNEL = "notifications-worker"
 
 
 def notification_group(user_id: int) -> str:
@@ -29,4 +38,15 @@ def send_message(user: Any, data: dict[str, Any]) -> None:
     channel_layer = get_channel_layer()
     async_to_sync(channel_layer.group_send)(
         notification_group(user.pk), {"type": "task.notification", "data": data}
+    )
+
+
+def queue_notification(user: Any, data: dict[str, Any]) -> None:
+    """Have the background worker notify ``user`` (``manage.py runworker notifications-worker``).
+
+    The job waits on the worker's channel (up to the layer's ``expiry``) if no worker
+    reads it yet, or while the broker restarts under the worker.
+    """
+    async_to_sync(get_channel_layer().send)(
+        WORKER_CHANNEL, {"type": "notify.user", "user_id": user.pk, "data": data}
     )

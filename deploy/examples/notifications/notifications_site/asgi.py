@@ -1,4 +1,4 @@
-"""The ASGI application Daphne serves: Django for HTTP, Channels consumers for WebSockets."""
+"""The ASGI application: Django for HTTP, consumers for WebSockets (Daphne), the worker."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notifications_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from notifications.messaging import WORKER_CHANNEL  # noqa: E402
 from notifications.routing import websocket_urlpatterns  # noqa: E402
+from notifications.workers import NotificationWorker  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -21,5 +23,7 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
+        # What `manage.py runworker notifications-worker` serves.
+        "channel": ChannelNameRouter({WORKER_CHANNEL: NotificationWorker.as_asgi()}),
     }
 )
