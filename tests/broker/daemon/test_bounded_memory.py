@@ -32,14 +32,13 @@ from protocol import (
     encode_frame,
 )
 from tests.broker.daemon.attack import (
-    PING_BOUND_S,
     Client,
     Flood,
     flags,
     limit_hits,
-    pinging,
     rss_bytes,
 )
+from tests.ping_probe import PING_BOUND_S, pinging
 from tests.waits import DELIVERY_TIMEOUT_S
 
 pytestmark = pytest.mark.backends("memory")
@@ -73,7 +72,7 @@ async def test_a_client_that_writes_big_frames_and_never_reads_holds_little(
     message = b"x" * (FRAME_BYTES // 2 - 64 * 1024)
     frame = encode_frame(SendMany(1, ((own, message), (own, message))))
     before = rss_bytes(pid)
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         attacker.start(frame, FRAMES)
         peak = await watch_rss(pid, ATTACK_S)
     sent = attacker.sent
@@ -164,7 +163,7 @@ async def test_pending_receives_stop_at_max_pulls(broker_factory: Callable[..., 
     attacker = await Client.connect(broker.address)
     await attacker.hello()
     before = rss_bytes(pid)
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         refused = asyncio.create_task(refusals(attacker, 90_000))
         for request_id in range(1, 100_001):
             attacker.send(Receive(request_id, f"empty{request_id % 1000}"))
@@ -225,7 +224,7 @@ async def test_waiting_messages_stop_at_max_memory_as_full(
     before = rss_bytes(pid)
     message = b"x" * (MiB - 1024)
     full = 0
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         for index in range(1, 201):  # 200 MiB, on 20 channels of capacity 100
             attacker.send(Send(index, f"hoard{index % 20}", message))
             answer = await attacker.next_frame()

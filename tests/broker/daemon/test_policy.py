@@ -2,9 +2,9 @@
 harms nobody else (issue 14, "Server-side policy" and one frame's work).
 
 Each attack is one the issue tried on the daemon before: it runs against a real daemon
-while another client PINGs it without pause, and that client's slowest PONG must come
-within ``PING_BUDGET_S``. The attacker gets OVER_LIMIT, naming the flag to change; the
-refusal is logged and counted under ``channels_broker_limit_hits_total``.
+while another client PINGs it (``tests.ping_probe``), and that client's slowest PONG
+must come within the issue's bound. The attacker gets OVER_LIMIT, naming the flag to
+change; the refusal is logged and counted under ``channels_broker_limit_hits_total``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -25,11 +25,8 @@ from protocol import (
     Ack,
     Error,
     ErrorCode,
-    Frame,
     Hello,
     Ok,
-    Ping,
-    Pong,
     Send,
     SendMany,
     Welcome,
@@ -38,12 +35,8 @@ from protocol import (
 from tests.broker.raw_client import RawClient, raw_frame
 from tests.broker.samples import scrape, value
 from tests.conftest import LayerFactory
+from tests.ping_probe import PING_BOUND_S, pinging
 from tests.waits import DELIVERY_TIMEOUT_S, assert_nothing_within, receive
-
-T = TypeVar("T")
-
-#: The issue's bound on another client's PING while an attack runs.
-PING_BUDGET_S = 0.05
 
 
 def asking(
@@ -75,53 +68,17 @@ async def refusal(client: RawClient) -> Error:
     return error
 
 
-async def slowest_ping_during(broker: Any, attack: Awaitable[T]) -> tuple[T, float]:
-    """Run ``attack`` while another client PINGs the daemon back to back; return its
-    result and the slowest PING's round trip, in seconds.
-
-    The attack's bytes must be encoded before: this process's own loop must not stall.
-    """
-    prober = await welcomed(broker)
-    slowest, done, request_ids = 0.0, asyncio.Event(), iter(range(1, 2**31))
-
-    async def ping() -> None:
-        nonlocal slowest
-        request_id, started = next(request_ids), time.perf_counter()
-        await prober.write(encode_frame(Ping(request_id)))
-        assert await prober.next_frame() == Pong(request_id)
-        slowest = max(slowest, time.perf_counter() - started)
-
-    async def probe() -> None:
-        while not done.is_set():
-            await ping()
-
-    try:
-        await ping()  # the prober is answered before the attack starts
-        probing = asyncio.create_task(probe())
-        try:
-            result = await attack
-        finally:
-            done.set()
-            await probing
-        await ping()  # and after the daemon answered the attacker
-    finally:
-        prober.close()
-    return result, slowest
-
-
 async def refused(broker: Any, data: bytes, first: Hello | None = None) -> tuple[Error, float]:
     """Send ``data`` (after ``first``'s WELCOME, if given) and return the daemon's closing
     ERROR, and the slowest PING of another client meanwhile."""
     attacker = await welcomed(broker, first) if first else await RawClient.open(broker.address)
-
-    async def attack() -> Error:
-        await attacker.write(data)
-        return await refusal(attacker)
-
     try:
-        return await slowest_ping_during(broker, attack())
+        async with pinging(broker) as probe:
+            await attacker.write(data)
+            error = await refusal(attacker)
     finally:
         attacker.close()
+    return error, probe.slowest_s
 
 
 def limit_hits(broker: Any, limit: str) -> float:
@@ -136,18 +93,14 @@ async def test_a_catastrophic_pattern_costs_no_other_client_a_stall(broker: Any)
     each added character doubled it; here the name has 97, and the send is answered."""
     attacker = await welcomed(broker, asking(channel_capacity=((r"(a+)+$", 5),)))
     name = "a" * 97 + ".x"
-    send = encode_frame(Send(1, name, b"x"))
-
-    async def attack() -> Frame:
-        await attacker.write(send)
-        return await attacker.next_frame()
-
     try:
-        answer, slowest = await slowest_ping_during(broker, attack())
+        async with pinging(broker) as probe:
+            await attacker.write(encode_frame(Send(1, name, b"x")))
+            answer = await attacker.next_frame()
     finally:
         attacker.close()
     assert answer == Ok(1)
-    assert slowest < PING_BUDGET_S
+    assert probe.slowest_s < PING_BOUND_S
 
 
 async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
@@ -158,7 +111,7 @@ async def test_a_hello_with_100_000_patterns_is_refused_before_any_is_compiled(
     error, slowest = await refused(broker, encode_frame(asking(channel_capacity=patterns)))
     assert error.error_code is ErrorCode.OVER_LIMIT
     assert "--max-batch" in error.message
-    assert slowest < PING_BUDGET_S
+    assert slowest < PING_BOUND_S
 
 
 async def test_a_hello_over_max_patterns_names_the_flag(broker: Any) -> None:
@@ -198,7 +151,7 @@ async def test_a_send_many_of_200_000_items_is_refused_and_stores_nothing(
     error, slowest = await refused(broker, flood, first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
-    assert slowest < PING_BUDGET_S
+    assert slowest < PING_BOUND_S
     await assert_nothing_within(make_layer(), channel)
 
 
@@ -209,7 +162,7 @@ async def test_an_ack_of_300_000_pairs_is_refused(broker: Any) -> None:
     error, slowest = await refused(broker, flood, first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT and "--max-batch" in error.message
-    assert slowest < PING_BUDGET_S
+    assert slowest < PING_BOUND_S
     assert await asyncio.to_thread(limit_hits, broker, "max-batch") == before + 1
 
 
@@ -220,7 +173,7 @@ async def test_a_frame_of_nested_arrays_is_refused_by_its_object_count(broker: A
     error, slowest = await refused(broker, raw_frame([Ack.TYPE, counts]), first=asking())
 
     assert error.error_code is ErrorCode.OVER_LIMIT
-    assert slowest < PING_BUDGET_S
+    assert slowest < PING_BOUND_S
 
 
 async def test_a_send_many_at_max_batch_is_served(broker: Any) -> None:
@@ -253,7 +206,7 @@ async def test_a_hello_over_a_bound_is_refused_naming_its_flag(
     error, slowest = await refused(broker, encode_frame(asked))
     assert error.error_code is ErrorCode.OVER_LIMIT
     assert flag in error.message
-    assert slowest < PING_BUDGET_S
+    assert slowest < PING_BOUND_S
 
 
 async def test_the_longest_expiry_a_daemon_allows_poisons_no_receiver(
