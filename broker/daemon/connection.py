@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import perf_counter
 
 from backends import BackendError, Taken
 from protocol import (
@@ -39,6 +40,7 @@ from .guard import (
     ITEM_COST_BYTES,
     PASS_FRAMES,
     PUSH_PASS_MESSAGES,
+    WORK_SLICE_S,
     Guard,
     first_of,
 )
@@ -249,9 +251,9 @@ class Connection(asyncio.Protocol):
 
     async def _work_once(self) -> None:
         await self._writable.wait()
-        inbox = self.inbox
-        handle = self.handlers.handle
-        while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
+        inbox, handle = self.inbox, self.handlers.handle
+        deadline = perf_counter() + WORK_SLICE_S
+        while inbox and self._output_bytes < OUTPUT_HIGH_WATER and perf_counter() < deadline:
             await handle(inbox.popleft())
         if not inbox:
             self._input_bytes = 0

@@ -50,6 +50,7 @@ __all__ = [
     "PASS_FRAMES",
     "PUSH_PASS_BYTES",
     "PUSH_PASS_MESSAGES",
+    "WORK_SLICE_S",
     "Guard",
     "Guarded",
     "Memberships",
@@ -71,6 +72,10 @@ PUSH_PASS_BYTES = 4 * 1024 * 1024
 #: answers: what bounds how long a pass holds the loop (a few milliseconds).
 PUSH_PASS_MESSAGES = 4096
 PASS_FRAMES = 256
+#: Seconds of requests one pass handles before the other connections have their turn:
+#: a burst of requests that each cost a millisecond (a name matched by a client's slow
+#: patterns, a message of megabytes) must not hold another client's PING for long.
+WORK_SLICE_S = 0.005
 #: asyncio's default high-water mark of a transport's write buffer.
 _ASYNCIO_HIGH_WATER = 64 * 1024
 #: The requests that carry items, and how to get them (C getters: ``Connection`` calls
