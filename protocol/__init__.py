@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, FrameDecoder, encode_frame, encode_frames
+from .codec import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_BYTES,
+    LARGE_FIELD_BYTES,
+    FrameDecoder,
+    encode_frame,
+    encode_frame_parts,
+    encode_frames,
+    encode_into,
+)
 from .errors import (
     ErrorCode,
     FrameOverLimit,
@@ -76,6 +85,7 @@ __all__ = [
     "CLIENT_ID_LENGTH",
     "FRAME_TYPES",
     "HEADER_BYTES",
+    "LARGE_FIELD_BYTES",
     "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
     "SECRET_BYTES",
@@ -114,7 +124,9 @@ __all__ = [
     "client_id_for",
     "client_id_of",
     "encode_frame",
+    "encode_frame_parts",
     "encode_frames",
+    "encode_into",
     "family_of",
     "is_process_specific",
     "is_valid_channel",

@@ -21,6 +21,7 @@ from time import perf_counter
 from backends import BackendError, Taken
 from protocol import (
     HANDSHAKE_FRAMES,
+    LARGE_FIELD_BYTES,
     Error,
     ErrorCode,
     Flushed,
@@ -29,7 +30,7 @@ from protocol import (
     ProtocolError,
     Push,
     Role,
-    encode_frame,
+    encode_into,
     ttl_ms,
 )
 
@@ -43,6 +44,7 @@ from .guard import (
     WORK_SLICE_S,
     Guard,
     first_of,
+    write_apart,
 )
 from .handlers import Handlers
 from .pulls import Pulls
@@ -138,10 +140,7 @@ class Connection(asyncio.Protocol):
             else:  # a whole batch: more may wait in the decoder
                 self._pause_reading()
         except ProtocolError as exc:
-            log.warning("protocol error from %s: %s (%s)", self.peer, exc, exc.code.name)
-            if exc.code is ErrorCode.OVER_LIMIT:
-                self.ctx.metrics.count_limit("max-batch")
-            self.fatal(exc.code, str(exc))
+            self.guard.protocol_error(exc)
             return
         self._input_bytes += cost
         if self._input_bytes > self.guard.max_input_bytes and not self._reading_paused:
@@ -303,14 +302,15 @@ class Connection(asyncio.Protocol):
     # -- output --------------------------------------------------------------
 
     def write(self, frame: Frame) -> None:
-        data = encode_frame(frame)
-        self._output.append(data)
-        self._output_bytes += len(data)
+        self._output_bytes += encode_into(self._output, frame)
 
     def flush(self) -> None:
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
-            transport.write(b"".join(self._output))
+            if self._output_bytes < LARGE_FIELD_BYTES:
+                transport.write(b"".join(self._output))
+            else:  # a large payload may be among them: not copied into a join
+                write_apart(transport, self._output)
             if self._write_blocked:  # past its high-water mark (at most the bound)
                 self.guard.check_output(transport)
         self._output.clear()

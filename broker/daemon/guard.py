@@ -38,7 +38,18 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 from broker.config import Config
-from protocol import Ack, Error, ErrorCode, Frame, FrameDecoder, Handshake, SendMany, encode_frame
+from protocol import (
+    LARGE_FIELD_BYTES,
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    Handshake,
+    ProtocolError,
+    SendMany,
+    encode_frame,
+)
 
 from .bounds import Bounds
 
@@ -55,6 +66,7 @@ __all__ = [
     "Guarded",
     "Memberships",
     "first_of",
+    "write_apart",
 ]
 
 log = logging.getLogger("channels_broker.connection")
@@ -251,6 +263,14 @@ class Guard:
                 count,
             )
 
+    def protocol_error(self, exc: ProtocolError) -> None:
+        """The peer sent what the protocol refuses: say why and close."""
+        connection = self._connection
+        log.warning("protocol error from %s: %s (%s)", connection.peer, exc, exc.code.name)
+        if exc.code is ErrorCode.OVER_LIMIT:
+            self._bounds.metrics.count_limit("max-batch")
+        connection.fatal(exc.code, str(exc))
+
     def over_limit(self, request_id: int, flag: str, message: str) -> None:
         """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""
         connection = self._connection
@@ -282,3 +302,20 @@ def first_of(ready: dict[str, None], count: int) -> dict[str, None]:
     for channel in first:
         del ready[channel]
     return first
+
+
+def write_apart(transport: asyncio.Transport, buffers: list[bytes]) -> None:
+    """Write ``buffers``, joined, but each large one (a payload of megabytes: see
+    ``protocol.encode_into``) on its own and as a view, so that asyncio copies of it only
+    what the socket does not take at once, and the loop is not held copying it."""
+    run: list[bytes] = []
+    for data in buffers:
+        if len(data) < LARGE_FIELD_BYTES:
+            run.append(data)
+            continue
+        if run:
+            transport.write(b"".join(run))
+            run = []
+        transport.write(memoryview(data))
+    if run:
+        transport.write(b"".join(run))
