@@ -24,7 +24,6 @@ from protocol import (
     LARGE_FIELD_BYTES,
     Error,
     ErrorCode,
-    Flushed,
     Frame,
     Handshake,
     ProtocolError,
@@ -78,7 +77,7 @@ class Connection(asyncio.Protocol):
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
         self._pulls = Pulls(self, context)
         self.pulls = self._pulls.pending  # RECEIVEs by request id
-        self.held = Held()
+        self.held = Held(context.config.max_channels)
         self.handlers = Handlers(self, context)
         self.guard = Guard(self, context.bounds, context.config)
         self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
@@ -176,17 +175,22 @@ class Connection(asyncio.Protocol):
     # -- router callbacks (Endpoint) -----------------------------------------
 
     def push_later(self, channel: str) -> None:
-        self.ready_channels[channel] = None
+        ready = self.ready_channels
+        if channel not in ready and not self.held.has_room(channel, len(ready)):
+            self.guard.left_out(channel)  # its messages wait in storage (--max-channels)
+            return
+        ready[channel] = None
         self._wake()
 
     def serve_pull_later(self, pull: Pull) -> None:
         self._pulls.ready.append(pull)
         self._wake()
 
-    def can_push(self) -> bool:
+    def can_push(self, channel: str) -> bool:
         transport = self.transport
         open_ = transport is not None and not transport.is_closing() and not self.closing
-        return open_ and self._writable.is_set()
+        room = self.held.has_room(channel, len(self.ready_channels))
+        return open_ and self._writable.is_set() and room
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport
@@ -200,13 +204,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def notify_flushed(self) -> None:
-        # The backend dropped our held counts and memberships along with the messages.
-        self.held.clear()
-        self.guard.memberships.clear()
-        self.write(Flushed())
-        # Out now, before the flusher's OK: a client that sees the OK and then asks
-        # another connection must find that connection's buffer already cleared.
-        self.flush()
+        self.guard.flushed()
 
     # -- shutdown ------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from protocol import (
     Ack,
     Error,
     ErrorCode,
+    Flushed,
     Frame,
     FrameDecoder,
     Handshake,
@@ -52,6 +53,7 @@ from protocol import (
 )
 
 from .bounds import Bounds
+from .routing import Held
 
 __all__ = [
     "BATCH_ITEMS",
@@ -109,6 +111,12 @@ class Guarded(Protocol):
     handshake: Handshake
     decoder: FrameDecoder
     inbox: deque[Frame]
+
+    held: Held
+
+    def write(self, frame: Frame) -> None: ...
+
+    def flush(self) -> None: ...
 
     def fail(self, request_id: int, code: ErrorCode, message: str) -> None: ...
 
@@ -270,6 +278,28 @@ class Guard:
         if exc.code is ErrorCode.OVER_LIMIT:
             self._bounds.metrics.count_limit("max-batch")
         connection.fatal(exc.code, str(exc))
+
+    def left_out(self, channel: str) -> None:
+        """A message came for one more of the client's own channels while it holds messages
+        of ``--max-channels`` of them: storage keeps it until the client reads some."""
+        connection = self._connection
+        connection.held.left_out = True
+        self._bounds.hit(
+            "max-channels",
+            f"{connection.peer} holds messages of {connection.held.limit} of its channels"
+            f" (--max-channels): those of {channel} wait in storage until it reads some",
+        )
+
+    def flushed(self) -> None:
+        """The namespace was flushed: the backend dropped the held counts and memberships
+        along with the messages, and so do we."""
+        connection = self._connection
+        connection.held.clear()
+        self.memberships.clear()
+        connection.write(Flushed())
+        # Out now, before the flusher's OK: a client that sees the OK and then asks
+        # another connection must find that connection's buffer already cleared.
+        connection.flush()
 
     def over_limit(self, request_id: int, flag: str, message: str) -> None:
         """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""

@@ -117,8 +117,19 @@ class Handlers:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
         max_bytes = self.ctx.config.max_message_bytes
         shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER))
-        for channel in await self.ctx.backend.channels_with_messages(session.ns, client_id):
-            shell.ready_channels[channel] = None
+        await self._take_in_own_channels()
+
+    async def _take_in_own_channels(self) -> None:
+        """Mark ready the client's own channels storage has messages for (after a
+        reconnect, or left out at ``--max-channels``), as many as that bound leaves room."""
+        shell, session = self.shell, self.session()
+        ready, held = shell.ready_channels, shell.held
+        held.left_out = False
+        for channel in await self.ctx.backend.channels_with_messages(session.ns, session.client_id):
+            if channel not in ready and not held.has_room(channel, len(ready)):
+                shell.guard.left_out(channel)
+                break
+            ready[channel] = None
 
     def _refusal(self, hello: Hello) -> tuple[ErrorCode, str] | None:
         """Why this HELLO is refused (the error to close with), or None."""
@@ -267,11 +278,13 @@ class Handlers:
         self.shell.write(Cancelled(frame.request_id))
 
     async def _on_ack(self, frame: Ack) -> None:
-        ns = self.session().ns
+        ns, held = self.session().ns, self.shell.held
         for channel, count in frame.counts:
-            stored = self.shell.held.acknowledge(channel, count)
+            stored = held.acknowledge(channel, count)
             if stored:
                 await self.ctx.backend.release(ns, channel, stored)
+        if held.left_out and held.has_half_room(len(self.shell.ready_channels)):
+            await self._take_in_own_channels()
 
     # -- groups --------------------------------------------------------------
 
