@@ -185,11 +185,9 @@ def test_good_clients_ping_never_takes_over_50_ms(fuzzed: FuzzRun) -> None:
     )
 
 
-# Fails today: a closed connection is cyclic garbage (Connection <-> Handlers, Pull.endpoint)
-# that keeps its decoder buffer, up to a whole frame, and a flushed namespace of the memory
-# backend (Space <-> Channel, Group) keeps its messages, until the cyclic GC runs; and the
-# 4 MiB buffers that are freed stay in the heap (glibc's mmap threshold grows to their
-# size). The run ends with its heavy inputs, so no later traffic triggers that GC by luck.
+# The run ends with its heavy inputs, so no later traffic frees by luck what they left: a
+# closed connection and a flushed namespace must leave no cycle that keeps their buffers
+# and messages until the cyclic GC runs (see Connection._finish, Space.forget_all).
 def test_rss_is_back_within_10_percent_after_the_run(fuzzed: FuzzRun) -> None:
     before, after = fuzzed.rss_before_kib, fuzzed.rss_after_kib
     assert after <= before * (1 + RSS_SLACK), (
