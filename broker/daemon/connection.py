@@ -261,6 +261,8 @@ class Connection(asyncio.Protocol):
                 await self._pulls.serve()
             if self.ready_channels and self.session is not None and not self._retry_pending:
                 await self._push_ready()
+            if self.held.should_take_in(len(self.ready_channels)):  # --max-channels
+                await self.handlers.take_in_own_channels()
         except BackendError as exc:
             # What was not delivered stays queued (pulls and ready channels are put
             # back before the failing call); try again shortly, not in a busy loop

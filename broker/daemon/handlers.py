@@ -117,15 +117,16 @@ class Handlers:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
         max_bytes = self.ctx.config.max_message_bytes
         shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER))
-        await self._take_in_own_channels()
+        await self.take_in_own_channels()
 
-    async def _take_in_own_channels(self) -> None:
+    async def take_in_own_channels(self) -> None:
         """Mark ready the client's own channels storage has messages for (after a
         reconnect, or left out at ``--max-channels``), as many as that bound leaves room."""
         shell, session = self.shell, self.session()
         ready, held = shell.ready_channels, shell.held
+        channels = await self.ctx.backend.channels_with_messages(session.ns, session.client_id)
         held.left_out = False
-        for channel in await self.ctx.backend.channels_with_messages(session.ns, session.client_id):
+        for channel in channels:
             if channel not in ready and not held.has_room(channel, len(ready)):
                 shell.guard.left_out(channel)
                 break
@@ -278,13 +279,11 @@ class Handlers:
         self.shell.write(Cancelled(frame.request_id))
 
     async def _on_ack(self, frame: Ack) -> None:
-        ns, held = self.session().ns, self.shell.held
+        ns = self.session().ns
         for channel, count in frame.counts:
-            stored = held.acknowledge(channel, count)
+            stored = self.shell.held.acknowledge(channel, count)
             if stored:
                 await self.ctx.backend.release(ns, channel, stored)
-        if held.left_out and held.has_half_room(len(self.shell.ready_channels)):
-            await self._take_in_own_channels()
 
     # -- groups --------------------------------------------------------------
 

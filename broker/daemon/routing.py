@@ -181,7 +181,7 @@ class Held:
     The channels one connection holds messages of, here or waiting to be pushed, are
     bounded (``--max-channels``, ``has_room``): past it, storage keeps the others'
     messages, and the connection asks for them again once half of those it held are read
-    (``left_out``; ``Handlers.take_in_own_channels``).
+    (``should_take_in``; ``Handlers.take_in_own_channels``).
     """
 
     __slots__ = ("_direct_until", "direct", "left_out", "limit", "stored")
@@ -204,9 +204,9 @@ class Held:
             or channel in self.direct
         )
 
-    def has_half_room(self, ready: int) -> bool:
-        """True if half of ``limit`` is free: time to take in the channels left out."""
-        return len(self.stored) + len(self.direct) + ready <= self.limit // 2
+    def should_take_in(self, ready: int) -> bool:
+        """True if channels were left out and half of ``limit`` is free again."""
+        return self.left_out and len(self.stored) + len(self.direct) + ready <= self.limit // 2
 
     @property
     def total(self) -> int:
