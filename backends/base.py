@@ -21,20 +21,54 @@ from typing import Protocol, Self
 from .errors import BackendError
 from .records import BackendStats, GroupSendResult, Taken
 
-__all__ = ["Backend", "CapacityOf", "WakeupCallback"]
+__all__ = ["Backend", "CapacityOf", "WakeupCallback", "resolved"]
 
 #: Called with (namespace, channel) when messages may be waiting for a watched channel.
 WakeupCallback = Callable[[str, str], None]
 
 
 class CapacityOf(Protocol):
-    """The sender's ``channel_capacity`` policy: a channel name to its capacity."""
+    """The sender's ``channel_capacity`` policy: a channel name to its capacity.
+
+    A backend asks ``all_of`` for a batch (a group's members, a ``send_many``): a client's
+    patterns may cost up to a millisecond a name, so it may yield to the event loop
+    between slices of them, and whatever the backend read before it may change meanwhile.
+    """
 
     #: The capacity of every channel when no pattern applies, else None: lets a backend
     #: check a whole group at once (one script on Redis) without asking per member.
     uniform: int | None
 
     def __call__(self, channel: str) -> int: ...
+
+    async def all_of(self, channels: Sequence[str]) -> list[int]:
+        """The capacity of each of ``channels``, in order."""
+        ...
+
+
+async def resolved(capacity_of: CapacityOf, channels: list[str]) -> CapacityOf:
+    """``capacity_of`` with ``channels`` matched at once (``all_of``, which may yield):
+    then a dict lookup each, and ``capacity_of`` itself for any other name."""
+    return _Resolved(capacity_of, await capacity_of.all_of(channels), channels)
+
+
+class _Resolved:
+    """A ``CapacityOf`` that knows some names' capacities already (``resolved``)."""
+
+    __slots__ = ("_known", "_policy")
+
+    uniform: int | None = None
+
+    def __init__(self, policy: CapacityOf, capacities: list[int], channels: list[str]) -> None:
+        self._policy = policy
+        self._known = dict(zip(channels, capacities, strict=True))
+
+    def __call__(self, channel: str) -> int:
+        capacity = self._known.get(channel)
+        return self._policy(channel) if capacity is None else capacity
+
+    async def all_of(self, channels: Sequence[str]) -> list[int]:
+        return [self(channel) for channel in channels]
 
 
 def _ignore_wakeup(ns: str, channel: str) -> None:

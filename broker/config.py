@@ -141,6 +141,7 @@ class Config:
     max_batch: int = default_of("max_batch")
     max_pulls: int = default_of("max_pulls")
     max_memberships: int = default_of("max_memberships")
+    max_channels: int = default_of("max_channels")
     max_input_bytes: int = default_of("max_input_bytes")
     max_output_bytes: int = default_of("max_output_bytes")
     max_memory: int = default_of("max_memory")

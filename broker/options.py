@@ -135,7 +135,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         config_field="max_group_expiry_s",
     ),
     # 16: a site uses a handful, and each costs every send to a channel name not seen
-    # lately its share of a match (up to 0.2 ms for 16 hostile ones; see daemon/capacity).
+    # lately its share of a match (up to 1 ms for 16 hostile ones; see daemon/capacity).
     Option("max-patterns", 16, "Most channel_capacity patterns one client may send."),
     # 1,000: a frame of 1,000 items is under a millisecond of the daemon's time; the
     # layer sends ACKs of at most 256 pairs (MAX_ACK_PAIRS) and no SEND_MANY.
@@ -151,6 +151,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "max-memberships",
         100_000,
         "Most group memberships one connection may hold (made by it and not discarded).",
+    ),
+    # A consumer holds a message of its own channel from its push until it reads it:
+    # 10,000 channels at once is far beyond a Daphne process's consumers; past it, the
+    # messages of further channels wait in storage. About 200 bytes each.
+    Option(
+        "max-channels",
+        10_000,
+        "Most of its own channels one connection holds messages of (pushed and not yet "
+        "read, or waiting to be pushed); the others' messages wait in storage.",
     ),
     # 4 MiB: thousands of small requests queued for the worker, or one largest frame
     # whole (it is read to its end first); reading pauses, so nothing is refused.

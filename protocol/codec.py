@@ -21,18 +21,21 @@ from typing import Any
 import msgpack
 
 from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
-from .frames import Frame, frame_from_wire
+from .frames import Deliver, Frame, Push, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
     "SENDER_BYTES",
+    "LARGE_FIELD_BYTES",
     "FrameDecoder",
     "encode_frame",
+    "encode_frame_parts",
     "encode_frames",
     "split_message_id",
     "with_message_id",
+    "encode_into",
 ]
 
 #: Bytes of the length prefix before every frame body.
@@ -58,6 +61,13 @@ _IN_PLACE_BYTES = 64 * 1024
 MESSAGE_ID_MARK = 0xC1
 #: Random bytes naming the sending layer client: 96 bits, so two never meet.
 SENDER_BYTES = 12
+#: Bytes fields from this size up are parts of their own in ``encode_frame_parts``:
+#: msgpack writes them as bin 32 (a marker, then a 4-byte length).
+LARGE_FIELD_BYTES = 64 * 1024
+_BIN32 = b"\xc6"
+#: The frames a daemon writes with a payload (a tuple: ``isinstance`` is fastest with one).
+_CARRIERS = (Push, Deliver)
+_pack_array_header = msgpack.Packer().pack_array_header
 
 _header = struct.Struct(">I")
 _message_id = struct.Struct(f">B{SENDER_BYTES}sQ")
@@ -76,6 +86,38 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialize one frame, length prefix included."""
     body: bytes = msgpack.packb(_to_wire(frame), use_bin_type=True)
     return _pack_header(len(body)) + body
+
+
+def encode_frame_parts(frame: Frame) -> list[bytes]:
+    """``encode_frame(frame)`` in parts whose concatenation it is, each bytes field of
+    ``LARGE_FIELD_BYTES`` or more a part of its own, the object itself: packing a
+    message of megabytes copies it several times over (the packer's buffer grows by
+    doubling, then becomes bytes, then gets its prefix), and these parts copy it once
+    when joined, or never when written one by one."""
+    parts: list[bytes] = []
+    pending = [_pack_array_header(len(wire := _to_wire(frame)))]
+    for value in wire:
+        if type(value) is bytes and len(value) >= LARGE_FIELD_BYTES:
+            pending.append(_BIN32 + _pack_header(len(value)))  # msgpack's bin 32
+            parts += (b"".join(pending), value)
+            pending = []
+        else:
+            pending.append(msgpack.packb(value, use_bin_type=True))
+    parts.append(b"".join(pending))
+    return [_pack_header(sum(map(len, parts))) + parts[0], *parts[1:]]
+
+
+def encode_into(buffers: list[bytes], frame: Frame) -> int:
+    """Append ``frame``'s encoding to ``buffers`` (a writer's output, joined once a write)
+    and return its size. A PUSH or DELIVER of a large payload goes in parts
+    (``encode_frame_parts``), so that the join is the one copy of its payload."""
+    if isinstance(frame, _CARRIERS) and len(frame.payload) >= LARGE_FIELD_BYTES:
+        parts = encode_frame_parts(frame)
+        buffers += parts
+        return sum(map(len, parts))
+    data = encode_frame(frame)
+    buffers.append(data)
+    return len(data)
 
 
 def encode_frames(frames: list[Frame]) -> bytes:

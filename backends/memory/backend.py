@@ -19,9 +19,9 @@ holds something is filed again under its new head. No call ever scans all channe
 later, shorter-lived entry behind the head waits for the head's sweep; reads still
 never return it.
 
-Everything runs on the event loop thread and no method awaits, so each call is atomic:
-the capacity check and the append of ``send`` cannot interleave with another call.
-What waiting messages cost is bounded by ``max_bytes`` (see ``budget``).
+Everything runs on the event loop thread, each call atomically (no other call comes
+between the capacity check and the append), once a batch sent with patterns has matched
+its names (``CapacityOf.all_of`` may yield). Waiting messages cost at most ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Self
 
-from ..base import Backend, CapacityOf
+from ..base import Backend, CapacityOf, resolved
 from ..errors import BackendError
 from ..records import BackendStats, GroupSendResult, Taken
 from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
@@ -104,8 +104,7 @@ class MemoryBackend(Backend):
         """Stop the timer wheel. The data stays: a later ``connect`` carries on with it."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = None
-        self._loop = None
+        self._timer = self._loop = None
 
     async def is_ready(self) -> bool:
         """True between ``connect`` and ``close``."""
@@ -134,10 +133,11 @@ class MemoryBackend(Backend):
         expiry_s: float,
     ) -> list[int]:
         """Send several messages in order; return the indexes refused as full."""
-        space = self._space(ns)
-        now = _now()
-        deadline = now + expiry_s
         uniform = capacity_of.uniform
+        if uniform is None:
+            capacity_of = await resolved(capacity_of, [channel for channel, _ in items])
+        space, now = self._space(ns), _now()  # after matching: a flush may come meanwhile
+        deadline = now + expiry_s
         refused: list[int] = []
         for index, (channel, payload) in enumerate(items):
             capacity = capacity_of(channel) if uniform is None else uniform
@@ -236,18 +236,19 @@ class MemoryBackend(Backend):
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
     ) -> GroupSendResult:
         """Queue the same ``payload`` object for every live member with room."""
-        record = self._group(ns, group)
+        record, uniform = self._group(ns, group), capacity_of.uniform
+        if record is not None and uniform is None:
+            capacity_of = await resolved(capacity_of, list(record.members))
+            record = record if self._group(ns, group) is record else None  # flushed meanwhile
         if record is None:
             return GroupSendResult(delivered=[], skipped=0)
         now = _now()
         deadline = now + expiry_s
-        uniform = capacity_of.uniform
         delivered: list[str] = []
         lapsed: list[str] = []
         members: Iterable[tuple[str, float]] = record.members.items()
         skipped = 0
-        used = self._bytes + self._messages_waiting * MESSAGE_OVERHEAD_BYTES
-        fit = (self._room - used) // (_NEW_MESSAGE_BYTES + len(payload))
+        fit = (self._room - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
         if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
             members, skipped = split_at_room(record.members, fit, now, lapsed)
             self._refusals.count(skipped, self._used_bytes())
@@ -283,8 +284,7 @@ class MemoryBackend(Backend):
 
     def watch(self, ns: str, key: str) -> None:
         """Nothing to do: every enqueue here calls the wake-up at once, watched or not (no
-        remote feed to subscribe to; a wake-up nobody watches is a dict miss in the router).
-        """
+        remote feed to subscribe to; a wake-up nobody watches is a dict miss in the router)."""
 
     def unwatch(self, ns: str, key: str) -> None:
         """Nothing to do; see ``watch``."""

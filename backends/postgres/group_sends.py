@@ -94,7 +94,7 @@ class GroupSends:
         capacity_of: CapacityOf,
     ) -> _Outcome:
         """One call of ``group_send_direct`` for ``channels``, the members it knows."""
-        capacities = [capacity_of(c) for c in channels]
+        capacities = await capacity_of.all_of(channels)
         capacities = self._room.less_ahead_all(ns, channels, capacities)
         pushes = self._room.pushes
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)

@@ -73,14 +73,15 @@ class Sends:
         expiry_s: float,
     ) -> list[int]:
         """Send several messages in order in one call; return the indexes refused as full."""
-        await self._releases.written(ns, [c for c, _ in items])
         channels = [channel for channel, _ in items]
+        capacities = await capacity_of.all_of(channels)
+        await self._releases.written(ns, channels)
         args = (
             ns,
             channels,
             [client_of(channel) for channel in channels],
             [payload for _, payload in items],
-            [self._room.of(ns, channel, capacity_of(channel)) for channel in channels],
+            [self._room.of(ns, c, n) for c, n in zip(channels, capacities, strict=True)],
             float(expiry_s),
         )
         refused: list[int] = await self._db.fetchval(self._sql.send_many, *args)

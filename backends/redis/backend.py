@@ -149,7 +149,8 @@ class RedisBackend(Backend):
         expiry_s: float,
     ) -> list[int]:
         """Send in order (one script per Cluster slot); return the refused indexes."""
-        targets = [(channel, payload, capacity_of(channel)) for channel, payload in items]
+        capacities = await capacity_of.all_of([channel for channel, _ in items])
+        targets = [(c, p, n) for (c, p), n in zip(items, capacities, strict=True)]
         return await self._sends.push(ns, targets, expiry_s)
 
     async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:

@@ -153,7 +153,8 @@ class Sends:
                     self._takes.wake(ns, channel)
                 return GroupSendResult(delivered=delivered, skipped=int(reply[0]))
         members = await self._members(key)
-        targets = [(channel, payload, capacity_of(channel)) for channel in members]
+        capacities = await capacity_of.all_of(members)
+        targets = [(channel, payload, n) for channel, n in zip(members, capacities, strict=True)]
         refused = set(await self.push(ns, targets, expiry_s))
         delivered = [channel for i, channel in enumerate(members) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused))

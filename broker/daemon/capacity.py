@@ -13,11 +13,23 @@ are bounded in length (``MAX_PATTERN_CHARS``), count (``--max-patterns``) and co
 size (``PROGRAM_PER_PATTERN`` each on average). They are joined into one alternation,
 ``(p0)|(p1)|...``, anchored at the start: RE2 takes the first alternative that matches,
 which is Channels' first-match-wins, in one pass over the name whatever their number.
+
+Linear is not cheap: 16 patterns built to be slow (``[a-z]*a[a-z]{40}x``, whose DFA has
+no end of states) cost RE2 up to a millisecond a name. So a name's capacity is matched
+once and remembered (``CACHE_SIZE`` names), connections with the same settings (a site's
+processes) share one policy and what it remembers (``CapacityPolicy.shared``), and a
+batch of names (a group's members, a SEND_MANY) is matched by ``all_of``, which yields
+to the event loop every ``MATCH_SLICE_S`` of matching: a hostile client's group send to
+thousands of members costs it its own time, in slices, never another client's PING.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import re2
@@ -28,7 +40,7 @@ from protocol import MAX_PATTERN_CHARS, ErrorCode, Hello
 if TYPE_CHECKING:
     from broker.config import Config
 
-__all__ = ["PROGRAM_PER_PATTERN", "Bounds", "CapacityPolicy", "Refused"]
+__all__ = ["MATCH_SLICE_S", "PROGRAM_PER_PATTERN", "Bounds", "CapacityPolicy", "Refused"]
 
 #: RE2 instructions a client's patterns may compile to, per pattern it may send
 #: (``--max-patterns``): the cost of matching a name is bounded by their total. A glob
@@ -41,6 +53,10 @@ _PATTERN_MEMORY_BYTES = 256 * 1024
 #: Bytes of RE2 memory per instruction of the program budget: its program (16 each)
 #: and twice as much again, as RE2 keeps two thirds of its memory for the DFA.
 _MEMORY_PER_INSTRUCTION = 48
+#: Seconds of pattern matching ``all_of`` does before it lets the loop run other work:
+#: well under the 50 ms another client's PING may wait, and a hundred cached names or
+#: thousands of ordinary lookups between two checks of the clock.
+MATCH_SLICE_S = 0.002
 
 
 def _options(max_program: int) -> Any:
@@ -111,14 +127,25 @@ def _at_most(what: str, value: float, bound: float, flag: str) -> None:
 class CapacityPolicy:
     """Maps a channel name to its capacity: first matching pattern, else the default.
 
-    Results are cached per name, because a consumer sends to the same few channels
-    again and again, and then a send costs a dict lookup, patterns or not.
+    Results are cached per name, because a consumer sends to the same few channels, and
+    a group send to the same members, again and again: then a lookup costs a dict
+    lookup, patterns or not.
     """
 
-    __slots__ = ("_cache", "_capacities", "_groups", "_regexp", "default", "uniform")
+    __slots__ = (
+        "__weakref__",
+        "_cache",
+        "_capacities",
+        "_groups",
+        "_regexp",
+        "default",
+        "uniform",
+    )
 
-    #: Bound on cached names, so a sender to ever-new channel names stays small.
-    CACHE_SIZE = 4096
+    #: Bound on cached names, so a sender to ever-new channel names stays small (about
+    #: 2 MB when full, less for names other parts of the daemon hold too): a group of as
+    #: many members is matched once, then looked up.
+    CACHE_SIZE = 16_384
 
     def __init__(
         self,
@@ -141,7 +168,19 @@ class CapacityPolicy:
     @classmethod
     def from_hello(cls, hello: Hello, bounds: Bounds) -> CapacityPolicy:
         """Raise ``Refused`` if a pattern is not one RE2 reads, or they are too large."""
-        return cls(hello.capacity, hello.channel_capacity, bounds.max_program)
+        return cls.shared(hello.capacity, hello.channel_capacity, bounds.max_program)
+
+    @classmethod
+    def shared(
+        cls, default: int, patterns: tuple[tuple[str, int], ...], max_program: int
+    ) -> CapacityPolicy:
+        """The live policy of these settings, or a new one: the connections of a site
+        share its compiled patterns and the capacities it has matched."""
+        key = (default, patterns, max_program)
+        policy = _SHARED.get(key)
+        if policy is None:
+            policy = _SHARED[key] = cls(default, patterns, max_program)
+        return policy
 
     def __call__(self, channel: str) -> int:
         capacity = self._cache.get(channel)
@@ -151,6 +190,23 @@ class CapacityPolicy:
                 self._cache.clear()
             self._cache[channel] = capacity
         return capacity
+
+    async def all_of(self, channels: Sequence[str]) -> list[int]:
+        """The capacity of each of ``channels``, in order. Names not cached yet are matched
+        in slices of ``MATCH_SLICE_S``, with the loop free to serve others between them."""
+        if self._regexp is None:
+            return [self.default] * len(channels)
+        cache, capacities = self._cache, []
+        deadline = perf_counter() + MATCH_SLICE_S
+        for channel in channels:
+            capacity = cache.get(channel)
+            if capacity is None:
+                capacity = self(channel)
+                if perf_counter() > deadline:
+                    await asyncio.sleep(0)
+                    deadline = perf_counter() + MATCH_SLICE_S
+            capacities.append(capacity)
+        return capacities
 
     def _lookup(self, channel: str) -> int:
         if self._regexp is None:
@@ -163,6 +219,11 @@ class CapacityPolicy:
                     capacity: int = self._capacities[index]
                     return capacity
         return self.default
+
+
+#: The live policies by settings (``CapacityPolicy.shared``); one goes with its last session.
+_SHARED: weakref.WeakValueDictionary[tuple[int, tuple[tuple[str, int], ...], int], CapacityPolicy]
+_SHARED = weakref.WeakValueDictionary()
 
 
 def _compile(patterns: list[str], max_program: int) -> tuple[Any, list[int]]:

@@ -16,20 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import perf_counter
 from typing import cast
 
 from backends import BackendError, Taken
 from protocol import (
     HANDSHAKE_FRAMES,
+    LARGE_FIELD_BYTES,
     Error,
     ErrorCode,
-    Flushed,
     Frame,
     Handshake,
     ProtocolError,
     Push,
     Role,
-    encode_frame,
+    encode_into,
     ttl_ms,
 )
 
@@ -40,8 +41,10 @@ from .guard import (
     ITEM_COST_BYTES,
     PASS_FRAMES,
     PUSH_PASS_MESSAGES,
+    WORK_SLICE_S,
     Guard,
     first_of,
+    write_apart,
 )
 from .handlers import Handlers
 from .pulls import Pulls
@@ -52,8 +55,7 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("channels_broker.connection")
 
-#: Messages taken from one channel per push pass; more waiting means another pass,
-#: so one busy channel cannot starve the others of the same connection.
+#: Messages taken from one channel per push pass: a busy one cannot starve the others.
 PUSH_BATCH = 256
 #: Seconds before retrying deliveries after a backend error.
 DELIVERY_RETRY_S = 0.5
@@ -75,7 +77,7 @@ class Connection(asyncio.Protocol):
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
         self._pulls = Pulls(self, context)
         self.pulls = self._pulls.pending  # RECEIVEs by request id
-        self.held = Held()
+        self.held = Held(context.config.max_channels)
         self.handlers = Handlers(self, context)
         self.guard = Guard(self, context.bounds, context.config)
         self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
@@ -97,8 +99,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # uvloop's transports have asyncio.Transport's methods without subclassing it.
-        transport = cast(asyncio.Transport, base)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, base)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if not self.ctx.accepting:
@@ -118,10 +119,9 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _decode(self) -> None:
-        """Decode up to PASS_FRAMES frames into the inbox. Pause reading if the inbox
-        costs more than --max-input-bytes, or if that many came: more may wait in the
-        decoder, and the worker decodes them a batch per pass (one read of many small
-        frames must not hold the loop)."""
+        """Decode up to PASS_FRAMES frames into the inbox. Pause reading if the inbox costs
+        more than --max-input-bytes, or if that many came: more may wait in the decoder, and
+        the worker decodes a batch a pass (one read of many small frames must not hold the loop)."""
         decoder, inbox, handshake = self.decoder, self.inbox, self.handshake
         cost = 0  # beyond their bytes, counted as they were read
         try:
@@ -174,17 +174,22 @@ class Connection(asyncio.Protocol):
     # -- router callbacks (Endpoint) -----------------------------------------
 
     def push_later(self, channel: str) -> None:
-        self.ready_channels[channel] = None
+        ready = self.ready_channels
+        if channel not in ready and not self.held.has_room(channel, len(ready)):
+            self.guard.left_out(channel)  # its messages wait in storage (--max-channels)
+            return
+        ready[channel] = None
         self._wake()
 
     def serve_pull_later(self, pull: Pull) -> None:
         self._pulls.ready.append(pull)
         self._wake()
 
-    def can_push(self) -> bool:
+    def can_push(self, channel: str) -> bool:
         transport = self.transport
         open_ = transport is not None and not transport.is_closing() and not self.closing
-        return open_ and self._writable.is_set()
+        room = self.held.has_room(channel, len(self.ready_channels))
+        return open_ and self._writable.is_set() and room
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         transport = self.transport
@@ -198,13 +203,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def notify_flushed(self) -> None:
-        # The backend dropped our held counts and memberships along with the messages.
-        self.held.clear()
-        self.guard.memberships.clear()
-        self.write(Flushed())
-        # Out now, before the flusher's OK: a client that sees the OK and then asks
-        # another connection must find that connection's buffer already cleared.
-        self.flush()
+        self.guard.flushed()
 
     # -- shutdown ------------------------------------------------------------
 
@@ -248,9 +247,9 @@ class Connection(asyncio.Protocol):
 
     async def _work_once(self) -> None:
         await self._writable.wait()
-        inbox = self.inbox
-        handle = self.handlers.handle
-        while inbox and self._output_bytes < OUTPUT_HIGH_WATER:
+        inbox, handle = self.inbox, self.handlers.handle
+        deadline = perf_counter() + WORK_SLICE_S
+        while inbox and self._output_bytes < OUTPUT_HIGH_WATER and perf_counter() < deadline:
             await handle(inbox.popleft())
         if not inbox:
             self._input_bytes = 0
@@ -261,6 +260,8 @@ class Connection(asyncio.Protocol):
                 await self._pulls.serve()
             if self.ready_channels and self.session is not None and not self._retry_pending:
                 await self._push_ready()
+            if self.held.should_take_in(len(self.ready_channels)):  # --max-channels
+                await self.handlers.take_in_own_channels()
         except BackendError as exc:
             # What was not delivered stays queued (pulls and ready channels are put
             # back before the failing call); try again shortly, not in a busy loop
@@ -300,14 +301,15 @@ class Connection(asyncio.Protocol):
     # -- output --------------------------------------------------------------
 
     def write(self, frame: Frame) -> None:
-        data = encode_frame(frame)
-        self._output.append(data)
-        self._output_bytes += len(data)
+        self._output_bytes += encode_into(self._output, frame)
 
     def flush(self) -> None:
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
-            transport.write(b"".join(self._output))
+            if self._output_bytes < LARGE_FIELD_BYTES:
+                transport.write(b"".join(self._output))
+            else:  # a large payload may be among them: not copied into a join
+                write_apart(transport, self._output)
             if self._write_blocked:  # past its high-water mark (at most the bound)
                 self.guard.check_output(transport)
         self._output.clear()

@@ -32,7 +32,7 @@ class Owner(Protocol):
     @property
     def held(self) -> DirectCounts: ...
 
-    def can_push(self) -> bool: ...
+    def can_push(self, channel: str) -> bool: ...
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
 
@@ -61,7 +61,7 @@ class DirectPusher:
                 continue
             room = capacities[index] - owner.held.direct_of(channel)
             capacities[index] = room
-            if room > 0 and owner.can_push():
+            if room > 0 and owner.can_push(channel):
                 owner.held.reserve_direct(channel, expiry_s)
                 found.append(channel)
         return found

@@ -39,9 +39,11 @@ from typing import Any, Protocol
 
 from broker.config import Config
 from protocol import (
+    LARGE_FIELD_BYTES,
     Ack,
     Error,
     ErrorCode,
+    Flushed,
     Frame,
     FrameDecoder,
     Handshake,
@@ -52,6 +54,7 @@ from protocol import (
 
 from . import strangers
 from .bounds import Bounds
+from .routing import Held
 
 __all__ = [
     "BATCH_ITEMS",
@@ -61,10 +64,12 @@ __all__ = [
     "PASS_FRAMES",
     "PUSH_PASS_BYTES",
     "PUSH_PASS_MESSAGES",
+    "WORK_SLICE_S",
     "Guard",
     "Guarded",
     "Memberships",
     "first_of",
+    "write_apart",
 ]
 
 log = logging.getLogger("channels_broker.connection")
@@ -82,6 +87,10 @@ PUSH_PASS_BYTES = 4 * 1024 * 1024
 #: answers: what bounds how long a pass holds the loop (a few milliseconds).
 PUSH_PASS_MESSAGES = 4096
 PASS_FRAMES = 256
+#: Seconds of requests one pass handles before the other connections have their turn:
+#: a burst of requests that each cost a millisecond (a name matched by a client's slow
+#: patterns, a message of megabytes) must not hold another client's PING for long.
+WORK_SLICE_S = 0.005
 #: asyncio's default high-water mark of a transport's write buffer.
 _ASYNCIO_HIGH_WATER = 64 * 1024
 #: The requests that carry items, and how to get them (C getters: ``Connection`` calls
@@ -104,6 +113,12 @@ class Guarded(Protocol):
     decoder: FrameDecoder
     inbox: deque[Frame]
     transport: asyncio.Transport | None
+
+    held: Held
+
+    def write(self, frame: Frame) -> None: ...
+
+    def flush(self) -> None: ...
 
     def fail(self, request_id: int, code: ErrorCode, message: str) -> None: ...
 
@@ -292,6 +307,28 @@ class Guard:
             transport.write(strangers.http_answer(config))
             transport.close()
 
+    def left_out(self, channel: str) -> None:
+        """A message came for one more of the client's own channels while it holds messages
+        of ``--max-channels`` of them: storage keeps it until the client reads some."""
+        connection = self._connection
+        connection.held.left_out = True
+        self._bounds.hit(
+            "max-channels",
+            f"{connection.peer} holds messages of {connection.held.limit} of its channels"
+            f" (--max-channels): those of {channel} wait in storage until it reads some",
+        )
+
+    def flushed(self) -> None:
+        """The namespace was flushed: the backend dropped the held counts and memberships
+        along with the messages, and so do we."""
+        connection = self._connection
+        connection.held.clear()
+        self.memberships.clear()
+        connection.write(Flushed())
+        # Out now, before the flusher's OK: a client that sees the OK and then asks
+        # another connection must find that connection's buffer already cleared.
+        connection.flush()
+
     def over_limit(self, request_id: int, flag: str, message: str) -> None:
         """Refuse one request past the bound ``flag``: OVER_LIMIT, counted and logged."""
         connection = self._connection
@@ -323,3 +360,20 @@ def first_of(ready: dict[str, None], count: int) -> dict[str, None]:
     for channel in first:
         del ready[channel]
     return first
+
+
+def write_apart(transport: asyncio.Transport, buffers: list[bytes]) -> None:
+    """Write ``buffers``, joined, but each large one (a payload of megabytes: see
+    ``protocol.encode_into``) on its own and as a view, so that asyncio copies of it only
+    what the socket does not take at once, and the loop is not held copying it."""
+    run: list[bytes] = []
+    for data in buffers:
+        if len(data) < LARGE_FIELD_BYTES:
+            run.append(data)
+            continue
+        if run:
+            transport.write(b"".join(run))
+            run = []
+        transport.write(memoryview(data))
+    if run:
+        transport.write(b"".join(run))

@@ -117,8 +117,20 @@ class Handlers:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
         max_bytes = self.ctx.config.max_message_bytes
         shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER))
-        for channel in await self.ctx.backend.channels_with_messages(session.ns, client_id):
-            shell.ready_channels[channel] = None
+        await self.take_in_own_channels()
+
+    async def take_in_own_channels(self) -> None:
+        """Mark ready the client's own channels storage has messages for (after a
+        reconnect, or left out at ``--max-channels``), as many as that bound leaves room."""
+        shell, session = self.shell, self.session()
+        ready, held = shell.ready_channels, shell.held
+        channels = await self.ctx.backend.channels_with_messages(session.ns, session.client_id)
+        held.left_out = False
+        for channel in channels:
+            if channel not in ready and not held.has_room(channel, len(ready)):
+                shell.guard.left_out(channel)
+                break
+            ready[channel] = None
 
     def _refusal(self, hello: Hello) -> tuple[ErrorCode, str] | None:
         """Why this HELLO is refused (the error to close with), or None."""

@@ -21,6 +21,7 @@ The router never touches the backend's data itself; connections do the ``take``.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ class Endpoint(Protocol):
     def serve_pull_later(self, pull: Pull) -> None:
         """Try to answer a RECEIVE: a message may be waiting on its channel."""
 
-    def can_push(self) -> bool:
-        """True if messages for our channels can be pushed now (``push_now``)."""
+    def can_push(self, channel: str) -> bool:
+        """True if messages for ``channel``, one of ours, can be pushed now (``push_now``)."""
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
@@ -176,14 +177,36 @@ class Held:
     ever being stored (``DirectPusher``): storage never saw them, so every capacity it
     checks is lowered by them; their count lapses when the newest of them expires, as
     counts held in storage do.
+
+    The channels one connection holds messages of, here or waiting to be pushed, are
+    bounded (``--max-channels``, ``has_room``): past it, storage keeps the others'
+    messages, and the connection asks for them again once half of those it held are read
+    (``should_take_in``; ``Handlers.take_in_own_channels``).
     """
 
-    __slots__ = ("_direct_until", "direct", "stored")
+    __slots__ = ("_direct_until", "direct", "left_out", "limit", "stored")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = sys.maxsize) -> None:
         self.stored: dict[str, int] = {}
         self.direct: dict[str, int] = {}
         self._direct_until: dict[str, float] = {}
+        self.limit = limit
+        #: True once a channel was left out at ``limit``: storage has messages for it.
+        self.left_out = False
+
+    def has_room(self, channel: str, ready: int) -> bool:
+        """True if the connection may hold messages of ``channel`` beside the ``ready``
+        channels waiting to be pushed: it holds some already, or there is room for one
+        more (a channel with stored and direct ones counts twice)."""
+        return (
+            len(self.stored) + len(self.direct) + ready < self.limit
+            or channel in self.stored
+            or channel in self.direct
+        )
+
+    def should_take_in(self, ready: int) -> bool:
+        """True if channels were left out and half of ``limit`` is free again."""
+        return self.left_out and len(self.stored) + len(self.direct) + ready <= self.limit // 2
 
     @property
     def total(self) -> int:
@@ -244,6 +267,7 @@ class Held:
         self.stored.clear()
         self.direct.clear()
         self._direct_until.clear()
+        self.left_out = False
 
 
 def _uncount(counts: dict[str, int], channel: str, count: int) -> int:

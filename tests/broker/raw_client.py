@@ -46,10 +46,10 @@ class RawClient:
             self.writer.write_eof()
         await self.writer.drain()
 
-    async def next_frame(self) -> Frame:
-        """The next frame from the daemon; fails if it closes or is silent first."""
+    async def next_frame(self, timeout_s: float = DELIVERY_TIMEOUT_S) -> Frame:
+        """The next frame from the daemon; fails if it closes or is silent for ``timeout_s``."""
         while (frame := self.decoder.next_frame()) is None:
-            data = await asyncio.wait_for(self.reader.read(65536), DELIVERY_TIMEOUT_S)
+            data = await asyncio.wait_for(self.reader.read(65536), timeout_s)
             assert data, "the daemon closed the connection before answering"
             self.decoder.receive_data(data)
         return frame

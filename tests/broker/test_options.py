@@ -55,6 +55,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max-batch": ("512", 512, 512),
     "max-pulls": ("12", 12, 12),
     "max-memberships": ("99", 99, 99),
+    "max-channels": ("77", 77, 77),
     "max-input-bytes": ("65536", 65536, 65536),
     "max-output-bytes": ("131072", 131072, 131072),
     "max-memory": ("1048576", 1048576, 1048576),

@@ -3,7 +3,7 @@
 ``run`` sends ``FrameFuzzer`` scripts over ``concurrency`` connections at a time (each
 connection writes its HELLO and body in one go, reads everything the daemon sends, waits
 for the PONG that ends the body, writes its tail and half-closes, then reads until the
-daemon closes), while ``tests.fuzz.pinger`` PINGs from a process of its own. Random ones
+daemon closes), while ``tests.ping_probe`` PINGs from a process of its own. Random ones
 until ``inputs`` inputs or ``duration_s``, whichever comes first, then the heavy ones; it
 reports what it saw.
 """
@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from protocol import PROTOCOL_VERSION, Flush, FrameDecoder, Hello, Ok, encode_frame
 from tests.fuzz.frames import PREFIXES, FrameFuzzer, Script
+from tests.ping_probe import PingReport
 
-__all__ = ["Outcome", "flush_prefixes", "rss_kib", "run", "start_pinger"]
+__all__ = ["Outcome", "flush_prefixes", "rss_kib", "run"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: A connection that has neither answered its body nor closed by then is reported as stuck.
@@ -48,8 +45,8 @@ class Outcome:
     #: Connections that could not connect, or got neither their PONG nor a close in time:
     #: the script's label and what happened (the first ``MAX_REPORTED``).
     stuck: list[str] = field(default_factory=list)
-    #: The pinger's report (count, max_ms, slow, error).
-    ping: dict[str, Any] = field(default_factory=dict)
+    #: What the PING probe saw meanwhile.
+    ping: PingReport = field(default_factory=PingReport)
 
 
 def rss_kib(pid: int) -> int:
@@ -182,29 +179,3 @@ async def flush_prefixes(address: tuple[str, int]) -> None:
                     break
         finally:
             writer.close()
-
-
-class PingerProcess:
-    """``tests.fuzz.pinger`` running against a daemon; ``stop`` returns its report."""
-
-    def __init__(self, address: tuple[str, int], daemon_pid: int) -> None:
-        host, port = address
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fuzz.pinger", host, str(port), str(daemon_pid)],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        ready = self.process.stdout.readline().strip()
-        assert ready == "ready", f"pinger did not start: {ready!r}"
-
-    def stop(self) -> dict[str, Any]:
-        output, _ = self.process.communicate(timeout=30)
-        report: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-        return report
-
-
-def start_pinger(address: tuple[str, int], daemon_pid: int) -> PingerProcess:
-    return PingerProcess(address, daemon_pid)

@@ -11,6 +11,7 @@ import pytest
 from protocol import (
     FRAME_TYPES,
     HEADER_BYTES,
+    LARGE_FIELD_BYTES,
     Ack,
     Cancel,
     Cancelled,
@@ -38,7 +39,9 @@ from protocol import (
     UnknownFrame,
     Welcome,
     encode_frame,
+    encode_frame_parts,
     encode_frames,
+    encode_into,
     split_message_id,
     with_message_id,
 )
@@ -153,6 +156,20 @@ def test_several_frames_in_one_buffer_come_out_in_order() -> None:
 def test_encode_frames_is_the_concatenation_of_encode_frame() -> None:
     assert encode_frames(FRAMES) == b"".join(encode_frame(frame) for frame in FRAMES)
     assert encode_frames([]) == b""
+
+
+@pytest.mark.parametrize("size", [0, 65_535, 65_536, 1 << 20])
+def test_encode_frame_parts_join_to_encode_frame_with_a_large_payload_as_it_is(size: int) -> None:
+    """A payload of LARGE_FIELD_BYTES or more is a part of its own, the object itself:
+    a writer copies it once (a join) or not at all (written as a view)."""
+    payload = b"p" * size
+    for frame in [Push(("asgi.c!a", "asgi.c!b"), payload, 5), Deliver(3, "q", payload, 9)]:
+        parts = encode_frame_parts(frame)
+        assert b"".join(parts) == encode_frame(frame)
+        assert any(part is payload for part in parts) == (size >= LARGE_FIELD_BYTES)
+        output = [b"before"]
+        assert encode_into(output, frame) == len(encode_frame(frame))
+        assert b"".join(output) == b"before" + encode_frame(frame)
 
 
 def test_frames_split_across_reads_at_every_offset_come_out_in_order() -> None:

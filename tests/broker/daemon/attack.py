@@ -1,46 +1,27 @@
 """What the attack tests of the daemon's bounds share: clients that bind an address or
-keep a small receive buffer, a flood from a thread, a PING probe that times the daemon
-for another client while an attack runs, the daemon's RSS, and its limit counters.
+keep a small receive buffer, a flood from a thread, the daemon's RSS, and its limit
+counters.
 
 A bound is shown to hold against a real daemon process: the attack runs as issue 14
-describes it, and meanwhile another client's PING is answered within ``PING_BOUND_S``
-and the daemon's resident memory stays under what the bounds allow.
+describes it, and meanwhile another client's PING is answered within the bound
+(``tests.ping_probe``) and the daemon's resident memory stays under what the bounds allow.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-import subprocess
-import sys
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import Frame, FrameDecoder, Welcome, encode_frame
-from tests.broker.daemon.ping_probe import MIN_PINGS
 from tests.broker.http_client import http_get
 from tests.broker.raw_client import RawClient, hello
-from tests.conftest import REPO_ROOT
-from tests.waits import DELIVERY_TIMEOUT_S, START_TIMEOUT_S
+from tests.waits import DELIVERY_TIMEOUT_S
 
-__all__ = [
-    "PING_BOUND_S",
-    "Client",
-    "Flood",
-    "PingProbe",
-    "flags",
-    "limit_hits",
-    "pinging",
-    "rss_bytes",
-]
-
-#: How long another client's PING may take while an attack runs (issue 14).
-PING_BOUND_S = 0.050
+__all__ = ["Client", "Flood", "flags", "limit_hits", "rss_bytes"]
 
 
 def flags(**options: object) -> tuple[str, ...]:
@@ -158,45 +139,3 @@ class Flood:
         if self._thread is not None:
             self._thread.join(DELIVERY_TIMEOUT_S)
         self.sock.close()
-
-
-class PingProbe:
-    """Another client that PINGs the daemon all along (``ping_probe``, a process of its
-    own) and keeps the slowest answer."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        command = [sys.executable, "-m", "tests.broker.daemon.ping_probe", *map(str, address)]
-        self.process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.slowest_s = 0.0
-        self.pings = 0
-
-    def start(self) -> None:
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "ready", "the probe did not start"
-
-    def finish(self) -> None:
-        """Stop the probe; fail if it failed or made fewer than ``MIN_PINGS`` PINGs."""
-        out, _ = self.process.communicate(timeout=START_TIMEOUT_S)
-        assert self.process.returncode == 0, f"the PING probe failed: {out!r}"
-        result = json.loads(out.strip().splitlines()[-1])
-        self.slowest_s, self.pings = result["slowest_s"], result["pings"]
-        assert self.pings >= MIN_PINGS, f"the probe made only {self.pings} PINGs"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@asynccontextmanager
-async def pinging(address: tuple[str, int]) -> AsyncIterator[PingProbe]:
-    """A ``PingProbe`` running for the block (and for ten PINGs at least)."""
-    probe = PingProbe(address)
-    try:
-        await asyncio.to_thread(probe.start)
-        yield probe
-        await asyncio.to_thread(probe.finish)
-    finally:
-        probe.kill()

@@ -16,6 +16,7 @@ import pytest
 
 from protocol import (
     Ack,
+    Deliver,
     Error,
     ErrorCode,
     Flush,
@@ -32,14 +33,13 @@ from protocol import (
     encode_frame,
 )
 from tests.broker.daemon.attack import (
-    PING_BOUND_S,
     Client,
     Flood,
     flags,
     limit_hits,
-    pinging,
     rss_bytes,
 )
+from tests.ping_probe import PING_BOUND_S, pinging
 from tests.waits import DELIVERY_TIMEOUT_S
 
 pytestmark = pytest.mark.backends("memory")
@@ -73,7 +73,7 @@ async def test_a_client_that_writes_big_frames_and_never_reads_holds_little(
     message = b"x" * (FRAME_BYTES // 2 - 64 * 1024)
     frame = encode_frame(SendMany(1, ((own, message), (own, message))))
     before = rss_bytes(pid)
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         attacker.start(frame, FRAMES)
         peak = await watch_rss(pid, ATTACK_S)
     sent = attacker.sent
@@ -85,6 +85,52 @@ async def test_a_client_that_writes_big_frames_and_never_reads_holds_little(
     # with its payload, messages stored: some 40 MiB, and the allocator's slack.
     assert peak - before < 100 * MiB, f"RSS grew {(peak - before) / MiB:.0f} MiB"
     assert limit_hits(broker)["max-input-bytes"] >= 1
+
+
+#: Messages of the largest size in each burst: pushed to a reader, and pulled by it.
+BURST = 20
+
+
+async def read_burst(reader: Client, queue: str, count: int) -> None:
+    """Read ``count`` messages pushed to ``reader`` (acknowledging each) and as many pulled
+    from ``queue`` (a RECEIVE at a time)."""
+    pushed = pulled = 0
+    reader.send(Receive(1, queue))
+    while pushed < count or pulled < count:
+        frame = await reader.next_frame(timeout_s=30)
+        if isinstance(frame, Push):
+            pushed += len(frame.channels)
+            reader.send(Ack(tuple((channel, 1) for channel in frame.channels)))
+        elif isinstance(frame, Deliver):
+            pulled += 1
+            reader.send(Receive(pulled + 1, queue))
+        else:
+            raise AssertionError(frame)
+
+
+async def test_bursts_of_the_largest_messages_cost_no_other_client_a_stall(
+    broker_factory: Callable[..., Any],
+) -> None:
+    """Messages of 8 MiB (--max-message-bytes), back to back from two clients, to a
+    reader's own channel (pushed) and to a queue it pulls. Each was packed on the loop
+    in one step, copied four times (another client's PING waited 60-80 ms); now a
+    payload is copied once on its way out, and each step of a connection is short."""
+    broker = broker_factory(max_message_bytes=8 * MiB)
+    reader = await Client.connect(broker.address)
+    await reader.hello()
+    message = b"x" * (8 * MiB - 1024)
+    floods = [Flood(broker.address, receive_buffer=1 << 20) for _ in range(2)]
+    for flood in floods:
+        flood.hello()
+    async with pinging(broker) as probe:
+        floods[0].start(encode_frame(Send(1, reader.own(), message)), BURST)
+        floods[1].start(encode_frame(Send(1, "burst", message)), BURST)
+        await read_burst(reader, "burst", BURST)
+    for flood in floods:
+        flood.stop()
+    reader.close()
+
+    assert probe.slowest_s < PING_BOUND_S
 
 
 async def test_a_reader_that_leaves_more_than_max_output_bytes_unread_is_closed(
@@ -164,7 +210,7 @@ async def test_pending_receives_stop_at_max_pulls(broker_factory: Callable[..., 
     attacker = await Client.connect(broker.address)
     await attacker.hello()
     before = rss_bytes(pid)
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         refused = asyncio.create_task(refusals(attacker, 90_000))
         for request_id in range(1, 100_001):
             attacker.send(Receive(request_id, f"empty{request_id % 1000}"))
@@ -225,7 +271,7 @@ async def test_waiting_messages_stop_at_max_memory_as_full(
     before = rss_bytes(pid)
     message = b"x" * (MiB - 1024)
     full = 0
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         for index in range(1, 201):  # 200 MiB, on 20 channels of capacity 100
             attacker.send(Send(index, f"hoard{index % 20}", message))
             answer = await attacker.next_frame()

@@ -4,6 +4,8 @@ the keys Channels users write: globs and compiled regexes, first match wins."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 import time
 from typing import Any
@@ -11,7 +13,13 @@ from typing import Any
 import pytest
 from channels.layers import BaseChannelLayer
 
-from broker.daemon.capacity import PROGRAM_PER_PATTERN, Bounds, CapacityPolicy, Refused
+from broker.daemon.capacity import (
+    MATCH_SLICE_S,
+    PROGRAM_PER_PATTERN,
+    Bounds,
+    CapacityPolicy,
+    Refused,
+)
 from broker.layer.settings import capacity_patterns
 from protocol import ErrorCode, Hello
 
@@ -88,3 +96,41 @@ def test_lookups_are_cached_per_name_and_the_cache_is_bounded() -> None:
     for index in range(CapacityPolicy.CACHE_SIZE + 10):
         assert policy(f"a{index}") == 5
     assert len(policy._cache) <= CapacityPolicy.CACHE_SIZE
+
+
+def test_connections_with_the_same_settings_share_one_policy() -> None:
+    """A site's processes send the same HELLO: one compiled matcher, one memory of names."""
+    patterns = (("^big", 5),)
+    one = CapacityPolicy.from_hello(hello(*patterns), BOUNDS)
+    assert CapacityPolicy.from_hello(hello(*patterns), BOUNDS) is one
+    assert CapacityPolicy.from_hello(hello(("^big", 6)), BOUNDS) is not one
+    assert CapacityPolicy.from_hello(hello(), BOUNDS) is not one
+
+
+async def test_a_batch_of_slow_names_is_matched_in_slices_the_loop_runs_between() -> None:
+    """300 names at about 0.2 ms each under 15 slow patterns (none matches): the loop
+    runs other work every MATCH_SLICE_S or so, and the capacities come back in order,
+    then remembered."""
+    slow = tuple((rf"[a-z]*{'ab'[index % 2]}[a-z]{{30}}x", 5) for index in range(15))
+    policy = CapacityPolicy(100, (*slow, ("^b", 7)), BOUNDS.max_program)
+    rng = random.Random(14)
+    names = ["".join(rng.choices("ab", k=40)) for _ in range(300)]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        started = time.thread_time()
+        capacities = await policy.all_of(names)
+        matching_s = time.thread_time() - started
+    finally:
+        ticker.cancel()
+    assert capacities == [7 if name.startswith("b") else 100 for name in names]
+    assert matching_s > 10 * MATCH_SLICE_S, "the patterns were not slow: nothing to show"
+    assert ticks >= matching_s / MATCH_SLICE_S / 4
+    assert policy._cache.keys() >= set(names)

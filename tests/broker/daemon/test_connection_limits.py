@@ -20,12 +20,11 @@ import pytest
 
 from protocol import Error, ErrorCode, Welcome
 from tests.broker.daemon.attack import (
-    PING_BOUND_S,
     Client,
     flags,
     limit_hits,
-    pinging,
 )
+from tests.ping_probe import PING_BOUND_S, pinging
 from tests.waits import DELIVERY_TIMEOUT_S, POLL_S
 
 pytestmark = pytest.mark.backends("memory")
@@ -73,7 +72,7 @@ async def test_silent_sockets_from_one_peer_leave_room_for_the_others(
         open_files=OPEN_FILES,
         extra_args=flags(max_connections_per_peer=50, hello_timeout=HELLO_TIMEOUT_S),
     )
-    async with pinging(broker.address) as probe:
+    async with pinging(broker) as probe:
         silent = await open_many(broker.address, 300, ATTACKER)
         good = await Client.connect(broker.address, source=GOOD)
         assert isinstance(await good.hello(), Welcome)

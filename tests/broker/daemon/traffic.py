@@ -2,8 +2,9 @@
 
 The restart and crash tests send ``{"n": 0}``, ``{"n": 1}``... and read them back on
 the other side. What they share: a send retried as an application would while the
-daemon or its storage is away, readers that keep what arrives (and when), and the
-check that every message came once, in order.
+daemon or its storage is away (or the channel is full while its reader reconnects),
+readers that keep what arrives (and when), and the check that every message came once,
+in order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 
 from broker.layer import BrokerUnavailable
 from tests.waits import QUIET_S, RECOVERY_TIMEOUT_S, RETRY_S
@@ -24,9 +26,17 @@ __all__ = ["Readers", "assert_once_in_order", "send_until_accepted"]
 
 
 async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]) -> list[float]:
-    """Send, retrying while the daemon refuses with BrokerUnavailable, as an application
-    would; return how long each refused attempt took (empty: accepted at once)."""
+    """Send, retrying while the daemon refuses with BrokerUnavailable, or the channel is
+    full, as an application that must not drop a message would; return how long each
+    BrokerUnavailable attempt took (empty: accepted at once).
+
+    Full is what a sender meets after an outage: its next send reconnects at once, while
+    a reader waiting in ``receive()`` reconnects after the layer's backoff (up to 3 s),
+    and meanwhile the sender fills the channel's 100 places in about a second. A channel
+    that stays full for ``RECOVERY_TIMEOUT_S`` (its reader never came back, or capacity
+    leaked) fails the test."""
     refused: list[float] = []
+    full_since: float | None = None
     while True:
         started = time.monotonic()
         try:
@@ -34,7 +44,11 @@ async def send_until_accepted(sender: Any, channel: str, message: dict[str, Any]
             return refused
         except BrokerUnavailable:
             refused.append(time.monotonic() - started)
-            await asyncio.sleep(RETRY_S)
+        except ChannelFull:
+            full_since = started if full_since is None else full_since
+            if started - full_since > RECOVERY_TIMEOUT_S:
+                pytest.fail(f"{channel} stayed full for {RECOVERY_TIMEOUT_S} s")
+        await asyncio.sleep(RETRY_S)
 
 
 class Readers:
