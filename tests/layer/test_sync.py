@@ -8,7 +8,10 @@ sync view beside a server's event loop; sync tests call them straight.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +23,7 @@ from channels.exceptions import ChannelFull
 from broker.layer import BrokerUnavailable, MessageTooLarge
 from broker.layer.sync import SEND_MANY_BATCH, _batches, layer_for
 from tests import servers
-from tests.conftest import BrokerProcess
+from tests.conftest import REPO_ROOT, BrokerProcess
 from tests.layer.storage import storage_holds
 from tests.waits import DELIVERY_TIMEOUT_S, assert_nothing_within, receive
 
@@ -284,3 +287,59 @@ def test_a_unix_socket_host_is_served(
     queue = unique("queue")
     layer_for(sync_layer).send(queue, {"over": "unix"})
     assert receive_sync(reader, queue) == {"over": "unix"}
+
+
+#: A Django process: CHANNEL_LAYERS has our layer as "default" (prefix "siteb") and
+#: Channels' in-memory layer as "memory". It sends through both, and names an alias
+#: that is not there; it prints what it met, as JSON.
+_DJANGO_SCRIPT = """
+import json, sys
+from django.conf import settings
+settings.configure(CHANNEL_LAYERS={
+    "default": {"BACKEND": "broker.layer.BrokerChannelLayer",
+                "CONFIG": {"hosts": [sys.argv[1]], "prefix": "siteb"}},
+    "memory": {"BACKEND": "channels.layers.InMemoryChannelLayer"},
+})
+import asyncio
+from asgiref.sync import async_to_sync
+from channels.exceptions import InvalidChannelLayerError
+from channels.layers import get_channel_layer
+from broker.layer import sync
+
+queue, group = sys.argv[2], sys.argv[3]
+sync.send(queue, {"n": 1})
+sync.group_add(group, queue)
+sync.group_send(group, {"n": 2})
+sync.send("mem", {"n": 3}, alias="memory")
+memory = get_channel_layer("memory")
+received = async_to_sync(asyncio.wait_for)(memory.receive("mem"), 5)
+try:
+    sync.send(queue, {"n": 4}, alias="nope")
+except InvalidChannelLayerError as exc:
+    unknown = str(exc)
+print(json.dumps({"memory": received, "unknown": unknown}))
+"""
+
+
+@pytest.mark.backends("memory")
+def test_calls_take_the_layer_of_channel_layers_by_alias(
+    broker: BrokerProcess, make_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """In a Django process the calls use ``CHANNEL_LAYERS[alias]``: our layer with its
+    settings (here its prefix), Channels' in-memory layer through ``async_to_sync``, and
+    an alias that is not there is named."""
+    queue, group = unique("queue"), unique("group")
+    result = subprocess.run(
+        [sys.executable, "-c", _DJANGO_SCRIPT, broker.url, queue, group],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "memory": {"n": 3},
+        "unknown": "CHANNEL_LAYERS has no 'nope' layer",
+    }
+    same_site = make_layer(prefix="siteb")
+    assert [receive_sync(same_site, queue)["n"] for _ in range(2)] == [1, 2]
