@@ -244,17 +244,16 @@ def _dial(settings: LayerSettings, host: Host, timeout_s: float) -> socket.socke
 def _greet(sock: socket.socket, settings: LayerSettings, decoder: FrameDecoder) -> Welcome:
     """Say HELLO and return the WELCOME; raises ``_Refused`` for a refusal, ``OSError``
     (``BrokerUnavailable`` for a daemon that cannot serve now) otherwise."""
-    handshake = Handshake(Role.CLIENT)
     sock.sendall(encode_frame(settings.hello("", b"")))
-    while (frame := decoder.next_frame()) is None:
-        data = sock.recv(READ_BYTES)
-        if not data:
-            raise _ClosedBeforeWelcome("the broker closed the connection before WELCOME")
-        decoder.receive_data(data)
     try:
-        handshake.receive(frame)
-    except ProtocolError as exc:
-        raise BrokerUnavailable(f"the broker answered HELLO with {exc}") from exc
+        while (frame := decoder.next_frame()) is None:
+            data = sock.recv(READ_BYTES)
+            if not data:
+                raise _ClosedBeforeWelcome("the broker closed the connection before WELCOME")
+            decoder.receive_data(data)
+        Handshake(Role.CLIENT).receive(frame)
+    except ProtocolError as exc:  # another server listens there (HTTP: "a frame of 1.2 GB")
+        raise BrokerUnavailable(f"not a channels-broker daemon ({exc})") from exc
     if type(frame) is Error:
         if is_refusal(frame, at_hello=True):
             raise _Refused(frame)

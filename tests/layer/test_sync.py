@@ -8,8 +8,10 @@ sync view beside a server's event loop; sync tests call them straight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
+import socket
 import subprocess
 import sys
 import threading
@@ -252,6 +254,28 @@ def test_no_daemon_is_reported_after_connect_timeout_naming_the_host(
     )
 
 
+def test_a_host_that_is_not_a_broker_is_named(make_layer: Any) -> None:
+    """Something else listens there and speaks first (an SSH server's banner)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def greet() -> None:
+            with contextlib.suppress(OSError):  # the server shut down: the test is over
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        thread = threading.Thread(target=greet, daemon=True)
+        thread.start()
+        host = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        sync = layer_for(make_layer(hosts=[host], connect_timeout=0.3))
+        with pytest.raises(BrokerUnavailable, match="not a channels-broker daemon"):
+            sync.send("anything", {"type": "x"})
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept (Linux)
+    thread.join(DELIVERY_TIMEOUT_S)
+    assert not thread.is_alive()
+
+
 def test_calls_fail_over_to_the_host_that_answers(
     make_layer: Any, broker: BrokerProcess, dead_url: str, unique: Callable[[str], str]
 ) -> None:
@@ -301,6 +325,7 @@ settings.configure(CHANNEL_LAYERS={
     "memory": {"BACKEND": "channels.layers.InMemoryChannelLayer"},
 })
 import asyncio
+import contextlib
 from asgiref.sync import async_to_sync
 from channels.exceptions import InvalidChannelLayerError
 from channels.layers import get_channel_layer
