@@ -166,8 +166,9 @@ class BlockingConnection:
 
     def request(self, frame: Frame) -> Ok | Error:
         """Write ``frame`` and return its answer. ``BrokerUnavailable`` if the connection
-        fails on the way (the request may or may not have been carried out); the
-        connection is closed then, and an ERROR closing it is raised as its exception."""
+        fails on the way (the request may or may not have been carried out). The
+        connection is closed then, or when anything interrupts the call, and an ERROR
+        closing it is raised as its exception."""
         request_id: int = frame.request_id  # type: ignore[union-attr]
         try:
             self.sock.sendall(encode_frame(frame))
@@ -175,6 +176,9 @@ class BlockingConnection:
         except (OSError, ProtocolError) as exc:
             self.close()
             raise BrokerUnavailable(f"connection to the broker lost: {exc}") from exc
+        except BaseException:
+            self.close()  # interrupted (a Celery time limit) mid-frame: out of step for good
+            raise
         if isinstance(reply, Error) and reply.request_id != request_id:  # a farewell
             self.close()
             raise exception_for(reply)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from asyncio import events
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -118,6 +119,8 @@ class SyncLayer:
         accepted). Every name and message is checked before anything is sent."""
         items = [(self._checked(channel), message) for channel, message in messages]
         payloads = [(channel, self.layer._serialize(message)) for channel, message in items]
+        if not payloads:
+            return []
         conn = self._connection()
         for _, payload in payloads:
             self.layer._check_size(payload, conn.max_message_bytes)
@@ -155,6 +158,11 @@ class SyncLayer:
     def _connection(self) -> BlockingConnection:
         """This thread's connection: opened on first use, or again after the daemon
         closed it or this process was forked from the one that opened it."""
+        if events._get_running_loop() is not None:
+            raise RuntimeError(
+                "broker.layer.sync blocks its thread, and this one runs an event loop:"
+                " in async code, await the layer's own methods (get_channel_layer().send)"
+            )
         local = self._local
         conn: BlockingConnection | None = getattr(local, "conn", None)
         if conn is not None and conn.is_usable():
@@ -168,7 +176,7 @@ class SyncLayer:
     def _request(self, conn: BlockingConnection, frame: Frame) -> Ok:
         try:
             reply = conn.request(frame)
-        except Exception:
+        except BaseException:
             self._local.conn = None  # the connection closed itself
             raise
         if type(reply) is Error:

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from broker.layer.sync import SEND_MANY_BATCH, _batches, layer_for
 from tests import servers
 from tests.conftest import REPO_ROOT, BrokerProcess
 from tests.layer.storage import storage_holds
-from tests.waits import DELIVERY_TIMEOUT_S, assert_nothing_within, receive
+from tests.waits import DELIVERY_TIMEOUT_S, IN_FLIGHT_S, assert_nothing_within, receive
 
 
 @pytest.fixture(scope="module", params=["memory://", "redis://"], ids=["memory", "redis"])
@@ -368,3 +370,49 @@ def test_calls_take_the_layer_of_channel_layers_by_alias(
     }
     same_site = make_layer(prefix="siteb")
     assert [receive_sync(same_site, queue)["n"] for _ in range(2)] == [1, 2]
+
+
+async def test_a_call_from_a_thread_running_an_event_loop_is_refused(
+    make_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """It would block the loop for a round trip, or for ``connect_timeout``;
+    ``async_to_sync`` refuses the same, and the answer is to await the layer."""
+    sync = layer_for(make_layer())
+    with pytest.raises(RuntimeError, match="await the layer's own methods"):
+        sync.send(unique("queue"), {"type": "x"})
+
+
+class _Interrupted(BaseException):
+    """What a Celery time limit or a KeyboardInterrupt does to a call: not an Exception."""
+
+
+@pytest.mark.backends("memory")
+def test_a_call_interrupted_while_waiting_leaves_no_connection_out_of_step(
+    make_own_layer: Any, own_broker: BrokerProcess, unique: Callable[[str], str]
+) -> None:
+    """1. The daemon is stopped (SIGSTOP), so a send waits for its answer.  2. A signal
+    interrupts it.  3. Once the daemon runs again, the next call is on a new connection,
+    and both messages arrive (the interrupted one had been written whole)."""
+    layer = make_own_layer()
+    sync, queue = layer_for(layer), unique("queue")
+    sync.send(queue, {"n": 0})
+    port = _local_port(sync)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    assert own_broker.process is not None
+    own_broker.process.send_signal(signal.SIGSTOP)
+    try:
+        timer = threading.Timer(IN_FLIGHT_S, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(_Interrupted):
+            sync.send(queue, {"n": 1})
+        timer.join()
+    finally:
+        own_broker.process.send_signal(signal.SIGCONT)
+        signal.signal(signal.SIGUSR1, previous)
+    sync.send(queue, {"n": 2})
+    assert _local_port(sync) != port
+    assert sorted(receive_sync(layer, queue)["n"] for _ in range(3)) == [0, 1, 2]
