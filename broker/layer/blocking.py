@@ -22,16 +22,22 @@ import socket
 import ssl
 import time
 import weakref
+from typing import TypeAlias
 
 from protocol import (
     MAX_PUSH_FRAME_BYTES,
     Error,
     Frame,
     FrameDecoder,
+    GroupAdd,
+    GroupDiscard,
+    GroupSend,
     Handshake,
     Ok,
     ProtocolError,
     Role,
+    Send,
+    SendMany,
     Welcome,
     encode_frame,
 )
@@ -47,8 +53,10 @@ from .errors import BrokerTLSError, BrokerUnavailable, exception_for, is_refusal
 from .settings import Host, LayerSettings, host_url
 from .unreachable import unreachable
 
-__all__ = ["BlockingConnection"]
+__all__ = ["BlockingConnection", "Request"]
 
+#: The frames a blocking connection sends: each answered by OK or ERROR.
+Request: TypeAlias = Send | SendMany | GroupSend | GroupAdd | GroupDiscard
 #: Bytes asked of the socket per read: an answer is a few bytes, a frame at most 64 MiB.
 READ_BYTES = 256 * 1024
 
@@ -164,12 +172,12 @@ class BlockingConnection:
             return False
         return True
 
-    def request(self, frame: Frame) -> Ok | Error:
+    def request(self, frame: Request) -> Ok | Error:
         """Write ``frame`` and return its answer. ``BrokerUnavailable`` if the connection
         fails on the way (the request may or may not have been carried out). The
         connection is closed then, or when anything interrupts the call, and an ERROR
         closing it is raised as its exception."""
-        request_id: int = frame.request_id  # type: ignore[union-attr]
+        request_id = frame.request_id
         try:
             self.sock.sendall(encode_frame(frame))
             reply = self._answer(request_id)
@@ -190,8 +198,8 @@ class BlockingConnection:
             frame = self._next_frame()
             if isinstance(frame, Ok | Error) and frame.request_id == request_id:
                 return frame
-            if _is_farewell(frame):
-                return frame  # type: ignore[return-value]
+            if isinstance(frame, Error) and frame.request_id == 0:
+                return frame  # a farewell: the daemon ends the connection
             # Anything else (Flushed, a stray answer) is for no caller of ours.
 
     def _next_frame(self) -> Frame:

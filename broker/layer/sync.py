@@ -39,7 +39,6 @@ from channels.layers import channel_layers
 from protocol import (
     MAX_ACK_PAIRS,
     Error,
-    Frame,
     GroupAdd,
     GroupDiscard,
     GroupSend,
@@ -49,7 +48,7 @@ from protocol import (
     max_request_frame_bytes,
 )
 
-from .blocking import BlockingConnection
+from .blocking import BlockingConnection, Request
 from .channel_layer import BrokerChannelLayer
 from .errors import exception_for
 
@@ -116,7 +115,8 @@ class SyncLayer:
     def send_many(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
         """Send each (channel, message), in order, a few hundred per round trip; return
         the indexes of those refused because their channel was full (the others were
-        accepted). Every name and message is checked before anything is sent."""
+        accepted). Every name and message is checked before anything is sent; if the
+        connection fails on the way, the round trips before the failing one were accepted."""
         items = [(self._checked(channel), message) for channel, message in messages]
         payloads = [(channel, self.layer._serialize(message)) for channel, message in items]
         if not payloads:
@@ -173,7 +173,7 @@ class SyncLayer:
         local.conn = conn = BlockingConnection.open(self.layer.settings)
         return conn
 
-    def _request(self, conn: BlockingConnection, frame: Frame) -> Ok:
+    def _request(self, conn: BlockingConnection, frame: Request) -> Ok:
         try:
             reply = conn.request(frame)
         except BaseException:
