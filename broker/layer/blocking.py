@@ -15,8 +15,10 @@ copy of the descriptor leaves the parent's connection as it was.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import secrets
 import select
 import socket
 import ssl
@@ -26,6 +28,7 @@ from typing import TypeAlias
 
 from protocol import (
     MAX_PUSH_FRAME_BYTES,
+    SENDER_BYTES,
     Error,
     Frame,
     FrameDecoder,
@@ -82,7 +85,9 @@ class BlockingConnection:
         "_request_ids",
         "decoder",
         "max_message_bytes",
+        "next_seq",
         "pid",
+        "sender",
         "sock",
     )
 
@@ -92,6 +97,9 @@ class BlockingConnection:
         self.max_message_bytes = welcome.max_message_bytes
         self.pid = os.getpid()
         self._request_ids = 0
+        #: The ids of the messages sent here, as the event-loop client makes them
+        #: (``protocol.with_message_id``): a process made by fork() opens its own.
+        self.sender, self.next_seq = secrets.token_bytes(SENDER_BYTES), itertools.count(1).__next__
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
         # A thread that ends drops its connection: the socket closes with it, unwarned.

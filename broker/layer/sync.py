@@ -46,6 +46,7 @@ from protocol import (
     Send,
     SendMany,
     max_request_frame_bytes,
+    with_message_id,
 )
 
 from .blocking import BlockingConnection, Request
@@ -97,16 +98,18 @@ class SyncLayer:
     def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; ``ChannelFull`` if it is at capacity."""
         self.layer.require_valid_channel_name(channel)
-        payload = self.layer._serialize(message)
+        body = self.layer._serialize(message)
         conn = self._connection()
+        payload = with_message_id(conn.sender, conn.next_seq(), body)
         self.layer._check_size(payload, conn.max_message_bytes)
         self._request(conn, Send(conn.next_id(), channel, payload))
 
     def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
         self.layer.require_valid_group_name(group)
-        payload = self.layer._serialize(message)
+        body = self.layer._serialize(message)
         conn = self._connection()
+        payload = with_message_id(conn.sender, conn.next_seq(), body)
         self.layer._check_size(payload, conn.max_message_bytes)
         reply = self._request(conn, GroupSend(conn.next_id(), group, payload))
         if reply.count:
@@ -118,10 +121,14 @@ class SyncLayer:
         accepted). Every name and message is checked before anything is sent; if the
         connection fails on the way, the round trips before the failing one were accepted."""
         items = [(self._checked(channel), message) for channel, message in messages]
-        payloads = [(channel, self.layer._serialize(message)) for channel, message in items]
-        if not payloads:
+        bodies = [(channel, self.layer._serialize(message)) for channel, message in items]
+        if not bodies:
             return []
         conn = self._connection()
+        sender, next_seq = conn.sender, conn.next_seq
+        payloads = [
+            (channel, with_message_id(sender, next_seq(), body)) for channel, body in bodies
+        ]
         for _, payload in payloads:
             self.layer._check_size(payload, conn.max_message_bytes)
         refused: list[int] = []

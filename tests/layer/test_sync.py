@@ -26,6 +26,7 @@ from channels.exceptions import ChannelFull
 
 from broker.layer import BrokerUnavailable, MessageTooLarge
 from broker.layer.sync import SEND_MANY_BATCH, _batches, layer_for
+from protocol import with_message_id
 from tests import servers
 from tests.conftest import REPO_ROOT, BrokerProcess
 from tests.layer.storage import storage_holds
@@ -416,3 +417,19 @@ def test_a_call_interrupted_while_waiting_leaves_no_connection_out_of_step(
     sync.send(queue, {"n": 2})
     assert _local_port(sync) != port
     assert sorted(receive_sync(layer, queue)["n"] for _ in range(3)) == [0, 1, 2]
+
+
+@pytest.mark.backends("shared")
+def test_sync_sends_carry_message_ids_as_the_layers_do(
+    make_layer: Any, unique: Callable[[str], str], backend_url: str
+) -> None:
+    """Each payload starts with (sender, seq) of the thread's connection, numbered from
+    1 as the event-loop client numbers its own: a receiving layer drops a redelivery."""
+    layer = make_layer()
+    sync, queue = layer_for(layer), unique("queue")
+    sync.send(queue, {"n": 1})
+    sync.send_many([(queue, {"n": 2}), (queue, {"n": 3})])
+    sender = sync._local.conn.sender
+    for seq in (1, 2, 3):
+        assert asyncio.run(storage_holds(backend_url, with_message_id(sender, seq, b"")))
+    assert [receive_sync(layer, queue)["n"] for _ in range(3)] == [1, 2, 3]
