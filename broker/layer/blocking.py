@@ -53,6 +53,7 @@ from .connecting import (
     tls_failure,
 )
 from .errors import BrokerTLSError, BrokerUnavailable, exception_for, is_refusal
+from .outages import Outages
 from .settings import Host, LayerSettings, host_url
 from .unreachable import unreachable
 
@@ -106,23 +107,29 @@ class BlockingConnection:
         weakref.finalize(self, sock.close)
 
     @classmethod
-    def open(cls, settings: LayerSettings) -> BlockingConnection:
-        """A connection to the first of ``settings.hosts`` that answers, trying them all
-        again with backoff until ``connect_timeout``; then ``BrokerUnavailable`` naming
-        each host and why. Raises at once what no retry changes: a TLS failure
-        (``BrokerTLSError``), or a refusal of the token or the settings."""
-        deadline = time.monotonic() + settings.connect_timeout_s
+    def open(cls, settings: LayerSettings, outages: Outages) -> BlockingConnection:
+        """A connection to the first of ``settings.hosts`` that answers. When none does,
+        raises at once why (``unreachable``), as the layer's other calls do, unless the
+        daemon was reachable within ``connect_timeout`` (``outages``: a restart): then it
+        tries again, with backoff, until ``connect_timeout``. Raises at once what no
+        retry changes: a TLS failure, or a refusal of the token or the settings."""
+        started = time.monotonic()
+        deadline = started + settings.connect_timeout_s
         failures: dict[Host, OSError] = {}
         delay = RECONNECT_FIRST_DELAY_S
         while True:
             for host in rotated(settings.hosts):
                 connection = cls._try(settings, host, _slice(settings, deadline), failures)
                 if connection is not None:
+                    outages.reached(host_url(host))
                     return connection
+            waited_s = time.monotonic() - started
+            error = unreachable(settings.hosts, failures, _share_s(settings), waited_s)
+            outages.unreachable(error)  # logged once per outage
             left_s = deadline - time.monotonic()
-            if left_s <= 0:
-                raise unreachable(settings.hosts, failures, settings.connect_timeout_s)
-            time.sleep(min(left_s, delay * random.uniform(0.5, 1.5)))
+            if left_s <= 0 or not outages.is_restarting():
+                raise error
+            time.sleep(min(left_s, delay * random.uniform(0.5, 1.0)))
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
     @classmethod
@@ -229,11 +236,14 @@ def _is_farewell(frame: Frame) -> bool:
     return type(frame) is Error and frame.request_id == 0
 
 
-def _slice(settings: LayerSettings, deadline: float) -> float:
+def _share_s(settings: LayerSettings) -> float:
     """How long one host may take: its share of ``connect_timeout``, so that one host
     that does not answer leaves time for the others."""
-    share_s = settings.connect_timeout_s / len(settings.hosts)
-    return max(0.001, min(share_s, deadline - time.monotonic()))
+    return settings.connect_timeout_s / len(settings.hosts)
+
+
+def _slice(settings: LayerSettings, deadline: float) -> float:
+    return max(0.001, min(_share_s(settings), deadline - time.monotonic()))
 
 
 def _dial(settings: LayerSettings, host: Host, timeout_s: float) -> socket.socket:

@@ -25,6 +25,7 @@ gunicorn worker) opens its own on its first call and never writes to its parent'
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from asyncio import events
@@ -177,7 +178,9 @@ class SyncLayer:
         local.conn = None
         if conn is not None:
             conn.close()
-        local.conn = conn = BlockingConnection.open(self.layer.settings)
+            if conn.pid == os.getpid():  # the daemon closed it: alive until now
+                self.layer.outages.saw_alive()
+        local.conn = conn = BlockingConnection.open(self.layer.settings, self.layer.outages)
         return conn
 
     def _request(self, conn: BlockingConnection, frame: Request) -> Ok:
@@ -185,6 +188,7 @@ class SyncLayer:
             reply = conn.request(frame)
         except BaseException:
             self._local.conn = None  # the connection closed itself
+            self.layer.outages.saw_alive()  # a call failing next may meet a restart
             raise
         if type(reply) is Error:
             raise exception_for(reply)
@@ -270,8 +274,9 @@ def _calls(alias: str) -> Calls:
 
 def send(channel: str, message: dict[str, Any], *, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
     """Send ``message`` to ``channel``; ``ChannelFull`` if it is at capacity,
-    ``MessageTooLarge`` before sending one over the daemon's limit, ``BrokerUnavailable``
-    if no daemon answers within ``connect_timeout``."""
+    ``MessageTooLarge`` before sending one over the daemon's limit, a
+    ``BrokerUnavailable`` saying why if no daemon answers (at once, or after up to
+    ``connect_timeout`` if it was alive a moment ago: a restart)."""
     _calls(alias).send(channel, message)
 
 
