@@ -30,6 +30,7 @@ from .harness import (
 )
 from .layers import ChannelLayer, LayerFactory, Opened, Settings, close_layer
 from .memory import MEMORY_ROWS, memory_footprint, memory_sizes
+from .sync_native import sync_native_group_send
 
 __all__ = ["SCENARIOS", "Row", "Scenario", "sizes"]
 
@@ -217,6 +218,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario("big-room", ROOM_ROWS, big_room),
     Scenario("memory", MEMORY_ROWS, memory_footprint),
+    Scenario(
+        "sync-native",
+        (Row("broker.layer.sync group_send", "calls/s", True),),
+        sync_native_group_send,
+    ),
 )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "RECONNECT_MAX_DELAY_S",
     "Dialer",
     "adopt",
+    "closed_before_welcome",
     "rejoin_frames",
     "rotated",
     "tls_failure",
@@ -221,12 +222,18 @@ def tls_refusal(
     if isinstance(exc, ssl.SSLError):
         return tls_failure(exc, where)
     if handshake is None or handshake.state is State.AWAIT_WELCOME:
-        return BrokerTLSError(
-            f"TLS to {where} refused by the daemon before HELLO: it requires a client"
-            " certificate (none given, or one its --tls-client-ca did not sign); "
-            + _CLIENT_CERTIFICATE_HINT
-        )
+        return closed_before_welcome(where)
     return None
+
+
+def closed_before_welcome(where: str) -> BrokerTLSError:
+    """A TLS connection the daemon closed, with no TLS error, before answering HELLO:
+    refused for its client certificate (asyncio's TLS server closes without its alert)."""
+    return BrokerTLSError(
+        f"TLS to {where} refused by the daemon before HELLO: it requires a client"
+        " certificate (none given, or one its --tls-client-ca did not sign); "
+        + _CLIENT_CERTIFICATE_HINT
+    )
 
 
 def tls_failure(exc: BaseException | None, where: str) -> BrokerTLSError | None:

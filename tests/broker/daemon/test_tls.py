@@ -29,6 +29,7 @@ from broker.layer import (
     BrokerTLSError,
     BrokerUnavailable,
 )
+from broker.layer.sync import layer_for
 from protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Ping, Pong, Welcome, encode_frame
 from tests.broker.http_client import http_get
 from tests.certificates import Authority, Issued
@@ -158,6 +159,34 @@ def test_a_layer_with_its_client_certificate_is_served_also_from_sync_code(
         async_to_sync(layer.send)("mtls-sync", {"index": index})
     received = [async_to_sync(layer.receive)("mtls-sync")["index"] for _ in range(4)]
     assert received == [0, 1, 2, 3]
+
+
+def test_sync_calls_use_the_layers_ssl_context_and_say_why_tls_failed(
+    pki: Pki, mtls: BrokerProcess
+) -> None:
+    """``broker.layer.sync`` opens TLS with the layer's ``ssl_context``: served with the
+    worker's certificate; refused at once, saying why, without one or with a stranger's,
+    and when the daemon's certificate is not trusted."""
+    layer = BrokerChannelLayer(hosts=[tls_url(mtls)], ssl_context=context(pki, pki.worker))
+    worker = layer_for(layer)
+    for index in range(3):
+        worker.send("mtls-sync-native", {"index": index})
+    worker.close()
+    received = [async_to_sync(layer.receive)("mtls-sync-native")["index"] for _ in range(3)]
+    assert received == [0, 1, 2]
+    refusals = [
+        ({"ssl_context": context(pki)}, "requires a client certificate"),
+        ({"ssl_context": context(pki, pki.stranger)}, "requires a client certificate"),
+        ({}, "certificate is not trusted"),
+    ]
+    for config, reason in refusals:
+        refused = BrokerChannelLayer(
+            hosts=[tls_url(mtls)], connect_timeout=CONNECT_TIMEOUT_S, **config
+        )
+        started = time.monotonic()
+        with pytest.raises(BrokerTLSError, match=reason):
+            layer_for(refused).send("tls-refused", {"n": 1})
+        assert time.monotonic() - started < AT_ONCE_S
 
 
 def _fails_at_once(**config: object) -> BrokerTLSError:

@@ -1,0 +1,309 @@
+"""Blocking ``send``, ``group_send`` and ``send_many`` for plain sync code: Django views,
+management commands, Celery tasks. No event loop: each thread has its own blocking
+socket to the daemon (``broker.layer.blocking``).
+
+Use::
+
+    from broker.layer import sync
+
+    sync.group_send(f"notification-{user.pk}", {"type": "task.notification", "data": data})
+
+Each call takes the layer of ``CHANNEL_LAYERS[alias]`` (``"default"`` unless given), as
+``get_channel_layer`` does, and speaks with its settings: hosts (failover among them),
+token, prefix, capacity patterns, TLS, and ``symmetric_encryption_keys``, so a message
+sent here is the one the layer's own ``send`` would have sent, and a consumer cannot tell
+them apart. The errors are the layer's: ``ChannelFull``, ``MessageTooLarge``,
+``BrokerUnavailable``. When ``CHANNEL_LAYERS[alias]`` is another layer (the
+``InMemoryChannelLayer`` of a test settings file), each call goes through
+``async_to_sync`` instead, so code written with this module runs there as well.
+
+Threads and processes. A thread opens its connection on its first call and keeps it
+until it ends (or calls ``close()``); a process made by ``fork()`` (a Celery or
+gunicorn worker) opens its own on its first call and never writes to its parent's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from asyncio import events
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from asgiref.sync import async_to_sync
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.exceptions import ChannelFull, InvalidChannelLayerError
+from channels.layers import channel_layers
+
+from protocol import (
+    MAX_ACK_PAIRS,
+    Error,
+    GroupAdd,
+    GroupDiscard,
+    GroupSend,
+    Ok,
+    Send,
+    SendMany,
+    max_request_frame_bytes,
+    with_message_id,
+)
+
+from .blocking import BlockingConnection, Request
+from .channel_layer import BrokerChannelLayer
+from .errors import exception_for
+
+__all__ = [
+    "SyncLayer",
+    "close",
+    "group_add",
+    "group_discard",
+    "group_send",
+    "layer_for",
+    "send",
+    "send_many",
+]
+
+log = logging.getLogger("channels_broker.layer")
+
+#: Messages per SEND_MANY frame: every daemon takes that many (its --max-batch is never lower).
+SEND_MANY_BATCH = MAX_ACK_PAIRS
+#: Room left in a SEND_MANY frame for its own fields and each item's msgpack headers.
+_FRAME_SLACK_BYTES = 4096
+_ITEM_OVERHEAD_BYTES = 16
+
+
+class Calls(Protocol):
+    """The blocking calls of one layer: ``SyncLayer``, or ``async_to_sync`` of another."""
+
+    def send(self, channel: str, message: dict[str, Any]) -> None: ...
+    def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+    def send_many(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[int]: ...
+    def group_add(self, group: str, channel: str) -> None: ...
+    def group_discard(self, group: str, channel: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class SyncLayer:
+    """The blocking calls of one ``BrokerChannelLayer``; one connection per thread.
+
+    ``layer_for(layer)`` gives the one of ``layer`` (made by hand, outside Django's
+    settings); the module's functions use that of ``CHANNEL_LAYERS[alias]``.
+    """
+
+    def __init__(self, layer: BrokerChannelLayer) -> None:
+        self.layer = layer
+        self._local = threading.local()
+
+    def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to ``channel``; ``ChannelFull`` if it is at capacity."""
+        self.layer.require_valid_channel_name(channel)
+        body = self.layer._serialize(message)
+        conn = self._connection()
+        payload = with_message_id(conn.sender, conn.next_seq(), body)
+        self.layer._check_size(payload, conn.max_message_bytes)
+        self._request(conn, Send(conn.next_id(), channel, payload))
+
+    def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
+        self.layer.require_valid_group_name(group)
+        body = self.layer._serialize(message)
+        conn = self._connection()
+        payload = with_message_id(conn.sender, conn.next_seq(), body)
+        self.layer._check_size(payload, conn.max_message_bytes)
+        reply = self._request(conn, GroupSend(conn.next_id(), group, payload))
+        if reply.count:
+            log.info("group_send to %s skipped %d full members", group, reply.count)
+
+    def send_many(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Send each (channel, message), in order, a few hundred per round trip; return
+        the indexes of those refused because their channel was full (the others were
+        accepted). Every name and message is checked before anything is sent; if the
+        connection fails on the way, the round trips before the failing one were accepted."""
+        items = [(self._checked(channel), message) for channel, message in messages]
+        bodies = [(channel, self.layer._serialize(message)) for channel, message in items]
+        if not bodies:
+            return []
+        conn = self._connection()
+        sender, next_seq = conn.sender, conn.next_seq
+        payloads = [
+            (channel, with_message_id(sender, next_seq(), body)) for channel, body in bodies
+        ]
+        for _, payload in payloads:
+            self.layer._check_size(payload, conn.max_message_bytes)
+        refused: list[int] = []
+        for start, batch in _batches(payloads, max_request_frame_bytes(conn.max_message_bytes)):
+            reply = self._request(conn, SendMany(conn.next_id(), tuple(batch)))
+            refused += [start + index for index in reply.rejected]
+        return refused
+
+    def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` (renewing its membership for ``group_expiry``)."""
+        self.layer.require_valid_group_name(group)
+        self.layer.require_valid_channel_name(channel)
+        conn = self._connection()
+        self._request(conn, GroupAdd(conn.next_id(), group, channel))
+
+    def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; nothing if it was not a member."""
+        self.layer.require_valid_group_name(group)
+        self.layer.require_valid_channel_name(channel)
+        conn = self._connection()
+        self._request(conn, GroupDiscard(conn.next_id(), group, channel))
+
+    def close(self) -> None:
+        """Close this thread's connection; the next call opens another."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _checked(self, channel: str) -> str:
+        self.layer.require_valid_channel_name(channel)
+        return channel
+
+    def _connection(self) -> BlockingConnection:
+        """This thread's connection: opened on first use, or again after the daemon
+        closed it or this process was forked from the one that opened it."""
+        if events._get_running_loop() is not None:
+            raise RuntimeError(
+                "broker.layer.sync blocks its thread, and this one runs an event loop:"
+                " in async code, await the layer's own methods (get_channel_layer().send)"
+            )
+        local = self._local
+        conn: BlockingConnection | None = getattr(local, "conn", None)
+        if conn is not None and conn.is_usable():
+            return conn
+        local.conn = None
+        if conn is not None:
+            conn.close()
+            if conn.pid == os.getpid():  # the daemon closed it: alive until now
+                self.layer.outages.saw_alive()
+        local.conn = conn = BlockingConnection.open(self.layer.settings, self.layer.outages)
+        return conn
+
+    def _request(self, conn: BlockingConnection, frame: Request) -> Ok:
+        try:
+            reply = conn.request(frame)
+        except BaseException:
+            self._local.conn = None  # the connection closed itself
+            self.layer.outages.saw_alive()  # a call failing next may meet a restart
+            raise
+        if type(reply) is Error:
+            raise exception_for(reply)
+        assert type(reply) is Ok
+        return reply
+
+
+def _batches(
+    payloads: Sequence[tuple[str, bytes]], max_frame_bytes: int
+) -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
+    """(index of the first, items) of each SEND_MANY: at most ``SEND_MANY_BATCH`` items
+    and a frame the daemon reads (one message under its limit always fits)."""
+    room = max_frame_bytes - _FRAME_SLACK_BYTES
+    start, size = 0, 0
+    batch: list[tuple[str, bytes]] = []
+    for index, (channel, payload) in enumerate(payloads):
+        cost = len(channel) + len(payload) + _ITEM_OVERHEAD_BYTES
+        if batch and (len(batch) >= SEND_MANY_BATCH or size + cost > room):
+            yield start, batch
+            start, batch, size = index, [], 0
+        batch.append((channel, payload))
+        size += cost
+    if batch:
+        yield start, batch
+
+
+class _AsyncToSync:
+    """The same calls for a layer that is not ours, through ``async_to_sync``."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def send(self, channel: str, message: dict[str, Any]) -> None:
+        async_to_sync(self.layer.send)(channel, message)
+
+    def group_send(self, group: str, message: dict[str, Any]) -> None:
+        async_to_sync(self.layer.group_send)(group, message)
+
+    def send_many(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
+        refused = []
+        for index, (channel, message) in enumerate(messages):
+            try:
+                async_to_sync(self.layer.send)(channel, message)
+            except ChannelFull:
+                refused.append(index)
+        return refused
+
+    def group_add(self, group: str, channel: str) -> None:
+        async_to_sync(self.layer.group_add)(group, channel)
+
+    def group_discard(self, group: str, channel: str) -> None:
+        async_to_sync(self.layer.group_discard)(group, channel)
+
+    def close(self) -> None:
+        """Nothing: ``async_to_sync`` leaves no connection of ours open."""
+
+
+_sync_layers: weakref.WeakKeyDictionary[BrokerChannelLayer, SyncLayer] = weakref.WeakKeyDictionary()
+_sync_layers_lock = threading.Lock()
+
+
+def layer_for(layer: Any) -> Calls:
+    """The blocking calls of ``layer``: the ``SyncLayer`` of a ``BrokerChannelLayer``
+    (one per layer instance), ``async_to_sync`` of its methods for any other layer."""
+    if not isinstance(layer, BrokerChannelLayer):
+        return _AsyncToSync(layer)
+    found = _sync_layers.get(layer)
+    if found is None:
+        with _sync_layers_lock:
+            found = _sync_layers.get(layer)
+            if found is None:
+                found = _sync_layers[layer] = SyncLayer(layer)
+    return found
+
+
+def _calls(alias: str) -> Calls:
+    try:
+        layer = channel_layers[alias]
+    except KeyError:
+        raise InvalidChannelLayerError(f"CHANNEL_LAYERS has no {alias!r} layer") from None
+    return layer_for(layer)
+
+
+def send(channel: str, message: dict[str, Any], *, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Send ``message`` to ``channel``; ``ChannelFull`` if it is at capacity,
+    ``MessageTooLarge`` before sending one over the daemon's limit, a
+    ``BrokerUnavailable`` saying why if no daemon answers (at once, or after up to
+    ``connect_timeout`` if it was alive a moment ago: a restart)."""
+    _calls(alias).send(channel, message)
+
+
+def group_send(group: str, message: dict[str, Any], *, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Send ``message`` to every member of ``group``; members at capacity are skipped.
+    Raises as ``send`` does, but never ``ChannelFull``."""
+    _calls(alias).group_send(group, message)
+
+
+def send_many(
+    messages: Iterable[tuple[str, dict[str, Any]]], *, alias: str = DEFAULT_CHANNEL_LAYER
+) -> list[int]:
+    """Send each (channel, message) in order, a few hundred per round trip; return the
+    indexes of the messages refused because their channel was full."""
+    return _calls(alias).send_many(messages)
+
+
+def group_add(group: str, channel: str, *, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Add ``channel`` to ``group``, as the layer's ``group_add``."""
+    _calls(alias).group_add(group, channel)
+
+
+def group_discard(group: str, channel: str, *, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Remove ``channel`` from ``group``, as the layer's ``group_discard``."""
+    _calls(alias).group_discard(group, channel)
+
+
+def close(*, alias: str = DEFAULT_CHANNEL_LAYER) -> None:
+    """Close this thread's connection for ``alias`` (a thread that ends closes its own)."""
+    _calls(alias).close()
