@@ -16,12 +16,15 @@ past them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from operator import attrgetter
 from typing import Any
 
 import msgpack
 
 from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
-from .frames import Frame, frame_from_wire
+from .frames import FRAME_TYPES, Frame, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
@@ -54,9 +57,40 @@ _pack_header = _header.pack
 _unpack_header = _header.unpack_from
 
 
+def _wire_form(cls: type[Frame]) -> tuple[Callable[[Frame], tuple[Any, ...]], tuple[Any, ...]]:
+    """How a frame type goes on the wire: a getter of its fields in declaration order
+    (one C call for most types), and the defaults of its trailing optional fields, last
+    first."""
+    names = tuple(f.name for f in fields(cls))
+    getter: Callable[[Frame], tuple[Any, ...]]
+    if len(names) > 1:
+        getter = attrgetter(*names)
+    else:  # attrgetter of one name returns the value itself, not a tuple
+        getter = lambda frame: tuple(getattr(frame, name) for name in names)  # noqa: E731
+    tail = []
+    for f in reversed(fields(cls)):
+        if f.default is MISSING:
+            break
+        tail.append(f.default)
+    return getter, tuple(tail)
+
+
+#: Per frame type: its fields getter and its trailing defaults (see ``_to_wire``).
+_WIRE_FORMS = {cls: _wire_form(cls) for cls in FRAME_TYPES.values()}
+
+
 def _to_wire(frame: Frame) -> list[Any]:
-    # Field order is declaration order; slots give it without building a dict.
-    return [frame.TYPE, *(getattr(frame, name) for name in frame.__slots__)]
+    """The frame as a msgpack array: type number, then fields, less the trailing fields
+    that hold their default. A peer fills those in (``frame_from_wire``), and a peer of
+    an earlier release, which knows fewer fields, still reads the frame while the fields
+    it does not know are unused (a SEND without ``seq``, an OK without ``room``)."""
+    getter, tail = _WIRE_FORMS[type(frame)]
+    items = [frame.TYPE, *getter(frame)]
+    for default in tail:
+        if items[-1] != default:
+            break
+        items.pop()
+    return items
 
 
 def encode_frame(frame: Frame) -> bytes:
