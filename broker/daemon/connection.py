@@ -293,6 +293,7 @@ class Connection(asyncio.Protocol):
             self._pulls.withdraw()
             self.ctx.router.detach(self, session.ns, session.client_id)
             await self.held.release_stored(self.ctx.backend, session.ns)
+            await self.handlers.finish()
         self.ctx.connections.discard(self)
         del self.handlers  # they point back at us: free our buffers now, not at a GC
         if not self.closed.done():

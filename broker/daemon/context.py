@@ -12,6 +12,7 @@ from broker.ops.metrics import Metrics
 from .bounds import Bounds
 from .routing import Router
 from .tokens import TokenTable
+from .windows import Senders
 
 __all__ = ["Context"]
 
@@ -33,6 +34,9 @@ class Context:
     tokens: TokenTable | None = None
     #: Connection counts, and the counting and logging of every bound hit (``bounds``).
     bounds: Bounds = field(init=False)
+    #: What the numbered SENDs of each client with an owned id came to (``windows``).
+    senders: Senders = field(init=False)
 
     def __post_init__(self) -> None:
         self.bounds = Bounds(self.config, self.metrics)
+        self.senders = Senders(self.config.max_connections)

@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 from channels.layers import BaseChannelLayer
 
-from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping, Send
+from protocol import Flush, GroupAdd, GroupDiscard, GroupSend, Ok, Ping
 
 from .client import LoopClient
 from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
@@ -109,7 +109,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = self._serialize(message)
         client = self._client()
         self._check_size(payload, await client.message_limit())
-        await client.request(Send(client.next_id(), channel, payload))
+        await client.window.send(channel, payload)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait for and return the next message on ``channel``. Safe to cancel.

@@ -19,6 +19,7 @@ from protocol import (
     MAX_PUSH_FRAME_BYTES,
     Ack,
     Cancelled,
+    Confirm,
     Deliver,
     Error,
     Flushed,
@@ -39,9 +40,10 @@ from protocol import (
 from .connecting import Dialer, adopt, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
-from .parking import IdlePool, ParkedConnection, park
+from .parking import IdlePool, ParkedConnection, park_quietly
 from .pulls import Pulls
 from .settings import LayerSettings
+from .window import WANTED_SEND_WINDOW, SendWindow
 
 __all__ = ["ClientConnection", "LoopClient"]
 
@@ -112,6 +114,7 @@ class LoopClient:
         self._refusal: Error | None = None
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pulls = Pulls(self, loop)
+        self.window = SendWindow(self, loop, *(parked.window if parked else ()))
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
@@ -160,8 +163,8 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
-        self._output[:0] = [hello, *self._rejoin()]
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
+        self._output[:0] = [encode_frame(hello), *self._rejoin(), *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn
@@ -195,6 +198,7 @@ class LoopClient:
             self._fail_calls(refused)
             return
         self._pulls.end(self._refusal)  # None: a pull is simply retried
+        self.window.lost()  # unsettled sends wait for the next connection
         for future in self._pending.values():
             if not future.done():
                 if self._refusal is not None:
@@ -202,8 +206,8 @@ class LoopClient:
                 else:
                     future.set_exception(BrokerUnavailable("connection to the broker lost"))
         self._pending.clear()
-        if not self.closed and self._waiters and self._refusal is None:
-            # Someone waits for pushes: reconnect now so they arrive.
+        if not self.closed and (self._waiters or self.window.unsettled) and not self._refusal:
+            # Someone waits for pushes, or sends to resend: reconnect now.
             self._connecting = self.loop.create_task(self._connect())
             self._connecting.add_done_callback(self._reconnected)
 
@@ -264,8 +268,11 @@ class LoopClient:
             self._buffer_push(frame)
         elif isinstance(frame, (Ok, Error, Deliver, Cancelled, Pong)):
             self._answer(frame)
+        elif isinstance(frame, Confirm):
+            self.window.confirm(frame.through_seq)
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
+            self.window.open(frame.send_window)
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()
@@ -278,7 +285,7 @@ class LoopClient:
             return
         future = self._pending.pop(request_id, None)
         if future is None:
-            self._pulls.answer(frame)
+            self.window.answer(frame) or self._pulls.answer(frame)  # a numbered send's, or a pull's
         elif not future.done():
             future.set_result(frame)
 
@@ -362,6 +369,7 @@ class LoopClient:
 
     def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
         self._pulls.end(error=error)
+        self.window.fail(error)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -372,8 +380,9 @@ class LoopClient:
 
     async def close(self, park: bool = False) -> None:
         """Close; with ``park``, hand an idle connection to the next loop instead."""
+        await self.window.settle(self.settings.connect_timeout_s)
         self.closed = True
-        if park and self._park():
+        if park and park_quietly(self, self._idle_pool):
             return
         if self._parked is not None:
             self._parked.sock.close()
@@ -386,15 +395,6 @@ class LoopClient:
             conn.transport.close()
             await conn.lost
 
-    def _park(self) -> bool:
-        """Keep this loop's connection for the next loop, if it is quiet; True if kept."""
-        conn = self.conn
-        quiet = not (self._pending or self._buffers or self._output) and self._pulls.is_quiet
-        if conn is None or conn.transport is None or not quiet or self.minted:
-            return False
-        self._flush()  # acknowledgements still owed
-        unread = conn.decoder.unread()
-        if not park(conn.transport, self.identity, unread, self.max_message_bytes, self._idle_pool):
-            return False
-        self.conn = None
-        return True
+    @property
+    def is_quiet(self) -> bool:  # for parking: nothing pending, buffered, unwritten or pulled
+        return not (self._pending or self._buffers or self._output) and self._pulls.is_quiet
