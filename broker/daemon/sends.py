@@ -183,6 +183,8 @@ class Sends:
         session, room, reserves = self.shell.session, self.room, self.reserves
         assert session is not None and room is not None and reserves is not None
         channel = frame.channel
+        if room.total >= room.limit:  # no more room for this connection until some goes
+            self.ctx.metrics.count_limit("max-send-room")
         try:
             granted = await reserves.send_reserving(
                 session.ns,

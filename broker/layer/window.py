@@ -260,7 +260,6 @@ class SendWindow:
 
     def fail(self, error: Exception) -> None:
         """No connection will come (closed, or refused for good): callers hear ``error``."""
-        self.lost()
         for entry in self.unsettled:
             if entry.reply is not None and not entry.reply.done():
                 entry.reply.set_exception(error)
@@ -268,6 +267,7 @@ class SendWindow:
                 log.warning("a message sent to %s was lost: %s", entry.channel, error)
         self.unsettled.clear()
         self._unsettled_bytes = 0
+        self.lost()
 
     async def settle(self, timeout_s: float) -> None:
         """Wait (up to ``timeout_s``) until every unsettled send is handled: a PING's
