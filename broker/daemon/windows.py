@@ -135,6 +135,8 @@ class Senders:
     def detach(self, ns: str, client_id: str, keep_s: float) -> None:
         """One connection of the client closed; keep its Seqs ``keep_s`` past the last."""
         key = (ns, client_id)
+        if key not in self._seqs:
+            return
         left = self._connections.get(key, 0) - 1
         if left > 0:
             self._connections[key] = left
