@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, FrameDecoder, encode_frame, encode_frames
+from .codec import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HEADER_BYTES,
+    FrameDecoder,
+    FrameEncoder,
+    encode_frame,
+    encode_frames,
+)
 from .errors import (
     ErrorCode,
     FrameOverLimit,
@@ -95,6 +102,7 @@ __all__ = [
     "Flushed",
     "Frame",
     "FrameDecoder",
+    "FrameEncoder",
     "FrameOverLimit",
     "FrameTooLarge",
     "GroupAdd",

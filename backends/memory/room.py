@@ -76,6 +76,7 @@ class MemoryRoom:
         """Store each message into a unit of its channel's room, in order, unchecked."""
         space = self._space(ns)
         deadline = _now() + expiry_s
+        ready: dict[str, None] = {}  # one wake-up per channel: a burst goes to a few
         for channel, payload in items:
             record = space.channels.get(channel)
             if record is None:  # the daemon checks the room; a flush keeps records with room
@@ -84,6 +85,8 @@ class MemoryRoom:
             elif record.reserved:
                 record.reserved -= 1
             self._append(record, payload, deadline)
+            ready[channel] = None
+        for channel in ready:
             self._on_ready(ns, channel)
 
     async def release_room(self: _Storage, ns: str, channel: str, count: int) -> None:

@@ -24,11 +24,11 @@ from protocol import (
     ErrorCode,
     Flushed,
     Frame,
+    FrameEncoder,
     Handshake,
     ProtocolError,
     Push,
     Role,
-    encode_frame,
     ttl_ms,
 )
 
@@ -83,6 +83,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
+        self._encoder = FrameEncoder()
         self._output_bytes = 0
         self._reading_paused = False
         self._writable = asyncio.Event()
@@ -301,8 +302,8 @@ class Connection(asyncio.Protocol):
 
     # -- output --------------------------------------------------------------
 
-    def write(self, frame: Frame) -> None:
-        data = encode_frame(frame)
+    def write(self, frame: Frame | bytes) -> None:
+        data = frame if isinstance(frame, bytes) else self._encoder.frame(frame)
         self._output.append(data)
         self._output_bytes += len(data)
 
@@ -362,7 +363,7 @@ class Connection(asyncio.Protocol):
             del ready[channel]
             pushed += self._collect(channel, items, limit, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self.write(Push(tuple(channels), payload, ttl_ms(ttl_s)))
+            self.write(self._encoder.push(channels, payload, ttl_ms(ttl_s)))
         written, pass_bytes = self._output_bytes - start, self.guard.pass_bytes
         if pushed and (written > pass_bytes or budget < PUSH_PASS_MESSAGES):
             # The next pass takes what fits pass_bytes at this pass's sizes.

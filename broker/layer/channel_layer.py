@@ -53,12 +53,18 @@ __all__ = [
 log = logging.getLogger("channels_broker.layer")
 
 RESERVED_KEY = "__asgi_channel__"
+#: Channel names remembered as valid: a consumer sends to and receives from a few names
+#: over and over, and Channels' check (a regex and two calls) ran twice per message.
+VALID_NAMES_KEPT = 4096
 
 
 class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     """A Channels layer backed by a channels-broker daemon (see ``CHANNEL_LAYERS``)."""
 
     extensions = ["groups", "flush"]
+
+    #: Each event loop's client (a loop that goes away takes its entry with it).
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient]
 
     def __init__(
         self,
@@ -93,9 +99,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             connect_timeout_s=connect_timeout,
             ssl_context=ssl_context,
         )
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients = weakref.WeakKeyDictionary()
+        self._valid_names: set[str] = set()
         self.idle_pool = IdlePool()
         self.family = Family()  # of every loop's client id: each may pull another's channels
         # Parked sockets belong to no loop; close them when the layer goes away.
@@ -180,6 +185,16 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         return asyncio.get_running_loop().time() - started
 
     # -- internals -----------------------------------------------------------
+
+    def require_valid_channel_name(self, name: str, receive: bool = False) -> bool:
+        """Channels' check of a channel name (``TypeError``), remembered for valid names."""
+        if type(name) is str and name in self._valid_names and not receive:
+            return True
+        super().require_valid_channel_name(name, receive)
+        if len(self._valid_names) >= VALID_NAMES_KEPT:
+            self._valid_names.clear()
+        self._valid_names.add(name)
+        return True
 
     def _client(self) -> LoopClient:
         loop = asyncio.get_running_loop()

@@ -217,9 +217,9 @@ class LoopClient:
 
     # -- output --------------------------------------------------------------
 
-    def write(self, frame: Frame) -> None:
+    def write(self, frame: Frame | bytes) -> None:  # a frame, or one encoded already
         self._queue_acks()  # before the frame: the daemon must free capacity first
-        self._output.append(encode_frame(frame))
+        self._output.append(frame if isinstance(frame, bytes) else encode_frame(frame))
         self._schedule_flush()
 
     def _queue_acks(self) -> None:

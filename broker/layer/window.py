@@ -28,11 +28,11 @@ from protocol import (
     MAX_UNSETTLED_SENDS,
     Error,
     Frame,
+    FrameEncoder,
     Ok,
     Ping,
     ReturnRoom,
     Send,
-    encode_frame,
 )
 
 from .errors import BrokerUnavailable, exception_for
@@ -62,7 +62,7 @@ class Sender(Protocol):
 
     def next_id(self) -> int: ...
 
-    def write(self, frame: Frame) -> None: ...
+    def write(self, frame: Frame | bytes) -> None: ...
 
 
 class Unsettled:
@@ -102,6 +102,7 @@ class SendWindow:
         self.unsettled: deque[Unsettled] = deque()
         self._unsettled_bytes = 0
         self._requests: dict[int, Unsettled] = {}  # request id -> its numbered send
+        self._encoder = FrameEncoder()
 
     # -- sending -------------------------------------------------------------
 
@@ -115,7 +116,7 @@ class SendWindow:
                 del self._rooms[channel]
             self._used.add(channel)
             entry = self._number(channel, payload, accepted=True)
-            self._client.write(Send(0, channel, payload, entry.seq))
+            self._client.write(self._encoder.send(0, channel, payload, entry.seq))
             return
         await self._request(channel, payload)
 
@@ -169,7 +170,7 @@ class SendWindow:
             return  # the reconnect sends it (it is unsettled)
         entry.request_id = request_id = self._client.next_id()
         self._requests[request_id] = entry
-        self._client.write(Send(request_id, entry.channel, entry.payload, entry.seq))
+        self._client.write(self._encoder.send(request_id, entry.channel, entry.payload, entry.seq))
 
     # -- answers -------------------------------------------------------------
 
@@ -246,7 +247,7 @@ class SendWindow:
             self._requests[request_id] = entry
             if entry.reply is not None:
                 entry.reply = self._loop.create_future()
-            frames.append(encode_frame(Send(request_id, entry.channel, entry.payload, entry.seq)))
+            frames.append(self._encoder.send(request_id, entry.channel, entry.payload, entry.seq))
         return frames
 
     def lost(self) -> None:
