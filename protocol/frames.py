@@ -127,8 +127,11 @@ def _check_bytes(name: str, value: object) -> None:
 
 
 def _check_str_tuple(name: str, value: object) -> None:
-    if type(value) is not tuple or any(type(item) is not str for item in value):
+    if type(value) is not tuple:
         raise MalformedFrame(f"{name} must be an array of str")
+    for item in value:  # a loop, not any(): PUSH frames carry one or a few (every message)
+        if type(item) is not str:
+            raise MalformedFrame(f"{name} must be an array of str")
 
 
 def _check_pairs(name: str, value: object, second: Callable[[str, object], None]) -> None:

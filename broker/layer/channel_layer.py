@@ -65,6 +65,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     #: Each event loop's client (a loop that goes away takes its entry with it).
     _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient]
+    #: The client ``_client`` gave out last.
+    _last_client: LoopClient | None = None
 
     def __init__(
         self,
@@ -113,7 +115,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_channel_name(channel)
         payload = self._serialize(message)
         client = self._client()
-        self._check_size(payload, await client.message_limit())
+        limit = client.max_message_bytes if client.conn else await client.message_limit()
+        self._check_size(payload, limit)
         await client.window.send(channel, payload)
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -160,7 +163,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         payload = self._serialize(message)
         client = self._client()
-        self._check_size(payload, await client.message_limit())
+        limit = client.max_message_bytes if client.conn else await client.message_limit()
+        self._check_size(payload, limit)
         reply = await client.request(GroupSend(client.next_id(), group, payload))
         if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
@@ -198,12 +202,18 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def _client(self) -> LoopClient:
         loop = asyncio.get_running_loop()
+        # The last loop's client, without a weak-keyed lookup: the loop calls again and
+        # again (a closed client is not used again: its loop is closing).
+        client = self._last_client
+        if client is not None and client.loop is loop and not client.closed:
+            return client
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = LoopClient(
                 self.settings, loop, self.idle_pool, self.family
             )
             _close_with_loop(loop, self._clients)
+        self._last_client = client
         return client
 
     def _serialize(self, message: dict[str, Any]) -> bytes:
