@@ -40,5 +40,12 @@ class ReservesRoom(Protocol):
         """Store each message into one unit of room reserved on its channel before, in
         order, with no capacity check (the room was counted when it was reserved)."""
 
+    async def reserve_room(
+        self, ns: str, channel: str, *, capacity: int, window: int, size: int
+    ) -> int:
+        """Reserve ``room_to_grant(window, free)`` on the channel, storing nothing (a
+        sender that spent its room and keeps sending), for messages of about ``size``
+        bytes (what a backend bounded in memory checks); return it."""
+
     async def release_room(self, ns: str, channel: str, count: int) -> None:
         """Stop counting ``count`` units of room reserved on ``channel`` (never below 0)."""

@@ -490,13 +490,19 @@ class Flushed:
 @dataclass(frozen=True, slots=True)
 class Confirm:
     """Every SEND of this client with a ``seq`` up to ``through_seq`` was handled (the
-    windowed ones stored): the client may forget them. One per batch of SENDs handled."""
+    windowed ones stored): the client may forget them. One per batch of SENDs handled.
+
+    ``room``: (channel, count) pairs of send room granted on the channels the batch
+    spent room on, so that a sender that keeps sending need not ask for more.
+    """
 
     TYPE: ClassVar[int] = 27
     through_seq: int
+    room: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("through_seq", self.through_seq)
+        _check_pairs("room", self.room, _check_count)
 
 
 Frame: TypeAlias = (

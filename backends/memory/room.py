@@ -42,6 +42,10 @@ class _Storage(Protocol):
 
     def _forget_channel(self, record: Channel) -> None: ...
 
+    def _trim(self, record: Channel, now: float) -> None: ...
+
+    def _reserve(self, record: Channel, capacity: int, window: int, size: int) -> int: ...
+
     async def send(
         self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float
     ) -> bool: ...
@@ -63,9 +67,28 @@ class MemoryRoom:
         """``send``, then reserve room on the channel in the same step (see the module)."""
         if not await self.send(ns, channel, payload, capacity=capacity, expiry_s=expiry_s):
             return None
-        record = self._spaces[ns].channels[channel]
+        return self._reserve(self._spaces[ns].channels[channel], capacity, window, len(payload))
+
+    async def reserve_room(
+        self: _Storage, ns: str, channel: str, *, capacity: int, window: int, size: int
+    ) -> int:
+        """Reserve room on the channel, storing nothing (its sender keeps sending)."""
+        space = self._space(ns)
+        record = space.channels.get(channel)
+        if record is None:  # its messages were all taken and its sweep came: a new one
+            record = space.add_channel(channel)
+            self._bytes += CHANNEL_OVERHEAD_BYTES
+        self._trim(record, _now())  # expired messages must not take up room
+        room = self._reserve(record, capacity, window, size)
+        if not (record.queue or record.held or record.reserved) and record.bucket is None:
+            self._forget_channel(record)
+        return room
+
+    def _reserve(self: _Storage, record: Channel, capacity: int, window: int, size: int) -> int:
+        """Reserve half of what fits the channel, up to ``window``, and up to what fits
+        ``--max-memory`` at ``size`` bytes a message."""
         free = capacity - len(record.queue) - record.held - record.reserved
-        fit = (self._max_bytes - self._used_bytes()) // (MESSAGE_OVERHEAD_BYTES + len(payload))
+        fit = (self._max_bytes - self._used_bytes()) // (MESSAGE_OVERHEAD_BYTES + size)
         room = room_to_grant(min(window, fit), free)
         record.reserved += room
         return room

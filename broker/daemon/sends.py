@@ -149,6 +149,7 @@ class Sends:
         SENDs in one storage call; then one CONFIRM if any was windowed."""
         run: list[Send] = []
         confirm = False
+        spent: dict[str, int] = {}  # channel -> size of its latest windowed message
         for frame in frames:
             if frame.request_id or not frame.seq:  # a request (an old client's may use id 0)
                 if run:
@@ -159,6 +160,7 @@ class Sends:
                 return  # the connection is closing: nothing more of it is handled
             else:
                 confirm = True
+                spent[frame.channel] = len(frame.payload)
                 if not self.seqs.was_stored(frame.seq):
                     run.append(frame)
                 elif self.reserves is not None:  # a retry: its unit goes back to storage
@@ -166,7 +168,25 @@ class Sends:
         if run:
             await self._store(run)
         if confirm and not self.shell.closing:
-            self.shell.write(Confirm(self.seqs.highest))
+            self.shell.write(Confirm(self.seqs.highest, await self._refill(spent)))
+
+    async def _refill(self, spent: dict[str, int]) -> tuple[tuple[str, int], ...]:
+        """Room again on the channels a burst spent room on, as much as a request would
+        get (the sender keeps sending: it need not stop to ask)."""
+        session, room, reserves = self.shell.session, self.room, self.reserves
+        assert session is not None and room is not None and reserves is not None
+        granted = []
+        for channel, size in spent.items():
+            want = room.wanted(channel)
+            if want:
+                capacity = session.capacity_of(channel)
+                got = await reserves.reserve_room(
+                    session.ns, channel, capacity=capacity, window=want, size=size
+                )
+                if got:
+                    room.grant(channel, got)
+                    granted.append((channel, got))
+        return tuple(granted)
 
     async def _reserving(self, frame: Send) -> None:
         """A request: stored if there is room, with room reserved for the next ones."""

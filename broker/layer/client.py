@@ -269,7 +269,7 @@ class LoopClient:
         elif isinstance(frame, (Ok, Error, Deliver, Cancelled, Pong)):
             self._answer(frame)
         elif isinstance(frame, Confirm):
-            self.window.confirm(frame.through_seq)
+            self.window.confirmed(frame)
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
             self.window.open(frame.send_window)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from protocol import (
     MAX_UNSETTLED_SENDS,
+    Confirm,
     Error,
     Frame,
     FrameEncoder,
@@ -188,8 +189,14 @@ class SendWindow:
             entry.reply.set_result(frame)
         return True
 
+    def confirmed(self, frame: Confirm) -> None:
+        """CONFIRM: every numbered send up to its seq was handled, and room came."""
+        self.confirm(frame.through_seq)
+        for channel, room in frame.room:
+            self._grant(channel, room)
+
     def confirm(self, through_seq: int) -> None:
-        """CONFIRM: every numbered send up to ``through_seq`` was handled."""
+        """Every numbered send up to ``through_seq`` was handled: settle them."""
         unsettled = self.unsettled
         while unsettled and unsettled[0].seq <= through_seq:
             entry = unsettled.popleft()

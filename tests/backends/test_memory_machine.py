@@ -79,7 +79,8 @@ class Model:
         return True
 
     def reserve(self, key: Key, capacity: int, window: int) -> int:
-        """Room granted after a store: half of what still fits, up to ``window``."""
+        """Room granted after a store, or alone: half of what still fits, up to ``window``."""
+        self._trim(key)
         free = capacity - len(self.queues[key]) - self.held.get(key, 0) - self.reserved.get(key, 0)
         room = max(0, min(window, free // 2))
         self.reserved[key] = self.reserved.get(key, 0) + room
@@ -236,6 +237,19 @@ class MemoryMachine(RuleBasedStateMachine):
             self.model.queues.setdefault(key, []).append((self.model.now + expiry_s, payload))
             items.append((key[1], payload))
         self.run(self.backend.send_reserved(ns, items, expiry_s=expiry_s))
+
+    @rule(
+        ns=NAMESPACES,
+        channel=channels,
+        capacity=st.sampled_from([1, 2, 3, 5, 9]),
+        window=st.sampled_from([0, 1, 2, 64]),
+    )
+    def reserve_room(self, ns: str, channel: str, capacity: int, window: int) -> None:
+        expected = self.model.reserve((ns, channel), capacity, window)
+        room = self.run(
+            self.backend.reserve_room(ns, channel, capacity=capacity, window=window, size=10)
+        )
+        assert room == expected
 
     @rule(ns=NAMESPACES, channel=channels, count=st.integers(-1, 3))
     def release_room(self, ns: str, channel: str, count: int) -> None:

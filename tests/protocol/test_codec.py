@@ -65,7 +65,7 @@ FRAMES: list[Frame] = [
     Push(("specific.ab12!x", "specific.ab12!y"), b"once", 1500),
     Pong(8),
     Flushed(),
-    Confirm(18),
+    Confirm(18, (("chat", 4),)),
 ]
 
 

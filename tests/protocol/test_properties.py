@@ -87,7 +87,7 @@ FRAME_STRATEGIES: dict[type[Frame], st.SearchStrategy[Frame]] = {
     Push: st.builds(Push, _tuples(texts), payloads, counts),
     Pong: st.builds(Pong, ids),
     Flushed: st.builds(Flushed),
-    Confirm: st.builds(Confirm, ids),
+    Confirm: st.builds(Confirm, ids, _tuples(st.tuples(texts, counts))),
 }
 frames = st.one_of(*FRAME_STRATEGIES.values())
 

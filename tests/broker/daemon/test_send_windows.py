@@ -113,8 +113,8 @@ async def test_room_granted_is_spent_by_windowed_sends_and_confirmed(
     """1. Capacity 10: a SEND with a request id is stored, and its OK grants half of the
        nine still free, 4.
     2. Four windowed SENDs (no id, seqs 2-5) are stored into that room and answered by
-       one CONFIRM of seq 5 only.
-    3. The channel holds five, and a request now gets room 2 (half of five free)."""
+       one CONFIRM of seq 5, which grants room again: 2, half of the five free.
+    3. A request now gets room 1: half of the two free once it is in and 2 are held."""
     client, _ = await windowed(broker, capacity=10)
     channel = channel_name()
     await client.write(encode_frame(Send(1, channel, message(1), 1)))
@@ -122,9 +122,9 @@ async def test_room_granted_is_spent_by_windowed_sends_and_confirmed(
     await client.write(
         b"".join(encode_frame(Send(0, channel, message(n), n)) for n in (2, 3, 4, 5))
     )
-    assert await client.next_frame() == Confirm(5)
+    assert await client.next_frame() == Confirm(5, ((channel, 2),))
     await client.write(encode_frame(Send(7, channel, message(6), 6)))
-    assert await client.next_frame() == Ok(7, room=2)
+    assert await client.next_frame() == Ok(7, room=1)
     client.close()
     await holds(make_layer, channel, [1, 2, 3, 4, 5, 6])
 
@@ -161,7 +161,8 @@ async def test_a_retry_of_a_stored_seq_is_answered_and_not_stored_again(
     await first.write(encode_frame(Send(1, channel, message(1), 1)))
     assert await first.next_frame() == Ok(1, room=49)
     await first.write(b"".join(encode_frame(Send(0, channel, message(n), n)) for n in (2, 3)))
-    assert await first.next_frame() == Confirm(3)  # handled: the retry must not store again
+    confirm = await first.next_frame()  # handled: the retry must not store again
+    assert isinstance(confirm, Confirm) and confirm.through_seq == 3
     first.close()
     second, _ = await windowed(broker, **owned)
     resent = [encode_frame(Send(10 + seq, channel, message(seq), seq)) for seq in (1, 2, 3, 4)]
