@@ -124,10 +124,11 @@ class Handlers:
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
+        window = self.sends.open(hello)
         # An owned id (proven by its secret) keeps what its numbered SENDs came to.
-        self._keeps_seqs = bool(hello.client_id)
-        seqs = self.ctx.senders.attach(session.ns, client_id) if self._keeps_seqs else None
-        window = self.sends.open(hello, seqs)
+        self._keeps_seqs = bool(window and hello.client_id)
+        if self._keeps_seqs:
+            self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes
         shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window))
         for channel in await self.ctx.backend.channels_with_messages(session.ns, client_id):

@@ -46,16 +46,16 @@ class Sends:
         self.reserves = backend if isinstance(backend, ReservesRoom) else None
         #: None until HELLO agrees a window, and for good if none is agreed.
         self.room: Room | None = None
+        #: What this client's numbered SENDs came to: its own (``windows.Senders``) if
+        #: its id is owned, else this connection's.
         self.seqs = Seqs()
 
-    def open(self, hello: Hello, seqs: Seqs | None) -> int:
-        """Agree the window HELLO asks for, within ``--send-window``; return it (0: none).
-        ``seqs``: the client's own, kept across its connections, if its id is owned."""
+    def open(self, hello: Hello) -> int:
+        """Agree the window HELLO asks for, within ``--send-window``; return it (0: none)."""
         config = self.ctx.config
         window = min(hello.send_window, config.send_window) if self.reserves else 0
         if window:
             self.room = Room(window, config.max_send_room)
-            self.seqs = seqs or self.seqs
         return window
 
     async def handle(self, first: Send) -> None:
