@@ -9,6 +9,7 @@ from .base import Backend, CapacityOf, WakeupCallback
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .records import BackendStats, GroupSendResult, Taken
+from .room import ReservesRoom, room_to_grant
 from .urls import redacted_url
 
 __all__ = [
@@ -21,11 +22,13 @@ __all__ = [
     "CapacityOf",
     "DirectPushes",
     "GroupSendResult",
+    "ReservesRoom",
     "Taken",
     "UnknownBackend",
     "WakeupCallback",
     "backend_from_url",
     "redacted_url",
+    "room_to_grant",
 ]
 
 #: URL scheme -> "module:Class". Imported on use, so memory:// never loads a driver.

@@ -17,6 +17,7 @@ from protocol import (
     LARGEST_MAX_MESSAGE_BYTES,
     LONGEST_EXPIRY_S,
     MAX_ACK_PAIRS,
+    MAX_UNSETTLED_SENDS,
     SMALLEST_MAX_MESSAGE_BYTES,
     FrameDecoder,
     max_request_frame_bytes,
@@ -145,6 +146,9 @@ class Config:
     max_input_bytes: int = default_of("max_input_bytes")
     max_output_bytes: int = default_of("max_output_bytes")
     max_memory: int = default_of("max_memory")
+    #: Send room per channel an OK may grant; 0 turns send windows off (docs/flow.md).
+    send_window: int = default_of("send_window")
+    max_send_room: int = default_of("max_send_room")
     max_connections: int = default_of("max_connections")
     max_connections_per_peer: int = default_of("max_connections_per_peer")
     hello_timeout_s: float = default_of("hello_timeout_s")
@@ -222,6 +226,12 @@ class Config:
             if value > LONGEST_EXPIRY_S:
                 message = f"--{name} must be at most {LONGEST_EXPIRY_S} s (100 years)"
                 raise ConfigError(message, name)
+        if not 0 <= self.send_window <= MAX_UNSETTLED_SENDS // 4:
+            raise ConfigError(
+                f"--send-window must be between 0 and {MAX_UNSETTLED_SENDS // 4}: a layer"
+                f" leaves up to four windows, {MAX_UNSETTLED_SENDS} sends, unconfirmed",
+                "send-window",
+            )
         if self.max_batch < MAX_ACK_PAIRS:
             message = f"--max-batch must be at least {MAX_ACK_PAIRS}: the layer's ACKs"
             raise ConfigError(message, "max-batch")

@@ -182,6 +182,22 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         512 * 1024 * 1024,
         "Bytes of waiting messages the memory backend may hold; past it, sends are full.",
     ),
+    # 64: a sender's burst on one channel goes out in one write and one round trip per
+    # 64 messages, past what a loopback round trip per send allows (docs/flow.md). The
+    # room a connection holds counts against its channels' capacity until used or given
+    # back (after 200 ms unused, or at close). memory:// only, for now (others: 0).
+    Option(
+        "send-window",
+        64,
+        "Most messages a client may send to one channel ahead of their answers (0: none).",
+    ),
+    # 64 windows on 256 channels: a worker answering many consumers holds room on the
+    # channels it sent to within the last fraction of a second; beyond this, sends wait.
+    Option(
+        "max-send-room",
+        64 * 256,
+        "Most send room (messages, over all channels) one connection may hold.",
+    ),
     # The daemon lowers it to what the open file limit leaves (and says so at start).
     Option("max-connections", 10_000, "Most client connections the daemon holds."),
     # A host of 32 processes, each with a few event loops, opens well under 1,000.

@@ -16,12 +16,15 @@ past them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from operator import attrgetter
 from typing import Any
 
 import msgpack
 
 from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
-from .frames import Deliver, Frame, Push, frame_from_wire
+from .frames import FRAME_TYPES, Deliver, Frame, Push, Send, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "SENDER_BYTES",
     "LARGE_FIELD_BYTES",
     "FrameDecoder",
+    "FrameEncoder",
     "encode_frame",
     "encode_frame_parts",
     "encode_frames",
@@ -77,9 +81,40 @@ _pack_header = _header.pack
 _unpack_header = _header.unpack_from
 
 
+def _wire_form(cls: type[Frame]) -> tuple[Callable[[Frame], tuple[Any, ...]], tuple[Any, ...]]:
+    """How a frame type goes on the wire: a getter of its fields in declaration order
+    (one C call for most types), and the defaults of its trailing optional fields, last
+    first."""
+    names = tuple(f.name for f in fields(cls))
+    getter: Callable[[Frame], tuple[Any, ...]]
+    if len(names) > 1:
+        getter = attrgetter(*names)
+    else:  # attrgetter of one name returns the value itself, not a tuple
+        getter = lambda frame: tuple(getattr(frame, name) for name in names)  # noqa: E731
+    tail = []
+    for f in reversed(fields(cls)):
+        if f.default is MISSING:
+            break
+        tail.append(f.default)
+    return getter, tuple(tail)
+
+
+#: Per frame type: its fields getter and its trailing defaults (see ``_to_wire``).
+_WIRE_FORMS = {cls: _wire_form(cls) for cls in FRAME_TYPES.values()}
+
+
 def _to_wire(frame: Frame) -> list[Any]:
-    # Field order is declaration order; slots give it without building a dict.
-    return [frame.TYPE, *(getattr(frame, name) for name in frame.__slots__)]
+    """The frame as a msgpack array: type number, then fields, less the trailing fields
+    that hold their default. A peer fills those in (``frame_from_wire``), and a peer of
+    an earlier release, which knows fewer fields, still reads the frame while the fields
+    it does not know are unused (a SEND without ``seq``, an OK without ``room``)."""
+    getter, tail = _WIRE_FORMS[type(frame)]
+    items = [frame.TYPE, *getter(frame)]
+    for default in tail:
+        if items[-1] != default:
+            break
+        items.pop()
+    return items
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -143,6 +178,39 @@ def split_message_id(payload: bytes) -> tuple[bytes, int, bytes]:
     return sender, seq, payload[_message_id.size :]
 
 
+class FrameEncoder:
+    """Frames to bytes for one connection, with one msgpack packer kept (a packer made per
+    frame costs more than the packing; a packer must not be shared between threads, so
+    each connection, on its one event loop, has its own).
+
+    ``push`` and ``send`` encode a PUSH and a SEND from values their caller made and
+    checked already (the daemon's own storage; the layer's checked names), without
+    building and checking a frame object: that was the largest part of the cost of a
+    pushed or a windowed message. The bytes are those ``encode_frame`` gives.
+    """
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def frame(self, frame: Frame) -> bytes:
+        body: bytes = self._pack(_to_wire(frame))
+        return _pack_header(len(body)) + body
+
+    def push(self, channels: list[str], payload: bytes, ttl_ms: int) -> bytes:
+        body: bytes = self._pack([Push.TYPE, channels, payload, ttl_ms])
+        return _pack_header(len(body)) + body
+
+    def send(self, request_id: int, channel: str, payload: bytes, seq: int) -> bytes:
+        body: bytes
+        if seq:
+            body = self._pack([Send.TYPE, request_id, channel, payload, seq])
+        else:  # its trailing default left off, as ``encode_frame`` does
+            body = self._pack([Send.TYPE, request_id, channel, payload])
+        return _pack_header(len(body)) + body
+
+
 class FrameDecoder:
     """Turns a byte stream into frames, refusing any frame over ``max_frame_bytes``.
 
@@ -152,7 +220,7 @@ class FrameDecoder:
     whole group's members), frames are bounded by bytes only.
     """
 
-    __slots__ = ("_buffer", "_max_objects", "limit_name", "max_frame_bytes", "max_items")
+    __slots__ = ("_buffer", "_max_objects", "_start", "limit_name", "max_frame_bytes", "max_items")
 
     def __init__(
         self,
@@ -167,19 +235,26 @@ class FrameDecoder:
             _OBJECTS_PER_ITEM * (max_items or 0) + _FIELD_OBJECTS, _UNCOUNTED_OBJECTS
         )
         self._buffer = bytearray()
+        # Where the next frame starts in the buffer: frames are read from there, and the
+        # bytes before it dropped once per read, not once per frame (a read of a burst
+        # holds many small frames, and each drop moves what follows).
+        self._start = 0
 
     def receive_data(self, data: bytes) -> None:
         """Store bytes read from the peer. Does nothing else."""
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
         self._buffer += data
 
     def unread(self) -> bytes:
         """Bytes received but not yet returned as frames (to hand them to another decoder)."""
-        return bytes(self._buffer)
+        return bytes(self._buffer[self._start :])
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buffer)
+        return len(self._buffer) - self._start
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more bytes are needed.
@@ -187,30 +262,34 @@ class FrameDecoder:
         Raises ``FrameTooLarge`` as soon as a too-long prefix arrives (before its body
         is buffered) and ``MalformedFrame``/``UnknownFrame`` for a bad body.
         """
-        buffer = self._buffer
-        if len(buffer) < HEADER_BYTES:
+        buffer, start = self._buffer, self._start
+        if len(buffer) - start < HEADER_BYTES:
             return None
-        (length,) = _unpack_header(buffer)
+        (length,) = _unpack_header(buffer, start)
         if length > self.max_frame_bytes:
             raise FrameTooLarge(
                 f"frame of {length} bytes is over the limit of {self.max_frame_bytes}"
             )
-        end = HEADER_BYTES + length
+        end = start + HEADER_BYTES + length
         if len(buffer) < end:
             return None
         if length >= _IN_PLACE_BYTES:
-            return self._decode_in_place(end)
-        body = bytes(buffer[HEADER_BYTES:end])
-        del buffer[:end]
+            return self._decode_in_place(start, end)
+        body = bytes(buffer[start + HEADER_BYTES : end])
+        if end == len(buffer):
+            buffer.clear()
+            self._start = 0
+        else:
+            self._start = end
         if self.max_items is None:
             return _decode_body(body)
         return self._decode_bounded(body)
 
-    def _decode_in_place(self, end: int) -> Frame:
+    def _decode_in_place(self, start: int, end: int) -> Frame:
         # A large body is decoded from a view of the buffer: copying it first would cost
         # two copies (an 8 MiB frame: milliseconds each of the daemon's loop).
         buffer = self._buffer
-        with memoryview(buffer) as view, view[HEADER_BYTES:end] as body:
+        with memoryview(buffer) as view, view[start + HEADER_BYTES : end] as body:
             try:
                 if self.max_items is None:
                     return _decode_body(body)
@@ -219,6 +298,7 @@ class FrameDecoder:
                 body.release()
                 view.release()
                 del buffer[:end]
+                self._start = 0
 
     def _decode_bounded(self, body: bytes | memoryview) -> Frame:
         max_items = self.max_items

@@ -54,6 +54,9 @@ class ErrorCode(IntEnum):
     CLIENT_ID_TAKEN = 16
     #: The daemon, or this peer address, has as many connections as it allows.
     TOO_MANY_CONNECTIONS = 17
+    #: A windowed SEND (no request id) on a channel where the connection holds no send
+    #: room: the client broke the flow-control rules (docs/flow.md).
+    NO_ROOM = 18
 
 
 class ProtocolError(Exception):

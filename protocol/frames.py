@@ -23,6 +23,7 @@ __all__ = [
     "Ack",
     "Cancel",
     "Cancelled",
+    "Confirm",
     "Deliver",
     "Error",
     "Flush",
@@ -37,6 +38,7 @@ __all__ = [
     "Pong",
     "Push",
     "Receive",
+    "ReturnRoom",
     "Send",
     "SendMany",
     "Welcome",
@@ -125,8 +127,11 @@ def _check_bytes(name: str, value: object) -> None:
 
 
 def _check_str_tuple(name: str, value: object) -> None:
-    if type(value) is not tuple or any(type(item) is not str for item in value):
+    if type(value) is not tuple:
         raise MalformedFrame(f"{name} must be an array of str")
+    for item in value:  # a loop, not any(): PUSH frames carry one or a few (every message)
+        if type(item) is not str:
+            raise MalformedFrame(f"{name} must be an array of str")
 
 
 def _check_pairs(name: str, value: object, second: Callable[[str, object], None]) -> None:
@@ -153,6 +158,8 @@ class Hello:
     wait for it. ``channel_capacity`` holds (regular expression, capacity) pairs,
     first match wins, each matched from the name's start; in RE2's syntax (Python's
     ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
+    ``send_window`` is the most send room per channel the client can use (0: it sends
+    no windowed SEND; see docs/flow.md).
     """
 
     TYPE: ClassVar[int] = 1
@@ -165,6 +172,7 @@ class Hello:
     group_expiry_s: float
     channel_capacity: tuple[tuple[str, int], ...] = ()
     secret: bytes = field(default=b"", repr=False)
+    send_window: int = 0
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -176,38 +184,52 @@ class Hello:
         _check_number("group_expiry_s", self.group_expiry_s)
         _check_pairs("channel_capacity", self.channel_capacity, _check_count)
         _check_bytes("secret", self.secret)
+        _check_int("send_window", self.send_window)
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Daemon's answer to HELLO: the agreed version and the client id to use."""
+    """Daemon's answer to HELLO: the agreed version and the client id to use.
+
+    ``send_window``: the most room per channel an OK may grant (0: windows are off, and
+    every SEND waits for its answer).
+    """
 
     TYPE: ClassVar[int] = 2
     version: int
     client_id: str
     max_message_bytes: int
     server: str
+    send_window: int = 0
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
         _check_str("client_id", self.client_id)
         _check_int("max_message_bytes", self.max_message_bytes, low=1)
         _check_str("server", self.server)
+        _check_int("send_window", self.send_window)
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Put one message (opaque bytes) on a channel. Answered by OK or ERROR."""
+    """Put one message (opaque bytes) on a channel. Answered by OK or ERROR.
+
+    ``seq`` (1, 2, 3... per client; 0: none) names the message, so a retry is stored
+    once. With ``request_id`` 0 and a ``seq`` it is *windowed*: it spends one unit of
+    the room an OK granted on its channel and gets no answer but a later CONFIRM.
+    """
 
     TYPE: ClassVar[int] = 3
     request_id: int
     channel: str
     payload: bytes
+    seq: int = 0
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
         _check_str("channel", self.channel)
         _check_bytes("payload", self.payload)
+        _check_int("seq", self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +357,29 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class ReturnRoom:
+    """The client gives back ``count`` units of send room it holds on ``channel``
+    (unused for a while, or closing). No answer."""
+
+    TYPE: ClassVar[int] = 13
+    channel: str
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_str("channel", self.channel)
+        _check_int("count", self.count)
+
+
+@dataclass(frozen=True, slots=True)
 class Ok:
-    """Success. ``count`` and ``rejected`` carry results for GROUP_SEND and SEND_MANY."""
+    """Success. ``count`` and ``rejected`` carry results for GROUP_SEND and SEND_MANY;
+    ``room``, for a SEND, the send room granted on its channel (reserved in storage)."""
 
     TYPE: ClassVar[int] = 20
     request_id: int
     count: int = 0
     rejected: tuple[int, ...] = ()
+    room: int = 0
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
@@ -350,6 +388,7 @@ class Ok:
             raise MalformedFrame("rejected must be an array of int")
         for index in self.rejected:
             _check_int("rejected", index)
+        _check_int("room", self.room)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +487,24 @@ class Flushed:
     TYPE: ClassVar[int] = 26
 
 
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Every SEND of this client with a ``seq`` up to ``through_seq`` was handled (the
+    windowed ones stored): the client may forget them. One per batch of SENDs handled.
+
+    ``room``: (channel, count) pairs of send room granted on the channels the batch
+    spent room on, so that a sender that keeps sending need not ask for more.
+    """
+
+    TYPE: ClassVar[int] = 27
+    through_seq: int
+    room: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("through_seq", self.through_seq)
+        _check_pairs("room", self.room, _check_count)
+
+
 Frame: TypeAlias = (
     Hello
     | Welcome
@@ -461,6 +518,7 @@ Frame: TypeAlias = (
     | GroupSend
     | Flush
     | Ping
+    | ReturnRoom
     | Ok
     | Error
     | Deliver
@@ -468,13 +526,15 @@ Frame: TypeAlias = (
     | Push
     | Pong
     | Flushed
+    | Confirm
 )
 
 FRAME_TYPES: dict[int, type[Frame]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard,
-        GroupSend, Flush, Ping, Ok, Error, Deliver, Cancelled, Push, Pong, Flushed,
+        GroupSend, Flush, Ping, ReturnRoom, Ok, Error, Deliver, Cancelled, Push, Pong,
+        Flushed, Confirm,
     )
 }  # fmt: skip
 

@@ -10,6 +10,7 @@ __all__ = [
     "MAX_ACK_PAIRS",
     "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
+    "MAX_UNSETTLED_SENDS",
     "SMALLEST_MAX_MESSAGE_BYTES",
     "max_request_frame_bytes",
 ]
@@ -53,3 +54,8 @@ LARGEST_CAPACITY = 2**31 - 1
 #: shorter than 100 characters: what ``fnmatch.translate`` (Channels' glob keys) makes
 #: of the longest glob, every character escaped, is about 210.
 MAX_PATTERN_CHARS = 256
+#: Most SENDs with a ``seq`` one client leaves unsettled at once (written, and neither
+#: answered nor confirmed): what a layer resends after a reconnect. A daemon remembers
+#: which of a client's latest that many seqs it did not store, so a retry is stored once
+#: (docs/flow.md); 1,024 is sixteen full windows of the default 64.
+MAX_UNSETTLED_SENDS = 1024

@@ -4,11 +4,11 @@ Theory of operation. Each namespace is a ``Space`` holding two dicts, channel na
 -> ``Channel`` and group name -> ``Group``, so ``flush`` touches one namespace only,
 plus an index client id -> its process-specific channels, for ``channels_with_messages``.
 A channel is a deque of ``(deadline, payload)`` in send order plus ``held``, the count of
-messages taken with ``hold=True`` and not yet released; ``len(queue) + held`` is what
-its capacity bounds. A channel record outlives its last message until the sweep of its
-bucket (at most one expiry later): a consumer's own channel, which gets one message at
-a time, keeps its record instead of making and forgetting one (and filing it in the
-wheel) per message. Memory follows the channels used within one expiry.
+messages taken with ``hold=True`` and not yet released, and ``reserved``, the send room
+senders hold on it (``room``); ``len(queue) + held + reserved`` is what its capacity
+bounds. A record outlives its last message until the sweep of its bucket (at most one
+expiry later): a consumer's own channel, which gets one message at a time, keeps its
+record instead of making and forgetting one (and filing it) per message.
 
 Expiry is checked where data is read (``take`` drops every expired message it pops,
 ``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
@@ -37,6 +37,7 @@ from ..errors import BackendError
 from ..records import BackendStats, GroupSendResult, Taken
 from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
 from .records import Channel, Group, Space, longest_queues
+from .room import MemoryRoom
 from .url import check_url
 from .wheel import TimerWheel
 
@@ -53,11 +54,9 @@ _NEW_MESSAGE_BYTES = MESSAGE_OVERHEAD_BYTES + CHANNEL_OVERHEAD_BYTES
 _now = time.monotonic
 
 
-class MemoryBackend(Backend):
-    """Channels and groups in this process's memory: the daemon's default backend.
-
-    Not shared: each daemon on ``memory://`` has storage of its own, lost on exit.
-    """
+class MemoryBackend(MemoryRoom, Backend):
+    """Channels and groups in this process's memory: the daemon's default backend. Not
+    shared: each daemon on ``memory://`` has storage of its own, lost on exit."""
 
     def __init__(self, *, tick_s: float = DEFAULT_TICK_S) -> None:
         """``tick_s``: seconds per timer-wheel bucket (how late expired data is freed)."""
@@ -65,7 +64,7 @@ class MemoryBackend(Backend):
         if not tick_s > 0:
             raise BackendError(f"tick_s must be positive, not {tick_s!r}")
         self._bytes = 0  # payloads and channel records; see _used_bytes
-        self._room = sys.maxsize  # no bound until limit_memory
+        self._max_bytes = sys.maxsize  # no bound until limit_memory
         self._refusals = Refusals(None)
         self._tick_s = tick_s
         self._spaces: dict[str, Space] = {}
@@ -73,11 +72,9 @@ class MemoryBackend(Backend):
         self._group_wheel: TimerWheel[Group] = TimerWheel(tick_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._channels_waiting = 0
-        self._messages_waiting = 0
-        self._groups = 0
-        self._memberships = 0
-        self._expired_total = 0
+        # The running counts ``stats`` reports.
+        self._channels_waiting = self._messages_waiting = self._expired_total = 0
+        self._groups = self._memberships = 0
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -88,7 +85,7 @@ class MemoryBackend(Backend):
     def limit_memory(self, max_bytes: int) -> None:
         """Refuse sends once waiting messages would cost more than ``max_bytes`` (the
         daemon's ``--max-memory``; see ``budget``)."""
-        self._room = max_bytes
+        self._max_bytes = max_bytes
         self._refusals = Refusals(max_bytes)
 
     async def connect(self) -> None:
@@ -115,12 +112,11 @@ class MemoryBackend(Backend):
     ) -> bool:
         """Append a message unless the channel (or memory) is full; False when full."""
         now = _now()
-        if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._room:
+        if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._max_bytes:
             self._refusals.count(1, self._used_bytes())
             return False
         if not self._put(self._space(ns), channel, payload, capacity, now + expiry_s, now):
             return False
-        self._bytes += len(payload)
         self._on_ready(ns, channel)
         return True
 
@@ -141,11 +137,10 @@ class MemoryBackend(Backend):
         refused: list[int] = []
         for index, (channel, payload) in enumerate(items):
             capacity = capacity_of(channel) if uniform is None else uniform
-            if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._room:
+            if self._used_bytes() + _NEW_MESSAGE_BYTES + len(payload) > self._max_bytes:
                 self._refusals.count(1, self._used_bytes())
                 refused.append(index)
             elif self._put(space, channel, payload, capacity, deadline, now):
-                self._bytes += len(payload)
                 self._on_ready(ns, channel)
             else:
                 refused.append(index)
@@ -191,7 +186,7 @@ class MemoryBackend(Backend):
         if record is None or count <= 0:
             return
         record.held = max(0, record.held - count)
-        if not record.held and not record.queue and record.bucket is None:
+        if not (record.queue or record.held or record.reserved) and record.bucket is None:
             self._forget_channel(record)  # its sweep passed while it was held
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
@@ -206,7 +201,7 @@ class MemoryBackend(Backend):
             self._trim(record, now)
             if record.queue:
                 names.append(record.name)
-            elif not record.held:
+            elif not (record.queue or record.held or record.reserved):
                 self._forget_channel(record)
         return names
 
@@ -248,7 +243,7 @@ class MemoryBackend(Backend):
         lapsed: list[str] = []
         members: Iterable[tuple[str, float]] = record.members.items()
         skipped = 0
-        fit = (self._room - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
+        fit = (self._max_bytes - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
         if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
             members, skipped = split_at_room(record.members, fit, now, lapsed)
             self._refusals.count(skipped, self._used_bytes())
@@ -261,13 +256,13 @@ class MemoryBackend(Backend):
                 self._on_ready(ns, channel)
             else:
                 skipped += 1
-        self._bytes += len(payload) * len(delivered)
         if lapsed:
             self._drop_members(record, lapsed)
         return GroupSendResult(delivered=delivered, skipped=skipped)
 
     async def flush(self, ns: str) -> None:
-        """Drop the namespace's messages, held counts and groups; others are untouched."""
+        """Drop the namespace's messages, held counts and groups (not the room its senders
+        hold: ``room``); other namespaces are untouched."""
         space = self._spaces.pop(ns, None)
         if space is None:
             return
@@ -280,11 +275,11 @@ class MemoryBackend(Backend):
             self._group_wheel.unfile(group)
             self._memberships -= len(group.members)
         self._groups -= len(space.groups)
+        self._keep_room(ns, space)
         space.forget_all()  # its records point back at it: free them now, not at a GC
 
     def watch(self, ns: str, key: str) -> None:
-        """Nothing to do: every enqueue here calls the wake-up at once, watched or not (no
-        remote feed to subscribe to; a wake-up nobody watches is a dict miss in the router)."""
+        """Nothing to do: every enqueue here calls the wake-up at once, watched or not."""
 
     def unwatch(self, ns: str, key: str) -> None:
         """Nothing to do; see ``watch``."""
@@ -334,15 +329,19 @@ class MemoryBackend(Backend):
             queue = record.queue
             if queue and queue[0][0] <= now:
                 self._trim(record, now)  # expired messages must not take up room
-            if len(queue) + record.held >= capacity:
+            if len(queue) + record.held + record.reserved >= capacity:
                 return False
+        self._append(record, payload, deadline)
+        return True
+
+    def _append(self, record: Channel, payload: bytes, deadline: float) -> None:
         if not record.queue:
             self._channels_waiting += 1
         record.queue.append((deadline, payload))
         self._messages_waiting += 1
+        self._bytes += len(payload)
         if record.bucket is None:
             self._channel_wheel.file(record, deadline)
-        return True
 
     def _used_bytes(self) -> int:
         """What waiting messages and channel records cost, as ``limit_memory`` counts it."""
@@ -391,7 +390,7 @@ class MemoryBackend(Backend):
         self._trim(record, now)
         if record.queue:
             self._channel_wheel.file(record, record.queue[0][0])
-        elif not record.held:
+        elif not (record.queue or record.held or record.reserved):
             self._forget_channel(record)
 
     def _sweep_group(self, record: Group, now: float) -> None:

@@ -42,9 +42,10 @@ class Space:
 
 
 class Channel(Filed):
-    """A channel's waiting messages, oldest first, and how many taken ones are held."""
+    """A channel's waiting messages, oldest first, how many taken ones are held, and how
+    much send room senders hold on it (``reserved``, see ``backends.room``)."""
 
-    __slots__ = ("client", "held", "name", "queue", "space")
+    __slots__ = ("client", "held", "name", "queue", "reserved", "space")
 
     def __init__(self, space: Space, name: str) -> None:
         self.bucket = None
@@ -55,6 +56,7 @@ class Channel(Filed):
         self.client = None if bang < 0 else name[name.rfind(".", 0, bang) + 1 : bang]
         self.queue: deque[tuple[float, bytes]] = deque()
         self.held = 0
+        self.reserved = 0
 
 
 class Group(Filed):

@@ -26,6 +26,7 @@ from protocol import (
     Error,
     ErrorCode,
     Frame,
+    FrameEncoder,
     Handshake,
     ProtocolError,
     Push,
@@ -86,6 +87,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
+        self._encoder = FrameEncoder()
         self._output_bytes = 0
         self._reading_paused = False
         self._writable = asyncio.Event()
@@ -171,8 +173,6 @@ class Connection(asyncio.Protocol):
         self._write_blocked = False
         self._writable.set()
 
-    # -- router callbacks (Endpoint) -----------------------------------------
-
     def push_later(self, channel: str) -> None:
         ready = self.ready_channels
         if channel not in ready and not self.held.has_room(channel, len(ready)):
@@ -204,8 +204,6 @@ class Connection(asyncio.Protocol):
 
     def notify_flushed(self) -> None:
         self.guard.flushed()
-
-    # -- shutdown ------------------------------------------------------------
 
     def shut_down(self) -> None:
         """Stop reading; the worker answers what was already read, then closes."""
@@ -293,15 +291,18 @@ class Connection(asyncio.Protocol):
             self._pulls.withdraw()
             self.ctx.router.detach(self, session.ns, session.client_id)
             await self.held.release_stored(self.ctx.backend, session.ns)
+            await self.handlers.finish()
         self.ctx.connections.discard(self)
         del self.handlers  # they point back at us: free our buffers now, not at a GC
         if not self.closed.done():
             self.closed.set_result(None)
 
-    # -- output --------------------------------------------------------------
-
-    def write(self, frame: Frame) -> None:
-        self._output_bytes += encode_into(self._output, frame)
+    def write(self, frame: Frame | bytes) -> None:
+        if isinstance(frame, bytes):  # encoded already (``FrameEncoder.push``, CONFIRM)
+            self._output.append(frame)
+            self._output_bytes += len(frame)
+        else:  # a payload of megabytes goes out as it is (``encode_into``)
+            self._output_bytes += encode_into(self._output, frame)
 
     def flush(self) -> None:
         transport = self.transport
@@ -362,7 +363,7 @@ class Connection(asyncio.Protocol):
             del ready[channel]
             pushed += self._collect(channel, items, limit, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self.write(Push(tuple(channels), payload, ttl_ms(ttl_s)))
+            self.write(self._encoder.push(channels, payload, ttl_ms(ttl_s)))
         written, pass_bytes = self._output_bytes - start, self.guard.pass_bytes
         if pushed and (written > pass_bytes or budget < PUSH_PASS_MESSAGES):
             # The next pass takes what fits pass_bytes at this pass's sizes.

@@ -12,6 +12,7 @@ from broker.ops.metrics import Metrics
 from .bounds import Bounds
 from .routing import Router
 from .tokens import IgnoredTokens, TokenTable
+from .windows import Senders
 
 __all__ = ["Context"]
 
@@ -35,6 +36,9 @@ class Context:
     ignored_tokens: IgnoredTokens = field(default_factory=IgnoredTokens)
     #: Connection counts, and the counting and logging of every bound hit (``bounds``).
     bounds: Bounds = field(init=False)
+    #: What the numbered SENDs of each client with an owned id came to (``windows``).
+    senders: Senders = field(init=False)
 
     def __post_init__(self) -> None:
         self.bounds = Bounds(self.config, self.metrics)
+        self.senders = Senders(self.config.max_connections)

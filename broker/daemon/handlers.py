@@ -35,6 +35,7 @@ from protocol import (
     Ping,
     Pong,
     Receive,
+    ReturnRoom,
     Send,
     SendMany,
     Welcome,
@@ -48,15 +49,13 @@ from . import tokens
 from .capacity import Refused
 from .context import Context
 from .routing import Pull
+from .sends import Sends
 from .session import Session, new_client_id
 from .shell import Shell
 
-__all__ = ["SEND_BATCH", "Handlers", "Shell"]
+__all__ = ["Handlers", "Shell"]
 
 log = logging.getLogger("channels_broker.connection")
-
-#: Consecutive SENDs answered with one backend call: a layer's whole send window.
-SEND_BATCH = 256
 
 _SERVER = f"channels-broker/{__version__}"
 
@@ -67,11 +66,13 @@ class Handlers:
     def __init__(self, shell: Shell, ctx: Context) -> None:
         self.shell = shell
         self.ctx = ctx
+        self.sends = Sends(shell, ctx)
+        self._keeps_seqs = False  # the client's id is owned: ``ctx.senders`` keeps its seqs
 
     async def handle(self, frame: Frame) -> None:
         """Answer one request; consecutive SENDs in the inbox are answered together."""
-        if type(frame) is Send and self.shell.inbox and type(self.shell.inbox[0]) is Send:
-            await self._handle_sends(frame)
+        if type(frame) is Send:
+            await self.sends.handle(frame)
             return
         handler = _HANDLERS.get(type(frame))
         if handler is None:
@@ -89,6 +90,14 @@ class Handlers:
             if request_id:  # an ACK has none; its release is retried on close
                 self.shell.fail(request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
         _observe(self.ctx.metrics.request_by_type[type(frame)], perf_counter() - started)
+
+    async def finish(self) -> None:
+        """The connection closed: storage releases its send room; its client's seqs are
+        kept for a while, for its next connection (``windows.Senders``)."""
+        await self.sends.release_all()
+        session = self.shell.session
+        if session is not None and self._keeps_seqs:
+            self.ctx.senders.detach(session.ns, session.client_id, session.expiry_s)
 
     def session(self) -> Session:
         # The handshake admits no request before HELLO, and HELLO sets the session
@@ -115,8 +124,13 @@ class Handlers:
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
+        window = self.sends.open(hello)
+        # An owned id (proven by its secret) keeps what its numbered SENDs came to.
+        self._keeps_seqs = bool(window and hello.client_id)
+        if self._keeps_seqs:
+            self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes
-        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER))
+        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window))
         await self.take_in_own_channels()
 
     async def take_in_own_channels(self) -> None:
@@ -173,70 +187,7 @@ class Handlers:
         self.shell.fail(request_id, ErrorCode.MESSAGE_TOO_LARGE, message)
         return False
 
-    def _is_valid_send(self, frame: Send) -> bool:
-        rid = frame.request_id
-        return self._check_channel(rid, frame.channel) and self._check_size(rid, frame.payload)
-
     # -- sends ---------------------------------------------------------------
-
-    async def _on_send(self, frame: Send) -> None:
-        if not self._is_valid_send(frame):
-            return
-        session = self.session()
-        accepted = await self.ctx.backend.send(
-            session.ns,
-            frame.channel,
-            frame.payload,
-            capacity=session.capacity_of(frame.channel),
-            expiry_s=session.expiry_s,
-        )
-        self._answer_send(frame, accepted)
-        if accepted:
-            self.ctx.metrics.accepted["send"] += 1
-        else:
-            self.ctx.metrics.rejected["send"] += 1
-
-    def _answer_send(self, frame: Send, accepted: bool) -> None:
-        if accepted:
-            self.shell.write(Ok(frame.request_id))
-        else:
-            message = f"channel {frame.channel} is full"
-            self.shell.fail(frame.request_id, ErrorCode.CHANNEL_FULL, message)
-
-    async def _handle_sends(self, first: Send) -> None:
-        """Consecutive SENDs as one ``send_many``: one backend round trip, the same replies.
-
-        A layer keeps many sends in flight; a shared backend would otherwise pay a
-        round trip for each, one after the other.
-        """
-        inbox = self.shell.inbox
-        frames = [first]
-        while inbox and type(inbox[0]) is Send and len(frames) < SEND_BATCH:
-            frames.append(inbox.popleft())  # type: ignore[arg-type]
-        started = perf_counter()
-        valid = [frame for frame in frames if self._is_valid_send(frame)]
-        session = self.session()
-        try:
-            refused = await self.ctx.backend.send_many(
-                session.ns,
-                [(frame.channel, frame.payload) for frame in valid],
-                capacity_of=session.capacity_of,
-                expiry_s=session.expiry_s,
-            )
-        except BackendError as exc:
-            log.warning("backend error for %d Sends: %s", len(valid), exc)
-            for frame in valid:
-                self.shell.fail(frame.request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
-        else:
-            full = set(refused)
-            for index, frame in enumerate(valid):
-                self._answer_send(frame, index not in full)
-            self.ctx.metrics.accepted["send"] += len(valid) - len(full)
-            self.ctx.metrics.rejected["send"] += len(full)
-        histogram = self.ctx.metrics.request_by_type[Send]
-        elapsed = perf_counter() - started
-        for _ in frames:
-            _observe(histogram, elapsed)
 
     async def _on_send_many(self, frame: SendMany) -> None:
         rid = frame.request_id
@@ -364,12 +315,14 @@ class Handlers:
     async def _on_ping(self, frame: Ping) -> None:
         self.shell.write(Pong(frame.request_id))
 
+    async def _on_return_room(self, frame: ReturnRoom) -> None:
+        await self.sends.give_back(frame.channel, frame.count)
+
 
 #: Frame type -> its handler: functions, not bound methods kept per instance (they would
 #: point back at it, and a closed connection's buffers would wait for the cyclic GC).
 _HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
     Hello: Handlers._on_hello,
-    Send: Handlers._on_send,
     SendMany: Handlers._on_send_many,
     Receive: Handlers._on_receive,
     Cancel: Handlers._on_cancel,
@@ -379,6 +332,7 @@ _HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
     GroupSend: Handlers._on_group_send,
     Flush: Handlers._on_flush,
     Ping: Handlers._on_ping,
+    ReturnRoom: Handlers._on_return_room,
 }
 
 

@@ -20,6 +20,8 @@ class Shell(Endpoint, Protocol):
     its client's state and its output."""
 
     peer: str
+    #: The connection is closing: nothing it reads from now on is handled.
+    closing: bool
     session: Session | None
     inbox: deque[Frame]
     #: Pending RECEIVEs by request id.

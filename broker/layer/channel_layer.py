@@ -47,7 +47,6 @@ from protocol import (
     GroupSend,
     Ok,
     Ping,
-    Send,
     split_message_id,
     with_message_id,
 )
@@ -106,10 +105,20 @@ class HandedIds:
         return True
 
 
+#: Channel names remembered as valid: a consumer sends to and receives from a few names
+#: over and over, and Channels' check (a regex and two calls) ran twice per message.
+VALID_NAMES_KEPT = 4096
+
+
 class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     """A Channels layer backed by a channels-broker daemon (see ``CHANNEL_LAYERS``)."""
 
     extensions = ["groups", "flush"]
+
+    #: Each event loop's client (a loop that goes away takes its entry with it).
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient]
+    #: The client ``_client`` gave out last.
+    _last_client: LoopClient | None = None
 
     def __init__(
         self,
@@ -141,6 +150,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient] = (
             weakref.WeakKeyDictionary()
         )
+        self._valid_names: set[str] = set()
         self.idle_pool = IdlePool()
         self.family = Family()  # of every loop's client id: each may pull another's channels
         self.handed = HandedIds()
@@ -155,8 +165,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_channel_name(channel)
         client = self._client()
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
-        self._check_size(payload, await client.message_limit())
-        await client.request(Send(client.next_id(), channel, payload))
+        limit = client.max_message_bytes if client.conn else await client.message_limit()
+        self._check_size(payload, limit)
+        await client.window.send(channel, payload)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Wait for and return the next message on ``channel``. Safe to cancel.
@@ -206,7 +217,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         client = self._client()
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
-        self._check_size(payload, await client.message_limit())
+        limit = client.max_message_bytes if client.conn else await client.message_limit()
+        self._check_size(payload, limit)
         reply = await client.request(GroupSend(client.next_id(), group, payload))
         if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
@@ -232,14 +244,30 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # -- internals -----------------------------------------------------------
 
+    def require_valid_channel_name(self, name: str, receive: bool = False) -> bool:
+        """Channels' check of a channel name (``TypeError``), remembered for valid names."""
+        if type(name) is str and name in self._valid_names and not receive:
+            return True
+        super().require_valid_channel_name(name, receive)
+        if len(self._valid_names) >= VALID_NAMES_KEPT:
+            self._valid_names.clear()
+        self._valid_names.add(name)
+        return True
+
     def _client(self) -> LoopClient:
         loop = asyncio.get_running_loop()
+        # The last loop's client, without a weak-keyed lookup: the loop calls again and
+        # again (a closed client is not used again: its loop is closing).
+        client = self._last_client
+        if client is not None and client.loop is loop and not client.closed:
+            return client
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = LoopClient(
                 self.settings, loop, self.idle_pool, self.family, self.outages
             )
             _close_with_loop(loop, self._clients)
+        self._last_client = client
         return client
 
     def _serialize(self, message: dict[str, Any]) -> bytes:

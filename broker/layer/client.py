@@ -22,6 +22,7 @@ from protocol import (
     SENDER_BYTES,
     Ack,
     Cancelled,
+    Confirm,
     Deliver,
     Error,
     Flushed,
@@ -42,9 +43,10 @@ from .connecting import Dialer, adopt, rejoin_frames, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
 from .outages import Outages
-from .parking import IdlePool, ParkedConnection, park
+from .parking import IdlePool, ParkedConnection, park_quietly
 from .pulls import Pulls
 from .settings import LayerSettings
+from .window import WANTED_SEND_WINDOW, SendWindow
 
 __all__ = ["ClientConnection", "LoopClient"]
 
@@ -116,6 +118,7 @@ class LoopClient:
         self._refusal: Error | None = None
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pulls = Pulls(self, loop)
+        self.window = SendWindow(self, loop, *(parked.window if parked else ()))
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
@@ -161,9 +164,10 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = encode_frame(self.settings.hello(self.client_id, self.identity.secret))
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
         oldest = self.loop.time() - self.settings.group_expiry_s
-        self._output[:0] = [hello, *rejoin_frames(self.memberships, oldest, self.next_id)]
+        rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
+        self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn
@@ -188,6 +192,7 @@ class LoopClient:
             self._fail_calls(refused)
             return
         self._pulls.end(self._refusal)  # None: a pull is simply retried
+        self.window.lost()  # unsettled sends wait for the next connection
         for future in self._pending.values():
             if not future.done():
                 if self._refusal is not None:
@@ -195,8 +200,8 @@ class LoopClient:
                 else:
                     future.set_exception(BrokerUnavailable("connection to the broker lost"))
         self._pending.clear()
-        if not self.closed and self._waiters and self._refusal is None:
-            # Someone waits for pushes: reconnect now so they arrive.
+        if not self.closed and (self._waiters or self.window.unsettled) and not self._refusal:
+            # Someone waits for pushes, or sends to resend: reconnect now.
             self._connecting = self.loop.create_task(self._connect())
             self._connecting.add_done_callback(self._reconnected)
 
@@ -206,9 +211,9 @@ class LoopClient:
 
     # -- output --------------------------------------------------------------
 
-    def write(self, frame: Frame) -> None:
+    def write(self, frame: Frame | bytes) -> None:  # a frame, or one encoded already
         self._queue_acks()  # before the frame: the daemon must free capacity first
-        self._output.append(encode_frame(frame))
+        self._output.append(frame if isinstance(frame, bytes) else encode_frame(frame))
         self._schedule_flush()
 
     def _queue_acks(self) -> None:
@@ -257,8 +262,11 @@ class LoopClient:
             self._buffer_push(frame)
         elif isinstance(frame, (Ok, Error, Deliver, Cancelled, Pong)):
             self._answer(frame)
+        elif isinstance(frame, Confirm):
+            self.window.confirmed(frame)
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
+            self.window.open(frame.send_window)
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()
@@ -271,7 +279,7 @@ class LoopClient:
             return
         future = self._pending.pop(request_id, None)
         if future is None:
-            self._pulls.answer(frame)
+            self.window.answer(frame) or self._pulls.answer(frame)  # a numbered send's, or a pull's
         elif not future.done():
             future.set_result(frame)
 
@@ -355,6 +363,7 @@ class LoopClient:
 
     def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
         self._pulls.end(error=error)
+        self.window.fail(error)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -365,8 +374,9 @@ class LoopClient:
 
     async def close(self, park: bool = False) -> None:
         """Close; with ``park``, hand an idle connection to the next loop instead."""
+        await self.window.settle(self.settings.connect_timeout_s)
         self.closed = True
-        if park and self._park():
+        if park and park_quietly(self, self._idle_pool):
             return
         if self._parked is not None:
             self._parked.sock.close()
@@ -379,15 +389,6 @@ class LoopClient:
             conn.transport.close()
             await conn.lost
 
-    def _park(self) -> bool:
-        """Keep this loop's connection for the next loop, if it is quiet; True if kept."""
-        conn = self.conn
-        quiet = not (self._pending or self._buffers or self._output) and self._pulls.is_quiet
-        if conn is None or conn.transport is None or not quiet or self.minted:
-            return False
-        self._flush()  # acknowledgements still owed
-        unread = conn.decoder.unread()
-        if not park(conn.transport, self.identity, unread, self.max_message_bytes, self._idle_pool):
-            return False
-        self.conn = None
-        return True
+    @property
+    def is_quiet(self) -> bool:  # for parking: nothing pending, buffered, unwritten or pulled
+        return not (self._pending or self._buffers or self._output) and self._pulls.is_quiet

@@ -152,8 +152,9 @@ class LayerSettings:
             ssl_context=config["ssl_context"],
         )
 
-    def hello(self, client_id: str, secret: bytes) -> Hello:
-        """The HELLO frame of a connection for ``client_id``, proven by ``secret``."""
+    def hello(self, client_id: str, secret: bytes, send_window: int = 0) -> Hello:
+        """The HELLO frame of a connection for ``client_id``, proven by ``secret``, that
+        can use ``send_window`` (``broker.layer.window``)."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -164,6 +165,7 @@ class LayerSettings:
             self.group_expiry_s,
             self.channel_capacity,
             secret,
+            send_window,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:

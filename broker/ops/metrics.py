@@ -34,6 +34,7 @@ from protocol import (
     Hello,
     Ping,
     Receive,
+    ReturnRoom,
     Send,
     SendMany,
 )
@@ -62,6 +63,7 @@ FANOUT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 #: scrape: ``rate()`` misses the first increment of a series that appears later.
 REQUEST_FRAMES = (
     Hello, Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard, GroupSend, Flush, Ping,
+    ReturnRoom,
 )  # fmt: skip
 
 _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")

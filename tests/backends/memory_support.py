@@ -39,13 +39,15 @@ def recount_bytes(backend: MemoryBackend) -> int:
 
 def check_records(backend: MemoryBackend) -> None:
     """Every record is filed for a sweep that will forget it once it holds nothing, or is
-    held (its sweep passed meanwhile: the release forgets it); groups live while they have
-    members."""
+    held or has send room reserved (its sweep passed meanwhile, or a flush kept its room:
+    the release forgets it); groups live while they have members."""
     wheel = backend._channel_wheel
     for space in backend._spaces.values():
         for record in space.channels.values():
             if record.bucket is None:
-                assert record.held and not record.queue, f"{record.name!r} kept, unfiled"
+                assert not record.queue and (record.held or record.reserved), (
+                    f"{record.name!r} kept, unfiled"
+                )
             else:
                 assert record in wheel._buckets[record.bucket]
         for group in space.groups.values():

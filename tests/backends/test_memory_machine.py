@@ -1,13 +1,14 @@
 """MemoryBackend against a model, as a hypothesis state machine.
 
 The model is plain lists and dicts: per channel, its entries (deadline, payload) in send
-order and its held count; per group, member -> deadline in the order of the latest
-``group_add``. Each rule does one backend call and the same thing to the model, and
-checks the call's answer against the model's (FIFO order, capacity with held messages
-counted, expiry, group members skipped when full or lapsed, flush of one namespace). The
-invariants after every step compare what is alive at the model's clock, the counters
-against the records, and the records' own bookkeeping. Time is the model's: the backend's
-clock is replaced by it, so expiry is exact and no test waits for it.
+order, its held count and the send room reserved on it; per group, member -> deadline in
+the order of the latest ``group_add``. Each rule does one backend call and the same thing
+to the model, and checks the call's answer against the model's (FIFO order, capacity with
+held messages and room counted, room granted and stored into, expiry, group members
+skipped when full or lapsed, flush of one namespace). The invariants after every step
+compare what is alive at the model's clock, the counters against the records, and the
+records' own bookkeeping. Time is the model's: the backend's clock is replaced by it, so
+expiry is exact and no test waits for it.
 
 The model keeps what the backend documents about mixed expiries in one channel: an
 expired message behind a live head still takes a place until the head goes (reads never
@@ -31,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import backends.memory.backend as memory_module
+import backends.memory.room as room_module
 from backends.memory import MemoryBackend
 from broker.daemon.capacity import CapacityPolicy
 from protocol import client_id_of, is_process_specific
@@ -58,6 +60,7 @@ class Model:
         self.now = now
         self.queues: dict[Key, list[Entry]] = {}
         self.held: dict[Key, int] = {}
+        self.reserved: dict[Key, int] = {}
         self.groups: dict[Key, dict[str, float]] = {}
 
     def _trim(self, key: Key) -> list[Entry]:
@@ -70,10 +73,18 @@ class Model:
         if capacity < 1:
             return False
         queue = self._trim(key)
-        if len(queue) + self.held.get(key, 0) >= capacity:
+        if len(queue) + self.held.get(key, 0) + self.reserved.get(key, 0) >= capacity:
             return False
         queue.append((self.now + expiry_s, payload))
         return True
+
+    def reserve(self, key: Key, capacity: int, window: int) -> int:
+        """Room granted after a store, or alone: half of what still fits, up to ``window``."""
+        self._trim(key)
+        free = capacity - len(self.queues[key]) - self.held.get(key, 0) - self.reserved.get(key, 0)
+        room = max(0, min(window, free // 2))
+        self.reserved[key] = self.reserved.get(key, 0) + room
+        return room
 
     def take(self, key: Key, limit: int, hold: bool) -> list[bytes]:
         queue = self.queues.setdefault(key, [])
@@ -109,7 +120,7 @@ class MemoryMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.model = Model(now=1000.0)
         self._real_now = memory_module._now
-        memory_module._now = lambda: self.model.now
+        memory_module._now = room_module._now = lambda: self.model.now
         self.backend = MemoryBackend(tick_s=1.0)
         self.run(self.backend.connect())
         self.sent = 0
@@ -120,7 +131,7 @@ class MemoryMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.run(self.backend.close())
         self.loop.close()
-        memory_module._now = self._real_now
+        memory_module._now = room_module._now = self._real_now
 
     def payload(self) -> bytes:
         self.sent += 1
@@ -187,6 +198,65 @@ class MemoryMachine(RuleBasedStateMachine):
         ]
         refused = self.run(self.backend.send_many(ns, items, capacity_of=policy, expiry_s=expiry_s))
         assert refused == expected
+
+    @rule(
+        ns=NAMESPACES,
+        channel=channels,
+        capacity=st.sampled_from([1, 2, 3, 5, 9]),
+        window=st.sampled_from([0, 1, 2, 64]),
+        expiry_s=EXPIRIES,
+    )
+    def send_reserving(
+        self, ns: str, channel: str, capacity: int, window: int, expiry_s: float
+    ) -> None:
+        payload = self.payload()
+        key = (ns, channel)
+        stored = self.model.put(key, payload, capacity, expiry_s)
+        expected = self.model.reserve(key, capacity, window) if stored else None
+        room = self.run(
+            self.backend.send_reserving(
+                ns, channel, payload, capacity=capacity, expiry_s=expiry_s, window=window
+            )
+        )
+        assert room == expected
+
+    @rule(ns=NAMESPACES, picks=st.lists(st.integers(0, 7), max_size=4), expiry_s=EXPIRIES)
+    def send_reserved(self, ns: str, picks: list[int], expiry_s: float) -> None:
+        """Store into room held on the namespace's channels, as a daemon does for windowed
+        SENDs (it never spends room it did not grant)."""
+        items = []
+        for pick in picks:
+            with_room = sorted(
+                key for key, room in self.model.reserved.items() if room and key[0] == ns
+            )
+            if not with_room:
+                break
+            key = with_room[pick % len(with_room)]
+            self.model.reserved[key] -= 1
+            payload = self.payload()
+            self.model.queues.setdefault(key, []).append((self.model.now + expiry_s, payload))
+            items.append((key[1], payload))
+        self.run(self.backend.send_reserved(ns, items, expiry_s=expiry_s))
+
+    @rule(
+        ns=NAMESPACES,
+        channel=channels,
+        capacity=st.sampled_from([1, 2, 3, 5, 9]),
+        window=st.sampled_from([0, 1, 2, 64]),
+    )
+    def reserve_room(self, ns: str, channel: str, capacity: int, window: int) -> None:
+        expected = self.model.reserve((ns, channel), capacity, window)
+        room = self.run(
+            self.backend.reserve_room(ns, channel, capacity=capacity, window=window, size=10)
+        )
+        assert room == expected
+
+    @rule(ns=NAMESPACES, channel=channels, count=st.integers(-1, 3))
+    def release_room(self, ns: str, channel: str, count: int) -> None:
+        if count > 0:
+            room = self.model.reserved.get((ns, channel), 0)
+            self.model.reserved[ns, channel] = max(0, room - count)
+        self.run(self.backend.release_room(ns, channel, count))
 
     @rule(ns=NAMESPACES, channel=channels, limit=st.integers(1, 4), hold=st.booleans())
     def take(self, ns: str, channel: str, limit: int, hold: bool) -> None:
@@ -260,6 +330,7 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @rule(ns=NAMESPACES)
     def flush(self, ns: str) -> None:
+        """Drops messages, held counts and groups; the send room senders hold stays."""
         for table in (self.model.queues, self.model.held, self.model.groups):
             for key in [key for key in table if key[0] == ns]:
                 del table[key]
@@ -276,6 +347,7 @@ class MemoryMachine(RuleBasedStateMachine):
                 alive = [payload for deadline, payload in record.queue if deadline > now]
                 assert alive == self.model.live((ns, name)), (ns, name)
                 assert record.held == self.model.held.get((ns, name), 0), (ns, name)
+                assert record.reserved == self.model.reserved.get((ns, name), 0), (ns, name)
             for name, group in space.groups.items():
                 alive_members = [c for c, deadline in group.members.items() if deadline > now]
                 assert alive_members == self.model.live_members((ns, name)), (ns, name)
@@ -286,6 +358,9 @@ class MemoryMachine(RuleBasedStateMachine):
         model = self.model
         assert not [key for key in model.queues if model.live(key) and not kept(key, "channels")]
         assert not [key for key, held in model.held.items() if held and not kept(key, "channels")]
+        assert not [
+            key for key, room in model.reserved.items() if room and not kept(key, "channels")
+        ]
         assert not [
             key for key in model.groups if model.live_members(key) and not kept(key, "groups")
         ]

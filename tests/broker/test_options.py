@@ -59,6 +59,8 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max-input-bytes": ("65536", 65536, 65536),
     "max-output-bytes": ("131072", 131072, 131072),
     "max-memory": ("1048576", 1048576, 1048576),
+    "send-window": ("16", 16, 16),
+    "max-send-room": ("1024", 1024, 1024),
     "max-connections": ("40", 40, 40),
     "max-connections-per-peer": ("4", 4, 4),
     "hello-timeout": ("0.5", 0.5, 0.5),
@@ -146,6 +148,10 @@ def test_no_migrate_tells_only_a_postgresql_backend_not_to_migrate() -> None:
         # The layer's ACKs carry up to MAX_ACK_PAIRS; HELLO's patterns are items too.
         ({"max_batch": 255}, "--max-batch must be at least 256"),
         ({"max_patterns": 1001}, "--max-patterns must not be over --max-batch"),
+        # A layer leaves four windows unconfirmed at most, and a daemon remembers that many.
+        ({"send_window": -1}, "--send-window must be between 0 and 256"),
+        ({"send_window": 257}, "--send-window must be between 0 and 256"),
+        ({"max_send_room": 0}, "--max-send-room must be positive"),
     ],
 )
 def test_bad_option_values_raise_config_error(values: dict[str, Any], message: str) -> None:

@@ -37,8 +37,10 @@ from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 __all__ = ["PREFIXES", "FrameFuzzer", "Script", "frame"]
 
 _HELLO, _SEND, _SEND_MANY, _RECEIVE, _CANCEL, _ACK = 1, 3, 4, 5, 6, 7
-_GROUP_ADD, _GROUP_DISCARD, _GROUP_SEND, _FLUSH, _PING, _PONG = 8, 9, 10, 11, 12, 25
-_REQUEST_TYPES = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+_GROUP_ADD, _GROUP_DISCARD, _GROUP_SEND, _FLUSH, _PING, _RETURN_ROOM, _PONG = (
+    8, 9, 10, 11, 12, 13, 25,
+)  # fmt: skip
+_REQUEST_TYPES = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
 _ANSWER_TYPES = tuple(code for code in FRAME_TYPES if code >= 20) + (2,)
 
 #: The namespaces valid fuzz HELLOs use: the campaign flushes each of them at the end.
@@ -125,13 +127,13 @@ class FrameFuzzer:
         self._requests: tuple[Callable[[], bytes], ...] = (
             self._send, self._send, self._send, self._send_many, self._receive, self._cancel,
             self._ack, self._group_add, self._group_add, self._group_discard, self._group_send,
-            self._group_send, self._ping,
+            self._group_send, self._ping, self._return_room,
         )  # fmt: skip
         self._tails: tuple[Callable[[bytes], bytes], ...] = (
             self._wrong_types, self._wrong_types, self._wrong_arity, self._unknown_type,
             self._answer_type, self._second_hello, self._deep_nesting, self._truncated,
             self._truncated, self._mutated, self._mutated, self._mutated, self._garbage,
-            self._length_prefix, self._bad_utf8, self._odd_msgpack,
+            self._length_prefix, self._bad_utf8, self._odd_msgpack, self._windowed_send,
         )  # fmt: skip
 
     # -- scripts --------------------------------------------------------------
@@ -217,7 +219,17 @@ class FrameFuzzer:
         return self.rng.choice(self._payloads)
 
     def _send(self) -> bytes:
-        return frame(_SEND, self._id(), self._name(), self._payload())
+        """A SEND, a third of them with a ``seq``; a request always (with an id), as one
+        with no id and a seq spends send room, which a fuzz connection never holds."""
+        rng = self.rng
+        rid = self._id() or 1
+        if rng.random() < 0.33:
+            return frame(_SEND, rid, self._name(), self._payload(), rng.choice(_IDS))
+        return frame(_SEND, rid, self._name(), self._payload())
+
+    def _return_room(self) -> bytes:
+        """Room given back that the connection may not hold (the daemon ignores the rest)."""
+        return frame(_RETURN_ROOM, self._name(), self.rng.choice(_COUNTS))
 
     def _send_many(self) -> bytes:
         items = [[self._name(), self._payload()] for _ in range(self.rng.randint(0, 8))]
@@ -270,8 +282,13 @@ class FrameFuzzer:
         return frame(rng.choice((_HELLO, *_REQUEST_TYPES)), *fields)
 
     def _unknown_type(self, valid: bytes) -> bytes:
-        code = self.rng.choice((0, 13, 19, 27, 99, 127, 255, 65535, -1, 2**64 - 1, "3", 3.0, True))
+        code = self.rng.choice((0, 14, 19, 28, 99, 127, 255, 65535, -1, 2**64 - 1, "3", 3.0, True))
         return frame(code, self._id())
+
+    def _windowed_send(self, valid: bytes) -> bytes:
+        """A SEND with no request id and a seq, on a channel where no room was granted."""
+        rng = self.rng
+        return frame(_SEND, 0, self._name(), self._payload(), rng.randint(1, 2**63 - 1))
 
     def _answer_type(self, valid: bytes) -> bytes:
         """A daemon-to-client frame (OK, DELIVER, PUSH...) sent to the daemon."""

@@ -17,13 +17,17 @@ from protocol import (
     Ping,
     Pong,
     Receive,
+    ReturnRoom,
     Send,
     SendMany,
 )
 from tests.fuzz.frames import PREFIXES, FrameFuzzer, Script
 
 SCRIPTS = 300
-REQUESTS = {Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard, GroupSend, Flush, Ping}
+REQUESTS = {
+    Send, SendMany, Receive, Cancel, Ack, GroupAdd, GroupDiscard, GroupSend, Flush, Ping,
+    ReturnRoom,
+}  # fmt: skip
 
 
 def _decode(data: bytes) -> list[Frame]:
@@ -55,4 +59,6 @@ def test_a_usual_script_is_a_hello_requests_and_a_ping() -> None:
         *requests, ping = _decode(script.body)
         assert isinstance(ping, Ping) and _decode(script.sentinel) == [Pong(ping.request_id)]
         assert all(type(frame) in REQUESTS for frame in requests)
+        # A body is answered whole: no SEND in it spends room (no id with a seq).
+        assert not [f for f in requests if type(f) is Send and f.seq and not f.request_id]
         assert script.inputs == 2 + len(requests) + bool(script.tail)

@@ -15,6 +15,7 @@ from protocol import (
     Ack,
     Cancel,
     Cancelled,
+    Confirm,
     Deliver,
     Error,
     ErrorCode,
@@ -34,6 +35,7 @@ from protocol import (
     ProtocolError,
     Push,
     Receive,
+    ReturnRoom,
     Send,
     SendMany,
     UnknownFrame,
@@ -49,8 +51,8 @@ from protocol import (
 # One frame of every type, with distinct field values so a swapped field shows.
 FRAMES: list[Frame] = [
     Hello(1, "s3cret", "", "site", 100, 60, 86400.5, (("^big", 1000), ("tiny", 1))),
-    Welcome(1, "ab12", 4 * 1024 * 1024, "channels-broker 0.1.0"),
-    Send(1, "chat", b"\x81\xa4type\xa5hello"),
+    Welcome(1, "ab12", 4 * 1024 * 1024, "channels-broker 0.1.0", 64),
+    Send(1, "chat", b"\x81\xa4type\xa5hello", 17),
     SendMany(2, (("a", b"1"), ("specific.ab12!x", b""))),
     Receive(3, "work"),
     Cancel(3),
@@ -60,13 +62,15 @@ FRAMES: list[Frame] = [
     GroupSend(6, "room", b"\x00\xff"),
     Flush(7),
     Ping(8),
-    Ok(9, 2, (0, 3)),
+    ReturnRoom("chat", 12),
+    Ok(9, 2, (0, 3), 31),
     Error(10, ErrorCode.CHANNEL_FULL, "channel is full"),
     Deliver(11, "work", b"payload", 59_000),
     Cancelled(12),
     Push(("specific.ab12!x", "specific.ab12!y"), b"once", 1500),
     Pong(8),
     Flushed(),
+    Confirm(18, (("chat", 4),)),
 ]
 
 
@@ -294,7 +298,7 @@ BAD_BODIES: list[tuple[str, bytes, ErrorCode]] = [
     ("ping with two ids", _wire(Ping.TYPE, 1, 2), MALFORMED),
     ("send missing payload", _wire(Send.TYPE, 1, "chat"), MALFORMED),
     ("ok without id", _wire(Ok.TYPE), MALFORMED),
-    ("ok with extra field", _wire(Ok.TYPE, 1, 0, [], 0), MALFORMED),
+    ("ok with extra field", _wire(Ok.TYPE, 1, 0, [], 0, 0), MALFORMED),
     ("hello missing expiry", _wire(Hello.TYPE, 1, "", "", "p", 100, 60), MALFORMED),
     ("flushed with a field", _wire(Flushed.TYPE, 1), MALFORMED),
     # Wrong field types.

@@ -59,6 +59,7 @@ def test_frame_types_keep_their_wire_numbers() -> None:
         10: "GroupSend",
         11: "Flush",
         12: "Ping",
+        13: "ReturnRoom",
         20: "Ok",
         21: "Error",
         22: "Deliver",
@@ -66,6 +67,7 @@ def test_frame_types_keep_their_wire_numbers() -> None:
         24: "Push",
         25: "Pong",
         26: "Flushed",
+        27: "Confirm",
     }
 
 
@@ -88,6 +90,7 @@ def test_error_codes_keep_their_wire_numbers() -> None:
         "FORBIDDEN": 15,
         "CLIENT_ID_TAKEN": 16,
         "TOO_MANY_CONNECTIONS": 17,
+        "NO_ROOM": 18,
     }
 
 
