@@ -20,7 +20,14 @@ from pathlib import Path
 
 import redis
 
-from tests.servers import RedisServer, cluster_port, note_own, ping, server_command
+from tests.servers import (
+    RedisCluster,
+    RedisServer,
+    cluster_port,
+    note_own,
+    ping,
+    server_command,
+)
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 __all__ = ["ReplicatedCluster", "SentinelGroup"]
@@ -149,35 +156,19 @@ class SentinelGroup:
         self.primary.stop()
 
 
-class ReplicatedCluster:
+class ReplicatedCluster(RedisCluster):
     """Three primaries, each with one replica, joined by ``redis-cli --cluster create``."""
 
     def __init__(self) -> None:
-        self.servers = [
-            RedisServer(
-                extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                port=cluster_port(),
-            )
-            for _ in range(6)
-        ]
+        super().__init__(nodes=6, replicas=1)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{server.port}" for server in self.servers[:3])
         return f"redis+cluster://{hosts}"
 
-    def start(self) -> None:
-        for server in self.servers:
-            server.start()
-        addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
-        subprocess.run(
-            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create", *addresses]
-            + ["--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-        )
+    def _wait_ok(self) -> None:
+        """Until every node says the cluster is ok and every replica is in sync."""
         _wait_until("cluster ok on every node", self._is_ok, START_TIMEOUT_S * 3)
 
     def _is_ok(self) -> bool:
@@ -269,7 +260,3 @@ class ReplicatedCluster:
             SWITCH_TIMEOUT_S,
         )
         return target_port
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()

@@ -146,7 +146,8 @@ class RedisServer:
 class RedisCluster:
     """Three primaries (no replicas) with ``--cluster-enabled yes``, joined by redis-cli."""
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas  # per primary
         self.servers = [
             RedisServer(
                 extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
@@ -166,7 +167,7 @@ class RedisCluster:
         addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
         subprocess.run(
             [_redis_cli(), "--cluster", "create", *addresses]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
+            + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             stdin=subprocess.DEVNULL,
             capture_output=True,
