@@ -1,11 +1,25 @@
-"""Group sends of the PostgreSQL backend: one call of ``group_send_direct`` while the
-members are known, and direct pushes to those this daemon can reach.
+"""Group sends of the PostgreSQL backend: slice after slice of members, each one call of
+``group_send_slice``, and direct pushes to those this daemon can reach.
 
-The capacities come from the sender's policy, so they are passed in for the members
-this daemon last saw (a cache of member lists); members it did not know of get a
-second call. Members the daemon can push to are left to it if nothing of theirs
-waits or is held in the database (``direct``, see ``DirectPushes``): no row is
-written for them.
+Theory of operation. One statement for a whole group held every member's channel row
+(and, at its commit, PostgreSQL's notification queue, which every sending transaction
+needs) for as long as it ran: at 100,000 members, seconds, during which every send to a
+member, and every notifying commit, waited. So a group is sent to in slices of
+``GROUP_SLICE_MEMBERS`` members, in the database's name order, each one statement of a
+few milliseconds in a transaction of its own. The database picks each slice (the live
+members after the last of the slice before), so each member gets the message at most
+once whatever joins or leaves meanwhile: one that joins behind the slice under way gets
+it, one that joins before it does not, as if it had joined just after the send. A
+sender's group sends go out one after the other (its connection awaits each), so a
+member gets them in order. A slice that fails ends the group send with its error; the
+members of the slices before it have the message.
+
+The capacities come from the sender's policy, which only the daemon knows, so they are
+passed in for the members this daemon last saw (a cache of member lists, each in the
+database's order, so that the members passed for a slice are the ones it holds);
+members it did not know of cost a second call for their slice, once. Members the
+daemon can push to are left to it if nothing of theirs waits or is held in the
+database (``direct``, see ``DirectPushes``): no row is written for them.
 """
 
 from __future__ import annotations
@@ -21,23 +35,71 @@ from .pool import Database
 from .room import Room
 from .statements import Statements
 
-__all__ = ["GroupSends"]
+__all__ = ["GROUP_SLICE_MEMBERS", "GroupSends"]
 
-#: Groups whose member list a daemon remembers (to send with one round trip).
+#: Members per statement: a slice takes a few milliseconds, so no statement holds
+#: rows (or the notification queue) long enough to hold up other clients.
+GROUP_SLICE_MEMBERS = 500
+#: Groups whose member list a daemon remembers (to send with one round trip a slice).
 MEMBER_CACHE_GROUPS = 10_000
+#: The second call for a slice's unknown members is bounded by the slice's last
+#: member instead (or is the group's end, which held fewer than a slice a moment ago).
+_NO_LIMIT = 2**31 - 1
 
 
-class _Outcome(NamedTuple):
-    """What one call of ``group_send_direct`` answers."""
+class _Slice(NamedTuple):
+    """What one call of ``group_send_slice`` answers."""
 
     delivered: list[str]
     skipped: int
-    #: Live members the call was given no capacity for: not sent to.
+    #: Live members of the slice the call was given no capacity for: not sent to.
     unknown: list[str]
-    #: Some of the members passed in are members no longer.
-    stale: bool
     #: Members left for this daemon to push to (their reservations confirmed).
     direct: list[str]
+    #: How many of the members passed in the slice holds.
+    known: int
+    #: The slice's last member, where the next begins; None: the group ends here.
+    last: str | None
+    #: The slice's members in order, where they differ from those passed in.
+    members: str | None
+
+
+class _Window(NamedTuple):
+    """Which members a call is for: after ``after``, up to ``upto``, at most ``limit``."""
+
+    after: str
+    upto: str | None
+    limit: int
+
+
+class _Walk:
+    """Where a group send is in the member list this daemon last saw (in the database's
+    order), and the list as the slices found it (remembered for the next send)."""
+
+    def __init__(self, cached: tuple[str, ...]) -> None:
+        self.cached = cached
+        self.position = 0
+        self.found: list[str] = []
+        self._index: dict[str, int] | None = None
+
+    def chunk(self) -> tuple[str, ...]:
+        """The members that the next slice should hold, as last seen."""
+        return self.cached[self.position : self.position + GROUP_SLICE_MEMBERS]
+
+    def advance(self, chunk: tuple[str, ...], known: int, members: str | None) -> None:
+        """Past a slice: it held the first ``known`` of ``chunk`` and no other member,
+        or else ``members`` (then pick up after the last of them seen before)."""
+        if members is None:
+            self.found += chunk[:known]
+            self.position += known
+            return
+        held = members.split()
+        self.found += held
+        if self._index is None:
+            self._index = {name: n for n, name in enumerate(self.cached)}
+        seen = [self._index[name] for name in held if name in self._index]
+        if seen:
+            self.position = max(self.position, max(seen) + 1)
 
 
 class GroupSends:
@@ -61,28 +123,56 @@ class GroupSends:
     async def send(
         self, ns: str, group: str, payload: bytes, capacity_of: CapacityOf, expiry_s: float
     ) -> GroupSendResult:
-        """Send to every live member with room, in one call while the members are known."""
+        """Send to every live member with room, slice after slice."""
         await self._releases.written(ns)
         key = (ns, group)
-        known = self._members.get(key, ())
-        first = await self._call(ns, group, payload, expiry_s, known, capacity_of)
-        delivered, skipped, direct = first.delivered, first.skipped, first.direct
-        members = [] if first.stale else list(known)
-        if first.unknown:
-            with self._room.given_back_on_error(ns, direct):
-                more = await self._call(ns, group, payload, expiry_s, first.unknown, capacity_of)
-            delivered += more.delivered
-            skipped += more.skipped
-            direct += more.direct
-            members += first.unknown
-        self._remember(key, members)
-        for channel in delivered:
-            self._wake(ns, channel)
+        walk = _Walk(self._members.get(key, ()))
+        delivered: list[str] = []
+        direct: list[str] = []
+        skipped = 0
+        after = ""
+        while True:
+            chunk = walk.chunk()
+            part = await self._slice(ns, group, payload, expiry_s, capacity_of, after, chunk)
+            delivered += part.delivered
+            direct += part.direct
+            skipped += part.skipped
+            walk.advance(chunk, part.known, part.members)
+            if part.last is None:
+                break
+            after = part.last
+        self._remember(key, walk.found)
         return GroupSendResult(delivered=delivered, skipped=skipped, direct=direct)
 
     def forget_members(self) -> None:
         """Forget every member list (a flush emptied some groups)."""
         self._members.clear()
+
+    async def _slice(
+        self,
+        ns: str,
+        group: str,
+        payload: bytes,
+        expiry_s: float,
+        capacity_of: CapacityOf,
+        after: str,
+        chunk: Sequence[str],
+    ) -> _Slice:
+        """One slice: one call for the members passed in, a second for those the first
+        found unknown (within the first's bounds); wakes the members stored for."""
+        first = _Window(after, None, GROUP_SLICE_MEMBERS)
+        part = await self._call(ns, group, payload, expiry_s, capacity_of, chunk, first)
+        if part.unknown:
+            rest = _Window(after, part.last, _NO_LIMIT)
+            more = await self._call(ns, group, payload, expiry_s, capacity_of, part.unknown, rest)
+            part = part._replace(
+                delivered=part.delivered + more.delivered,
+                skipped=part.skipped + more.skipped,
+                direct=part.direct + more.direct,
+            )
+        for channel in part.delivered:
+            self._wake(ns, channel)
+        return part
 
     async def _call(
         self,
@@ -90,35 +180,36 @@ class GroupSends:
         group: str,
         payload: bytes,
         expiry_s: float,
-        channels: Sequence[str],
         capacity_of: CapacityOf,
-    ) -> _Outcome:
-        """One call of ``group_send_direct`` for ``channels``, the members it knows."""
-        capacities = await capacity_of.all_of(channels)
+        channels: Sequence[str],
+        window: _Window,
+    ) -> _Slice:
+        """One call of ``group_send_slice`` for ``window``, naming ``channels``."""
+        capacities = [capacity_of(c) for c in channels]
         capacities = self._room.less_ahead_all(ns, channels, capacities)
         pushes = self._room.pushes
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
-        args = _arguments(channels, capacities, direct)
+        args = (ns, group, payload, float(expiry_s), *window)
         with self._room.given_back_on_error(ns, direct):
             row = await self._db.fetchrow(
-                self._sql.group_send, ns, group, payload, float(expiry_s), *args
+                self._sql.group_send, *args, *_arguments(channels, capacities, direct)
             )
-        confirmed: list[str] = row[4].split()
+        confirmed: list[str] = row[3].split()
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
             pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
-        return _Outcome(row[0], row[1], row[2], row[3], confirmed)
+        return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6])
 
     def _remember(self, key: tuple[str, str], members: list[str]) -> None:
         if len(self._members) >= MEMBER_CACHE_GROUPS:
             self._members.clear()
-        self._members[key] = tuple(dict.fromkeys(members))
+        self._members[key] = tuple(members)
 
 
 def _arguments(
     channels: Sequence[str], capacities: list[int], direct: list[str]
 ) -> tuple[str, str, str, str, str]:
-    """``group_send_direct``'s lists: the members to store and those to push to, each
+    """``group_send_slice``'s lists: the members to store and those to push to, each
     with their capacities, and the clients pushed to. Each list is one space-separated
     text (names never hold spaces): cheaper to build and read than arrays."""
     chosen = set(direct)

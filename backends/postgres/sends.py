@@ -4,6 +4,8 @@ A message for a process-specific channel whose owner is connected to this daemon
 with nothing of that channel waiting or held in the database, is not stored at all:
 the round trip that checks this (``send_direct``) hands it back for the daemon to
 push (``DirectPushes``), which saves the insert, the notification and the take.
+Every other send is stored with those of other clients that come meanwhile, in one
+transaction (``group_commit``).
 """
 
 from __future__ import annotations
@@ -11,21 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from backends import CapacityOf, WakeupCallback
-from protocol import client_id_of, is_process_specific, ttl_ms
+from protocol import ttl_ms
 
 from .batching import ReleaseWriter
+from .group_commit import SendBatches, client_of
 from .pool import Database
 from .room import Room
 from .statements import Statements
 
-__all__ = ["Sends", "client_of"]
+__all__ = ["Sends"]
 
 #: What ``send_direct`` answers.
 _REFUSED, _STORED, _SENT_DIRECT = 0, 1, 2
 
 
 class Sends:
-    """``send`` and ``send_many``, each a statement (two if a direct push misses)."""
+    """``send`` and ``send_many``: a direct push's check, or a share of a group commit."""
 
     def __init__(
         self,
@@ -40,6 +43,7 @@ class Sends:
         self._releases = releases
         self._room = room
         self._wake = wake
+        self.batches = SendBatches(db, sql.send_batch)
 
     async def send(
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
@@ -53,14 +57,16 @@ class Sends:
             return False
         with self._room.given_back_on_error(ns, direct):
             await self._releases.written(ns, [channel])
-            outcome = await self._send(ns, channel, payload, capacity, expiry_s, bool(direct))
-        if pushes is not None and direct:
+            if not direct:
+                return await self._store(ns, channel, payload, capacity, expiry_s)
+            outcome = await self._send_direct(ns, channel, payload, capacity, expiry_s)
+        if pushes is not None:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
             elif not pushes.push_now(ns, direct, payload, ttl_ms(expiry_s)):
                 return True
             else:  # its owner left meanwhile (and its count with it): store it
-                outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)
+                return await self._store(ns, channel, payload, capacity, expiry_s)
         if outcome == _STORED:
             self._wake(ns, channel)
         return outcome != _REFUSED
@@ -73,32 +79,28 @@ class Sends:
         expiry_s: float,
     ) -> list[int]:
         """Send several messages in order in one call; return the indexes refused as full."""
-        channels = [channel for channel, _ in items]
-        capacities = await capacity_of.all_of(channels)
-        await self._releases.written(ns, channels)
-        args = (
-            ns,
-            channels,
-            [client_of(channel) for channel in channels],
-            [payload for _, payload in items],
-            [self._room.of(ns, c, n) for c, n in zip(channels, capacities, strict=True)],
-            float(expiry_s),
-        )
-        refused: list[int] = await self._db.fetchval(self._sql.send_many, *args)
+        await self._releases.written(ns, [c for c, _ in items])
+        room = self._room
+        sends = [(c, payload, room.of(ns, c, capacity_of(c))) for c, payload in items]
+        refused = await self.batches.send(ns, sends, expiry_s)
         refused_set = set(refused)
-        for index, channel in enumerate(channels):
+        for index, (channel, _) in enumerate(items):
             if index not in refused_set:
                 self._wake(ns, channel)  # one per message: each may serve a pull
-        return list(refused)
+        return refused
 
-    async def _send(
-        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
+    async def _store(
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
+    ) -> bool:
+        """Store one message with the sends that come meanwhile; False when full."""
+        if await self.batches.send(ns, [(channel, payload, capacity)], expiry_s):
+            return False
+        self._wake(ns, channel)
+        return True
+
+    async def _send_direct(
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
     ) -> int:
-        args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), direct)
+        args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), True)
         outcome: int = await self._db.fetchval(self._sql.send, *args)
         return outcome
-
-
-def client_of(channel: str) -> str | None:
-    """The client id of a process-specific channel (stored to find its channels), else None."""
-    return client_id_of(channel) if is_process_specific(channel) else None
