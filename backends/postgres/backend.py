@@ -50,6 +50,7 @@ from .batching import ReleaseWriter
 from .group_commit import client_of
 from .group_sends import GroupSends
 from .listener import Listener
+from .notifier import Notifier
 from .pool import Database
 from .room import Room
 from .schema import SCHEMA_VERSION, current_version, migrate, quote_ident
@@ -97,7 +98,8 @@ class PostgresBackend(Backend):
         )
         self._releases = ReleaseWriter(self._taker.write_releases)
         self._room = Room(self._takes)
-        parts = (self._db, self._sql, self._releases, self._room, self._ready)
+        self._notifier = Notifier(self._db, self._sql.notify)
+        parts = (self._db, self._sql, self._releases, self._room, self._stored)
         self._sends = Sends(*parts)
         self._group_sends = GroupSends(*parts)
         self._wakeups = Wakeups(self._db, self._sql.recheck, self._ready)
@@ -146,6 +148,7 @@ class PostgresBackend(Backend):
             await self._releases.close()
         await self._takes.close()
         await self._taker.acks.close()
+        await self._notifier.close()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -284,6 +287,13 @@ class PostgresBackend(Backend):
         """Wake the router: through ``_on_ready`` as it is now (the router installs it
         after the parts that call this were made)."""
         self._on_ready(ns, channel)
+
+    def _stored(self, ns: str, channels: Sequence[str]) -> None:
+        """Messages of ``channels`` were committed: wake the router for each (a pull
+        per message), and have the other daemons told (``notifier``)."""
+        for channel in channels:
+            self._on_ready(ns, channel)
+        self._notifier.add(ns, channels)
 
     def _new_listener(self) -> Listener:
         return Listener(

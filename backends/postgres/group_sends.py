@@ -5,8 +5,9 @@ Theory of operation. One statement for a whole group held every member's channel
 (and, at its commit, PostgreSQL's notification queue, which every sending transaction
 needs) for as long as it ran: at 100,000 members, seconds, during which every send to a
 member, and every notifying commit, waited. So a group is sent to in slices of
-``GROUP_SLICE_MEMBERS`` members, in the database's name order, each one statement of a
-few milliseconds in a transaction of its own. The database picks each slice (the live
+members, in the database's name order, each one statement of a few milliseconds
+(``SLICE_TARGET_S``: slices grow or shrink to take that long, ``SliceSize``) in a
+transaction of its own. The database picks each slice (the live
 members after the last of the slice before), so each member gets the message at most
 once whatever joins or leaves meanwhile: one that joins behind the slice under way gets
 it, one that joins before it does not, as if it had joined just after the send. A
@@ -24,22 +25,30 @@ database (``direct``, see ``DirectPushes``): no row is written for them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from backends import CapacityOf, GroupSendResult, WakeupCallback
+from backends import CapacityOf, GroupSendResult
 from protocol import client_id_of
 
 from .batching import ReleaseWriter
 from .pool import Database
 from .room import Room
+from .sends import Stored
 from .statements import Statements
 
-__all__ = ["GROUP_SLICE_MEMBERS", "GroupSends"]
+__all__ = ["FIRST_SLICE_MEMBERS", "GroupSends", "SliceSize"]
 
-#: Members per statement: a slice takes a few milliseconds, so no statement holds
-#: rows (or the notification queue) long enough to hold up other clients.
-GROUP_SLICE_MEMBERS = 500
+#: How long a slice's statement should take (from the client, commit included): short
+#: enough that no other client waits long for a member's row or the notification
+#: queue, long enough that a slice's round trip and commit are a small part of it.
+SLICE_TARGET_S = 0.005
+#: Members in the first slice a daemon sends (a group this small is one statement),
+#: and the bounds within which slices then grow or shrink toward ``SLICE_TARGET_S``.
+FIRST_SLICE_MEMBERS = 250
+MIN_SLICE_MEMBERS = 25
+MAX_SLICE_MEMBERS = 2000
 #: Groups whose member list a daemon remembers (to send with one round trip a slice).
 MEMBER_CACHE_GROUPS = 10_000
 #: The second call for a slice's unknown members is bounded by the slice's last
@@ -72,6 +81,26 @@ class _Window(NamedTuple):
     limit: int
 
 
+class SliceSize:
+    """How many members the next slice holds: adapted after each slice so that a slice's
+    statement takes about ``target_s`` (None: always ``members``)."""
+
+    def __init__(
+        self, members: int = FIRST_SLICE_MEMBERS, target_s: float | None = SLICE_TARGET_S
+    ) -> None:
+        self.members = members
+        self.target_s = target_s
+
+    def took(self, elapsed_s: float) -> None:
+        """A slice of ``members`` took ``elapsed_s``: size the next one, by at most a
+        factor of two a step (one slow statement, a pause of the machine, is no trend)."""
+        if self.target_s is None:
+            return
+        wanted = self.members * self.target_s / max(elapsed_s, 1e-4)
+        wanted = min(max(wanted, self.members / 2), self.members * 2)
+        self.members = int(min(max(wanted, MIN_SLICE_MEMBERS), MAX_SLICE_MEMBERS))
+
+
 class _Walk:
     """Where a group send is in the member list this daemon last saw (in the database's
     order), and the list as the slices found it (remembered for the next send)."""
@@ -82,9 +111,9 @@ class _Walk:
         self.found: list[str] = []
         self._index: dict[str, int] | None = None
 
-    def chunk(self) -> tuple[str, ...]:
-        """The members that the next slice should hold, as last seen."""
-        return self.cached[self.position : self.position + GROUP_SLICE_MEMBERS]
+    def chunk(self, size: int) -> tuple[str, ...]:
+        """The ``size`` members that the next slice should hold, as last seen."""
+        return self.cached[self.position : self.position + size]
 
     def advance(self, chunk: tuple[str, ...], known: int, members: str | None) -> None:
         """Past a slice: it held the first ``known`` of ``chunk`` and no other member,
@@ -111,14 +140,15 @@ class GroupSends:
         sql: Statements,
         releases: ReleaseWriter,
         room: Room,
-        wake: WakeupCallback,
+        stored: Stored,
     ) -> None:
         self._db = db
         self._sql = sql
         self._releases = releases
         self._room = room
-        self._wake = wake
+        self._stored = stored
         self._members: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.slice_size = SliceSize()
 
     async def send(
         self, ns: str, group: str, payload: bytes, capacity_of: CapacityOf, expiry_s: float
@@ -132,7 +162,7 @@ class GroupSends:
         skipped = 0
         after = ""
         while True:
-            chunk = walk.chunk()
+            chunk = walk.chunk(self.slice_size.members)
             part = await self._slice(ns, group, payload, expiry_s, capacity_of, after, chunk)
             delivered += part.delivered
             direct += part.direct
@@ -159,9 +189,11 @@ class GroupSends:
         chunk: Sequence[str],
     ) -> _Slice:
         """One slice: one call for the members passed in, a second for those the first
-        found unknown (within the first's bounds); wakes the members stored for."""
-        first = _Window(after, None, GROUP_SLICE_MEMBERS)
+        found unknown (within the first's bounds); wakes (and notifies) the members stored for."""
+        first = _Window(after, None, self.slice_size.members)
+        started = time.perf_counter()
         part = await self._call(ns, group, payload, expiry_s, capacity_of, chunk, first)
+        self.slice_size.took(time.perf_counter() - started)
         if part.unknown:
             rest = _Window(after, part.last, _NO_LIMIT)
             more = await self._call(ns, group, payload, expiry_s, capacity_of, part.unknown, rest)
@@ -170,8 +202,8 @@ class GroupSends:
                 skipped=part.skipped + more.skipped,
                 direct=part.direct + more.direct,
             )
-        for channel in part.delivered:
-            self._wake(ns, channel)
+        if part.delivered:
+            self._stored(ns, part.delivered)
         return part
 
     async def _call(

@@ -726,6 +726,14 @@ END $$;
 # namespaces, with their own expiries, in one transaction: one wait for the disk for
 # all the sends that came while the one before was committing.
 #
+# Notifications apart. PostgreSQL serializes the commits of all transactions that
+# NOTIFY, across the server, from their pre-commit until their commit is done: with
+# ``synchronous_commit=on``, through the wait for the disk. So the transactions that
+# store messages (``send_batch``, ``group_store``, ``send_direct``) no longer notify;
+# the daemon sends the notifications after they committed, many at once, in a
+# transaction of their own that does not wait for the disk (``notify``). A
+# notification lost to a daemon killed in between is made up for by the re-check.
+#
 # Bounded group sends. ``group_send_slice`` sends to one slice of a group, a window of
 # members in name order, so that no statement grows with the group: the daemon calls
 # it slice after slice. ``group_store`` stores for given members (what group_send did
@@ -961,8 +969,9 @@ END $$;
 
 # send_batch: the sends gathered while the statement before was committing, from any
 # clients: message i goes to channel p_channels[i] of namespace p_ns[i], with its own
-# capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order;
-# returns the indexes (from 0) refused as full.
+# capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order,
+# but notifying nobody (the caller does, with ``notify``); returns the indexes (from
+# 0) refused as full.
 _SEND_BATCH_V4 = """
 CREATE FUNCTION {s}.send_batch(p_ns text[], p_channels text[], p_clients text[],
                                p_payloads bytea[], p_capacities integer[],
@@ -1036,15 +1045,12 @@ BEGIN
     SELECT p_ns[a.i], p_channels[a.i], p_clients[a.i], p_payloads[a.i],
            now() + make_interval(secs => p_expiry_s[a.i])
     FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
-    PERFORM pg_notify({notify}, n.ns || ' ' || n.channel)
-    FROM (SELECT DISTINCT p_ns[a.i] AS ns, p_channels[a.i] AS channel
-          FROM unnest(v_accepted) AS a(i)) n;
     RETURN v_refused;
 END $$;
 """
 
 # group_store: one message for each of the members p_channels (in name order, no
-# duplicates, with their clients and capacities) that has room.
+# duplicates, with their clients and capacities) that has room; notifying nobody.
 _GROUP_STORE_V4 = """
 CREATE FUNCTION {s}.group_store(p_ns text, p_channels text[], p_clients text[],
                                 p_capacities integer[], p_payload bytea,
@@ -1089,15 +1095,6 @@ BEGIN
     INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
     SELECT p_ns, k.channel, k.client, p_payload, now() + make_interval(secs => p_expiry_s)
     FROM unnest(delivered, v_clients_in) AS k(channel, client);
-    -- One notification per client (its channels, 60 at most per notification) and
-    -- one per normal channel.
-    PERFORM pg_notify({notify}, p_ns || ' ' || string_agg(w.channel, ' '))
-    FROM (
-        SELECT k.channel, coalesce(k.client, k.channel) AS target,
-               (row_number() OVER (PARTITION BY coalesce(k.client, k.channel)) - 1) / 60 AS chunk
-        FROM unnest(delivered, v_clients_in) AS k(channel, client)
-    ) w
-    GROUP BY w.target, w.chunk;
 END $$;
 """
 
@@ -1184,8 +1181,46 @@ BEGIN
 END $$;
 """
 
+# send_direct: as in version 2, but what it stores it does not notify of (the caller
+# does, with ``notify``): 2 without storing anything when p_direct and the channel has
+# nothing waiting or held, 1 stored, 0 full.
+_SEND_DIRECT_V4 = """
+CREATE OR REPLACE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text,
+                                           p_payload bytea, p_capacity integer,
+                                           p_expiry_s double precision, p_direct boolean)
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_direct AND NOT EXISTS (
+        SELECT 1 FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.channel = p_channel AND {used} > 0
+    ) THEN
+        RETURN 2;
+    END IF;
+    IF NOT {s}.reserve(p_ns, p_channel, p_client, p_capacity) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    VALUES (p_ns, p_channel, p_client, p_payload, now() + make_interval(secs => p_expiry_s));
+    RETURN 1;
+END $$;
+"""
+
+# notify: the notifications of messages stored by transactions that committed, in a
+# transaction that does not wait for the disk (so it holds PostgreSQL's notification
+# lock only a moment). Each payload: "<ns> <channel> [<channel>...]".
+_NOTIFY_V4 = """
+CREATE FUNCTION {s}.notify(p_payloads text[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_notify({notify}, p.payload) FROM unnest(p_payloads) AS p(payload);
+END $$;
+"""
+
 # sweep: as in version 1, except that an expired message ever leased was counted out
-# when it was, so only the others are uncounted from ``waiting``.
+# when it was, so only the others are uncounted from ``waiting``; and its commit does
+# not wait for the disk (a sweep lost to a crash is done again), so the channel rows
+# it locks are not held through that wait.
 _SWEEP_V4 = """
 CREATE OR REPLACE FUNCTION {s}.sweep(p_batch integer, p_after_ns text, p_after_channel text,
                                      OUT expired integer, OUT lapsed integer,
@@ -1201,6 +1236,7 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock({sweep_lock}) THEN
         RETURN;
     END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
     WITH gone AS (
         DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
             SELECT m.ctid FROM {s}.messages m WHERE m.expires_at <= now()
@@ -1294,6 +1330,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         + _SEND_BATCH_V4
         + _GROUP_STORE_V4
         + _GROUP_SEND_SLICE_V4
+        + _SEND_DIRECT_V4
+        + _NOTIFY_V4
         + _SWEEP_V4,
     ),
 )

@@ -35,9 +35,10 @@
 --
 -- Durability. Sends commit as the session says (synchronous_commit, on unless the
 -- server or the URL says otherwise); send_batch stores the sends of several clients
--- in one transaction (group commit). Takes, leases, acknowledgements and releases
--- commit without waiting for the disk (set_config('synchronous_commit', 'off', true)):
--- one of those lost to a crash of PostgreSQL makes a message come again, never lose it.
+-- in one transaction (group commit). Takes, leases, acknowledgements, releases, the
+-- sweep and notifications commit without waiting for the disk (set_config(
+-- 'synchronous_commit', 'off', true)): one of those lost to a crash of PostgreSQL makes
+-- a message come again (or be swept again), never lose it.
 --
 -- Two expressions recur in the functions: what counts against the capacity of the
 -- channels row c (its "used" count),
@@ -54,7 +55,12 @@
 --
 -- Notifications carry names only: "<ns> <channel> [<channel>...]", one per normal
 -- channel and one per client for process-specific ones, chunked far below PostgreSQL's
--- 8000-byte limit (names are under 100 characters and never hold spaces).
+-- 8000-byte limit (names are under 100 characters and never hold spaces). PostgreSQL
+-- serializes the commits of all notifying transactions on the server, through their
+-- wait for the disk, so the functions the daemons use to store messages (send_batch,
+-- group_send_slice, send_direct) notify nobody: the daemon calls notify once they have
+-- committed, in a transaction that does not wait for the disk. (send, send_many,
+-- group_send and group_send_direct, of earlier versions, still notify.)
 
 CREATE SCHEMA {s};
 
@@ -172,7 +178,8 @@ BEGIN
 END $$;
 
 -- send_direct: 2 without storing anything when p_direct and the channel has nothing
--- waiting or held (the caller pushes it itself), else send's answer as 1 or 0.
+-- waiting or held (the caller pushes it itself), else send's answer as 1 (stored; the
+-- caller notifies, with notify) or 0 (full).
 CREATE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
                                 p_capacity integer, p_expiry_s double precision,
                                 p_direct boolean)
@@ -184,10 +191,12 @@ BEGIN
     ) THEN
         RETURN 2;
     END IF;
-    IF {s}.send(p_ns, p_channel, p_client, p_payload, p_capacity, p_expiry_s) THEN
-        RETURN 1;
+    IF NOT {s}.reserve(p_ns, p_channel, p_client, p_capacity) THEN
+        RETURN 0;
     END IF;
-    RETURN 0;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    VALUES (p_ns, p_channel, p_client, p_payload, now() + make_interval(secs => p_expiry_s));
+    RETURN 1;
 END $$;
 
 -- send_many: set-based, a few statements for any number of messages; returns the
@@ -467,7 +476,9 @@ END $$;
 -- sweep: one daemon at a time (the others skip) removes a batch of expired messages and
 -- a batch of lapsed memberships, and for a batch of channel names (a cursor going round
 -- the table) folds taken into waiting and forgets idle rows. Busy rows are skipped, to
--- be seen next time round.
+-- be seen next time round. An expired message ever leased was counted out when it was:
+-- only the others are uncounted. Its commit does not wait for the disk (a sweep lost to
+-- a crash is done again), so the rows it locks are not held through that wait.
 CREATE FUNCTION {s}.sweep(p_batch integer, p_after_ns text, p_after_channel text,
                                      OUT expired integer, OUT lapsed integer,
                                      OUT forgotten integer, OUT next_ns text,
@@ -482,6 +493,7 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock({sweep_lock}) THEN
         RETURN;
     END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
     WITH gone AS (
         DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
             SELECT m.ctid FROM {s}.messages m WHERE m.expires_at <= now()
@@ -672,8 +684,8 @@ END $$;
 
 -- send_batch: the sends gathered while the statement before was committing, from any
 -- clients: message i goes to channel p_channels[i] of namespace p_ns[i], with its own
--- capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order;
--- returns the indexes (from 0) refused as full.
+-- capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order,
+-- notifying nobody; returns the indexes (from 0) refused as full.
 CREATE FUNCTION {s}.send_batch(p_ns text[], p_channels text[], p_clients text[],
                                p_payloads bytea[], p_capacities integer[],
                                p_expiry_s double precision[])
@@ -746,14 +758,11 @@ BEGIN
     SELECT p_ns[a.i], p_channels[a.i], p_clients[a.i], p_payloads[a.i],
            now() + make_interval(secs => p_expiry_s[a.i])
     FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
-    PERFORM pg_notify({notify}, n.ns || ' ' || n.channel)
-    FROM (SELECT DISTINCT p_ns[a.i] AS ns, p_channels[a.i] AS channel
-          FROM unnest(v_accepted) AS a(i)) n;
     RETURN v_refused;
 END $$;
 
 -- group_store: one message for each of the members p_channels (in name order, no
--- duplicates, with their clients and capacities) that has room.
+-- duplicates, with their clients and capacities) that has room; notifying nobody.
 CREATE FUNCTION {s}.group_store(p_ns text, p_channels text[], p_clients text[],
                                 p_capacities integer[], p_payload bytea,
                                 p_expiry_s double precision,
@@ -797,15 +806,6 @@ BEGIN
     INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
     SELECT p_ns, k.channel, k.client, p_payload, now() + make_interval(secs => p_expiry_s)
     FROM unnest(delivered, v_clients_in) AS k(channel, client);
-    -- One notification per client (its channels, 60 at most per notification) and
-    -- one per normal channel.
-    PERFORM pg_notify({notify}, p_ns || ' ' || string_agg(w.channel, ' '))
-    FROM (
-        SELECT k.channel, coalesce(k.client, k.channel) AS target,
-               (row_number() OVER (PARTITION BY coalesce(k.client, k.channel)) - 1) / 60 AS chunk
-        FROM unnest(delivered, v_clients_in) AS k(channel, client)
-    ) w
-    GROUP BY w.target, w.chunk;
 END $$;
 
 -- group_send_slice: group_send_direct for one slice of a group: its live members after
@@ -888,4 +888,14 @@ BEGIN
         FROM {s}.group_store(p_ns, v_stored, v_stored_clients, v_stored_capacities,
                              p_payload, p_expiry_s) r;
     END IF;
+END $$;
+
+-- notify: the notifications of messages stored by transactions that committed, in a
+-- transaction that does not wait for the disk (so it holds PostgreSQL's notification
+-- lock only a moment). Each payload: "<ns> <channel> [<channel>...]".
+CREATE FUNCTION {s}.notify(p_payloads text[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_notify({notify}, p.payload) FROM unnest(p_payloads) AS p(payload);
 END $$;

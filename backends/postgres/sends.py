@@ -10,9 +10,9 @@ transaction (``group_commit``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from backends import CapacityOf, WakeupCallback
+from backends import CapacityOf
 from protocol import ttl_ms
 
 from .batching import ReleaseWriter
@@ -21,7 +21,11 @@ from .pool import Database
 from .room import Room
 from .statements import Statements
 
-__all__ = ["Sends"]
+__all__ = ["Sends", "Stored"]
+
+#: Messages of (namespace, channels) were committed: wake this daemon's pulls and
+#: pushes for them (one wake-up per name given), and notify the other daemons.
+Stored = Callable[[str, Sequence[str]], None]
 
 #: What ``send_direct`` answers.
 _REFUSED, _STORED, _SENT_DIRECT = 0, 1, 2
@@ -36,13 +40,13 @@ class Sends:
         sql: Statements,
         releases: ReleaseWriter,
         room: Room,
-        wake: WakeupCallback,
+        stored: Stored,
     ) -> None:
         self._db = db
         self._sql = sql
         self._releases = releases
         self._room = room
-        self._wake = wake
+        self._stored = stored
         self.batches = SendBatches(db, sql.send_batch)
 
     async def send(
@@ -68,7 +72,7 @@ class Sends:
             else:  # its owner left meanwhile (and its count with it): store it
                 return await self._store(ns, channel, payload, capacity, expiry_s)
         if outcome == _STORED:
-            self._wake(ns, channel)
+            self._stored(ns, [channel])
         return outcome != _REFUSED
 
     async def send_many(
@@ -84,9 +88,8 @@ class Sends:
         sends = [(c, payload, room.of(ns, c, capacity_of(c))) for c, payload in items]
         refused = await self.batches.send(ns, sends, expiry_s)
         refused_set = set(refused)
-        for index, (channel, _) in enumerate(items):
-            if index not in refused_set:
-                self._wake(ns, channel)  # one per message: each may serve a pull
+        # One wake-up per message: each may serve a pull.
+        self._stored(ns, [c for n, (c, _) in enumerate(items) if n not in refused_set])
         return refused
 
     async def _store(
@@ -95,7 +98,7 @@ class Sends:
         """Store one message with the sends that come meanwhile; False when full."""
         if await self.batches.send(ns, [(channel, payload, capacity)], expiry_s):
             return False
-        self._wake(ns, channel)
+        self._stored(ns, [channel])
         return True
 
     async def _send_direct(

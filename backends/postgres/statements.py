@@ -25,6 +25,8 @@ _TEMPLATES = {
     "lease": "SELECT * FROM {s}.lease($1, $2, $3, $4, $5)",
     "ack": "SELECT {s}.ack($1, $2, $3, $4)",
     "unlease": "SELECT {s}.unlease($1, $2, $3, $4)",
+    # Notifications of what committed transactions stored (see ``notifier``).
+    "notify": "SELECT {s}.notify($1)",
     "release_many": "SELECT {s}.release_many($1, $2, $3)",
     "channels_with_messages": """
             SELECT DISTINCT channel FROM {s}.messages
@@ -86,6 +88,7 @@ class Statements:
     group_discard: str
     group_send: str
     lease: str
+    notify: str
     recheck: str
     release_many: str
     send: str
