@@ -47,7 +47,7 @@ SLICE_TARGET_S = 0.005
 #: Members in the first slice a daemon sends (a group this small is one statement),
 #: and the bounds within which slices then grow or shrink toward ``SLICE_TARGET_S``.
 FIRST_SLICE_MEMBERS = 250
-MIN_SLICE_MEMBERS = 25
+MIN_SLICE_MEMBERS = 50
 MAX_SLICE_MEMBERS = 2000
 #: Groups whose member list a daemon remembers (to send with one round trip a slice).
 MEMBER_CACHE_GROUPS = 10_000
@@ -91,11 +91,15 @@ class SliceSize:
         self.members = members
         self.target_s = target_s
 
-    def took(self, elapsed_s: float) -> None:
-        """A slice of ``members`` took ``elapsed_s``: size the next one, by at most a
-        factor of two a step (one slow statement, a pause of the machine, is no trend)."""
+    def took(self, elapsed_s: float, stored: int) -> None:
+        """A slice of ``members`` took ``elapsed_s`` and stored ``stored`` messages: size
+        the next one, by at most a factor of two a step (one slow statement, a pause of
+        the machine, is no trend). A slice that stored nothing (its members were pushed
+        to directly, or full) locked no row: the next may be twice as large."""
         if self.target_s is None:
             return
+        if not stored:
+            elapsed_s = 0.0
         wanted = self.members * self.target_s / max(elapsed_s, 1e-4)
         wanted = min(max(wanted, self.members / 2), self.members * 2)
         self.members = int(min(max(wanted, MIN_SLICE_MEMBERS), MAX_SLICE_MEMBERS))
@@ -193,7 +197,7 @@ class GroupSends:
         first = _Window(after, None, self.slice_size.members)
         started = time.perf_counter()
         part = await self._call(ns, group, payload, expiry_s, capacity_of, chunk, first)
-        self.slice_size.took(time.perf_counter() - started)
+        self.slice_size.took(time.perf_counter() - started, len(part.delivered))
         if part.unknown:
             rest = _Window(after, part.last, _NO_LIMIT)
             more = await self._call(ns, group, payload, expiry_s, capacity_of, part.unknown, rest)
