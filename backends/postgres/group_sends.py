@@ -17,8 +17,9 @@ members of the slices before it have the message.
 
 The capacities come from the sender's policy, which only the daemon knows, so they are
 passed in for the members this daemon last saw (a cache of member lists, each in the
-database's order, so that the members passed for a slice are the ones it holds);
-members it did not know of cost a second call for their slice, once. Members the
+database's order, so that the members passed for a slice are the ones it holds,
+first read in pages that lock nothing: ``_discover``); members that joined since cost
+a second call for their slice, once. Members the
 daemon can push to are left to it if nothing of theirs waits or is held in the
 database (``direct``, see ``DirectPushes``): no row is written for them.
 """
@@ -47,8 +48,11 @@ SLICE_TARGET_S = 0.005
 #: Members in the first slice a daemon sends (a group this small is one statement),
 #: and the bounds within which slices then grow or shrink toward ``SLICE_TARGET_S``.
 FIRST_SLICE_MEMBERS = 250
-MIN_SLICE_MEMBERS = 50
+MIN_SLICE_MEMBERS = 100
 MAX_SLICE_MEMBERS = 2000
+#: Members read per statement when a daemon learns a group's members (reads lock
+#: nothing: only the statement's own length matters).
+DISCOVERY_PAGE = 2000
 #: Groups whose member list a daemon remembers (to send with one round trip a slice).
 MEMBER_CACHE_GROUPS = 10_000
 #: The second call for a slice's unknown members is bounded by the slice's last
@@ -160,7 +164,8 @@ class GroupSends:
         """Send to every live member with room, slice after slice."""
         await self._releases.written(ns)
         key = (ns, group)
-        walk = _Walk(self._members.get(key, ()))
+        cached = self._members.get(key)
+        walk = _Walk(await self._discover(ns, group) if cached is None else cached)
         delivered: list[str] = []
         direct: list[str] = []
         skipped = 0
@@ -182,6 +187,17 @@ class GroupSends:
         """Forget every member list (a flush emptied some groups)."""
         self._members.clear()
 
+    async def _discover(self, ns: str, group: str) -> tuple[str, ...]:
+        """A group's live members, in the database's order, read in pages: statements
+        that lock nothing, so they may be longer than a slice."""
+        found: list[str] = []
+        while True:
+            after = found[-1] if found else ""
+            rows = await self._db.fetch(self._sql.members, ns, group, after, DISCOVERY_PAGE)
+            found += [row[0] for row in rows]
+            if len(rows) < DISCOVERY_PAGE:
+                return tuple(found)
+
     async def _slice(
         self,
         ns: str,
@@ -197,15 +213,18 @@ class GroupSends:
         first = _Window(after, None, self.slice_size.members)
         started = time.perf_counter()
         part = await self._call(ns, group, payload, expiry_s, capacity_of, chunk, first)
-        self.slice_size.took(time.perf_counter() - started, len(part.delivered))
+        longest_s = time.perf_counter() - started
         if part.unknown:
             rest = _Window(after, part.last, _NO_LIMIT)
+            started = time.perf_counter()
             more = await self._call(ns, group, payload, expiry_s, capacity_of, part.unknown, rest)
+            longest_s = max(longest_s, time.perf_counter() - started)
             part = part._replace(
                 delivered=part.delivered + more.delivered,
                 skipped=part.skipped + more.skipped,
                 direct=part.direct + more.direct,
             )
+        self.slice_size.took(longest_s, len(part.delivered))
         if part.delivered:
             self._stored(ns, part.delivered)
         return part

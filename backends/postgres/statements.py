@@ -38,6 +38,14 @@ _TEMPLATES = {
             ON CONFLICT (ns, grp, channel) DO UPDATE SET expires_at = excluded.expires_at
         """,
     "group_discard": "DELETE FROM {s}.groups WHERE ns = $1 AND grp = $2 AND channel = $3",
+    # A page of a group's live members in name order (as group_send_slice reads them;
+    # the expiry tested so that the sweep's index on it cannot serve the query).
+    "members": """
+            SELECT g.channel FROM {s}.groups g
+            WHERE g.ns = $1 AND g.grp = $2 AND g.channel > $3
+              AND g.expires_at - now() > interval '0'
+            ORDER BY g.channel LIMIT $4
+        """,
     "flush": """
             WITH m AS (DELETE FROM {s}.messages WHERE ns = $1),
                  c AS (DELETE FROM {s}.channels WHERE ns = $1),
@@ -88,6 +96,7 @@ class Statements:
     group_discard: str
     group_send: str
     lease: str
+    members: str
     notify: str
     recheck: str
     release_many: str
