@@ -132,6 +132,7 @@ class PostgresBackend(Backend):
         try:
             await self._db.open()
             await self._prepare_schema()
+            await self._db.warm(self._warm_up_calls())
             listener = self._listener = self._new_listener()
             await self._db.guard(listener.start())
         except BaseException:
@@ -294,6 +295,17 @@ class PostgresBackend(Backend):
         for channel in channels:
             self._on_ready(ns, channel)
         self._notifier.add(ns, channels)
+
+    def _warm_up_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Calls of the hot functions that change nothing (no names, no messages)."""
+        sql = self._sql
+        return [
+            (sql.send_batch, ([], [], [], [], [], [])),
+            (sql.notify, ([],)),
+            (sql.lease, ("", "", 0, 1, 1.0)),
+            (sql.ack, ([], [], [], [])),
+            (sql.take, ("", "", 0, False)),
+        ]
 
     def _new_listener(self) -> Listener:
         return Listener(
