@@ -240,7 +240,7 @@ class GroupSends:
         window: _Window,
     ) -> _Slice:
         """One call of ``group_send_slice`` for ``window``, naming ``channels``."""
-        capacities = [capacity_of(c) for c in channels]
+        capacities = await capacity_of.all_of(channels)
         capacities = self._room.less_ahead_all(ns, channels, capacities)
         pushes = self._room.pushes
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)

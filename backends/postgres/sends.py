@@ -83,9 +83,14 @@ class Sends:
         expiry_s: float,
     ) -> list[int]:
         """Send several messages in order in one call; return the indexes refused as full."""
-        await self._releases.written(ns, [c for c, _ in items])
+        channels = [channel for channel, _ in items]
+        capacities = await capacity_of.all_of(channels)
+        await self._releases.written(ns, channels)
         room = self._room
-        sends = [(c, payload, room.of(ns, c, capacity_of(c))) for c, payload in items]
+        sends = [
+            (c, payload, room.of(ns, c, n))
+            for (c, payload), n in zip(items, capacities, strict=True)
+        ]
         refused = await self.batches.send(ns, sends, expiry_s)
         refused_set = set(refused)
         # One wake-up per message: each may serve a pull.
