@@ -32,6 +32,10 @@ __all__ = ["MAX_BATCH_MESSAGES", "Batch", "SendBatches", "client_of"]
 MAX_BATCH_MESSAGES = 1000
 
 
+#: ``send_batch``'s arguments: namespaces, channels, clients, payloads, capacities, expiries.
+_Columns = tuple[list[str], list[str], list[str | None], list[bytes], list[int], list[float]]
+
+
 @dataclass(slots=True)
 class Batch:
     """One caller's sends: (channel, payload, capacity) each, in order, and its answer
@@ -48,9 +52,12 @@ class Batch:
 class SendBatches:
     """Stores sends, one statement at a time, those that queued meanwhile together."""
 
-    def __init__(self, db: Database, send_batch_sql: str) -> None:
+    def __init__(self, db: Database, send_batch_sql: str, send_one_sql: str) -> None:
         self._db = db
         self._sql = send_batch_sql
+        #: ``send_direct`` told not to push: a lone send's leaner statement (a
+        #: sender that awaits each send is on this path at every message).
+        self._one_sql = send_one_sql
         self._queue: deque[Batch] = deque()
         self._writer: asyncio.Task[None] | None = None
         #: Statements made, and sends they stored (the group commit at work).
@@ -90,8 +97,7 @@ class SendBatches:
     async def _write(self, batches: list[Batch]) -> None:
         if not batches:
             return
-        columns: tuple[list[str], list[str], list[str | None], list[bytes], list[int], list[float]]
-        columns = ([], [], [], [], [], [])
+        columns: _Columns = ([], [], [], [], [], [])
         for batch in batches:
             for channel, payload, capacity in batch.items:
                 columns[0].append(batch.ns)
@@ -101,7 +107,7 @@ class SendBatches:
                 columns[4].append(capacity)
                 columns[5].append(float(batch.expiry_s))
         try:
-            refused: list[int] = await self._db.fetchval(self._sql, *columns)
+            refused = await self._store(columns)
         except BackendError as exc:
             _answer_all(batches, exc)
             return
@@ -111,6 +117,16 @@ class SendBatches:
         self.statements += 1
         self.sends += len(columns[0])
         _answer_each(batches, sorted(refused))
+
+    async def _store(self, columns: _Columns) -> list[int]:
+        """One statement: the indexes refused as full."""
+        if len(columns[0]) > 1:
+            refused: list[int] = await self._db.fetchval(self._sql, *columns)
+            return refused
+        ns, channel, client, payload, capacity, expiry_s = (column[0] for column in columns)
+        args = (ns, channel, client, payload, capacity, expiry_s, False)
+        stored = await self._db.fetchval(self._one_sql, *args)
+        return [] if stored else [0]
 
 
 def client_of(channel: str) -> str | None:

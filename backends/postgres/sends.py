@@ -47,7 +47,7 @@ class Sends:
         self._releases = releases
         self._room = room
         self._stored = stored
-        self.batches = SendBatches(db, sql.send_batch)
+        self.batches = SendBatches(db, sql.send_batch, sql.send)
 
     async def send(
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
