@@ -34,8 +34,8 @@ WriteAcks = Callable[[list[Ack]], Awaitable[None]]
 #: pass over a connection handed out at the end of that pass, and a pass that waits
 #: for the database (another pull's take) may take a few milliseconds. Deleted before
 #: its DELIVER has left, a message would be lost to a kill in between; deleted later,
-#: it is delivered twice if the daemon is killed meanwhile (at most this long's worth
-#: of messages, which message ids will drop).
+#: it is delivered again if the daemon is killed meanwhile (at most this long's worth
+#: of messages, which the receiving layer drops by their message ids).
 ACK_DELAY_S = 0.02
 
 

@@ -23,9 +23,10 @@ they are leased to this daemon (``Ahead.lease``), deleted once handed out (``ack
 written in the background) and put back by ending their lease, in their places. A
 daemon killed outright loses none of them: their leases lapse and any daemon takes
 them again, oldest first. One handed out just before the kill may come again (the
-acknowledgement of a handed-out message is written a moment later): a duplicate,
-never a loss. A message is handed out only within the first half of its lease
-(``Ahead.hand_out_by``): the rest leaves time for its acknowledgement.
+acknowledgement of a handed-out message is written a moment later), never lost; the
+receiving layer drops it by its message id. A message is handed out only within the
+first half of its lease (``Ahead.hand_out_by``): the rest leaves time for its
+acknowledgement.
 
 Statements run in tasks of their own, so a caller that gives up (is cancelled) while
 its round is under way loses nothing: its share stays here for the next take. On a
