@@ -3,15 +3,19 @@
 Theory of operation. Each operation is one round trip on a pooled connection
 (``pool``): a prepared statement (``statements``) or a call of one of the functions
 that ``schema`` installs (capacity check, insert and notification in one
-transaction; the live SQL reads in ``schema.sql``). A send wakes this daemon's router
-at once, and ``pg_notify`` wakes the others through their ``Listener``; a periodic
-re-check makes up for a lost notification (``wakeups``). ``FOR UPDATE SKIP LOCKED``
-lets daemons take from one channel at once without ever handing out one message twice;
-takes of one channel that queue up in this daemon go out as one, a channel that
-workers pull busily has its next messages taken ahead of their pulls (``take_ahead``,
-``taker``), and releases are written in the background, many per statement
-(``batching``): round trips, and their system calls, are what a daemon spends its
-time on.
+transaction; the live SQL reads in ``schema.sql``). Sends are answered once committed
+(to disk, unless the URL says ``synchronous_commit=off``), and the sends that come
+while one commits share the next commit (``group_commit``). A send wakes this
+daemon's router at once, and ``pg_notify`` wakes the others through their
+``Listener``; a periodic re-check makes up for a lost notification (``wakeups``).
+``FOR UPDATE SKIP LOCKED`` lets daemons take from one channel at once without ever
+handing out one message twice; a worker's message is leased, not deleted, until it
+has been handed out, so a daemon killed outright loses none; takes of one channel that
+queue up in this daemon go out as one, a channel that workers pull busily has its next
+messages taken ahead of their pulls (``take_ahead``, ``taker``), and releases and
+acknowledgements are written in the background, many per statement (``batching``):
+round trips, and their system calls, are what a daemon spends its time on. A group is
+sent to in slices of members (``group_sends``), so that no statement grows with it.
 
 A message for a channel whose owner is connected to this daemon, with nothing of that
 channel waiting or held in the database, is not stored at all: the same round trip
@@ -43,12 +47,14 @@ from backends import (
 )
 
 from .batching import ReleaseWriter
+from .group_commit import client_of
 from .group_sends import GroupSends
 from .listener import Listener
+from .notifier import Notifier
 from .pool import Database
 from .room import Room
-from .schema import SCHEMA_VERSION, current_version, migrate, quote_ident, quote_literal
-from .sends import Sends, client_of
+from .schema import SCHEMA_VERSION, current_version, migrate, quote_ident
+from .sends import Sends
 from .statements import Statements
 from .sweep import Sweeper
 from .take_ahead import Takes
@@ -75,23 +81,25 @@ class PostgresBackend(Backend):
         super().__init__()
         self.options = options
         schema = quote_ident(options.schema)
-        self._sql = Statements.for_schema(schema, quote_literal(options.schema))
+        self._sql = Statements.for_schema(schema)
         self._own_pids: set[int] = set()
         self._db = Database(options, self._own_pids)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: Listener | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._taker = Taker(self._db, self._sql, self._ready)
+        self._taker = Taker(self._db, self._sql, self._ready, lease_s=options.lease_s)
         self._takes = Takes(
             self._taker.take_now,
             self._taker.give_back,
             self._ready,
+            self._taker.acknowledge,
             depth=options.prefetch,
             linger_s=TAKE_AHEAD_LINGER_S,
         )
         self._releases = ReleaseWriter(self._taker.write_releases)
         self._room = Room(self._takes)
-        parts = (self._db, self._sql, self._releases, self._room, self._ready)
+        self._notifier = Notifier(self._db, self._sql.notify)
+        parts = (self._db, self._sql, self._releases, self._room, self._stored)
         self._sends = Sends(*parts)
         self._group_sends = GroupSends(*parts)
         self._wakeups = Wakeups(self._db, self._sql.recheck, self._ready)
@@ -124,6 +132,7 @@ class PostgresBackend(Backend):
         try:
             await self._db.open()
             await self._prepare_schema()
+            await self._db.warm(self._warm_up_calls())
             listener = self._listener = self._new_listener()
             await self._db.guard(listener.start())
         except BaseException:
@@ -139,6 +148,8 @@ class PostgresBackend(Backend):
         with contextlib.suppress(BackendError):
             await self._releases.close()
         await self._takes.close()
+        await self._taker.acks.close()
+        await self._notifier.close()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -277,6 +288,24 @@ class PostgresBackend(Backend):
         """Wake the router: through ``_on_ready`` as it is now (the router installs it
         after the parts that call this were made)."""
         self._on_ready(ns, channel)
+
+    def _stored(self, ns: str, channels: Sequence[str]) -> None:
+        """Messages of ``channels`` were committed: wake the router for each (a pull
+        per message), and have the other daemons told (``notifier``)."""
+        for channel in channels:
+            self._on_ready(ns, channel)
+        self._notifier.add(ns, channels)
+
+    def _warm_up_calls(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Calls of the hot functions that change nothing (no names, no messages)."""
+        sql = self._sql
+        return [
+            (sql.send_batch, ([], [], [], [], [], [])),
+            (sql.notify, ([],)),
+            (sql.lease, ("", "", 0, 1, 1.0)),
+            (sql.ack, ([], [], [], [])),
+            (sql.take, ("", "", 0, False)),
+        ]
 
     def _new_listener(self) -> Listener:
         return Listener(

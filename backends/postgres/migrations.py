@@ -710,6 +710,605 @@ BEGIN
 END $$;
 """
 
+# Version 4: durable by default, and never one long statement.
+#
+# Leases. A take for a worker no longer deletes: it leases the message to the daemon
+# (``lease``, a token of the take, and ``lease_until``), which deletes it once it has
+# handed it out (``ack``) or gives it back (``unlease``). A lease that lapses (the
+# daemon was killed) leaves the message in its place for any daemon to take again. A
+# message is counted out when first leased, as a take counted it before; one whose
+# lease lapsed is counted out already, so a take of it, the sweep and ``reserve``
+# count only rows never leased (``lease IS NULL``). Taking, leasing, acknowledging and
+# releasing commit without waiting for the disk: losing one of those to a crash of
+# PostgreSQL makes a message come again, never lose it.
+#
+# Group commit. ``send_batch`` stores the sends of several clients, to several
+# namespaces, with their own expiries, in one transaction: one wait for the disk for
+# all the sends that came while the one before was committing.
+#
+# Notifications apart. PostgreSQL serializes the commits of all transactions that
+# NOTIFY, across the server, from their pre-commit until their commit is done: with
+# ``synchronous_commit=on``, through the wait for the disk. So the transactions that
+# store messages (``send_batch``, ``group_store``, ``send_direct``) no longer notify;
+# the daemon sends the notifications after they committed, many at once, in a
+# transaction of their own that does not wait for the disk (``notify``). A
+# notification lost to a daemon killed in between is made up for by the re-check.
+#
+# Bounded group sends. ``group_send_slice`` sends to one slice of a group, a window of
+# members in name order, so that no statement grows with the group: the daemon calls
+# it slice after slice. ``group_store`` stores for given members (what group_send did
+# after reading all of them).
+
+_LEASE_COLUMNS_V4 = """
+ALTER TABLE {s}.messages ADD COLUMN lease bigint, ADD COLUMN lease_until timestamptz;
+"""
+
+_RESERVE_V4 = """
+CREATE OR REPLACE FUNCTION {s}.reserve(p_ns text, p_channel text, p_client text,
+                                       p_capacity integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_purged integer;
+    v_room boolean;
+BEGIN
+    IF p_capacity < 1 THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting, capacity)
+    VALUES (p_ns, p_channel, p_client, 1, p_capacity)
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + 1, capacity = p_capacity
+    WHERE {used} < p_capacity;
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    -- Full, and the row is locked. Expired messages must not take up room: if the
+    -- oldest has expired, remove this channel's expired ones (not those being taken;
+    -- those ever leased were counted out already).
+    IF NOT EXISTS (
+        SELECT 1 FROM (
+            SELECT m.expires_at FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = p_channel ORDER BY m.id LIMIT 1
+        ) head WHERE head.expires_at <= now()
+    ) THEN
+        RETURN false;
+    END IF;
+    WITH gone AS (
+        DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at <= now()
+            FOR UPDATE SKIP LOCKED))
+        RETURNING lease)
+    SELECT count(*) FILTER (WHERE gone.lease IS NULL) INTO v_purged FROM gone;
+    UPDATE {s}.channels AS c SET waiting = c.waiting - v_purged
+    WHERE c.ns = p_ns AND c.channel = p_channel
+    RETURNING {used} < p_capacity INTO v_room;
+    IF v_room THEN
+        UPDATE {s}.channels SET waiting = waiting + 1 WHERE ns = p_ns AND channel = p_channel;
+    END IF;
+    RETURN coalesce(v_room, false);
+END $$;
+"""
+
+# lease: up to p_limit of a channel's oldest unexpired messages that nobody holds
+# (never leased, or their lease lapsed), leased to p_lease for p_lease_s seconds; those
+# never leased before are counted out. ``more``: whether others wait unleased.
+_LEASE_V4 = """
+CREATE FUNCTION {s}.lease(p_ns text, p_channel text, p_limit integer, p_lease bigint,
+                          p_lease_s double precision)
+RETURNS TABLE (leased_id bigint, leased_payload bytea, leased_ttl_s double precision,
+               more boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE {s}.messages m
+        SET lease = p_lease, lease_until = now() + make_interval(secs => p_lease_s)
+        WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken)
+        SELECT p_ns, p_channel, n.fresh
+        FROM (SELECT count(*) FILTER (WHERE p.fresh) AS fresh FROM picked p) n
+        WHERE n.fresh > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET taken = t.taken + excluded.taken
+        RETURNING t.taken
+    )
+    SELECT l.id, l.payload, extract(epoch FROM l.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > coalesce((SELECT k.taken FROM counted k),
+                      (SELECT t.taken FROM {s}.takes t
+                       WHERE t.ns = p_ns AND t.channel = p_channel), 0)
+    FROM leased l ORDER BY l.id;
+END $$;
+"""
+
+# ack: delete messages handed out under their leases (each by its id and lease); one
+# whose lease another daemon took over meanwhile is left to it.
+_ACK_V4 = """
+CREATE FUNCTION {s}.ack(p_ns text[], p_channels text[], p_ids bigint[], p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+        SELECT x.ctid FROM unnest(p_ns, p_channels, p_ids, p_leases) AS k(ns, channel, id, lease)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = k.ns AND m.channel = k.channel AND m.id = k.id AND m.lease = k.lease
+            FOR UPDATE SKIP LOCKED
+        ) x));
+END $$;
+"""
+
+# unlease: messages leased and not handed out go back to their places (their ids, so
+# their order holds), counted in again; other daemons are told.
+_UNLEASE_V4 = """
+CREATE FUNCTION {s}.unlease(p_ns text, p_channel text, p_ids bigint[], p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_back bigint;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH back AS (
+        UPDATE {s}.messages SET lease = NULL, lease_until = NULL
+        WHERE ctid = ANY(ARRAY(
+            SELECT x.ctid FROM unnest(p_ids, p_leases) AS k(id, lease)
+            CROSS JOIN LATERAL (
+                SELECT m.ctid FROM {s}.messages m
+                WHERE m.ns = p_ns AND m.channel = p_channel AND m.id = k.id
+                  AND m.lease = k.lease
+                FOR UPDATE SKIP LOCKED
+            ) x))
+        RETURNING 1)
+    SELECT count(*) INTO v_back FROM back;
+    IF v_back > 0 THEN
+        INSERT INTO {s}.channels AS c (ns, channel, waiting) VALUES (p_ns, p_channel, v_back)
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+        PERFORM pg_notify({notify}, p_ns || ' ' || p_channel);
+    END IF;
+END $$;
+"""
+
+# take: what the ``take`` statement did (remove the oldest unexpired messages nobody
+# holds, count them out or as held), without waiting for the disk; used for
+# process-specific channels, and takes with hold, which are never leased.
+_TAKE_V4 = """
+CREATE FUNCTION {s}.take(p_ns text, p_channel text, p_limit integer, p_hold boolean)
+RETURNS TABLE (taken_id bigint, taken_payload bytea, taken_ttl_s double precision,
+               more boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, p_channel, n.fresh, CASE WHEN p_hold THEN n.taken ELSE 0 END,
+               CASE WHEN p_hold THEN n.last ELSE '-infinity'::timestamptz END
+        FROM (SELECT count(*) AS taken, count(*) FILTER (WHERE g.fresh) AS fresh,
+                     max(g.expires_at) AS last FROM gone g) n
+        WHERE n.taken > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN {held} + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until)
+        RETURNING t.taken
+    )
+    SELECT g.id, g.payload, extract(epoch FROM g.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > (SELECT k.taken FROM counted k)
+    FROM gone g ORDER BY g.id;
+END $$;
+"""
+
+_TAKE_MANY_V4 = """
+CREATE OR REPLACE FUNCTION {s}.take_many(p_ns text, p_channels text[], p_limit integer,
+                                         p_hold boolean)
+RETURNS TABLE (taken_channel text, taken_payload bytea, taken_ttl_s double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT p.ctid FROM unnest(p_channels) AS k(name)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = k.name AND m.expires_at > now()
+              AND (m.lease IS NULL OR m.lease_until <= now())
+            ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ) p
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT x.ctid FROM picked x))
+        RETURNING m.channel, m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, g.channel, count(*) FILTER (WHERE g.fresh),
+               CASE WHEN p_hold THEN count(*) ELSE 0 END,
+               CASE WHEN p_hold THEN max(g.expires_at) ELSE '-infinity' END
+        FROM gone g GROUP BY g.channel ORDER BY g.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN {held} + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until)
+    )
+    SELECT g.channel, g.payload, extract(epoch FROM g.expires_at - now())::float8
+    FROM gone g ORDER BY g.channel, g.id;
+END $$;
+"""
+
+_RELEASE_MANY_V4 = """
+CREATE OR REPLACE FUNCTION {s}.release_many(p_ns text[], p_channels text[], p_counts integer[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    -- One row at a time, by its key, in name order (the caller sorts and merges).
+    FOR v_key IN SELECT k.ns, k.channel, k.n
+                 FROM unnest(p_ns, p_channels, p_counts) AS k(ns, channel, n)
+                 ORDER BY k.ns, k.channel LOOP
+        UPDATE {s}.takes t SET held = greatest(0, {held} - v_key.n)
+        WHERE t.ns = v_key.ns AND t.channel = v_key.channel;
+    END LOOP;
+END $$;
+"""
+
+# send_batch: the sends gathered while the statement before was committing, from any
+# clients: message i goes to channel p_channels[i] of namespace p_ns[i], with its own
+# capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order,
+# but notifying nobody (the caller does, with ``notify``); returns the indexes (from
+# 0) refused as full.
+_SEND_BATCH_V4 = """
+CREATE FUNCTION {s}.send_batch(p_ns text[], p_channels text[], p_clients text[],
+                               p_payloads bytea[], p_capacities integer[],
+                               p_expiry_s double precision[])
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys text[];
+    v_room bigint[];
+    v_accepted integer[];
+    v_full integer[];
+    v_refused integer[] := '{{}}';
+    v_i integer;
+    v_room_of jsonb;
+    v_added_to jsonb;
+    v_capacity_of jsonb;
+    v_spaces text[] := ARRAY(SELECT DISTINCT n FROM unnest(p_ns) AS n);
+    v_distinct integer := (SELECT count(DISTINCT (k.ns, k.channel))
+                           FROM unnest(p_ns, p_channels) AS k(ns, channel));
+BEGIN
+    -- As in send_many: every channel's row exists, then all are locked in order, each
+    -- by its key, and made again if the sweep removed one meanwhile. A channel is
+    -- keyed by "<ns> <channel>" in the jsonb objects (names never hold spaces).
+    LOOP
+        INSERT INTO {s}.channels AS c (ns, channel, client)
+        SELECT DISTINCT k.ns, k.channel, k.client
+        FROM unnest(p_ns, p_channels, p_clients) AS k(ns, channel, client) ORDER BY 1, 2
+        ON CONFLICT (ns, channel) DO NOTHING;
+        SELECT array_agg(w.ns || ' ' || w.channel ORDER BY w.ns, w.channel),
+               array_agg(greatest(0, w.capacity - {used}) ORDER BY w.ns, w.channel)
+        INTO v_keys, v_room
+        FROM (SELECT k.ns, k.channel, min(k.capacity) AS capacity
+              FROM unnest(p_ns, p_channels, p_capacities) AS k(ns, channel, capacity)
+              GROUP BY k.ns, k.channel ORDER BY k.ns, k.channel) w
+        CROSS JOIN LATERAL (
+            SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
+            WHERE x.ns = w.ns AND x.channel = w.channel FOR UPDATE
+        ) c;
+        EXIT WHEN coalesce(cardinality(v_keys), 0) = v_distinct;
+    END LOOP;
+    v_room_of := jsonb_object(v_keys, v_room::text[]);
+    SELECT coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth <= x.room), '{{}}'),
+           coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth > x.room), '{{}}')
+    INTO v_accepted, v_full
+    FROM (
+        SELECT k.i::integer AS i, (v_room_of ->> (k.ns || ' ' || k.channel))::bigint AS room,
+               row_number() OVER (PARTITION BY k.ns, k.channel ORDER BY k.i) AS nth
+        FROM unnest(p_ns, p_channels) WITH ORDINALITY AS k(ns, channel, i)
+    ) x;
+    SELECT jsonb_object_agg(n.key, n.added), jsonb_object_agg(n.key, n.capacity)
+    INTO v_added_to, v_capacity_of
+    FROM (
+        SELECT p_ns[a.i] || ' ' || p_channels[a.i] AS key, count(*) AS added,
+               min(p_capacities[a.i]) AS capacity
+        FROM unnest(v_accepted) AS a(i) GROUP BY 1
+    ) n;
+    UPDATE {s}.channels c
+    SET waiting = c.waiting + (v_added_to ->> (c.ns || ' ' || c.channel))::bigint,
+        capacity = (v_capacity_of ->> (c.ns || ' ' || c.channel))::integer
+    WHERE c.ns = ANY(v_spaces) AND c.channel = ANY(p_channels)
+      AND v_added_to ? (c.ns || ' ' || c.channel);
+    -- The rest met a full channel; if its oldest message has expired, reserve makes
+    -- room (rarely: the sweep usually has).
+    FOREACH v_i IN ARRAY v_full LOOP
+        IF {s}.reserve(p_ns[v_i], p_channels[v_i], p_clients[v_i], p_capacities[v_i]) THEN
+            v_accepted := v_accepted || v_i;
+        ELSE
+            v_refused := v_refused || (v_i - 1);
+        END IF;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns[a.i], p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s[a.i])
+    FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
+    RETURN v_refused;
+END $$;
+"""
+
+# group_store: one message for each of the members p_channels (in name order, no
+# duplicates, with their clients and capacities) that has room; notifying nobody.
+_GROUP_STORE_V4 = """
+CREATE FUNCTION {s}.group_store(p_ns text, p_channels text[], p_clients text[],
+                                p_capacities integer[], p_payload bytea,
+                                p_expiry_s double precision,
+                                OUT delivered text[], OUT skipped integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_clients_in text[];
+    v_full text[];
+    v_full_clients text[];
+    v_full_capacities integer[];
+BEGIN
+    -- One upsert for all, in name order: those with room count one more.
+    WITH room AS (
+        INSERT INTO {s}.channels AS c (ns, channel, client, waiting, capacity)
+        SELECT p_ns, k.channel, k.client, 1, k.capacity
+        FROM unnest(p_channels, p_clients, p_capacities) AS k(channel, client, capacity)
+        WHERE k.capacity > 0 ORDER BY k.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + 1,
+            capacity = excluded.capacity
+        WHERE {used} < excluded.capacity
+        RETURNING c.channel, c.client
+    )
+    SELECT coalesce(array_agg(r.channel), '{{}}'), coalesce(array_agg(r.client), '{{}}')
+    INTO delivered, v_clients_in FROM room r;
+    IF cardinality(delivered) < cardinality(p_channels) THEN
+        -- Some were full (rarely for long: expired messages may be in the way).
+        SELECT coalesce(array_agg(k.channel ORDER BY k.channel), '{{}}'),
+               coalesce(array_agg(k.client ORDER BY k.channel), '{{}}'),
+               coalesce(array_agg(k.capacity ORDER BY k.channel), '{{}}')
+        INTO v_full, v_full_clients, v_full_capacities
+        FROM unnest(p_channels, p_clients, p_capacities) AS k(channel, client, capacity)
+        WHERE k.channel <> ALL(delivered);
+        FOR i IN 1 .. coalesce(array_length(v_full, 1), 0) LOOP
+            IF {s}.reserve(p_ns, v_full[i], v_full_clients[i], v_full_capacities[i]) THEN
+                delivered := delivered || v_full[i];
+                v_clients_in := v_clients_in || v_full_clients[i];
+            END IF;
+        END LOOP;
+    END IF;
+    skipped := cardinality(p_channels) - cardinality(delivered);
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, k.channel, k.client, p_payload, now() + make_interval(secs => p_expiry_s)
+    FROM unnest(delivered, v_clients_in) AS k(channel, client);
+END $$;
+"""
+
+# group_send_slice: group_send_direct for one slice of a group: its live members after
+# p_after (in name order; '' for the first) up to p_upto (NULL: no bound), at most
+# p_limit of them. The members the caller names come as in group_send_direct
+# (p_channels/p_capacities stored, p_direct pushed by the caller if nothing of theirs
+# waits, p_clients their clients); a member it does not name is returned in
+# ``unknown`` and not sent to. ``known``: the named members found in the slice;
+# ``last``: its last member if it holds p_limit (the next slice starts after it),
+# else NULL (the group ends here); ``members``: the slice's members in order, only
+# where they differ from those named (the caller's list needs mending).
+_GROUP_SEND_SLICE_V4 = """
+CREATE FUNCTION {s}.group_send_slice(p_ns text, p_group text, p_payload bytea,
+                                     p_expiry_s double precision, p_after text,
+                                     p_upto text, p_limit integer, p_channels text,
+                                     p_capacities text, p_direct text,
+                                     p_direct_capacities text, p_clients text,
+                                     OUT delivered text[], OUT skipped integer,
+                                     OUT unknown text[], OUT direct text,
+                                     OUT known integer, OUT last text, OUT members text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_named text[] := string_to_array(p_channels, ' ') || string_to_array(p_direct, ' ');
+    v_capacity_of jsonb :=
+        jsonb_object(string_to_array(p_channels, ' '), string_to_array(p_capacities, ' '));
+    v_pushed_capacity_of jsonb :=
+        jsonb_object(string_to_array(p_direct, ' '), string_to_array(p_direct_capacities, ' '));
+    v_busy text[] := '{{}}';
+    v_found integer;
+    v_unnamed integer;
+    v_stored text[];
+    v_stored_clients text[];
+    v_stored_capacities integer[];
+BEGIN
+    IF p_clients <> '' THEN
+        SELECT coalesce(array_agg(c.channel), '{{}}') INTO v_busy FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.client = ANY(string_to_array(p_clients, ' ')) AND {used} > 0;
+    END IF;
+    SELECT count(*), max(m.channel), count(*) FILTER (WHERE m.named),
+           count(*) FILTER (WHERE NOT m.named),
+           coalesce(string_agg(m.channel, ' ') FILTER (WHERE m.direct), ''),
+           coalesce(array_agg(m.channel ORDER BY m.channel) FILTER (WHERE m.stored), '{{}}'),
+           coalesce(array_agg(m.client ORDER BY m.channel) FILTER (WHERE m.stored), '{{}}'),
+           coalesce(array_agg(m.capacity ORDER BY m.channel) FILTER (WHERE m.stored), '{{}}'),
+           coalesce(array_agg(m.channel) FILTER (WHERE NOT m.named), '{{}}'),
+           string_agg(m.channel, ' ' ORDER BY m.channel)
+    INTO v_found, last, known, v_unnamed, direct, v_stored, v_stored_clients,
+         v_stored_capacities, unknown, members
+    FROM (
+        SELECT k.channel, k.client, k.capacity IS NOT NULL OR k.pushed IS NOT NULL AS named,
+               k.pushed IS NOT NULL AND NOT k.channel = ANY(v_busy) AS direct,
+               coalesce(k.capacity, k.pushed) AS capacity,
+               k.capacity IS NOT NULL OR (k.pushed IS NOT NULL AND k.channel = ANY(v_busy))
+                   AS stored
+        FROM (
+            SELECT g.channel, g.client, (v_capacity_of ->> g.channel)::integer AS capacity,
+                   (v_pushed_capacity_of ->> g.channel)::integer AS pushed
+            FROM {s}.groups g
+            WHERE g.ns = p_ns AND g.grp = p_group AND g.channel > p_after
+              AND (p_upto IS NULL OR g.channel <= p_upto) AND {live_member}
+            ORDER BY g.channel LIMIT p_limit
+        ) k
+    ) m;
+    IF v_found < p_limit THEN
+        last := NULL;
+    END IF;
+    -- Named members missing from the slice (gone, or past its end) or members not
+    -- named: the caller's list of members is out of date here.
+    IF v_unnamed = 0 AND known = (
+        SELECT count(*) FROM unnest(v_named) AS n(channel)
+        WHERE n.channel > p_after AND (last IS NULL OR n.channel <= last)
+          AND (p_upto IS NULL OR n.channel <= p_upto)
+    ) THEN
+        members := NULL;
+    END IF;
+    delivered := '{{}}';
+    skipped := 0;
+    IF cardinality(v_stored) > 0 THEN
+        SELECT r.delivered, r.skipped INTO delivered, skipped
+        FROM {s}.group_store(p_ns, v_stored, v_stored_clients, v_stored_capacities,
+                             p_payload, p_expiry_s) r;
+    END IF;
+END $$;
+"""
+
+# send_direct: as in version 2, but what it stores it does not notify of (the caller
+# does, with ``notify``): 2 without storing anything when p_direct and the channel has
+# nothing waiting or held, 1 stored, 0 full.
+_SEND_DIRECT_V4 = """
+CREATE OR REPLACE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text,
+                                           p_payload bytea, p_capacity integer,
+                                           p_expiry_s double precision, p_direct boolean)
+RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_direct AND NOT EXISTS (
+        SELECT 1 FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.channel = p_channel AND {used} > 0
+    ) THEN
+        RETURN 2;
+    END IF;
+    IF NOT {s}.reserve(p_ns, p_channel, p_client, p_capacity) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    VALUES (p_ns, p_channel, p_client, p_payload, now() + make_interval(secs => p_expiry_s));
+    RETURN 1;
+END $$;
+"""
+
+# notify: the notifications of messages stored by transactions that committed, in a
+# transaction that does not wait for the disk (so it holds PostgreSQL's notification
+# lock only a moment). Each payload: "<ns> <channel> [<channel>...]".
+_NOTIFY_V4 = """
+CREATE FUNCTION {s}.notify(p_payloads text[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_notify({notify}, p.payload) FROM unnest(p_payloads) AS p(payload);
+END $$;
+"""
+
+# sweep: as in version 1, except that an expired message ever leased was counted out
+# when it was, so only the others are uncounted from ``waiting``; and its commit does
+# not wait for the disk (a sweep lost to a crash is done again), so the channel rows
+# it locks are not held through that wait.
+_SWEEP_V4 = """
+CREATE OR REPLACE FUNCTION {s}.sweep(p_batch integer, p_after_ns text, p_after_channel text,
+                                     OUT expired integer, OUT lapsed integer,
+                                     OUT forgotten integer, OUT next_ns text,
+                                     OUT next_channel text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ns text[];
+    v_channels text[];
+    v_counts integer[];
+BEGIN
+    expired := 0; lapsed := 0; forgotten := 0;
+    IF NOT pg_try_advisory_xact_lock({sweep_lock}) THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH gone AS (
+        DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+            SELECT m.ctid FROM {s}.messages m WHERE m.expires_at <= now()
+            ORDER BY m.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED))
+        RETURNING ns, channel, lease IS NULL AS counted
+    )
+    SELECT coalesce(array_agg(x.ns ORDER BY x.ns, x.channel), '{{}}'),
+           coalesce(array_agg(x.channel ORDER BY x.ns, x.channel), '{{}}'),
+           coalesce(array_agg(x.n ORDER BY x.ns, x.channel), '{{}}'),
+           coalesce(sum(x.total), 0)
+    INTO v_ns, v_channels, v_counts, expired
+    FROM (SELECT g.ns, g.channel, (count(*) FILTER (WHERE g.counted))::integer AS n,
+                 count(*) AS total
+          FROM gone g GROUP BY 1, 2) x;
+    PERFORM 1 FROM {s}.channels c
+    JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON c.ns = k.ns AND c.channel = k.channel
+    ORDER BY c.ns, c.channel FOR UPDATE OF c;
+    UPDATE {s}.channels c SET waiting = c.waiting - k.n
+    FROM unnest(v_ns, v_channels, v_counts) AS k(ns, channel, n)
+    WHERE c.ns = k.ns AND c.channel = k.channel;
+    DELETE FROM {s}.groups WHERE ctid = ANY(ARRAY(
+        SELECT g.ctid FROM {s}.groups g WHERE g.expires_at <= now()
+        ORDER BY g.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED));
+    GET DIAGNOSTICS lapsed = ROW_COUNT;
+    -- The next batch of channel names, and the free ones among them locked.
+    SELECT coalesce(array_agg(b.ns ORDER BY b.ns, b.channel), '{{}}'),
+           coalesce(array_agg(b.channel ORDER BY b.ns, b.channel), '{{}}')
+    INTO v_ns, v_channels
+    FROM (
+        SELECT c.ns, c.channel FROM {s}.channels c
+        WHERE (c.ns, c.channel) > (p_after_ns, p_after_channel)
+        ORDER BY c.ns, c.channel LIMIT p_batch
+    ) b;
+    IF cardinality(v_ns) = p_batch THEN
+        next_ns := v_ns[p_batch];
+        next_channel := v_channels[p_batch];
+    END IF;
+    SELECT coalesce(array_agg(l.ns), '{{}}'), coalesce(array_agg(l.channel), '{{}}')
+    INTO v_ns, v_channels
+    FROM (
+        SELECT c.ns, c.channel FROM {s}.channels c
+        JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON c.ns = k.ns AND c.channel = k.channel
+        ORDER BY c.ns, c.channel FOR UPDATE OF c SKIP LOCKED
+    ) l;
+    -- Their takes rows, where free too: fold what was taken into waiting.
+    WITH free AS (
+        SELECT t.ns, t.channel, t.taken FROM {s}.takes t
+        JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON t.ns = k.ns AND t.channel = k.channel
+        ORDER BY t.ns, t.channel FOR UPDATE OF t SKIP LOCKED
+    ), folded AS (
+        UPDATE {s}.takes t SET taken = 0 FROM free f
+        WHERE t.ns = f.ns AND t.channel = f.channel AND f.taken <> 0
+        RETURNING t.ns, t.channel, f.taken
+    )
+    UPDATE {s}.channels c SET waiting = c.waiting - f.taken FROM folded f
+    WHERE c.ns = f.ns AND c.channel = f.channel;
+    -- Idle: nothing waiting, nothing held, and no taker at work on it right now.
+    WITH idle AS (
+        DELETE FROM {s}.channels c
+        USING unnest(v_ns, v_channels) AS k(ns, channel)
+        WHERE c.ns = k.ns AND c.channel = k.channel AND c.waiting = 0
+          AND NOT EXISTS (
+              SELECT 1 FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel
+                AND (t.taken <> 0 OR {held} > 0))
+        RETURNING c.ns, c.channel
+    ), idle_takes AS (
+        DELETE FROM {s}.takes t USING idle i WHERE t.ns = i.ns AND t.channel = i.channel
+    )
+    SELECT count(*) INTO forgotten FROM idle;
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -718,4 +1317,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     ),
     (2, _GROUP_SEND_DIRECT + _SEND_DIRECT),
     (3, _GROUP_SEND_V3 + _GROUP_SEND_DIRECT_V3 + _SEND_MANY_V3 + _RELEASE_MANY_V3),
+    (
+        4,
+        _LEASE_COLUMNS_V4
+        + _RESERVE_V4
+        + _LEASE_V4
+        + _ACK_V4
+        + _UNLEASE_V4
+        + _TAKE_V4
+        + _TAKE_MANY_V4
+        + _RELEASE_MANY_V4
+        + _SEND_BATCH_V4
+        + _GROUP_STORE_V4
+        + _GROUP_SEND_SLICE_V4
+        + _SEND_DIRECT_V4
+        + _NOTIFY_V4
+        + _SWEEP_V4,
+    ),
 )

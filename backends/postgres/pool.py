@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,6 +26,10 @@ __all__ = ["DRIVER_ERRORS", "UNAVAILABLE", "Database"]
 
 #: A deadlock (PostgreSQL detects it and rolls back one side) is retried this often.
 DEADLOCK_RETRIES = 3
+#: Connections opened with the pool: sends, their notifications and acknowledgements
+#: run side by side from the first message on, and opening a connection then would
+#: cost that message tens of milliseconds.
+WARM_CONNECTIONS = 3
 
 #: Driver errors meaning "cannot reach the database now"; other PostgresErrors are bugs
 #: or misconfiguration and stay ``BackendError``.
@@ -58,12 +62,13 @@ class Database:
         return self._pool is not None
 
     async def open(self) -> None:
-        """Open the pool (one connection at first); ``BackendUnavailable`` if unreachable."""
+        """Open the pool (``WARM_CONNECTIONS`` at first); ``BackendUnavailable`` if
+        unreachable."""
         if self._pool is None:
             self._pool = await self.guard(
                 asyncpg.create_pool(
                     self.options.dsn,
-                    min_size=1,
+                    min_size=min(WARM_CONNECTIONS, self.options.pool_size),
                     max_size=self.options.pool_size,
                     timeout=self.options.timeout_s,
                     init=self._on_new_connection,
@@ -122,6 +127,26 @@ class Database:
             except asyncpg.PostgresError as exc:
                 raise BackendError(f"PostgreSQL: {_describe(exc)}") from exc
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def warm(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run ``calls`` (statements that change nothing) on each of the pool's first
+        connections at once: a PL/pgSQL function is compiled, and its statements
+        planned, by the first call in each session (tens of milliseconds for the
+        larger ones), which the first messages would otherwise wait for."""
+
+        async def on_one(conn: Any) -> None:
+            for sql, args in calls:
+                await conn.fetch(sql, *args)
+
+        pool = self._pool
+        if pool is None:
+            return
+        held = [await pool.acquire() for _ in range(min(WARM_CONNECTIONS, pool.get_max_size()))]
+        try:
+            await self.guard(asyncio.gather(*(on_one(conn) for conn in held)))
+        finally:
+            for conn in held:
+                await _give_back(pool, conn)
 
     async def guard(self, awaitable: Awaitable[T]) -> T:
         """Await a connection step, translating driver errors as ``run`` does."""

@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 3 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 4 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -23,6 +23,23 @@
 -- daemon killed before releasing cannot shrink a channel for good. The sweep folds
 -- taken back into waiting and forgets idle rows.
 --
+-- Leases. A take for a worker (a normal channel, without hold) does not delete: it
+-- leases the message to its daemon (messages.lease, a token of the take, and
+-- lease_until), and the daemon deletes it once it has handed it out (ack) or ends the
+-- lease (unlease) to put it back in its place. A lease that lapses (its daemon was
+-- killed) leaves the message where it was, for any daemon to take again, oldest
+-- first. A message is counted out (takes.taken) when first leased, as a take counts
+-- out what it deletes; one whose lease lapsed was counted out already, so takes, the
+-- sweep and reserve count only rows never leased (lease IS NULL), and unlease counts
+-- back in (channels.waiting) what it puts back.
+--
+-- Durability. Sends commit as the session says (synchronous_commit, on unless the
+-- server or the URL says otherwise); send_batch stores the sends of several clients
+-- in one transaction (group commit). Takes, leases, acknowledgements, releases, the
+-- sweep and notifications commit without waiting for the disk (set_config(
+-- 'synchronous_commit', 'off', true)): one of those lost to a crash of PostgreSQL makes
+-- a message come again (or be swept again), never lose it.
+--
 -- Two expressions recur in the functions: what counts against the capacity of the
 -- channels row c (its "used" count),
 --     (c.waiting - coalesce((SELECT t.taken - <held> FROM {s}.takes t
@@ -38,13 +55,18 @@
 --
 -- Notifications carry names only: "<ns> <channel> [<channel>...]", one per normal
 -- channel and one per client for process-specific ones, chunked far below PostgreSQL's
--- 8000-byte limit (names are under 100 characters and never hold spaces).
+-- 8000-byte limit (names are under 100 characters and never hold spaces). PostgreSQL
+-- serializes the commits of all notifying transactions on the server, through their
+-- wait for the disk, so the functions the daemons use to store messages (send_batch,
+-- group_send_slice, send_direct) notify nobody: the daemon calls notify once they have
+-- committed, in a transaction that does not wait for the disk. (send, send_many,
+-- group_send and group_send_direct, of earlier versions, still notify.)
 
 CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (3);
+INSERT INTO {s}.schema_version VALUES (4);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -75,7 +97,9 @@ CREATE {unlogged} TABLE {s}.messages (
     channel text NOT NULL,
     client text,
     payload bytea NOT NULL,
-    expires_at timestamptz NOT NULL
+    expires_at timestamptz NOT NULL,
+    lease bigint,
+    lease_until timestamptz
 );
 ALTER TABLE {s}.messages ALTER COLUMN payload SET STORAGE EXTERNAL;
 CREATE INDEX messages_by_channel ON {s}.messages (ns, channel, id);
@@ -93,8 +117,10 @@ CREATE {unlogged} TABLE {s}.groups (
 CREATE INDEX groups_by_expiry ON {s}.groups (expires_at);
 
 -- reserve: count one more message in unless the channel is full; locks its row. A full
--- channel whose oldest message has expired is rid of its expired messages first.
-CREATE FUNCTION {s}.reserve(p_ns text, p_channel text, p_client text, p_capacity integer)
+-- channel whose oldest message has expired is rid of its expired messages first (only
+-- those never leased are counted out).
+CREATE FUNCTION {s}.reserve(p_ns text, p_channel text, p_client text,
+                                       p_capacity integer)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     v_purged integer;
@@ -111,7 +137,8 @@ BEGIN
         RETURN true;
     END IF;
     -- Full, and the row is locked. Expired messages must not take up room: if the
-    -- oldest has expired, remove this channel's expired ones (not those being taken).
+    -- oldest has expired, remove this channel's expired ones (not those being taken;
+    -- those ever leased were counted out already).
     IF NOT EXISTS (
         SELECT 1 FROM (
             SELECT m.expires_at FROM {s}.messages m
@@ -125,8 +152,8 @@ BEGIN
             SELECT m.ctid FROM {s}.messages m
             WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at <= now()
             FOR UPDATE SKIP LOCKED))
-        RETURNING 1)
-    SELECT count(*) INTO v_purged FROM gone;
+        RETURNING lease)
+    SELECT count(*) FILTER (WHERE gone.lease IS NULL) INTO v_purged FROM gone;
     UPDATE {s}.channels AS c SET waiting = c.waiting - v_purged
     WHERE c.ns = p_ns AND c.channel = p_channel
     RETURNING (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) < p_capacity INTO v_room;
@@ -151,7 +178,8 @@ BEGIN
 END $$;
 
 -- send_direct: 2 without storing anything when p_direct and the channel has nothing
--- waiting or held (the caller pushes it itself), else send's answer as 1 or 0.
+-- waiting or held (the caller pushes it itself), else send's answer as 1 (stored; the
+-- caller notifies, with notify) or 0 (full).
 CREATE FUNCTION {s}.send_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
                                 p_capacity integer, p_expiry_s double precision,
                                 p_direct boolean)
@@ -163,10 +191,12 @@ BEGIN
     ) THEN
         RETURN 2;
     END IF;
-    IF {s}.send(p_ns, p_channel, p_client, p_payload, p_capacity, p_expiry_s) THEN
-        RETURN 1;
+    IF NOT {s}.reserve(p_ns, p_channel, p_client, p_capacity) THEN
+        RETURN 0;
     END IF;
-    RETURN 0;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    VALUES (p_ns, p_channel, p_client, p_payload, now() + make_interval(secs => p_expiry_s));
+    RETURN 1;
 END $$;
 
 -- send_many: set-based, a few statements for any number of messages; returns the
@@ -247,23 +277,30 @@ BEGIN
 END $$;
 
 -- take_many: the oldest unexpired messages of several channels that no other taker
--- holds, removed and counted out (or counted as held) in one statement.
-CREATE FUNCTION {s}.take_many(p_ns text, p_channels text[], p_limit integer, p_hold boolean)
+-- holds (locked, or leased), removed and counted out (or counted as held) in one
+-- statement; for pushes to process-specific channels, which are never leased.
+CREATE FUNCTION {s}.take_many(p_ns text, p_channels text[], p_limit integer,
+                                         p_hold boolean)
 RETURNS TABLE (taken_channel text, taken_payload bytea, taken_ttl_s double precision)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
     WITH picked AS (
         SELECT p.ctid FROM unnest(p_channels) AS k(name)
         CROSS JOIN LATERAL (
             SELECT m.ctid FROM {s}.messages m
             WHERE m.ns = p_ns AND m.channel = k.name AND m.expires_at > now()
+              AND (m.lease IS NULL OR m.lease_until <= now())
             ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
         ) p
     ), gone AS (
-        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-        RETURNING m.channel, m.id, m.payload, m.expires_at
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT x.ctid FROM picked x))
+        RETURNING m.channel, m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
     ), counted AS (
         INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
-        SELECT p_ns, g.channel, count(*), CASE WHEN p_hold THEN count(*) ELSE 0 END,
+        SELECT p_ns, g.channel, count(*) FILTER (WHERE g.fresh),
+               CASE WHEN p_hold THEN count(*) ELSE 0 END,
                CASE WHEN p_hold THEN max(g.expires_at) ELSE '-infinity' END
         FROM gone g GROUP BY g.channel ORDER BY g.channel
         ON CONFLICT (ns, channel) DO UPDATE SET
@@ -272,8 +309,8 @@ LANGUAGE sql AS $$
             held_until = greatest(t.held_until, excluded.held_until)
     )
     SELECT g.channel, g.payload, extract(epoch FROM g.expires_at - now())::float8
-    FROM gone g ORDER BY g.channel, g.id
-$$;
+    FROM gone g ORDER BY g.channel, g.id;
+END $$;
 
 -- release_many: uncount held messages of several channels.
 CREATE FUNCTION {s}.release_many(p_ns text[], p_channels text[], p_counts integer[])
@@ -281,6 +318,7 @@ RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     v_key record;
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     -- One row at a time, by its key, in name order (the caller sorts and merges).
     FOR v_key IN SELECT k.ns, k.channel, k.n
                  FROM unnest(p_ns, p_channels, p_counts) AS k(ns, channel, n)
@@ -438,10 +476,13 @@ END $$;
 -- sweep: one daemon at a time (the others skip) removes a batch of expired messages and
 -- a batch of lapsed memberships, and for a batch of channel names (a cursor going round
 -- the table) folds taken into waiting and forgets idle rows. Busy rows are skipped, to
--- be seen next time round.
+-- be seen next time round. An expired message ever leased was counted out when it was:
+-- only the others are uncounted. Its commit does not wait for the disk (a sweep lost to
+-- a crash is done again), so the rows it locks are not held through that wait.
 CREATE FUNCTION {s}.sweep(p_batch integer, p_after_ns text, p_after_channel text,
-                          OUT expired integer, OUT lapsed integer, OUT forgotten integer,
-                          OUT next_ns text, OUT next_channel text)
+                                     OUT expired integer, OUT lapsed integer,
+                                     OUT forgotten integer, OUT next_ns text,
+                                     OUT next_channel text)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_ns text[];
@@ -452,24 +493,27 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock({sweep_lock}) THEN
         RETURN;
     END IF;
+    PERFORM set_config('synchronous_commit', 'off', true);
     WITH gone AS (
         DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
             SELECT m.ctid FROM {s}.messages m WHERE m.expires_at <= now()
             ORDER BY m.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED))
-        RETURNING ns, channel
+        RETURNING ns, channel, lease IS NULL AS counted
     )
     SELECT coalesce(array_agg(x.ns ORDER BY x.ns, x.channel), '{}'),
            coalesce(array_agg(x.channel ORDER BY x.ns, x.channel), '{}'),
-           coalesce(array_agg(x.n ORDER BY x.ns, x.channel), '{}')
-    INTO v_ns, v_channels, v_counts
-    FROM (SELECT g.ns, g.channel, count(*)::integer AS n FROM gone g GROUP BY 1, 2) x;
+           coalesce(array_agg(x.n ORDER BY x.ns, x.channel), '{}'),
+           coalesce(sum(x.total), 0)
+    INTO v_ns, v_channels, v_counts, expired
+    FROM (SELECT g.ns, g.channel, (count(*) FILTER (WHERE g.counted))::integer AS n,
+                 count(*) AS total
+          FROM gone g GROUP BY 1, 2) x;
     PERFORM 1 FROM {s}.channels c
     JOIN unnest(v_ns, v_channels) AS k(ns, channel) ON c.ns = k.ns AND c.channel = k.channel
     ORDER BY c.ns, c.channel FOR UPDATE OF c;
     UPDATE {s}.channels c SET waiting = c.waiting - k.n
     FROM unnest(v_ns, v_channels, v_counts) AS k(ns, channel, n)
     WHERE c.ns = k.ns AND c.channel = k.channel;
-    expired := coalesce((SELECT sum(n) FROM unnest(v_counts) AS n), 0);
     DELETE FROM {s}.groups WHERE ctid = ANY(ARRAY(
         SELECT g.ctid FROM {s}.groups g WHERE g.expires_at <= now()
         ORDER BY g.expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED));
@@ -519,4 +563,339 @@ BEGIN
         DELETE FROM {s}.takes t USING idle i WHERE t.ns = i.ns AND t.channel = i.channel
     )
     SELECT count(*) INTO forgotten FROM idle;
+END $$;
+
+-- lease: up to p_limit of a channel's oldest unexpired messages that nobody holds
+-- (never leased, or their lease lapsed), leased to p_lease for p_lease_s seconds; those
+-- never leased before are counted out. more: whether others wait unleased.
+CREATE FUNCTION {s}.lease(p_ns text, p_channel text, p_limit integer, p_lease bigint,
+                          p_lease_s double precision)
+RETURNS TABLE (leased_id bigint, leased_payload bytea, leased_ttl_s double precision,
+               more boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE {s}.messages m
+        SET lease = p_lease, lease_until = now() + make_interval(secs => p_lease_s)
+        WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken)
+        SELECT p_ns, p_channel, n.fresh
+        FROM (SELECT count(*) FILTER (WHERE p.fresh) AS fresh FROM picked p) n
+        WHERE n.fresh > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET taken = t.taken + excluded.taken
+        RETURNING t.taken
+    )
+    SELECT l.id, l.payload, extract(epoch FROM l.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > coalesce((SELECT k.taken FROM counted k),
+                      (SELECT t.taken FROM {s}.takes t
+                       WHERE t.ns = p_ns AND t.channel = p_channel), 0)
+    FROM leased l ORDER BY l.id;
+END $$;
+
+-- ack: delete messages handed out under their leases (each by its id and lease); one
+-- whose lease another daemon took over meanwhile is left to it.
+CREATE FUNCTION {s}.ack(p_ns text[], p_channels text[], p_ids bigint[], p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+        SELECT x.ctid FROM unnest(p_ns, p_channels, p_ids, p_leases) AS k(ns, channel, id, lease)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = k.ns AND m.channel = k.channel AND m.id = k.id AND m.lease = k.lease
+            FOR UPDATE SKIP LOCKED
+        ) x));
+END $$;
+
+-- unlease: messages leased and not handed out go back to their places (their ids, so
+-- their order holds), counted in again; other daemons are told.
+CREATE FUNCTION {s}.unlease(p_ns text, p_channel text, p_ids bigint[], p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_back bigint;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH back AS (
+        UPDATE {s}.messages SET lease = NULL, lease_until = NULL
+        WHERE ctid = ANY(ARRAY(
+            SELECT x.ctid FROM unnest(p_ids, p_leases) AS k(id, lease)
+            CROSS JOIN LATERAL (
+                SELECT m.ctid FROM {s}.messages m
+                WHERE m.ns = p_ns AND m.channel = p_channel AND m.id = k.id
+                  AND m.lease = k.lease
+                FOR UPDATE SKIP LOCKED
+            ) x))
+        RETURNING 1)
+    SELECT count(*) INTO v_back FROM back;
+    IF v_back > 0 THEN
+        INSERT INTO {s}.channels AS c (ns, channel, waiting) VALUES (p_ns, p_channel, v_back)
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+        PERFORM pg_notify({notify}, p_ns || ' ' || p_channel);
+    END IF;
+END $$;
+
+-- take: remove the oldest unexpired messages nobody holds and count them out (or as
+-- held); for process-specific channels and takes with hold, which are never leased.
+CREATE FUNCTION {s}.take(p_ns text, p_channel text, p_limit integer, p_hold boolean)
+RETURNS TABLE (taken_id bigint, taken_payload bytea, taken_ttl_s double precision,
+               more boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, p_channel, n.fresh, CASE WHEN p_hold THEN n.taken ELSE 0 END,
+               CASE WHEN p_hold THEN n.last ELSE '-infinity'::timestamptz END
+        FROM (SELECT count(*) AS taken, count(*) FILTER (WHERE g.fresh) AS fresh,
+                     max(g.expires_at) AS last FROM gone g) n
+        WHERE n.taken > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until)
+        RETURNING t.taken
+    )
+    SELECT g.id, g.payload, extract(epoch FROM g.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > (SELECT k.taken FROM counted k)
+    FROM gone g ORDER BY g.id;
+END $$;
+
+-- send_batch: the sends gathered while the statement before was committing, from any
+-- clients: message i goes to channel p_channels[i] of namespace p_ns[i], with its own
+-- capacity and expiry. As send_many, set-based, channels locked in (ns, channel) order,
+-- notifying nobody; returns the indexes (from 0) refused as full.
+CREATE FUNCTION {s}.send_batch(p_ns text[], p_channels text[], p_clients text[],
+                               p_payloads bytea[], p_capacities integer[],
+                               p_expiry_s double precision[])
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys text[];
+    v_room bigint[];
+    v_accepted integer[];
+    v_full integer[];
+    v_refused integer[] := '{}';
+    v_i integer;
+    v_room_of jsonb;
+    v_added_to jsonb;
+    v_capacity_of jsonb;
+    v_spaces text[] := ARRAY(SELECT DISTINCT n FROM unnest(p_ns) AS n);
+    v_distinct integer := (SELECT count(DISTINCT (k.ns, k.channel))
+                           FROM unnest(p_ns, p_channels) AS k(ns, channel));
+BEGIN
+    -- As in send_many: every channel's row exists, then all are locked in order, each
+    -- by its key, and made again if the sweep removed one meanwhile. A channel is
+    -- keyed by "<ns> <channel>" in the jsonb objects (names never hold spaces).
+    LOOP
+        INSERT INTO {s}.channels AS c (ns, channel, client)
+        SELECT DISTINCT k.ns, k.channel, k.client
+        FROM unnest(p_ns, p_channels, p_clients) AS k(ns, channel, client) ORDER BY 1, 2
+        ON CONFLICT (ns, channel) DO NOTHING;
+        SELECT array_agg(w.ns || ' ' || w.channel ORDER BY w.ns, w.channel),
+               array_agg(greatest(0, w.capacity - (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0))) ORDER BY w.ns, w.channel)
+        INTO v_keys, v_room
+        FROM (SELECT k.ns, k.channel, min(k.capacity) AS capacity
+              FROM unnest(p_ns, p_channels, p_capacities) AS k(ns, channel, capacity)
+              GROUP BY k.ns, k.channel ORDER BY k.ns, k.channel) w
+        CROSS JOIN LATERAL (
+            SELECT x.ns, x.channel, x.waiting FROM {s}.channels x
+            WHERE x.ns = w.ns AND x.channel = w.channel FOR UPDATE
+        ) c;
+        EXIT WHEN coalesce(cardinality(v_keys), 0) = v_distinct;
+    END LOOP;
+    v_room_of := jsonb_object(v_keys, v_room::text[]);
+    SELECT coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth <= x.room), '{}'),
+           coalesce(array_agg(x.i ORDER BY x.i) FILTER (WHERE x.nth > x.room), '{}')
+    INTO v_accepted, v_full
+    FROM (
+        SELECT k.i::integer AS i, (v_room_of ->> (k.ns || ' ' || k.channel))::bigint AS room,
+               row_number() OVER (PARTITION BY k.ns, k.channel ORDER BY k.i) AS nth
+        FROM unnest(p_ns, p_channels) WITH ORDINALITY AS k(ns, channel, i)
+    ) x;
+    SELECT jsonb_object_agg(n.key, n.added), jsonb_object_agg(n.key, n.capacity)
+    INTO v_added_to, v_capacity_of
+    FROM (
+        SELECT p_ns[a.i] || ' ' || p_channels[a.i] AS key, count(*) AS added,
+               min(p_capacities[a.i]) AS capacity
+        FROM unnest(v_accepted) AS a(i) GROUP BY 1
+    ) n;
+    UPDATE {s}.channels c
+    SET waiting = c.waiting + (v_added_to ->> (c.ns || ' ' || c.channel))::bigint,
+        capacity = (v_capacity_of ->> (c.ns || ' ' || c.channel))::integer
+    WHERE c.ns = ANY(v_spaces) AND c.channel = ANY(p_channels)
+      AND v_added_to ? (c.ns || ' ' || c.channel);
+    -- The rest met a full channel; if its oldest message has expired, reserve makes
+    -- room (rarely: the sweep usually has).
+    FOREACH v_i IN ARRAY v_full LOOP
+        IF {s}.reserve(p_ns[v_i], p_channels[v_i], p_clients[v_i], p_capacities[v_i]) THEN
+            v_accepted := v_accepted || v_i;
+        ELSE
+            v_refused := v_refused || (v_i - 1);
+        END IF;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns[a.i], p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s[a.i])
+    FROM unnest(v_accepted) AS a(i) ORDER BY a.i;
+    RETURN v_refused;
+END $$;
+
+-- group_store: one message for each of the members p_channels (in name order, no
+-- duplicates, with their clients and capacities) that has room; notifying nobody.
+CREATE FUNCTION {s}.group_store(p_ns text, p_channels text[], p_clients text[],
+                                p_capacities integer[], p_payload bytea,
+                                p_expiry_s double precision,
+                                OUT delivered text[], OUT skipped integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_clients_in text[];
+    v_full text[];
+    v_full_clients text[];
+    v_full_capacities integer[];
+BEGIN
+    -- One upsert for all, in name order: those with room count one more.
+    WITH room AS (
+        INSERT INTO {s}.channels AS c (ns, channel, client, waiting, capacity)
+        SELECT p_ns, k.channel, k.client, 1, k.capacity
+        FROM unnest(p_channels, p_clients, p_capacities) AS k(channel, client, capacity)
+        WHERE k.capacity > 0 ORDER BY k.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + 1,
+            capacity = excluded.capacity
+        WHERE (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) < excluded.capacity
+        RETURNING c.channel, c.client
+    )
+    SELECT coalesce(array_agg(r.channel), '{}'), coalesce(array_agg(r.client), '{}')
+    INTO delivered, v_clients_in FROM room r;
+    IF cardinality(delivered) < cardinality(p_channels) THEN
+        -- Some were full (rarely for long: expired messages may be in the way).
+        SELECT coalesce(array_agg(k.channel ORDER BY k.channel), '{}'),
+               coalesce(array_agg(k.client ORDER BY k.channel), '{}'),
+               coalesce(array_agg(k.capacity ORDER BY k.channel), '{}')
+        INTO v_full, v_full_clients, v_full_capacities
+        FROM unnest(p_channels, p_clients, p_capacities) AS k(channel, client, capacity)
+        WHERE k.channel <> ALL(delivered);
+        FOR i IN 1 .. coalesce(array_length(v_full, 1), 0) LOOP
+            IF {s}.reserve(p_ns, v_full[i], v_full_clients[i], v_full_capacities[i]) THEN
+                delivered := delivered || v_full[i];
+                v_clients_in := v_clients_in || v_full_clients[i];
+            END IF;
+        END LOOP;
+    END IF;
+    skipped := cardinality(p_channels) - cardinality(delivered);
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, k.channel, k.client, p_payload, now() + make_interval(secs => p_expiry_s)
+    FROM unnest(delivered, v_clients_in) AS k(channel, client);
+END $$;
+
+-- group_send_slice: group_send_direct for one slice of a group: its live members after
+-- p_after (in name order; '' for the first) up to p_upto (NULL: no bound), at most
+-- p_limit of them, so that no statement grows with the group (the daemon sends slice
+-- after slice). The members the caller names come as in group_send_direct
+-- (p_channels/p_capacities stored, p_direct pushed by the caller if nothing of theirs
+-- waits, p_clients their clients); a member it does not name is returned in unknown
+-- and not sent to. known: the named members found in the slice; last: its last member
+-- if it holds p_limit (the next slice starts after it), else NULL (the group ends
+-- here); members: the slice's members in order, only where they differ from those
+-- named (the caller's list needs mending).
+CREATE FUNCTION {s}.group_send_slice(p_ns text, p_group text, p_payload bytea,
+                                     p_expiry_s double precision, p_after text,
+                                     p_upto text, p_limit integer, p_channels text,
+                                     p_capacities text, p_direct text,
+                                     p_direct_capacities text, p_clients text,
+                                     OUT delivered text[], OUT skipped integer,
+                                     OUT unknown text[], OUT direct text,
+                                     OUT known integer, OUT last text, OUT members text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_named text[] := string_to_array(p_channels, ' ') || string_to_array(p_direct, ' ');
+    v_capacity_of jsonb :=
+        jsonb_object(string_to_array(p_channels, ' '), string_to_array(p_capacities, ' '));
+    v_pushed_capacity_of jsonb :=
+        jsonb_object(string_to_array(p_direct, ' '), string_to_array(p_direct_capacities, ' '));
+    v_busy text[] := '{}';
+    v_found integer;
+    v_unnamed integer;
+    v_stored text[];
+    v_stored_clients text[];
+    v_stored_capacities integer[];
+BEGIN
+    IF p_clients <> '' THEN
+        SELECT coalesce(array_agg(c.channel), '{}') INTO v_busy FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.client = ANY(string_to_array(p_clients, ' ')) AND (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0)) > 0;
+    END IF;
+    SELECT count(*), max(m.channel), count(*) FILTER (WHERE m.named),
+           count(*) FILTER (WHERE NOT m.named),
+           coalesce(string_agg(m.channel, ' ') FILTER (WHERE m.direct), ''),
+           coalesce(array_agg(m.channel ORDER BY m.channel) FILTER (WHERE m.stored), '{}'),
+           coalesce(array_agg(m.client ORDER BY m.channel) FILTER (WHERE m.stored), '{}'),
+           coalesce(array_agg(m.capacity ORDER BY m.channel) FILTER (WHERE m.stored), '{}'),
+           coalesce(array_agg(m.channel) FILTER (WHERE NOT m.named), '{}'),
+           string_agg(m.channel, ' ' ORDER BY m.channel)
+    INTO v_found, last, known, v_unnamed, direct, v_stored, v_stored_clients,
+         v_stored_capacities, unknown, members
+    FROM (
+        SELECT k.channel, k.client, k.capacity IS NOT NULL OR k.pushed IS NOT NULL AS named,
+               k.pushed IS NOT NULL AND NOT k.channel = ANY(v_busy) AS direct,
+               coalesce(k.capacity, k.pushed) AS capacity,
+               k.capacity IS NOT NULL OR (k.pushed IS NOT NULL AND k.channel = ANY(v_busy))
+                   AS stored
+        FROM (
+            SELECT g.channel, g.client, (v_capacity_of ->> g.channel)::integer AS capacity,
+                   (v_pushed_capacity_of ->> g.channel)::integer AS pushed
+            FROM {s}.groups g
+            WHERE g.ns = p_ns AND g.grp = p_group AND g.channel > p_after
+              AND (p_upto IS NULL OR g.channel <= p_upto) AND g.expires_at - now() > interval '0'
+            ORDER BY g.channel LIMIT p_limit
+        ) k
+    ) m;
+    IF v_found < p_limit THEN
+        last := NULL;
+    END IF;
+    -- Named members missing from the slice (gone, or past its end) or members not
+    -- named: the caller's list of members is out of date here.
+    IF v_unnamed = 0 AND known = (
+        SELECT count(*) FROM unnest(v_named) AS n(channel)
+        WHERE n.channel > p_after AND (last IS NULL OR n.channel <= last)
+          AND (p_upto IS NULL OR n.channel <= p_upto)
+    ) THEN
+        members := NULL;
+    END IF;
+    delivered := '{}';
+    skipped := 0;
+    IF cardinality(v_stored) > 0 THEN
+        SELECT r.delivered, r.skipped INTO delivered, skipped
+        FROM {s}.group_store(p_ns, v_stored, v_stored_clients, v_stored_capacities,
+                             p_payload, p_expiry_s) r;
+    END IF;
+END $$;
+
+-- notify: the notifications of messages stored by transactions that committed, in a
+-- transaction that does not wait for the disk (so it holds PostgreSQL's notification
+-- lock only a moment). Each payload: "<ns> <channel> [<channel>...]".
+CREATE FUNCTION {s}.notify(p_payloads text[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_notify({notify}, p.payload) FROM unnest(p_payloads) AS p(payload);
 END $$;

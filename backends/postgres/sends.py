@@ -4,28 +4,35 @@ A message for a process-specific channel whose owner is connected to this daemon
 with nothing of that channel waiting or held in the database, is not stored at all:
 the round trip that checks this (``send_direct``) hands it back for the daemon to
 push (``DirectPushes``), which saves the insert, the notification and the take.
+Every other send is stored with those of other clients that come meanwhile, in one
+transaction (``group_commit``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from backends import CapacityOf, WakeupCallback
-from protocol import client_id_of, is_process_specific, ttl_ms
+from backends import CapacityOf
+from protocol import ttl_ms
 
 from .batching import ReleaseWriter
+from .group_commit import SendBatches, client_of
 from .pool import Database
 from .room import Room
 from .statements import Statements
 
-__all__ = ["Sends", "client_of"]
+__all__ = ["Sends", "Stored"]
+
+#: Messages of (namespace, channels) were committed: wake this daemon's pulls and
+#: pushes for them (one wake-up per name given), and notify the other daemons.
+Stored = Callable[[str, Sequence[str]], None]
 
 #: What ``send_direct`` answers.
 _REFUSED, _STORED, _SENT_DIRECT = 0, 1, 2
 
 
 class Sends:
-    """``send`` and ``send_many``, each a statement (two if a direct push misses)."""
+    """``send`` and ``send_many``: a direct push's check, or a share of a group commit."""
 
     def __init__(
         self,
@@ -33,13 +40,14 @@ class Sends:
         sql: Statements,
         releases: ReleaseWriter,
         room: Room,
-        wake: WakeupCallback,
+        stored: Stored,
     ) -> None:
         self._db = db
         self._sql = sql
         self._releases = releases
         self._room = room
-        self._wake = wake
+        self._stored = stored
+        self.batches = SendBatches(db, sql.send_batch, sql.send)
 
     async def send(
         self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
@@ -53,16 +61,18 @@ class Sends:
             return False
         with self._room.given_back_on_error(ns, direct):
             await self._releases.written(ns, [channel])
-            outcome = await self._send(ns, channel, payload, capacity, expiry_s, bool(direct))
-        if pushes is not None and direct:
+            if not direct:
+                return await self._store(ns, channel, payload, capacity, expiry_s)
+            outcome = await self._send_direct(ns, channel, payload, capacity, expiry_s)
+        if pushes is not None:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
             elif not pushes.push_now(ns, direct, payload, ttl_ms(expiry_s)):
                 return True
             else:  # its owner left meanwhile (and its count with it): store it
-                outcome = await self._send(ns, channel, payload, capacity, expiry_s, False)
+                return await self._store(ns, channel, payload, capacity, expiry_s)
         if outcome == _STORED:
-            self._wake(ns, channel)
+            self._stored(ns, [channel])
         return outcome != _REFUSED
 
     async def send_many(
@@ -76,29 +86,29 @@ class Sends:
         channels = [channel for channel, _ in items]
         capacities = await capacity_of.all_of(channels)
         await self._releases.written(ns, channels)
-        args = (
-            ns,
-            channels,
-            [client_of(channel) for channel in channels],
-            [payload for _, payload in items],
-            [self._room.of(ns, c, n) for c, n in zip(channels, capacities, strict=True)],
-            float(expiry_s),
-        )
-        refused: list[int] = await self._db.fetchval(self._sql.send_many, *args)
+        room = self._room
+        sends = [
+            (c, payload, room.of(ns, c, n))
+            for (c, payload), n in zip(items, capacities, strict=True)
+        ]
+        refused = await self.batches.send(ns, sends, expiry_s)
         refused_set = set(refused)
-        for index, channel in enumerate(channels):
-            if index not in refused_set:
-                self._wake(ns, channel)  # one per message: each may serve a pull
-        return list(refused)
+        # One wake-up per message: each may serve a pull.
+        self._stored(ns, [c for n, (c, _) in enumerate(items) if n not in refused_set])
+        return refused
 
-    async def _send(
-        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, direct: bool
+    async def _store(
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
+    ) -> bool:
+        """Store one message with the sends that come meanwhile; False when full."""
+        if await self.batches.send(ns, [(channel, payload, capacity)], expiry_s):
+            return False
+        self._stored(ns, [channel])
+        return True
+
+    async def _send_direct(
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
     ) -> int:
-        args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), direct)
+        args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), True)
         outcome: int = await self._db.fetchval(self._sql.send, *args)
         return outcome
-
-
-def client_of(channel: str) -> str | None:
-    """The client id of a process-specific channel (stored to find its channels), else None."""
-    return client_id_of(channel) if is_process_specific(channel) else None

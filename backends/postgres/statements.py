@@ -6,69 +6,27 @@ from dataclasses import dataclass
 
 __all__ = ["Statements"]
 
-#: A held count counts only while its newest message is unexpired (``t``: its takes row).
-_HELD = "(CASE WHEN t.held_until > now() THEN t.held ELSE 0 END)"
-
-#: Each statement's SQL, formatted with ``s`` (the quoted schema), ``notify`` (its
-#: notification channel, a quoted literal) and ``held``.
+#: Each statement's SQL, formatted with ``s`` (the quoted schema).
 _TEMPLATES = {
     "send": "SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)",
-    "send_many": "SELECT {s}.send_many($1, $2, $3, $4, $5, $6)",
+    "send_batch": "SELECT {s}.send_batch($1, $2, $3, $4, $5, $6)",
     "group_send": (
-        "SELECT delivered, skipped, unknown, stale, direct"
-        " FROM {s}.group_send_direct($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        "SELECT delivered, skipped, unknown, direct, known, last, members"
+        " FROM {s}.group_send_slice($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
     ),
     "sweep": "SELECT * FROM {s}.sweep($1, $2, $3)",
     "take_many": "SELECT * FROM {s}.take_many($1, $2, $3, $4)",
-    # Lock the oldest unexpired rows that no other taker holds, delete them, and
-    # count them out (or as held) on the channel's ``takes`` row, in one statement;
-    # also say whether more wait (from the statement's snapshot: a send since
-    # then wakes by itself; expired rows not yet removed count: a spare wake-up).
-    "take": """
-            WITH picked AS (
-                SELECT m.ctid FROM {s}.messages m
-                WHERE m.ns = $1 AND m.channel = $2 AND m.expires_at > now()
-                ORDER BY m.id LIMIT $3 FOR UPDATE SKIP LOCKED
-            ), gone AS (
-                DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked))
-                RETURNING id, payload, expires_at
-            ), counted AS (
-                INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
-                SELECT $1, $2, n.taken, CASE WHEN $4 THEN n.taken ELSE 0 END,
-                       CASE WHEN $4 THEN n.last ELSE '-infinity'::timestamptz END
-                FROM (SELECT count(*) AS taken, max(expires_at) AS last FROM gone) n
-                WHERE n.taken > 0
-                ON CONFLICT (ns, channel) DO UPDATE SET
-                    taken = t.taken + excluded.taken,
-                    held = CASE WHEN $4 THEN {held} + excluded.held ELSE t.held END,
-                    held_until = greatest(t.held_until, excluded.held_until)
-                RETURNING t.taken
-            )
-            SELECT id, payload, extract(epoch FROM expires_at - now())::float8,
-                   coalesce((SELECT c.waiting FROM {s}.channels c
-                             WHERE c.ns = $1 AND c.channel = $2), 0)
-                   > (SELECT taken FROM counted)
-            FROM gone ORDER BY id
-        """,
-    # Messages taken ahead and not handed out, back under their old ids (their
-    # place in the queue) with what is left of their lives, counted in again
-    # (the take counted them out); other daemons are told.
-    "give_back": """
-            WITH back AS (
-                INSERT INTO {s}.messages (id, ns, channel, payload, expires_at)
-                OVERRIDING SYSTEM VALUE
-                SELECT b.id, $1, $2, b.payload, now() + make_interval(secs => b.ttl)
-                FROM unnest($3::bigint[], $4::bytea[], $5::float8[]) AS b(id, payload, ttl)
-                WHERE b.ttl > 0
-                RETURNING 1
-            ), counted AS (
-                INSERT INTO {s}.channels AS c (ns, channel, waiting)
-                SELECT $1, $2, n FROM (SELECT count(*) AS n FROM back) k WHERE k.n > 0
-                ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting
-                RETURNING 1
-            )
-            SELECT pg_notify({notify}, $1 || ' ' || $2) FROM counted
-        """,
+    # Takes that delete (process-specific channels, takes with hold): the oldest
+    # unexpired messages nobody holds, counted out or as held; "more" says whether
+    # others wait (from the statement's snapshot: a send since then wakes by itself).
+    "take": "SELECT * FROM {s}.take($1, $2, $3, $4)",
+    # Takes for workers: the messages stay, leased to this daemon, until it has
+    # handed them out (ack) or gives them back (unlease); see schema.sql.
+    "lease": "SELECT * FROM {s}.lease($1, $2, $3, $4, $5)",
+    "ack": "SELECT {s}.ack($1, $2, $3, $4)",
+    "unlease": "SELECT {s}.unlease($1, $2, $3, $4)",
+    # Notifications of what committed transactions stored (see ``notifier``).
+    "notify": "SELECT {s}.notify($1)",
     "release_many": "SELECT {s}.release_many($1, $2, $3)",
     "channels_with_messages": """
             SELECT DISTINCT channel FROM {s}.messages
@@ -80,13 +38,22 @@ _TEMPLATES = {
             ON CONFLICT (ns, grp, channel) DO UPDATE SET expires_at = excluded.expires_at
         """,
     "group_discard": "DELETE FROM {s}.groups WHERE ns = $1 AND grp = $2 AND channel = $3",
+    # A page of a group's live members in name order (as group_send_slice reads them;
+    # the expiry tested so that the sweep's index on it cannot serve the query).
+    "members": """
+            SELECT g.channel FROM {s}.groups g
+            WHERE g.ns = $1 AND g.grp = $2 AND g.channel > $3
+              AND g.expires_at - now() > interval '0'
+            ORDER BY g.channel LIMIT $4
+        """,
     "flush": """
             WITH m AS (DELETE FROM {s}.messages WHERE ns = $1),
                  c AS (DELETE FROM {s}.channels WHERE ns = $1),
                  t AS (DELETE FROM {s}.takes WHERE ns = $1)
             DELETE FROM {s}.groups WHERE ns = $1
         """,
-    # Waiting channels among watched keys: a client id's channels, or a channel itself.
+    # Waiting channels among watched keys: a client id's channels, or a channel itself
+    # with a message nobody holds (never leased, or its lease lapsed: its daemon died).
     "recheck": """
             SELECT DISTINCT m.ns, m.channel
             FROM unnest($1::text[], $2::text[]) AS w(ns, key)
@@ -95,7 +62,8 @@ _TEMPLATES = {
                 WHERE x.ns = w.ns AND x.client = w.key AND x.expires_at > now()
                 UNION ALL
                 (SELECT x.ns, x.channel FROM {s}.messages x
-                 WHERE x.ns = w.ns AND x.channel = w.key AND x.expires_at > now() LIMIT 1)
+                 WHERE x.ns = w.ns AND x.channel = w.key AND x.expires_at > now()
+                   AND (x.lease IS NULL OR x.lease_until <= now()) LIMIT 1)
             ) m
         """,
     "top_channels": """
@@ -121,25 +89,27 @@ _TEMPLATES = {
 class Statements:
     """SQL text for one schema; asyncpg prepares each once."""
 
+    ack: str
     channels_with_messages: str
     flush: str
-    give_back: str
     group_add: str
     group_discard: str
     group_send: str
+    lease: str
+    members: str
+    notify: str
     recheck: str
     release_many: str
     send: str
-    send_many: str
+    send_batch: str
     stats: str
     sweep: str
     take: str
     take_many: str
     top_channels: str
+    unlease: str
 
     @classmethod
-    def for_schema(cls, s: str, notify: str) -> Statements:
-        """The statements for the schema ``s`` (already quoted) and its notification
-        channel ``notify`` (a quoted literal)."""
-        values = {"s": s, "notify": notify, "held": _HELD}
-        return cls(**{name: sql.format(**values) for name, sql in _TEMPLATES.items()})
+    def for_schema(cls, s: str) -> Statements:
+        """The statements for the schema ``s`` (already quoted)."""
+        return cls(**{name: sql.format(s=s) for name, sql in _TEMPLATES.items()})

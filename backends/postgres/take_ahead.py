@@ -1,6 +1,6 @@
 """Takes for the PostgreSQL backend: batched per channel, and a few taken ahead.
 
-A pull of a normal channel (a worker's ``receive``) needs its message deleted in the
+A pull of a normal channel (a worker's ``receive``) must take its message in the
 database before it is handed out, or two daemons could hand out the same one. That
 round trip sits between every message and the next ``receive`` of a worker, so a few
 workers could not pull faster than a few thousand messages a second, whatever the
@@ -9,34 +9,43 @@ database's throughput. Two things take it off that path:
 * Batching. Takes of one channel go out as one statement per round: those that come
   while one round is under way wait for the next; each gets its share, in order.
 * Taking ahead. While a normal channel is pulled busily (at least ``BUSY_PULLS`` pulls
-  in the last ``linger`` seconds), a round also removes the channel's next messages,
+  in the last ``linger`` seconds), a round also takes the channel's next messages,
   as many as were pulled in the last one or two ``linger`` periods and at most
   ``depth``, and keeps them here: the next pulls are served from them at once, and a
   background round tops them up when half are gone. They count against the channel's
   capacity for this daemon's senders (``waiting_ahead``). What no pull wanted for
   ``linger`` seconds, and all of it when the daemon stops (``stop_taking_ahead``,
-  before its clients go), is put back under its old ids, so it keeps its place in the
-  queue and other daemons' workers get it. What a daemon killed outright had taken
-  ahead (at most ``depth`` per busy channel) is lost, as a message on its way to a
-  worker is: delivery is at most once. ``depth=0`` turns taking ahead off.
+  before its clients go), is put back, so other daemons' workers get it. ``depth=0``
+  turns taking ahead off.
+
+Leases. A normal channel's messages (taken without hold) are not deleted when taken:
+they are leased to this daemon (``Ahead.lease``), deleted once handed out (``ack``,
+written in the background) and put back by ending their lease, in their places. A
+daemon killed outright loses none of them: their leases lapse and any daemon takes
+them again, oldest first. One handed out just before the kill may come again (the
+acknowledgement of a handed-out message is written a moment later), never lost; the
+receiving layer drops it by its message id. A message is handed out only within the
+first half of its lease (``Ahead.hand_out_by``): the rest leaves time for its
+acknowledgement.
 
 Statements run in tasks of their own, so a caller that gives up (is cancelled) while
 its round is under way loses nothing: its share stays here for the next take. On a
-channel that is not taken ahead (a process-specific one, or takes with ``hold``)
-such a share is dropped if no take wants it within ``linger`` seconds.
+channel that is not leased (a process-specific one, or takes with ``hold``) such a
+share is dropped if no take wants it within ``linger`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from backends import BackendError, BackendUnavailable, Taken
 
-__all__ = ["Ahead", "Takes"]
+__all__ = ["Ahead", "Takes", "is_leased"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
@@ -46,12 +55,17 @@ BUSY_PULLS = 2
 
 @dataclass(slots=True)
 class Ahead:
-    """A message taken out of the database: its id (its place in the queue) and expiry."""
+    """A message taken from the database: its id (its place in the queue), its expiry,
+    and its lease (0: not leased, deleted when taken)."""
 
     id: int
     payload: bytes
     #: Event loop time at which it expires.
     deadline: float
+    #: The lease it is held under (the take's token); 0 if it was deleted instead.
+    lease: int = 0
+    #: Event loop time after which it is no longer handed out (half its lease).
+    hand_out_by: float = math.inf
 
 
 #: Takes up to ``limit`` messages of (ns, channel), with or without ``hold``, oldest first.
@@ -60,6 +74,8 @@ TakeNow = Callable[[str, str, int, bool], Awaitable[list[Ahead]]]
 GiveBack = Callable[[str, str, list[Ahead]], Awaitable[None]]
 #: Wakes one more pull of (ns, channel).
 Wake = Callable[[str, str], None]
+#: Has leased messages of (ns, channel) that were handed out deleted (``AckWriter``).
+Ack = Callable[[str, str, list[Ahead]], None]
 _Key = tuple[str, str, bool]
 #: A take waiting for a round: its limit and its answer.
 _Waiter = tuple[int, "asyncio.Future[list[Taken]]"]
@@ -89,11 +105,19 @@ class Takes:
     """Every take of one backend goes through here (see the module docstring)."""
 
     def __init__(
-        self, take_now: TakeNow, give_back: GiveBack, wake: Wake, *, depth: int, linger_s: float
+        self,
+        take_now: TakeNow,
+        give_back: GiveBack,
+        wake: Wake,
+        ack: Ack,
+        *,
+        depth: int,
+        linger_s: float,
     ) -> None:
         self._take_now = take_now
         self._give_back = give_back
         self._wake = wake
+        self._ack = ack
         self.depth = self._configured_depth = depth
         self.linger_s = linger_s
         self._lines: dict[_Key, _Line] = {}
@@ -146,7 +170,7 @@ class Takes:
         await self.settled()
         returns = []
         for key, line in self._lines.items():
-            if line.ahead and not line.busy and _puts_back(key):
+            if line.ahead and not line.busy and _is_leased_line(key):
                 items = list(line.ahead)
                 line.ahead.clear()
                 line.busy = True  # takes wait until they are back: order holds
@@ -171,11 +195,16 @@ class Takes:
         if not ahead:
             return []
         now = asyncio.get_running_loop().time()
-        served: list[Taken] = []
-        while ahead and len(served) < limit:
+        handed: list[Ahead] = []
+        while ahead and len(handed) < limit:
             item = ahead.popleft()
-            if item.deadline > now:
-                served.append(Taken(item.payload, item.deadline - now))
+            if item.hand_out_by <= now:
+                _too_late(key, item)
+            elif item.deadline > now:
+                handed.append(item)
+        if handed and handed[0].lease:
+            self._ack(key[0], key[1], handed)
+        served = [Taken(item.payload, item.deadline - now) for item in handed]
         self._count_pulls(line, now, len(served))
         if ahead:
             self._wake(key[0], key[1])  # one wake-up serves one pull
@@ -193,7 +222,7 @@ class Takes:
 
     def _takes_ahead(self, key: _Key) -> bool:
         """Whether this line's channel is one to take ahead of (while it is busy)."""
-        return self.depth > 0 and _puts_back(key)
+        return self.depth > 0 and _is_leased_line(key)
 
     def _top_up(self, key: _Key, line: _Line) -> int:
         """How many more to take than asked for: none unless the channel is busy."""
@@ -270,7 +299,7 @@ class Takes:
             return  # the round re-arms the timer when it ends
         if idle_s < self.linger_s:
             pass
-        elif line.ahead and _puts_back(key):
+        elif line.ahead and _is_leased_line(key):
             items = list(line.ahead)
             line.ahead.clear()
             line.busy = True  # takes wait until they are back: order holds
@@ -294,12 +323,14 @@ class Takes:
 
     async def _put_back(self, ns: str, channel: str, items: list[Ahead]) -> None:
         # Not retried, not kept: a statement that failed may have committed, and
-        # serving its messages here as well would deliver them twice.
+        # serving its messages here as well would deliver them twice. Nothing is lost:
+        # their leases lapse, and then any daemon takes them again.
         try:
             await self._give_back(ns, channel, items)
         except BackendError as exc:
             log.warning(
-                "lost %d messages of %s taken ahead: could not put them back: %s",
+                "could not put back %d messages of %s taken ahead (they are taken again "
+                "once their leases lapse): %s",
                 len(items),
                 channel,
                 exc,
@@ -311,10 +342,22 @@ class Takes:
         task.add_done_callback(self._tasks.discard)
 
 
-def _puts_back(key: _Key) -> bool:
-    """Whether a line's leftovers go back to the database: a normal channel's, taken
-    without ``hold`` (even once taking ahead is turned off)."""
-    return "!" not in key[1] and not key[2]
+def is_leased(channel: str, hold: bool) -> bool:
+    """Whether takes of ``channel`` lease its messages (and leftovers go back to the
+    database): a normal channel's, taken without ``hold`` (even once taking ahead is
+    turned off). Process-specific channels are pushed, under their own counting."""
+    return "!" not in channel and not hold
+
+
+def _is_leased_line(key: _Key) -> bool:
+    return is_leased(key[1], key[2])
+
+
+def _too_late(key: _Key, item: Ahead) -> None:
+    """A leased message kept past half its lease (the event loop was stalled): not
+    handed out, since its lease might lapse before it is acknowledged. It is taken
+    again (by any daemon) once the lease has lapsed."""
+    log.warning("left message %d of %s to its lease: kept too long to hand out", item.id, key[1])
 
 
 def _fail(waiters: list[_Waiter], exc: BackendError) -> None:

@@ -1,20 +1,25 @@
-"""The statements behind the PostgreSQL backend's takes and releases.
+"""The statements behind the PostgreSQL backend's takes, acknowledgements and releases.
 
-``Takes`` (batching, taking ahead) and ``ReleaseWriter`` decide when to take and
-release; this runs their statements, and ``take_many`` (several channels at once).
-Payloads taken recently come back as one object per value (``interned``).
+``Takes`` (batching, taking ahead, leases), ``AckWriter`` and ``ReleaseWriter`` decide
+when to take, acknowledge and release; this runs their statements, and ``take_many``
+(several channels at once). Payloads taken recently come back as one object per value
+(``interned``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from backends import Taken, WakeupCallback
 
+from .batching import Ack, AckWriter
 from .pool import Database
 from .statements import Statements
-from .take_ahead import Ahead
+from .take_ahead import Ahead, is_leased
 
 __all__ = ["Taker"]
 
@@ -26,23 +31,55 @@ INTERN_ENTRIES = 1024
 
 
 class Taker:
-    """Takes messages out of the database, puts back what was taken ahead, releases."""
+    """Takes messages from the database (leased, or deleted), acknowledges those handed
+    out, puts back what was taken ahead, releases."""
 
-    def __init__(self, db: Database, sql: Statements, wake: WakeupCallback) -> None:
+    def __init__(
+        self, db: Database, sql: Statements, wake: WakeupCallback, *, lease_s: float
+    ) -> None:
         self._db = db
         self._sql = sql
         self._wake = wake
+        self._lease_s = lease_s
         self._payloads: dict[bytes, bytes] = {}
+        self.acks = AckWriter(self.write_acks)
 
     async def take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
-        """``Takes``' one statement for a channel: up to ``limit`` messages, oldest first."""
-        rows = await self._db.fetch(self._sql.take, ns, channel, limit, hold)
+        """``Takes``' one statement for a channel: up to ``limit`` messages, oldest first,
+        leased to this daemon if the channel's are (``is_leased``), else deleted."""
+        if not is_leased(channel, hold):
+            rows = await self._db.fetch(self._sql.take, ns, channel, limit, hold)
+            return self._taken(ns, channel, rows, 0, math.inf)
+        # A token per take: a lease that lapsed and was taken again (perhaps by this
+        # daemon) is never acknowledged or put back under the old one.
+        lease = secrets.randbits(63) or 1
+        started = asyncio.get_running_loop().time()
+        rows = await self._db.fetch(self._sql.lease, ns, channel, limit, lease, self._lease_s)
+        # The lease began after ``started`` in the database: half of it from then on
+        # is surely within it, and the other half is left for the acknowledgement.
+        return self._taken(ns, channel, rows, lease, started + self._lease_s / 2)
+
+    def _taken(
+        self, ns: str, channel: str, rows: list[Any], lease: int, hand_out_by: float
+    ) -> list[Ahead]:
         if rows and rows[0][3]:
             # More wait: wake the next puller too. One notification (or re-check) may
             # stand for many messages, and each wake-up serves one pull.
             self._wake(ns, channel)
         now = asyncio.get_running_loop().time()
-        return [Ahead(row[0], self.interned(row[1]), now + max(0.0, row[2])) for row in rows]
+        return [
+            Ahead(row[0], self.interned(row[1]), now + max(0.0, row[2]), lease, hand_out_by)
+            for row in rows
+        ]
+
+    def acknowledge(self, ns: str, channel: str, handed: list[Ahead]) -> None:
+        """Leased messages of ``channel`` were handed out: delete them (in the background)."""
+        self.acks.add(ns, channel, ((item.id, item.lease) for item in handed))
+
+    async def write_acks(self, acks: list[Ack]) -> None:
+        """``AckWriter``'s one statement: (namespace, channel, id, lease) each."""
+        columns = ([a[0] for a in acks], [a[1] for a in acks], [a[2] for a in acks])
+        await self._db.execute(self._sql.ack, *columns, [a[3] for a in acks])
 
     async def take_many(
         self, ns: str, channels: Sequence[str], limit: int, hold: bool
@@ -55,16 +92,9 @@ class Taker:
         return taken
 
     async def give_back(self, ns: str, channel: str, items: list[Ahead]) -> None:
-        """Put messages taken ahead back under their ids, with what is left of their lives."""
-        now = asyncio.get_running_loop().time()
-        args = (
-            ns,
-            channel,
-            [item.id for item in items],
-            [item.payload for item in items],
-            [item.deadline - now for item in items],
-        )
-        await self._db.execute(self._sql.give_back, *args)
+        """End the leases of messages taken ahead: they wait in their places again."""
+        ids, leases = [item.id for item in items], [item.lease for item in items]
+        await self._db.execute(self._sql.unlease, ns, channel, ids, leases)
 
     async def write_releases(self, releases: list[tuple[str, str, int]]) -> None:
         """``ReleaseWriter``'s one statement: (namespace, channel, count) each."""

@@ -1,9 +1,9 @@
 """The PostgreSQL backend's URL: where to connect, and the options it takes from the query.
 
 ``postgresql://user:password@host:5432/db?schema=channels_broker&unlogged=false&
-migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=32`` (``postgres://`` too).
-Every other query parameter goes to asyncpg: its connection parameters (``sslmode``...)
-and PostgreSQL session settings (``synchronous_commit=on``...).
+migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=32&lease=5``
+(``postgres://`` too). Every other query parameter goes to asyncpg: its connection
+parameters (``sslmode``...) and PostgreSQL session settings (``synchronous_commit=off``...).
 """
 
 from __future__ import annotations
@@ -26,11 +26,17 @@ DEFAULT_POOL_SIZE = 10
 #: with ``BackendUnavailable``: a client gets BACKEND_UNAVAILABLE instead of hanging.
 DEFAULT_TIMEOUT_S = 5.0
 #: Up to this many messages of a normal channel that workers pull busily are taken
-#: out ahead of their pulls; a daemon killed outright (SIGKILL) loses them.
+#: out ahead of their pulls (under a lease: a daemon killed outright loses none).
 DEFAULT_PREFETCH = 32
 MAX_PREFETCH = 1000
 #: The most a missed notification delays a message.
 DEFAULT_RECHECK_S = 1.0
+#: How long a message taken for a worker stays leased to its daemon: after a daemon is
+#: killed, its messages wait this long (and up to ``recheck_interval`` more) before
+#: another daemon takes them again. Far longer than a daemon keeps one (100 ms at most,
+#: see ``take_ahead``), so that a slow database does not let a lease lapse under way.
+DEFAULT_LEASE_S = 5.0
+MIN_LEASE_S = 1.0
 
 _SCHEMES = ("postgresql", "postgres")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -38,14 +44,14 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 #: Session settings unless the URL sets them. Connections name themselves in
-#: pg_stat_activity; JIT only slows these small queries; and a commit does not wait
-#: for its WAL to reach the disk (about 5 ms a commit on a plain disk, seven times
-#: the rest of a send): a PostgreSQL *crash* may lose the last ~0.6 s of accepted
-#: messages (3 x wal_writer_delay), nothing else is at risk (see docs/postgres.md).
+#: pg_stat_activity, and JIT only slows these small queries. ``synchronous_commit`` is
+#: left to the server (``on`` by default): a send is answered once it is on disk, and
+#: sends that come together share one commit (``group_commit``). The URL may say
+#: ``synchronous_commit=off`` to trade the last ~0.6 s of sends before a PostgreSQL
+#: crash for faster commits (see docs/postgres.md).
 _SERVER_SETTINGS = {
     "application_name": "channels-broker",
     "jit": "off",
-    "synchronous_commit": "off",
 }
 
 
@@ -62,6 +68,8 @@ class PostgresOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S
     #: Messages a busy normal channel's takes remove ahead (``take_ahead``); 0: none.
     prefetch: int = DEFAULT_PREFETCH
+    #: Seconds a message taken for a worker stays leased to this daemon.
+    lease_s: float = DEFAULT_LEASE_S
     #: Session settings, ours only where the URL's query does not set the same name.
     server_settings: tuple[tuple[str, str], ...] = ()
 
@@ -116,6 +124,16 @@ def _parse_whole(key: str, value: str) -> int:
     return int(value)
 
 
+def _parse_lease(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number >= MIN_LEASE_S:
+        raise BackendError(f"{key}={value!r}: use a number of seconds of at least {MIN_LEASE_S:g}")
+    return number
+
+
 def _parse_count(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise BackendError(f"{key}={value!r}: use a whole number of at least 1")
@@ -130,6 +148,7 @@ _OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "recheck_interval": _parse_positive,
     "timeout": _parse_positive,
     "prefetch": _parse_whole,
+    "lease": _parse_lease,
 }
 _OPTION_FIELDS = {
     "schema": "schema",
@@ -139,4 +158,5 @@ _OPTION_FIELDS = {
     "recheck_interval": "recheck_s",
     "timeout": "timeout_s",
     "prefetch": "prefetch",
+    "lease": "lease_s",
 }

@@ -1,5 +1,6 @@
 """Takes of busy normal channels on PostgreSQL: some messages taken ahead of the pulls
-(``backends/postgres/take_ahead.py``), and none of them lost, repeated or reordered."""
+(``backends/postgres/take_ahead.py``), under leases, and none of them lost, repeated or
+reordered."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ async def settled(backend: PostgresBackend, ns: str) -> int:
 
 
 async def drained_into_ahead(backend: PostgresBackend, url: str, ns: str) -> None:
-    """Six messages, four pulls: the last two wait taken ahead, none in the database
+    """Six messages, four pulls: the last two wait taken ahead, none free in the database
     (pulls 1 and 2 take one each; 3 takes three; 4 is served from them and tops up)."""
     await fill(backend, ns, 6)
     assert await pull(backend, ns, 4) == [0, 1, 2, 3]
@@ -65,21 +66,28 @@ async def drained_into_ahead(backend: PostgresBackend, url: str, ns: str) -> Non
     assert await stored(url, ns) == []
 
 
-async def rows(url: str, ns: str, columns: str = "id, expires_at") -> list[asyncpg.Record]:
-    """``columns`` of the namespace's messages in the database, oldest first."""
+#: Messages that wait free in the database: never leased, or their lease lapsed.
+FREE = "(lease IS NULL OR lease_until <= now())"
+
+
+async def rows(
+    url: str, ns: str, columns: str = "id, expires_at", where: str = FREE
+) -> list[asyncpg.Record]:
+    """``columns`` of the namespace's messages in the database (those ``where`` says:
+    free ones by default), oldest first."""
     conn = await asyncpg.connect(url.split("?", 1)[0])
     try:
         schema = PostgresOptions.from_url(url).schema
-        query = f'SELECT {columns} FROM "{schema}".messages WHERE ns = $1 ORDER BY id'
+        query = f'SELECT {columns} FROM "{schema}".messages WHERE ns = $1 AND {where} ORDER BY id'
         found: list[asyncpg.Record] = await conn.fetch(query, ns)
     finally:
         await conn.close()
     return found
 
 
-async def stored(url: str, ns: str) -> list[int]:
-    """The numbers of the namespace's messages in the database, oldest first."""
-    return [int(row[0]) for row in await rows(url, ns, "payload")]
+async def stored(url: str, ns: str, where: str = FREE) -> list[int]:
+    """The numbers of the namespace's messages free in the database, oldest first."""
+    return [int(row[0]) for row in await rows(url, ns, "payload", where)]
 
 
 async def test_a_busy_channel_is_taken_ahead_and_pulls_are_served_in_order(
@@ -90,7 +98,7 @@ async def test_a_busy_channel_is_taken_ahead_and_pulls_are_served_in_order(
         assert await pull(backend, ns, 20) == list(range(20))
         ahead = await settled(backend, ns)
         assert 0 < ahead <= backend.options.prefetch
-        # What was taken ahead is out of the database, which keeps the rest in order.
+        # What was taken ahead is leased to this daemon; the rest waits free, in order.
         assert await stored(url, ns) == list(range(20 + ahead, 200))
         assert await pull(backend, ns, 180) == list(range(20, 200))
         await backend.flush(ns)
