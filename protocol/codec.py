@@ -183,7 +183,7 @@ class FrameEncoder:
     frame costs more than the packing; a packer must not be shared between threads, so
     each connection, on its one event loop, has its own).
 
-    ``push`` and ``send`` encode a PUSH and a SEND from values their caller made and
+    ``push_into`` and ``send`` encode a PUSH and a SEND from values their caller made and
     checked already (the daemon's own storage; the layer's checked names), without
     building and checking a frame object: that was the largest part of the cost of a
     pushed or a windowed message. The bytes are those ``encode_frame`` gives.
@@ -198,9 +198,18 @@ class FrameEncoder:
         body: bytes = self._pack(_to_wire(frame))
         return _pack_header(len(body)) + body
 
-    def push(self, channels: list[str], payload: bytes, ttl_ms: int) -> bytes:
+    def push_into(
+        self, buffers: list[bytes], channels: list[str], payload: bytes, ttl_ms: int
+    ) -> int:
+        """Append a PUSH to ``buffers`` and return its size. A payload of
+        ``LARGE_FIELD_BYTES`` or more goes as a part of its own, not copied into the
+        packer's buffer (a burst of 8 MiB messages copied each one several times, and
+        another client's PING waited for the copies)."""
+        if len(payload) >= LARGE_FIELD_BYTES:
+            return encode_into(buffers, Push(tuple(channels), payload, ttl_ms))
         body: bytes = self._pack([Push.TYPE, channels, payload, ttl_ms])
-        return _pack_header(len(body)) + body
+        buffers.append(_pack_header(len(body)) + body)
+        return len(body) + HEADER_BYTES
 
     def send(self, request_id: int, channel: str, payload: bytes, seq: int) -> bytes:
         body: bytes

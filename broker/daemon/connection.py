@@ -297,12 +297,9 @@ class Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def write(self, frame: Frame | bytes) -> None:
-        if isinstance(frame, bytes):  # encoded already (``FrameEncoder.push``, CONFIRM)
-            self._output.append(frame)
-            self._output_bytes += len(frame)
-        else:  # a payload of megabytes goes out as it is (``encode_into``)
-            self._output_bytes += encode_into(self._output, frame)
+    def write(self, frame: Frame) -> None:
+        # A payload of megabytes goes out as it is (``encode_into``), not copied.
+        self._output_bytes += encode_into(self._output, frame)
 
     def flush(self) -> None:
         transport = self.transport
@@ -363,7 +360,9 @@ class Connection(asyncio.Protocol):
             del ready[channel]
             pushed += self._collect(channel, items, limit, frames, frame_of_payload)
         for payload, ttl_s, channels in frames:
-            self.write(self._encoder.push(channels, payload, ttl_ms(ttl_s)))
+            self._output_bytes += self._encoder.push_into(
+                self._output, channels, payload, ttl_ms(ttl_s)
+            )
         written, pass_bytes = self._output_bytes - start, self.guard.pass_bytes
         if pushed and (written > pass_bytes or budget < PUSH_PASS_MESSAGES):
             # The next pass takes what fits pass_bytes at this pass's sizes.

@@ -23,6 +23,7 @@ from protocol import (
     Flushed,
     Frame,
     FrameDecoder,
+    FrameEncoder,
     FrameTooLarge,
     GroupAdd,
     GroupDiscard,
@@ -174,6 +175,18 @@ def test_encode_frame_parts_join_to_encode_frame_with_a_large_payload_as_it_is(s
         output = [b"before"]
         assert encode_into(output, frame) == len(encode_frame(frame))
         assert b"".join(output) == b"before" + encode_frame(frame)
+
+
+@pytest.mark.parametrize("size", [0, 65_535, 65_536, 1 << 20])
+def test_the_encoders_push_is_encode_frame_with_a_large_payload_as_it_is(size: int) -> None:
+    """The daemon's fast PUSH encoding gives ``encode_frame``'s bytes, and a large payload
+    stays a part of its own (a burst of 8 MiB pushes once stalled other clients)."""
+    payload, channels = b"p" * size, ["asgi.c!a", "asgi.c!b"]
+    output = [b"before"]
+    size_written = FrameEncoder().push_into(output, channels, payload, 5)
+    expected = encode_frame(Push(tuple(channels), payload, 5))
+    assert (size_written, b"".join(output)) == (len(expected), b"before" + expected)
+    assert any(part is payload for part in output) == (size >= LARGE_FIELD_BYTES)
 
 
 def test_frames_split_across_reads_at_every_offset_come_out_in_order() -> None:
