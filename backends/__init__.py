@@ -9,10 +9,11 @@ from .base import Backend, CapacityOf, WakeupCallback
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .records import BackendStats, GroupSendResult, Taken
-from .room import ReservesRoom, room_to_grant
+from .room import ALREADY_STORED, ReservesRoom, room_to_grant
 from .urls import redacted_url
 
 __all__ = [
+    "ALREADY_STORED",
     "BACKENDS",
     "AcceptsDirectPushes",
     "Backend",

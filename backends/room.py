@@ -1,10 +1,20 @@
-"""Send room: an optional capability of a backend (the memory backend has it).
+"""Send room: an optional capability of a backend (memory and Redis have it).
 
 A daemon whose backend ``ReservesRoom`` grants senders room on a channel ahead of time
 (send windows, docs/flow.md): room is reserved in storage atomically with a store, and
 counted against the channel's capacity as held messages are, until a later message is
-stored into it (``send_reserved``) or it is released. Storage that cannot (Redis and
-PostgreSQL, until their sends carry ids) makes the daemon turn windows off.
+stored into it (``send_reserved``) or it is released. Storage that cannot (PostgreSQL,
+Redis Cluster) makes the daemon turn windows off.
+
+``holder`` names the connection that holds room (the client id, a space, then a number
+unique on its daemon): shared storage counts room per holder, so that a client sending
+again through another daemon what its dead daemon had not stored can spend the room
+reserved for it there, instead of being refused for a channel full of its own room.
+
+Shared storage (``dedupes_sends``) also keeps what each client's numbered sends came to,
+written in the same atomic step as the message: a client that reconnects to another
+daemon and sends again what it has no answer for is deduped there too. A daemon over
+storage that does not keeps that record itself (``broker.daemon.windows.Seqs``).
 """
 
 from __future__ import annotations
@@ -12,7 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ReservesRoom", "room_to_grant"]
+__all__ = ["ALREADY_STORED", "ReservesRoom", "room_to_grant"]
+
+#: What ``send_reserving`` answers for a numbered send storage had stored before.
+ALREADY_STORED = -1
 
 
 def room_to_grant(window: int, free: int) -> int:
@@ -26,26 +39,53 @@ def room_to_grant(window: int, free: int) -> int:
 class ReservesRoom(Protocol):
     """A backend that can reserve send room on a channel, and store into it."""
 
+    #: True: storage keeps the record of numbered sends (``client``, ``seq``) and stores
+    #: each at most once; False: the arguments are ignored, the daemon dedupes.
+    dedupes_sends: bool
+
+    def can_reserve_room(self) -> bool:
+        """Whether room can be reserved now (not, for example, on Redis Cluster)."""
+
     async def send_reserving(
-        self, ns: str, channel: str, payload: bytes, *, capacity: int, expiry_s: float, window: int
+        self,
+        ns: str,
+        channel: str,
+        payload: bytes,
+        *,
+        capacity: int,
+        expiry_s: float,
+        window: int,
+        client: str = "",
+        seq: int = 0,
+        holder: str = "",
     ) -> int | None:
         """``Backend.send``, and if stored, reserve ``room_to_grant(window, free)`` on the
         channel in the same atomic step, ``free`` being what still fits once the message
-        is in (waiting, held and reserved ones all count). Return the room reserved, or
-        None when the channel was full (nothing stored, nothing reserved)."""
+        is in (waiting, held and reserved ones all count). Return the room reserved,
+        None when the channel was full (nothing stored, nothing reserved), or
+        ``ALREADY_STORED`` for a ``seq`` of ``client`` stored before (``dedupes_sends``)."""
 
     async def send_reserved(
-        self, ns: str, items: Sequence[tuple[str, bytes]], *, expiry_s: float
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        expiry_s: float,
+        client: str = "",
+        seqs: Sequence[int] = (),
+        holder: str = "",
     ) -> None:
         """Store each message into one unit of room reserved on its channel before, in
-        order, with no capacity check (the room was counted when it was reserved)."""
+        order, with no capacity check (the room was counted when it was reserved). With
+        ``dedupes_sends``, ``seqs`` numbers the items: one stored before spends its
+        unit and is not stored again."""
 
     async def reserve_room(
-        self, ns: str, channel: str, *, capacity: int, window: int, size: int
+        self, ns: str, channel: str, *, capacity: int, window: int, size: int, holder: str = ""
     ) -> int:
         """Reserve ``room_to_grant(window, free)`` on the channel, storing nothing (a
         sender that spent its room and keeps sending), for messages of about ``size``
         bytes (what a backend bounded in memory checks); return it."""
 
-    async def release_room(self, ns: str, channel: str, count: int) -> None:
+    async def release_room(self, ns: str, channel: str, count: int, *, holder: str = "") -> None:
         """Stop counting ``count`` units of room reserved on ``channel`` (never below 0)."""

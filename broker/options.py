@@ -185,7 +185,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     # 64: a sender's burst on one channel goes out in one write and one round trip per
     # 64 messages, past what a loopback round trip per send allows (docs/flow.md). The
     # room a connection holds counts against its channels' capacity until used or given
-    # back (after 200 ms unused, or at close). memory:// only, for now (others: 0).
+    # back (after 200 ms unused, or at close). Not on Redis Cluster (0 there).
     Option(
         "send-window",
         64,

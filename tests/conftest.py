@@ -207,7 +207,8 @@ class BrokerProcess:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (not skip) the backends a ``backends("memory"|"shared")`` test is not for.
+    """Deselect (not skip) the backends a ``backends("memory"|"shared")`` test is not for;
+    a URL scheme ("redis") names one backend.
 
     Some behaviours belong to one kind of storage (a memory daemon forgets on restart;
     exact gauges need storage no other test writes to). Those tests say so with the
@@ -220,7 +221,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marker is None or kind is None:
             selected.append(item)
             continue
-        (selected if kind in marker.args else deselected).append(item)
+        (selected if kind in marker.args or _scheme(item) in marker.args else deselected).append(
+            item
+        )
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
@@ -239,6 +242,12 @@ def _backend_kind(item: pytest.Item) -> str | None:
         kind: str | None = getattr(module, "BACKEND_KIND", None)
         return kind
     return "memory" if str(url).startswith("memory:") else "shared"
+
+
+def _scheme(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    url = callspec.params.get("backend_url") if callspec is not None else None
+    return None if url is None else _backend_id(str(url))
 
 
 @pytest.fixture(

@@ -53,6 +53,12 @@ class _Storage(Protocol):
 class MemoryRoom:
     """``ReservesRoom`` for ``MemoryBackend`` (a base class of it)."""
 
+    #: The daemon keeps the record of numbered sends: it is the only one over this storage.
+    dedupes_sends = False
+
+    def can_reserve_room(self) -> bool:
+        return True
+
     async def send_reserving(
         self: _Storage,
         ns: str,
@@ -62,6 +68,9 @@ class MemoryRoom:
         capacity: int,
         expiry_s: float,
         window: int,
+        client: str = "",
+        seq: int = 0,
+        holder: str = "",
     ) -> int | None:
         """``send``, then reserve room on the channel in the same step (see the module)."""
         if not await self.send(ns, channel, payload, capacity=capacity, expiry_s=expiry_s):
@@ -69,7 +78,14 @@ class MemoryRoom:
         return self._reserve(self._spaces[ns].channels[channel], capacity, window, len(payload))
 
     async def reserve_room(
-        self: _Storage, ns: str, channel: str, *, capacity: int, window: int, size: int
+        self: _Storage,
+        ns: str,
+        channel: str,
+        *,
+        capacity: int,
+        window: int,
+        size: int,
+        holder: str = "",
     ) -> int:
         """Reserve room on the channel, storing nothing (its sender keeps sending)."""
         space = self._space(ns)
@@ -93,7 +109,14 @@ class MemoryRoom:
         return room
 
     async def send_reserved(
-        self: _Storage, ns: str, items: Sequence[tuple[str, bytes]], *, expiry_s: float
+        self: _Storage,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        expiry_s: float,
+        client: str = "",
+        seqs: Sequence[int] = (),
+        holder: str = "",
     ) -> None:
         """Store each message into a unit of its channel's room, in order, unchecked."""
         space = self._space(ns)
@@ -111,7 +134,9 @@ class MemoryRoom:
         for channel in ready:
             self._on_ready(ns, channel)
 
-    async def release_room(self: _Storage, ns: str, channel: str, count: int) -> None:
+    async def release_room(
+        self: _Storage, ns: str, channel: str, count: int, *, holder: str = ""
+    ) -> None:
         """Uncount ``count`` units of room (never below zero)."""
         record = self._channel(ns, channel)
         if record is None or count <= 0:

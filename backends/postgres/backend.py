@@ -62,6 +62,7 @@ from .taker import Taker
 from .url import PostgresOptions
 from .vacuum import Vacuum
 from .wakeups import Wakeups
+from .windows import FORGET_SENDERS, PostgresRoom
 
 __all__ = ["PostgresBackend", "PostgresOptions"]
 
@@ -76,6 +77,8 @@ class PostgresBackend(Backend):
     """Channels and groups in PostgreSQL, shared by every daemon using the same schema."""
 
     is_shared = True
+    #: Numbered sends are recorded in the database with the message (``windows``).
+    dedupes_sends = True
 
     def __init__(self, options: PostgresOptions) -> None:
         super().__init__()
@@ -104,7 +107,32 @@ class PostgresBackend(Backend):
         self._group_sends = GroupSends(*parts)
         self._wakeups = Wakeups(self._db, self._sql.recheck, self._ready)
         self.vacuum = Vacuum(self._db.fetch, self._db.connect, options.schema, schema)
-        self._sweeper = Sweeper(self._db.fetchrow, self._sql.sweep, self._sql.stats, self.vacuum)
+        self._sweeper = Sweeper(
+            self._db.fetchrow,
+            self._sql.sweep,
+            self._sql.stats,
+            self.vacuum,
+            forget_sql=FORGET_SENDERS.format(s=schema),
+        )
+        self._offer_windows(schema)
+
+    def _offer_windows(self, schema: str) -> None:
+        """Send windows (``backends.ReservesRoom``): room and seq records in the database."""
+        windows = PostgresRoom(
+            self._db,
+            schema,
+            self._releases,
+            self._room,
+            self._stored,
+            lapse_s=self.options.room_lapse_s,
+        )
+        self.send_reserving = windows.send_reserving
+        self.send_reserved = windows.send_reserved
+        self.reserve_room = windows.reserve_room
+        self.release_room = windows.release_room
+
+    def can_reserve_room(self) -> bool:
+        return True
 
     def set_direct_pushes(self, pushes: DirectPushes) -> None:
         """``AcceptsDirectPushes``: the daemon's router, which pushes to its own clients."""

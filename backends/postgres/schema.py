@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Tables whose persistence follows the ``unlogged`` option.
-TABLES = ("channels", "takes", "messages", "groups")
+TABLES = ("channels", "takes", "messages", "groups", "senders")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 #: ``schema.sql``'s placeholders, those ``placeholders`` gives, replaced by name: SQL's

@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 4 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 5 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -66,7 +66,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (4);
+INSERT INTO {s}.schema_version VALUES (5);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -898,4 +898,233 @@ RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_notify({notify}, p.payload) FROM unnest(p_payloads) AS p(payload);
+END $$;
+
+-- Send windows (docs/flow.md): a client's record of numbered sends, and send room
+-- reserved per connection (rooms) and counted as held (takes.held), so that every
+-- capacity check counts it.
+CREATE {unlogged} TABLE {s}.senders (
+    ns text NOT NULL,
+    client text NOT NULL,
+    highest bigint NOT NULL DEFAULT 0,
+    unstored bigint[] NOT NULL DEFAULT '{}',
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (ns, client)
+);
+CREATE INDEX senders_by_expiry ON {s}.senders (expires_at);
+CREATE {unlogged} TABLE {s}.rooms (
+    ns text NOT NULL,
+    channel text NOT NULL,
+    holder text NOT NULL,
+    count integer NOT NULL,
+    until timestamptz NOT NULL,
+    PRIMARY KEY (ns, channel, holder)
+);
+
+-- hold_room: p_room more units of send room for a holder (a connection: "<client>
+-- <number> ..."), counted as held on the channel too (whose channels row the caller
+-- locked); both lapse p_lapse_s from now (held: or when its held messages do).
+CREATE FUNCTION {s}.hold_room(p_ns text, p_channel text, p_holder text, p_room integer,
+                              p_lapse_s double precision)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.rooms AS r (ns, channel, holder, count, until)
+    VALUES (p_ns, p_channel, p_holder, p_room, now() + make_interval(secs => p_lapse_s))
+    ON CONFLICT (ns, channel, holder) DO UPDATE SET
+        count = (CASE WHEN r.until > now() THEN r.count ELSE 0 END) + excluded.count,
+        until = excluded.until;
+    INSERT INTO {s}.takes AS t (ns, channel, held, held_until)
+    VALUES (p_ns, p_channel, p_room, now() + make_interval(secs => p_lapse_s))
+    ON CONFLICT (ns, channel) DO UPDATE SET held = (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held,
+        held_until = greatest(t.held_until, excluded.held_until);
+END $$;
+
+-- room_for: half of what still fits a channel (its row locked), up to p_window.
+CREATE FUNCTION {s}.room_for(p_ns text, p_channel text, p_capacity integer, p_window integer)
+RETURNS integer LANGUAGE sql AS $$
+    SELECT least(p_window, greatest(0, (p_capacity - (c.waiting - coalesce((SELECT t.taken - (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) FROM {s}.takes t WHERE t.ns = c.ns AND t.channel = c.channel), 0))) / 2))::integer
+    FROM {s}.channels c WHERE c.ns = p_ns AND c.channel = p_channel
+$$;
+
+-- spend_left: a unit of the room another connection of the client p_client holds on
+-- the channel (its channels row locked by the caller), uncounted; false if none. The
+-- client sends again what its dead daemon had not stored: into the room kept for it.
+CREATE FUNCTION {s}.spend_left(p_ns text, p_channel text, p_client text, p_holder text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.rooms SET count = count - 1 WHERE ctid = (
+        SELECT r.ctid FROM {s}.rooms r
+        WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder <> p_holder
+          AND starts_with(r.holder, p_client || ' ') AND r.count > 0 AND r.until > now()
+        LIMIT 1 FOR UPDATE);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - 1)
+    WHERE t.ns = p_ns AND t.channel = p_channel;
+    RETURN true;
+END $$;
+
+-- sender_seqs: a client's record of numbered sends, locked (made if missing): the
+-- highest seq handled, and those of the latest up to it that were not stored.
+CREATE FUNCTION {s}.sender_seqs(p_ns text, p_sender text, p_expiry_s double precision,
+                                OUT highest bigint, OUT unstored bigint[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.senders (ns, client, expires_at)
+    VALUES (p_ns, p_sender, now() + make_interval(secs => p_expiry_s))
+    ON CONFLICT (ns, client) DO NOTHING;
+    SELECT r.highest, r.unstored INTO highest, unstored FROM {s}.senders r
+    WHERE r.ns = p_ns AND r.client = p_sender FOR UPDATE;
+END $$;
+
+-- stored_into: p_seq's outcome into the client's record (locked by sender_seqs).
+CREATE FUNCTION {s}.stored_into(p_ns text, p_sender text, p_seq bigint, p_stored boolean,
+                                p_expiry_s double precision, p_most integer)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE {s}.senders r SET highest = greatest(r.highest, p_seq),
+        unstored = CASE WHEN p_stored THEN array_remove(r.unstored, p_seq)
+            ELSE ARRAY(SELECT u FROM unnest(array_append(array_remove(r.unstored, p_seq),
+                                                         p_seq)) AS u
+                       WHERE u > greatest(r.highest, p_seq) - p_most) END,
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender
+$$;
+
+-- send_reserving: a request of a windowed client. -1 if its seq (p_seq > 0) was stored
+-- before; else stored into room another connection of the client left (spend_left),
+-- or reserved and inserted as send does (-2 if full); then the room reserved for the
+-- connection p_holder, counted as held. Locks: the sender's record, the channel's
+-- rows (channels, rooms, takes).
+CREATE FUNCTION {s}.send_reserving(p_ns text, p_channel text, p_client text, p_payload bytea,
+                                   p_capacity integer, p_expiry_s double precision,
+                                   p_window integer, p_lapse_s double precision,
+                                   p_sender text, p_seq bigint, p_most integer,
+                                   p_holder text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_stored boolean := false;
+    v_room integer := 0;
+BEGIN
+    IF p_seq > 0 THEN
+        SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+        IF p_seq <= v_seqs.highest AND NOT p_seq = ANY(v_seqs.unstored) THEN
+            RETURN -1;
+        END IF;
+        IF EXISTS (SELECT 1 FROM {s}.rooms r
+                   WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder <> p_holder
+                     AND starts_with(r.holder, p_sender || ' ') AND r.count > 0) THEN
+            PERFORM 1 FROM {s}.channels c
+            WHERE c.ns = p_ns AND c.channel = p_channel FOR UPDATE;
+            v_stored := FOUND AND {s}.spend_left(p_ns, p_channel, p_sender, p_holder);
+            IF v_stored THEN
+                UPDATE {s}.channels SET waiting = waiting + 1
+                WHERE ns = p_ns AND channel = p_channel;
+            END IF;
+        END IF;
+    END IF;
+    IF NOT v_stored THEN
+        v_stored := {s}.reserve(p_ns, p_channel, p_client, p_capacity);
+    END IF;
+    IF v_stored THEN
+        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+        VALUES (p_ns, p_channel, p_client, p_payload,
+                now() + make_interval(secs => p_expiry_s));
+        v_room := {s}.room_for(p_ns, p_channel, p_capacity, p_window);
+        IF v_room > 0 THEN
+            PERFORM {s}.hold_room(p_ns, p_channel, p_holder, v_room, p_lapse_s);
+        END IF;
+    END IF;
+    IF p_seq > 0 THEN
+        PERFORM {s}.stored_into(p_ns, p_sender, p_seq, v_stored, p_expiry_s, p_most);
+    END IF;
+    IF NOT v_stored THEN
+        RETURN -2;
+    END IF;
+    RETURN v_room;
+END $$;
+
+-- send_reserved: windowed sends, in order, each into a unit of its channel's room
+-- (p_holder's), unchecked; one whose seq was stored before spends its unit and is not
+-- stored again. Returns per message 1 (stored) or 2 (stored before). Locks: the
+-- sender's record, then channels, rooms and takes rows, each in name order.
+CREATE FUNCTION {s}.send_reserved(p_ns text, p_channels text[], p_clients text[],
+                                  p_payloads bytea[], p_expiry_s double precision,
+                                  p_sender text, p_seqs bigint[], p_holder text)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_new integer[];
+    v_key record;
+BEGIN
+    SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+    SELECT coalesce(array_agg(k.i ORDER BY k.i), '{}') INTO v_new
+    FROM unnest(p_seqs) WITH ORDINALITY AS k(seq, i)
+    WHERE NOT (k.seq > 0 AND k.seq <= v_seqs.highest AND k.seq <> ALL(v_seqs.unstored));
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+    SELECT p_ns, p_channels[a.i], min(p_clients[a.i]), count(*)
+    FROM unnest(v_new) AS a(i) GROUP BY p_channels[a.i] ORDER BY 2
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+    FOR v_key IN SELECT k.channel, count(*) AS n FROM unnest(p_channels) AS k(channel)
+                 GROUP BY k.channel ORDER BY k.channel LOOP
+        UPDATE {s}.rooms r SET count = greatest(0, r.count - v_key.n)
+        WHERE r.ns = p_ns AND r.channel = v_key.channel AND r.holder = p_holder;
+        UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_key.n)
+        WHERE t.ns = p_ns AND t.channel = v_key.channel;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_new) AS a(i) ORDER BY a.i;
+    UPDATE {s}.senders r
+    SET highest = greatest(r.highest,
+                           coalesce((SELECT max(p_seqs[a.i]) FROM unnest(v_new) AS a(i)), 0)),
+        unstored = ARRAY(SELECT u FROM unnest(r.unstored) AS u WHERE u <> ALL(p_seqs)),
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender;
+    RETURN ARRAY(SELECT CASE WHEN k.i = ANY(v_new) THEN 1 ELSE 2 END
+                 FROM generate_subscripts(p_channels, 1) AS k(i) ORDER BY k.i);
+END $$;
+
+-- reserve_room: room for a connection that keeps sending, storing nothing (locks the
+-- channel's rows: channels, rooms, takes). Lost to a crash, room only comes back early.
+CREATE FUNCTION {s}.reserve_room(p_ns text, p_channel text, p_client text,
+                                 p_capacity integer, p_window integer,
+                                 p_lapse_s double precision, p_holder text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_room integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO {s}.channels AS c (ns, channel, client, capacity)
+    VALUES (p_ns, p_channel, p_client, p_capacity)
+    ON CONFLICT (ns, channel) DO UPDATE SET capacity = p_capacity;
+    v_room := {s}.room_for(p_ns, p_channel, p_capacity, p_window);
+    IF v_room > 0 THEN
+        PERFORM {s}.hold_room(p_ns, p_channel, p_holder, v_room, p_lapse_s);
+    END IF;
+    RETURN v_room;
+END $$;
+
+-- release_room: a connection gives back up to p_count units of its room on a channel
+-- (what it still holds: lapsed room was uncounted already).
+CREATE FUNCTION {s}.release_room(p_ns text, p_channel text, p_holder text, p_count integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_held integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT least(p_count, r.count) INTO v_held FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder AND r.until > now()
+    FOR UPDATE;
+    DELETE FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder
+      AND (r.count <= p_count OR r.until <= now());
+    UPDATE {s}.rooms r SET count = r.count - p_count
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
+    IF coalesce(v_held, 0) > 0 THEN
+        UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_held)
+        WHERE t.ns = p_ns AND t.channel = p_channel;
+    END IF;
 END $$;

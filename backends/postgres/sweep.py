@@ -33,9 +33,17 @@ class Sweeper:
     """Sweeps every ``SWEEP_INTERVAL_S`` and keeps the last gauge reading."""
 
     def __init__(
-        self, fetchrow: Fetch, sweep_sql: str, stats_sql: str, vacuum: Vacuum | None = None
+        self,
+        fetchrow: Fetch,
+        sweep_sql: str,
+        stats_sql: str,
+        vacuum: Vacuum | None = None,
+        *,
+        forget_sql: str = "",
     ) -> None:
         self._fetchrow = fetchrow
+        #: Removes what else lapsed (records of numbered sends), once a sweep.
+        self._forget_sql = forget_sql
         self._sweep_sql = sweep_sql
         self._stats_sql = stats_sql
         self._vacuum = vacuum
@@ -68,3 +76,5 @@ class Sweeper:
             self._after = (row["next_ns"] or "", row["next_channel"] or "")
             if max(row["expired"], row["lapsed"]) < SWEEP_BATCH:
                 break
+        if self._forget_sql:
+            await self._fetchrow(self._forget_sql)

@@ -1,7 +1,7 @@
 """The PostgreSQL backend's URL: where to connect, and the options it takes from the query.
 
 ``postgresql://user:password@host:5432/db?schema=channels_broker&unlogged=false&
-migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=32&lease=5``
+migrate=true&pool_size=10&recheck_interval=1.0&timeout=5.0&prefetch=32&lease=5&room_lapse=10``
 (``postgres://`` too). Every other query parameter goes to asyncpg: its connection
 parameters (``sslmode``...) and PostgreSQL session settings (``synchronous_commit=off``...).
 """
@@ -36,6 +36,10 @@ DEFAULT_RECHECK_S = 1.0
 #: another daemon takes them again. Far longer than a daemon keeps one (100 ms at most,
 #: see ``take_ahead``), so that a slow database does not let a lease lapse under way.
 DEFAULT_LEASE_S = 5.0
+#: Send room reserved (send windows) lapses this long after it was last reserved on its
+#: channel: a live daemon's layers use it or give it back within 0.4 s, so only a dead
+#: daemon's (or a client stalled this long with room in hand) grows this old.
+DEFAULT_ROOM_LAPSE_S = 10.0
 MIN_LEASE_S = 1.0
 
 _SCHEMES = ("postgresql", "postgres")
@@ -70,6 +74,8 @@ class PostgresOptions:
     prefetch: int = DEFAULT_PREFETCH
     #: Seconds a message taken for a worker stays leased to this daemon.
     lease_s: float = DEFAULT_LEASE_S
+    #: Seconds send room stays counted after it was last reserved on its channel.
+    room_lapse_s: float = DEFAULT_ROOM_LAPSE_S
     #: Session settings, ours only where the URL's query does not set the same name.
     server_settings: tuple[tuple[str, str], ...] = ()
 
@@ -149,6 +155,7 @@ _OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "timeout": _parse_positive,
     "prefetch": _parse_whole,
     "lease": _parse_lease,
+    "room_lapse": _parse_positive,
 }
 _OPTION_FIELDS = {
     "schema": "schema",
@@ -159,4 +166,5 @@ _OPTION_FIELDS = {
     "timeout": "timeout_s",
     "prefetch": "prefetch",
     "lease": "lease_s",
+    "room_lapse": "room_lapse_s",
 }

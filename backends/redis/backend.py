@@ -42,6 +42,7 @@ from backends import (
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .pipe import Pipe
+from .room import RedisRoom
 from .scripts import GROUP_ADD
 from .sends import Sends
 from .stats import read_stats, read_top_channels
@@ -62,6 +63,8 @@ class RedisBackend(Backend):
     """Channels and groups in Redis (standalone, Sentinel or Cluster), shared by daemons."""
 
     is_shared = True
+    #: Numbered sends are recorded in Redis with the message (``room``).
+    dedupes_sends = True
 
     def __init__(self, settings: RedisSettings) -> None:
         super().__init__()
@@ -75,6 +78,15 @@ class RedisBackend(Backend):
             settings.prefix, self._keys, self._commands, self._takes, subs, origin=origin
         )
         self._wakeups = Wakeups(subs, self._commands, self._takes, origin=origin.encode())
+        self._room = RedisRoom(
+            self._keys, self._commands, self._takes, origin=origin, lapse_s=settings.room_lapse_s
+        )
+        # Send windows (``backends.ReservesRoom``): the room and seq record live in Redis.
+        self.can_reserve_room = self._room.can_reserve_room
+        self.send_reserving = self._room.send_reserving
+        self.send_reserved = self._room.send_reserved
+        self.reserve_room = self._room.reserve_room
+        self.release_room = self._room.release_room
         self._stats_task: asyncio.Task[None] | None = None
         self._stats = BackendStats(0, 0, 0, 0, 0)
 

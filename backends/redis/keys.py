@@ -10,11 +10,12 @@ Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster sl
 
 ``!``, ``:`` and ``#`` cannot occur in a namespace (a group name), so tags never collide.
 Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
-``h:<channel>`` the count of taken-and-held messages, ``i`` a client's SET of channels
-with messages, ``w`` the wake-up (pub/sub) channel, ``g`` a group's ZSET of
-member -> deadline in ms. ``scripts`` builds the same names in Lua. Queue, index and
-held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so abandoned data
-vanishes by itself.
+``h:<channel>`` the count of taken-and-held messages, ``r:<channel>`` the send room
+reserved on it, ``s`` and ``u`` a client's record of numbered sends (``room_scripts``),
+``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
+``g`` a group's ZSET of member -> deadline in ms. ``scripts`` builds the same names in
+Lua. Queue, index and held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so
+abandoned data vanishes by itself.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class Keys:
         if "!" in channel:
             keys.append(f"{base}i")
         return keys
+
+    def room(self, ns: str, channel: str) -> str:
+        """Send room reserved on ``channel`` (``room_scripts``)."""
+        return f"{self.base(self.tag(ns, channel))}r:{channel}"
+
+    def seqs(self, ns: str, client_id: str) -> list[str]:
+        """A client's record of numbered sends: highest seq, and those not stored."""
+        base = self.base(f"{ns}!{client_id}")
+        return [f"{base}s", f"{base}u"]
 
     def held(self, ns: str, channel: str) -> str:
         return f"{self.base(self.tag(ns, channel))}h:{channel}"

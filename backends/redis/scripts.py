@@ -67,11 +67,29 @@ local function trim(q, now)
   end
   return n
 end
--- Capacity-checked append: 1 if queued, 0 if the channel is full.
+-- Send room reserved on a channel (``room``): a HASH of holder (a daemon) -> "<count>
+-- <deadline in ms>", beside the held count; a lapsed holder's (a dead daemon's) goes.
+local function room_key(h, channel)
+  return string.sub(h, 1, #h - #channel - 2) .. 'r:' .. channel
+end
+local function reserved(rk, now)
+  local total = 0
+  local flat = redis.call('HGETALL', rk)
+  for i = 1, #flat, 2 do
+    local count, deadline = string.match(flat[i + 1], '(%d+) (%d+)')
+    if tonumber(deadline) > now then
+      total = total + tonumber(count)
+    else
+      redis.call('HDEL', rk, flat[i])
+    end
+  end
+  return total
+end
+-- Capacity-checked append: 1 if queued, 0 if the channel is full (reserved room counts).
 local function push(q, h, idx, channel, entry, cap, now, keep_ms)
   if cap < 1 then return 0 end
   local n = redis.call('LLEN', q)
-  local held = tonumber(redis.call('GET', h) or '0')
+  local held = tonumber(redis.call('GET', h) or '0') + reserved(room_key(h, channel), now)
   if n + held >= cap then
     if n == 0 then return 0 end
     if trim(q, now) + held >= cap then return 0 end

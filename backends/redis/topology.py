@@ -39,7 +39,8 @@ from backends import BackendError, BackendUnavailable
 
 from .link import ConnectionFactory
 from .pipe import Pipe
-from .scripts import SCRIPTS, Script
+from .room_scripts import ALL_SCRIPTS as SCRIPTS
+from .scripts import Script
 from .subscriber import Subscriber
 from .url import RedisSettings
 

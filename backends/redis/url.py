@@ -10,7 +10,8 @@ Forms (``[user][:password]@`` is optional everywhere; options go in the query):
 * ``redis+cluster://host:port[,host2:port]`` (``rediss+cluster`` for TLS): Redis Cluster
 
 Options: ``prefix`` (key prefix), ``db``, ``timeout`` (s, one operation), ``connect_timeout``
-(s), ``health_check_interval`` (s, idle pub/sub ping), ``client_name``, and for TLS
+(s), ``health_check_interval`` (s, idle pub/sub ping), ``room_lapse`` (s: send room a dead
+daemon reserved stops counting this long after its last change), ``client_name``, and for TLS
 ``ssl_cert_reqs`` (none/optional/required), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
 ``ssl_check_hostname``.
 """
@@ -34,6 +35,10 @@ DEFAULT_CONNECT_TIMEOUT_S = 2.0
 #: An idle subscriber connection is pinged this often, so a silent network cut is
 #: noticed (and the wake-ups resubscribed) within about this long.
 DEFAULT_HEALTH_CHECK_S = 5.0
+#: Send room lapses this long after its holder last changed it: a live daemon's layers
+#: use it or give it back within 0.4 s, so only a dead daemon's (or a client stalled
+#: this long with room in hand) grows this old.
+DEFAULT_ROOM_LAPSE_S = 10.0
 
 _DEFAULT_PORT = 6379
 _DEFAULT_SENTINEL_PORT = 26379
@@ -56,6 +61,7 @@ _KNOWN_OPTIONS = frozenset(
         "timeout",
         "connect_timeout",
         "health_check_interval",
+        "room_lapse",
         "client_name",
         "sentinel_username",
         "sentinel_password",
@@ -86,6 +92,7 @@ class RedisSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     health_check_s: float = DEFAULT_HEALTH_CHECK_S
+    room_lapse_s: float = DEFAULT_ROOM_LAPSE_S
     client_name: str = "channels-broker"
 
     @classmethod
@@ -172,6 +179,7 @@ def _options(query: dict[str, str]) -> dict[str, object]:
         ("timeout", "timeout_s"),
         ("connect_timeout", "connect_timeout_s"),
         ("health_check_interval", "health_check_s"),
+        ("room_lapse", "room_lapse_s"),
     ):
         if name in query:
             number = float(query[name])

@@ -126,7 +126,7 @@ class Handlers:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
         window = self.sends.open(hello)
         # An owned id (proven by its secret) keeps what its numbered SENDs came to.
-        self._keeps_seqs = bool(window and hello.client_id)
+        self._keeps_seqs = bool(window and hello.client_id) and not self.sends.seqs_in_storage
         if self._keeps_seqs:
             self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes

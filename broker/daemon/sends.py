@@ -8,16 +8,19 @@ channel in the same storage step, and its OK says how much; a SEND with none (an
 ``seq``) spends a unit of that room and is stored without a capacity check; one on a
 channel where the connection holds no room breaks the protocol (``NO_ROOM``). A burst
 ends with one CONFIRM of the highest seq handled, if any SEND in it was windowed.
+Shared storage dedupes numbered SENDs itself (a client may come back through another
+daemon) and counts room per connection (``holder``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from bisect import bisect_left
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from backends import BackendError, ReservesRoom
+from backends import ALREADY_STORED, BackendError, ReservesRoom
 from protocol import Confirm, ErrorCode, Hello, Ok, Send, is_valid_channel
 
 from .context import Context
@@ -34,6 +37,9 @@ log = logging.getLogger("channels_broker.connection")
 #: Consecutive SENDs answered with one backend call: a layer's whole send window.
 SEND_BATCH = 256
 
+#: Numbers the connections of this daemon that hold room (``ReservesRoom``'s holder).
+_HOLDERS = itertools.count(1)
+
 
 class Sends:
     """The SENDs of one connection."""
@@ -44,18 +50,28 @@ class Sends:
         backend = ctx.backend
         #: The storage, if it can reserve room (and windows are on); else None.
         self.reserves = backend if isinstance(backend, ReservesRoom) else None
+        #: Storage keeps what numbered SENDs came to, with the messages (shared storage:
+        #: a client may come back through another daemon); else ``seqs`` says.
+        self.seqs_in_storage = self.reserves is not None and self.reserves.dedupes_sends
         #: None until HELLO agrees a window, and for good if none is agreed.
         self.room: Room | None = None
         #: What this client's numbered SENDs came to: its own (``windows.Senders``) if
         #: its id is owned, else this connection's.
         self.seqs = Seqs()
+        #: Who holds this connection's room in storage: "<client id> <number>".
+        self.holder = ""
 
     def open(self, hello: Hello) -> int:
         """Agree the window HELLO asks for, within ``--send-window``; return it (0: none)."""
         config = self.ctx.config
-        window = min(hello.send_window, config.send_window) if self.reserves else 0
+        reserves = self.reserves
+        can = reserves is not None and reserves.can_reserve_room()
+        window = min(hello.send_window, config.send_window) if can else 0
         if window:
             self.room = Room(window, config.max_send_room)
+            session = self.shell.session
+            assert session is not None  # set before the window is agreed
+            self.holder = f"{session.client_id} {next(_HOLDERS)}"
         return window
 
     async def handle(self, first: Send) -> None:
@@ -161,7 +177,7 @@ class Sends:
             else:
                 confirm = True
                 spent[frame.channel] = len(frame.payload)
-                if not self.seqs.was_stored(frame.seq):
+                if self.seqs_in_storage or not self.seqs.was_stored(frame.seq):
                     run.append(frame)
                 elif self.reserves is not None:  # a retry: its unit goes back to storage
                     await self._release(frame.channel, 1)
@@ -181,7 +197,12 @@ class Sends:
             if want:
                 capacity = session.capacity_of(channel)
                 got = await reserves.reserve_room(
-                    session.ns, channel, capacity=capacity, window=want, size=size
+                    session.ns,
+                    channel,
+                    capacity=capacity,
+                    window=want,
+                    size=size,
+                    holder=self.holder,
                 )
                 if got:
                     room.grant(channel, got)
@@ -191,7 +212,7 @@ class Sends:
     async def _reserving(self, frame: Send) -> None:
         """A request: stored if there is room, with room reserved for the next ones."""
         seqs, seq = self.seqs, frame.seq
-        if seqs.was_stored(seq):  # a retry after a reconnect: its first answer was OK
+        if not self.seqs_in_storage and seqs.was_stored(seq):  # a retry: it was stored
             self.shell.write(Ok(frame.request_id))
             return
         if not self._is_valid(frame):
@@ -210,11 +231,18 @@ class Sends:
                 capacity=session.capacity_of(channel),
                 expiry_s=session.expiry_s,
                 window=room.wanted(channel),
+                client=session.client_id,
+                seq=seq,
+                holder=self.holder,
             )
         except BackendError as exc:
             log.warning("backend error for Send: %s", exc)
             seqs.handled(seq, stored=False)
             self.shell.fail(frame.request_id, ErrorCode.BACKEND_UNAVAILABLE, str(exc))
+            return
+        if granted == ALREADY_STORED:  # a retry after a reconnect, stored the first time
+            seqs.handled(seq, stored=True)
+            self.shell.write(Ok(frame.request_id))
             return
         seqs.handled(seq, stored=granted is not None)
         if granted is not None:
@@ -245,7 +273,14 @@ class Sends:
         assert session is not None and reserves is not None
         items = [(frame.channel, frame.payload) for frame in run]
         try:
-            await reserves.send_reserved(session.ns, items, expiry_s=session.expiry_s)
+            await reserves.send_reserved(
+                session.ns,
+                items,
+                expiry_s=session.expiry_s,
+                client=session.client_id,
+                seqs=[frame.seq for frame in run],
+                holder=self.holder,
+            )
         except BackendError as exc:
             # No answer can say so: close, and the client sends them again elsewhere.
             self.shell.fatal(ErrorCode.BACKEND_UNAVAILABLE, f"windowed SENDs not stored: {exc}")
@@ -272,7 +307,7 @@ class Sends:
         session, reserves = self.shell.session, self.reserves
         if count and session is not None and reserves is not None:
             try:
-                await reserves.release_room(session.ns, channel, count)
+                await reserves.release_room(session.ns, channel, count, holder=self.holder)
             except BackendError:
                 log.warning("could not release %d units of room on %s", count, channel)
 

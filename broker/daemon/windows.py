@@ -14,7 +14,9 @@ each number came to: every seq up to ``highest`` was handled, and those of the l
 answered without storing it again, and a retry of one that was not is handled anew.
 A client with an owned id (proven by its secret) keeps its ``Seqs`` across connections
 (``Senders``), for its session's expiry after it leaves: past that, what it stored has
-expired anyway.
+expired anyway. That is on ``memory://``: shared storage keeps the record itself, with
+the messages (``ReservesRoom.dedupes_sends``), and a connection's ``Seqs`` only says
+the highest seq to confirm.
 """
 
 from __future__ import annotations

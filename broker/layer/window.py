@@ -28,6 +28,7 @@ from protocol import (
     MAX_UNSETTLED_SENDS,
     Confirm,
     Error,
+    ErrorCode,
     Frame,
     FrameEncoder,
     Ok,
@@ -49,6 +50,9 @@ IDLE_ROOM_S = 0.2
 MAX_UNSETTLED_BYTES = 8 * 1024 * 1024
 #: The window HELLO asks for: the largest a daemon may agree (its --send-window caps it).
 WANTED_SEND_WINDOW = MAX_UNSETTLED_SENDS // 4
+#: Seconds before a connection whose storage failed an accepted send is dropped, to send
+#: it (and every later one) again on the next: a pause, not a busy loop, while it is down.
+STORAGE_RETRY_S = 0.25
 
 
 class Sender(Protocol):
@@ -104,6 +108,8 @@ class SendWindow:
         self._unsettled_bytes = 0
         self._requests: dict[int, Unsettled] = {}  # request id -> its numbered send
         self._encoder = FrameEncoder()
+        #: Storage failed an accepted send: answers are ignored until the connection goes.
+        self._dropping = False
 
     # -- sending -------------------------------------------------------------
 
@@ -151,6 +157,11 @@ class SendWindow:
         finally:
             entry.reply = None  # cancelled or not: nobody waits for it any more
         if type(reply) is Error:
+            if reply.error_code is ErrorCode.CHANNEL_FULL and self._rooms.get(channel):
+                # Room came meanwhile (the CONFIRM of earlier sends): it is this sender's,
+                # reserved for it, so the channel is not full for it.
+                await self.send(channel, payload)
+                return
             raise exception_for(reply)
 
     async def _answer_of(self, entry: Unsettled) -> Frame:
@@ -180,6 +191,8 @@ class SendWindow:
         entry = self._requests.pop(getattr(frame, "request_id", 0), None)
         if entry is None:
             return False
+        if self._dropping or self._storage_failed(entry, frame):
+            return True  # it, and every later one, goes again on the next connection
         self.confirm(entry.seq)  # the daemon handled it, and every earlier one
         if type(frame) is Ok:
             self._grant(entry.channel, frame.room)
@@ -189,8 +202,24 @@ class SendWindow:
             entry.reply.set_result(frame)
         return True
 
+    def _storage_failed(self, entry: Unsettled, frame: Frame) -> bool:
+        """An accepted send that storage failed (BACKEND_UNAVAILABLE): it must not be
+        lost, nor overtaken, so the connection goes, after a pause, and the next one
+        sends it and every later unsettled one again, in order."""
+        if not entry.accepted or type(frame) is not Error:
+            return False
+        if frame.error_code is not ErrorCode.BACKEND_UNAVAILABLE:
+            return False
+        conn = self._client.conn
+        if conn is not None and conn.transport is not None:
+            self._dropping = True
+            self._loop.call_later(STORAGE_RETRY_S, conn.transport.abort)
+        return True
+
     def confirmed(self, frame: Confirm) -> None:
         """CONFIRM: every numbered send up to its seq was handled, and room came."""
+        if self._dropping:
+            return
         self.confirm(frame.through_seq)
         for channel, room in frame.room:
             self._grant(channel, room)
@@ -260,6 +289,7 @@ class SendWindow:
     def lost(self) -> None:
         """The connection dropped: its room went with it; waiting callers are told, to
         wait for the resend (unsettled sends stay, for the next connection)."""
+        self._dropping = False
         self._drop_room()
         self._requests.clear()
         for entry in self.unsettled:

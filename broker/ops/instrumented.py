@@ -30,7 +30,7 @@ BACKEND_OPERATIONS = tuple(
     name
     for name, value in vars(Backend).items()
     if not name.startswith("_") and inspect.iscoroutinefunction(value) and name != "top_channels"
-)
+) + ("send_reserving", "send_reserved", "reserve_room", "release_room")  # ReservesRoom
 
 
 def instrument(backend: Backend, metrics: Metrics, url: str) -> Backend:
@@ -127,6 +127,9 @@ def _complete() -> None:
             setattr(InstrumentedBackend, name, _timed_call(name))
         elif inspect.isfunction(value):
             setattr(InstrumentedBackend, name, _delegate(name))
+    for name in BACKEND_OPERATIONS:  # send windows' calls (``backends.ReservesRoom``) too
+        if name not in vars(InstrumentedBackend):
+            setattr(InstrumentedBackend, name, _timed_call(name))
     abc.update_abstractmethods(InstrumentedBackend)  # type: ignore[type-abstract]
 
 

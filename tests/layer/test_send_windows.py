@@ -2,8 +2,8 @@
 ``ChannelFull`` exactly when a channel is full, room that goes back to other senders, and
 a stream that loses nothing and doubles nothing when its connection is cut.
 
-memory:// only: it is the backend that reserves room (the others agree no window, and
-their sends are the contract tests').
+memory://, Redis and PostgreSQL: the backends that reserve room (Redis Cluster agrees
+no window, and its sends are the contract tests').
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.waits import (
     receive,
 )
 
-pytestmark = pytest.mark.backends("memory")
+pytestmark = pytest.mark.backends("memory", "redis", "postgresql")
 
 #: Messages of the cut stream, and after how many received the sender's connection is cut.
 STREAM = 3000

@@ -1,6 +1,9 @@
 """Send windows on the wire (docs/flow.md): what a daemon grants, what it takes without a
 request id, what it confirms, and what it stores once when a client sends again.
 
+memory://, Redis and PostgreSQL (the shared ones keep the record of stored seqs in
+storage: see tests/broker/daemon/test_shared_windows.py for two daemons on one).
+
 A raw client speaks the frames itself, as a layer does, so that each rule is seen in the
 frames: WELCOME's window, OK's room, a windowed SEND stored into that room and confirmed,
 one without room refused (NO_ROOM, counted), a retry of a stored seq answered without a
@@ -89,16 +92,16 @@ def channel_name() -> str:
 async def test_welcome_agrees_the_smaller_of_the_asked_and_the_daemons_window(
     backend_url: str, broker: Any
 ) -> None:
-    """memory:// reserves room: it agrees the default 64 (or less, if asked less); a
-    client that asks none gets none. Shared storage cannot reserve room yet: 0."""
-    memory = backend_url.startswith("memory:")
+    """memory://, Redis and PostgreSQL reserve room: they agree the default 64 (or less,
+    if asked less); a client that asks none gets none. Redis Cluster cannot: 0."""
+    reserves = not backend_url.startswith("redis+cluster:")
     for asked, agreed in ((ASKED, 64), (5, 5), (0, 0)):
         client, welcome = await windowed(broker, window=asked)
         client.close()
-        assert welcome.send_window == (agreed if memory else 0)
+        assert welcome.send_window == (agreed if reserves else 0)
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_no_window_is_agreed_with_send_window_off(broker_factory: Any) -> None:
     daemon = broker_factory(extra_args=("--send-window", "0"))
     client, welcome = await windowed(daemon)
@@ -106,7 +109,7 @@ async def test_no_window_is_agreed_with_send_window_off(broker_factory: Any) -> 
     assert welcome.send_window == 0
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_room_granted_is_spent_by_windowed_sends_and_confirmed(
     broker: Any, make_layer: LayerFactory
 ) -> None:
@@ -129,7 +132,7 @@ async def test_room_granted_is_spent_by_windowed_sends_and_confirmed(
     await holds(make_layer, channel, [1, 2, 3, 4, 5, 6])
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_a_windowed_send_without_room_closes_the_connection_and_is_counted(
     broker: Any, make_layer: LayerFactory
 ) -> None:
@@ -146,7 +149,7 @@ async def test_a_windowed_send_without_room_closes_the_connection_and_is_counted
     await holds(make_layer, channel, [])
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_a_retry_of_a_stored_seq_is_answered_and_not_stored_again(
     broker: Any, make_layer: LayerFactory
 ) -> None:
@@ -174,7 +177,7 @@ async def test_a_retry_of_a_stored_seq_is_answered_and_not_stored_again(
     await holds(make_layer, channel, [1, 2, 3, 4])
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_room_goes_back_with_return_room_and_with_the_connection(broker: Any) -> None:
     """Capacity 3: A's first send leaves 2 free and takes 1 of it as room, so B fits one
     message, not two. RETURN_ROOM frees it for B; A's next grant, freed by A's close, too."""
@@ -200,7 +203,7 @@ async def test_room_goes_back_with_return_room_and_with_the_connection(broker: A
     b.close()
 
 
-@pytest.mark.backends("memory")
+@pytest.mark.backends("memory", "redis", "postgresql")
 async def test_room_goes_back_when_its_connection_closes(broker: Any) -> None:
     """Capacity 3: A's send takes 1 of the 2 free as room, B's send the other: full. Once
     A's connection closes, its room is released and B's next send is stored."""

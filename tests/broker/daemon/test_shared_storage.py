@@ -116,12 +116,15 @@ async def test_sigkilled_daemon_loses_no_waiting_message(
 ) -> None:
     """1. Through daemon 1: messages for a normal channel nobody reads yet, and for a
        consumer whose daemon is down; both wait in Redis.
-    2. Daemon 1 is killed with SIGKILL.
+    2. Daemon 1 is killed with SIGKILL, perhaps before it stored the last of them (a
+       send returns once written into the room its daemon reserved: docs/flow.md);
+       the sender sends again, through daemon 2, what daemon 1 did not confirm.
     3. A worker on daemon 2 gets every normal-channel message; the consumer, back on
        its restarted daemon, gets all of its own. Exactly once, in order.
     """
     one, two, home = broker_factory(), broker_factory(), broker_factory()
-    async with layers([one.url], [two.url], [home.url]) as (sender, worker, consumer):
+    hosts = [one.url, two.url]
+    async with layers(hosts, [two.url], [home.url]) as (sender, worker, consumer):
         channel = await consumer.new_channel()
         await consumer.send(channel, {"n": -1})  # connects, so the client id is taken
         assert await receive_n(consumer, channel, 1) == [-1]

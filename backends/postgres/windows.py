@@ -1,0 +1,135 @@
+"""Send windows on PostgreSQL (``backends.ReservesRoom``): room reserved in the database,
+and each client's numbered sends stored at most once, whichever daemon it reaches.
+
+Theory of operation (docs/flow.md, docs/postgres.md; the functions are in schema.sql).
+Room is counted per connection (``rooms``: its holder and this daemon's ``origin``) and
+as held (``takes.held``), so every capacity check of every daemon counts it, and it
+lapses like a held count: ``room_lapse`` after it was last reserved (or with the newest
+held message), should its daemon die. Until then, a numbered request of the same client
+spends a unit of it (``spend_left``): the client sending again what its dead daemon had
+not stored, into the room reserved for it, so it is not refused for a channel full of
+its own room. A request of a windowed
+client is one ``send_reserving`` call: the client's seq record (``senders``), the
+checked store and the room it gets, in one transaction. A run of windowed SENDs is one
+``send_reserved`` call, whatever their channels: one statement and one commit for the
+burst, answered with one CONFIRM once committed. Both write the seq record in the same
+transaction, so a client that reconnects to another daemon and sends again what it has
+no answer for is answered there without a second store.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+from backends import ALREADY_STORED
+from protocol import MAX_UNSETTLED_SENDS
+
+from .batching import ReleaseWriter
+from .group_commit import client_of
+from .pool import Database
+from .room import Room
+from .sends import Stored
+
+__all__ = ["FORGET_SENDERS", "PostgresRoom"]
+
+_SEND_RESERVING = "SELECT {s}.send_reserving($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_SEND_RESERVED = "SELECT {s}.send_reserved($1, $2, $3, $4, $5, $6, $7, $8)"
+_RESERVE_ROOM = "SELECT {s}.reserve_room($1, $2, $3, $4, $5, $6, $7)"
+_RELEASE_ROOM = "SELECT {s}.release_room($1, $2, $3, $4)"
+#: Records of numbered sends past their expiry (what their clients stored has expired),
+#: and room that lapsed (its count is no longer held).
+FORGET_SENDERS = (
+    "WITH r AS (DELETE FROM {s}.rooms WHERE until < now())"
+    " DELETE FROM {s}.senders WHERE expires_at < now()"
+)
+
+#: What ``send_reserving`` answers besides the room reserved.
+_STORED_BEFORE, _FULL = -1, -2
+
+
+class PostgresRoom:
+    """Room and numbered sends of one PostgreSQL backend."""
+
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        releases: ReleaseWriter,
+        room: Room,
+        stored: Stored,
+        *,
+        lapse_s: float,
+    ) -> None:
+        self._db = db
+        templates = (_SEND_RESERVING, _SEND_RESERVED, _RESERVE_ROOM, _RELEASE_ROOM)
+        self._sql = [sql.format(s=schema) for sql in templates]
+        self._origin = secrets.token_hex(4)  # holders of several daemons never collide
+        self._releases = releases
+        self._room = room
+        self._stored = stored
+        self._lapse_s = float(lapse_s)
+
+    async def send_reserving(
+        self,
+        ns: str,
+        channel: str,
+        payload: bytes,
+        *,
+        capacity: int,
+        expiry_s: float,
+        window: int,
+        client: str = "",
+        seq: int = 0,
+        holder: str = "",
+    ) -> int | None:
+        """Store unless full, with room reserved, unless ``seq`` was stored before."""
+        capacity = self._room.of(ns, channel, capacity)
+        await self._releases.written(ns, [channel])
+        args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), window)
+        more = (self._lapse_s, client, seq, MAX_UNSETTLED_SENDS, self._field(holder))
+        outcome: int = await self._db.fetchval(self._sql[0], *args, *more)
+        if outcome == _STORED_BEFORE:
+            return ALREADY_STORED
+        if outcome == _FULL:
+            return None
+        self._stored(ns, [channel])
+        return outcome
+
+    async def send_reserved(
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        *,
+        expiry_s: float,
+        client: str = "",
+        seqs: Sequence[int] = (),
+        holder: str = "",
+    ) -> None:
+        """Store each into a unit of its channel's room, in order, in one statement."""
+        channels = [channel for channel, _ in items]
+        clients = [client_of(channel) for channel in channels]
+        payloads = [payload for _, payload in items]
+        numbers = list(seqs) or [0] * len(items)
+        args = (ns, channels, clients, payloads, float(expiry_s), client, numbers)
+        outcomes: list[int] = await self._db.fetchval(self._sql[1], *args, self._field(holder))
+        # One wake-up per message: each may serve a pull.
+        self._stored(ns, [c for c, outcome in zip(channels, outcomes, strict=True) if outcome == 1])
+
+    async def reserve_room(
+        self, ns: str, channel: str, *, capacity: int, window: int, size: int, holder: str = ""
+    ) -> int:
+        """Reserve room, storing nothing (``size`` unused: the database is on disk)."""
+        capacity = self._room.of(ns, channel, capacity)
+        await self._releases.written(ns, [channel])
+        args = (ns, channel, client_of(channel), capacity, window, self._lapse_s)
+        room: int = await self._db.fetchval(self._sql[2], *args, self._field(holder))
+        return room
+
+    async def release_room(self, ns: str, channel: str, count: int, *, holder: str = "") -> None:
+        if count > 0:
+            await self._db.execute(self._sql[3], ns, channel, self._field(holder), count)
+
+    def _field(self, holder: str) -> str:
+        """A connection's name in ``rooms``: its holder, and this daemon's name."""
+        return f"{holder} {self._origin}"
