@@ -89,7 +89,7 @@ class Connection(asyncio.Protocol):
         self._output: list[bytes] = []
         self._encoder = FrameEncoder()
         self._output_bytes = 0
-        self._reading_paused = False
+        self.reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_blocked = False  # not _writable: the output check reads it each flush
@@ -117,7 +117,7 @@ class Connection(asyncio.Protocol):
         self._input_bytes += len(data)
         self._decode()
         if self.decoder.buffered_bytes or self.guard.watching_partial:
-            self.guard.watch_partial_frame()
+            self.guard.watch_partial_frame(len(data))
         self._wake()
 
     def _decode(self) -> None:
@@ -143,13 +143,13 @@ class Connection(asyncio.Protocol):
             self.guard.protocol_error(exc)  # an ERROR and a close (an HTTP client: in HTTP)
             return
         self._input_bytes += cost
-        if self._input_bytes > self.guard.max_input_bytes and not self._reading_paused:
+        if self._input_bytes > self.guard.max_input_bytes and not self.reading_paused:
             self.ctx.metrics.limits_hit["max-input-bytes"] += 1  # flow control: counted only
             self._pause_reading()
 
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -251,7 +251,7 @@ class Connection(asyncio.Protocol):
             await handle(inbox.popleft())
         if not inbox:
             self._input_bytes = 0
-            if self._reading_paused:
+            if self.reading_paused:
                 self._read_on()
         try:
             if self._pulls.ready and not self._retry_pending:
@@ -275,7 +275,7 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             self._decode()
             if not self.inbox and not self.closing:
-                self._reading_paused = False
+                self.reading_paused = False
                 transport.resume_reading()
 
     def _retry_deliveries(self) -> None:
