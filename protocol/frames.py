@@ -192,7 +192,10 @@ class Welcome:
     """Daemon's answer to HELLO: the agreed version and the client id to use.
 
     ``send_window``: the most room per channel an OK may grant (0: windows are off, and
-    every SEND waits for its answer).
+    every SEND waits for its answer). ``incarnation``: names the daemon's store as it
+    started (memory://: random per start that begins empty, the same after a start that
+    read ``--state-file`` back; "": a shared store, whose state outlives the daemon). A
+    layer that sees it change knows the store lost what it held.
     """
 
     TYPE: ClassVar[int] = 2
@@ -201,6 +204,7 @@ class Welcome:
     max_message_bytes: int
     server: str
     send_window: int = 0
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -208,6 +212,7 @@ class Welcome:
         _check_int("max_message_bytes", self.max_message_bytes, low=1)
         _check_str("server", self.server)
         _check_int("send_window", self.send_window)
+        _check_str("incarnation", self.incarnation)
 
 
 @dataclass(frozen=True, slots=True)
