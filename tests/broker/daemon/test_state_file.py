@@ -125,9 +125,7 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
             "state file of version 99",
         ),
         (
-            msgpack.packb(
-                {"format": "channels-broker memory state", "version": 1, "spaces": {}}
-            ),
+            msgpack.packb({"format": "channels-broker memory state", "version": 1, "spaces": {}}),
             "damaged state file",
         ),
     ],
