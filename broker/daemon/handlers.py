@@ -129,7 +129,8 @@ class Handlers:
         self._keeps_seqs = bool(window and hello.client_id)
         if self._keeps_seqs:
             self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
-        max_bytes, incarnation = self.ctx.config.max_message_bytes, self.ctx.incarnation
+        max_bytes = self.ctx.config.max_message_bytes
+        incarnation = self.ctx.incarnation if hello.wants_incarnation else ""
         shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window, incarnation))
         await self.take_in_own_channels()
 

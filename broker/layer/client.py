@@ -28,7 +28,6 @@ from protocol import (
     Flushed,
     Frame,
     FrameDecoder,
-    GroupAdd,
     Handshake,
     Ok,
     Pong,
@@ -97,8 +96,8 @@ class LoopClient:
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
         family: Family,
-        outages: Outages | None = None,
-        memberships: Memberships | None = None,
+        outages: Outages,
+        memberships: Memberships,
     ) -> None:
         self.settings = settings
         self.loop = loop
@@ -126,9 +125,7 @@ class LoopClient:
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
         #: The layer's memberships: added again on a store that lost them (``welcomed``).
-        self.memberships = (
-            Memberships(settings.group_expiry_s) if memberships is None else memberships
-        )
+        self.memberships = memberships
         self._output: list[bytes] = []
         self._flush_scheduled = False
 
@@ -168,7 +165,7 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
         self._output[:0] = [encode_frame(hello), *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
@@ -270,8 +267,8 @@ class LoopClient:
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
             self.window.open(frame.send_window)
-            for group, channel in self.memberships.welcomed(frame.incarnation):
-                self.write(GroupAdd(self.next_id(), group, channel))  # answers go unread
+            for group_add in self.memberships.welcomed(frame.incarnation, self.next_id):
+                self.write(group_add)  # its answer goes unread
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+
+from protocol import GroupAdd
 
 __all__ = ["MAX_REMEMBERED_MEMBERSHIPS", "Memberships"]
 
@@ -65,9 +68,10 @@ class Memberships:
         """The namespace was flushed: every group is empty."""
         self._added.clear()
 
-    def welcomed(self, incarnation: str) -> list[tuple[str, str]]:
-        """A loop's WELCOME named the store: the memberships to add again if it is not
-        the store they were made in (the store lost them), else none."""
+    def welcomed(self, incarnation: str, next_id: Callable[[], int]) -> list[GroupAdd]:
+        """A loop's WELCOME named the store: the GROUP_ADDs (request ids from
+        ``next_id``) of the memberships to add again if it is not the store they were
+        made in (the store lost them), else none."""
         previous = self.incarnation
         if not incarnation or incarnation == previous:
             return []
@@ -86,7 +90,7 @@ class Memberships:
             previous,
             len(self._added),
         )
-        return list(self._added)
+        return [GroupAdd(next_id(), group, channel) for group, channel in self._added]
 
     def _drop_expired(self) -> None:
         """Drop the lapsed ones: at the head only, since the dict is oldest first."""

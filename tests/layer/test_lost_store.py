@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +90,9 @@ def test_memberships_are_bounded_and_forget_the_oldest(caplog: pytest.LogCapture
     memberships.discarded("room", "channel3")
     assert memberships.forgotten == 2
     assert len([r for r in caplog.records if "remembers at most 3" in r.getMessage()]) == 1
-    assert memberships.welcomed("first") == []  # the first store seen: nothing to add again
-    assert memberships.welcomed("first") == []
-    assert memberships.welcomed("second") == [("room", "channel2"), ("room", "channel4")]
-    assert memberships.welcomed("") == []  # a shared store (or an older daemon): no news
+    next_id = itertools.count(1).__next__
+    assert memberships.welcomed("first", next_id) == []  # the first store: nothing to re-add
+    assert memberships.welcomed("first", next_id) == []
+    again = memberships.welcomed("second", next_id)
+    assert [(f.group, f.channel) for f in again] == [("room", "channel2"), ("room", "channel4")]
+    assert memberships.welcomed("", next_id) == []  # a shared store, or an older daemon
