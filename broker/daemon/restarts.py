@@ -42,6 +42,10 @@ async def restore_store(memory: MemoryBackend | None, config: Config, metrics: M
     if memory is None:
         return ""
     path = config.state_file
+    if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        # Found now, not at SIGTERM, when the store would be lost for it.
+        message = f"cannot write {path}: its directory does not exist or is not ours"
+        raise ConfigError(message, "state-file")
     try:
         state = read_state_file(path) if path else None
         if path and state is not None:

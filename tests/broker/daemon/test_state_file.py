@@ -147,3 +147,13 @@ def test_state_file_with_a_shared_backend_is_refused(tmp_path: Path) -> None:
     done = _serve("--backend", "redis://127.0.0.1:1/0", "--state-file", str(tmp_path / "s"))
     assert done.returncode == 2, done.stderr
     assert "--state-file keeps the memory backend's state; redis://" in done.stderr
+
+
+def test_a_state_file_in_a_directory_the_daemon_cannot_write_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """Found at start, not at SIGTERM, when the store would be lost for it."""
+    path = tmp_path / "missing" / "broker.state"
+    done = _serve("--backend", "memory://", "--state-file", str(path))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot write {path}" in done.stderr, done.stderr
