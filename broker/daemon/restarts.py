@@ -20,6 +20,7 @@ import time
 
 from backends.memory import (
     MemoryBackend,
+    State,
     StateFileError,
     read_state_file,
     write_state_file,
@@ -42,21 +43,7 @@ async def restore_store(memory: MemoryBackend | None, config: Config, metrics: M
     if memory is None:
         return ""
     path = config.state_file
-    if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-        # Found now, not at SIGTERM, when the store would be lost for it.
-        message = f"cannot write {path}: its directory does not exist or is not ours"
-        raise ConfigError(message, "state-file")
-    try:
-        state = read_state_file(path) if path else None
-        if path and state is not None:
-            os.replace(path, path + LOADED_SUFFIX)
-    except (StateFileError, OSError) as exc:
-        reason = exc if isinstance(exc, StateFileError) else f"cannot rename {path}: {exc}"
-        raise ConfigError(
-            f"{reason}: the daemon does not start empty over it; move it away to start"
-            " empty (what it holds is then lost)",
-            "state-file",
-        ) from exc
+    state = _read(path) if path else None
     if state is None:
         metrics.store_started_empty = 1
         incarnation = secrets.token_hex(8)
@@ -77,6 +64,27 @@ async def restore_store(memory: MemoryBackend | None, config: Config, metrics: M
         restored.expired,
     )
     return state.incarnation
+
+
+def _read(path: str) -> State | None:
+    """The state in ``path``, which is then renamed ``.loaded``; None if there is none.
+    ``ConfigError`` if it cannot be read or renamed, or could not be written at stop."""
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        # Found now, not at SIGTERM, when the store would be lost for it.
+        message = f"cannot write {path}: its directory does not exist or is not ours"
+        raise ConfigError(message, "state-file")
+    try:
+        state = read_state_file(path)
+        if state is not None:
+            os.replace(path, path + LOADED_SUFFIX)
+    except (StateFileError, OSError) as exc:
+        reason = exc if isinstance(exc, StateFileError) else f"cannot rename {path}: {exc}"
+        raise ConfigError(
+            f"{reason}: the daemon does not start empty over it; move it away to start"
+            " empty (what it holds is then lost)",
+            "state-file",
+        ) from exc
+    return state
 
 
 def _no_file(path: str | None) -> str:
