@@ -19,6 +19,7 @@ counted in ``forgotten`` and logged once per layer.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,6 +44,8 @@ class Memberships:
         self._group_expiry_s = group_expiry_s
         self._limit = limit
         self._added: dict[tuple[str, str], float] = {}
+        # Loops run in threads of their own (async_to_sync), and so do sync calls.
+        self._lock = threading.Lock()
         #: The store's name as WELCOME gave it; None until the first WELCOME.
         self.incarnation: str | None = None
         #: How many times a loop reconnected to a store that had lost what it held.
@@ -56,41 +59,46 @@ class Memberships:
     def added(self, group: str, channel: str) -> None:
         """Remember (or renew) a membership, within the bound."""
         key = (group, channel)
-        self._added.pop(key, None)  # re-inserted: the dict stays oldest first
-        self._added[key] = _now()
-        if len(self._added) > self._limit:
-            self._make_room()
+        with self._lock:
+            self._added.pop(key, None)  # re-inserted: the dict stays oldest first
+            self._added[key] = _now()
+            if len(self._added) > self._limit:
+                self._make_room()
 
     def discarded(self, group: str, channel: str) -> None:
-        self._added.pop((group, channel), None)
+        with self._lock:
+            self._added.pop((group, channel), None)
 
     def clear(self) -> None:
         """The namespace was flushed: every group is empty."""
-        self._added.clear()
+        with self._lock:
+            self._added.clear()
 
     def welcomed(self, incarnation: str, next_id: Callable[[], int]) -> list[GroupAdd]:
         """A loop's WELCOME named the store: the GROUP_ADDs (request ids from
         ``next_id``) of the memberships to add again if it is not the store they were
         made in (the store lost them), else none."""
-        previous = self.incarnation
-        if not incarnation or incarnation == previous:
-            return []
-        self.incarnation = incarnation
-        if previous is None:
-            return []
-        self._drop_expired()
+        with self._lock:
+            previous = self.incarnation
+            if not incarnation or incarnation == previous:
+                return []
+            self.incarnation = incarnation
+            if previous is None:
+                return []
+            self._drop_expired()
+            added = list(self._added)
         self.stores_lost += 1
         log.warning(
-            "the broker's store was lost (the daemon restarted without --state-file: store"
-            " %s, was %s): messages that waited in it are gone (the stopping daemon logged"
-            " how many), %d group memberships of this process are added again. Run the"
+            "the broker's store was lost: the daemon started empty (store %s, was %s), so"
+            " the messages that waited in it are gone (a daemon stopped by SIGTERM logged"
+            " how many) and %d group memberships of this process are added again. Run the"
             " daemon with --state-file to keep its store across a restart"
             " (docs/operations.md).",
             incarnation,
             previous,
-            len(self._added),
+            len(added),
         )
-        return [GroupAdd(next_id(), group, channel) for group, channel in self._added]
+        return [GroupAdd(next_id(), group, channel) for group, channel in added]
 
     def _drop_expired(self) -> None:
         """Drop the lapsed ones: at the head only, since the dict is oldest first."""

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from broker.layer.memberships import Memberships
+from broker.layer.sync import layer_for
 from tests.waits import IN_FLIGHT_S, RECONNECT_TIMEOUT_S, receive
 
 #: Pause between group_sends while the member's layer reconnects.
@@ -42,36 +43,37 @@ async def test_a_lost_store_is_seen_and_every_membership_added_again(
     unique: Callable[[str], str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """1. A consumer adds its own channel to one group and a worker's normal channel to
-       another, and waits in receive() on both.
+    """1. A consumer adds its own channel to one group, a worker's normal channel to
+       another, and one more through the blocking API (sync code), and waits in
+       receive() on each.
     2. The daemon is SIGKILLed and started again: a new, empty store.
     3. group_sends to each group reach the waiting receives (they went on waiting on
        the new daemon, and the memberships were added again); one warning said so.
-    4. A direct send still reaches both channels."""
+    4. A direct send still reaches each channel."""
     consumer, sender = make_own_layer(), make_own_layer()
-    own, work = await consumer.new_channel(), unique("work")
-    own_group, work_group = unique("own"), unique("work")
-    await consumer.group_add(own_group, own)
-    await consumer.group_add(work_group, work)
-    waiting = {own: asyncio.create_task(consumer.receive(own))}
-    waiting[work] = asyncio.create_task(consumer.receive(work))
+    own, work, blocking = await consumer.new_channel(), unique("work"), unique("blocking")
+    groups = {own: unique("own"), work: unique("work"), blocking: unique("blocking")}
+    await consumer.group_add(groups[own], own)
+    await consumer.group_add(groups[work], work)
+    await asyncio.to_thread(layer_for(consumer).group_add, groups[blocking], blocking)
+    waiting = {channel: asyncio.create_task(consumer.receive(channel)) for channel in groups}
     await asyncio.sleep(IN_FLIGHT_S)  # let the receives reach the daemon
     caplog.set_level(logging.WARNING, "channels_broker.layer")
 
     own_broker.kill()
     await asyncio.to_thread(own_broker.start)
 
-    for group, channel in ((own_group, own), (work_group, work)):
+    for channel, group in groups.items():
         got = await asyncio.wait_for(
             _group_send_until(sender, group, waiting[channel]), RECONNECT_TIMEOUT_S
         )
         assert "n" in got
     lost = [r for r in caplog.records if "store was lost" in r.getMessage()]
     assert len(lost) == 1, [r.getMessage() for r in caplog.records]
-    assert "2 group memberships" in lost[0].getMessage()
+    assert "3 group memberships" in lost[0].getMessage()
     assert "--state-file" in lost[0].getMessage()
     assert consumer.memberships.stores_lost == 1
-    for channel in (own, work):
+    for channel in groups:
         while True:  # what the group_send retries left
             try:
                 await asyncio.wait_for(consumer.receive(channel), IN_FLIGHT_S)
