@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from protocol import GroupAdd
@@ -44,6 +45,9 @@ class Memberships:
         self._group_expiry_s = group_expiry_s
         self._limit = limit
         self._added: dict[tuple[str, str], float] = {}
+        #: The stores warned about: once each, even if the loops go back and forth
+        #: between two daemons on memory:// (each has a store of its own).
+        self._warned: deque[str] = deque(maxlen=16)
         # Loops run in threads of their own (async_to_sync), and so do sync calls.
         self._lock = threading.Lock()
         #: The store's name as WELCOME gave it; None until the first WELCOME.
@@ -87,12 +91,16 @@ class Memberships:
                 return []
             self._drop_expired()
             added = list(self._added)
-        self.stores_lost += 1
+            self.stores_lost += 1
+            if incarnation in self._warned:
+                return [GroupAdd(next_id(), group, channel) for group, channel in added]
+            self._warned.append(incarnation)
         log.warning(
-            "the broker's store was lost: the daemon started empty (store %s, was %s), so"
-            " the messages that waited in it are gone (a daemon stopped by SIGTERM logged"
-            " how many) and %d group memberships of this process are added again. Run the"
-            " daemon with --state-file to keep its store across a restart"
+            "the broker's store was lost: the daemon started empty (store %s, was %s; or"
+            " this process moved to another daemon on memory://, which has a store of its"
+            " own), so the messages that waited in it are gone (a daemon stopped by SIGTERM"
+            " logged how many) and %d group memberships of this process are added again."
+            " Run the daemon with --state-file to keep its store across a restart"
             " (docs/operations.md).",
             incarnation,
             previous,

@@ -98,3 +98,8 @@ def test_memberships_are_bounded_and_forget_the_oldest(caplog: pytest.LogCapture
     again = memberships.welcomed("second", next_id)
     assert [(f.group, f.channel) for f in again] == [("room", "channel2"), ("room", "channel4")]
     assert memberships.welcomed("", next_id) == []  # a shared store, or an older daemon
+    # Back and forth between two daemons: added again each time, warned once per store.
+    assert len(memberships.welcomed("first", next_id)) == 2
+    assert len(memberships.welcomed("second", next_id)) == 2
+    warned = [r for r in caplog.records if "store was lost" in r.getMessage()]
+    assert len(warned) == 2 and memberships.stores_lost == 3
