@@ -110,6 +110,11 @@ def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_I
         raise MalformedFrame(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
 
+def _check_bool(name: str, value: object) -> None:
+    if type(value) is not bool:
+        raise MalformedFrame(f"{name} must be a bool, got {value!r}")
+
+
 def _check_number(name: str, value: object) -> None:
     # NaN and infinity pass a plain `< 0` test but break every deadline computed from them.
     if type(value) not in (int, float) or not 0 <= value < math.inf:  # type: ignore[operator]
@@ -159,7 +164,9 @@ class Hello:
     first match wins, each matched from the name's start; in RE2's syntax (Python's
     ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
     ``send_window`` is the most send room per channel the client can use (0: it sends
-    no windowed SEND; see docs/flow.md).
+    no windowed SEND; see docs/flow.md). ``wants_incarnation``: the client reads
+    WELCOME's ``incarnation`` (a client of an earlier release would refuse the longer
+    WELCOME, so it gets the field only when it asks).
     """
 
     TYPE: ClassVar[int] = 1
@@ -173,6 +180,7 @@ class Hello:
     channel_capacity: tuple[tuple[str, int], ...] = ()
     secret: bytes = field(default=b"", repr=False)
     send_window: int = 0
+    wants_incarnation: bool = False
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -185,6 +193,7 @@ class Hello:
         _check_pairs("channel_capacity", self.channel_capacity, _check_count)
         _check_bytes("secret", self.secret)
         _check_int("send_window", self.send_window)
+        _check_bool("wants_incarnation", self.wants_incarnation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +201,10 @@ class Welcome:
     """Daemon's answer to HELLO: the agreed version and the client id to use.
 
     ``send_window``: the most room per channel an OK may grant (0: windows are off, and
-    every SEND waits for its answer).
+    every SEND waits for its answer). ``incarnation``: names the daemon's store as it
+    started (memory://: random per start that begins empty, the same after a start that
+    read ``--state-file`` back; "": a shared store, whose state outlives the daemon). A
+    layer that sees it change knows the store lost what it held.
     """
 
     TYPE: ClassVar[int] = 2
@@ -201,6 +213,7 @@ class Welcome:
     max_message_bytes: int
     server: str
     send_window: int = 0
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -208,6 +221,7 @@ class Welcome:
         _check_int("max_message_bytes", self.max_message_bytes, low=1)
         _check_str("server", self.server)
         _check_int("send_window", self.send_window)
+        _check_str("incarnation", self.incarnation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from ..records import BackendStats, GroupSendResult, Taken
 from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
 from .records import Channel, Group, Space, longest_queues
 from .room import MemoryRoom
+from .state import MemoryState
 from .url import check_url
 from .wheel import TimerWheel
 
@@ -54,9 +55,9 @@ _NEW_MESSAGE_BYTES = MESSAGE_OVERHEAD_BYTES + CHANNEL_OVERHEAD_BYTES
 _now = time.monotonic
 
 
-class MemoryBackend(MemoryRoom, Backend):
+class MemoryBackend(MemoryState, MemoryRoom, Backend):
     """Channels and groups in this process's memory: the daemon's default backend. Not
-    shared: each daemon on ``memory://`` has storage of its own, lost on exit."""
+    shared: each daemon on ``memory://`` has its own, kept by ``--state-file`` only."""
 
     def __init__(self, *, tick_s: float = DEFAULT_TICK_S) -> None:
         """``tick_s``: seconds per timer-wheel bucket (how late expired data is freed)."""

@@ -130,7 +130,8 @@ class Handlers:
         if self._keeps_seqs:
             self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes
-        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window))
+        incarnation = self.ctx.incarnation if hello.wants_incarnation else ""
+        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window, incarnation))
         await self.take_in_own_channels()
 
     async def take_in_own_channels(self) -> None:

@@ -39,9 +39,10 @@ from protocol import (
     encode_frame,
 )
 
-from .connecting import Dialer, adopt, rejoin_frames, tls_refusal
+from .connecting import Dialer, adopt, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
+from .memberships import Memberships
 from .outages import Outages
 from .parking import IdlePool, ParkedConnection, park_quietly
 from .pulls import Pulls
@@ -95,7 +96,8 @@ class LoopClient:
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
         family: Family,
-        outages: Outages | None = None,
+        outages: Outages,
+        memberships: Memberships,
     ) -> None:
         self.settings = settings
         self.loop = loop
@@ -122,9 +124,8 @@ class LoopClient:
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._acks: dict[str, int] = {}
-        # (group, own channel) -> when added: said again after a reconnect, since a
-        # daemon that restarted on the memory backend has forgotten them.
-        self.memberships: dict[tuple[str, str], float] = {}
+        #: The layer's memberships: added again on a store that lost them (``welcomed``).
+        self.memberships = memberships
         self._output: list[bytes] = []
         self._flush_scheduled = False
 
@@ -164,10 +165,8 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
-        oldest = self.loop.time() - self.settings.group_expiry_s
-        rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
-        self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
+        self._output[:0] = [encode_frame(hello), *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn
@@ -200,8 +199,9 @@ class LoopClient:
                 else:
                     future.set_exception(BrokerUnavailable("connection to the broker lost"))
         self._pending.clear()
-        if not self.closed and (self._waiters or self.window.unsettled) and not self._refusal:
-            # Someone waits for pushes, or sends to resend: reconnect now.
+        wanted = self._waiters or self.window.unsettled or self.memberships
+        if not self.closed and wanted and not self._refusal:
+            # Someone waits for pushes, sends to resend, or memberships to keep: reconnect now.
             self._connecting = self.loop.create_task(self._connect())
             self._connecting.add_done_callback(self._reconnected)
 
@@ -267,6 +267,8 @@ class LoopClient:
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
             self.window.open(frame.send_window)
+            for group_add in self.memberships.welcomed(frame.incarnation, self.next_id):
+                self.write(group_add)  # its answer goes unread
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()
