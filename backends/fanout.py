@@ -21,9 +21,9 @@ __all__ = ["EdgeOwner", "EdgeOwners", "FansOutAtTheEdge"]
 class EdgeOwner(Protocol):
     """A connection of the daemon that owns a client id, as fan-outs see it."""
 
-    def can_fan_out(self) -> bool:
-        """True if it takes fan-outs and nothing of its channels waits to be pushed
-        before one (so their order holds)."""
+    def can_fan_out(self, frame_bytes: int) -> bool:
+        """True if it takes fan-outs, nothing of its channels waits to be pushed before
+        one (so their order holds), and a PUSH of about ``frame_bytes`` fits its bounds."""
 
     def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
         """Push ``payload`` for each channel of ``channels`` (a list encoded by

@@ -143,14 +143,16 @@ class MemoryGroups:
         owners, edge = self._owners if uniform is not None else {}, 0
         for client, members in list(record.owners.items()):
             owner = None if client is None else owners.get((ns, client))
-            if owner is not None and owner.can_fan_out():
+            if owner is not None:
                 assert client is not None and uniform is not None
                 listed = self._listed(record, client, members, now)
-                if listed is not None:
+                if listed is None:
+                    continue  # every member of it lapsed
+                if owner.can_fan_out(len(listed) + len(payload)):
                     owner.fan_out(listed, payload, ttl_ms(expiry_s), uniform)
                     edge += len(members.deadlines)
-            else:
-                _store(self, record, client, members, send, now)
+                    continue
+            _store(self, record, client, members, send, now)
         return GroupSendResult(delivered=send.delivered, skipped=send.skipped, edge=edge)
 
     def _listed(

@@ -203,14 +203,16 @@ class Connection(asyncio.Protocol):
         self.flush()
         return True
 
-    def can_fan_out(self) -> bool:
+    def can_fan_out(self, frame_bytes: int) -> bool:
         # In order only if nothing of ours waits in storage to be pushed before it
-        # (ready, left out at --max-channels, or after a backend error); and not past
-        # the output buffer's bound: then storage keeps the message, under capacity.
+        # (ready, left out at --max-channels, or after a backend error); and within the
+        # output's bounds (a PUSH no larger than a push pass writes): else storage keeps
+        # the message, under capacity, and the push passes bring it.
         transport, session = self.transport, self.session
         return (
             session is not None
             and session.takes_fanouts
+            and frame_bytes <= self.guard.pass_bytes
             and not (self.ready_channels or self.held.left_out or self._retry_pending)
             and not (self.closing or transport is None or transport.is_closing())
             and self._writable.is_set()

@@ -55,9 +55,9 @@ class Endpoint(Protocol):
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
 
-    def can_fan_out(self) -> bool:
-        """True if a group fan-out can go to this connection now, in order
-        (``backends.fanout``)."""
+    def can_fan_out(self, frame_bytes: int) -> bool:
+        """True if a group fan-out of about ``frame_bytes`` can go to this connection
+        now, in order (``backends.fanout``)."""
 
     def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
         """Push a group message to these of our channels (encoded), under ``capacity``."""

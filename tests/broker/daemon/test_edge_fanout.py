@@ -19,6 +19,7 @@ from broker.bench.usage import cpu_seconds
 from protocol import GroupAdd, GroupSend, Ok, Push, Welcome, encode_frame
 from tests.broker.raw_client import RawClient, hello
 from tests.broker.samples import settled, value
+from tests.conftest import LayerFactory
 from tests.waits import assert_nothing_within, receive
 
 pytestmark = pytest.mark.backends("memory")
@@ -165,3 +166,25 @@ async def test_daemon_cpu_per_group_send_to_a_big_room(
             got = [(await receive(owner, channel))["n"] for _ in range(sends + 1)]
             assert got == list(range(-1, sends))
     assert per_send_s < MAX_CPU_PER_SEND_S, f"{per_send_s * 1000:.1f} ms per group_send"
+
+
+async def test_a_member_list_over_a_push_pass_is_stored_per_member(
+    broker_factory: Callable[..., Any], unique: Callable[[str], str]
+) -> None:
+    """A fan-out PUSH is no larger than a push pass writes (a quarter of
+    --max-output-bytes here: 1 KiB): a larger one is stored and pushed in passes."""
+    daemon = broker_factory(max_message_bytes=1024, extra_args=("--max-output-bytes", "4096"))
+    factory = LayerFactory(daemon)
+    try:
+        sender, owner = factory(), factory()
+        group = unique("room")
+        channels = [await owner.new_channel() for _ in range(40)]  # about 2 KiB of names
+        for channel in channels:
+            await owner.group_add(group, channel)
+        await sender.group_send(group, {"n": 1})
+        for channel in channels:
+            assert (await receive(owner, channel))["n"] == 1
+        samples = await settled(daemon, DELIVERED, 40, mode="push")
+        assert value(samples, DELIVERED, mode="edge") == 0
+    finally:
+        await factory.aclose()
