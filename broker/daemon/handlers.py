@@ -240,6 +240,12 @@ class Handlers:
             metrics.accepted["group_send"] += frame.fanout_kept
             metrics.delivered["edge"] += frame.fanout_kept
             metrics.dropped += frame.fanout_dropped
+            if frame.fanout_dropped:
+                log.debug(
+                    "%s dropped %d group messages for full members",
+                    self.shell.peer,
+                    frame.fanout_dropped,
+                )
 
     # -- groups --------------------------------------------------------------
 
