@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from protocol import MAX_ACK_PAIRS, Ack, Push, encode_frame
 
-__all__ = ["Acks", "Buffer", "wake_one"]
+__all__ = ["FANOUT_REPORT_S", "Acks", "Buffer", "wake_one"]
+
+#: How late the counts of fan-outs kept and dropped may reach the daemon when nothing
+#: else is written: they only feed its metrics (nothing waits for them, unlike the
+#: acknowledgements that free a channel's capacity), so a frame per PUSH would cost the
+#: daemon a wake-up per connection and group_send for nothing.
+FANOUT_REPORT_S = 0.5
 
 #: A channel's buffered messages: (deadline, payload, held: acknowledged per channel).
 Buffer = deque[tuple[float, bytes, bool]]
@@ -34,11 +41,23 @@ def wake_one(
 class Acks:
     """Acknowledgements owed: per channel, and fan-outs kept and dropped."""
 
-    __slots__ = ("counts", "fanout_dropped", "fanout_kept")
+    __slots__ = ("_report", "counts", "fanout_dropped", "fanout_kept")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.fanout_kept = self.fanout_dropped = 0
+        self._report: asyncio.TimerHandle | None = None
+
+    def report_later(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
+        """Have ``flush`` tell the fan-out counts within ``FANOUT_REPORT_S``, unless a
+        frame written meanwhile carries them."""
+        if self._report is None:
+            self._report = loop.call_later(FANOUT_REPORT_S, self._reported, flush)
+
+    def _reported(self, flush: Callable[[], None]) -> None:
+        self._report = None
+        if self.fanout_kept or self.fanout_dropped:
+            flush()
 
     def __bool__(self) -> bool:
         return bool(self.counts or self.fanout_kept or self.fanout_dropped)

@@ -331,7 +331,7 @@ class LoopClient:
     def _buffer_push(self, frame: Push) -> None:
         if frame.fanout_capacity:  # a group fan-out: its capacity applies here
             self._acks.keep_fanout(frame, self._buffers, self._waiters, self.loop.time())
-            self._schedule_flush()  # the daemon hears what became of it
+            self._acks.report_later(self.loop, self._schedule_flush)
             return
         for channel in frame.channels:
             self.keep(channel, frame.payload, frame.ttl_ms, held=True)
