@@ -292,14 +292,21 @@ class Ack:
     """The client consumed pushed messages: (channel, count) pairs. No answer.
 
     Pushed messages count against their channel's capacity until acknowledged, so
-    that capacity bounds what waits in the client's buffer too.
+    that capacity bounds what waits in the client's buffer too. Group fan-outs
+    (``Push.fanout_capacity``) are acknowledged in aggregate instead: ``fanout_kept``
+    deliveries the client buffered, ``fanout_dropped`` it refused as full, since the
+    last ACK.
     """
 
     TYPE: ClassVar[int] = 7
     counts: tuple[tuple[str, int], ...]
+    fanout_kept: int = 0
+    fanout_dropped: int = 0
 
     def __post_init__(self) -> None:
         _check_pairs("counts", self.counts, _check_count)
+        _check_int("fanout_kept", self.fanout_kept)
+        _check_int("fanout_dropped", self.fanout_dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,17 +477,27 @@ class Cancelled:
 @dataclass(frozen=True, slots=True)
 class Push:
     """Messages for the client's own channels: one payload for every listed channel
-    (a group send carries the payload once), valid for ``ttl_ms`` more milliseconds."""
+    (a group send carries the payload once), valid for ``ttl_ms`` more milliseconds.
+
+    ``fanout_capacity`` 0: the messages were taken from storage and count against their
+    channels until acknowledged per channel. Above 0 (only to a client of
+    ``FANOUT_VERSION`` or later): a group fan-out that was never stored; the client keeps
+    it for each listed channel whose buffer holds fewer messages than that, drops it for
+    the others, and acknowledges both counts in aggregate (``Ack.fanout_kept``,
+    ``Ack.fanout_dropped``).
+    """
 
     TYPE: ClassVar[int] = 24
     channels: tuple[str, ...]
     payload: bytes
     ttl_ms: int
+    fanout_capacity: int = 0
 
     def __post_init__(self) -> None:
         _check_str_tuple("channels", self.channels)
         _check_bytes("payload", self.payload)
         _check_int("ttl_ms", self.ttl_ms)
+        _check_int("fanout_capacity", self.fanout_capacity)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ bounds. A record outlives its last message until the sweep of its bucket (at mos
 expiry later): a consumer's own channel, which gets one message at a time, keeps its
 record instead of making and forgetting one (and filing it) per message.
 
-Expiry is checked where data is read (``take`` drops every expired message it pops,
-``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
+Groups and group sends are in ``groups`` (members per owning client, fan-outs at the
+edge). Expiry is checked where data is read (``take`` drops every expired message it
+pops, ``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
 records are filed under a coarse time bucket by the deadline of their head (oldest)
 entry, one tick visits only the buckets that came due, and a visited record that still
 holds something is filed again under its new head. No call ever scans all channels
@@ -29,13 +30,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Self
 
 from ..base import Backend, CapacityOf, resolved
 from ..errors import BackendError
-from ..records import BackendStats, GroupSendResult, Taken
-from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
+from ..fanout import EdgeOwners
+from ..records import BackendStats, Taken
+from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals
+from .groups import MemoryGroups
 from .records import Channel, Group, Space, longest_queues
 from .room import MemoryRoom
 from .state import MemoryState
@@ -55,7 +58,7 @@ _NEW_MESSAGE_BYTES = MESSAGE_OVERHEAD_BYTES + CHANNEL_OVERHEAD_BYTES
 _now = time.monotonic
 
 
-class MemoryBackend(MemoryState, MemoryRoom, Backend):
+class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
     """Channels and groups in this process's memory: the daemon's default backend. Not
     shared: each daemon on ``memory://`` has its own, kept by ``--state-file`` only."""
 
@@ -76,6 +79,7 @@ class MemoryBackend(MemoryState, MemoryRoom, Backend):
         # The running counts ``stats`` reports.
         self._channels_waiting = self._messages_waiting = self._expired_total = 0
         self._groups = self._memberships = 0
+        self._owners: EdgeOwners = {}  # connections that may take fan-outs: groups
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -206,61 +210,6 @@ class MemoryBackend(MemoryState, MemoryRoom, Backend):
                 self._forget_channel(record)
         return names
 
-    async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
-        """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
-        space = self._space(ns)
-        record = space.groups.get(group)
-        if record is None:
-            record = space.groups[group] = Group(space, group)
-            self._groups += 1
-        members = record.members
-        # Pop and re-insert so the dict stays in deadline order (for a single expiry).
-        if members.pop(channel, None) is None:
-            self._memberships += 1
-        deadline = _now() + group_expiry_s
-        members[channel] = deadline
-        if record.bucket is None:
-            self._group_wheel.file(record, deadline)
-
-    async def group_discard(self, ns: str, group: str, channel: str) -> None:
-        """Remove a membership; a no-op for a non-member."""
-        record = self._group(ns, group)
-        if record is not None and channel in record.members:
-            self._drop_members(record, [channel])
-
-    async def group_send(
-        self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
-    ) -> GroupSendResult:
-        """Queue the same ``payload`` object for every live member with room."""
-        record, uniform = self._group(ns, group), capacity_of.uniform
-        if record is not None and uniform is None:
-            capacity_of = await resolved(capacity_of, list(record.members))
-            record = record if self._group(ns, group) is record else None  # flushed meanwhile
-        if record is None:
-            return GroupSendResult(delivered=[], skipped=0)
-        now = _now()
-        deadline = now + expiry_s
-        delivered: list[str] = []
-        lapsed: list[str] = []
-        members: Iterable[tuple[str, float]] = record.members.items()
-        skipped = 0
-        fit = (self._max_bytes - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
-        if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
-            members, skipped = split_at_room(record.members, fit, now, lapsed)
-            self._refusals.count(skipped, self._used_bytes())
-        for channel, member_deadline in members:
-            capacity = capacity_of(channel) if uniform is None else uniform
-            if member_deadline <= now:
-                lapsed.append(channel)
-            elif self._put(record.space, channel, payload, capacity, deadline, now):
-                delivered.append(channel)
-                self._on_ready(ns, channel)
-            else:
-                skipped += 1
-        if lapsed:
-            self._drop_members(record, lapsed)
-        return GroupSendResult(delivered=delivered, skipped=skipped)
-
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, held counts and groups (not the room its senders
         hold: ``room``); other namespaces are untouched."""
@@ -274,7 +223,7 @@ class MemoryBackend(MemoryState, MemoryRoom, Backend):
             self._bytes -= CHANNEL_OVERHEAD_BYTES + sum(len(p) for _, p in channel.queue)
         for group in space.groups.values():
             self._group_wheel.unfile(group)
-            self._memberships -= len(group.members)
+            self._memberships -= group.size
         self._groups -= len(space.groups)
         self._keep_room(ns, space)
         space.forget_all()  # its records point back at it: free them now, not at a GC
@@ -366,17 +315,6 @@ class MemoryBackend(MemoryState, MemoryRoom, Backend):
         self._bytes -= CHANNEL_OVERHEAD_BYTES
         self._channel_wheel.unfile(record)
 
-    def _drop_members(self, record: Group, channels: list[str]) -> None:
-        """Remove these members (all present); forget the group once it is empty."""
-        members = record.members
-        for channel in channels:
-            del members[channel]
-        self._memberships -= len(channels)
-        if not members:
-            del record.space.groups[record.name]
-            self._groups -= 1
-            self._group_wheel.unfile(record)
-
     def _tick(self) -> None:
         """Sweep the buckets that came due; come back one tick later."""
         assert self._loop is not None  # the timer runs only between connect and close
@@ -393,8 +331,3 @@ class MemoryBackend(MemoryState, MemoryRoom, Backend):
             self._channel_wheel.file(record, record.queue[0][0])
         elif not (record.queue or record.held or record.reserved):
             self._forget_channel(record)
-
-    def _sweep_group(self, record: Group, now: float) -> None:
-        self._drop_members(record, record.lapsed(now))
-        if record.members:
-            self._group_wheel.file(record, next(iter(record.members.values())))

@@ -59,8 +59,12 @@ class MemoryState:
                 if messages:
                     saved.channels[name] = messages
             for name, group in space.groups.items():
-                members = [(ch, deadline - now) for ch, deadline in group.members.items()]
-                members = [(ch, left_s) for ch, left_s in members if left_s > 0]
+                members = [
+                    (channel, deadline - now)
+                    for of_owner in group.owners.values()
+                    for channel, deadline in of_owner.deadlines.items()
+                    if deadline > now
+                ]
                 if members:
                     saved.groups[name] = members
             if saved.channels or saved.groups:

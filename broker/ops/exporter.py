@@ -142,13 +142,15 @@ class Exporter(Collector):
             "messages_delivered",
             "Messages handed to a consumer: push (to a client's own channel, from storage), "
             "direct (pushed at once, never stored: PostgreSQL, to a client connected to "
-            "this daemon) or pull (RECEIVE).",
+            "this daemon), pull (RECEIVE) or edge (a group fan-out its owner's layer kept, "
+            "never stored: the memory backend, to a client connected to this daemon).",
             "mode",
             metrics.delivered,
         )
         yield CounterMetricFamily(
             PREFIX + "messages_dropped",
-            "Group members skipped by group_send because their channel was full.",
+            "Group members skipped by group_send because their channel was full (for a "
+            "fan-out at the edge: as its owner's layer reports).",
             value=metrics.dropped,
         )
         if stats is not None:

@@ -134,7 +134,7 @@ class Metrics:
         self.started_at = time.time()
         self.accepted = {"send": 0, "send_many": 0, "group_send": 0}
         self.rejected = {"send": 0, "send_many": 0}
-        self.delivered = {"push": 0, "direct": 0, "pull": 0}
+        self.delivered = {"push": 0, "direct": 0, "pull": 0, "edge": 0}
         self.dropped = 0
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.requests = {name: Histogram(LATENCY_BUCKETS_S) for name in REQUEST_OPERATIONS}
