@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Self
 
@@ -39,7 +40,7 @@ from ..fanout import EdgeOwners
 from ..records import BackendStats, Taken
 from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals
 from .groups import MemoryGroups
-from .records import Channel, Group, Space, longest_queues
+from .records import SHORT_QUEUE, Channel, Group, Space, longest_queues
 from .room import MemoryRoom
 from .state import MemoryState
 from .url import check_url
@@ -171,7 +172,8 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
         taken: list[Taken] = []
         popped = popped_bytes = 0
         while queue and len(taken) < limit:
-            deadline, payload = queue.popleft()
+            deadline, payload = queue[0]
+            del queue[0]  # a deque's popleft; a short list's shift (``SHORT_QUEUE``)
             popped += 1
             popped_bytes += len(payload)
             if deadline > now:  # expired ones are dropped, never returned
@@ -287,7 +289,10 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
     def _append(self, record: Channel, payload: bytes, deadline: float) -> None:
         if not record.queue:
             self._channels_waiting += 1
-        record.queue.append((deadline, payload))
+        queue = record.queue
+        queue.append((deadline, payload))
+        if len(queue) == SHORT_QUEUE and type(queue) is list:
+            record.queue = deque(queue)
         self._messages_waiting += 1
         self._bytes += len(payload)
         if record.bucket is None:
@@ -302,7 +307,8 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
         queue = record.queue
         expired = expired_bytes = 0
         while queue and queue[0][0] <= now:
-            expired_bytes += len(queue.popleft()[1])
+            expired_bytes += len(queue[0][1])
+            del queue[0]
             expired += 1
         self._messages_waiting -= expired
         self._bytes -= expired_bytes

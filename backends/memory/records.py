@@ -7,7 +7,22 @@ from collections import deque
 
 from .wheel import Filed
 
-__all__ = ["Channel", "Group", "Members", "Space", "client_of", "longest_queues"]
+__all__ = [
+    "SHORT_QUEUE",
+    "Channel",
+    "Group",
+    "Members",
+    "Queue",
+    "Space",
+    "client_of",
+    "longest_queues",
+]
+
+#: A channel's messages: a list while it holds fewer than ``SHORT_QUEUE`` (a deque costs
+#: 760 bytes from its first message, a list of one 64: most channels hold one or two),
+#: then a deque (taking from a long list's head would move everything behind it).
+SHORT_QUEUE = 32
+Queue = list[tuple[float, bytes]] | deque[tuple[float, bytes]]
 
 
 def client_of(name: str) -> str | None:
@@ -59,7 +74,7 @@ class Channel(Filed):
         self.space = space
         self.name = name
         self.client = client_of(name)
-        self.queue: deque[tuple[float, bytes]] = deque()
+        self.queue: Queue = []
         self.held = 0
         self.reserved = 0
 
