@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from .base import Backend, CapacityOf, WakeupCallback
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
+from .fanout import EdgeOwner, EdgeOwners, FansOutAtTheEdge
 from .records import BackendStats, GroupSendResult, Taken
 from .room import ALREADY_STORED, ReservesRoom, room_to_grant
 from .urls import redacted_url
@@ -22,6 +23,9 @@ __all__ = [
     "BackendUnavailable",
     "CapacityOf",
     "DirectPushes",
+    "EdgeOwner",
+    "EdgeOwners",
+    "FansOutAtTheEdge",
     "GroupSendResult",
     "ReservesRoom",
     "Taken",

@@ -25,12 +25,14 @@ class GroupSendResult:
     """Members that got the message, and how many were skipped because full.
 
     ``delivered`` got it through storage; nothing was stored for the ``direct``
-    members: the caller pushes it to them (see ``backends.direct``).
+    members: the caller pushes it to them (see ``backends.direct``). ``edge`` members got
+    it at the edge (``backends.fanout``): their owners' layers say how many kept it.
     """
 
     delivered: Sequence[str]
     skipped: int
     direct: Sequence[str] = ()
+    edge: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,6 +154,8 @@ class Config:
     hello_timeout_s: float = default_of("hello_timeout_s")
     #: ``auto``, ``asyncio`` or ``uvloop``; ``broker.daemon.loops`` resolves ``auto``.
     loop: str = default_of("loop")
+    #: memory:// only: where SIGTERM writes the store and the next start reads it.
+    state_file: str | None = default_of("state_file")
     listen_addresses: tuple[tuple[str, int], ...] = field(init=False, default=())
 
     @classmethod
@@ -208,6 +210,7 @@ class Config:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key", "tls-client-ca")
         self._check_bounds()
         self._check_exposure()
+        self._check_state_file()
 
     def _check_bounds(self) -> None:
         for option in SERVE_OPTIONS:
@@ -258,6 +261,15 @@ class Config:
                 " prove who it is: give --token (or CHANNELS_BROKER_TOKEN), --token-file or"
                 " --tls-client-ca; or --allow-unauthenticated to serve anyone who reaches it",
                 "listen",
+            )
+
+    def _check_state_file(self) -> None:
+        scheme = urlsplit(self.backend).scheme
+        if self.state_file and scheme != "memory":
+            raise ConfigError(
+                f"--state-file keeps the memory backend's state; {scheme}:// keeps its own"
+                " (this daemon holds none of it): drop --state-file",
+                "state-file",
             )
 
     @property

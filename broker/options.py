@@ -209,6 +209,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "Seconds a new connection has to say HELLO (and finish its TLS handshake).",
         config_field="hello_timeout_s",
     ),
+    # memory:// only: the other backends keep their state themselves.
+    Option(
+        "state-file",
+        None,
+        "memory:// only: on SIGTERM write the waiting messages and memberships to this"
+        " file; read them back at the next start.",
+    ),
     Option(
         "no-migrate",
         False,

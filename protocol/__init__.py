@@ -9,6 +9,7 @@ from .codec import (
     SENDER_BYTES,
     FrameDecoder,
     FrameEncoder,
+    encode_channels,
     encode_frame,
     encode_frame_parts,
     encode_frames,
@@ -57,6 +58,7 @@ from .frames import (
     ttl_ms,
 )
 from .handshake import (
+    FANOUT_VERSION,
     HANDSHAKE_FRAMES,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -97,6 +99,7 @@ __all__ = [
     "LARGE_FIELD_BYTES",
     "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
+    "FANOUT_VERSION",
     "SECRET_BYTES",
     "SUPPORTED_VERSIONS",
     "Ack",
@@ -135,6 +138,7 @@ __all__ = [
     "Welcome",
     "client_id_for",
     "client_id_of",
+    "encode_channels",
     "encode_frame",
     "encode_frame_parts",
     "encode_frames",

@@ -34,6 +34,7 @@ __all__ = [
     "LARGE_FIELD_BYTES",
     "FrameDecoder",
     "FrameEncoder",
+    "encode_channels",
     "encode_frame",
     "encode_frame_parts",
     "encode_frames",
@@ -72,6 +73,8 @@ _BIN32 = b"\xc6"
 #: The frames a daemon writes with a payload (a tuple: ``isinstance`` is fastest with one).
 _CARRIERS = (Push, Deliver)
 _pack_array_header = msgpack.Packer().pack_array_header
+#: A fan-out PUSH up to its channels: an array of its five fields, then its type.
+_FANOUT_HEAD = _pack_array_header(5) + msgpack.packb(Push.TYPE)
 
 _header = struct.Struct(">I")
 _message_id = struct.Struct(f">B{SENDER_BYTES}sQ")
@@ -211,6 +214,23 @@ class FrameEncoder:
         buffers.append(_pack_header(len(body)) + body)
         return len(body) + HEADER_BYTES
 
+    def fanout_into(
+        self, buffers: list[bytes], channels: bytes, payload: bytes, ttl_ms: int, capacity: int
+    ) -> int:
+        """Append a PUSH of a group fan-out to ``buffers`` and return its size; ``channels``
+        is the member list as ``encode_channels`` made it (kept ready by storage, so a
+        group send does not pack each member's name again)."""
+        head = _FANOUT_HEAD + channels
+        tail = self._pack(ttl_ms) + self._pack(capacity)
+        if len(payload) >= LARGE_FIELD_BYTES:  # a part of its own, as in ``push_into``
+            head += _BIN32 + _pack_header(len(payload))
+            size = len(head) + len(payload) + len(tail)
+            buffers += (_pack_header(size) + head, payload, tail)
+            return size + HEADER_BYTES
+        body = head + self._pack(payload) + tail
+        buffers.append(_pack_header(len(body)) + body)
+        return len(body) + HEADER_BYTES
+
     def send(self, request_id: int, channel: str, payload: bytes, seq: int) -> bytes:
         body: bytes
         if seq:
@@ -218,6 +238,11 @@ class FrameEncoder:
         else:  # its trailing default left off, as ``encode_frame`` does
             body = self._pack([Send.TYPE, request_id, channel, payload])
         return _pack_header(len(body)) + body
+
+
+def encode_channels(channels: list[str]) -> bytes:
+    """A list of channel names as a PUSH carries it (``FrameEncoder.fanout_into``)."""
+    return msgpack.packb(channels, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 class FrameDecoder:

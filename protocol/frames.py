@@ -110,6 +110,11 @@ def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_I
         raise MalformedFrame(f"{name} must be an int in [{low}, {high}], got {value!r}")
 
 
+def _check_bool(name: str, value: object) -> None:
+    if type(value) is not bool:
+        raise MalformedFrame(f"{name} must be a bool, got {value!r}")
+
+
 def _check_number(name: str, value: object) -> None:
     # NaN and infinity pass a plain `< 0` test but break every deadline computed from them.
     if type(value) not in (int, float) or not 0 <= value < math.inf:  # type: ignore[operator]
@@ -159,7 +164,9 @@ class Hello:
     first match wins, each matched from the name's start; in RE2's syntax (Python's
     ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
     ``send_window`` is the most send room per channel the client can use (0: it sends
-    no windowed SEND; see docs/flow.md).
+    no windowed SEND; see docs/flow.md). ``wants_incarnation``: the client reads
+    WELCOME's ``incarnation`` (a client of an earlier release would refuse the longer
+    WELCOME, so it gets the field only when it asks).
     """
 
     TYPE: ClassVar[int] = 1
@@ -173,6 +180,7 @@ class Hello:
     channel_capacity: tuple[tuple[str, int], ...] = ()
     secret: bytes = field(default=b"", repr=False)
     send_window: int = 0
+    wants_incarnation: bool = False
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -185,6 +193,7 @@ class Hello:
         _check_pairs("channel_capacity", self.channel_capacity, _check_count)
         _check_bytes("secret", self.secret)
         _check_int("send_window", self.send_window)
+        _check_bool("wants_incarnation", self.wants_incarnation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +201,10 @@ class Welcome:
     """Daemon's answer to HELLO: the agreed version and the client id to use.
 
     ``send_window``: the most room per channel an OK may grant (0: windows are off, and
-    every SEND waits for its answer).
+    every SEND waits for its answer). ``incarnation``: names the daemon's store as it
+    started (memory://: random per start that begins empty, the same after a start that
+    read ``--state-file`` back; "": a shared store, whose state outlives the daemon). A
+    layer that sees it change knows the store lost what it held.
     """
 
     TYPE: ClassVar[int] = 2
@@ -201,6 +213,7 @@ class Welcome:
     max_message_bytes: int
     server: str
     send_window: int = 0
+    incarnation: str = ""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -208,6 +221,7 @@ class Welcome:
         _check_int("max_message_bytes", self.max_message_bytes, low=1)
         _check_str("server", self.server)
         _check_int("send_window", self.send_window)
+        _check_str("incarnation", self.incarnation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,14 +292,21 @@ class Ack:
     """The client consumed pushed messages: (channel, count) pairs. No answer.
 
     Pushed messages count against their channel's capacity until acknowledged, so
-    that capacity bounds what waits in the client's buffer too.
+    that capacity bounds what waits in the client's buffer too. Group fan-outs
+    (``Push.fanout_capacity``) are acknowledged in aggregate instead: ``fanout_kept``
+    deliveries the client buffered, ``fanout_dropped`` it refused as full, since the
+    last ACK.
     """
 
     TYPE: ClassVar[int] = 7
     counts: tuple[tuple[str, int], ...]
+    fanout_kept: int = 0
+    fanout_dropped: int = 0
 
     def __post_init__(self) -> None:
         _check_pairs("counts", self.counts, _check_count)
+        _check_int("fanout_kept", self.fanout_kept)
+        _check_int("fanout_dropped", self.fanout_dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,17 +477,27 @@ class Cancelled:
 @dataclass(frozen=True, slots=True)
 class Push:
     """Messages for the client's own channels: one payload for every listed channel
-    (a group send carries the payload once), valid for ``ttl_ms`` more milliseconds."""
+    (a group send carries the payload once), valid for ``ttl_ms`` more milliseconds.
+
+    ``fanout_capacity`` 0: the messages were taken from storage and count against their
+    channels until acknowledged per channel. Above 0 (only to a client of
+    ``FANOUT_VERSION`` or later): a group fan-out that was never stored; the client keeps
+    it for each listed channel whose buffer holds fewer messages than that, drops it for
+    the others, and acknowledges both counts in aggregate (``Ack.fanout_kept``,
+    ``Ack.fanout_dropped``).
+    """
 
     TYPE: ClassVar[int] = 24
     channels: tuple[str, ...]
     payload: bytes
     ttl_ms: int
+    fanout_capacity: int = 0
 
     def __post_init__(self) -> None:
         _check_str_tuple("channels", self.channels)
         _check_bytes("payload", self.payload)
         _check_int("ttl_ms", self.ttl_ms)
+        _check_int("fanout_capacity", self.fanout_capacity)
 
 
 @dataclass(frozen=True, slots=True)

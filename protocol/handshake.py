@@ -20,14 +20,18 @@ __all__ = [
     "HANDSHAKE_FRAMES",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "FANOUT_VERSION",
     "Handshake",
     "Role",
     "State",
 ]
 
-#: The version this code speaks; a daemon refuses HELLO with any other.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+#: The version this code speaks; a daemon refuses HELLO with a version it does not support.
+PROTOCOL_VERSION = 2
+#: The first version whose client takes group fan-outs (``Push.fanout_capacity``); a
+#: client of version 1 gets a PUSH per stored message, as before.
+FANOUT_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({1, FANOUT_VERSION})
 #: The frames of the handshake itself: the only ones it must see once it is over.
 HANDSHAKE_FRAMES: frozenset[type[Frame]] = frozenset({Hello, Welcome})
 

@@ -154,12 +154,15 @@ def test_env_file_names_only_serve_options() -> None:
 
 
 @pytest.fixture
-def env_daemon() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A daemon configured by the example environment file alone (ports made free)."""
+def env_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A daemon configured by the example environment file alone (ports made free, and
+    the state file in a directory of the test's: the unit's StateDirectory= is systemd's)."""
     values = env_file_values()
     port, metrics_port = free_port(), free_port()
     values["CHANNELS_BROKER_LISTEN"] = f"127.0.0.1:{port}"
     values["CHANNELS_BROKER_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+    assert values["CHANNELS_BROKER_STATE_FILE"].startswith("/var/lib/channels-broker/")
+    values["CHANNELS_BROKER_STATE_FILE"] = str(tmp_path / "memory.state")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHANNELS_BROKER_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve"],
@@ -177,7 +180,7 @@ def env_daemon() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
 
 
 def test_env_file_configures_a_working_daemon(
-    env_daemon: tuple[subprocess.Popen[bytes], int],
+    env_daemon: tuple[subprocess.Popen[bytes], int], tmp_path: Path
 ) -> None:
     process, metrics_port = env_daemon
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -191,6 +194,7 @@ def test_env_file_configures_a_working_daemon(
         time.sleep(POLL_S)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
+    assert (tmp_path / "memory.state").exists()  # SIGTERM wrote the store, empty as it is
 
 
 # -- Prometheus -----------------------------------------------------------------------

@@ -10,8 +10,9 @@ bounds. A record outlives its last message until the sweep of its bucket (at mos
 expiry later): a consumer's own channel, which gets one message at a time, keeps its
 record instead of making and forgetting one (and filing it) per message.
 
-Expiry is checked where data is read (``take`` drops every expired message it pops,
-``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
+Groups and group sends are in ``groups`` (members per owning client, fan-outs at the
+edge). Expiry is checked where data is read (``take`` drops every expired message it
+pops, ``group_send`` skips lapsed members) and swept by a timer wheel for data nobody reads:
 records are filed under a coarse time bucket by the deadline of their head (oldest)
 entry, one tick visits only the buckets that came due, and a visited record that still
 holds something is filed again under its new head. No call ever scans all channels
@@ -29,15 +30,19 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Sequence
 from typing import Self
 
 from ..base import Backend, CapacityOf, resolved
 from ..errors import BackendError
-from ..records import BackendStats, GroupSendResult, Taken
-from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals, split_at_room
-from .records import Channel, Group, Space, longest_queues
+from ..fanout import EdgeOwners
+from ..records import BackendStats, Taken
+from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals
+from .groups import MemoryGroups
+from .records import SHORT_QUEUE, Channel, Group, Space, longest_queues
 from .room import MemoryRoom
+from .state import MemoryState
 from .url import check_url
 from .wheel import TimerWheel
 
@@ -54,9 +59,9 @@ _NEW_MESSAGE_BYTES = MESSAGE_OVERHEAD_BYTES + CHANNEL_OVERHEAD_BYTES
 _now = time.monotonic
 
 
-class MemoryBackend(MemoryRoom, Backend):
+class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
     """Channels and groups in this process's memory: the daemon's default backend. Not
-    shared: each daemon on ``memory://`` has storage of its own, lost on exit."""
+    shared: each daemon on ``memory://`` has its own, kept by ``--state-file`` only."""
 
     def __init__(self, *, tick_s: float = DEFAULT_TICK_S) -> None:
         """``tick_s``: seconds per timer-wheel bucket (how late expired data is freed)."""
@@ -75,6 +80,7 @@ class MemoryBackend(MemoryRoom, Backend):
         # The running counts ``stats`` reports.
         self._channels_waiting = self._messages_waiting = self._expired_total = 0
         self._groups = self._memberships = 0
+        self._owners: EdgeOwners = {}  # connections that may take fan-outs: groups
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -166,7 +172,8 @@ class MemoryBackend(MemoryRoom, Backend):
         taken: list[Taken] = []
         popped = popped_bytes = 0
         while queue and len(taken) < limit:
-            deadline, payload = queue.popleft()
+            deadline, payload = queue[0]
+            del queue[0]  # a deque's popleft; a short list's shift (``SHORT_QUEUE``)
             popped += 1
             popped_bytes += len(payload)
             if deadline > now:  # expired ones are dropped, never returned
@@ -205,61 +212,6 @@ class MemoryBackend(MemoryRoom, Backend):
                 self._forget_channel(record)
         return names
 
-    async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
-        """Add or renew a membership; it lapses ``group_expiry_s`` seconds from now."""
-        space = self._space(ns)
-        record = space.groups.get(group)
-        if record is None:
-            record = space.groups[group] = Group(space, group)
-            self._groups += 1
-        members = record.members
-        # Pop and re-insert so the dict stays in deadline order (for a single expiry).
-        if members.pop(channel, None) is None:
-            self._memberships += 1
-        deadline = _now() + group_expiry_s
-        members[channel] = deadline
-        if record.bucket is None:
-            self._group_wheel.file(record, deadline)
-
-    async def group_discard(self, ns: str, group: str, channel: str) -> None:
-        """Remove a membership; a no-op for a non-member."""
-        record = self._group(ns, group)
-        if record is not None and channel in record.members:
-            self._drop_members(record, [channel])
-
-    async def group_send(
-        self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
-    ) -> GroupSendResult:
-        """Queue the same ``payload`` object for every live member with room."""
-        record, uniform = self._group(ns, group), capacity_of.uniform
-        if record is not None and uniform is None:
-            capacity_of = await resolved(capacity_of, list(record.members))
-            record = record if self._group(ns, group) is record else None  # flushed meanwhile
-        if record is None:
-            return GroupSendResult(delivered=[], skipped=0)
-        now = _now()
-        deadline = now + expiry_s
-        delivered: list[str] = []
-        lapsed: list[str] = []
-        members: Iterable[tuple[str, float]] = record.members.items()
-        skipped = 0
-        fit = (self._max_bytes - self._used_bytes()) // (_NEW_MESSAGE_BYTES + len(payload))
-        if fit < len(record.members):  # memory is nearly full: the first ``fit`` only
-            members, skipped = split_at_room(record.members, fit, now, lapsed)
-            self._refusals.count(skipped, self._used_bytes())
-        for channel, member_deadline in members:
-            capacity = capacity_of(channel) if uniform is None else uniform
-            if member_deadline <= now:
-                lapsed.append(channel)
-            elif self._put(record.space, channel, payload, capacity, deadline, now):
-                delivered.append(channel)
-                self._on_ready(ns, channel)
-            else:
-                skipped += 1
-        if lapsed:
-            self._drop_members(record, lapsed)
-        return GroupSendResult(delivered=delivered, skipped=skipped)
-
     async def flush(self, ns: str) -> None:
         """Drop the namespace's messages, held counts and groups (not the room its senders
         hold: ``room``); other namespaces are untouched."""
@@ -273,7 +225,7 @@ class MemoryBackend(MemoryRoom, Backend):
             self._bytes -= CHANNEL_OVERHEAD_BYTES + sum(len(p) for _, p in channel.queue)
         for group in space.groups.values():
             self._group_wheel.unfile(group)
-            self._memberships -= len(group.members)
+            self._memberships -= group.size
         self._groups -= len(space.groups)
         self._keep_room(ns, space)
         space.forget_all()  # its records point back at it: free them now, not at a GC
@@ -337,7 +289,10 @@ class MemoryBackend(MemoryRoom, Backend):
     def _append(self, record: Channel, payload: bytes, deadline: float) -> None:
         if not record.queue:
             self._channels_waiting += 1
-        record.queue.append((deadline, payload))
+        queue = record.queue
+        queue.append((deadline, payload))
+        if len(queue) == SHORT_QUEUE and type(queue) is list:
+            record.queue = deque(queue)
         self._messages_waiting += 1
         self._bytes += len(payload)
         if record.bucket is None:
@@ -352,7 +307,8 @@ class MemoryBackend(MemoryRoom, Backend):
         queue = record.queue
         expired = expired_bytes = 0
         while queue and queue[0][0] <= now:
-            expired_bytes += len(queue.popleft()[1])
+            expired_bytes += len(queue[0][1])
+            del queue[0]
             expired += 1
         self._messages_waiting -= expired
         self._bytes -= expired_bytes
@@ -364,17 +320,6 @@ class MemoryBackend(MemoryRoom, Backend):
         record.space.remove_channel(record)
         self._bytes -= CHANNEL_OVERHEAD_BYTES
         self._channel_wheel.unfile(record)
-
-    def _drop_members(self, record: Group, channels: list[str]) -> None:
-        """Remove these members (all present); forget the group once it is empty."""
-        members = record.members
-        for channel in channels:
-            del members[channel]
-        self._memberships -= len(channels)
-        if not members:
-            del record.space.groups[record.name]
-            self._groups -= 1
-            self._group_wheel.unfile(record)
 
     def _tick(self) -> None:
         """Sweep the buckets that came due; come back one tick later."""
@@ -392,8 +337,3 @@ class MemoryBackend(MemoryRoom, Backend):
             self._channel_wheel.file(record, record.queue[0][0])
         elif not (record.queue or record.held or record.reserved):
             self._forget_channel(record)
-
-    def _sweep_group(self, record: Group, now: float) -> None:
-        self._drop_members(record, record.lapsed(now))
-        if record.members:
-            self._group_wheel.file(record, next(iter(record.members.values())))

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 
 __all__ = [
     "CHANNEL_OVERHEAD_BYTES",
     "MESSAGE_OVERHEAD_BYTES",
     "REFUSAL_LOG_INTERVAL_S",
     "Refusals",
-    "split_at_room",
 ]
 
 log = logging.getLogger("channels_broker.backends.memory")
@@ -67,18 +65,3 @@ class Refusals:
             )
             self._logged_at = now
             self._unlogged = 0
-
-
-def split_at_room(
-    members: dict[str, float], fit: int, now: float, lapsed: list[str]
-) -> tuple[Iterable[tuple[str, float]], int]:
-    """The first ``fit`` members of a group (member -> deadline), and how many live ones
-    after them find no room; lapsed ones after them go to ``lapsed``."""
-    entries = list(members.items())
-    refused = 0
-    for channel, deadline in entries[max(0, fit) :]:
-        if deadline <= now:
-            lapsed.append(channel)
-        else:
-            refused += 1
-    return entries[: max(0, fit)], refused

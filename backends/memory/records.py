@@ -7,7 +7,29 @@ from collections import deque
 
 from .wheel import Filed
 
-__all__ = ["Channel", "Group", "Space", "longest_queues"]
+__all__ = [
+    "SHORT_QUEUE",
+    "Channel",
+    "Group",
+    "Members",
+    "Queue",
+    "Space",
+    "client_of",
+    "longest_queues",
+]
+
+#: A channel's messages: a list while it holds fewer than ``SHORT_QUEUE`` (a deque costs
+#: 760 bytes from its first message, a list of one 64: most channels hold one or two),
+#: then a deque (taking from a long list's head would move everything behind it).
+SHORT_QUEUE = 32
+Queue = list[tuple[float, bytes]] | deque[tuple[float, bytes]]
+
+
+def client_of(name: str) -> str | None:
+    """The client id of a process-specific channel name, None for a normal one
+    (``protocol.client_id_of``, inlined: this runs for every record made)."""
+    bang = name.find("!")
+    return None if bang < 0 else name[name.rfind(".", 0, bang) + 1 : bang]
 
 
 class Space:
@@ -51,30 +73,50 @@ class Channel(Filed):
         self.bucket = None
         self.space = space
         self.name = name
-        # protocol.client_id_of, inlined: this runs for every channel record made.
-        bang = name.find("!")
-        self.client = None if bang < 0 else name[name.rfind(".", 0, bang) + 1 : bang]
-        self.queue: deque[tuple[float, bytes]] = deque()
+        self.client = client_of(name)
+        self.queue: Queue = []
         self.held = 0
         self.reserved = 0
 
 
 class Group(Filed):
-    """A group's members, channel -> deadline, in the order of their latest ``group_add``."""
+    """A group's members, by owning client id (None: normal channels), and how many."""
 
-    __slots__ = ("members", "name", "space")
+    __slots__ = ("name", "owners", "size", "space")
 
     def __init__(self, space: Space, name: str) -> None:
         self.bucket = None
         self.space = space
         self.name = name
-        self.members: dict[str, float] = {}
+        self.owners: dict[str | None, Members] = {}
+        self.size = 0
+
+    def channels(self) -> list[str]:
+        """Every member's name."""
+        return [channel for members in self.owners.values() for channel in members.deadlines]
+
+    def earliest_head(self) -> float:
+        """The soonest deadline at the head of any owner's members (where sweeps look)."""
+        return min(next(iter(members.deadlines.values())) for members in self.owners.values())
+
+
+class Members:
+    """One owner's members of a group: channel -> deadline, in the order of their latest
+    ``group_add``, and the list a fan-out carries (``listed``, encoded), made again only
+    once a member came or went (None meanwhile) or the soonest deadline in it passed."""
+
+    __slots__ = ("deadlines", "earliest", "listed")
+
+    def __init__(self) -> None:
+        self.deadlines: dict[str, float] = {}
+        self.listed: bytes | None = None
+        self.earliest = 0.0
 
     def lapsed(self, now: float) -> list[str]:
         """The members lapsed at ``now``, looked for at the head only: members are in
         deadline order while a site uses one group_expiry."""
         lapsed: list[str] = []
-        for channel, deadline in self.members.items():
+        for channel, deadline in self.deadlines.items():
             if deadline > now:
                 break
             lapsed.append(channel)

@@ -65,7 +65,8 @@ def default_loops(note: Note) -> tuple[str, ...]:
     "addresses",
     multiple=True,
     metavar="URL",
-    help="Measure a running daemon (tcp://host:port) instead; repeatable. Its data is flushed.",
+    help="Measure a running daemon (tcp://host:port) instead; repeatable. Its data is flushed;"
+    " start it with --max-capacity 100000 (the bench's channels must never be full).",
 )
 @click.option(
     "--redis-url",

@@ -19,7 +19,7 @@ from collections import deque
 from time import perf_counter
 from typing import cast
 
-from backends import BackendError, Taken
+from backends import BackendError
 from protocol import (
     HANDSHAKE_FRAMES,
     LARGE_FIELD_BYTES,
@@ -49,6 +49,7 @@ from .guard import (
 )
 from .handlers import Handlers
 from .pulls import Pulls
+from .pushes import PushFrames
 from .routing import Held, Pull
 from .session import Session
 
@@ -89,7 +90,7 @@ class Connection(asyncio.Protocol):
         self._output: list[bytes] = []
         self._encoder = FrameEncoder()
         self._output_bytes = 0
-        self._reading_paused = False
+        self.reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_blocked = False  # not _writable: the output check reads it each flush
@@ -117,7 +118,7 @@ class Connection(asyncio.Protocol):
         self._input_bytes += len(data)
         self._decode()
         if self.decoder.buffered_bytes or self.guard.watching_partial:
-            self.guard.watch_partial_frame()
+            self.guard.watch_partial_frame(len(data))
         self._wake()
 
     def _decode(self) -> None:
@@ -143,13 +144,13 @@ class Connection(asyncio.Protocol):
             self.guard.protocol_error(exc)  # an ERROR and a close (an HTTP client: in HTTP)
             return
         self._input_bytes += cost
-        if self._input_bytes > self.guard.max_input_bytes and not self._reading_paused:
+        if self._input_bytes > self.guard.max_input_bytes and not self.reading_paused:
             self.ctx.metrics.limits_hit["max-input-bytes"] += 1  # flow control: counted only
             self._pause_reading()
 
     def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -202,6 +203,28 @@ class Connection(asyncio.Protocol):
         self.flush()
         return True
 
+    def can_fan_out(self, frame_bytes: int) -> bool:
+        # In order only if nothing of ours waits in storage to be pushed before it
+        # (ready, left out at --max-channels, or after a backend error); and within the
+        # output's bounds (a PUSH no larger than a push pass writes): else storage keeps
+        # the message, under capacity, and the push passes bring it.
+        transport, session = self.transport, self.session
+        return (
+            session is not None
+            and session.takes_fanouts
+            and frame_bytes <= self.guard.pass_bytes
+            and not (self.ready_channels or self.held.left_out or self._retry_pending)
+            and not (self.closing or transport is None or transport.is_closing())
+            and self._writable.is_set()
+            and self._output_bytes < OUTPUT_HIGH_WATER
+        )
+
+    def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
+        self._output_bytes += self._encoder.fanout_into(
+            self._output, channels, payload, ttl_ms, capacity
+        )
+        self._wake()  # the worker's pass writes it out, with whatever else came meanwhile
+
     def notify_flushed(self) -> None:
         self.guard.flushed()
 
@@ -251,14 +274,15 @@ class Connection(asyncio.Protocol):
             await handle(inbox.popleft())
         if not inbox:
             self._input_bytes = 0
-            if self._reading_paused:
+            if self.reading_paused:
                 self._read_on()
         try:
             if self._pulls.ready and not self._retry_pending:
                 await self._pulls.serve()
             if self.ready_channels and self.session is not None and not self._retry_pending:
                 await self._push_ready()
-            if self.held.should_take_in(len(self.ready_channels)):  # --max-channels
+            held = self.held  # left out at --max-channels: their messages wait in storage
+            if held.left_out and held.should_take_in(len(self.ready_channels)):
                 await self.handlers.take_in_own_channels()
         except BackendError as exc:
             # What was not delivered stays queued (pulls and ready channels are put
@@ -275,7 +299,7 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             self._decode()
             if not self.inbox and not self.closing:
-                self._reading_paused = False
+                self.reading_paused = False
                 transport.resume_reading()
 
     def _retry_deliveries(self) -> None:
@@ -335,12 +359,8 @@ class Connection(asyncio.Protocol):
     # -- deliveries ----------------------------------------------------------
 
     async def _push_ready(self) -> None:
-        """Push waiting messages of our channels, one frame per distinct payload.
-
-        A group send stores one payload object in every member's queue; members of
-        one connection then share one PUSH frame. A payload joins an existing frame
-        only if that keeps each channel's messages in order.
-        """
+        """Push waiting messages of our channels, one frame per distinct payload
+        (``pushes``)."""
         ns = self.handlers.session().ns
         budget, ready = self._push_budget, self.ready_channels
         if len(ready) > budget:  # one channel per message of the budget; the rest wait
@@ -348,18 +368,20 @@ class Connection(asyncio.Protocol):
         else:
             self.ready_channels = {}
         limit = min(PUSH_BATCH, budget // len(ready))
-        frames: list[tuple[bytes, float, list[str]]] = []
-        frame_of_payload: dict[int, int] = {}
+        frames = PushFrames()
         try:
             taken = await self.ctx.backend.take_many(ns, list(ready), limit, hold=True)
         except BackendError:
             self.ready_channels.update(ready)
             raise
         start, pushed = self._output_bytes, 0
+        held, metrics = self.held, self.ctx.metrics
         for channel, items in taken.items():
             del ready[channel]
-            pushed += self._collect(channel, items, limit, frames, frame_of_payload)
-        for payload, ttl_s, channels in frames:
+            pushed += frames.collect(held, metrics, channel, items)
+            if len(items) == limit:
+                self.ready_channels[channel] = None  # more may wait: next pass
+        for payload, ttl_s, channels in frames.frames:
             self._output_bytes += self._encoder.push_into(
                 self._output, channels, payload, ttl_ms(ttl_s)
             )
@@ -370,30 +392,3 @@ class Connection(asyncio.Protocol):
         if ready:  # not reached: a backend error stopped the batch part-way
             self.ready_channels.update(ready)
             raise BackendError(f"{len(ready)} channels not reached")
-
-    def _collect(
-        self,
-        channel: str,
-        taken: list[Taken],
-        limit: int,
-        frames: list[tuple[bytes, float, list[str]]],
-        frame_of_payload: dict[int, int],
-    ) -> int:
-        """Add one channel's taken messages to the PUSH frames being built, in order;
-        return how many."""
-        if not taken:
-            return 0
-        self.held.add_stored(channel, len(taken))
-        self.ctx.metrics.delivered["push"] += len(taken)
-        if len(taken) == limit:
-            self.ready_channels[channel] = None  # more may wait: next pass
-        last = -1
-        for item in taken:
-            index = frame_of_payload.get(id(item.payload), -1)
-            if index <= last:
-                index = len(frames)
-                frames.append((item.payload, item.ttl_s, []))
-                frame_of_payload[id(item.payload)] = index
-            frames[index][2].append(channel)
-            last = index
-        return len(taken)

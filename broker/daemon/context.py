@@ -32,6 +32,8 @@ class Context:
     #: The tokens HELLO may carry and their namespaces; None: no token is asked for.
     #: Replaced whole on SIGHUP (``Server.reload``).
     tokens: TokenTable | None = None
+    #: The store's name as WELCOME gives it ("": a shared store); see ``restarts``.
+    incarnation: str = ""
     #: The clients told that this daemon, having no tokens, ignores theirs.
     ignored_tokens: IgnoredTokens = field(default_factory=IgnoredTokens)
     #: Connection counts, and the counting and logging of every bound hit (``bounds``).

@@ -130,7 +130,8 @@ class Handlers:
         if self._keeps_seqs:
             self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes
-        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window))
+        incarnation = self.ctx.incarnation if hello.wants_incarnation else ""
+        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window, incarnation))
         await self.take_in_own_channels()
 
     async def take_in_own_channels(self) -> None:
@@ -235,6 +236,17 @@ class Handlers:
             stored = self.shell.held.acknowledge(channel, count)
             if stored:
                 await self.ctx.backend.release(ns, channel, stored)
+        if frame.fanout_kept or frame.fanout_dropped:  # what the layer made of fan-outs
+            metrics = self.ctx.metrics
+            metrics.accepted["group_send"] += frame.fanout_kept
+            metrics.delivered["edge"] += frame.fanout_kept
+            metrics.dropped += frame.fanout_dropped
+            if frame.fanout_dropped:
+                log.debug(
+                    "%s dropped %d group messages for full members",
+                    self.shell.peer,
+                    frame.fanout_dropped,
+                )
 
     # -- groups --------------------------------------------------------------
 
@@ -278,7 +290,7 @@ class Handlers:
         reached = len(result.delivered) + len(result.direct) + result.skipped - skipped
         metrics.accepted["group_send"] += reached
         metrics.dropped += skipped
-        _observe(metrics.fanout, reached + skipped)
+        _observe(metrics.fanout, reached + skipped + result.edge)  # edge: counted at ACK
         if skipped:
             log.debug("group_send to %s skipped %d full members", frame.group, skipped)
 

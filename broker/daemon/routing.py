@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends import AcceptsDirectPushes, Backend, BackendError
+from backends import AcceptsDirectPushes, Backend, BackendError, FansOutAtTheEdge
 from protocol import client_id_of
 
 from .direct import DirectPusher
@@ -54,6 +54,13 @@ class Endpoint(Protocol):
 
     def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
         """Push one message to several of our channels at once; False if closing."""
+
+    def can_fan_out(self, frame_bytes: int) -> bool:
+        """True if a group fan-out of about ``frame_bytes`` can go to this connection
+        now, in order (``backends.fanout``)."""
+
+    def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
+        """Push a group message to these of our channels (encoded), under ``capacity``."""
 
     def notify_flushed(self) -> None:
         """The connection's namespace was flushed."""
@@ -85,6 +92,8 @@ class Router:
         self.direct = DirectPusher(self.owner_of)
         if isinstance(backend, AcceptsDirectPushes):
             backend.set_direct_pushes(self.direct)
+        if isinstance(backend, FansOutAtTheEdge):
+            backend.set_edge_owners(self._owners)
 
     @property
     def connection_count(self) -> int:

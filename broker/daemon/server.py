@@ -2,8 +2,9 @@
 
 Shutdown (on SIGTERM or SIGINT): stop accepting; ask each connection to finish
 the frames it has read and close; wait for them under ``shutdown_timeout_s``; abort
-the rest; close the backend. A second signal skips the wait. SIGHUP re-reads
-``--token-file`` (``reload``) and drops no connection.
+the rest; write a memory store to ``--state-file`` (``restarts``); close the backend.
+A second signal skips the wait. SIGHUP re-reads ``--token-file`` (``reload``) and drops
+no connection.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from broker.ops.systemd import Notifier
 
 from .connection import Connection
 from .context import Context
+from .restarts import restore_store, save_store
 from .routing import Router
 from .tls import TlsHandshake
 from .tokens import TokenTable
@@ -60,8 +62,9 @@ class Server:
         self.config = config
         self.backend = backend if backend is not None else backend_from_url(config.backend_url)
         self.metrics = Metrics()
-        if isinstance(self.backend, MemoryBackend):  # its URL takes no options
-            self.backend.limit_memory(config.max_memory)
+        self._memory = self.backend if isinstance(self.backend, MemoryBackend) else None
+        if self._memory is not None:  # its URL takes no options
+            self._memory.limit_memory(config.max_memory)
         if config.metrics_listen:  # off: no wrapper, for an overhead-free baseline
             self.backend = instrument(self.backend, self.metrics, config.backend_url)
         self.context = Context(config, self.backend, Router(self.backend), metrics=self.metrics)
@@ -113,6 +116,7 @@ class Server:
 
     async def start(self) -> None:
         await self.backend.connect()
+        self.context.incarnation = await restore_store(self._memory, self.config, self.metrics)
         loop = asyncio.get_running_loop()
         self.context.bounds.fit_file_limit()
         self._loop_exceptions = loop.get_exception_handler()
@@ -213,6 +217,7 @@ class Server:
         if self._health is not None:
             await self._health.close()
         self.exporter.detach()
+        save_store(self._memory, self.config, self.context.incarnation)
         await self.backend.close()
         asyncio.get_running_loop().set_exception_handler(self._loop_exceptions)
         log.info("stopped")

@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 
 from broker.config import Config
-from protocol import Hello, client_id_of, family_of
+from protocol import FANOUT_VERSION, Hello, client_id_of, family_of
 
 from .capacity import Bounds, CapacityPolicy
 
@@ -30,6 +30,8 @@ class Session:
     capacity_of: CapacityPolicy
     expiry_s: float
     group_expiry_s: float
+    #: Its layer takes group fan-outs in PUSH (``protocol.FANOUT_VERSION``).
+    takes_fanouts: bool = False
 
     @classmethod
     def from_hello(cls, hello: Hello, client_id: str, config: Config) -> Session:
@@ -44,6 +46,7 @@ class Session:
             capacity_of=CapacityPolicy.from_hello(hello, bounds),
             expiry_s=float(hello.expiry_s),
             group_expiry_s=float(hello.group_expiry_s),
+            takes_fanouts=hello.version >= FANOUT_VERSION,
         )
 
     def may_pull(self, channel: str) -> bool:

@@ -56,6 +56,7 @@ from .connecting import RECONNECT_MAX_DELAY_S
 from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, too_large
 from .identity import Family
+from .memberships import Memberships
 from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
@@ -155,6 +156,8 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.family = Family()  # of every loop's client id: each may pull another's channels
         self.handed = HandedIds()
         self.outages = Outages(connect_timeout, RECONNECT_MAX_DELAY_S)  # shared by the loops
+        #: Every membership this layer made, re-added if the daemon loses its store.
+        self.memberships = Memberships(self.settings.group_expiry_s)
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 
@@ -202,14 +205,13 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_channel_name(channel)
         client = self._client()
         await client.request(GroupAdd(client.next_id(), group, channel))
-        if client.owns(channel):
-            client.memberships[(group, channel)] = client.loop.time()
+        self.memberships.added(group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         client = self._client()
-        client.memberships.pop((group, channel), None)
+        self.memberships.discarded(group, channel)
         await client.request(GroupDiscard(client.next_id(), group, channel))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -264,7 +266,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = LoopClient(
-                self.settings, loop, self.idle_pool, self.family, self.outages
+                self.settings, loop, self.idle_pool, self.family, self.outages, self.memberships
             )
             _close_with_loop(loop, self._clients)
         self._last_client = client

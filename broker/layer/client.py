@@ -17,10 +17,8 @@ from collections import deque
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HANDSHAKE_FRAMES,
-    MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
     SENDER_BYTES,
-    Ack,
     Cancelled,
     Confirm,
     Deliver,
@@ -39,9 +37,11 @@ from protocol import (
     encode_frame,
 )
 
-from .connecting import Dialer, adopt, rejoin_frames, tls_refusal
+from .acks import Acks, Buffer, wake_one
+from .connecting import Dialer, adopt, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
+from .memberships import Memberships
 from .outages import Outages
 from .parking import IdlePool, ParkedConnection, park_quietly
 from .pulls import Pulls
@@ -95,7 +95,8 @@ class LoopClient:
         loop: asyncio.AbstractEventLoop,
         idle_pool: IdlePool,
         family: Family,
-        outages: Outages | None = None,
+        outages: Outages,
+        memberships: Memberships,
     ) -> None:
         self.settings = settings
         self.loop = loop
@@ -119,12 +120,11 @@ class LoopClient:
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pulls = Pulls(self, loop)
         self.window = SendWindow(self, loop, *(parked.window if parked else ()))
-        self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
+        self._buffers: dict[str, Buffer] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks: dict[str, int] = {}
-        # (group, own channel) -> when added: said again after a reconnect, since a
-        # daemon that restarted on the memory backend has forgotten them.
-        self.memberships: dict[tuple[str, str], float] = {}
+        self._acks = Acks()
+        #: The layer's memberships: added again on a store that lost them (``welcomed``).
+        self.memberships = memberships
         self._output: list[bytes] = []
         self._flush_scheduled = False
 
@@ -164,10 +164,8 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
-        oldest = self.loop.time() - self.settings.group_expiry_s
-        rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
-        self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
+        self._output[:0] = [encode_frame(hello), *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn
@@ -200,8 +198,9 @@ class LoopClient:
                 else:
                     future.set_exception(BrokerUnavailable("connection to the broker lost"))
         self._pending.clear()
-        if not self.closed and (self._waiters or self.window.unsettled) and not self._refusal:
-            # Someone waits for pushes, or sends to resend: reconnect now.
+        wanted = self._waiters or self.window.unsettled or self.memberships
+        if not self.closed and wanted and not self._refusal:
+            # Someone waits for pushes, sends to resend, or memberships to keep: reconnect now.
             self._connecting = self.loop.create_task(self._connect())
             self._connecting.add_done_callback(self._reconnected)
 
@@ -218,11 +217,7 @@ class LoopClient:
 
     def _queue_acks(self) -> None:
         if self._acks:
-            # In ACKs of MAX_ACK_PAIRS at most: a daemon allows that many items a frame.
-            pairs = tuple(self._acks.items())
-            for start in range(0, len(pairs), MAX_ACK_PAIRS):
-                self._output.append(encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS])))
-            self._acks.clear()
+            self._output += self._acks.frames()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -267,10 +262,12 @@ class LoopClient:
         elif isinstance(frame, Welcome):
             self.max_message_bytes = frame.max_message_bytes
             self.window.open(frame.send_window)
+            for group_add in self.memberships.welcomed(frame.incarnation, self.next_id):
+                self.write(group_add)  # its answer goes unread
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()
-            self._acks.clear()
+            self._acks.counts.clear()  # what it kept of fan-outs is still told
 
     def _answer(self, frame: Ok | Error | Deliver | Cancelled | Pong) -> None:
         request_id = frame.request_id
@@ -311,11 +308,14 @@ class LoopClient:
 
     def _take_buffered(self, channel: str) -> bytes | None:
         buffer = self._buffers.get(channel)
+        if not buffer:  # the usual case of a receive that waits: no clock read
+            self._buffers.pop(channel, None)
+            return None
         now = self.loop.time()
         while buffer:
             deadline, payload, held = buffer.popleft()
             if held:
-                self._acks[channel] = self._acks.get(channel, 0) + 1
+                self._acks.owe(channel)
                 self._schedule_flush()
             if deadline >= now:
                 if not buffer:
@@ -331,11 +331,16 @@ class LoopClient:
         self._wake_one(channel)
 
     def _buffer_push(self, frame: Push) -> None:
+        if frame.fanout_capacity:  # a group fan-out: its capacity applies here
+            self._acks.keep_fanout(frame, self._buffers, self._waiters, self.loop.time())
+            self._acks.report_later(self.loop, self._schedule_flush)
+            return
         for channel in frame.channels:
             self.keep(channel, frame.payload, frame.ttl_ms, held=True)
 
     async def _wait_for_push(self, channel: str) -> None:
-        await self.connected(patient=True)  # the daemon pushes only to a connected owner
+        if self.conn is None:  # the daemon pushes only to a connected owner
+            await self.connected(patient=True)
         if channel in self._buffers:
             return  # a push arrived while we connected
         waiter: asyncio.Future[None] = self.loop.create_future()
@@ -356,10 +361,7 @@ class LoopClient:
                 self._waiters.pop(channel, None)
 
     def _wake_one(self, channel: str, skip: asyncio.Future[None] | None = None) -> None:
-        for waiter in self._waiters.get(channel, ()):
-            if waiter is not skip and not waiter.done():
-                waiter.set_result(None)
-                return
+        wake_one(self._waiters.get(channel), skip)
 
     def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
         self._pulls.end(error=error)

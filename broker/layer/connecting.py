@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from protocol import GroupAdd, Handshake, State, encode_frame
+from protocol import Handshake, State
 
 from .errors import (
     BrokerCertificateNotTrusted,
@@ -41,7 +41,6 @@ __all__ = [
     "Dialer",
     "adopt",
     "closed_before_welcome",
-    "rejoin_frames",
     "rotated",
     "tls_failure",
     "tls_refusal",
@@ -276,17 +275,6 @@ async def adopt(
     """Take over the socket of a parked connection: no connect, no HELLO."""
     _, conn = await loop.create_connection(factory, sock=parked.sock)
     return conn
-
-
-def rejoin_frames(
-    memberships: dict[tuple[str, str], float], oldest: float, next_id: Callable[[], int]
-) -> list[bytes]:
-    """GROUP_ADD frames for the memberships added since ``oldest`` (older ones are dropped),
-    said again after a reconnect, since a daemon that restarted on the memory backend
-    has forgotten them. Their answers are not awaited."""
-    for key in [key for key, added in memberships.items() if added < oldest]:
-        del memberships[key]
-    return [encode_frame(GroupAdd(next_id(), group, channel)) for group, channel in memberships]
 
 
 def rotated(hosts: tuple[Host, ...]) -> list[Host]:

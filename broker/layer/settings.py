@@ -152,9 +152,12 @@ class LayerSettings:
             ssl_context=config["ssl_context"],
         )
 
-    def hello(self, client_id: str, secret: bytes, send_window: int = 0) -> Hello:
+    def hello(
+        self, client_id: str, secret: bytes, send_window: int = 0, wants_incarnation: bool = False
+    ) -> Hello:
         """The HELLO frame of a connection for ``client_id``, proven by ``secret``, that
-        can use ``send_window`` (``broker.layer.window``)."""
+        can use ``send_window`` (``broker.layer.window``) and reads WELCOME's incarnation
+        if ``wants_incarnation`` (``broker.layer.memberships``)."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -166,6 +169,7 @@ class LayerSettings:
             self.channel_capacity,
             secret,
             send_window,
+            wants_incarnation,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:

@@ -144,11 +144,13 @@ class SyncLayer:
         self.layer.require_valid_channel_name(channel)
         conn = self._connection()
         self._request(conn, GroupAdd(conn.next_id(), group, channel))
+        self.layer.memberships.added(group, channel)  # added again if the store is lost
 
     def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group``; nothing if it was not a member."""
         self.layer.require_valid_group_name(group)
         self.layer.require_valid_channel_name(channel)
+        self.layer.memberships.discarded(group, channel)
         conn = self._connection()
         self._request(conn, GroupDiscard(conn.next_id(), group, channel))
 

@@ -142,13 +142,15 @@ class Exporter(Collector):
             "messages_delivered",
             "Messages handed to a consumer: push (to a client's own channel, from storage), "
             "direct (pushed at once, never stored: PostgreSQL, to a client connected to "
-            "this daemon) or pull (RECEIVE).",
+            "this daemon), pull (RECEIVE) or edge (a group fan-out its owner's layer kept, "
+            "never stored: the memory backend, to a client connected to this daemon).",
             "mode",
             metrics.delivered,
         )
         yield CounterMetricFamily(
             PREFIX + "messages_dropped",
-            "Group members skipped by group_send because their channel was full.",
+            "Group members skipped by group_send because their channel was full (for a "
+            "fan-out at the edge: as its owner's layer reports).",
             value=metrics.dropped,
         )
         if stats is not None:
@@ -196,10 +198,32 @@ class Exporter(Collector):
             yield _gauge("messages_waiting", "Messages waiting in storage.", stats.messages_waiting)
             yield _gauge("groups", "Groups with at least one member.", stats.groups)
             yield _gauge("group_memberships", "Channel memberships of groups.", stats.memberships)
+        yield from self._store()
         if self._ready:
             ready, backend_up = bool(self._ready.get("ready")), bool(self._ready.get("backend"))
             yield _gauge("ready", "1 when listening and the backend answers (/readyz).", ready)
             yield _gauge("backend_up", "1 when the backend answered its last check.", backend_up)
+
+    def _store(self) -> Iterator[Metric]:
+        """memory:// only: whether the store started empty, or what --state-file restored."""
+        started_empty = self.metrics.store_started_empty
+        if started_empty is None:
+            return
+        yield _gauge(
+            "store_started_empty",
+            "1 if the memory store started empty (what an earlier daemon held is lost), 0 if"
+            " it read --state-file back.",
+            started_empty,
+        )
+        family = GaugeMetricFamily(
+            PREFIX + "store_restored",
+            "What the memory store read back from --state-file at start, by what: messages,"
+            " memberships, and expired (dropped: their expiry passed while it was down).",
+            labels=["what"],
+        )
+        for what, count in self.metrics.store_restored.items():
+            family.add_metric([what], count)
+        yield family
 
     def _errors(self) -> Iterator[Metric]:
         errors = self.metrics.errors

@@ -134,7 +134,7 @@ class Metrics:
         self.started_at = time.time()
         self.accepted = {"send": 0, "send_many": 0, "group_send": 0}
         self.rejected = {"send": 0, "send_many": 0}
-        self.delivered = {"push": 0, "direct": 0, "pull": 0}
+        self.delivered = {"push": 0, "direct": 0, "pull": 0, "edge": 0}
         self.dropped = 0
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.requests = {name: Histogram(LATENCY_BUCKETS_S) for name in REQUEST_OPERATIONS}
@@ -153,6 +153,10 @@ class Metrics:
         self.limits_hit: dict[str, int] = dict.fromkeys(LIMITS, 0)
         #: accept() calls that failed for want of file descriptors (EMFILE, ENFILE...).
         self.accept_errors = 0
+        #: memory:// only (None otherwise): 1 if the store started empty, 0 if it read
+        #: --state-file back; and what that put back or dropped as expired (``restarts``).
+        self.store_started_empty: int | None = None
+        self.store_restored = {"messages": 0, "memberships": 0, "expired": 0}
 
     # -- counted where it happens (see the module docstring); errors are rare --
 

@@ -18,7 +18,7 @@ def recount(backend: MemoryBackend) -> tuple[int, int, int, int]:
         sum(1 for record in channels if record.queue),
         sum(len(record.queue) for record in channels),
         len(groups),
-        sum(len(group.members) for group in groups),
+        sum(len(group.channels()) for group in groups),
     )
 
 
@@ -51,7 +51,8 @@ def check_records(backend: MemoryBackend) -> None:
             else:
                 assert record in wheel._buckets[record.bucket]
         for group in space.groups.values():
-            assert group.members, f"empty group {group.name!r} kept"
+            assert group.size == len(group.channels()) > 0, f"group {group.name!r} miscounted"
+            assert all(m.deadlines for m in group.owners.values()), f"{group.name!r}: empty owner"
             assert group.bucket is not None
         by_client = {
             client: sorted(records) for client, records in space.clients.items() if records

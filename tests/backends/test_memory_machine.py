@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import backends.memory.backend as memory_module
+import backends.memory.groups as groups_module
 import backends.memory.room as room_module
 from backends.memory import MemoryBackend
 from broker.daemon.capacity import CapacityPolicy
@@ -120,7 +121,7 @@ class MemoryMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.model = Model(now=1000.0)
         self._real_now = memory_module._now
-        memory_module._now = room_module._now = lambda: self.model.now
+        memory_module._now = room_module._now = groups_module._now = lambda: self.model.now
         self.backend = MemoryBackend(tick_s=1.0)
         self.run(self.backend.connect())
         self.sent = 0
@@ -131,7 +132,7 @@ class MemoryMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.run(self.backend.close())
         self.loop.close()
-        memory_module._now = room_module._now = self._real_now
+        memory_module._now = room_module._now = groups_module._now = self._real_now
 
     def payload(self) -> bytes:
         self.sent += 1
@@ -349,8 +350,13 @@ class MemoryMachine(RuleBasedStateMachine):
                 assert record.held == self.model.held.get((ns, name), 0), (ns, name)
                 assert record.reserved == self.model.reserved.get((ns, name), 0), (ns, name)
             for name, group in space.groups.items():
-                alive_members = [c for c, deadline in group.members.items() if deadline > now]
-                assert alive_members == self.model.live_members((ns, name)), (ns, name)
+                alive_members = [
+                    c
+                    for m in group.owners.values()
+                    for c, deadline in m.deadlines.items()
+                    if deadline > now
+                ]
+                assert sorted(alive_members) == sorted(self.model.live_members((ns, name)))
 
         def kept(key: Key, table: str) -> bool:
             return key[0] in spaces and key[1] in getattr(spaces[key[0]], table)

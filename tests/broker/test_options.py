@@ -64,6 +64,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max-connections": ("40", 40, 40),
     "max-connections-per-peer": ("4", 4, 4),
     "hello-timeout": ("0.5", 0.5, 0.5),
+    "state-file": ("/var/lib/b/state", "/var/lib/b/state", "/var/lib/b/state"),
 }
 
 

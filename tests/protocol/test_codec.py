@@ -52,7 +52,7 @@ from protocol import (
 # One frame of every type, with distinct field values so a swapped field shows.
 FRAMES: list[Frame] = [
     Hello(1, "s3cret", "", "site", 100, 60, 86400.5, (("^big", 1000), ("tiny", 1))),
-    Welcome(1, "ab12", 4 * 1024 * 1024, "channels-broker 0.1.0", 64),
+    Welcome(1, "ab12", 4 * 1024 * 1024, "channels-broker 0.1.0", 64, "5f0c3a9e12d4b6a7"),
     Send(1, "chat", b"\x81\xa4type\xa5hello", 17),
     SendMany(2, (("a", b"1"), ("specific.ab12!x", b""))),
     Receive(3, "work"),

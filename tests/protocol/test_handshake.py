@@ -30,6 +30,7 @@ _EXAMPLE_VALUES: dict[str, object] = {
     "int": 1,
     "str": "x",
     "bytes": b"x",
+    "bool": True,
     "float": 1.0,
     "tuple[str, ...]": ("x",),
     "tuple[int, ...]": (1,),

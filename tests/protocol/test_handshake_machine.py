@@ -46,6 +46,7 @@ _VALUES: dict[str, object] = {
     "int": 3,
     "str": "x",
     "bytes": b"",
+    "bool": True,
     "float": 0.5,
     "tuple[str, ...]": ("x",),
     "tuple[int, ...]": (1,),

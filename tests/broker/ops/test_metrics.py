@@ -38,7 +38,8 @@ async def test_metrics_count_the_traffic(
     2. Two members in a group, one made full by 3 sends: a group_send reaches one
        (accepted) and drops the other; the fan-out histogram sees one send of 2.
     3. The 4 messages of the members are pushed (delivered as push; as direct on
-       PostgreSQL) and received.
+       PostgreSQL; the group message at the edge on memory://, where the full member's
+       layer drops its copy and says so) and received.
     4. 2 messages with a 1 s expiry, taken too late: 2 expired.
     5. Per-operation request and backend histograms count each call.
     """
@@ -80,8 +81,10 @@ async def test_metrics_count_the_traffic(
         await settled(own_broker, "channels_broker_messages_expired_total", 2)
 
     direct = 4 if pushed == "direct" else 0
+    edge = 1 if is_memory else 0  # the group message, to a client connected here
+    await settled(own_broker, "channels_broker_messages_dropped_total", 1)
     samples = await settled(
-        own_broker, "channels_broker_messages_delivered_total", 4 - direct, mode="push"
+        own_broker, "channels_broker_messages_delivered_total", 4 - direct - edge, mode="push"
     )
     expect = {
         ("channels_broker_messages_accepted_total", "operation", "send"): 3 + 3 + 3,
@@ -90,6 +93,7 @@ async def test_metrics_count_the_traffic(
         ("channels_broker_messages_rejected_total", "operation", "send"): 2,
         ("channels_broker_messages_delivered_total", "mode", "pull"): 3 + 1,
         ("channels_broker_messages_delivered_total", "mode", "direct"): direct,
+        ("channels_broker_messages_delivered_total", "mode", "edge"): edge,
         ("channels_broker_operation_duration_seconds_count", "operation", "send"): 5 + 3 + 3,
         ("channels_broker_operation_duration_seconds_count", "operation", "group_add"): 2,
         ("channels_broker_operation_duration_seconds_count", "operation", "group_send"): 1,
