@@ -10,11 +10,12 @@ Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster sl
 
 ``!``, ``:`` and ``#`` cannot occur in a namespace (a group name), so tags never collide.
 Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
-``h:<channel>`` the count of taken-and-held messages, ``i`` a client's SET of channels
-with messages, ``w`` the wake-up (pub/sub) channel, ``g`` a group's ZSET of
-member -> deadline in ms. ``scripts`` builds the same names in Lua. Queue, index and
-held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so abandoned data
-vanishes by itself.
+``h:<channel>`` the count of taken-and-held messages, ``l:<channel>`` and
+``d:<channel>`` a normal channel's leased messages and their leases (``lease_scripts``),
+``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
+``g`` a group's ZSET of member -> deadline in ms. ``scripts`` builds the same names in
+Lua. Queue, index and held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so
+abandoned data vanishes by itself.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ class Keys:
         if "!" in channel:
             keys.append(f"{base}i")
         return keys
+
+    def leased_keys(self, ns: str, channel: str) -> list[str]:
+        """A normal channel's queue, held count, lease hash and lease zset (``leases``)."""
+        base = self.base(self.tag(ns, channel))
+        return [
+            f"{base}q:{channel}",
+            f"{base}h:{channel}",
+            f"{base}l:{channel}",
+            f"{base}d:{channel}",
+        ]
 
     def held(self, ns: str, channel: str) -> str:
         return f"{self.base(self.tag(ns, channel))}h:{channel}"

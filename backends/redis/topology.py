@@ -37,9 +37,10 @@ from redis.exceptions import (
 
 from backends import BackendError, BackendUnavailable
 
+from .lease_scripts import ALL_SCRIPTS as SCRIPTS
 from .link import ConnectionFactory
 from .pipe import Pipe
-from .scripts import SCRIPTS, Script
+from .scripts import Script
 from .subscriber import Subscriber
 from .url import RedisSettings
 

@@ -10,7 +10,8 @@ Forms (``[user][:password]@`` is optional everywhere; options go in the query):
 * ``redis+cluster://host:port[,host2:port]`` (``rediss+cluster`` for TLS): Redis Cluster
 
 Options: ``prefix`` (key prefix), ``db``, ``timeout`` (s, one operation), ``connect_timeout``
-(s), ``health_check_interval`` (s, idle pub/sub ping), ``client_name``, and for TLS
+(s), ``health_check_interval`` (s, idle pub/sub ping), ``client_name``, ``lease`` (s, a
+worker's message leased to its daemon until handed out), and for TLS
 ``ssl_cert_reqs`` (none/optional/required), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
 ``ssl_check_hostname``.
 """
@@ -34,6 +35,11 @@ DEFAULT_CONNECT_TIMEOUT_S = 2.0
 #: An idle subscriber connection is pinged this often, so a silent network cut is
 #: noticed (and the wake-ups resubscribed) within about this long.
 DEFAULT_HEALTH_CHECK_S = 5.0
+#: How long a message taken for a worker stays leased to its daemon (as PostgreSQL's
+#: ``lease``): after a daemon or Redis fault, a message whose take went unanswered
+#: waits this long (and up to a second more) before it is given back.
+DEFAULT_LEASE_S = 5.0
+MIN_LEASE_S = 1.0
 
 _DEFAULT_PORT = 6379
 _DEFAULT_SENTINEL_PORT = 26379
@@ -57,6 +63,7 @@ _KNOWN_OPTIONS = frozenset(
         "connect_timeout",
         "health_check_interval",
         "client_name",
+        "lease",
         "sentinel_username",
         "sentinel_password",
         "ssl_check_hostname",
@@ -87,6 +94,8 @@ class RedisSettings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     health_check_s: float = DEFAULT_HEALTH_CHECK_S
     client_name: str = "channels-broker"
+    #: Seconds a message taken for a worker stays leased to its daemon (``leases``).
+    lease_s: float = DEFAULT_LEASE_S
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -162,6 +171,16 @@ def _location(mode: str, hostinfo: str, path: str, query: dict[str, str]) -> dic
     return {"hosts": hosts, "db": db}
 
 
+def _lease(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number >= MIN_LEASE_S:
+        raise BackendError(f"lease={value!r}: use a number of seconds of at least {MIN_LEASE_S:g}")
+    return number
+
+
 def _options(query: dict[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     prefix = query.get("prefix", DEFAULT_PREFIX)
@@ -178,6 +197,8 @@ def _options(query: dict[str, str]) -> dict[str, object]:
             if not number > 0:
                 raise BackendError(f"{name} must be positive")
             values[key] = number
+    if "lease" in query:
+        values["lease_s"] = _lease(query["lease"])
     for name in ("client_name", "sentinel_username", "sentinel_password"):
         if name in query:
             values[name] = query[name]

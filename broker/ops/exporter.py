@@ -157,6 +157,12 @@ class Exporter(Collector):
                 "Messages that expired before anyone took them.",
                 value=stats.expired_total,
             )
+            yield CounterMetricFamily(
+                PREFIX + "messages_given_back",
+                "Messages taken for a worker whose lease lapsed before they were handed out "
+                "(a daemon killed, a backend stalled), put back at the head of their queue.",
+                value=stats.given_back_total,
+            )
         fanout = HistogramMetricFamily(
             PREFIX + "group_send_members", "Members a group_send reached or skipped."
         )
