@@ -1,7 +1,9 @@
-"""A TCP proxy in front of a daemon whose connections a test can cut, mid-stream.
+"""A TCP proxy in front of a daemon (or a storage server) whose connections a test can
+cut or stall, mid-stream.
 
 ``cut()`` aborts every connection it carries, both ways at once: what a network fault
-does. Bytes read from one side and not yet written to the other are lost with it, as
+does. ``stall()`` holds every byte, both ways, until ``resume()``: what a congested or
+partitioned network does, connections left open. Bytes read from one side and not yet written to the other are lost with it, as
 are those still in the kernel's buffers. The proxy keeps listening, so a layer that
 reconnects gets a new connection through it.
 """
@@ -24,6 +26,9 @@ class CutProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._carriers: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -39,16 +44,38 @@ class CutProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def stall(self) -> None:
+        """Hold what either side sends (it goes on once ``resume`` is called)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def close(self) -> None:
+        """Stop listening and cut what it carries; return once every connection ended."""
         if self._server is not None:
             self._server.close()
+        self.resume()
         self.cut()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._carriers, return_exceptions=True)
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        carrier = asyncio.current_task()
+        assert carrier is not None
+        self._carriers.add(carrier)
+        try:
+            await self._carry_on(reader, writer)
+        finally:
+            writer.transport.abort()
+            self._carriers.discard(carrier)
+
+    async def _carry_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            return
         self.connections += 1
         self._writers |= {writer, up_writer}
         pipes = [
@@ -64,9 +91,9 @@ class CutProxy:
             pipe.cancel()
             self._tasks.discard(pipe)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
