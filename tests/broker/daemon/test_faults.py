@@ -161,24 +161,51 @@ async def run_traffic(
     return ledger
 
 
+async def drain(
+    workers: BrokerChannelLayer, channel: str, ledger: Ledger, fault: Callable[[], Awaitable[None]]
+) -> None:
+    """``WORKERS`` pull a backlog through ``workers``; ``fault`` once ``FAULT_AFTER`` came,
+    while they are busiest (a take in flight, DELIVERs in the daemon's buffers)."""
+    reading = [asyncio.create_task(work(workers, channel, ledger)) for _ in range(WORKERS)]
+    try:
+        while len(ledger.got) < FAULT_AFTER:
+            ledger.changed.clear()
+            await ledger.changed.wait()
+        await fault()
+        await ledger.wait_for_accepted()
+    finally:
+        for task in reading:
+            task.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+        await workers.close()
+
+
 async def test_a_daemon_killed_with_pulls_in_flight_loses_nothing(
     two_daemons: tuple[BrokerProcess, BrokerProcess], unique: Callable[[str], str]
 ) -> None:
-    """1. Four workers pull a normal channel through daemon 1; a sender sends through
-       daemon 2, 20 sends in flight.
-    2. After 300 accepted sends daemon 1 is killed (SIGKILL), pulls in flight, and
-       started again; the workers reconnect to it.
+    """1. A sender sends 1,000 messages to a normal channel through daemon 2.
+    2. Four workers pull them through daemon 1; once 300 came, daemon 1 is killed
+       (SIGKILL) with pulls in flight, and started again; the workers reconnect to it.
     3. Every accepted message reaches a worker exactly once.
     """
     pulled, senders = two_daemons
+    channel = unique("work")
     workers = BrokerChannelLayer(hosts=[pulled.url], capacity=COUNT)
     sender = BrokerChannelLayer(hosts=[senders.url], capacity=COUNT)
+    ledger = Ledger()
 
     async def kill_and_restart() -> None:
         pulled.kill()
         await asyncio.to_thread(pulled.start)
 
-    ledger = await run_traffic(workers, sender, unique("work"), kill_and_restart)
+    async def no_fault() -> None:
+        return None
+
+    try:
+        await send_all(sender, channel, ledger, no_fault)
+    finally:
+        await sender.close()
+    await drain(workers, channel, ledger, kill_and_restart)
     assert len(ledger.accepted) == COUNT  # the sender's daemon stayed up
     ledger.check(workers)
 
