@@ -219,7 +219,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()
         self._check_size(payload, limit)
-        reply = await client.request(GroupSend(client.next_id(), group, payload))
+        reply = await client.window.resend_until_answered(
+            lambda rid: GroupSend(rid, group, payload)
+        )
         if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
 

@@ -215,7 +215,9 @@ async def test_a_stalled_storage_loses_nothing(storage: str, unique: Callable[[s
        it and a sender sends through it, 20 sends in flight.
     2. After 300 accepted sends the proxy holds every byte, both ways, for 5 s (takes
        and sends under way time out; their scripts or statements may have run).
-    3. Every accepted message reaches a worker exactly once.
+    3. The sender's layer sends again, with the same message id, what met the stall
+       (its connect_timeout is longer than the stall): every send is accepted.
+    4. Every message reaches a worker exactly once.
     """
     url = storage
     proxy = CutProxy((urlsplit(url).hostname or "", urlsplit(url).port or 0))
@@ -223,7 +225,8 @@ async def test_a_stalled_storage_loses_nothing(storage: str, unique: Callable[[s
     daemon = BrokerProcess(f"{through(url, proxy.port)}&timeout=1")
     await asyncio.to_thread(daemon.start)
     workers = BrokerChannelLayer(hosts=[daemon.url], capacity=COUNT)
-    sender = BrokerChannelLayer(hosts=[daemon.url], capacity=COUNT)
+    # Longer than the stall: the layer sends again what met it, with the same ids.
+    sender = BrokerChannelLayer(hosts=[daemon.url], capacity=COUNT, connect_timeout=2 * STALL_S)
 
     async def stall() -> None:
         proxy.stall()
@@ -236,6 +239,7 @@ async def test_a_stalled_storage_loses_nothing(storage: str, unique: Callable[[s
         await asyncio.to_thread(daemon.cleanup)
         await proxy.close()
     ledger.check(workers)
+    assert not ledger.failed, "every send met the stall within connect_timeout: resent"
 
 
 async def test_a_worker_cut_off_goes_on_through_the_other_daemon(
