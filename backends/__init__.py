@@ -6,6 +6,7 @@ import importlib
 from urllib.parse import urlsplit
 
 from .base import Backend, CapacityOf, WakeupCallback
+from .consumer_leases import LeasesToConsumers
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .records import BackendStats, GroupSendResult, Taken
@@ -22,6 +23,7 @@ __all__ = [
     "CapacityOf",
     "DirectPushes",
     "GroupSendResult",
+    "LeasesToConsumers",
     "ReservesRoom",
     "Taken",
     "UnknownBackend",

@@ -18,6 +18,8 @@ class Taken(NamedTuple):
 
     payload: bytes
     ttl_s: float
+    #: The lease it is held under until acknowledged (``LeasesToConsumers``); "" if none.
+    lease: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,8 @@ _client_ids: dict[str, str] = {}
 
 #: Request ids are unsigned and fit msgpack's uint64 with room to spare.
 MAX_REQUEST_ID = 2**63 - 1
+#: A lease token is storage's (Redis: ``<62-bit number>.<count>``), opaque to the client.
+MAX_LEASE_CHARS = 64
 
 
 def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_ID) -> None:
@@ -148,6 +150,12 @@ def _check_count(name: str, value: object) -> None:
     _check_int(name, value)
 
 
+def _check_lease(name: str, value: object) -> None:
+    _check_str(name, value)
+    if len(value) > MAX_LEASE_CHARS:  # type: ignore[arg-type]
+        raise MalformedFrame(f"{name} longer than {MAX_LEASE_CHARS} characters")
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Client's first frame: protocol version, credentials and the layer's settings.
@@ -159,7 +167,9 @@ class Hello:
     first match wins, each matched from the name's start; in RE2's syntax (Python's
     ``\\Z`` is read as ``\\z``), at most ``MAX_PATTERN_CHARS`` characters.
     ``send_window`` is the most send room per channel the client can use (0: it sends
-    no windowed SEND; see docs/flow.md).
+    no windowed SEND; see docs/flow.md). ``acks_deliveries``: the client acknowledges
+    each DELIVER that carries a ``lease`` (in ACK's ``leases``), so the daemon leaves
+    the message leased in storage until then.
     """
 
     TYPE: ClassVar[int] = 1
@@ -173,6 +183,7 @@ class Hello:
     channel_capacity: tuple[tuple[str, int], ...] = ()
     secret: bytes = field(default=b"", repr=False)
     send_window: int = 0
+    acks_deliveries: bool = False
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -185,6 +196,8 @@ class Hello:
         _check_pairs("channel_capacity", self.channel_capacity, _check_count)
         _check_bytes("secret", self.secret)
         _check_int("send_window", self.send_window)
+        if type(self.acks_deliveries) is not bool:
+            raise MalformedFrame("acks_deliveries must be a boolean")
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,17 +288,21 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The client consumed pushed messages: (channel, count) pairs. No answer.
+    """The client consumed pushed messages: (channel, count) pairs; and received
+    DELIVERs that carried a lease: (channel, lease) pairs. No answer.
 
     Pushed messages count against their channel's capacity until acknowledged, so
-    that capacity bounds what waits in the client's buffer too.
+    that capacity bounds what waits in the client's buffer too. A delivered message
+    stays leased in storage until acknowledged (a lease that lapses gives it back).
     """
 
     TYPE: ClassVar[int] = 7
     counts: tuple[tuple[str, int], ...]
+    leases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_pairs("counts", self.counts, _check_count)
+        _check_pairs("leases", self.leases, _check_lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,19 +444,25 @@ def ttl_ms(ttl_s: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """The answer to RECEIVE: one message, valid for ``ttl_ms`` more milliseconds."""
+    """The answer to RECEIVE: one message, valid for ``ttl_ms`` more milliseconds.
+
+    ``lease``: for a client that acknowledges deliveries (HELLO), the token under
+    which storage holds the message until the client's ACK names it ("": nothing to
+    acknowledge)."""
 
     TYPE: ClassVar[int] = 22
     request_id: int
     channel: str
     payload: bytes
     ttl_ms: int
+    lease: str = ""
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
         _check_str("channel", self.channel)
         _check_bytes("payload", self.payload)
         _check_int("ttl_ms", self.ttl_ms)
+        _check_lease("lease", self.lease)
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,17 @@ class RedisBackend(Backend):
         share one), all pipelined, so about one round trip."""
         return await self._takes.take_many(ns, channels, limit, hold)
 
+    async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+        """Up to ``limit`` messages of a normal channel, leased until ``acknowledge``."""
+        if limit < 1:
+            return []
+        return await self._takes.take_leased(ns, channel, limit)
+
+    async def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """End leases of messages a consumer received (written with this pass's others)."""
+        if self._commands.topology is not None:
+            self._leases.acknowledge(ns, channel, leases)
+
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Queue the release and return; it is sent before any later command of this
         daemon (and with the other releases of this loop pass, as one script).

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends import BackendError
@@ -43,6 +44,9 @@ ACK_DELAY_S = 0.02
 #: Takes given back per channel by one script, and channels one reaper pass looks at.
 REAP_MOST_TAKES = 64
 REAP_MOST_CHANNELS = 256
+
+#: A lease token as ``TAKE_LEASED`` makes them: ``<token>.<count>``.
+_LEASE = re.compile(r"\d{1,19}\.\d{1,4}\Z")
 
 #: The normal channels this daemon watches (its workers' pulls): (namespace, channel).
 Watched = Callable[[], list[tuple[str, str]]]
@@ -85,10 +89,21 @@ class Leases:
 
     def handed(self, ns: str, channel: str, token: str, count: int) -> None:
         """A take's ``count`` messages were handed out: end its lease soon."""
-        due = asyncio.get_running_loop().time() + ACK_DELAY_S
-        self._pending.append((due, ns, channel, f"{token}.{count}"))
+        self._end_later(ns, channel, f"{token}.{count}", ACK_DELAY_S)
+
+    def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """The consumer received the messages of these leases: end them (with the
+        others due). A token not of our making is ignored: the script trusts its form."""
+        for lease in leases:
+            if _LEASE.match(lease):
+                self._end_later(ns, channel, lease, 0.0)
+            else:
+                log.debug("ignored a malformed lease %r of %s", lease, channel)
+
+    def _end_later(self, ns: str, channel: str, member: str, delay_s: float) -> None:
+        self._pending.append((asyncio.get_running_loop().time() + delay_s, ns, channel, member))
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._ack_due)
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._ack_due)
 
     def gave_back(self, count: int) -> None:
         if count:

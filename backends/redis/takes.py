@@ -154,9 +154,12 @@ class Takes:
             woken = [self._end_take(ns, channel) for channel in channels]
         return self._read_take(ns, channels, woken, limit, reply)
 
-    async def _take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+    async def _take_leased(
+        self, ns: str, channel: str, limit: int, by_consumer: bool = False
+    ) -> list[Taken]:
         """One TAKE_LEASED: the channel's lapsed leases given back, then up to ``limit``
-        messages leased, ended once handed out (``Leases.handed``)."""
+        messages leased, ended once handed out (``Leases.handed``), or, ``by_consumer``,
+        once the consumer acknowledges them (each ``Taken`` carries its lease)."""
         leases = self.leases
         token = leases.new_token()
         args = leases.take_args(ns, channel, limit, token)
@@ -176,9 +179,16 @@ class Takes:
                 "left %d messages of %s to their lease: answered too late", len(items), channel
             )
             return []
+        if by_consumer:
+            lease = f"{token}.{len(items)}"
+            return [item._replace(lease=lease) for item in items]
         if items:
             leases.handed(ns, channel, token, len(items))
         return items
+
+    async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+        """A normal channel's messages for a consumer that acknowledges them itself."""
+        return await self._take_leased(ns, channel, limit, by_consumer=True)
 
     def _read_take(
         self, ns: str, channels: list[str], woken: list[bool], limit: int, reply: Any

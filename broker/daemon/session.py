@@ -30,6 +30,9 @@ class Session:
     capacity_of: CapacityPolicy
     expiry_s: float
     group_expiry_s: float
+    #: It acknowledges each DELIVER's lease (HELLO): storage that can keeps a pulled
+    #: message leased until then (``backends.LeasesToConsumers``).
+    acks_deliveries: bool = False
 
     @classmethod
     def from_hello(cls, hello: Hello, client_id: str, config: Config) -> Session:
@@ -44,6 +47,7 @@ class Session:
             capacity_of=CapacityPolicy.from_hello(hello, bounds),
             expiry_s=float(hello.expiry_s),
             group_expiry_s=float(hello.group_expiry_s),
+            acks_deliveries=hello.acks_deliveries,
         )
 
     def may_pull(self, channel: str) -> bool:

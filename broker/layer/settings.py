@@ -166,6 +166,7 @@ class LayerSettings:
             self.channel_capacity,
             secret,
             send_window,
+            acks_deliveries=True,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:
