@@ -2,11 +2,11 @@
 cut or stall, mid-stream.
 
 ``cut()`` aborts every connection it carries, both ways at once: what a network fault
-does. ``stall()`` holds every byte, both ways, until ``resume()``: what a congested or
-partitioned network does, connections left open. Bytes read from one side and not yet written to the other are lost with it, as
+does. Bytes read from one side and not yet written to the other are lost with it, as
 are those still in the kernel's buffers. The proxy keeps listening, so a layer that
-reconnects gets a new connection through it.
-"""
+reconnects gets a new connection through it. ``stall()`` holds every byte, both ways,
+until ``resume()``: what a congested or partitioned network does, connections left
+open."""
 
 from __future__ import annotations
 
