@@ -163,7 +163,8 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW)
+        secret = self.identity.secret
+        hello = self.settings.hello(self.client_id, secret, WANTED_SEND_WINDOW, True)
         oldest = self.loop.time() - self.settings.group_expiry_s
         rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
         self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]

@@ -152,9 +152,12 @@ class LayerSettings:
             ssl_context=config["ssl_context"],
         )
 
-    def hello(self, client_id: str, secret: bytes, send_window: int = 0) -> Hello:
+    def hello(
+        self, client_id: str, secret: bytes, send_window: int = 0, acks_deliveries: bool = False
+    ) -> Hello:
         """The HELLO frame of a connection for ``client_id``, proven by ``secret``, that
-        can use ``send_window`` (``broker.layer.window``)."""
+        can use ``send_window`` (``broker.layer.window``) and, ``acks_deliveries``,
+        acknowledges each DELIVER's lease (``broker.layer.acks``)."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -166,7 +169,7 @@ class LayerSettings:
             self.channel_capacity,
             secret,
             send_window,
-            acks_deliveries=True,
+            acks_deliveries,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:
