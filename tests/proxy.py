@@ -6,7 +6,8 @@ does. Bytes read from one side and not yet written to the other are lost with it
 are those still in the kernel's buffers. The proxy keeps listening, so a layer that
 reconnects gets a new connection through it. ``stall()`` holds every byte, both ways,
 until ``resume()``: what a congested or partitioned network does, connections left
-open."""
+open; ``stall_replies()`` holds only what comes back from upstream (requests arrive and
+are carried out, their answers wait)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ class CutProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._carriers: set[asyncio.Task[None]] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._upward = asyncio.Event()  # bytes toward upstream may flow
+        self._downward = asyncio.Event()  # bytes from upstream may flow
+        self.resume()
 
     @property
     def url(self) -> str:
@@ -46,10 +48,16 @@ class CutProxy:
 
     def stall(self) -> None:
         """Hold what either side sends (it goes on once ``resume`` is called)."""
-        self._flowing.clear()
+        self._upward.clear()
+        self._downward.clear()
+
+    def stall_replies(self) -> None:
+        """Hold what upstream sends (until ``resume``); requests still reach it."""
+        self._downward.clear()
 
     def resume(self) -> None:
-        self._flowing.set()
+        self._upward.set()
+        self._downward.set()
 
     async def close(self) -> None:
         """Stop listening and cut what it carries; return once every connection ended."""
@@ -79,8 +87,8 @@ class CutProxy:
         self.connections += 1
         self._writers |= {writer, up_writer}
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, self._upward)),
+            asyncio.create_task(self._pipe(up_reader, writer, self._downward)),
         ]
         self._tasks.update(pipes)
         await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
@@ -91,9 +99,12 @@ class CutProxy:
             pipe.cancel()
             self._tasks.discard(pipe)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @staticmethod
+    async def _pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
-                await self._flowing.wait()
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()

@@ -38,6 +38,8 @@ FAULT_AFTER = 300
 WORKERS = 4
 #: The stall of the issue: 5 s with no byte between a daemon and its storage.
 STALL_S = 5.0
+#: How long storage's answers are held before the daemon waiting for them is killed.
+ANSWERS_HELD_S = 0.3
 
 
 def storage_url(kind: str) -> str:
@@ -161,6 +163,10 @@ async def run_traffic(
     return ledger
 
 
+async def no_fault() -> None:
+    return None
+
+
 async def drain(
     workers: BrokerChannelLayer, channel: str, ledger: Ledger, fault: Callable[[], Awaitable[None]]
 ) -> None:
@@ -181,31 +187,38 @@ async def drain(
 
 
 async def test_a_daemon_killed_with_pulls_in_flight_loses_nothing(
-    two_daemons: tuple[BrokerProcess, BrokerProcess], unique: Callable[[str], str]
+    storage: str, unique: Callable[[str], str]
 ) -> None:
     """1. A sender sends 1,000 messages to a normal channel through daemon 2.
-    2. Four workers pull them through daemon 1; once 300 came, daemon 1 is killed
-       (SIGKILL) with pulls in flight, and started again; the workers reconnect to it.
+    2. Four workers pull them through daemon 1, which reaches its storage through a
+       proxy. Once 300 came, the proxy holds what storage answers (takes under way
+       run, their answers wait), and daemon 1 is killed (SIGKILL) with those pulls in
+       flight, then started again; the workers reconnect to it.
     3. Every accepted message reaches a worker exactly once.
     """
-    pulled, senders = two_daemons
+    proxy = CutProxy((urlsplit(storage).hostname or "", urlsplit(storage).port or 0))
+    await proxy.start()
+    pulled, senders = BrokerProcess(through(storage, proxy.port)), BrokerProcess(storage)
+    await asyncio.gather(asyncio.to_thread(pulled.start), asyncio.to_thread(senders.start))
     channel = unique("work")
     workers = BrokerChannelLayer(hosts=[pulled.url], capacity=COUNT)
     sender = BrokerChannelLayer(hosts=[senders.url], capacity=COUNT)
     ledger = Ledger()
 
     async def kill_and_restart() -> None:
+        proxy.stall_replies()
+        await asyncio.sleep(ANSWERS_HELD_S)  # takes go out, their answers wait
         pulled.kill()
+        proxy.resume()
         await asyncio.to_thread(pulled.start)
-
-    async def no_fault() -> None:
-        return None
 
     try:
         await send_all(sender, channel, ledger, no_fault)
-    finally:
         await sender.close()
-    await drain(workers, channel, ledger, kill_and_restart)
+        await drain(workers, channel, ledger, kill_and_restart)
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(d.cleanup) for d in (pulled, senders)))
+        await proxy.close()
     assert len(ledger.accepted) == COUNT  # the sender's daemon stayed up
     ledger.check(workers)
 
