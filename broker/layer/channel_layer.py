@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import ssl
@@ -219,9 +220,11 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()
         self._check_size(payload, limit)
-        reply = await client.window.resend_until_answered(
-            lambda rid: GroupSend(rid, group, payload)
-        )
+        try:
+            reply = await client.request(GroupSend(client.next_id(), group, payload))
+        except BrokerUnavailable:  # it may have been stored: again, with the same id
+            again = functools.partial(GroupSend, group=group, payload=payload)
+            reply = await client.window.resend_until_answered(again)
         if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
 

@@ -17,8 +17,10 @@ from collections import deque
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HANDSHAKE_FRAMES,
+    MAX_ACK_PAIRS,
     MAX_PUSH_FRAME_BYTES,
     SENDER_BYTES,
+    Ack,
     Cancelled,
     Confirm,
     Deliver,
@@ -37,7 +39,6 @@ from protocol import (
     encode_frame,
 )
 
-from .acks import Acknowledgements
 from .connecting import Dialer, adopt, rejoin_frames, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
@@ -120,7 +121,7 @@ class LoopClient:
         self.window = SendWindow(self, loop, *(parked.window if parked else ()))
         self._buffers: dict[str, deque[tuple[float, bytes, bool]]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks = Acknowledgements()
+        self._acks: dict[str, int] = {}
         # (group, own channel) -> when added: said again after a reconnect, since a
         # daemon that restarted on the memory backend has forgotten them.
         self.memberships: dict[tuple[str, str], float] = {}
@@ -163,8 +164,7 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        secret = self.identity.secret
-        hello = self.settings.hello(self.client_id, secret, WANTED_SEND_WINDOW, True)
+        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
         oldest = self.loop.time() - self.settings.group_expiry_s
         rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
         self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]
@@ -218,7 +218,11 @@ class LoopClient:
 
     def _queue_acks(self) -> None:
         if self._acks:
-            self._output += self._acks.frames()
+            # In ACKs of MAX_ACK_PAIRS at most: a daemon allows that many items a frame.
+            pairs = tuple(self._acks.items())
+            for start in range(0, len(pairs), MAX_ACK_PAIRS):
+                self._output.append(encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS])))
+            self._acks.clear()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -257,10 +261,6 @@ class LoopClient:
         if isinstance(frame, Push):
             self._buffer_push(frame)
         elif isinstance(frame, (Ok, Error, Deliver, Cancelled, Pong)):
-            if type(frame) is Deliver and frame.lease:
-                # The message is ours now, whatever the pull's fate: acknowledge it.
-                self._acks.delivered(frame.channel, frame.lease)
-                self._schedule_flush()
             self._answer(frame)
         elif isinstance(frame, Confirm):
             self.window.confirmed(frame)
@@ -270,7 +270,7 @@ class LoopClient:
         elif isinstance(frame, Flushed):
             self._buffers.clear()
             self.memberships.clear()
-            self._acks.counts.clear()
+            self._acks.clear()
 
     def _answer(self, frame: Ok | Error | Deliver | Cancelled | Pong) -> None:
         request_id = frame.request_id
@@ -315,7 +315,7 @@ class LoopClient:
         while buffer:
             deadline, payload, held = buffer.popleft()
             if held:
-                self._acks.consumed(channel)
+                self._acks[channel] = self._acks.get(channel, 0) + 1
                 self._schedule_flush()
             if deadline >= now:
                 if not buffer:

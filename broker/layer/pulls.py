@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-from protocol import Cancel, Deliver, Error, Frame, Receive
+from protocol import Ack, Cancel, Deliver, Error, Frame, Receive
 
 from .errors import exception_for
 
@@ -89,6 +89,11 @@ class Pulls:
 
     def answer(self, frame: Frame) -> bool:
         """Take the answer to a pull (True), or leave a frame that answers none (False)."""
+        if type(frame) is Deliver and frame.lease:
+            # The message is ours now, whatever becomes of its pull: storage may end its
+            # lease. (An ACK lost with the connection lets the lease lapse: the message
+            # comes again, and the layer drops it by its id.)
+            self._client.write(Ack((), ((frame.channel, frame.lease),)))
         request_id: int = getattr(frame, "request_id", 0)
         future = self._futures.pop(request_id, None)
         if future is not None:

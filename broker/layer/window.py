@@ -19,13 +19,14 @@ when the connection drops goes on waiting for the resend's answer, within
 A SEND or GROUP_SEND that waits for its answer and meets ``BrokerUnavailable`` (the
 daemon's storage did not answer in time, the connection dropped) is sent again, with
 the same payload and so the same message id, until ``connect_timeout`` has passed
-(``resend_until_answered``): the first try may have been stored, so the receiving
+since that failure (``resend_until_answered``): the first try may have been stored, so the receiving
 layer drops the second copy by its id; and a send that raises was tried to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -149,7 +150,11 @@ class SendWindow:
         client = self._client
         await client.connected()
         if not self.size or not self._has_space(payload):
-            reply = await self.resend_until_answered(lambda rid: Send(rid, channel, payload))
+            try:
+                reply = await client.request(Send(client.next_id(), channel, payload))
+            except BrokerUnavailable:  # it may have been stored: again, with the same id
+                again = functools.partial(Send, channel=channel, payload=payload)
+                reply = await self.resend_until_answered(again)
             if type(reply) is Ok:
                 self._grant(channel, reply.room)
             return
@@ -177,19 +182,20 @@ class SendWindow:
                 raise
 
     async def resend_until_answered(self, request: Callable[[int], Frame]) -> Frame:
-        """A request the daemon may have carried out without answering (its storage
-        stalled, the connection dropped): sent again, each time with a new request id
-        and the same payload (so the same message id: a copy stored twice is dropped
-        by the receiving layer), until answered or ``connect_timeout`` has passed."""
+        """A request that met ``BrokerUnavailable``, which the daemon may have carried
+        out all the same (its storage stalled, the connection dropped): sent again, each
+        time with a new request id and the same payload (so the same message id: a copy
+        stored twice is dropped by the receiving layer), until answered or
+        ``connect_timeout`` has passed. ``request(request_id)`` makes the frame."""
         client = self._client
         give_up_at = self._loop.time() + client.settings.connect_timeout_s
         while True:
+            await asyncio.sleep(RESEND_DELAY_S)
             try:
                 return await client.request(request(client.next_id()))
             except BrokerUnavailable:
                 if self._loop.time() + RESEND_DELAY_S >= give_up_at:
                     raise
-            await asyncio.sleep(RESEND_DELAY_S)
 
     def _write_request(self, entry: Unsettled) -> None:
         if self._client.conn is None:
