@@ -41,12 +41,18 @@ log = logging.getLogger("channels_broker.backends.redis")
 #: Seconds after a message was handed out before its lease is ended (``PostgreSQL``'s
 #: acknowledgement waits as long): the daemon writes its DELIVER at the end of a pass.
 ACK_DELAY_S = 0.02
+#: Seconds between tries of acknowledgements Redis did not take (it was away).
+ACK_RETRY_S = 0.2
 #: Takes given back per channel by one script, and channels one reaper pass looks at.
 REAP_MOST_TAKES = 64
 REAP_MOST_CHANNELS = 256
 
 #: A lease token as ``TAKE_LEASED`` makes them: ``<token>.<count>``.
 _LEASE = re.compile(r"\d{1,19}\.\d{1,4}\Z")
+
+#: An acknowledgement to write: when, until when it is worth trying (the lease may
+#: still run), namespace, channel, lease (``<token>.<count>``).
+_Ack = tuple[float, float, str, str, str]
 
 #: The normal channels this daemon watches (its workers' pulls): (namespace, channel).
 Watched = Callable[[], list[tuple[str, str]]]
@@ -62,7 +68,7 @@ class Leases:
         #: Seconds between reaper passes: a lapsed lease waits at most this long more.
         self.reap_interval_s = min(1.0, lease_s / 2)
         self._watched = watched
-        self._pending: list[tuple[float, str, str, str]] = []  # due, ns, channel, member
+        self._pending: list[_Ack] = []
         self._timer: asyncio.TimerHandle | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._cursor = 0
@@ -101,7 +107,8 @@ class Leases:
                 log.debug("ignored a malformed lease %r of %s", lease, channel)
 
     def _end_later(self, ns: str, channel: str, member: str, delay_s: float) -> None:
-        self._pending.append((asyncio.get_running_loop().time() + delay_s, ns, channel, member))
+        due = asyncio.get_running_loop().time() + delay_s
+        self._pending.append((due, due + self.lease_s, ns, channel, member))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(delay_s, self._ack_due)
 
@@ -118,9 +125,9 @@ class Leases:
         due = [item for item in self._pending if item[0] <= now]
         self._pending = [item for item in self._pending if item[0] > now]
         if due:
-            self._commands.spawn(self._write_acks(due))
+            self._commands.spawn(self._write_or_retry(due))
         if self._pending:
-            delay = max(0.0, self._pending[0][0] - now)
+            delay = max(0.0, min(ack[0] for ack in self._pending) - now)
             self._timer = asyncio.get_running_loop().call_later(delay, self._ack_due)
 
     async def flush(self) -> None:
@@ -135,10 +142,24 @@ class Leases:
             except BackendError as exc:
                 log.warning("could not end %d leases (they lapse): %s", len(pending), exc)
 
-    async def _write_acks(self, acks: list[tuple[float, str, str, str]]) -> None:
+    async def _write_or_retry(self, acks: list[_Ack]) -> None:
+        """Write; if Redis did not answer, try again while the leases may still run:
+        ending a lease twice is harmless, and one left to lapse is a redelivery."""
+        try:
+            await self._write_acks(acks)
+        except BackendError as exc:
+            now = asyncio.get_running_loop().time()
+            again = [(now + ACK_RETRY_S, *ack[1:]) for ack in acks if ack[1] > now]
+            log.info("ending %d leases failed (%s); %d tried again", len(acks), exc, len(again))
+            if again:
+                self._pending += again
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(ACK_RETRY_S, self._ack_due)
+
+    async def _write_acks(self, acks: list[_Ack]) -> None:
         """One ``ACK_LEASES`` per slot (one in all outside a Cluster)."""
         by_channel: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for _, ns, channel, member in acks:
+        for _, _, ns, channel, member in acks:
             by_channel[(ns, channel)].append(member)
         is_cluster = self._commands.require().is_cluster
         by_slot: dict[int, list[tuple[str, str]]] = defaultdict(list)

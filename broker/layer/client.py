@@ -167,7 +167,8 @@ class LoopClient:
         hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
         oldest = self.loop.time() - self.settings.group_expiry_s
         rejoin = rejoin_frames(self.memberships, oldest, self.next_id)
-        self._output[:0] = [encode_frame(hello), *rejoin, *self.window.resend()]
+        again = [encode_frame(ack) for ack in self._pulls.acks_again()]
+        self._output[:0] = [encode_frame(hello), *rejoin, *again, *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn
