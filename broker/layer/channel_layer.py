@@ -61,6 +61,7 @@ from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
 from .unserializable import unserializable
+from .window import worth_resending
 
 __all__ = [
     "BrokerChannelLayer",
@@ -222,7 +223,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._check_size(payload, limit)
         try:
             reply = await client.request(GroupSend(client.next_id(), group, payload))
-        except BrokerUnavailable:  # it may have been stored: again, with the same id
+        except BrokerUnavailable as exc:  # it may have been stored: again, same id
+            if not worth_resending(exc):
+                raise
             again = functools.partial(GroupSend, group=group, payload=payload)
             reply = await client.window.resend_until_answered(again)
         if type(reply) is Ok and reply.count:

@@ -46,7 +46,13 @@ from protocol import (
 
 from .errors import BrokerUnavailable, exception_for
 
-__all__ = ["IDLE_ROOM_S", "MAX_UNSETTLED_BYTES", "WANTED_SEND_WINDOW", "SendWindow"]
+__all__ = [
+    "IDLE_ROOM_S",
+    "MAX_UNSETTLED_BYTES",
+    "WANTED_SEND_WINDOW",
+    "SendWindow",
+    "worth_resending",
+]
 
 log = logging.getLogger("channels_broker.layer")
 
@@ -59,6 +65,13 @@ MAX_UNSETTLED_BYTES = 8 * 1024 * 1024
 RESEND_DELAY_S = 0.1
 #: The window HELLO asks for: the largest a daemon may agree (its --send-window caps it).
 WANTED_SEND_WINDOW = MAX_UNSETTLED_SENDS // 4
+
+
+def worth_resending(exc: BrokerUnavailable) -> bool:
+    """True for a request the daemon may have carried out (its storage did not answer,
+    the connection dropped mid-request), not for one no daemon was reached for (a
+    refused connection, TLS, a name not found: the connect already tried its time)."""
+    return type(exc) is BrokerUnavailable
 
 
 class Sender(Protocol):
@@ -152,7 +165,9 @@ class SendWindow:
         if not self.size or not self._has_space(payload):
             try:
                 reply = await client.request(Send(client.next_id(), channel, payload))
-            except BrokerUnavailable:  # it may have been stored: again, with the same id
+            except BrokerUnavailable as exc:  # it may have been stored: again, same id
+                if not worth_resending(exc):
+                    raise
                 again = functools.partial(Send, channel=channel, payload=payload)
                 reply = await self.resend_until_answered(again)
             if type(reply) is Ok:
