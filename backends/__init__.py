@@ -6,6 +6,7 @@ import importlib
 from urllib.parse import urlsplit
 
 from .base import Backend, CapacityOf, WakeupCallback
+from .consumer_leases import LeasesToConsumers
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .fanout import EdgeOwner, EdgeOwners, FansOutAtTheEdge
@@ -27,6 +28,7 @@ __all__ = [
     "EdgeOwners",
     "FansOutAtTheEdge",
     "GroupSendResult",
+    "LeasesToConsumers",
     "ReservesRoom",
     "Taken",
     "UnknownBackend",

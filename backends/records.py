@@ -18,6 +18,8 @@ class Taken(NamedTuple):
 
     payload: bytes
     ttl_s: float
+    #: The lease it is held under until acknowledged (``LeasesToConsumers``); "" if none.
+    lease: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +50,6 @@ class BackendStats:
     #: bound refused; None and 0 where storage is elsewhere (memory:// only).
     memory_bytes: int | None = None
     memory_refused: int = 0
+    #: Messages taken for a worker whose lease lapsed (the take's answer was lost: a
+    #: daemon killed, a backend stalled), put back in their queue by this daemon.
+    given_back_total: int = 0

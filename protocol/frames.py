@@ -102,6 +102,8 @@ _client_ids: dict[str, str] = {}
 
 #: Request ids are unsigned and fit msgpack's uint64 with room to spare.
 MAX_REQUEST_ID = 2**63 - 1
+#: A lease token is storage's (Redis: ``<62-bit number>.<count>``), opaque to the client.
+MAX_LEASE_CHARS = 64
 
 
 def _check_int(name: str, value: object, low: int = 0, high: int = MAX_REQUEST_ID) -> None:
@@ -153,6 +155,12 @@ def _check_count(name: str, value: object) -> None:
     _check_int(name, value)
 
 
+def _check_lease(name: str, value: object) -> None:
+    _check_str(name, value)
+    if len(value) > MAX_LEASE_CHARS:  # type: ignore[arg-type]
+        raise MalformedFrame(f"{name} longer than {MAX_LEASE_CHARS} characters")
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Client's first frame: protocol version, credentials and the layer's settings.
@@ -166,7 +174,9 @@ class Hello:
     ``send_window`` is the most send room per channel the client can use (0: it sends
     no windowed SEND; see docs/flow.md). ``wants_incarnation``: the client reads
     WELCOME's ``incarnation`` (a client of an earlier release would refuse the longer
-    WELCOME, so it gets the field only when it asks).
+    WELCOME, so it gets the field only when it asks). ``acks_deliveries``: the client
+    acknowledges each DELIVER that carries a ``lease`` (in ACK's ``leases``), so the
+    daemon leaves the message leased in storage until then.
     """
 
     TYPE: ClassVar[int] = 1
@@ -181,6 +191,7 @@ class Hello:
     secret: bytes = field(default=b"", repr=False)
     send_window: int = 0
     wants_incarnation: bool = False
+    acks_deliveries: bool = False
 
     def __post_init__(self) -> None:
         _check_int("version", self.version)
@@ -194,6 +205,7 @@ class Hello:
         _check_bytes("secret", self.secret)
         _check_int("send_window", self.send_window)
         _check_bool("wants_incarnation", self.wants_incarnation)
+        _check_bool("acks_deliveries", self.acks_deliveries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,24 +301,28 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The client consumed pushed messages: (channel, count) pairs. No answer.
+    """The client consumed pushed messages: (channel, count) pairs; and received
+    DELIVERs that carried a lease: (channel, lease) pairs. No answer.
 
     Pushed messages count against their channel's capacity until acknowledged, so
     that capacity bounds what waits in the client's buffer too. Group fan-outs
     (``Push.fanout_capacity``) are acknowledged in aggregate instead: ``fanout_kept``
     deliveries the client buffered, ``fanout_dropped`` it refused as full, since the
-    last ACK.
+    last ACK. A delivered message stays leased in storage until acknowledged (a lease
+    that lapses gives it back).
     """
 
     TYPE: ClassVar[int] = 7
     counts: tuple[tuple[str, int], ...]
     fanout_kept: int = 0
     fanout_dropped: int = 0
+    leases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_pairs("counts", self.counts, _check_count)
         _check_int("fanout_kept", self.fanout_kept)
         _check_int("fanout_dropped", self.fanout_dropped)
+        _check_pairs("leases", self.leases, _check_lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,19 +464,25 @@ def ttl_ms(ttl_s: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """The answer to RECEIVE: one message, valid for ``ttl_ms`` more milliseconds."""
+    """The answer to RECEIVE: one message, valid for ``ttl_ms`` more milliseconds.
+
+    ``lease``: for a client that acknowledges deliveries (HELLO), the token under
+    which storage holds the message until the client's ACK names it ("": nothing to
+    acknowledge)."""
 
     TYPE: ClassVar[int] = 22
     request_id: int
     channel: str
     payload: bytes
     ttl_ms: int
+    lease: str = ""
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
         _check_str("channel", self.channel)
         _check_bytes("payload", self.payload)
         _check_int("ttl_ms", self.ttl_ms)
+        _check_lease("lease", self.lease)
 
 
 @dataclass(frozen=True, slots=True)

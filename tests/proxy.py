@@ -1,10 +1,13 @@
-"""A TCP proxy in front of a daemon whose connections a test can cut, mid-stream.
+"""A TCP proxy in front of a daemon (or a storage server) whose connections a test can
+cut or stall, mid-stream.
 
 ``cut()`` aborts every connection it carries, both ways at once: what a network fault
 does. Bytes read from one side and not yet written to the other are lost with it, as
 are those still in the kernel's buffers. The proxy keeps listening, so a layer that
-reconnects gets a new connection through it.
-"""
+reconnects gets a new connection through it. ``stall()`` holds every byte, both ways,
+until ``resume()``: what a congested or partitioned network does, connections left
+open; ``stall_replies()`` holds only what comes back from upstream (requests arrive and
+are carried out, their answers wait)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ class CutProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._carriers: set[asyncio.Task[None]] = set()
+        self._upward = asyncio.Event()  # bytes toward upstream may flow
+        self._downward = asyncio.Event()  # bytes from upstream may flow
+        self.resume()
 
     @property
     def url(self) -> str:
@@ -39,21 +46,49 @@ class CutProxy:
             writer.transport.abort()
         self._writers.clear()
 
+    def stall(self) -> None:
+        """Hold what either side sends (it goes on once ``resume`` is called)."""
+        self._upward.clear()
+        self._downward.clear()
+
+    def stall_replies(self) -> None:
+        """Hold what upstream sends (until ``resume``); requests still reach it."""
+        self._downward.clear()
+
+    def resume(self) -> None:
+        self._upward.set()
+        self._downward.set()
+
     async def close(self) -> None:
+        """Stop listening and cut what it carries; return once every connection ended."""
         if self._server is not None:
             self._server.close()
+        self.resume()
         self.cut()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._carriers, return_exceptions=True)
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        carrier = asyncio.current_task()
+        assert carrier is not None
+        self._carriers.add(carrier)
+        try:
+            await self._carry_on(reader, writer)
+        finally:
+            writer.transport.abort()
+            self._carriers.discard(carrier)
+
+    async def _carry_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            return
         self.connections += 1
         self._writers |= {writer, up_writer}
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, self._upward)),
+            asyncio.create_task(self._pipe(up_reader, writer, self._downward)),
         ]
         self._tasks.update(pipes)
         await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
@@ -65,8 +100,11 @@ class CutProxy:
             self._tasks.discard(pipe)
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()

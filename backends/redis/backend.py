@@ -14,7 +14,8 @@ that knows it:
 * ``sends``: send, send_many and group_send (PUSH and GROUP_SEND scripts);
 * ``takes``: take, take_many and channels_with_messages (TAKE), serving first the
   stash of messages a send handed straight back, held, for an owner attached here
-  (``stash``), which spares the take's round trip;
+  (``stash``), which spares the take's round trip; a worker's message is taken under
+  a lease (``leases``), so that a fault between the take and its pull loses none;
 * ``wakeups``: watch and unwatch, and messages published by other daemons, which
   become ``on_ready(ns, channel)`` here, with the gaps a wake-up can fall into closed;
 * ``commands``: the topology while connected, queued releases, background work;
@@ -41,6 +42,7 @@ from backends import (
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
+from .leases import Leases
 from .pipe import Pipe
 from .room import RedisRoom
 from .scripts import GROUP_ADD
@@ -72,8 +74,9 @@ class RedisBackend(Backend):
         self._keys = Keys(settings.prefix)
         origin = secrets.token_hex(4)  # names us in our wake-ups: we ignore our echo
         self._commands = Commands()
-        self._takes = Takes(self._keys, self._commands, self._notify)
         subs = Subscriptions(self._keys)
+        self._leases = Leases(self._keys, self._commands, settings.lease_s, subs.watched_channels)
+        self._takes = Takes(self._keys, self._commands, self._notify, self._leases)
         self._sends = Sends(
             settings.prefix, self._keys, self._commands, self._takes, subs, origin=origin
         )
@@ -114,6 +117,7 @@ class RedisBackend(Backend):
             raise
         self._commands.topology = topology
         self._wakeups.start()
+        self._leases.start()
         self._stats_task = asyncio.get_running_loop().create_task(self._sample_stats())
 
     async def close(self) -> None:
@@ -122,7 +126,9 @@ class RedisBackend(Backend):
             # Grabbed messages go back to Redis, and background work (such as that,
             # for owners who just left) gets a moment to finish.
             self._takes.return_all()
+            await self._leases.flush()
             await self._commands.settle(self.settings.timeout_s)
+        self._leases.stop()
         self._takes.stop()
         self._wakeups.stop()
         if self._stats_task is not None:
@@ -175,6 +181,17 @@ class RedisBackend(Backend):
         """``take`` from each channel: one script per Cluster slot (a client's channels
         share one), all pipelined, so about one round trip."""
         return await self._takes.take_many(ns, channels, limit, hold)
+
+    async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+        """Up to ``limit`` messages of a normal channel, leased until ``acknowledge``."""
+        if limit < 1:
+            return []
+        return await self._takes.take_leased(ns, channel, limit)
+
+    async def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """End leases of messages a consumer received (written with this pass's others)."""
+        if self._commands.topology is not None:
+            self._leases.acknowledge(ns, channel, leases)
 
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Queue the release and return; it is sent before any later command of this
@@ -244,6 +261,7 @@ class RedisBackend(Backend):
             s.groups,
             s.memberships,
             self._takes.expired_total,
+            given_back_total=self._leases.given_back_total,
         )
 
     # -- internals -------------------------------------------------------------

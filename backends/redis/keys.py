@@ -12,6 +12,8 @@ Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster sl
 Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
 ``h:<channel>`` the count of taken-and-held messages, ``r:<channel>`` the send room
 reserved on it, ``s`` and ``u`` a client's record of numbered sends (``room_scripts``),
+``l:<channel>`` and ``d:<channel>`` a normal channel's leased messages and their
+leases (``lease_scripts``),
 ``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
 ``g`` a group's ZSET of member -> deadline in ms. ``scripts`` builds the same names in
 Lua. Queue, index and held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so
@@ -68,6 +70,16 @@ class Keys:
         """A client's record of numbered sends: highest seq, and those not stored."""
         base = self.base(f"{ns}!{client_id}")
         return [f"{base}s", f"{base}u"]
+
+    def leased_keys(self, ns: str, channel: str) -> list[str]:
+        """A normal channel's queue, held count, lease hash and lease zset (``leases``)."""
+        base = self.base(self.tag(ns, channel))
+        return [
+            f"{base}q:{channel}",
+            f"{base}h:{channel}",
+            f"{base}l:{channel}",
+            f"{base}d:{channel}",
+        ]
 
     def held(self, ns: str, channel: str) -> str:
         return f"{self.base(self.tag(ns, channel))}h:{channel}"

@@ -22,6 +22,7 @@ empty take after such a wake-up wakes the channel again on the next loop pass.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +30,14 @@ from backends import BackendError, Taken, WakeupCallback
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
+from .lease_scripts import TAKE_LEASED
+from .leases import Leases
 from .scripts import TAKE, UNGRAB, WAITING
 from .stash import HOLD_S, Stash
 
 __all__ = ["DEADLINE_DIGITS", "Takes"]
+
+log = logging.getLogger("channels_broker.backends.redis")
 
 #: Deadline digits at the head of each queue entry (see scripts).
 DEADLINE_DIGITS = 13
@@ -48,8 +53,11 @@ ChannelKey = tuple[str, str]
 class Takes:
     """Takes, the stash they serve first, and the takes in flight that wake-ups meet."""
 
-    def __init__(self, keys: Keys, commands: Commands, notify: WakeupCallback) -> None:
+    def __init__(
+        self, keys: Keys, commands: Commands, notify: WakeupCallback, leases: Leases
+    ) -> None:
         self._keys = keys
+        self.leases = leases
         self._commands = commands
         self._notify = notify
         self._stash = Stash()
@@ -94,7 +102,15 @@ class Takes:
     async def take(
         self, ns: str, channels: list[str], limit: int, hold: bool
     ) -> dict[str, list[Taken]]:
-        """Take from channels of one slot: the stash first, then one TAKE script."""
+        """Take from channels of one slot: the stash first, then one TAKE script; a
+        normal channel's messages for workers (not held) under a lease (``leases``)."""
+        if not hold and any("!" not in channel for channel in channels):
+            leased: dict[str, list[Taken]] = {}
+            for channel in channels:
+                if "!" not in channel:
+                    leased[channel] = await self._take_leased(ns, channel, limit)
+            others = [channel for channel in channels if "!" in channel]
+            return leased | (await self.take(ns, others, limit, hold) if others else {})
         if not self._stash:
             return await self._take_from_redis(ns, channels, limit, hold)
         now = asyncio.get_running_loop().time()
@@ -137,6 +153,42 @@ class Takes:
         finally:
             woken = [self._end_take(ns, channel) for channel in channels]
         return self._read_take(ns, channels, woken, limit, reply)
+
+    async def _take_leased(
+        self, ns: str, channel: str, limit: int, by_consumer: bool = False
+    ) -> list[Taken]:
+        """One TAKE_LEASED: the channel's lapsed leases given back, then up to ``limit``
+        messages leased, ended once handed out (``Leases.handed``), or, ``by_consumer``,
+        once the consumer acknowledges them (each ``Taken`` carries its lease)."""
+        leases = self.leases
+        token = leases.new_token()
+        args = leases.take_args(ns, channel, limit, token)
+        key = (ns, channel)
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        started = asyncio.get_running_loop().time()
+        try:
+            reply = await self._commands.run(TAKE_LEASED, self._keys.leased_keys(ns, channel), args)
+        finally:
+            woken = self._end_take(ns, channel)
+        leases.gave_back(int(reply[-1]))
+        items = self._read_take(ns, [channel], [woken], limit, reply[:-1])[channel]
+        if items and not leases.in_time(started):
+            # Its answer came late (Redis or this loop stalled): the lease may lapse
+            # before an acknowledgement, so it is left to lapse, and given back then.
+            log.warning(
+                "left %d messages of %s to their lease: answered too late", len(items), channel
+            )
+            return []
+        if by_consumer:
+            lease = f"{token}.{len(items)}"
+            return [item._replace(lease=lease) for item in items]
+        if items:
+            leases.handed(ns, channel, token, len(items))
+        return items
+
+    async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+        """A normal channel's messages for a consumer that acknowledges them itself."""
+        return await self._take_leased(ns, channel, limit, by_consumer=True)
 
     def _read_take(
         self, ns: str, channels: list[str], woken: list[bool], limit: int, reply: Any

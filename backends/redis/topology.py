@@ -37,9 +37,10 @@ from redis.exceptions import (
 
 from backends import BackendError, BackendUnavailable
 
+from .lease_scripts import ALL_SCRIPTS as LEASE_SCRIPTS
 from .link import ConnectionFactory
 from .pipe import Pipe
-from .room_scripts import ALL_SCRIPTS as SCRIPTS
+from .room_scripts import ALL_SCRIPTS as ROOM_SCRIPTS
 from .scripts import Script
 from .subscriber import Subscriber
 from .url import RedisSettings
@@ -59,6 +60,9 @@ REDIRECTS = 5
 TRYAGAIN_PAUSE_S = 0.05
 #: A Cluster map refresh is not repeated sooner than this, however many errors ask for one.
 REFRESH_MIN_INTERVAL_S = 0.5
+#: Every script of the backend (each module's list holds the common ones), loaded at
+#: connect and found by SHA1 after a NOSCRIPT.
+SCRIPTS = tuple(dict.fromkeys((*ROOM_SCRIPTS, *LEASE_SCRIPTS)))
 
 
 def _connection_kwargs(settings: RedisSettings) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Forms (``[user][:password]@`` is optional everywhere; options go in the query):
 
 Options: ``prefix`` (key prefix), ``db``, ``timeout`` (s, one operation), ``connect_timeout``
 (s), ``health_check_interval`` (s, idle pub/sub ping), ``room_lapse`` (s: send room a dead
-daemon reserved stops counting this long after its last change), ``client_name``, and for TLS
+daemon reserved stops counting this long after its last change), ``client_name``, ``lease``
+(s, a worker's message leased to its daemon until handed out), and for TLS
 ``ssl_cert_reqs`` (none/optional/required), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
 ``ssl_check_hostname``.
 """
@@ -39,6 +40,11 @@ DEFAULT_HEALTH_CHECK_S = 5.0
 #: use it or give it back within 0.4 s, so only a dead daemon's (or a client stalled
 #: this long with room in hand) grows this old.
 DEFAULT_ROOM_LAPSE_S = 10.0
+#: How long a message taken for a worker stays leased to its daemon (as PostgreSQL's
+#: ``lease``): after a daemon or Redis fault, a message whose take went unanswered
+#: waits this long (and up to a second more) before it is given back.
+DEFAULT_LEASE_S = 5.0
+MIN_LEASE_S = 1.0
 
 _DEFAULT_PORT = 6379
 _DEFAULT_SENTINEL_PORT = 26379
@@ -63,6 +69,7 @@ _KNOWN_OPTIONS = frozenset(
         "health_check_interval",
         "room_lapse",
         "client_name",
+        "lease",
         "sentinel_username",
         "sentinel_password",
         "ssl_check_hostname",
@@ -94,6 +101,8 @@ class RedisSettings:
     health_check_s: float = DEFAULT_HEALTH_CHECK_S
     room_lapse_s: float = DEFAULT_ROOM_LAPSE_S
     client_name: str = "channels-broker"
+    #: Seconds a message taken for a worker stays leased to its daemon (``leases``).
+    lease_s: float = DEFAULT_LEASE_S
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -169,6 +178,16 @@ def _location(mode: str, hostinfo: str, path: str, query: dict[str, str]) -> dic
     return {"hosts": hosts, "db": db}
 
 
+def _lease(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number >= MIN_LEASE_S:
+        raise BackendError(f"lease={value!r}: use a number of seconds of at least {MIN_LEASE_S:g}")
+    return number
+
+
 def _options(query: dict[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     prefix = query.get("prefix", DEFAULT_PREFIX)
@@ -186,6 +205,8 @@ def _options(query: dict[str, str]) -> dict[str, object]:
             if not number > 0:
                 raise BackendError(f"{name} must be positive")
             values[key] = number
+    if "lease" in query:
+        values["lease_s"] = _lease(query["lease"])
     for name in ("client_name", "sentinel_username", "sentinel_password"):
         if name in query:
             values[name] = query[name]

@@ -113,6 +113,10 @@ class Subscriptions:
         subs = self._subs.values() if wake is None else [self._subs.get(wake)]
         return [(s.ns, key, is_client) for s in subs if s for key, is_client in s.watchers]
 
+    def watched_channels(self) -> list[tuple[str, str]]:
+        """The normal channels watched (for their lapsed leases): (namespace, channel)."""
+        return [(ns, key) for ns, key, is_client in self.watchers() if not is_client]
+
     def _wakes_of(self, ns: str, key: str) -> list[tuple[bytes, bool]]:
         wakes = [(self._keys.wake(ns, key).encode(), False)]
         if "!" not in key and _client_id_like.match(key):

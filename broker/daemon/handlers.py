@@ -48,6 +48,7 @@ from protocol import (
 from . import tokens
 from .capacity import Refused
 from .context import Context
+from .pulls import acknowledge_leases
 from .routing import Pull
 from .sends import Sends
 from .session import Session, new_client_id
@@ -247,6 +248,8 @@ class Handlers:
                     self.shell.peer,
                     frame.fanout_dropped,
                 )
+        if frame.leases:
+            await acknowledge_leases(self.ctx.backend, ns, frame.leases)
 
     # -- groups --------------------------------------------------------------
 

@@ -4,7 +4,9 @@ The router hands a pull back to its connection when a message may wait on its ch
 (``Router.wake``); the connection's worker then calls ``Pulls.serve``, which takes one
 message per ready pull and answers it with a DELIVER, as long as the pass has room for
 more output (``room_for_output``): a worker with many pulls ready writes about
-``OUTPUT_HIGH_WATER`` per pass, and serves the rest in the next.
+``OUTPUT_HIGH_WATER`` per pass, and serves the rest in the next. For a client that
+acknowledges deliveries, storage that can (``LeasesToConsumers``) keeps a normal
+channel's message leased until the client's ACK names the DELIVER's lease.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import weakref
 from collections import deque
 from typing import Protocol
 
-from backends import BackendError
+from backends import Backend, BackendError, LeasesToConsumers
 from protocol import Deliver, Frame, ttl_ms
 
 from .context import Context
 from .routing import Pull
+from .session import Session
 
-__all__ = ["Pulls"]
+__all__ = ["Pulls", "acknowledge_leases"]
 
 
 class PullShell(Protocol):
     """The connection, as its pulls see it."""
+
+    session: Session | None
 
     def write(self, frame: Frame) -> None: ...
 
@@ -33,12 +38,14 @@ class PullShell(Protocol):
 class Pulls:
     """Pending RECEIVEs by request id, and the ones the router made ready."""
 
-    __slots__ = ("_ctx", "_shell", "pending", "ready")
+    __slots__ = ("_ctx", "_leases", "_shell", "pending", "ready")
 
     def __init__(self, shell: PullShell, ctx: Context) -> None:
         # A proxy: no cycle through us keeps a closed connection's buffers until a GC.
         self._shell: PullShell = weakref.proxy(shell)
         self._ctx = ctx
+        #: Storage keeps what it hands a consumer that acknowledges leased until then.
+        self._leases = ctx.backend if isinstance(ctx.backend, LeasesToConsumers) else None
         #: Pending RECEIVEs by request id (what CANCEL and close withdraw).
         self.pending: dict[int, Pull] = {}
         #: Pulls the router handed back: a message may wait on their channel.
@@ -49,13 +56,18 @@ class Pulls:
         failing pull put back first."""
         backend, router = self._ctx.backend, self._ctx.router
         ready, pending, shell = self.ready, self.pending, self._shell
+        session = shell.session
+        leases = self._leases if session is not None and session.acks_deliveries else None
         while ready and shell.room_for_output():
             pull = ready.popleft()
             if pending.get(pull.request_id) is not pull:
                 router.wake(pull.ns, pull.channel)  # cancelled meanwhile: pass the wake on
                 continue
             try:
-                taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
+                if leases is not None and "!" not in pull.channel:
+                    taken = await leases.take_leased(pull.ns, pull.channel, 1)
+                else:
+                    taken = await backend.take(pull.ns, pull.channel, 1, hold=False)
             except BackendError:
                 ready.appendleft(pull)
                 raise
@@ -65,7 +77,8 @@ class Pulls:
             del pending[pull.request_id]
             self._ctx.metrics.delivered["pull"] += 1
             item = taken[0]
-            shell.write(Deliver(pull.request_id, pull.channel, item.payload, ttl_ms(item.ttl_s)))
+            ttl = ttl_ms(item.ttl_s)
+            shell.write(Deliver(pull.request_id, pull.channel, item.payload, ttl, item.lease))
 
     def withdraw(self) -> None:
         """Take every pending pull out of the router's lines (the connection closes)."""
@@ -73,3 +86,18 @@ class Pulls:
         for pull in self.pending.values():
             router.remove_pull(pull)
         self.pending.clear()
+
+
+async def acknowledge_leases(
+    backend: Backend, ns: str, leases: tuple[tuple[str, str], ...]
+) -> None:
+    """An ACK's leases: the client received these DELIVERs, so storage ends their
+    leases (a lease of another namespace cannot be named: ``ns`` is the client's)."""
+    if not isinstance(backend, LeasesToConsumers):
+        return
+    by_channel: dict[str, list[str]] = {}
+    for channel, lease in leases:
+        by_channel.setdefault(channel, []).append(lease)
+    for channel, tokens in by_channel.items():
+        if "!" not in channel:
+            await backend.acknowledge(ns, channel, tokens)

@@ -32,6 +32,9 @@ class Session:
     group_expiry_s: float
     #: Its layer takes group fan-outs in PUSH (``protocol.FANOUT_VERSION``).
     takes_fanouts: bool = False
+    #: It acknowledges each DELIVER's lease (HELLO): storage that can keeps a pulled
+    #: message leased until then (``backends.LeasesToConsumers``).
+    acks_deliveries: bool = False
 
     @classmethod
     def from_hello(cls, hello: Hello, client_id: str, config: Config) -> Session:
@@ -47,6 +50,7 @@ class Session:
             expiry_s=float(hello.expiry_s),
             group_expiry_s=float(hello.group_expiry_s),
             takes_fanouts=hello.version >= FANOUT_VERSION,
+            acks_deliveries=hello.acks_deliveries,
         )
 
     def may_pull(self, channel: str) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import ssl
@@ -61,6 +62,7 @@ from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
 from .unserializable import unserializable
+from .window import worth_resending
 
 __all__ = [
     "BrokerChannelLayer",
@@ -221,7 +223,13 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()
         self._check_size(payload, limit)
-        reply = await client.request(GroupSend(client.next_id(), group, payload))
+        try:
+            reply = await client.request(GroupSend(client.next_id(), group, payload))
+        except BrokerUnavailable as exc:  # it may have been stored: again, same id
+            if not worth_resending(exc):
+                raise
+            again = functools.partial(GroupSend, group=group, payload=payload)
+            reply = await client.window.resend_until_answered(again)
         if type(reply) is Ok and reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
 

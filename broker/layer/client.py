@@ -164,8 +164,10 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        hello = self.settings.hello(self.client_id, self.identity.secret, WANTED_SEND_WINDOW, True)
-        self._output[:0] = [encode_frame(hello), *self.window.resend()]
+        secret, window = self.identity.secret, WANTED_SEND_WINDOW
+        hello = self.settings.hello(self.client_id, secret, window, True, acks_deliveries=True)
+        again = [encode_frame(ack) for ack in self._pulls.acks_again()]
+        self._output[:0] = [encode_frame(hello), *again, *self.window.resend()]
         self.conn = conn
         self._schedule_flush()
         return conn

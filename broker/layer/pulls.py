@@ -6,18 +6,28 @@ CANCELLED, or nothing more if its DELIVER was already on the way. Until one of t
 comes the pull is an *orphan*: a new pull of that channel first waits for it, or the
 late DELIVER would overtake the new pull's message, and a DELIVER that comes is kept in
 the channel's local buffer for the next ``receive``. So cancellation loses nothing.
+
+A DELIVER that carries a lease (storage keeps the message until its consumer says it
+has it) is acknowledged as it arrives, in an ACK, and said again on the next connection
+if it came within ``ACKS_AGAIN_S``: its first ACK may have died with the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any, Protocol
 
-from protocol import Cancel, Deliver, Error, Frame, Receive
+from protocol import MAX_ACK_PAIRS, Ack, Cancel, Deliver, Error, Frame, Receive
 
 from .errors import exception_for
 
-__all__ = ["Puller", "Pulls"]
+__all__ = ["ACKS_AGAIN_S", "Puller", "Pulls"]
+
+#: Leases acknowledged this recently are acknowledged again on a new connection (a
+#: lease lasts 5 s by default), at most the latest ``MAX_ACKS_AGAIN``.
+ACKS_AGAIN_S = 10.0
+MAX_ACKS_AGAIN = 1024
 
 
 class Puller(Protocol):
@@ -45,6 +55,8 @@ class Pulls:
         self._futures: dict[int, asyncio.Future[Frame | None]] = {}
         #: Cancelled pulls awaiting their last answer: (channel, set when it comes).
         self._orphans: dict[int, tuple[str, asyncio.Future[None]]] = {}
+        #: (when, channel, lease) of the latest DELIVERs acknowledged (``acks_again``).
+        self._acked: deque[tuple[float, str, str]] = deque(maxlen=MAX_ACKS_AGAIN)
 
     @property
     def is_quiet(self) -> bool:
@@ -89,6 +101,12 @@ class Pulls:
 
     def answer(self, frame: Frame) -> bool:
         """Take the answer to a pull (True), or leave a frame that answers none (False)."""
+        if type(frame) is Deliver and frame.lease:
+            # The message is ours now, whatever becomes of its pull: storage may end its
+            # lease. An ACK may be lost with its connection (or its daemon): the next
+            # connection says it again (``acks_again``).
+            self._client.write(Ack((), leases=((frame.channel, frame.lease),)))
+            self._acked.append((self._loop.time(), frame.channel, frame.lease))
         request_id: int = getattr(frame, "request_id", 0)
         future = self._futures.pop(request_id, None)
         if future is not None:
@@ -107,6 +125,17 @@ class Pulls:
             self._client.keep(channel, frame.payload, frame.ttl_ms, held=False)
         resolved.set_result(None)
         return True
+
+    def acks_again(self) -> list[Frame]:
+        """A new connection: the leases acknowledged in the last ``ACKS_AGAIN_S``, again
+        (ending a lease twice is harmless; one the last daemon never ended would lapse,
+        and its message come again, perhaps to another process)."""
+        since = self._loop.time() - ACKS_AGAIN_S
+        leases = tuple((channel, lease) for at, channel, lease in self._acked if at >= since)
+        return [
+            Ack((), leases=leases[at : at + MAX_ACK_PAIRS])
+            for at in range(0, len(leases), MAX_ACK_PAIRS)
+        ]
 
     def end(self, answer: Frame | None = None, error: Exception | None = None) -> None:
         """The connection is gone: pulls in flight get ``answer`` (None: pull again) or

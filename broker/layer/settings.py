@@ -153,11 +153,17 @@ class LayerSettings:
         )
 
     def hello(
-        self, client_id: str, secret: bytes, send_window: int = 0, wants_incarnation: bool = False
+        self,
+        client_id: str,
+        secret: bytes,
+        send_window: int = 0,
+        wants_incarnation: bool = False,
+        acks_deliveries: bool = False,
     ) -> Hello:
         """The HELLO frame of a connection for ``client_id``, proven by ``secret``, that
-        can use ``send_window`` (``broker.layer.window``) and reads WELCOME's incarnation
-        if ``wants_incarnation`` (``broker.layer.memberships``)."""
+        can use ``send_window`` (``broker.layer.window``), reads WELCOME's incarnation
+        if ``wants_incarnation`` (``broker.layer.memberships``) and, ``acks_deliveries``,
+        acknowledges each DELIVER's lease (``broker.layer.pulls``)."""
         return Hello(
             PROTOCOL_VERSION,
             self.token,
@@ -170,6 +176,7 @@ class LayerSettings:
             secret,
             send_window,
             wants_incarnation,
+            acks_deliveries,
         )
 
     def tls_for(self, host: Host) -> ssl.SSLContext | None:

@@ -15,13 +15,21 @@ before anything new; the daemon stores each at most once. A caller waiting for a
 when the connection drops goes on waiting for the resend's answer, within
 ``connect_timeout``. Unsettled sends are bounded (``MAX_UNSETTLED_SENDS``, four windows,
 ``MAX_UNSETTLED_BYTES``): past that, a send waits for its answer.
+
+A SEND or GROUP_SEND that waits for its answer and meets ``BrokerUnavailable`` (the
+daemon's storage did not answer in time, the connection dropped) is sent again, with
+the same payload and so the same message id, until ``connect_timeout`` has passed
+since that failure (``resend_until_answered``): the first try may have been stored, so the receiving
+layer drops the second copy by its id; and a send that raises was tried to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol import (
@@ -39,7 +47,13 @@ from protocol import (
 
 from .errors import BrokerUnavailable, exception_for
 
-__all__ = ["IDLE_ROOM_S", "MAX_UNSETTLED_BYTES", "WANTED_SEND_WINDOW", "SendWindow"]
+__all__ = [
+    "IDLE_ROOM_S",
+    "MAX_UNSETTLED_BYTES",
+    "WANTED_SEND_WINDOW",
+    "SendWindow",
+    "worth_resending",
+]
 
 log = logging.getLogger("channels_broker.layer")
 
@@ -48,6 +62,8 @@ log = logging.getLogger("channels_broker.layer")
 IDLE_ROOM_S = 0.2
 #: Payload bytes of unsettled windowed sends kept for a resend; past it, sends wait.
 MAX_UNSETTLED_BYTES = 8 * 1024 * 1024
+#: Seconds between two tries of a request that met an unavailable daemon or storage.
+RESEND_DELAY_S = 0.1
 #: The window HELLO asks for: the largest a daemon may agree (its --send-window caps it).
 WANTED_SEND_WINDOW = MAX_UNSETTLED_SENDS // 4
 #: Seconds before a connection whose storage failed an accepted send is dropped, to send
@@ -55,11 +71,19 @@ WANTED_SEND_WINDOW = MAX_UNSETTLED_SENDS // 4
 STORAGE_RETRY_S = 0.25
 
 
+def worth_resending(exc: BrokerUnavailable) -> bool:
+    """True for a request the daemon may have carried out (its storage did not answer,
+    the connection dropped mid-request), not for one no daemon was reached for (a
+    refused connection, TLS, a name not found: the connect already tried its time)."""
+    return type(exc) is BrokerUnavailable
+
+
 class Sender(Protocol):
     """What the window needs of its event loop's client."""
 
     conn: Any
     max_message_bytes: int
+    settings: Any
 
     async def connected(self) -> Any: ...
 
@@ -145,7 +169,13 @@ class SendWindow:
         client = self._client
         await client.connected()
         if not self.size or not self._has_space(payload):
-            reply = await client.request(Send(client.next_id(), channel, payload))
+            try:
+                reply = await client.request(Send(client.next_id(), channel, payload))
+            except BrokerUnavailable as exc:  # it may have been stored: again, same id
+                if not worth_resending(exc):
+                    raise
+                again = functools.partial(Send, channel=channel, payload=payload)
+                reply = await self.resend_until_answered(again)
             if type(reply) is Ok:
                 self._grant(channel, reply.room)
             return
@@ -176,6 +206,22 @@ class SendWindow:
             except BaseException:
                 self._forget(entry)  # the caller hears it failed: no resend later
                 raise
+
+    async def resend_until_answered(self, request: Callable[[int], Frame]) -> Frame:
+        """A request that met ``BrokerUnavailable``, which the daemon may have carried
+        out all the same (its storage stalled, the connection dropped): sent again, each
+        time with a new request id and the same payload (so the same message id: a copy
+        stored twice is dropped by the receiving layer), until answered or
+        ``connect_timeout`` has passed. ``request(request_id)`` makes the frame."""
+        client = self._client
+        give_up_at = self._loop.time() + client.settings.connect_timeout_s
+        while True:
+            await asyncio.sleep(RESEND_DELAY_S)
+            try:
+                return await client.request(request(client.next_id()))
+            except BrokerUnavailable:
+                if self._loop.time() + RESEND_DELAY_S >= give_up_at:
+                    raise
 
     def _write_request(self, entry: Unsettled) -> None:
         if self._client.conn is None:

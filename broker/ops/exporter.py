@@ -154,11 +154,7 @@ class Exporter(Collector):
             value=metrics.dropped,
         )
         if stats is not None:
-            yield CounterMetricFamily(
-                PREFIX + "messages_expired",
-                "Messages that expired before anyone took them.",
-                value=stats.expired_total,
-            )
+            yield from _storage_counters(stats)
         fanout = HistogramMetricFamily(
             PREFIX + "group_send_members", "Members a group_send reached or skipped."
         )
@@ -345,6 +341,21 @@ def _top_clients(connections: set[Any], scope: Scope) -> list[dict[str, object]]
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, documentation, value=value)
+
+
+def _storage_counters(stats: BackendStats) -> Iterator[Metric]:
+    """What storage counted of the messages: expired, and given back by their lease."""
+    yield CounterMetricFamily(
+        PREFIX + "messages_expired",
+        "Messages that expired before anyone took them.",
+        value=stats.expired_total,
+    )
+    yield CounterMetricFamily(
+        PREFIX + "messages_given_back",
+        "Messages taken for a worker whose lease lapsed before they were acknowledged "
+        "(a daemon killed, a connection or the storage stalled), put back in their queue.",
+        value=stats.given_back_total,
+    )
 
 
 def _labelled_counter(

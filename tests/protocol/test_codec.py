@@ -206,6 +206,25 @@ def test_trailing_optional_fields_may_be_absent_on_the_wire() -> None:
     assert _decode_one(_wire(Ok.TYPE, 5, 1)) == Ok(5, 1)
     hello = _decode_one(_wire(Hello.TYPE, 1, "", "", "site", 100, 60, 86400))
     assert hello == Hello(1, "", "", "site", 100, 60, 86400)
+    assert isinstance(hello, Hello) and not hello.acks_deliveries
+
+
+def test_leases_ride_at_the_end_of_deliver_and_ack() -> None:
+    """A DELIVER without a lease and an ACK without leases are the earlier frames,
+    byte for byte; with them, the fields come last."""
+    assert encode_frame(Deliver(1, "c", b"p", 5)) == _wire(Deliver.TYPE, 1, "c", b"p", 5)
+    assert encode_frame(Ack((("c", 1),))) == _wire(Ack.TYPE, [["c", 1]])
+    leased = Deliver(1, "c", b"p", 5, "12.1")
+    assert _decode_one(encode_frame(leased)) == leased
+    acked = Ack((), leases=(("c", "12.1"),))
+    assert _decode_one(encode_frame(acked)) == acked
+
+
+def test_a_lease_is_bounded() -> None:
+    with pytest.raises(MalformedFrame):
+        _decode_one(_wire(Deliver.TYPE, 1, "c", b"p", 5, "1" * 65))
+    with pytest.raises(MalformedFrame):
+        _decode_one(_wire(Ack.TYPE, [], [["c", "1" * 65]]))
 
 
 @pytest.mark.parametrize("frame", FRAMES, ids=_ids)

@@ -36,6 +36,7 @@ _EXAMPLE_VALUES: dict[str, object] = {
     "tuple[int, ...]": (1,),
     "tuple[tuple[str, int], ...]": (("x", 1),),
     "tuple[tuple[str, bytes], ...]": (("x", b"x"),),
+    "tuple[tuple[str, str], ...]": (("x", "1.1"),),
 }
 
 

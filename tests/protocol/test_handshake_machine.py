@@ -52,6 +52,7 @@ _VALUES: dict[str, object] = {
     "tuple[int, ...]": (1,),
     "tuple[tuple[str, int], ...]": (("x", 1),),
     "tuple[tuple[str, bytes], ...]": (("x", b"x"),),
+    "tuple[tuple[str, str], ...]": (("x", "1.1"),),
 }
 #: The frames of the handshake (and ERROR, which may end it), in a few variants...
 HANDSHAKE_FRAMES = [

@@ -40,8 +40,9 @@ async def test_daemon_restart_under_load_loses_no_accepted_message(
     """1. A sender sends numbered messages to a consumer's own channel (pushed) and to
        a normal channel (pulled by a worker), through one daemon.
     2. After ``RESTART_AT`` messages the daemon is restarted: SIGTERM (it must exit 0),
-       then started again on the same ports. The sender retries a send that failed
-       with BrokerUnavailable, as an application would.
+       then started again on the same ports. The sender's layer sends again, with the
+       same message id, a send that met the restart (the test would retry one that
+       still failed with BrokerUnavailable, as an application would).
     3. Both readers get every message exactly once, in order; after the daemon is
        back, the first message sent is read within ``RESUME_WITHIN_S``.
     """

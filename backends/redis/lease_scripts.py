@@ -1,0 +1,141 @@
+"""The Lua scripts of leases: a worker's message stays in Redis until it was handed out.
+
+A take for workers (a normal channel, not held) moves each message it pops into the
+channel's lease hash ``l:<channel>`` (field ``<token>.<i>``, the entry as it was) and
+notes the take in the lease zset ``d:<channel>`` (member ``<token>.<n>``, scored by the
+lease's deadline in ms, Redis server time). Acknowledging a take deletes both. A lease
+whose deadline passed goes back to the head of its queue, takes in the order they were
+made, each take's messages in their order: by the next take of the channel (any
+daemon), or by a reaper pass (``REAP_LEASES``). Either publishes one wake-up per message
+given back, origin ``-`` (every daemon, this one too, hears it). Keys follow ``keys``.
+"""
+
+from __future__ import annotations
+
+from .scripts import SCRIPTS, Script
+
+__all__ = ["ACK_LEASES", "ALL_SCRIPTS", "REAP_LEASES", "TAKE_LEASED"]
+
+#: Give back the expired leases of one channel (at most ``most`` takes): each message
+#: back at the head of the queue in its old place, one wake-up each. -> how many.
+_GIVE_BACK = r"""
+local function give_back(q, l, d, channel, wake, pubcmd, now, keep_ms, most)
+  local due = redis.call('ZRANGEBYSCORE', d, '-inf', now, 'LIMIT', 0, most)
+  if #due == 0 then return 0 end
+  local count, latest = 0, now
+  -- The newest take first: each LPUSH goes in front, so the oldest ends at the head.
+  for i = #due, 1, -1 do
+    local member = due[i]
+    local dot = string.find(member, '.', 1, true)
+    local token, n = string.sub(member, 1, dot - 1), tonumber(string.sub(member, dot + 1))
+    for j = n, 1, -1 do
+      local field = token .. '.' .. j
+      local entry = redis.call('HGET', l, field)
+      if entry then
+        redis.call('LPUSH', q, entry)
+        redis.call('HDEL', l, field)
+        count = count + 1
+        latest = math.max(latest, deadline_of(entry))
+      end
+    end
+    redis.call('ZREM', d, member)
+  end
+  if count > 0 then
+    extend(q, latest - now + keep_ms)
+    local names = {}
+    for i = 1, count do names[i] = channel end
+    redis.call(pubcmd, wake, '- ' .. table.concat(names, ' '))
+  end
+  return count
+end
+"""
+
+#: Lease up to ``want`` unexpired messages of one normal channel to ``token`` for
+#: ``lease_ms``, after giving back its expired leases. KEYS: queue, held, lease hash,
+#: lease zset. ARGV: want, keep_ms, lease_ms, token, channel, wake-up channel, pubcmd,
+#: most (takes given back at most). -> {now_ms, expired, n, n entries, given back}.
+TAKE_LEASED = Script.of(
+    "take_leased",
+    _GIVE_BACK
+    + r"""
+local now = now_ms()
+local q, l, d = KEYS[1], KEYS[3], KEYS[4]
+local want, keep_ms, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local token = ARGV[4]
+local back = give_back(q, l, d, ARGV[5], ARGV[6], ARGV[7], now, keep_ms, tonumber(ARGV[8]))
+local out = {now, 0, 0}
+local n, latest = 0, 0
+while n < want do
+  local popped = redis.call('LPOP', q, want - n)
+  if not popped then break end
+  for _, entry in ipairs(popped) do
+    local deadline = deadline_of(entry)
+    if deadline > now then
+      n = n + 1
+      out[#out + 1] = entry
+      redis.call('HSET', l, token .. '.' .. n, entry)
+      if deadline > latest then latest = deadline end
+    else
+      out[2] = out[2] + 1
+    end
+  end
+end
+out[3] = n
+if n > 0 then
+  redis.call('ZADD', d, now + lease_ms, token .. '.' .. n)
+  local keep = math.max(latest - now, lease_ms) + keep_ms
+  extend(l, keep)
+  extend(d, keep)
+end
+out[#out + 1] = back
+return out
+""",
+)
+
+#: End leases whose messages were handed out. KEYS: lease hash, lease zset, per
+#: channel. ARGV: per channel the number of takes k, then k members ``<token>.<n>``.
+#: -> how many had lapsed already (their messages were given back: a redelivery).
+ACK_LEASES = Script.of(
+    "ack_leases",
+    r"""
+local lapsed, at = 0, 1
+for c = 1, #KEYS, 2 do
+  local l, d = KEYS[c], KEYS[c + 1]
+  local k = tonumber(ARGV[at])
+  for i = at + 1, at + k do
+    local member = ARGV[i]
+    if redis.call('ZREM', d, member) == 1 then
+      local dot = string.find(member, '.', 1, true)
+      local token, n = string.sub(member, 1, dot - 1), tonumber(string.sub(member, dot + 1))
+      for j = 1, n do redis.call('HDEL', l, token .. '.' .. j) end
+    else
+      lapsed = lapsed + 1
+    end
+  end
+  at = at + k + 1
+end
+return lapsed
+""",
+)
+
+#: Give back the expired leases of several normal channels (one slot). KEYS: queue,
+#: held, lease hash, lease zset per channel. ARGV: keep_ms, pubcmd, most, then per
+#: channel: channel, wake-up channel. -> how many messages went back.
+REAP_LEASES = Script.of(
+    "reap_leases",
+    _GIVE_BACK
+    + r"""
+local now = now_ms()
+local keep_ms, pubcmd, most = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local back = 0
+for a = 4, #ARGV, 2 do
+  local k = (a - 4) * 2 + 1
+  back = back + give_back(KEYS[k], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1], pubcmd,
+                          now, keep_ms, most)
+end
+return back
+""",
+)
+
+#: Every script, for loading at connect and for finding one by its SHA1.
+ALL_SCRIPTS = (*SCRIPTS, TAKE_LEASED, ACK_LEASES, REAP_LEASES)
