@@ -69,7 +69,10 @@ async def test_two_daemons_serve_one_site(
     3. Workers on both daemons share a normal channel: each message exactly once.
     """
     one, two = broker_factory(), broker_factory()
-    async with layers([one.url], [two.url]) as (a, b):
+    # Room for all 100 work messages: two senders' send windows each hold room on the
+    # channel, so a slow pair of workers (a loaded machine) could make one of them see
+    # it full before 100 wait (docs/flow.md); capacity is not what this test is about.
+    async with layers([one.url], [two.url], capacity=1000) as (a, b):
         channel = await b.new_channel()
         for n in range(20):
             await a.send(channel, {"n": n})
