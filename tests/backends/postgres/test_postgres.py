@@ -22,6 +22,7 @@ from backends.postgres.schema import SCHEMA_VERSION, current_version, migrate
 from broker.daemon.capacity import CapacityPolicy
 from tests import pg_server
 from tests.backends.test_backend_contract import WakeupLog
+from tests.waits import RECOVERY_TIMEOUT_S
 
 LONG_S = 60.0
 
@@ -40,8 +41,9 @@ async def connected(url: str) -> AsyncIterator[PostgresBackend]:
 async def vacuum_until(backend: PostgresBackend, done: dict[str, int], table: str) -> None:
     """Run the daemon's vacuum until ``done`` (its ``runs`` or ``analyzed``) counts
     ``table``. PostgreSQL publishes a session's statistics at most once a second, and
-    only once it has been idle a moment: asking too often delays them."""
-    async with asyncio.timeout(10):
+    only once it has been idle a moment: asking too often delays them. A session that
+    stays busy flushes them within 10 s (PGSTAT_IDLE_INTERVAL): hence the 30 s."""
+    async with asyncio.timeout(RECOVERY_TIMEOUT_S):
         while table not in done:
             await asyncio.sleep(0.6)
             await backend.vacuum.run()
