@@ -203,19 +203,27 @@ async def test_room_goes_back_with_return_room_and_with_the_connection(broker: A
     b.close()
 
 
-@pytest.mark.backends("memory", "redis", "postgresql")
-async def test_room_goes_back_when_its_connection_closes(broker: Any) -> None:
-    """Capacity 3: A's send takes 1 of the 2 free as room, B's send the other: full. Once
-    A's connection closes, its room is released and B's next send is stored."""
+async def room_held_by_a(on_a: Any, on_b: Any) -> tuple[RawClient, RawClient, str]:
+    """Capacity 3: a client A of daemon ``on_a`` sends one message and gets room 1 (of
+    the 2 free); a client B of ``on_b`` (no window) fits one message, not two: A's room
+    counts. Return A, B and the channel."""
     channel = channel_name()
-    a, _ = await windowed(broker, capacity=3)
-    b, _ = await windowed(broker, capacity=3, window=0)
+    a, _ = await windowed(on_a, capacity=3)
+    b, _ = await windowed(on_b, capacity=3, window=0)
     await a.write(encode_frame(Send(1, channel, message(1), 1)))
     assert await a.next_frame() == Ok(1, room=1)
     await b.write(b"".join(encode_frame(Send(n, channel, message(n), 0)) for n in (2, 3)))
     assert await b.next_frame() == Ok(2)
     full = await b.next_frame()
     assert isinstance(full, Error) and full.error_code is ErrorCode.CHANNEL_FULL
+    return a, b, channel
+
+
+@pytest.mark.backends("memory", "redis", "postgresql")
+async def test_room_goes_back_when_its_connection_closes(broker: Any) -> None:
+    """Capacity 3: A's send takes 1 of the 2 free as room, B's send the other: full. Once
+    A's connection closes, its room is released and B's next send is stored."""
+    a, b, channel = await room_held_by_a(broker, broker)
     a.close()
     await until_ok(b, Send(4, channel, message(4), 0))
     b.close()

@@ -20,7 +20,13 @@ from channels.exceptions import ChannelFull
 from broker.layer.identity import Family
 from protocol import Confirm, Error, ErrorCode, Ok, Send, encode_frame
 from tests import servers
-from tests.broker.daemon.test_send_windows import channel_name, holds, message, windowed
+from tests.broker.daemon.test_send_windows import (
+    channel_name,
+    holds,
+    message,
+    room_held_by_a,
+    windowed,
+)
 from tests.conftest import LayerFactory
 from tests.layer.test_send_windows import read_all
 from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, RECOVERY_TIMEOUT_S, assert_nothing_within
@@ -165,15 +171,7 @@ async def test_room_a_killed_daemon_held_lapses(broker_factory: Callable[..., An
     3. A is killed with SIGKILL: nobody releases its room, yet after ``room_lapse`` B's
        next send is stored."""
     one, two = broker_factory(), broker_factory()
-    channel = channel_name()
-    a, _ = await windowed(one, capacity=3)
-    b, _ = await windowed(two, capacity=3, window=0)
-    await a.write(encode_frame(Send(1, channel, message(1), 1)))
-    assert await a.next_frame() == Ok(1, room=1)
-    await b.write(b"".join(encode_frame(Send(n, channel, message(n), 0)) for n in (2, 3)))
-    assert await b.next_frame() == Ok(2)
-    full = await b.next_frame()
-    assert isinstance(full, Error) and full.error_code is ErrorCode.CHANNEL_FULL
+    a, b, channel = await room_held_by_a(one, two)
     one.kill()
     a.close()
     killed = time.monotonic()
