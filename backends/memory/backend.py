@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Self
 
 from ..base import Backend, CapacityOf, resolved
+from ..deadlines import SharedDeadlines
 from ..errors import BackendError
 from ..fanout import EdgeOwners
 from ..records import BackendStats, Taken
@@ -80,6 +81,7 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
         # The running counts ``stats`` reports.
         self._channels_waiting = self._messages_waiting = self._expired_total = 0
         self._groups = self._memberships = 0
+        self._deadlines = SharedDeadlines()
         self._owners: EdgeOwners = {}  # connections that may take fan-outs: groups
 
     @classmethod

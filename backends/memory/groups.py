@@ -25,6 +25,7 @@ from typing import Protocol
 from protocol import encode_channels, ttl_ms
 
 from ..base import CapacityOf, resolved
+from ..deadlines import SharedDeadlines
 from ..fanout import EdgeOwners
 from ..records import GroupSendResult
 from .budget import CHANNEL_OVERHEAD_BYTES, MESSAGE_OVERHEAD_BYTES, Refusals
@@ -49,6 +50,7 @@ class _Storage(Protocol):
     _memberships: int
     _owners: EdgeOwners
     _on_ready: Callable[[str, str], None]
+    _deadlines: SharedDeadlines
 
     def _space(self, ns: str) -> Space: ...
 
@@ -106,7 +108,7 @@ class MemoryGroups:
             self._memberships += 1
             record.size += 1
             members.listed = None  # a renewal leaves the list as it is
-        deadline = _now() + group_expiry_s
+        deadline = self._deadlines.after(_now(), group_expiry_s)
         members.deadlines[channel] = deadline
         if record.bucket is None:
             self._group_wheel.file(record, deadline)

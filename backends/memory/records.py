@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import deque
 
 from .wheel import Filed
@@ -43,6 +44,7 @@ class Space:
         self.groups: dict[str, Group] = {}
 
     def add_channel(self, name: str) -> Channel:
+        name = sys.intern(name)  # the same object as the channel's group memberships hold
         record = self.channels[name] = Channel(self, name)
         if record.client is not None:
             self.clients.setdefault(record.client, {})[name] = record

@@ -11,6 +11,7 @@ runs for every request, and the exporter reads the numbers only when scraped.
 from __future__ import annotations
 
 import logging
+import sys
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -260,10 +261,13 @@ class Handlers:
             if not guard.memberships.has_room(frame.group, frame.channel):
                 guard.over_limit(rid, "max-memberships", f"{len(guard.memberships)} memberships")
                 return
+            # One name object for a channel's every membership (a site's consumer is in
+            # several groups), in the backend and in the connection's count alike.
+            channel = sys.intern(frame.channel)
             await self.ctx.backend.group_add(
-                session.ns, frame.group, frame.channel, group_expiry_s=session.group_expiry_s
+                session.ns, frame.group, channel, group_expiry_s=session.group_expiry_s
             )
-            guard.memberships.added(frame.group, frame.channel, session.group_expiry_s)
+            guard.memberships.added(frame.group, channel, session.group_expiry_s)
             self.shell.write(Ok(rid))
 
     async def _on_group_discard(self, frame: GroupDiscard) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+from backends.deadlines import SharedDeadlines
+
 __all__ = ["Memberships"]
 
 
@@ -26,7 +28,7 @@ class Memberships:
     are looked for only at the limit, and only once the soonest deadline has passed.
     """
 
-    __slots__ = ("_count", "_groups", "_next_lapse", "limit")
+    __slots__ = ("_count", "_deadlines", "_groups", "_next_lapse", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -34,6 +36,7 @@ class Memberships:
         self._count = 0
         #: No membership lapses before this (a lower bound: a discard may raise it).
         self._next_lapse = float("inf")
+        self._deadlines = SharedDeadlines()
 
     def __len__(self) -> int:
         return self._count
@@ -69,7 +72,7 @@ class Memberships:
             members = self._groups[group] = {}
         if members.pop(channel, None) is None:
             self._count += 1
-        deadline = members[channel] = time.monotonic() + group_expiry_s
+        deadline = members[channel] = self._deadlines.after(time.monotonic(), group_expiry_s)
         self._next_lapse = min(self._next_lapse, deadline)
 
     def discarded(self, group: str, channel: str) -> None:
