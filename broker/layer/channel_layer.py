@@ -57,7 +57,7 @@ from .connecting import RECONNECT_MAX_DELAY_S
 from .encryption import UndecryptableMessage, check_not_encrypted, encryption_for
 from .errors import BrokerUnavailable, LayerClosed, MessageTooLarge, too_large
 from .identity import Family
-from .memberships import Memberships
+from .memberships import MAX_REMEMBERED_MEMBERSHIPS, Memberships
 from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
@@ -136,6 +136,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         max_message_bytes: int | None = None,
         connect_timeout: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
+        remembered_memberships: int = MAX_REMEMBERED_MEMBERSHIPS,
         **other: Any,
     ) -> None:
         """Raises ``LayerConfigError`` for each CONFIG key or value it cannot use, saying what
@@ -159,7 +160,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.handed = HandedIds()
         self.outages = Outages(connect_timeout, RECONNECT_MAX_DELAY_S)  # shared by the loops
         #: Every membership this layer made, re-added if the daemon loses its store.
-        self.memberships = Memberships(self.settings.group_expiry_s)
+        self.memberships = Memberships(
+            self.settings.group_expiry_s, self.settings.remembered_memberships
+        )
         # Parked sockets belong to no loop; close them when the layer goes away.
         weakref.finalize(self, self.idle_pool.close_all)
 

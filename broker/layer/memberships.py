@@ -11,7 +11,8 @@ logs once that the store was lost; the other loops see the same incarnation, and
 nothing. Receives need no waking: a pull is asked again of the new daemon, and a
 receive of a pushed channel waits for the new daemon's pushes.
 
-Bounded: at most ``MAX_REMEMBERED_MEMBERSHIPS`` per layer instance. Past it, expired
+Bounded: at most CONFIG's ``remembered_memberships`` per layer instance (by default
+``MAX_REMEMBERED_MEMBERSHIPS``). Past it, expired
 ones go first, then the oldest are forgotten (not re-added after a lost store),
 counted in ``forgotten`` and logged once per layer.
 """
@@ -54,7 +55,7 @@ class Memberships:
         self.incarnation: str | None = None
         #: How many times a loop reconnected to a store that had lost what it held.
         self.stores_lost = 0
-        #: Memberships forgotten at the bound (``MAX_REMEMBERED_MEMBERSHIPS``).
+        #: Memberships forgotten at the bound (``remembered_memberships``).
         self.forgotten = 0
 
     def __len__(self) -> int:
@@ -130,7 +131,8 @@ class Memberships:
         if not self.forgotten:
             log.warning(
                 "this layer remembers at most %d group memberships: the oldest are"
-                " forgotten, and not added again if the broker loses its store",
+                " forgotten, and not added again if the broker loses its store"
+                " (CONFIG's remembered_memberships raises the bound)",
                 self._limit,
             )
         self.forgotten += excess

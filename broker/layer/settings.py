@@ -42,6 +42,7 @@ CONFIG_KEYS = (
     "max_message_bytes",
     "connect_timeout",
     "ssl_context",
+    "remembered_memberships",
 )
 #: Keys whose None means their default.
 _OPTIONAL = frozenset({"hosts", "token", "channel_capacity", "max_message_bytes", "ssl_context"})
@@ -128,6 +129,8 @@ class LayerSettings:
     #: The application's own cap on message size, under the daemon's; None: the daemon's.
     max_message_bytes: int | None
     connect_timeout_s: float
+    #: How many of its memberships the layer re-adds to a daemon that lost its store.
+    remembered_memberships: int
     #: For tls:// hosts; None verifies the daemon against the system's CAs.
     ssl_context: ssl.SSLContext | None
 
@@ -150,6 +153,7 @@ class LayerSettings:
             max_message_bytes=config["max_message_bytes"],
             connect_timeout_s=float(config["connect_timeout"]),
             ssl_context=config["ssl_context"],
+            remembered_memberships=config["remembered_memberships"],
         )
 
     def hello(
@@ -343,6 +347,9 @@ _VALUE_CHECKS: dict[str, Callable[[Any], Why]] = {
     ),
     "connect_timeout": _seconds("write how long a call waits for a daemon, in seconds, as 5"),
     "ssl_context": _ssl_context,
+    "remembered_memberships": _count(
+        "write how many memberships the layer re-adds after a daemon lost them, as 100000"
+    ),
 }
 
 

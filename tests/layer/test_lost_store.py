@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from broker.layer import BrokerChannelLayer
 from broker.layer.memberships import Memberships
+from broker.layer.problems import LayerConfigError
 from broker.layer.sync import layer_for
 from tests.waits import IN_FLIGHT_S, RECONNECT_TIMEOUT_S, receive
 
@@ -103,3 +105,12 @@ def test_memberships_are_bounded_and_forget_the_oldest(caplog: pytest.LogCapture
     assert len(memberships.welcomed("second", next_id)) == 2
     warned = [r for r in caplog.records if "store was lost" in r.getMessage()]
     assert len(warned) == 2 and memberships.stores_lost == 3
+
+
+def test_the_bound_is_the_config_key_remembered_memberships() -> None:
+    layer = BrokerChannelLayer(remembered_memberships=2)
+    for n in range(3):
+        layer.memberships.added("room", f"channel{n}")
+    assert layer.memberships.forgotten == 1
+    with pytest.raises(LayerConfigError, match="remembered_memberships"):
+        BrokerChannelLayer(remembered_memberships=0)
