@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from protocol import GroupAdd
@@ -45,7 +45,10 @@ class Memberships:
     def __init__(self, group_expiry_s: float, limit: int = MAX_REMEMBERED_MEMBERSHIPS) -> None:
         self._group_expiry_s = group_expiry_s
         self._limit = limit
-        self._added: dict[tuple[str, str], float] = {}
+        # Ordered by a linked list, not dict order: removing at the head of a plain dict
+        # leaves dead slots that every later look at the head walks again (at the bound
+        # that made each group_add cost a walk of up to the whole dict).
+        self._added: OrderedDict[tuple[str, str], float] = OrderedDict()
         #: The stores warned about: once each, even if the loops go back and forth
         #: between two daemons on memory:// (each has a store of its own).
         self._warned: deque[str] = deque(maxlen=16)
@@ -65,8 +68,8 @@ class Memberships:
         """Remember (or renew) a membership, within the bound."""
         key = (group, channel)
         with self._lock:
-            self._added.pop(key, None)  # re-inserted: the dict stays oldest first
             self._added[key] = _now()
+            self._added.move_to_end(key)  # the dict stays oldest first
             if len(self._added) > self._limit:
                 self._make_room()
 
@@ -111,23 +114,17 @@ class Memberships:
 
     def _drop_expired(self) -> None:
         """Drop the lapsed ones: at the head only, since the dict is oldest first."""
-        oldest = _now() - self._group_expiry_s
-        lapsed: list[tuple[str, str]] = []
-        for key, added in self._added.items():
-            if added >= oldest:
-                break
-            lapsed.append(key)
-        for key in lapsed:
-            del self._added[key]
+        oldest, added = _now() - self._group_expiry_s, self._added
+        while added and next(iter(added.values())) < oldest:
+            added.popitem(last=False)
 
     def _make_room(self) -> None:
         self._drop_expired()
         excess = len(self._added) - self._limit
         if excess <= 0:
             return
-        oldest = iter(self._added)
-        for key in [next(oldest) for _ in range(excess)]:
-            del self._added[key]
+        for _ in range(excess):
+            self._added.popitem(last=False)
         if not self.forgotten:
             log.warning(
                 "this layer remembers at most %d group memberships: the oldest are"
