@@ -101,7 +101,7 @@ def default_loops(note: Note) -> tuple[str, ...]:
     default=0.01,
     show_default=True,
     help="Memory scenario: fraction of 1,000,000 channels and 10,000,000 memberships"
-    " (1 takes about 10 minutes and 3 GiB).",
+    " (1 takes about 11 minutes and 1.2 GiB).",
 )
 @click.option(
     "--scenario",
