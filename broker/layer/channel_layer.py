@@ -151,9 +151,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.group_expiry = group_expiry
         #: None without keys: then no code of broker.layer.encryption runs for a message.
         self._encryption = encryption_for(symmetric_encryption_keys, self.expiry)
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients = weakref.WeakKeyDictionary()  # typed in the class body
         self._valid_names: set[str] = set()
         self.idle_pool = IdlePool()
         self.family = Family()  # of every loop's client id: each may pull another's channels
