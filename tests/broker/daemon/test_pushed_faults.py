@@ -1,0 +1,102 @@
+"""Messages pushed to a client's own channel survive a cut connection, counting every
+message: none accepted is lost, none reaches the application twice (issue 15).
+
+A consumer's channel (``new_channel()``) is pushed to its connection as PUSH frames,
+and each message counts as held until the consumer's layer acknowledges it (by count,
+as ``receive`` takes it). The daemon keeps what it pushed until then; a connection that
+closes without acknowledging gives it back at the head of its channel's queue, and the
+consumer, reconnecting under the same client id, gets it again (its layer drops a copy
+of one it handed to ``receive`` already, by its message id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from broker.layer import BrokerChannelLayer
+from tests.conftest import BrokerProcess
+from tests.proxy import CutProxy
+from tests.waits import IN_FLIGHT_S, RECOVERY_TIMEOUT_S
+
+COUNT = 600
+IN_FLIGHT = 20
+#: Messages sent between two cuts.
+ROUND = 150
+
+
+async def read_all(
+    layer: BrokerChannelLayer, channel: str, got: list[int], changed: asyncio.Event
+) -> None:
+    """The consumer: receive, note, again (``receive`` waits through reconnects)."""
+    while True:
+        message = await layer.receive(channel)
+        got.append(message["n"])
+        changed.set()
+
+
+async def cut_with_pushes_in_flight(proxy: CutProxy) -> None:
+    """Hold what the daemon writes to the consumer (its PUSHes pile up in the proxy and
+    the kernel's buffers), then cut: those bytes are gone."""
+    proxy.stall_replies()
+    await asyncio.sleep(IN_FLIGHT_S)  # no event says the pushes left the daemon
+    proxy.cut()
+    proxy.resume()
+
+
+async def send_round(sender: BrokerChannelLayer, channel: str, numbers: range) -> None:
+    """Send each of ``numbers`` once, ``IN_FLIGHT`` at a time."""
+    slots = asyncio.Semaphore(IN_FLIGHT)
+
+    async def send(n: int) -> None:
+        async with slots:
+            await sender.send(channel, {"n": n})
+
+    await asyncio.gather(*(send(n) for n in numbers))
+
+
+async def test_a_consumer_cut_off_gets_every_pushed_message_once(
+    own_broker: BrokerProcess, unique: Callable[[str], str]
+) -> None:
+    """1. A consumer reaches the daemon through a proxy and receives on its own channel;
+       a sender sends it 600 numbered messages through the daemon, 20 in flight, in
+       rounds of 150.
+    2. After each round the proxy holds what the daemon writes to the consumer for a
+       moment, then cuts the connection (the pushes in flight are lost on the wire);
+       the consumer's layer reconnects through the proxy, with the same client id, while
+       the next round is sent.
+    3. Every message reaches the consumer's application exactly once.
+    """
+    proxy = CutProxy(own_broker.address)
+    await proxy.start()
+    consumer = BrokerChannelLayer(hosts=[proxy.url], capacity=COUNT)
+    sender = BrokerChannelLayer(hosts=[own_broker.url], capacity=COUNT)
+    channel = await consumer.new_channel(unique("pushed"))
+    got: list[int] = []
+    changed = asyncio.Event()
+    reader = asyncio.create_task(read_all(consumer, channel, got, changed))
+    try:
+        for start in range(0, COUNT, ROUND):
+            await send_round(sender, channel, range(start, start + ROUND))
+            await cut_with_pushes_in_flight(proxy)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RECOVERY_TIMEOUT_S):
+                while len(set(got)) < COUNT:
+                    changed.clear()
+                    await changed.wait()
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await consumer.close()
+        await sender.close()
+        await proxy.close()
+    lost = set(range(COUNT)) - set(got)
+    twice = len(got) - len(set(got))
+    print(
+        f"connections {proxy.connections}, lost {len(lost)}, twice {twice},"
+        f" redelivered and dropped by the layer {consumer.handed.redelivered}"
+    )
+    assert proxy.connections >= COUNT // ROUND, "the consumer reconnected after the cuts"
+    assert not lost, f"{len(lost)} accepted messages lost: {sorted(lost)[:20]}"
+    assert twice == 0, f"{twice} messages reached the application twice"
