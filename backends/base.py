@@ -164,6 +164,15 @@ class Backend(abc.ABC):
         """Stop counting ``count`` held messages of ``channel`` against its capacity."""
 
     @abc.abstractmethod
+    async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
+        """Put messages pushed to a client and not acknowledged back at the head of
+        ``channel``, in order, before anything waiting there, and stop counting ``held`` of
+        its held messages (as ``release``): the client's connection closed, and its next
+        one is pushed them again. Each keeps its deadline (``Taken.deadline``); expired
+        ones are dropped. Never refused as full: they were accepted. Wakes the channel.
+        """
+
+    @abc.abstractmethod
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """Channels of one client (``...<client_id>!...``) with waiting messages.
 

@@ -20,6 +20,10 @@ class Taken(NamedTuple):
     ttl_s: float
     #: The lease it is held under until acknowledged (``LeasesToConsumers``); "" if none.
     lease: str = ""
+    #: When it expires on ``time.monotonic()``'s clock (0.0: unknown, ``ttl_s`` from when
+    #: it was taken): what a message pushed and not acknowledged keeps if it is given back
+    #: (``Backend.give_back``). A backend that reads a deadline anyway hands it on as is.
+    deadline: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

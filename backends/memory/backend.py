@@ -179,7 +179,7 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
             popped += 1
             popped_bytes += len(payload)
             if deadline > now:  # expired ones are dropped, never returned
-                taken.append(Taken(payload, deadline - now))
+                taken.append(Taken(payload, deadline - now, "", deadline))
         self._messages_waiting -= popped
         self._bytes -= popped_bytes
         self._expired_total += popped - len(taken)
@@ -197,6 +197,29 @@ class MemoryBackend(MemoryState, MemoryGroups, MemoryRoom, Backend):
         record.held = max(0, record.held - count)
         if not (record.queue or record.held or record.reserved) and record.bucket is None:
             self._forget_channel(record)  # its sweep passed while it was held
+
+    async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
+        """Messages pushed and not acknowledged, back at the head of their channel."""
+        now = _now()
+        live = [(item.deadline or now + item.ttl_s, item.payload) for item in items]
+        live = [entry for entry in live if entry[0] > now]
+        self._expired_total += len(items) - len(live)
+        if live:
+            space = self._space(ns)
+            record = space.channels.get(channel)
+            if record is None:
+                record = space.add_channel(channel)
+                self._bytes += CHANNEL_OVERHEAD_BYTES
+            self._channels_waiting += not record.queue
+            queue = [*live, *record.queue]
+            record.queue = queue if len(queue) < SHORT_QUEUE else deque(queue)
+            self._messages_waiting += len(live)
+            self._bytes += sum(len(payload) for _, payload in live)
+            self._channel_wheel.unfile(record)  # filed again under its new head
+            self._channel_wheel.file(record, queue[0][0])
+        await self.release(ns, channel, held)
+        if live:
+            self._on_ready(ns, channel)
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels holding unexpired messages: O(that client's channels)."""

@@ -5,8 +5,9 @@ The file is one msgpack map: ``format`` (says what the file is), ``version``,
 expiry), ``incarnation`` (the store's name, which the next start keeps: its clients then
 see the same store), and ``spaces``: per namespace, its channels with their waiting
 messages (seconds left, payload) oldest first, and its groups with their members
-(seconds left). Held messages (pushed, not yet read) are not in it: the layer that holds
-them reads them.
+(seconds left). Messages pushed and not yet acknowledged are in it as waiting ones: the
+daemon's connections gave them back as they closed, before the file is written, and the
+layer that reconnects drops a copy of one it had already (docs/flow.md).
 
 Writing is atomic: a temporary file beside it, fsync'd, renamed over it, and the
 directory fsync'd, so a crash while writing leaves the previous file or the new one,

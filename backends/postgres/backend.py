@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Self
@@ -256,6 +257,20 @@ class PostgresBackend(Backend):
         """
         if count > 0:
             self._releases.add(ns, channel, count)
+
+    async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
+        """Pushed messages not acknowledged, back at the head of their channel (one
+        statement), then their held count released and the channel's daemons woken."""
+        now = time.monotonic()
+        left = [(item.deadline or now + item.ttl_s) - now for item in items]
+        live = [(item.payload, ttl_s) for item, ttl_s in zip(items, left, strict=True) if ttl_s > 0]
+        if live:
+            payloads, ttls = [payload for payload, _ in live], [ttl for _, ttl in live]
+            client = client_of(channel)
+            await self._db.execute(self._sql.give_back, ns, channel, client, payloads, ttls)
+        await self.release(ns, channel, held)
+        if live:
+            self._stored(ns, [channel])
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels holding unexpired messages (from an index on the client)."""

@@ -28,6 +28,26 @@ _TEMPLATES = {
     # Notifications of what committed transactions stored (see ``notifier``).
     "notify": "SELECT {s}.notify($1)",
     "release_many": "SELECT {s}.release_many($1, $2, $3)",
+    # Messages pushed to a client and not acknowledged (Backend.give_back), back at the
+    # head of their channel: ids below its oldest (ids need not be unique; none is
+    # waiting: below the next one), counted in again.
+    "give_back": """
+            WITH c AS (
+                INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+                VALUES ($1, $2, $3, cardinality($4::bytea[]))
+                ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting
+                RETURNING 1
+            ), head AS (
+                SELECT coalesce(
+                    (SELECT min(m.id) FROM {s}.messages m WHERE m.ns = $1 AND m.channel = $2),
+                    nextval(pg_get_serial_sequence('{s}.messages', 'id'))) AS id
+            )
+            INSERT INTO {s}.messages (id, ns, channel, client, payload, expires_at)
+            OVERRIDING SYSTEM VALUE
+            SELECT head.id - cardinality($4::bytea[]) - 1 + g.i, $1, $2, $3, g.payload,
+                   now() + make_interval(secs => g.ttl)
+            FROM head, c, unnest($4::bytea[], $5::float8[]) WITH ORDINALITY AS g(payload, ttl, i)
+        """,
     "channels_with_messages": """
             SELECT DISTINCT channel FROM {s}.messages
             WHERE ns = $1 AND client = $2 AND expires_at > now()
@@ -92,6 +112,7 @@ class Statements:
     ack: str
     channels_with_messages: str
     flush: str
+    give_back: str
     group_add: str
     group_discard: str
     group_send: str

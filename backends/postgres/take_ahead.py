@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -204,7 +205,11 @@ class Takes:
                 handed.append(item)
         if handed and handed[0].lease:
             self._ack(key[0], key[1], handed)
-        served = [Taken(item.payload, item.deadline - now) for item in handed]
+        mono = time.monotonic()  # Taken's clock (``Ahead``'s is the loop's)
+        served = [
+            Taken(item.payload, item.deadline - now, "", mono + item.deadline - now)
+            for item in handed
+        ]
         self._count_pulls(line, now, len(served))
         if ahead:
             self._wake(key[0], key[1])  # one wake-up serves one pull

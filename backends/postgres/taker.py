@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,8 +88,10 @@ class Taker:
         """Up to ``limit`` messages of each channel, in one statement."""
         rows = await self._db.fetch(self._sql.take_many, ns, list(channels), limit, hold)
         taken: dict[str, list[Taken]] = {channel: [] for channel in channels}
+        now = time.monotonic()
         for channel, payload, ttl_s in rows:
-            taken[channel].append(Taken(self.interned(payload), max(0.0, ttl_s)))
+            ttl_s = max(0.0, ttl_s)
+            taken[channel].append(Taken(self.interned(payload), ttl_s, "", now + ttl_s))
         return taken
 
     async def give_back(self, ns: str, channel: str, items: list[Ahead]) -> None:

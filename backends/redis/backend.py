@@ -193,6 +193,10 @@ class RedisBackend(Backend):
         if self._commands.topology is not None:
             self._leases.acknowledge(ns, channel, leases)
 
+    async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
+        """Pushed messages not acknowledged, back at the head of the queue: one script."""
+        await self._takes.give_back(ns, channel, items, held)
+
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Queue the release and return; it is sent before any later command of this
         daemon (and with the other releases of this loop pass, as one script).

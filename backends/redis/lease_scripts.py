@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .scripts import SCRIPTS, Script
 
-__all__ = ["ACK_LEASES", "ALL_SCRIPTS", "REAP_LEASES", "TAKE_LEASED"]
+__all__ = ["ACK_LEASES", "ALL_SCRIPTS", "GIVE_BACK", "REAP_LEASES", "TAKE_LEASED"]
 
 #: Give back the expired leases of one channel (at most ``most`` takes): each message
 #: back at the head of the queue in its old place, one wake-up each. -> how many.
@@ -137,5 +137,42 @@ return back
 """,
 )
 
+#: Put messages pushed to a client and not acknowledged back at the head of their
+#: channel, in order (``Backend.give_back``), and uncount held ones. KEYS: queue, held,
+#: index (process-specific channels). ARGV: channel, wake-up channel, pubcmd, keep_ms,
+#: how many held to uncount, how many of the entries are relative, then the entries,
+#: oldest first: the relative ones (13 digits of ms to live, then the payload) before
+#: the absolute ones (stashed entries, as stored). -> how many went back.
+GIVE_BACK = Script.of(
+    "give_back",
+    r"""
+local now = now_ms()
+local relative = tonumber(ARGV[6])
+local latest, count = now, 0
+for i = #ARGV, 7, -1 do
+  local entry = ARGV[i]
+  if i - 6 <= relative then
+    entry = string.format('%013d', now + deadline_of(entry)) .. string.sub(entry, 14)
+  end
+  redis.call('LPUSH', KEYS[1], entry)
+  latest = math.max(latest, deadline_of(entry))
+  count = count + 1
+end
+local uncount = tonumber(ARGV[5])
+if uncount > 0 and redis.call('DECRBY', KEYS[2], uncount) <= 0 then
+  redis.call('DEL', KEYS[2])
+end
+if count > 0 then
+  extend(KEYS[1], latest - now + tonumber(ARGV[4]))
+  if KEYS[3] then
+    redis.call('SADD', KEYS[3], ARGV[1])
+    extend(KEYS[3], latest - now + tonumber(ARGV[4]))
+  end
+  redis.call(ARGV[3], ARGV[2], '- ' .. ARGV[1])
+end
+return count
+""",
+)
+
 #: Every script, for loading at connect and for finding one by its SHA1.
-ALL_SCRIPTS = (*SCRIPTS, TAKE_LEASED, ACK_LEASES, REAP_LEASES)
+ALL_SCRIPTS = (*SCRIPTS, TAKE_LEASED, ACK_LEASES, REAP_LEASES, GIVE_BACK)

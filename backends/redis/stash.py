@@ -71,6 +71,10 @@ class Stash:
     def pop_client(self, ns: str, client_id: str) -> dict[Key, list[bytes]]:
         return self._pop([(ns, channel) for channel in self.channels_of(ns, client_id)])
 
+    def pop_channel(self, ns: str, channel: str) -> list[bytes]:
+        """The entries of one channel, oldest first, gone from here."""
+        return self._pop([(ns, channel)]).get((ns, channel), []) if self.has(ns, channel) else []
+
     def pop_namespace(self, ns: str) -> None:
         self._pop([key for key in self._items if key[0] == ns])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ from backends import BackendError, Taken, WakeupCallback
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
-from .lease_scripts import TAKE_LEASED
+from .lease_scripts import GIVE_BACK, TAKE_LEASED
 from .leases import Leases
 from .scripts import TAKE, UNGRAB, WAITING
 from .stash import HOLD_S, Stash
@@ -137,7 +138,8 @@ class Takes:
             uncount = expired + (0 if hold else len(items))
             self._commands.release(self._keys.held(ns, channel), uncount)
         self.expired_total += expired
-        return [Taken(e[DEADLINE_DIGITS:], d - now) for e, d, _ in items]
+        mono = time.monotonic()  # Taken's clock (the stash's is the loop's)
+        return [Taken(e[DEADLINE_DIGITS:], d - now, "", mono + d - now) for e, d, _ in items]
 
     async def _take_from_redis(
         self, ns: str, channels: list[str], limit: int, hold: bool
@@ -195,12 +197,14 @@ class Takes:
     ) -> dict[str, list[Taken]]:
         """TAKE's reply: server time, expired count, then per channel a count and entries."""
         now_ms = int(reply[0])
+        mono = time.monotonic()
         self.expired_total += int(reply[1])
         taken: dict[str, list[Taken]] = {}
         at = 2
         for channel, was_woken in zip(channels, woken, strict=True):
             count = int(reply[at])
-            items = [self._taken(entry, now_ms) for entry in reply[at + 1 : at + 1 + count]]
+            entries = reply[at + 1 : at + 1 + count]
+            items = [self._taken(entry, now_ms, mono) for entry in entries]
             at += 1 + count
             taken[channel] = items
             if count < limit:
@@ -222,18 +226,18 @@ class Takes:
             self._woken_inflight.discard(key)
         return woken
 
-    def _taken(self, entry: bytes, now_ms: int) -> Taken:
+    def _taken(self, entry: bytes, now_ms: int, mono: float) -> Taken:
         deadline_ms = int(entry[:DEADLINE_DIGITS])
         ttl_s = (deadline_ms - now_ms) / 1000
         if len(entry) > SHARE_MAX_BYTES:
-            return Taken(entry[DEADLINE_DIGITS:], ttl_s)
+            return Taken(entry[DEADLINE_DIGITS:], ttl_s, "", mono + ttl_s)
         # Identical entries (a group message) share one payload object: one PUSH frame.
         payload = self._shared.get(entry)
         if payload is None:
             if len(self._shared) >= SHARE_CACHE_SIZE:
                 self._shared.clear()
             payload = self._shared[entry] = entry[DEADLINE_DIGITS:]
-        return Taken(payload, ttl_s)
+        return Taken(payload, ttl_s, "", mono + ttl_s)
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels with unexpired messages, in Redis or in the stash."""
@@ -263,6 +267,27 @@ class Takes:
         self._stash.add(ns, channel, entry, deadline, now)
         self._arm_stash_timer()
         self.wake(ns, channel, more=False)
+
+    async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
+        """Pushed messages not acknowledged, back at the head of their queue in one
+        GIVE_BACK, before what the stash holds of the channel (grabbed after them)."""
+        stashed = self._stash.pop_channel(ns, channel)
+        mono = time.monotonic()
+        entries = []
+        for item in items:
+            ttl_ms = int(((item.deadline or mono + item.ttl_s) - mono) * 1000)
+            if ttl_ms > 0:  # expired ones are dropped
+                entries.append(b"%013d" % ttl_ms + item.payload)
+        self.expired_total += len(items) - len(entries)
+        if not (entries or stashed):
+            self._commands.release(self._keys.held(ns, channel), held)
+            return
+        self._maybe_more.discard((ns, channel))
+        pubcmd = self._commands.require().publish_command
+        args = [channel, self._keys.wake(ns, channel), pubcmd, KEEP_MARGIN_MS]
+        args += [held + len(stashed), len(entries), *entries, *stashed]
+        await self._commands.run(GIVE_BACK, self._keys.channel_keys(ns, channel), args)
+        self.wake(ns, channel)
 
     def return_client(self, ns: str, client_id: str) -> None:
         """The client is no longer attached here: its grabbed messages go back to Redis."""

@@ -1,6 +1,6 @@
 """One client connection: bytes in and out, the worker, and deliveries.
 
-What each request means is in ``handlers``; what a channel holds, in ``routing.Held``.
+What each request means is in ``handlers``; what a channel holds, in ``held``.
 
 Theory of operation. ``data_received`` only decodes frames into ``inbox``; one
 worker task per connection does everything else in order: it answers requests one
@@ -48,9 +48,10 @@ from .guard import (
     write_apart,
 )
 from .handlers import Handlers
+from .held import Held
 from .pulls import Pulls
 from .pushes import PushFrames
-from .routing import Held, Pull
+from .routing import Pull
 from .session import Session
 
 __all__ = ["Connection"]
@@ -197,6 +198,7 @@ class Connection(asyncio.Protocol):
         if self.closing or transport is None or transport.is_closing():
             return False
         self.ctx.metrics.delivered["direct"] += len(channels)
+        self.held.add_direct(channels, payload, ttl_ms / 1000)
         self.write(Push(tuple(channels), payload, ttl_ms))
         # Out now: this connection's worker may be idle, and nothing else would write
         # its buffer (nor can anything take these messages back from storage).
@@ -313,8 +315,11 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is not None:
             self._pulls.withdraw()
+            # Given back while we still own the client id: a new connection of it here
+            # waits for that (``closed``) before it is pushed anything, so order holds.
+            redeliver = session.acks_deliveries
+            await self.held.give_back(self.ctx.backend, session.ns, redeliver=redeliver)
             self.ctx.router.detach(self, session.ns, session.client_id)
-            await self.held.release_stored(self.ctx.backend, session.ns)
             await self.handlers.finish()
         self.ctx.connections.discard(self)
         del self.handlers  # they point back at us: free our buffers now, not at a GC

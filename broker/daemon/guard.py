@@ -53,8 +53,8 @@ from protocol import (
 
 from . import strangers
 from .bounds import Bounds
+from .held import Held
 from .memberships import Memberships
-from .routing import Held
 
 __all__ = [
     "BATCH_ITEMS",

@@ -10,6 +10,7 @@ runs for every request, and the exporter reads the numbers only when scraped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from bisect import bisect_left
@@ -126,6 +127,9 @@ class Handlers:
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
+            # What it pushed and was not acknowledged goes back to storage first, at
+            # the head of its channels: pushed to us before anything newer.
+            await asyncio.shield(previous.closed)
         window = self.sends.open(hello)
         # An owned id (proven by its secret) keeps what its numbered SENDs came to.
         self._keeps_seqs = bool(window and hello.client_id) and not self.sends.seqs_in_storage

@@ -11,7 +11,7 @@ from __future__ import annotations
 from backends import Taken
 from broker.ops.metrics import Metrics
 
-from .routing import Held
+from .held import Held
 
 __all__ = ["PushFrames"]
 
@@ -30,7 +30,7 @@ class PushFrames:
         how many."""
         if not taken:
             return 0
-        held.add_stored(channel, len(taken))
+        held.add_stored(channel, taken)
         metrics.delivered["push"] += len(taken)
         frames, frame_of_payload = self.frames, self.frame_of_payload
         last = -1

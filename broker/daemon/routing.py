@@ -20,21 +20,18 @@ The router never touches the backend's data itself; connections do the ``take``.
 
 from __future__ import annotations
 
-import logging
-import sys
-import time
+import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends import AcceptsDirectPushes, Backend, BackendError, FansOutAtTheEdge
+from backends import AcceptsDirectPushes, Backend, FansOutAtTheEdge
 from protocol import client_id_of
 
 from .direct import DirectPusher
+from .held import Held
 
-__all__ = ["Endpoint", "Held", "Pull", "Router"]
-
-log = logging.getLogger("channels_broker.connection")
+__all__ = ["Endpoint", "Pull", "Router"]
 
 
 class Endpoint(Protocol):
@@ -42,6 +39,8 @@ class Endpoint(Protocol):
 
     #: What the connection's own channels hold of their capacity (``Held``).
     held: Held
+    #: Done once the connection closed and gave back what it pushed unacknowledged.
+    closed: asyncio.Future[None]
 
     def push_later(self, channel: str) -> None:
         """Push the waiting messages of one of this connection's own channels."""
@@ -175,117 +174,3 @@ class Router:
         if not line:
             del self._lines[(ns, channel)]
             self._backend.unwatch(ns, channel)
-
-
-class Held:
-    """What one connection's own channels hold of their capacity: messages pushed and not
-    yet acknowledged, the one count the daemon keeps of them.
-
-    Two kinds. *Stored* ones were taken from storage with ``hold`` (storage counts them
-    too, until released: other daemons see only those). *Direct* ones were pushed without
-    ever being stored (``DirectPusher``): storage never saw them, so every capacity it
-    checks is lowered by them; their count lapses when the newest of them expires, as
-    counts held in storage do.
-
-    The channels one connection holds messages of, here or waiting to be pushed, are
-    bounded (``--max-channels``, ``has_room``): past it, storage keeps the others'
-    messages, and the connection asks for them again once half of those it held are read
-    (``should_take_in``; ``Handlers.take_in_own_channels``).
-    """
-
-    __slots__ = ("_direct_until", "direct", "left_out", "limit", "stored")
-
-    def __init__(self, limit: int = sys.maxsize) -> None:
-        self.stored: dict[str, int] = {}
-        self.direct: dict[str, int] = {}
-        self._direct_until: dict[str, float] = {}
-        self.limit = limit
-        #: True once a channel was left out at ``limit``: storage has messages for it.
-        self.left_out = False
-
-    def has_room(self, channel: str, ready: int) -> bool:
-        """True if the connection may hold messages of ``channel`` beside the ``ready``
-        channels waiting to be pushed: it holds some already, or there is room for one
-        more (a channel with stored and direct ones counts twice)."""
-        return (
-            len(self.stored) + len(self.direct) + ready < self.limit
-            or channel in self.stored
-            or channel in self.direct
-        )
-
-    def should_take_in(self, ready: int) -> bool:
-        """True if channels were left out and half of ``limit`` is free again."""
-        return self.left_out and len(self.stored) + len(self.direct) + ready <= self.limit // 2
-
-    @property
-    def total(self) -> int:
-        """Every message held, of every channel (for status)."""
-        return sum(self.stored.values()) + sum(self.direct.values())
-
-    def add_stored(self, channel: str, count: int) -> None:
-        self.stored[channel] = self.stored.get(channel, 0) + count
-
-    def direct_of(self, channel: str) -> int:
-        """Direct pushes of ``channel`` not yet acknowledged; lapsed ones count 0."""
-        count = self.direct.get(channel, 0)
-        if count and self._direct_until[channel] < time.monotonic():
-            del self.direct[channel]
-            del self._direct_until[channel]
-            return 0
-        return count
-
-    def reserve_direct(self, channel: str, expiry_s: float) -> None:
-        """Count one direct push to come (or gone out) for ``channel``."""
-        self.direct[channel] = self.direct.get(channel, 0) + 1
-        until = time.monotonic() + expiry_s
-        if until > self._direct_until.get(channel, 0.0):
-            self._direct_until[channel] = until
-
-    def unreserve_direct(self, channel: str, count: int = 1) -> None:
-        """Undo ``count`` of ``reserve_direct``."""
-        _uncount(self.direct, channel, count)
-        if channel not in self.direct:
-            self._direct_until.pop(channel, None)
-
-    def acknowledge(self, channel: str, count: int) -> int:
-        """The client consumed ``count`` of ``channel``: stored ones first (storage must
-        release those, the number returned), then direct ones. Never more than held: a
-        client must not lift its own capacity."""
-        stored = _uncount(self.stored, channel, count)
-        if count > stored:
-            self.unreserve_direct(channel, count - stored)
-        return stored
-
-    def take_stored(self) -> dict[str, int]:
-        """Forget the stored counts and return them, for storage to release (on close)."""
-        stored, self.stored = self.stored, {}
-        return stored
-
-    async def release_stored(self, backend: Backend, ns: str) -> None:
-        """Forget the stored counts and have storage release them (on close): what was
-        pushed and not acknowledged stays in the client's buffer, if the client lives,
-        and must not keep its channel full forever."""
-        for channel, count in self.take_stored().items():
-            try:
-                await backend.release(ns, channel, count)
-            except BackendError:
-                log.warning("could not release %d held messages of %s", count, channel)
-
-    def clear(self) -> None:
-        """Storage dropped everything (a flush): so do we."""
-        self.stored.clear()
-        self.direct.clear()
-        self._direct_until.clear()
-        self.left_out = False
-
-
-def _uncount(counts: dict[str, int], channel: str, count: int) -> int:
-    """Take up to ``count`` off ``counts[channel]``; return how many were taken off."""
-    have = counts.get(channel, 0)
-    count = min(count, have)
-    if count:
-        if have > count:
-            counts[channel] = have - count
-        else:
-            del counts[channel]
-    return max(count, 0)

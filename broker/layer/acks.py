@@ -111,3 +111,16 @@ class Acks:
     def clear(self) -> None:
         self.counts.clear()
         self.fanout_kept = self.fanout_dropped = 0
+
+    def connection_lost(self, buffers: dict[str, Buffer]) -> None:
+        """Owe the next connection nothing for what the lost one pushed: its daemon gave
+        back what it did not hear acknowledged and pushes it again (docs/flow.md,
+        *Pushed messages*), and the copies are what the next connection counts. The
+        messages still buffered are kept, unheld: each reaches ``receive`` once, and
+        its copy is dropped by its message id (and acknowledged then)."""
+        self.counts.clear()
+        for buffer in buffers.values():
+            if any(held for _, _, held in buffer):
+                kept = [(deadline, payload, False) for deadline, payload, _ in buffer]
+                buffer.clear()
+                buffer.extend(kept)

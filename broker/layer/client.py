@@ -188,6 +188,7 @@ class LoopClient:
             return
         self.conn = None
         self._output.clear()
+        self._acks.connection_lost(self._buffers)
         if refused is not None:  # the daemon refused our client certificate: no retry
             self._fail_calls(refused)
             return

@@ -173,6 +173,35 @@ async def test_release_never_goes_below_zero(backend: Backend, ns: str) -> None:
     assert not await put(backend, ns, "specific.c1!x", b"4", cap=2), "no credit from over-release"
 
 
+async def test_given_back_messages_go_first_in_order_and_keep_their_deadline(
+    backend: Backend, ns: str
+) -> None:
+    """What a closed connection was pushed and never acknowledged goes back to the head of
+    its channel, in order, before what came meanwhile; its held count goes with it; one
+    that expired meanwhile is dropped; the channel's watchers are woken."""
+    channel = "specific.c1!x"
+    log = WakeupLog()
+    backend.set_wakeup(log)
+    backend.watch(ns, "c1")
+    for payload in (b"1", b"2"):
+        await put(backend, ns, channel, payload, cap=4)
+    await put(backend, ns, channel, b"short", cap=4, expiry_s=SHORT_S)
+    taken = await backend.take(ns, channel, 3, hold=True)
+    assert payloads(taken) == [b"1", b"2", b"short"]
+    assert await put(backend, ns, channel, b"3", cap=4)
+    assert not await put(backend, ns, channel, b"4", cap=4), "three held and one waiting"
+    await asyncio.sleep(LAPSE_WAIT_S)  # the short one expires
+    log.calls.clear()
+    await backend.give_back(ns, channel, taken, 3)
+    await log.wait_for({(ns, channel)})
+    assert await backend.channels_with_messages(ns, "c1") == [channel]
+    assert await put(backend, ns, channel, b"4", cap=4), "held no more: 1, 2 and 3 wait"
+    assert not await put(backend, ns, channel, b"5", cap=4)
+    again = await backend.take(ns, channel, 10, hold=False)
+    assert payloads(again) == [b"1", b"2", b"3", b"4"]
+    assert LONG_S - 10 < again[0].ttl_s <= LONG_S, "it kept its deadline"
+
+
 async def test_channels_with_messages_lists_one_clients_waiting_channels(
     backend: Backend, ns: str
 ) -> None:
