@@ -148,6 +148,7 @@ class Config:
     max_memory: int = default_of("max_memory")
     #: Send room per channel an OK may grant; 0 turns send windows off (docs/flow.md).
     send_window: int = default_of("send_window")
+    confirm_delay_s: float = default_of("confirm_delay_s")
     max_send_room: int = default_of("max_send_room")
     max_connections: int = default_of("max_connections")
     max_connections_per_peer: int = default_of("max_connections_per_peer")
@@ -235,6 +236,9 @@ class Config:
                 f" leaves up to four windows, {MAX_UNSETTLED_SENDS} sends, unconfirmed",
                 "send-window",
             )
+        if not 0 <= self.confirm_delay_s <= 1:
+            message = "--confirm-delay must be between 0 and 1 s: the client waits on it"
+            raise ConfigError(message, "confirm-delay")
         if self.max_batch < MAX_ACK_PAIRS:
             message = f"--max-batch must be at least {MAX_ACK_PAIRS}: the layer's ACKs"
             raise ConfigError(message, "max-batch")

@@ -191,6 +191,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         64,
         "Most messages a client may send to one channel ahead of their answers (0: none).",
     ),
+    # 2 ms: a client that sends one message at a time (a consumer answering each event)
+    # gets a CONFIRM per 2 ms instead of one per send, a frame and a wake-up each; it
+    # keeps what is unconfirmed to send again, at most 64 sends (broker/daemon/confirms.py).
+    Option(
+        "confirm-delay",
+        0.002,
+        "Seconds the CONFIRM of windowed sends may wait, merged with the next (0: at once).",
+        config_field="confirm_delay_s",
+    ),
     # 64 windows on 256 channels: a worker answering many consumers holds room on the
     # channels it sent to within the last fraction of a second; beyond this, sends wait.
     Option(

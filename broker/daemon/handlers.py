@@ -336,6 +336,7 @@ class Handlers:
         self.shell.write(Ok(frame.request_id))
 
     async def _on_ping(self, frame: Ping) -> None:
+        self.sends.write_held_confirm()  # a PONG comes after the CONFIRMs of what came before
         self.shell.write(Pong(frame.request_id))
 
     async def _on_return_room(self, frame: ReturnRoom) -> None:

@@ -7,13 +7,15 @@ is one ``send_many``. With windows, a SEND with a request id also reserves room 
 channel in the same storage step, and its OK says how much; a SEND with none (and a
 ``seq``) spends a unit of that room and is stored without a capacity check; one on a
 channel where the connection holds no room breaks the protocol (``NO_ROOM``). A burst
-ends with one CONFIRM of the highest seq handled, if any SEND in it was windowed.
+that held a windowed SEND is confirmed by a CONFIRM of the highest seq handled, held
+back and merged with the next bursts' (``confirms`` says until when).
 Shared storage dedupes numbered SENDs itself (a client may come back through another
 daemon) and counts room per connection (``holder``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from bisect import bisect_left
@@ -21,8 +23,9 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from backends import ALREADY_STORED, BackendError, ReservesRoom
-from protocol import Confirm, ErrorCode, Hello, Ok, Send, is_valid_channel
+from protocol import ErrorCode, Hello, Ok, Send, is_valid_channel
 
+from .confirms import HeldConfirm
 from .context import Context
 from .shell import Shell
 from .windows import Room, Seqs
@@ -60,6 +63,8 @@ class Sends:
         self.seqs = Seqs()
         #: Who holds this connection's room in storage: "<client id> <number>".
         self.holder = ""
+        #: The CONFIRM of the latest bursts, not yet written (``confirms``).
+        self.held_confirm = HeldConfirm()
 
     def open(self, hello: Hello) -> int:
         """Agree the window HELLO asks for, within ``--send-window``; return it (0: none)."""
@@ -164,7 +169,7 @@ class Sends:
         """The burst in order: requests one by one (each reserves room), runs of windowed
         SENDs in one storage call; then one CONFIRM if any was windowed."""
         run: list[Send] = []
-        confirm = False
+        windowed = 0
         spent: dict[str, int] = {}  # channel -> size of its latest windowed message
         for frame in frames:
             if frame.request_id or not frame.seq:  # a request (an old client's may use id 0)
@@ -175,7 +180,7 @@ class Sends:
             elif not self._spend(frame):
                 return  # the connection is closing: nothing more of it is handled
             else:
-                confirm = True
+                windowed += 1
                 spent[frame.channel] = len(frame.payload)
                 if self.seqs_in_storage or not self.seqs.was_stored(frame.seq):
                     run.append(frame)
@@ -183,8 +188,26 @@ class Sends:
                     await self._release(frame.channel, 1)
         if run:
             await self._store(run)
-        if confirm and not self.shell.closing:
-            self.shell.write(Confirm(self.seqs.highest, await self._refill(spent)))
+        if windowed and not self.shell.closing:
+            held, room = self.held_confirm, self.room
+            assert room is not None  # windowed SENDs were handled
+            held.add(self.seqs.highest, await self._refill(spent), windowed)
+            delay = self.ctx.config.confirm_delay_s
+            if not delay or held.is_urgent(room, spent):
+                self.write_held_confirm()
+            elif held.timer is None:
+                held.timer = asyncio.get_running_loop().call_later(delay, self._confirm_due)
+
+    def write_held_confirm(self) -> None:
+        """Write the CONFIRM held back (``confirms``), if any."""
+        frame = self.held_confirm.take()
+        if frame is not None and not self.shell.closing:
+            self.shell.write(frame)
+
+    def _confirm_due(self) -> None:
+        self.held_confirm.timer = None
+        self.write_held_confirm()
+        self.shell.flush()
 
     async def _refill(self, spent: dict[str, int]) -> tuple[tuple[str, int], ...]:
         """Room again on the channels a burst spent room on, as much as a request would

@@ -60,6 +60,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max-output-bytes": ("131072", 131072, 131072),
     "max-memory": ("1048576", 1048576, 1048576),
     "send-window": ("16", 16, 16),
+    "confirm-delay": ("0.01", 0.01, 0.01),
     "max-send-room": ("1024", 1024, 1024),
     "max-connections": ("40", 40, 40),
     "max-connections-per-peer": ("4", 4, 4),
@@ -152,6 +153,8 @@ def test_no_migrate_tells_only_a_postgresql_backend_not_to_migrate() -> None:
         # A layer leaves four windows unconfirmed at most, and a daemon remembers that many.
         ({"send_window": -1}, "--send-window must be between 0 and 256"),
         ({"send_window": 257}, "--send-window must be between 0 and 256"),
+        ({"confirm_delay": -0.1}, "--confirm-delay must be between 0 and 1 s"),
+        ({"confirm_delay": 2.0}, "--confirm-delay must be between 0 and 1 s"),
         ({"max_send_room": 0}, "--max-send-room must be positive"),
     ],
 )

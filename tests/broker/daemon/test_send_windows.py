@@ -227,3 +227,48 @@ async def test_room_goes_back_when_its_connection_closes(broker: Any) -> None:
     a.close()
     await until_ok(b, Send(4, channel, message(4), 0))
     b.close()
+
+
+@pytest.mark.backends("memory", "redis", "postgresql")
+async def test_confirms_are_held_and_merged_and_come_before_a_pong(broker_factory: Any) -> None:
+    """--confirm-delay 1: five windowed SENDs, each in its own burst (stored, as a reader
+    sees, before the next is written), get no CONFIRM of their own; a PING gets one
+    CONFIRM of them all (seq 6) and then its PONG, as a PONG promises."""
+    daemon = broker_factory(extra_args=("--confirm-delay", "1"))
+    client, _ = await windowed(daemon, capacity=100)
+    channel, layers = channel_name(), LayerFactory(daemon)
+    reader = layers()
+    await client.write(encode_frame(Send(1, channel, message(1), 1)))
+    ok = await client.next_frame()
+    assert isinstance(ok, Ok) and ok.room >= 5
+    assert (await receive(reader, channel))["n"] == 1
+    for n in range(2, 7):
+        await client.write(encode_frame(Send(0, channel, message(n), n)))
+        assert (await receive(reader, channel))["n"] == n  # stored: its burst is over
+    await client.write(encode_frame(Ping(9)))
+    confirm = await client.next_frame()
+    assert isinstance(confirm, Confirm) and confirm.through_seq == 6, confirm
+    assert await client.next_frame() == Pong(9)
+    client.close()
+    await layers.aclose()
+
+
+@pytest.mark.backends("memory")
+async def test_a_held_confirm_goes_at_once_when_the_client_needs_it(
+    broker_factory: Any,
+) -> None:
+    """--confirm-delay 1: a burst that spends all the room a client holds on a channel
+    is confirmed at once (with new room), not a second later."""
+    daemon = broker_factory(extra_args=("--confirm-delay", "1"))
+    client, _ = await windowed(daemon, capacity=1000)
+    channel = channel_name()
+    await client.write(encode_frame(Send(1, channel, message(1), 1)))
+    ok = await client.next_frame()
+    assert isinstance(ok, Ok) and ok.room > 1
+    seqs = range(2, 2 + ok.room)
+    started = time.monotonic()
+    await client.write(b"".join(encode_frame(Send(0, channel, message(n), n)) for n in seqs))
+    confirm = await client.next_frame()
+    assert isinstance(confirm, Confirm) and confirm.through_seq == seqs[-1] and confirm.room
+    assert time.monotonic() - started < 0.5  # not held for the delay
+    client.close()
