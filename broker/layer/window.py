@@ -140,7 +140,7 @@ class SendWindow:
     async def send(self, channel: str, payload: bytes) -> None:
         """Send; return once accepted. Raise ``ChannelFull`` when the channel is full."""
         room = self._rooms.get(channel)
-        if room and self._client.conn is not None and self._has_space(payload):
+        if room and self._is_writable() and self._has_space(payload):
             if room > 1:
                 self._rooms[channel] = room - 1
             else:
@@ -223,8 +223,14 @@ class SendWindow:
                 if self._loop.time() + RESEND_DELAY_S >= give_up_at:
                     raise
 
+    def _is_writable(self) -> bool:
+        """Whether a numbered send may go out now: not while no connection is up, nor
+        while one waits to be dropped after storage failed an accepted send (that send
+        goes again first on the next connection: a later one must not overtake it)."""
+        return self._client.conn is not None and not self._dropping
+
     def _write_request(self, entry: Unsettled) -> None:
-        if self._client.conn is None:
+        if not self._is_writable():
             return  # the reconnect sends it (it is unsettled)
         entry.request_id = request_id = self._client.next_id()
         self._requests[request_id] = entry
