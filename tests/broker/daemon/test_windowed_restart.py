@@ -25,7 +25,7 @@ from channels.exceptions import ChannelFull
 
 from broker.layer import BrokerChannelLayer, BrokerUnavailable
 from tests.broker.daemon.test_faults import Ledger, work
-from tests.broker.daemon.test_storage_restart import Storage, redis_storage
+from tests.broker.daemon.test_storage_restart import Storage, postgres_storage, redis_storage
 from tests.conftest import BrokerProcess
 
 SENDERS = 16
@@ -47,7 +47,7 @@ CAPACITY = 10_000
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(params=[redis_storage], ids=["redis"])
+@pytest.fixture(params=[redis_storage, postgres_storage], ids=["redis", "postgresql"])
 def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
     made: Storage = request.param()
     yield made
