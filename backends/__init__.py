@@ -11,11 +11,12 @@ from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .fanout import EdgeOwner, EdgeOwners, FansOutAtTheEdge
 from .records import BackendStats, GroupSendResult, Taken
-from .room import ALREADY_STORED, ReservesRoom, room_to_grant
+from .room import ALREADY_STORED, SEQ_SPAN, ReservesRoom, room_to_grant
 from .urls import redacted_url
 
 __all__ = [
     "ALREADY_STORED",
+    "SEQ_SPAN",
     "BACKENDS",
     "AcceptsDirectPushes",
     "Backend",

@@ -13,7 +13,10 @@ reserved for it there, instead of being refused for a channel full of its own ro
 
 Shared storage (``dedupes_sends``) also keeps what each client's numbered sends came to,
 written in the same atomic step as the message: a client that reconnects to another
-daemon and sends again what it has no answer for is deduped there too. A daemon over
+daemon and sends again what it has no answer for is deduped there too. The record says
+exactly which of the client's latest ``SEQ_SPAN`` seqs were stored, not just the
+highest: a seq whose store failed (storage away) is recorded nowhere, and a later seq
+of the client may be stored before it is sent again, which must then store it. A daemon over
 storage that does not keeps that record itself (``broker.daemon.windows.Seqs``).
 """
 
@@ -22,10 +25,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ALREADY_STORED", "ReservesRoom", "room_to_grant"]
+from protocol import MAX_UNSETTLED_SENDS
+
+__all__ = ["ALREADY_STORED", "SEQ_SPAN", "ReservesRoom", "room_to_grant"]
 
 #: What ``send_reserving`` answers for a numbered send storage had stored before.
 ALREADY_STORED = -1
+#: How many of a client's latest seqs shared storage records one by one (a bit each:
+#: stored or not). A client sends again only its unsettled sends, at most
+#: ``MAX_UNSETTLED_SENDS`` behind its latest; twice that leaves a margin. A seq further
+#: back than this behind the highest recorded is taken for stored (never stored twice).
+SEQ_SPAN = 2 * MAX_UNSETTLED_SENDS
 
 
 def room_to_grant(window: int, free: int) -> int:

@@ -1540,6 +1540,210 @@ BEGIN
 END $$;
 """
 
+# Version 6: a client's record of numbered sends says which of its latest 2,048 seqs
+# were stored (``kept``, a bit each), no longer "every seq up to the highest but those
+# listed": a seq whose store failed (the database away) was recorded nowhere, and a
+# later one stored since made its resend look stored (docs/flow.md, *Stored once*).
+# Version 5's records become the same, in bits.
+_SEQ_BITS_V6 = """
+CREATE TEMP TABLE senders_v5 ON COMMIT DROP AS SELECT * FROM {s}.senders;
+DROP TABLE {s}.senders;
+CREATE {unlogged} TABLE {s}.senders (
+    ns text NOT NULL,
+    client text NOT NULL,
+    highest bigint NOT NULL DEFAULT 0,
+    kept bytea NOT NULL DEFAULT '',
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (ns, client)
+);
+CREATE INDEX senders_by_expiry ON {s}.senders (expires_at);
+DO $$
+DECLARE
+    r record;
+    v_kept bytea;
+    v_seq bigint;
+BEGIN
+    FOR r IN SELECT * FROM senders_v5 LOOP
+        v_kept := decode(repeat('ff', 256), 'hex');
+        FOREACH v_seq IN ARRAY r.unstored LOOP
+            IF v_seq > r.highest - 2048 THEN
+                v_kept := set_bit(v_kept, v_seq % 2048, 0);
+            END IF;
+        END LOOP;
+        INSERT INTO {s}.senders (ns, client, highest, kept, expires_at)
+        VALUES (r.ns, r.client, r.highest, v_kept, r.expires_at);
+    END LOOP;
+END $$;
+DROP FUNCTION {s}.sender_seqs(text, text, double precision);
+DROP FUNCTION {s}.stored_into(text, text, bigint, boolean, double precision, integer);
+DROP FUNCTION {s}.send_reserving(text, text, text, bytea, integer, double precision, integer,
+                                 double precision, text, bigint, integer, text);
+DROP FUNCTION {s}.send_reserved(text, text[], text[], bytea[], double precision, text,
+                                bigint[], text);
+
+-- seq_stored: whether a client's record (its highest seq, its bits) says p_seq was
+-- stored. Only a store sets a seq's bit (bit p_seq % p_span); a seq more than p_span
+-- behind the highest is taken for stored: a client never sends one that old again.
+CREATE FUNCTION {s}.seq_stored(p_highest bigint, p_kept bytea, p_seq bigint,
+                               p_span integer)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_seq > p_highest THEN false
+                WHEN p_seq <= p_highest - p_span THEN true
+                WHEN length(p_kept) * 8 < p_span THEN false
+                ELSE get_bit(p_kept, p_seq % p_span) = 1 END
+$$;
+
+-- seq_kept: a record's bits once p_seq's outcome is in. The bits of the seqs the
+-- highest passes over are cleared: no store of theirs was seen.
+CREATE FUNCTION {s}.seq_kept(p_highest bigint, p_kept bytea, p_seq bigint,
+                             p_stored boolean, p_span integer)
+RETURNS bytea LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_kept bytea := p_kept;
+    v_skipped bigint;
+BEGIN
+    IF p_seq <= p_highest - p_span THEN
+        RETURN v_kept;
+    END IF;
+    IF length(v_kept) * 8 < p_span OR p_seq - p_highest >= p_span THEN
+        v_kept := decode(repeat('00', p_span / 8), 'hex');
+    ELSE
+        FOR v_skipped IN p_highest + 1 .. p_seq - 1 LOOP
+            v_kept := set_bit(v_kept, v_skipped % p_span, 0);
+        END LOOP;
+    END IF;
+    RETURN set_bit(v_kept, p_seq % p_span, p_stored::integer);
+END $$;
+
+-- sender_seqs: a client's record of numbered sends, locked (made if missing): the
+-- highest seq recorded, and which of the latest up to it were stored (seq_stored).
+CREATE FUNCTION {s}.sender_seqs(p_ns text, p_sender text, p_expiry_s double precision,
+                                OUT highest bigint, OUT kept bytea)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.senders (ns, client, expires_at)
+    VALUES (p_ns, p_sender, now() + make_interval(secs => p_expiry_s))
+    ON CONFLICT (ns, client) DO NOTHING;
+    SELECT r.highest, r.kept INTO highest, kept FROM {s}.senders r
+    WHERE r.ns = p_ns AND r.client = p_sender FOR UPDATE;
+END $$;
+
+-- stored_into: p_seq's outcome into the client's record (locked by sender_seqs).
+CREATE FUNCTION {s}.stored_into(p_ns text, p_sender text, p_seq bigint, p_stored boolean,
+                                p_expiry_s double precision, p_span integer)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE {s}.senders r SET highest = greatest(r.highest, p_seq),
+        kept = {s}.seq_kept(r.highest, r.kept, p_seq, p_stored, p_span),
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender
+$$;
+
+-- send_reserving: a request of a windowed client. -1 if its seq (p_seq > 0) was stored
+-- before; else stored into room another connection of the client left (spend_left),
+-- or reserved and inserted as send does (-2 if full); then the room reserved for the
+-- connection p_holder, counted as held. Locks: the sender's record, the channel's
+-- rows (channels, rooms, takes).
+CREATE FUNCTION {s}.send_reserving(p_ns text, p_channel text, p_client text, p_payload bytea,
+                                   p_capacity integer, p_expiry_s double precision,
+                                   p_window integer, p_lapse_s double precision,
+                                   p_sender text, p_seq bigint, p_span integer,
+                                   p_holder text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_stored boolean := false;
+    v_room integer := 0;
+BEGIN
+    IF p_seq > 0 THEN
+        SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+        IF {s}.seq_stored(v_seqs.highest, v_seqs.kept, p_seq, p_span) THEN
+            RETURN -1;
+        END IF;
+        IF EXISTS (SELECT 1 FROM {s}.rooms r
+                   WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder <> p_holder
+                     AND starts_with(r.holder, p_sender || ' ') AND r.count > 0) THEN
+            PERFORM 1 FROM {s}.channels c
+            WHERE c.ns = p_ns AND c.channel = p_channel FOR UPDATE;
+            v_stored := FOUND AND {s}.spend_left(p_ns, p_channel, p_sender, p_holder);
+            IF v_stored THEN
+                UPDATE {s}.channels SET waiting = waiting + 1
+                WHERE ns = p_ns AND channel = p_channel;
+            END IF;
+        END IF;
+    END IF;
+    IF NOT v_stored THEN
+        v_stored := {s}.reserve(p_ns, p_channel, p_client, p_capacity);
+    END IF;
+    IF v_stored THEN
+        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+        VALUES (p_ns, p_channel, p_client, p_payload,
+                now() + make_interval(secs => p_expiry_s));
+        v_room := {s}.room_for(p_ns, p_channel, p_capacity, p_window);
+        IF v_room > 0 THEN
+            PERFORM {s}.hold_room(p_ns, p_channel, p_holder, v_room, p_lapse_s);
+        END IF;
+    END IF;
+    IF p_seq > 0 THEN
+        PERFORM {s}.stored_into(p_ns, p_sender, p_seq, v_stored, p_expiry_s, p_span);
+    END IF;
+    IF NOT v_stored THEN
+        RETURN -2;
+    END IF;
+    RETURN v_room;
+END $$;
+
+-- send_reserved: windowed sends, in order, each into a unit of its channel's room
+-- (p_holder's), unchecked; one whose seq was stored before spends its unit and is not
+-- stored again. Returns per message 1 (stored) or 2 (stored before). Locks: the
+-- sender's record, then channels, rooms and takes rows, each in name order.
+CREATE FUNCTION {s}.send_reserved(p_ns text, p_channels text[], p_clients text[],
+                                  p_payloads bytea[], p_expiry_s double precision,
+                                  p_sender text, p_seqs bigint[], p_holder text,
+                                  p_span integer)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_highest bigint;
+    v_kept bytea;
+    v_new integer[] := '{{}}';
+    v_i integer;
+    v_key record;
+BEGIN
+    SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+    v_highest := v_seqs.highest;
+    v_kept := v_seqs.kept;
+    FOR v_i IN 1 .. coalesce(array_length(p_seqs, 1), 0) LOOP
+        IF p_seqs[v_i] > 0 THEN
+            CONTINUE WHEN {s}.seq_stored(v_highest, v_kept, p_seqs[v_i], p_span);
+            v_kept := {s}.seq_kept(v_highest, v_kept, p_seqs[v_i], true, p_span);
+            v_highest := greatest(v_highest, p_seqs[v_i]);
+        END IF;
+        v_new := v_new || v_i;
+    END LOOP;
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+    SELECT p_ns, p_channels[a.i], min(p_clients[a.i]), count(*)
+    FROM unnest(v_new) AS a(i) GROUP BY p_channels[a.i] ORDER BY 2
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+    FOR v_key IN SELECT k.channel, count(*) AS n FROM unnest(p_channels) AS k(channel)
+                 GROUP BY k.channel ORDER BY k.channel LOOP
+        UPDATE {s}.rooms r SET count = greatest(0, r.count - v_key.n)
+        WHERE r.ns = p_ns AND r.channel = v_key.channel AND r.holder = p_holder;
+        UPDATE {s}.takes t SET held = greatest(0, {held} - v_key.n)
+        WHERE t.ns = p_ns AND t.channel = v_key.channel;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_new) AS a(i) ORDER BY a.i;
+    UPDATE {s}.senders r
+    SET highest = v_highest, kept = v_kept,
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender;
+    RETURN ARRAY(SELECT CASE WHEN k.i = ANY(v_new) THEN 1 ELSE 2 END
+                 FROM generate_subscripts(p_channels, 1) AS k(i) ORDER BY k.i);
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -1566,4 +1770,5 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         + _SWEEP_V4,
     ),
     (5, _SEND_WINDOWS_V5),
+    (6, _SEQ_BITS_V6),
 )

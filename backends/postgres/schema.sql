@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 5 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 6 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -66,7 +66,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (5);
+INSERT INTO {s}.schema_version VALUES (6);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -907,7 +907,7 @@ CREATE {unlogged} TABLE {s}.senders (
     ns text NOT NULL,
     client text NOT NULL,
     highest bigint NOT NULL DEFAULT 0,
-    unstored bigint[] NOT NULL DEFAULT '{}',
+    kept bytea NOT NULL DEFAULT '',
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (ns, client)
 );
@@ -965,28 +965,59 @@ BEGIN
     RETURN true;
 END $$;
 
+-- seq_stored: whether a client's record (its highest seq, its bits) says p_seq was
+-- stored. Only a store sets a seq's bit (bit p_seq % p_span); a seq more than p_span
+-- behind the highest is taken for stored: a client never sends one that old again.
+CREATE FUNCTION {s}.seq_stored(p_highest bigint, p_kept bytea, p_seq bigint,
+                               p_span integer)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_seq > p_highest THEN false
+                WHEN p_seq <= p_highest - p_span THEN true
+                WHEN length(p_kept) * 8 < p_span THEN false
+                ELSE get_bit(p_kept, p_seq % p_span) = 1 END
+$$;
+
+-- seq_kept: a record's bits once p_seq's outcome is in. The bits of the seqs the
+-- highest passes over are cleared: no store of theirs was seen.
+CREATE FUNCTION {s}.seq_kept(p_highest bigint, p_kept bytea, p_seq bigint,
+                             p_stored boolean, p_span integer)
+RETURNS bytea LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_kept bytea := p_kept;
+    v_skipped bigint;
+BEGIN
+    IF p_seq <= p_highest - p_span THEN
+        RETURN v_kept;
+    END IF;
+    IF length(v_kept) * 8 < p_span OR p_seq - p_highest >= p_span THEN
+        v_kept := decode(repeat('00', p_span / 8), 'hex');
+    ELSE
+        FOR v_skipped IN p_highest + 1 .. p_seq - 1 LOOP
+            v_kept := set_bit(v_kept, v_skipped % p_span, 0);
+        END LOOP;
+    END IF;
+    RETURN set_bit(v_kept, p_seq % p_span, p_stored::integer);
+END $$;
+
 -- sender_seqs: a client's record of numbered sends, locked (made if missing): the
--- highest seq handled, and those of the latest up to it that were not stored.
+-- highest seq recorded, and which of the latest up to it were stored (seq_stored).
 CREATE FUNCTION {s}.sender_seqs(p_ns text, p_sender text, p_expiry_s double precision,
-                                OUT highest bigint, OUT unstored bigint[])
+                                OUT highest bigint, OUT kept bytea)
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO {s}.senders (ns, client, expires_at)
     VALUES (p_ns, p_sender, now() + make_interval(secs => p_expiry_s))
     ON CONFLICT (ns, client) DO NOTHING;
-    SELECT r.highest, r.unstored INTO highest, unstored FROM {s}.senders r
+    SELECT r.highest, r.kept INTO highest, kept FROM {s}.senders r
     WHERE r.ns = p_ns AND r.client = p_sender FOR UPDATE;
 END $$;
 
 -- stored_into: p_seq's outcome into the client's record (locked by sender_seqs).
 CREATE FUNCTION {s}.stored_into(p_ns text, p_sender text, p_seq bigint, p_stored boolean,
-                                p_expiry_s double precision, p_most integer)
+                                p_expiry_s double precision, p_span integer)
 RETURNS void LANGUAGE sql AS $$
     UPDATE {s}.senders r SET highest = greatest(r.highest, p_seq),
-        unstored = CASE WHEN p_stored THEN array_remove(r.unstored, p_seq)
-            ELSE ARRAY(SELECT u FROM unnest(array_append(array_remove(r.unstored, p_seq),
-                                                         p_seq)) AS u
-                       WHERE u > greatest(r.highest, p_seq) - p_most) END,
+        kept = {s}.seq_kept(r.highest, r.kept, p_seq, p_stored, p_span),
         expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
     WHERE r.ns = p_ns AND r.client = p_sender
 $$;
@@ -999,7 +1030,7 @@ $$;
 CREATE FUNCTION {s}.send_reserving(p_ns text, p_channel text, p_client text, p_payload bytea,
                                    p_capacity integer, p_expiry_s double precision,
                                    p_window integer, p_lapse_s double precision,
-                                   p_sender text, p_seq bigint, p_most integer,
+                                   p_sender text, p_seq bigint, p_span integer,
                                    p_holder text)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -1009,7 +1040,7 @@ DECLARE
 BEGIN
     IF p_seq > 0 THEN
         SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
-        IF p_seq <= v_seqs.highest AND NOT p_seq = ANY(v_seqs.unstored) THEN
+        IF {s}.seq_stored(v_seqs.highest, v_seqs.kept, p_seq, p_span) THEN
             RETURN -1;
         END IF;
         IF EXISTS (SELECT 1 FROM {s}.rooms r
@@ -1037,7 +1068,7 @@ BEGIN
         END IF;
     END IF;
     IF p_seq > 0 THEN
-        PERFORM {s}.stored_into(p_ns, p_sender, p_seq, v_stored, p_expiry_s, p_most);
+        PERFORM {s}.stored_into(p_ns, p_sender, p_seq, v_stored, p_expiry_s, p_span);
     END IF;
     IF NOT v_stored THEN
         RETURN -2;
@@ -1051,17 +1082,28 @@ END $$;
 -- sender's record, then channels, rooms and takes rows, each in name order.
 CREATE FUNCTION {s}.send_reserved(p_ns text, p_channels text[], p_clients text[],
                                   p_payloads bytea[], p_expiry_s double precision,
-                                  p_sender text, p_seqs bigint[], p_holder text)
+                                  p_sender text, p_seqs bigint[], p_holder text,
+                                  p_span integer)
 RETURNS integer[] LANGUAGE plpgsql AS $$
 DECLARE
     v_seqs record;
-    v_new integer[];
+    v_highest bigint;
+    v_kept bytea;
+    v_new integer[] := '{}';
+    v_i integer;
     v_key record;
 BEGIN
     SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
-    SELECT coalesce(array_agg(k.i ORDER BY k.i), '{}') INTO v_new
-    FROM unnest(p_seqs) WITH ORDINALITY AS k(seq, i)
-    WHERE NOT (k.seq > 0 AND k.seq <= v_seqs.highest AND k.seq <> ALL(v_seqs.unstored));
+    v_highest := v_seqs.highest;
+    v_kept := v_seqs.kept;
+    FOR v_i IN 1 .. coalesce(array_length(p_seqs, 1), 0) LOOP
+        IF p_seqs[v_i] > 0 THEN
+            CONTINUE WHEN {s}.seq_stored(v_highest, v_kept, p_seqs[v_i], p_span);
+            v_kept := {s}.seq_kept(v_highest, v_kept, p_seqs[v_i], true, p_span);
+            v_highest := greatest(v_highest, p_seqs[v_i]);
+        END IF;
+        v_new := v_new || v_i;
+    END LOOP;
     INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
     SELECT p_ns, p_channels[a.i], min(p_clients[a.i]), count(*)
     FROM unnest(v_new) AS a(i) GROUP BY p_channels[a.i] ORDER BY 2
@@ -1078,9 +1120,7 @@ BEGIN
            now() + make_interval(secs => p_expiry_s)
     FROM unnest(v_new) AS a(i) ORDER BY a.i;
     UPDATE {s}.senders r
-    SET highest = greatest(r.highest,
-                           coalesce((SELECT max(p_seqs[a.i]) FROM unnest(v_new) AS a(i)), 0)),
-        unstored = ARRAY(SELECT u FROM unnest(r.unstored) AS u WHERE u <> ALL(p_seqs)),
+    SET highest = v_highest, kept = v_kept,
         expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
     WHERE r.ns = p_ns AND r.client = p_sender;
     RETURN ARRAY(SELECT CASE WHEN k.i = ANY(v_new) THEN 1 ELSE 2 END

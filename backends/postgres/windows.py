@@ -14,7 +14,10 @@ checked store and the room it gets, in one transaction. A run of windowed SENDs 
 ``send_reserved`` call, whatever their channels: one statement and one commit for the
 burst, answered with one CONFIRM once committed. Both write the seq record in the same
 transaction, so a client that reconnects to another daemon and sends again what it has
-no answer for is answered there without a second store.
+no answer for is answered there without a second store. The record says which of the
+client's latest ``SEQ_SPAN`` seqs were stored (``senders.kept``, a bit each): one whose
+transaction failed was recorded nowhere, and a later one may be stored before it is
+sent again.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from backends import ALREADY_STORED
-from protocol import MAX_UNSETTLED_SENDS
+from backends import ALREADY_STORED, SEQ_SPAN
 
 from .batching import ReleaseWriter
 from .group_commit import client_of
@@ -34,7 +36,7 @@ from .sends import Stored
 __all__ = ["FORGET_SENDERS", "PostgresRoom"]
 
 _SEND_RESERVING = "SELECT {s}.send_reserving($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-_SEND_RESERVED = "SELECT {s}.send_reserved($1, $2, $3, $4, $5, $6, $7, $8)"
+_SEND_RESERVED = "SELECT {s}.send_reserved($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RESERVE_ROOM = "SELECT {s}.reserve_room($1, $2, $3, $4, $5, $6, $7)"
 _RELEASE_ROOM = "SELECT {s}.release_room($1, $2, $3, $4)"
 #: Records of numbered sends past their expiry (what their clients stored has expired),
@@ -87,7 +89,7 @@ class PostgresRoom:
         capacity = self._room.of(ns, channel, capacity)
         await self._releases.written(ns, [channel])
         args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), window)
-        more = (self._lapse_s, client, seq, MAX_UNSETTLED_SENDS, self._field(holder))
+        more = (self._lapse_s, client, seq, SEQ_SPAN, self._field(holder))
         outcome: int = await self._db.fetchval(self._sql[0], *args, *more)
         if outcome == _STORED_BEFORE:
             return ALREADY_STORED
@@ -112,7 +114,8 @@ class PostgresRoom:
         payloads = [payload for _, payload in items]
         numbers = list(seqs) or [0] * len(items)
         args = (ns, channels, clients, payloads, float(expiry_s), client, numbers)
-        outcomes: list[int] = await self._db.fetchval(self._sql[1], *args, self._field(holder))
+        field = self._field(holder)
+        outcomes: list[int] = await self._db.fetchval(self._sql[1], *args, field, SEQ_SPAN)
         # One wake-up per message: each may serve a pull.
         self._stored(ns, [c for c, outcome in zip(channels, outcomes, strict=True) if outcome == 1])
 

@@ -11,7 +11,7 @@ Every key is ``<prefix>:{<tag>}:<kind>...``. The hash tag decides the Cluster sl
 ``!``, ``:`` and ``#`` cannot occur in a namespace (a group name), so tags never collide.
 Kinds: ``q:<channel>`` the queue (a LIST of 13-digit deadline-in-ms + payload),
 ``h:<channel>`` the count of taken-and-held messages, ``r:<channel>`` the send room
-reserved on it, ``s`` and ``u`` a client's record of numbered sends (``room_scripts``),
+reserved on it, ``s`` and ``k`` a client's record of numbered sends (``room_scripts``),
 ``l:<channel>`` and ``d:<channel>`` a normal channel's leased messages and their
 leases (``lease_scripts``),
 ``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
@@ -67,9 +67,9 @@ class Keys:
         return f"{self.base(self.tag(ns, channel))}r:{channel}"
 
     def seqs(self, ns: str, client_id: str) -> list[str]:
-        """A client's record of numbered sends: highest seq, and those not stored."""
+        """A client's record of numbered sends: highest seq, and which were stored."""
         base = self.base(f"{ns}!{client_id}")
-        return [f"{base}s", f"{base}u"]
+        return [f"{base}s", f"{base}k"]
 
     def leased_keys(self, ns: str, channel: str) -> list[str]:
         """A normal channel's queue, held count, lease hash and lease zset (``leases``)."""

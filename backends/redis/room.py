@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from backends import ALREADY_STORED
-from protocol import MAX_UNSETTLED_SENDS
+from backends import ALREADY_STORED, SEQ_SPAN
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
@@ -70,7 +69,7 @@ class RedisRoom:
         mine = int(topology.is_listening(wake.encode()))
         args += [self._origin, topology.publish_command, wake, mine]
         args += [window, self._field(holder), self._lapse_ms, seq, expiry_ms + KEEP_MARGIN_MS]
-        args += [MAX_UNSETTLED_SENDS, f"{client} "]
+        args += [SEQ_SPAN, f"{client} "]
         outcome, room = await self._commands.run(SEND_RESERVING, keys, args)
         if outcome == 0:
             return None
@@ -95,7 +94,7 @@ class RedisRoom:
         expiry_ms = _ms(expiry_s)
         args: list[Any] = [expiry_ms, expiry_ms + KEEP_MARGIN_MS, self._origin]
         args += [topology.publish_command, self._field(holder), self._lapse_ms]
-        args.append(expiry_ms + KEEP_MARGIN_MS)
+        args += [expiry_ms + KEEP_MARGIN_MS, SEQ_SPAN]
         for (channel, payload), seq in zip(items, seqs or [0] * len(items), strict=True):
             keys += self._keys.channel_keys(ns, channel)
             wake = self._keys.wake(ns, channel)

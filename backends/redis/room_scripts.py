@@ -10,11 +10,15 @@ request of the same client spends a unit of it (``spend_left``): it is the clien
 sending again a windowed send whose daemon died before storing it, into the room
 reserved for it, so it is not refused for a channel full of its own room.
 
-A client's record (``{<ns>!<client>}``, its own hash tag): ``s`` the highest seq handled,
-``u`` a ZSET of the seqs up to it that were not stored (refused as full), the latest
-``max_unsettled`` only (a client never sends again one further back). A seq at most the
-highest and not in ``u`` was stored: a send of it again stores nothing. Both keys live
-``seq_keep_ms`` past the latest write: what the client stored has expired by then.
+A client's record (``{<ns>!<client>}``, its own hash tag): ``s`` the highest seq
+recorded, ``k`` a bitmap of which of the latest ``span`` seqs up to it were stored (bit
+``seq % span``; ``backends.SEQ_SPAN``). Only a store sets a bit: a seq whose store
+failed (Redis away) was recorded nowhere, and a later seq of the client may have been
+stored since, so "at most the highest" cannot mean stored. The bits of seqs skipped
+over (not seen here, or seen by no store) are cleared as the highest passes them. A
+seq further back than ``span`` is taken for stored: a client never sends again one
+that old. Both keys live ``seq_keep_ms`` past the latest write: what the client stored
+has expired by then.
 """
 
 from __future__ import annotations
@@ -71,30 +75,37 @@ local function reserve(q, h, channel, cap, window, holder, now, lapse_ms)
   if room > 0 then hold_room(rk, holder, room, now, lapse_ms) end
   return room
 end
-local function was_stored(s, u, seq)
-  return seq <= tonumber(redis.call('GET', s) or '0') and not redis.call('ZSCORE', u, seq)
+-- Whether ``seq`` was stored, by the record (``top``: its highest seq, ``k``: its bits).
+local function was_stored(k, top, seq, span)
+  if seq > top then return false end
+  if seq <= top - span then return true end
+  return redis.call('GETBIT', k, seq % span) == 1
 end
--- Record a numbered send: stored, or not (then listed in ``u``, the latest only).
-local function handled(s, u, seq, stored, keep_ms, most)
-  local highest = tonumber(redis.call('GET', s) or '0')
-  if seq > highest then
-    redis.call('SET', s, seq, 'PX', keep_ms)
-    highest = seq
-  elseif stored then
-    redis.call('ZREM', u, seq)
+-- Record ``seq`` stored (or not) in ``k``; return the record's new highest seq.
+local function record(k, top, seq, stored, span)
+  if seq > top then
+    if seq - top >= span then
+      redis.call('DEL', k)
+    else
+      for skipped = top + 1, seq - 1 do redis.call('SETBIT', k, skipped % span, 0) end
+    end
+    top = seq
+  elseif seq <= top - span then
+    return top
   end
-  if not stored then
-    redis.call('ZADD', u, seq, seq)
-    redis.call('ZREMRANGEBYSCORE', u, '-inf', highest - most)
-    redis.call('PEXPIRE', u, keep_ms)
-  end
+  redis.call('SETBIT', k, seq % span, stored and 1 or 0)
+  return top
+end
+local function keep_record(s, k, top, keep_ms)
+  redis.call('SET', s, top, 'PX', keep_ms)
+  redis.call('PEXPIRE', k, keep_ms)
 end
 """
 
 #: A request of a windowed client: its seq's record, a capacity-checked store, and room
-#: reserved in one step. KEYS: s, u, queue, held[, index]. ARGV: channel, capacity,
+#: reserved in one step. KEYS: s, k, queue, held[, index]. ARGV: channel, capacity,
 #: payload, expiry_ms, keep_ms, origin, pubcmd, wake-up channel, whether we subscribe
-#: to it (0/1), window, holder, lapse_ms, seq (0: none), seq_keep_ms, most unsettled,
+#: to it (0/1), window, holder, lapse_ms, seq (0: none), seq_keep_ms, span,
 #: "<client> ". -> {0, 0} full, {1, room} stored, {2, 0} stored before. A numbered one
 #: goes into room another connection of its client left, if any, unchecked.
 SEND_RESERVING = Script.of(
@@ -103,7 +114,8 @@ SEND_RESERVING = Script.of(
     + r"""
 local now = now_ms()
 local channel, cap, seq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[13])
-if seq > 0 and was_stored(KEYS[1], KEYS[2], seq) then return {2, 0} end
+local span, top = tonumber(ARGV[15]), tonumber(redis.call('GET', KEYS[1]) or '0')
+if seq > 0 and was_stored(KEYS[2], top, seq, span) then return {2, 0} end
 local q, h, idx = KEYS[3], KEYS[4], KEYS[5] or false
 local entry = entry_of(now + tonumber(ARGV[4]), ARGV[3])
 local ok
@@ -119,7 +131,7 @@ else
   ok = push(q, h, idx, channel, entry, cap, now, tonumber(ARGV[5]))
 end
 if seq > 0 then
-  handled(KEYS[1], KEYS[2], seq, ok == 1, tonumber(ARGV[14]), tonumber(ARGV[15]))
+  keep_record(KEYS[1], KEYS[2], record(KEYS[2], top, seq, ok == 1, span), tonumber(ARGV[14]))
 end
 if ok == 0 then return {0, 0} end
 local wakes = {}
@@ -130,20 +142,20 @@ return {1, reserve(q, h, channel, cap, tonumber(ARGV[10]), ARGV[11], now, tonumb
 )
 
 #: Windowed sends, in order, each into a unit of its channel's room, unchecked; one
-#: stored before (by seq) spends its unit and is not stored again. KEYS: s, u, then per
+#: stored before (by seq) spends its unit and is not stored again. KEYS: s, k, then per
 #: item queue, held[, index]. ARGV: expiry_ms, keep_ms, origin, pubcmd, holder,
-#: lapse_ms, seq_keep_ms, then per item channel, payload, wake-up channel, whether we
-#: subscribe to it, seq (0: none). -> per item 1 (stored) or 2 (stored before).
+#: lapse_ms, seq_keep_ms, span, then per item channel, payload, wake-up channel, whether
+#: we subscribe to it, seq (0: none). -> per item 1 (stored) or 2 (stored before).
 SEND_RESERVED = Script.of(
     "send_reserved",
     _ROOM
     + r"""
 local now = now_ms()
 local expiry_ms, keep_ms, lapse_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[6])
-local highest = tonumber(redis.call('GET', KEYS[1]) or '0')
-local top = highest
+local span, top = tonumber(ARGV[8]), tonumber(redis.call('GET', KEYS[1]) or '0')
+local numbered = false
 local results, wakes, mine, spent = {}, {}, {}, {}
-local k, a = 3, 8
+local k, a = 3, 9
 while a <= #ARGV do
   local channel, seq = ARGV[a], tonumber(ARGV[a + 4])
   local q, h = KEYS[k], KEYS[k + 1]
@@ -151,7 +163,7 @@ while a <= #ARGV do
   if string.find(channel, '!', 1, true) then idx = KEYS[k + 2]; k = k + 3 else k = k + 2 end
   local rk = room_key(h, channel)
   spent[rk] = (spent[rk] or 0) + 1
-  if seq > 0 and seq <= highest and not redis.call('ZSCORE', KEYS[2], seq) then
+  if seq > 0 and was_stored(KEYS[2], top, seq, span) then
     results[#results + 1] = 2
   else
     redis.call('RPUSH', q, entry_of(now + expiry_ms, ARGV[a + 1]))
@@ -160,8 +172,10 @@ while a <= #ARGV do
       redis.call('SADD', idx, channel)
       extend(idx, keep_ms)
     end
-    if seq > 0 and seq <= highest then redis.call('ZREM', KEYS[2], seq) end
-    if seq > top then top = seq end
+    if seq > 0 then
+      top = record(KEYS[2], top, seq, true, span)
+      numbered = true
+    end
     note_wake(wakes, ARGV[a + 2], channel)
     mine[ARGV[a + 2]] = tonumber(ARGV[a + 3])
     results[#results + 1] = 1
@@ -169,7 +183,7 @@ while a <= #ARGV do
   a = a + 5
 end
 for rk, n in pairs(spent) do hold_room(rk, ARGV[5], -n, now, lapse_ms) end
-if top > highest then redis.call('SET', KEYS[1], top, 'PX', tonumber(ARGV[7])) end
+if numbered then keep_record(KEYS[1], KEYS[2], top, tonumber(ARGV[7])) end
 publish_heard(ARGV[4], ARGV[3], wakes, mine)
 return results
 """,

@@ -176,6 +176,8 @@ class Sends:
                 if run:
                     await self._store(run)
                     run = []
+                    if self.shell.closing:
+                        return  # storage failed them: nothing later may overtake them
                 await self._reserving(frame)
             elif not self._spend(frame):
                 return  # the connection is closing: nothing more of it is handled
@@ -306,6 +308,8 @@ class Sends:
             )
         except BackendError as exc:
             # No answer can say so: close, and the client sends them again elsewhere.
+            for frame in run:
+                self.seqs.handled(frame.seq, stored=False)
             self.shell.fatal(ErrorCode.BACKEND_UNAVAILABLE, f"windowed SENDs not stored: {exc}")
             return
         seqs = self.seqs

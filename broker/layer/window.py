@@ -21,6 +21,8 @@ daemon's storage did not answer in time, the connection dropped) is sent again, 
 the same payload and so the same message id, until ``connect_timeout`` has passed
 since that failure (``resend_until_answered``): the first try may have been stored, so the receiving
 layer drops the second copy by its id; and a send that raises was tried to the end.
+A numbered one goes again with its seq, so storage, which records what each seq came
+to, stores it at most once: a first try that was stored is answered OK, not refused.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class SendWindow:
     async def send(self, channel: str, payload: bytes) -> None:
         """Send; return once accepted. Raise ``ChannelFull`` when the channel is full."""
         room = self._rooms.get(channel)
-        if room and self._client.conn is not None and self._has_space(payload):
+        if room and self._is_writable() and self._has_space(payload):
             if room > 1:
                 self._rooms[channel] = room - 1
             else:
@@ -187,12 +189,24 @@ class SendWindow:
         finally:
             entry.reply = None  # cancelled or not: nobody waits for it any more
         if type(reply) is Error:
-            if reply.error_code is ErrorCode.CHANNEL_FULL and self._rooms.get(channel):
-                # Room came meanwhile (the CONFIRM of earlier sends): it is this sender's,
-                # reserved for it, so the channel is not full for it.
-                await self.send(channel, payload)
-                return
+            await self._refused(entry, reply)
+
+    async def _refused(self, entry: Unsettled, reply: Error) -> None:
+        """A numbered request answered by an ERROR: raise it, unless it can go again."""
+        channel, payload = entry.channel, entry.payload
+        if reply.error_code is ErrorCode.CHANNEL_FULL and self._rooms.get(channel):
+            # Room came meanwhile (the CONFIRM of earlier sends): it is this sender's,
+            # reserved for it, so the channel is not full for it.
+            await self.send(channel, payload)
+            return
+        if reply.error_code is not ErrorCode.BACKEND_UNAVAILABLE:
             raise exception_for(reply)
+        # Storage failed it, or ran it and its answer was lost: sent again with its seq,
+        # which storage (or the daemon) stores at most once, until answered.
+        again = functools.partial(Send, channel=channel, payload=payload, seq=entry.seq)
+        answer = await self.resend_until_answered(again)
+        if type(answer) is Ok:
+            self._grant(channel, answer.room)
 
     async def _answer_of(self, entry: Unsettled) -> Frame:
         """The answer to ``entry``, across reconnects (each resends it)."""
@@ -223,8 +237,14 @@ class SendWindow:
                 if self._loop.time() + RESEND_DELAY_S >= give_up_at:
                     raise
 
+    def _is_writable(self) -> bool:
+        """Whether a numbered send may go out now: not while no connection is up, nor
+        while one waits to be dropped after storage failed an accepted send (that send
+        goes again first on the next connection: a later one must not overtake it)."""
+        return self._client.conn is not None and not self._dropping
+
     def _write_request(self, entry: Unsettled) -> None:
-        if self._client.conn is None:
+        if not self._is_writable():
             return  # the reconnect sends it (it is unsettled)
         entry.request_id = request_id = self._client.next_id()
         self._requests[request_id] = entry

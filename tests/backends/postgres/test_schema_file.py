@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from backends import SEQ_SPAN
 from backends.postgres.schema import (
     SCHEMA_VERSION,
     current_schema_sql,
@@ -112,5 +113,37 @@ async def test_the_schema_file_builds_what_the_migrations_build(
             SCHEMA_VERSION,
             SCHEMA_VERSION,
         ), "migrate finds a schema built from the file up to date"
+    finally:
+        await conn.close()
+
+
+async def test_version_6_reads_a_version_5_record_of_numbered_sends_the_same(
+    server_url: str, schema: str
+) -> None:
+    """Version 5 kept a client's highest seq and the seqs up to it not stored; version 6
+    keeps a bit per seq, set by a store. A record made before the upgrade says the same
+    after it: stored below the highest but for those listed, nothing above it."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        assert await migrate(conn, schema, unlogged=False, up_to=5) == (0, 5)
+        await conn.execute(
+            f'INSERT INTO "{schema}".senders (ns, client, highest, unstored, expires_at)'
+            " VALUES ('ns', 'c', 3000, '{2995, 2998, 500}', now() + interval '1 hour')"
+        )
+        assert await migrate(conn, schema, unlogged=False) == (5, SCHEMA_VERSION)
+        stored = await conn.fetch(
+            f'SELECT s.seq, "{schema}".seq_stored(r.highest, r.kept, s.seq, $1)'
+            f' FROM "{schema}".senders r, unnest($2::bigint[]) AS s(seq) ORDER BY s.seq',
+            SEQ_SPAN,
+            [500, 2994, 2995, 2998, 3000, 3001],
+        )
+        assert [tuple(row) for row in stored] == [
+            (500, True),  # more than SEQ_SPAN back: taken for stored, as before
+            (2994, True),
+            (2995, False),
+            (2998, False),
+            (3000, True),
+            (3001, False),
+        ]
     finally:
         await conn.close()
