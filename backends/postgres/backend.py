@@ -319,8 +319,13 @@ class PostgresBackend(Backend):
         return [(row[0], row[1], row[2]) for row in rows]
 
     def stats(self) -> BackendStats:
-        """The sweeper's last reading; ``expired_total`` counts this daemon's sweeps."""
-        return replace(self._sweeper.stats, expired_total=self._sweeper.expired_total)
+        """The sweeper's last reading; ``expired_total`` counts this daemon's sweeps,
+        ``given_back_total`` the messages it took again after their lease lapsed."""
+        return replace(
+            self._sweeper.stats,
+            expired_total=self._sweeper.expired_total,
+            given_back_total=self._taker.given_back_total,
+        )
 
     # -- internals -----------------------------------------------------------
 

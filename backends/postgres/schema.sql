@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 5 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 6 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -66,7 +66,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (5);
+INSERT INTO {s}.schema_version VALUES (6);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -567,17 +567,19 @@ END $$;
 
 -- lease: up to p_limit of a channel's oldest unexpired messages that nobody holds
 -- (never leased, or their lease lapsed), leased to p_lease for p_lease_s seconds; those
--- never leased before are counted out. more: whether others wait unleased.
+-- never leased before are counted out. lapsed: taken again after its lease lapsed (its
+-- consumer never acknowledged it). more: whether others wait unleased, or may wait
+-- after a lapsed lease (which the counters count out already).
 CREATE FUNCTION {s}.lease(p_ns text, p_channel text, p_limit integer, p_lease bigint,
                           p_lease_s double precision)
 RETURNS TABLE (leased_id bigint, leased_payload bytea, leased_ttl_s double precision,
-               more boolean)
+               more boolean, lapsed boolean)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     RETURN QUERY
     WITH picked AS (
-        SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+        SELECT m.ctid, m.id, m.lease IS NULL AS fresh FROM {s}.messages m
         WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
           AND (m.lease IS NULL OR m.lease_until <= now())
         ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
@@ -600,7 +602,9 @@ BEGIN
            > coalesce((SELECT k.taken FROM counted k),
                       (SELECT t.taken FROM {s}.takes t
                        WHERE t.ns = p_ns AND t.channel = p_channel), 0)
-    FROM leased l ORDER BY l.id;
+           OR EXISTS (SELECT 1 FROM picked q WHERE NOT q.fresh),
+           NOT p.fresh
+    FROM leased l JOIN picked p ON p.id = l.id ORDER BY l.id;
 END $$;
 
 -- ack: delete messages handed out under their leases (each by its id and lease); one

@@ -50,6 +50,8 @@ class Taker:
         self._wake = wake
         self._lease_s = lease_s
         self._payloads: dict[bytes, bytes] = {}
+        #: Messages this daemon took again after their lease lapsed (``lease``).
+        self.given_back_total = 0
         self.acks = AckWriter(self.write_acks, retry_for_s=lease_s)
 
     async def take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
@@ -63,6 +65,8 @@ class Taker:
         lease = secrets.randbits(63) or 1
         started = asyncio.get_running_loop().time()
         rows = await self._db.fetch(self._sql.lease, ns, channel, limit, lease, self._lease_s)
+        # Taken again after its lease lapsed: its consumer (or daemon) never ended it.
+        self.given_back_total += sum(1 for row in rows if row[4])
         # The lease began after ``started`` in the database: half of it from then on
         # is surely within it, and the other half is left for the acknowledgement.
         return self._taken(ns, channel, rows, lease, started + self._lease_s / 2)
