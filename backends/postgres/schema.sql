@@ -24,11 +24,12 @@
 -- taken back into waiting and forgets idle rows.
 --
 -- Leases. A take for a worker (a normal channel, without hold) does not delete: it
--- leases the message to its daemon (messages.lease, a token of the take, and
--- lease_until), and the daemon deletes it once it has handed it out (ack) or ends the
--- lease (unlease) to put it back in its place. A lease that lapses (its daemon was
--- killed) leaves the message where it was, for any daemon to take again, oldest
--- first. A message is counted out (takes.taken) when first leased, as a take counts
+-- leases the message (messages.lease, a token of the take, and lease_until), and a
+-- daemon deletes it once the worker's layer acknowledged it (ack; or, for a layer that
+-- does not, once the daemon has handed it out), or the taking daemon ends the lease
+-- (unlease) to put it back in its place. A lease that lapses (its daemon was killed,
+-- the DELIVER or the ACK was lost) leaves the message where it was, for any daemon to
+-- take again, oldest first. A message is counted out (takes.taken) when first leased, as a take counts
 -- out what it deletes; one whose lease lapsed was counted out already, so takes, the
 -- sweep and reserve count only rows never leased (lease IS NULL), and unlease counts
 -- back in (channels.waiting) what it puts back.
