@@ -5,10 +5,10 @@ A daemon spends its time on system calls, and a round trip to PostgreSQL costs t
 releases (a client acknowledging pushed messages) are written in the background, all
 those made meanwhile in one statement. Senders ask ``written`` first, so a release is
 never pending when this daemon checks that channel's capacity. Acknowledgements (a
-leased message handed out to a worker is deleted) are written in the background too:
-a moment after the handing out, or as soon as the consumer's layer acknowledged it
-(``AckWriter``). (Takes are batched by ``take_ahead``,
-sends by ``group_commit``.)
+leased message that the consumer's layer acknowledged, or that the daemon handed out
+to a layer that does not acknowledge, is deleted) are written in the background too,
+a moment later (``AckWriter``). (Takes are batched by ``take_ahead``, sends by
+``group_commit``.)
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ WriteAcks = Callable[[list[Ack]], Awaitable[None]]
 #: for the database (another pull's take) may take a few milliseconds. Deleted before
 #: its DELIVER has left, a message would be lost to a kill in between; deleted later,
 #: it is delivered again if the daemon is killed meanwhile (at most this long's worth
-#: of messages, which the receiving layer drops by their message ids).
+#: of messages, which the receiving layer drops by their message ids). A consumer's
+#: acknowledgements wait as long, to go many to a statement: the lease runs seconds.
 ACK_DELAY_S = 0.02
 #: Seconds between tries of acknowledgements PostgreSQL did not take (it was away).
 ACK_RETRY_S = 0.2
@@ -92,12 +93,12 @@ class ReleaseWriter:
 
 
 class AckWriter:
-    """Deletes leased messages that were handed out, in the background, those due
-    together in one statement, one statement at a time: a message the daemon handed out
-    no sooner than ``delay_s`` after (``ACK_DELAY_S``), one whose consumer acknowledged
-    it (``LeasesToConsumers``) at once. A statement that fails is tried again every
-    ``ACK_RETRY_S`` for ``retry_for_s`` (the lease): deleting twice is harmless, and a
-    lease left to lapse is a redelivery, perhaps to another process."""
+    """Deletes leased messages that were handed out (or that their consumer
+    acknowledged: ``LeasesToConsumers``) in the background, each ``delay_s`` after
+    (``ACK_DELAY_S``), those due together in one statement, one statement at a time.
+    A statement that fails is tried again every ``ACK_RETRY_S`` for ``retry_for_s``
+    (the lease): deleting twice is harmless, and a lease left to lapse is a redelivery,
+    perhaps to another process."""
 
     def __init__(self, write: WriteAcks, retry_for_s: float, delay_s: float = ACK_DELAY_S) -> None:
         self._write = write
@@ -111,13 +112,13 @@ class AckWriter:
         self._timer_at = math.inf
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, ns: str, channel: str, handed: Iterable[tuple[int, int]]) -> None:
-        """``handed``: (id, lease) of each message of ``channel`` just handed out."""
-        self._add(self._delay_s, ((ns, channel, id_, lease) for id_, lease in handed))
-
-    def add_now(self, ns: str, channel: str, acked: Iterable[tuple[int, int]]) -> None:
-        """``acked``: (id, lease) of each message of ``channel`` its consumer received."""
-        self._add(0.0, ((ns, channel, id_, lease) for id_, lease in acked))
+    def add(self, ns: str, channel: str, ended: Iterable[tuple[int, int]]) -> None:
+        """``ended``: (id, lease) of each message of ``channel`` just handed out, or
+        acknowledged by its consumer."""
+        due = asyncio.get_running_loop().time() + self._delay_s
+        until = due + self._retry_for_s
+        self._pending.extend((due, until, (ns, channel, id_, lease)) for id_, lease in ended)
+        self._wake_at(due)
 
     async def close(self) -> None:
         """Write every pending acknowledgement now (best effort, once): the daemon is
@@ -131,12 +132,6 @@ class AckWriter:
                 await self._write(_acks(pending))
             except BackendError as exc:
                 log.warning("could not delete %d messages handed out: %s", len(pending), exc)
-
-    def _add(self, delay_s: float, acks: Iterable[Ack]) -> None:
-        due = asyncio.get_running_loop().time() + delay_s
-        until = due + self._retry_for_s
-        self._pending.extend((due, until, ack) for ack in acks)
-        self._wake_at(due)
 
     def _wake_at(self, due: float) -> None:
         """Have ``_write_due`` run at ``due`` (or sooner); a write under way re-arms

@@ -96,7 +96,7 @@ class Taker:
         if len(acked) < len(leases):
             log.debug("ignored %d malformed leases of %s", len(leases) - len(acked), channel)
         if acked:
-            self.acks.add_now(ns, channel, acked)
+            self.acks.add(ns, channel, acked)
 
     async def write_acks(self, acks: list[Ack]) -> None:
         """``AckWriter``'s one statement: (namespace, channel, id, lease) each."""
