@@ -242,6 +242,18 @@ class PostgresBackend(Backend):
             return []
         return await self._takes.take(ns, channel, limit, hold)
 
+    async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
+        """``LeasesToConsumers``: up to ``limit`` messages of a normal channel, each
+        leased (``Taken.lease``) until ``acknowledge`` or its lease lapses."""
+        if limit < 1:
+            return []
+        return await self._takes.take(ns, channel, limit, False, by_consumer=True)
+
+    async def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """End leases of messages a consumer received: they are deleted in the
+        background, with the other acknowledgements due, many per statement."""
+        self._taker.consumed(ns, channel, leases)
+
     async def take_many(
         self, ns: str, channels: Sequence[str], limit: int, *, hold: bool
     ) -> dict[str, list[Taken]]:
@@ -322,8 +334,13 @@ class PostgresBackend(Backend):
         return [(row[0], row[1], row[2]) for row in rows]
 
     def stats(self) -> BackendStats:
-        """The sweeper's last reading; ``expired_total`` counts this daemon's sweeps."""
-        return replace(self._sweeper.stats, expired_total=self._sweeper.expired_total)
+        """The sweeper's last reading; ``expired_total`` counts this daemon's sweeps,
+        ``given_back_total`` the messages it took again after their lease lapsed."""
+        return replace(
+            self._sweeper.stats,
+            expired_total=self._sweeper.expired_total,
+            given_back_total=self._taker.given_back_total,
+        )
 
     # -- internals -----------------------------------------------------------
 

@@ -5,16 +5,17 @@ A daemon spends its time on system calls, and a round trip to PostgreSQL costs t
 releases (a client acknowledging pushed messages) are written in the background, all
 those made meanwhile in one statement. Senders ask ``written`` first, so a release is
 never pending when this daemon checks that channel's capacity. Acknowledgements (a
-leased message handed out to a worker is deleted) are written in the background too,
-a moment after the handing out (``AckWriter``). (Takes are batched by ``take_ahead``,
-sends by ``group_commit``.)
+leased message that the consumer's layer acknowledged, or that the daemon handed out
+to a layer that does not acknowledge, is deleted) are written in the background too,
+a moment later (``AckWriter``). (Takes are batched by ``take_ahead``, sends by
+``group_commit``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from backends import BackendError
@@ -35,8 +36,11 @@ WriteAcks = Callable[[list[Ack]], Awaitable[None]]
 #: for the database (another pull's take) may take a few milliseconds. Deleted before
 #: its DELIVER has left, a message would be lost to a kill in between; deleted later,
 #: it is delivered again if the daemon is killed meanwhile (at most this long's worth
-#: of messages, which the receiving layer drops by their message ids).
+#: of messages, which the receiving layer drops by their message ids). A consumer's
+#: acknowledgements wait as long, to go many to a statement: the lease runs seconds.
 ACK_DELAY_S = 0.02
+#: Seconds between tries of acknowledgements PostgreSQL did not take (it was away).
+ACK_RETRY_S = 0.2
 
 
 class ReleaseWriter:
@@ -89,61 +93,95 @@ class ReleaseWriter:
 
 
 class AckWriter:
-    """Deletes leased messages that were handed out, in the background: each no sooner
-    than ``delay_s`` after it was (``ACK_DELAY_S``), those due together in one statement."""
+    """Deletes leased messages that were handed out (or that their consumer
+    acknowledged: ``LeasesToConsumers``) in the background, each ``delay_s`` after
+    (``ACK_DELAY_S``), those due together in one statement, one statement at a time.
+    A statement that fails is tried again every ``ACK_RETRY_S`` for ``retry_for_s``
+    (the lease): deleting twice is harmless, and a lease left to lapse is a redelivery,
+    perhaps to another process."""
 
-    def __init__(self, write: WriteAcks, delay_s: float = ACK_DELAY_S) -> None:
+    def __init__(self, write: WriteAcks, retry_for_s: float, delay_s: float = ACK_DELAY_S) -> None:
         self._write = write
+        self._retry_for_s = retry_for_s
         self._delay_s = delay_s
-        #: (loop time handed out, ack), oldest first.
-        self._pending: deque[tuple[float, Ack]] = deque()
+        #: (loop time due, loop time past which it is not tried again, ack), in the
+        #: order they came.
+        self._pending: list[tuple[float, float, Ack]] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: Loop time ``_timer`` fires at.
+        self._timer_at = math.inf
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, ns: str, channel: str, handed: Iterable[tuple[int, int]]) -> None:
-        """``handed``: (id, lease) of each message of ``channel`` just handed out."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._pending.extend((now, (ns, channel, id_, lease)) for id_, lease in handed)
-        if self._timer is None and (self._task is None or self._task.done()):
-            self._timer = loop.call_later(self._delay_s, self._start)
+    def add(self, ns: str, channel: str, ended: Iterable[tuple[int, int]]) -> None:
+        """``ended``: (id, lease) of each message of ``channel`` just handed out, or
+        acknowledged by its consumer."""
+        due = asyncio.get_running_loop().time() + self._delay_s
+        until = due + self._retry_for_s
+        self._pending.extend((due, until, (ns, channel, id_, lease)) for id_, lease in ended)
+        self._wake_at(due)
 
     async def close(self) -> None:
-        """Write every pending acknowledgement now (best effort): the daemon is stopping,
-        after its connections, and what it handed out has left."""
+        """Write every pending acknowledgement now (best effort, once): the daemon is
+        stopping, after its connections, and what it handed out has left."""
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        self._cancel_timer()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            try:
+                await self._write(_acks(pending))
+            except BackendError as exc:
+                log.warning("could not delete %d messages handed out: %s", len(pending), exc)
+
+    def _wake_at(self, due: float) -> None:
+        """Have ``_write_due`` run at ``due`` (or sooner); a write under way re-arms
+        this when it ends, so writes never overlap."""
+        if self._task is not None and not self._task.done():
+            return
+        if self._timer is not None and self._timer_at <= due:
+            return
+        self._cancel_timer()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._start)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-        if self._pending:
-            await self._write_batch([ack for _, ack in self._pending])
-            self._pending.clear()
+        self._timer_at = math.inf
 
     def _start(self) -> None:
         self._timer = None
+        self._timer_at = math.inf
         self._task = asyncio.get_running_loop().create_task(self._write_due())
 
     async def _write_due(self) -> None:
         loop = asyncio.get_running_loop()
         # A timer may fire a hair early: what is due within a millisecond goes too.
-        due_by = loop.time() - self._delay_s + 0.001
-        batch: list[Ack] = []
-        while self._pending and self._pending[0][0] <= due_by:
-            batch.append(self._pending.popleft()[1])
+        due_by = loop.time() + 0.001
+        batch = [item for item in self._pending if item[0] <= due_by]
         if batch:
-            await self._write_batch(batch)
+            self._pending = [item for item in self._pending if item[0] > due_by]
+            try:
+                await self._write(_acks(batch))
+            except BackendError as exc:
+                self._retry(batch, exc)
+        self._task = None
         if self._pending:
-            wait_s = self._pending[0][0] + self._delay_s - loop.time()
-            self._timer = loop.call_later(max(0.0, wait_s), self._start)
+            self._wake_at(min(item[0] for item in self._pending))
 
-    async def _write_batch(self, batch: list[Ack]) -> None:
-        try:
-            await self._write(batch)
-        except BackendError as exc:
-            log.warning(
-                "could not delete %d messages handed out (they come again once their "
-                "leases lapse): %s",
-                len(batch),
-                exc,
-            )
+    def _retry(self, batch: list[tuple[float, float, Ack]], exc: BackendError) -> None:
+        now = asyncio.get_running_loop().time()
+        again = [(now + ACK_RETRY_S, until, ack) for _, until, ack in batch if until > now]
+        self._pending += again
+        log.warning(
+            "could not delete %d messages handed out (%d tried again; the others come "
+            "again once their leases lapse): %s",
+            len(batch),
+            len(again),
+            exc,
+        )
+
+
+def _acks(items: list[tuple[float, float, Ack]]) -> list[Ack]:
+    return [ack for _, _, ack in items]

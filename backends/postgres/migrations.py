@@ -1744,6 +1744,52 @@ BEGIN
 END $$;
 """
 
+# Version 7, leases to consumers (docs/flow.md): a worker's message stays leased until
+# its consumer's layer acknowledges it, so leases lapse after faults that lose no
+# daemon (a worker's connection cut). lease returns per message whether it was taken
+# again after its lease lapsed (``lapsed``: the daemon counts what it gave back), and
+# says ``more`` after such a one too: the channel's counters count it out already, and
+# others that lapsed with it may wait behind it.
+_LEASE_V7 = """
+DROP FUNCTION {s}.lease(text, text, integer, bigint, double precision);
+CREATE FUNCTION {s}.lease(p_ns text, p_channel text, p_limit integer, p_lease bigint,
+                          p_lease_s double precision)
+RETURNS TABLE (leased_id bigint, leased_payload bytea, leased_ttl_s double precision,
+               more boolean, lapsed boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid, m.id, m.lease IS NULL AS fresh FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE {s}.messages m
+        SET lease = p_lease, lease_until = now() + make_interval(secs => p_lease_s)
+        WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken)
+        SELECT p_ns, p_channel, n.fresh
+        FROM (SELECT count(*) FILTER (WHERE p.fresh) AS fresh FROM picked p) n
+        WHERE n.fresh > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET taken = t.taken + excluded.taken
+        RETURNING t.taken
+    )
+    SELECT l.id, l.payload, extract(epoch FROM l.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > coalesce((SELECT k.taken FROM counted k),
+                      (SELECT t.taken FROM {s}.takes t
+                       WHERE t.ns = p_ns AND t.channel = p_channel), 0)
+           OR EXISTS (SELECT 1 FROM picked q WHERE NOT q.fresh),
+           NOT p.fresh
+    FROM leased l JOIN picked p ON p.id = l.id ORDER BY l.id;
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -1771,4 +1817,5 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     ),
     (5, _SEND_WINDOWS_V5),
     (6, _SEQ_BITS_V6),
+    (7, _LEASE_V7),
 )

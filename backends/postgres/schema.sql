@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 6 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 7 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -24,11 +24,12 @@
 -- taken back into waiting and forgets idle rows.
 --
 -- Leases. A take for a worker (a normal channel, without hold) does not delete: it
--- leases the message to its daemon (messages.lease, a token of the take, and
--- lease_until), and the daemon deletes it once it has handed it out (ack) or ends the
--- lease (unlease) to put it back in its place. A lease that lapses (its daemon was
--- killed) leaves the message where it was, for any daemon to take again, oldest
--- first. A message is counted out (takes.taken) when first leased, as a take counts
+-- leases the message (messages.lease, a token of the take, and lease_until), and a
+-- daemon deletes it once the worker's layer acknowledged it (ack; or, for a layer that
+-- does not, once the daemon has handed it out), or the taking daemon ends the lease
+-- (unlease) to put it back in its place. A lease that lapses (its daemon was killed,
+-- the DELIVER or the ACK was lost) leaves the message where it was, for any daemon to
+-- take again, oldest first. A message is counted out (takes.taken) when first leased, as a take counts
 -- out what it deletes; one whose lease lapsed was counted out already, so takes, the
 -- sweep and reserve count only rows never leased (lease IS NULL), and unlease counts
 -- back in (channels.waiting) what it puts back.
@@ -567,17 +568,19 @@ END $$;
 
 -- lease: up to p_limit of a channel's oldest unexpired messages that nobody holds
 -- (never leased, or their lease lapsed), leased to p_lease for p_lease_s seconds; those
--- never leased before are counted out. more: whether others wait unleased.
+-- never leased before are counted out. lapsed: taken again after its lease lapsed (its
+-- consumer never acknowledged it). more: whether others wait unleased, or may wait
+-- after a lapsed lease (which the counters count out already).
 CREATE FUNCTION {s}.lease(p_ns text, p_channel text, p_limit integer, p_lease bigint,
                           p_lease_s double precision)
 RETURNS TABLE (leased_id bigint, leased_payload bytea, leased_ttl_s double precision,
-               more boolean)
+               more boolean, lapsed boolean)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     RETURN QUERY
     WITH picked AS (
-        SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+        SELECT m.ctid, m.id, m.lease IS NULL AS fresh FROM {s}.messages m
         WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
           AND (m.lease IS NULL OR m.lease_until <= now())
         ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
@@ -600,7 +603,9 @@ BEGIN
            > coalesce((SELECT k.taken FROM counted k),
                       (SELECT t.taken FROM {s}.takes t
                        WHERE t.ns = p_ns AND t.channel = p_channel), 0)
-    FROM leased l ORDER BY l.id;
+           OR EXISTS (SELECT 1 FROM picked q WHERE NOT q.fresh),
+           NOT p.fresh
+    FROM leased l JOIN picked p ON p.id = l.id ORDER BY l.id;
 END $$;
 
 -- ack: delete messages handed out under their leases (each by its id and lease); one

@@ -24,9 +24,12 @@ written in the background) and put back by ending their lease, in their places. 
 daemon killed outright loses none of them: their leases lapse and any daemon takes
 them again, oldest first. One handed out just before the kill may come again (the
 acknowledgement of a handed-out message is written a moment later), never lost; the
-receiving layer drops it by its message id. A message is handed out only within the
-first half of its lease (``Ahead.hand_out_by``): the rest leaves time for its
-acknowledgement.
+receiving layer drops it by its message id. A take for a consumer that acknowledges
+deliveries (``by_consumer``) leaves the deletion to that consumer: the message stays
+leased until its ACK names it (``consumer_lease``), so one lost on its way (a
+connection cut, a daemon killed) comes again once the lease lapses. A message is
+handed out only within the first half of its lease (``Ahead.hand_out_by``): the rest
+leaves time for its acknowledgement.
 
 Statements run in tasks of their own, so a caller that gives up (is cancelled) while
 its round is under way loses nothing: its share stays here for the next take. On a
@@ -46,7 +49,7 @@ from dataclasses import dataclass, field
 
 from backends import BackendError, BackendUnavailable, Taken
 
-__all__ = ["Ahead", "Takes", "is_leased"]
+__all__ = ["Ahead", "Takes", "consumer_lease", "is_leased"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
@@ -78,8 +81,9 @@ Wake = Callable[[str, str], None]
 #: Has leased messages of (ns, channel) that were handed out deleted (``AckWriter``).
 Ack = Callable[[str, str, list[Ahead]], None]
 _Key = tuple[str, str, bool]
-#: A take waiting for a round: its limit and its answer.
-_Waiter = tuple[int, "asyncio.Future[list[Taken]]"]
+#: A take waiting for a round: its limit, whether its consumer acknowledges (``take``),
+#: and its answer.
+_Waiter = tuple[int, bool, "asyncio.Future[list[Taken]]"]
 
 
 @dataclass(slots=True)
@@ -137,17 +141,22 @@ class Takes:
         line = self._lines.get((ns, channel, False))
         return 0 if line is None else len(line.ahead)
 
-    async def take(self, ns: str, channel: str, limit: int, hold: bool) -> list[Taken]:
+    async def take(
+        self, ns: str, channel: str, limit: int, hold: bool, by_consumer: bool = False
+    ) -> list[Taken]:
+        """Up to ``limit`` messages, oldest first. Leased ones are deleted a moment after
+        (``ack``) or, ``by_consumer``, stay leased until the consumer acknowledges them:
+        each ``Taken`` then carries its lease (``consumer_lease``)."""
         key = (ns, channel, hold)
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = _Line()
         if not line.waiters:
-            served = self._serve_from_ahead(key, line, limit)
+            served = self._serve_from_ahead(key, line, limit, by_consumer)
             if served:
                 return served
         future: asyncio.Future[list[Taken]] = asyncio.get_running_loop().create_future()
-        line.waiters.append((limit, future))
+        line.waiters.append((limit, by_consumer, future))
         if not line.busy:
             self._start_round(key, line)
         return await future
@@ -191,7 +200,9 @@ class Takes:
 
     # -- internals -----------------------------------------------------------
 
-    def _serve_from_ahead(self, key: _Key, line: _Line, limit: int) -> list[Taken]:
+    def _serve_from_ahead(
+        self, key: _Key, line: _Line, limit: int, by_consumer: bool = False
+    ) -> list[Taken]:
         ahead = line.ahead
         if not ahead:
             return []
@@ -203,12 +214,16 @@ class Takes:
                 _too_late(key, item)
             elif item.deadline > now:
                 handed.append(item)
-        if handed and handed[0].lease:
-            self._ack(key[0], key[1], handed)
         mono = time.monotonic()  # Taken's clock (``Ahead``'s is the loop's)
+        if by_consumer and handed and handed[0].lease:
+            leases = [consumer_lease(item) for item in handed]
+        else:
+            if handed and handed[0].lease:
+                self._ack(key[0], key[1], handed)
+            leases = [""] * len(handed)
         served = [
-            Taken(item.payload, item.deadline - now, "", mono + item.deadline - now)
-            for item in handed
+            Taken(item.payload, item.deadline - now, lease, mono + item.deadline - now)
+            for item, lease in zip(handed, leases, strict=True)
         ]
         self._count_pulls(line, now, len(served))
         if ahead:
@@ -252,15 +267,15 @@ class Takes:
         ns, channel, hold = key
         queued, line.waiters = line.waiters, []
         try:
-            want = sum(limit for limit, _ in queued) + self._top_up(key, line)
+            want = sum(waiter[0] for waiter in queued) + self._top_up(key, line)
             if want > 0:
                 taken = await self._take_now(ns, channel, want, hold)
                 line.ahead.extend(taken)
                 if taken:
                     line.last_used = asyncio.get_running_loop().time()
-            for limit, future in queued:
+            for limit, by_consumer, future in queued:
                 if not future.done():
-                    future.set_result(self._serve_from_ahead(key, line, limit))
+                    future.set_result(self._serve_from_ahead(key, line, limit, by_consumer))
             if line.generation != self._flushes.get(ns, 0):
                 line.ahead.clear()  # taken before a flush of this daemon's
             if line.ahead:
@@ -278,9 +293,9 @@ class Takes:
         """Serve the takes that queued up meanwhile, or give them a round; keep the
         line while it may hold or take messages ahead."""
         while line.waiters and line.ahead:
-            limit, future = line.waiters.pop(0)
+            limit, by_consumer, future = line.waiters.pop(0)
             if not future.done():
-                future.set_result(self._serve_from_ahead(key, line, limit))
+                future.set_result(self._serve_from_ahead(key, line, limit, by_consumer))
         if line.busy:
             return
         if line.waiters:
@@ -354,6 +369,12 @@ def is_leased(channel: str, hold: bool) -> bool:
     return "!" not in channel and not hold
 
 
+def consumer_lease(item: Ahead) -> str:
+    """The lease a consumer acknowledges ``item`` by: ``<id>.<lease>``, both of which
+    ``ack`` needs (a lease token names a take, not a message)."""
+    return f"{item.id}.{item.lease}"
+
+
 def _is_leased_line(key: _Key) -> bool:
     return is_leased(key[1], key[2])
 
@@ -366,6 +387,6 @@ def _too_late(key: _Key, item: Ahead) -> None:
 
 
 def _fail(waiters: list[_Waiter], exc: BackendError) -> None:
-    for _, future in waiters:
+    for _, _, future in waiters:
         if not future.done():
             future.set_exception(exc)

@@ -9,7 +9,9 @@ when to take, acknowledge and release; this runs their statements, and ``take_ma
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -22,13 +24,19 @@ from .pool import Database
 from .statements import Statements
 from .take_ahead import Ahead, is_leased
 
-__all__ = ["Taker"]
+__all__ = ["Taker", "parse_consumer_lease"]
+
+log = logging.getLogger("channels_broker.backends.postgres")
 
 #: Payloads up to this size taken recently are shared by identity (see ``interned``):
 #: a group send's payload is usually small, and hashing a large one costs more than
 #: the frames it would save.
 INTERN_MAX_BYTES = 64 * 1024
 INTERN_ENTRIES = 1024
+
+#: A consumer's lease as ``take_ahead.consumer_lease`` writes it: two bigints.
+_CONSUMER_LEASE = re.compile(r"(\d{1,19})\.(\d{1,19})\Z")
+_BIGINT_MAX = 2**63 - 1
 
 
 class Taker:
@@ -43,7 +51,9 @@ class Taker:
         self._wake = wake
         self._lease_s = lease_s
         self._payloads: dict[bytes, bytes] = {}
-        self.acks = AckWriter(self.write_acks)
+        #: Messages this daemon took again after their lease lapsed (``lease``).
+        self.given_back_total = 0
+        self.acks = AckWriter(self.write_acks, retry_for_s=lease_s)
 
     async def take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
         """``Takes``' one statement for a channel: up to ``limit`` messages, oldest first,
@@ -56,6 +66,8 @@ class Taker:
         lease = secrets.randbits(63) or 1
         started = asyncio.get_running_loop().time()
         rows = await self._db.fetch(self._sql.lease, ns, channel, limit, lease, self._lease_s)
+        # Taken again after its lease lapsed: its consumer (or daemon) never ended it.
+        self.given_back_total += sum(1 for row in rows if row[4])
         # The lease began after ``started`` in the database: half of it from then on
         # is surely within it, and the other half is left for the acknowledgement.
         return self._taken(ns, channel, rows, lease, started + self._lease_s / 2)
@@ -76,6 +88,16 @@ class Taker:
     def acknowledge(self, ns: str, channel: str, handed: list[Ahead]) -> None:
         """Leased messages of ``channel`` were handed out: delete them (in the background)."""
         self.acks.add(ns, channel, ((item.id, item.lease) for item in handed))
+
+    def consumed(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """A consumer received the messages of these leases (``consumer_lease``):
+        delete them, with the other acknowledgements due. A lease not of that form is
+        ignored; one of a message gone or taken again matches nothing in ``ack``."""
+        acked = [parsed for lease in leases if (parsed := parse_consumer_lease(lease))]
+        if len(acked) < len(leases):
+            log.debug("ignored %d malformed leases of %s", len(leases) - len(acked), channel)
+        if acked:
+            self.acks.add(ns, channel, acked)
 
     async def write_acks(self, acks: list[Ack]) -> None:
         """``AckWriter``'s one statement: (namespace, channel, id, lease) each."""
@@ -119,3 +141,12 @@ class Taker:
             self._payloads.clear()
         self._payloads[payload] = payload
         return payload
+
+
+def parse_consumer_lease(lease: str) -> tuple[int, int] | None:
+    """(id, lease token) from a consumer's lease; None if it is not of that form."""
+    match = _CONSUMER_LEASE.match(lease)
+    if match is None:
+        return None
+    id_, token = int(match[1]), int(match[2])
+    return (id_, token) if id_ <= _BIGINT_MAX and token <= _BIGINT_MAX else None

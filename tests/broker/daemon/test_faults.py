@@ -2,9 +2,8 @@
 the application twice (issue 15).
 
 Each fault runs on Redis and on PostgreSQL: a daemon killed (SIGKILL) while workers
-pull through it, the link between a daemon and its storage stalled for 5 s; and on
-Redis only (see there), a worker whose connection is cut and who goes on through the
-other daemon. Workers pull one
+pull through it, the link between a daemon and its storage stalled for 5 s, a worker
+whose connection is cut and who goes on through the other daemon. Workers pull one
 normal channel; a sender sends numbered messages with ``IN_FLIGHT`` of them in flight,
 each once, as an application does (a send that raises is counted as failed, not
 retried). At the end every accepted number must have reached a worker exactly once.
@@ -256,10 +255,6 @@ async def test_a_stalled_storage_loses_nothing(storage: str, unique: Callable[[s
     assert not ledger.failed, "every send met the stall within connect_timeout: resent"
 
 
-# Redis only: PostgreSQL's leases are ended by the daemon 20 ms after its DELIVER, not
-# by the consumer, so a DELIVER lost in a cut connection is lost (4 in one run of
-# ten): docs/flow.md, "Not yet".
-@pytest.mark.parametrize("storage", ["redis"], indirect=True)
 async def test_a_worker_cut_off_goes_on_through_the_other_daemon(
     two_daemons: tuple[BrokerProcess, BrokerProcess], unique: Callable[[str], str]
 ) -> None:
