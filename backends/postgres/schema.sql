@@ -67,7 +67,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (6);
+INSERT INTO {s}.schema_version VALUES (7);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
