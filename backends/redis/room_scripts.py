@@ -21,7 +21,15 @@ from __future__ import annotations
 
 from .scripts import SCRIPTS, Script
 
-__all__ = ["ALL_SCRIPTS", "RELEASE_ROOM", "RESERVE_ROOM", "SEND_RESERVED", "SEND_RESERVING"]
+__all__ = [
+    "ALL_SCRIPTS",
+    "RECORD_SEQ",
+    "RELEASE_ROOM",
+    "RESERVE_ROOM",
+    "SEND_RESERVED",
+    "SEND_RESERVING",
+    "SEQ_STORED",
+]
 
 #: Helpers of the room scripts (after ``scripts._COMMON``).
 _ROOM = r"""
@@ -197,5 +205,36 @@ return 1
 """,
 )
 
+#: Whether a numbered GROUP_SEND was stored (delivered) before. KEYS: s, u. ARGV: seq.
+#: -> 1 or 0.
+SEQ_STORED = Script.of(
+    "seq_stored",
+    _ROOM
+    + r"""
+if was_stored(KEYS[1], KEYS[2], tonumber(ARGV[1])) then return 1 end
+return 0
+""",
+)
+
+#: A numbered GROUP_SEND's outcome. KEYS: s, u. ARGV: seq, stored (0/1), seq_keep_ms,
+#: most unsettled.
+RECORD_SEQ = Script.of(
+    "record_seq",
+    _ROOM
+    + r"""
+handled(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3]),
+        tonumber(ARGV[4]))
+return 1
+""",
+)
+
 #: Every script of the backend, loaded at connect.
-ALL_SCRIPTS = (*SCRIPTS, SEND_RESERVING, SEND_RESERVED, RESERVE_ROOM, RELEASE_ROOM)
+ALL_SCRIPTS = (
+    *SCRIPTS,
+    SEND_RESERVING,
+    SEND_RESERVED,
+    RESERVE_ROOM,
+    RELEASE_ROOM,
+    SEQ_STORED,
+    RECORD_SEQ,
+)
