@@ -15,10 +15,16 @@ windowed SEND does: its sender heard nothing, and the daemon counts and logs it.
 
 A new seq on ``memory://`` (the usual case) needs nothing of this module: ``handlers``
 moves ``Seqs.highest`` on itself.
+
+The connections of one client handle their runs one at a time (``lock``): the client
+sends again, on its new connection, what its old one may still be delivering (a cut
+connection's daemon side goes on with the frame in hand), and the record of that run
+must be written before a resend of it is looked up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from backends import BackendError, RecordsSeqs
@@ -38,6 +44,9 @@ class GroupSeqs:
 
     def __init__(self, shell: Shell, ctx: Context, sends: Sends) -> None:
         self.shell = shell
+        self.ctx = ctx
+        #: Held while a run of this client's numbered GROUP_SENDs is handled (``attach``).
+        self.lock = asyncio.Lock()
         #: The connection's SENDs: their ``seqs`` number group sends too.
         self.sends = sends
         backend = ctx.backend
@@ -45,6 +54,11 @@ class GroupSeqs:
         self.records = backend if backend.is_shared and isinstance(backend, RecordsSeqs) else None
         #: The daemon can keep the numbers of this client's group sends.
         self.can_number = self.records is not None or not backend.is_shared
+
+    def attach(self, ns: str, client_id: str) -> None:
+        """HELLO named the client: share its lock with its other connections."""
+        locks = self.ctx.group_send_locks
+        self.lock = locks.setdefault((ns, client_id), self.lock)
 
     def version_for(self, hello: Hello) -> int:
         """The version to answer HELLO with: numbered group sends only where they can be

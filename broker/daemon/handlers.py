@@ -129,6 +129,7 @@ class Handlers:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")
         window = self.sends.open(hello)
         version = self.group_seqs.version_for(hello)
+        self.group_seqs.attach(session.ns, client_id)
         numbered = window or version >= NUMBERED_GROUP_SEND_VERSION
         # An owned id (proven by its secret) keeps what its numbered SENDs came to.
         self._keeps_seqs = bool(numbered and hello.client_id) and not self.sends.seqs_in_storage
@@ -177,17 +178,7 @@ class Handlers:
     # -- sends ---------------------------------------------------------------
 
     async def _on_send_many(self, frame: SendMany) -> None:
-        rid = frame.request_id
-        for channel, payload in frame.items:
-            if not (self._check_channel(rid, channel) and self._check_size(rid, payload)):
-                return
-        session = self.session()
-        rejected = await self.ctx.backend.send_many(
-            session.ns, frame.items, capacity_of=session.capacity_of, expiry_s=session.expiry_s
-        )
-        self.ctx.metrics.accepted["send_many"] += len(frame.items) - len(rejected)
-        self.ctx.metrics.rejected["send_many"] += len(rejected)
-        self.shell.write(Ok(rid, len(frame.items) - len(rejected), tuple(rejected)))
+        await self.sends.handle_many(frame)
 
     # -- receiving -----------------------------------------------------------
 
@@ -288,9 +279,15 @@ class Handlers:
             if not inbox[0].seq:
                 break
             frames.append(inbox.popleft())  # type: ignore[arg-type]
+        async with self.group_seqs.lock:  # the client's other connections wait
+            await self._numbered_run(frames)
+
+    async def _numbered_run(self, frames: list[GroupSend]) -> None:
         seqs, numbered = self.sends.seqs, self.group_seqs
         stored = 0  # the run's highest seq delivered, for shared storage's record
         for frame in frames:
+            if self.shell.closing:
+                break  # the client sends the rest again, on its next connection
             seq = frame.seq
             if (seq <= seqs.highest or frame.request_id) and await numbered.was_stored(frame):
                 continue

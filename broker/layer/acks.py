@@ -229,7 +229,7 @@ class Inbox:
 class Unconfirmed:
     """The numbered group sends of one loop client that no CONFIRM covers yet."""
 
-    __slots__ = ("_bytes", "_encoder", "_requests", "entries")
+    __slots__ = ("_bytes", "_encoder", "_requests", "_waiters", "entries")
 
     def __init__(self) -> None:
         #: (seq, group, payload), oldest first.
@@ -237,19 +237,33 @@ class Unconfirmed:
         self._bytes = 0
         self._requests: dict[int, int] = {}  # request id of a resend -> its seq
         self._encoder = FrameEncoder()
+        self._waiters: list[asyncio.Future[None]] = []  # group sends waiting for room
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
+    def is_full(self, size: int) -> bool:
+        """True if one more group send of ``size`` payload bytes would pass the bound
+        (one goes whatever its size when none waits)."""
+        entries = self.entries
+        return bool(entries) and (
+            len(entries) >= MAX_UNCONFIRMED_GROUP_SENDS
+            or self._bytes + size > MAX_UNCONFIRMED_GROUP_BYTES
+        )
+
+    async def room(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Until a CONFIRM (or the answer to a resend) settles some: the bound's wait."""
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
     def number(self, window: SendWindow, group: str, payload: bytes) -> bytes | None:
         """The numbered GROUP_SEND of a group send, encoded and kept until confirmed; or
-        None if the daemon does not number them, or the bound is reached (then it goes
-        as a request, and waits for its answer)."""
+        None if the daemon does not number them (then it goes as a request)."""
         if not window.numbers_groups or window.dropping:
-            return None
-        if len(self.entries) >= MAX_UNCONFIRMED_GROUP_SENDS:
-            return None
-        if self._bytes + len(payload) > MAX_UNCONFIRMED_GROUP_BYTES:
             return None
         window.last_seq = seq = window.last_seq + 1  # one sequence with the SENDs
         self.entries.append((seq, group, payload))
@@ -267,8 +281,13 @@ class Unconfirmed:
     def confirm(self, through_seq: int) -> None:
         """Every numbered send up to ``through_seq`` was handled: forget those."""
         entries = self.entries
+        if not entries or entries[0][0] > through_seq:
+            return
         while entries and entries[0][0] <= through_seq:
             self._bytes -= len(entries.popleft()[2])
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def resend(self, next_id: Callable[[], int], numbered: bool) -> list[tuple[int, bytes]]:
         """A new connection: each as a request with its seq, as (seq, frame); without it
@@ -312,3 +331,6 @@ class Unconfirmed:
         self.entries.clear()
         self._bytes = 0
         self._requests.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
