@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from protocol import MAX_UNCONFIRMED_GROUP_SENDS
+from protocol import (
+    FANOUT_VERSION,
+    MAX_UNCONFIRMED_GROUP_SENDS,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Hello,
+    encode_frame,
+)
 from tests.conftest import LayerFactory
 from tests.proxy import CutProxy
 from tests.waits import RECOVERY_TIMEOUT_S, assert_nothing_within, receive
@@ -101,3 +109,74 @@ async def test_group_send_waits_only_past_the_bound_of_unconfirmed_ones(
         await assert_nothing_within(member, channel)
     finally:
         await proxy.close()
+
+
+class OlderDaemon:
+    """A daemon of the release before numbered group sends, as its HELLO handling is:
+    version 3 is refused with UNSUPPORTED_VERSION and the connection closed; a HELLO of
+    version 2 or less goes through to the real daemon (``upstream``), and so does what
+    follows it."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.refused = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"tcp://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        while (hello := decoder.next_frame()) is None:
+            decoder.receive_data(await reader.read(65536))
+        assert isinstance(hello, Hello)
+        if hello.version > FANOUT_VERSION:
+            self.refused += 1
+            message = f"protocol version {hello.version} unknown"
+            writer.write(encode_frame(Error(0, ErrorCode.UNSUPPORTED_VERSION, message)))
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        up_writer.write(encode_frame(hello) + decoder.unread())
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.backends("memory")
+async def test_a_layer_speaks_the_version_before_to_an_older_daemon(
+    broker: Any, make_layer: LayerFactory, unique: Any
+) -> None:
+    """1. An older daemon refuses the layer's HELLO (version 3) after it wrote its first
+       request (a group_add, sent before WELCOME).
+    2. The layer says version 2 on a new connection and writes that request again: its
+       caller sees nothing of it. 3. Group sends are requests there, as before, and
+       arrive; another loop of the layer starts at version 2."""
+    older = OlderDaemon(broker.address)
+    url = await older.start()
+    try:
+        sender = make_layer(hosts=[url])
+        member = make_layer()
+        group, channel = unique("older"), await member.new_channel()
+        await sender.group_add(group, channel)
+        for n in range(3):
+            await sender.group_send(group, {"n": n})
+        assert [(await receive(member, channel))["n"] for _ in range(3)] == [0, 1, 2]
+        assert not sender._client().window.numbers_groups
+        assert older.refused == 1
+    finally:
+        await older.close()
