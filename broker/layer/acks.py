@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sized
+from typing import Protocol
 
 from protocol import (
     MAX_ACK_PAIRS,
@@ -46,12 +46,10 @@ __all__ = [
     "Acks",
     "Buffer",
     "Inbox",
+    "Numbering",
     "Unconfirmed",
     "wake_one",
 ]
-
-if TYPE_CHECKING:
-    from .window import SendWindow
 
 log = logging.getLogger("channels_broker.layer")
 
@@ -226,6 +224,24 @@ class Inbox:
             waiter.set_exception(error)
 
 
+class Numbering(Protocol):
+    """The numbers of one client's sends (``window.SendWindow``; a sync thread's
+    ``sync_session.SyncNumbers``): one sequence for SENDs and group sends."""
+
+    #: WELCOME agreed numbered group sends.
+    numbers_groups: bool
+    #: A send failed in storage: everything goes again on the next connection.
+    dropping: bool
+    last_seq: int
+
+    @property
+    def unsettled(self) -> Sized: ...  # numbered SENDs not settled
+
+    def confirmed(self, frame: Confirm) -> None: ...
+
+    def drop_later(self) -> None: ...
+
+
 class Unconfirmed:
     """The numbered group sends of one loop client that no CONFIRM covers yet."""
 
@@ -260,7 +276,7 @@ class Unconfirmed:
         finally:
             self._waiters.remove(waiter)
 
-    def number(self, window: SendWindow, group: str, payload: bytes) -> bytes | None:
+    def number(self, window: Numbering, group: str, payload: bytes) -> bytes | None:
         """The numbered GROUP_SEND of a group send, encoded and kept until confirmed; or
         None if the daemon does not number them (then it goes as a request)."""
         if not window.numbers_groups or window.dropping:
@@ -270,7 +286,7 @@ class Unconfirmed:
         self._bytes += len(payload)
         return self._encoder.numbered(GroupSend.TYPE, 0, group, payload, seq)
 
-    def confirmed(self, frame: Confirm, window: SendWindow) -> None:
+    def confirmed(self, frame: Confirm, window: Numbering) -> None:
         """CONFIRM: settle the group sends it covers, and the window's sends."""
         if window.dropping:
             return  # a send failed: everything goes again on the next connection
@@ -302,7 +318,7 @@ class Unconfirmed:
             frames.append((seq, frame))
         return frames
 
-    def answer(self, frame: Frame, window: SendWindow) -> bool:
+    def answer(self, frame: Frame, window: Numbering) -> bool:
         """Take the OK or ERROR of a resend (True), or leave another frame (False)."""
         seq = self._requests.pop(getattr(frame, "request_id", 0), None)
         if seq is None:
