@@ -345,8 +345,8 @@ def _dial(settings: LayerSettings, host: Host, timeout_s: float) -> socket.socke
             raise
         return sock
     sock = socket.create_connection((address, port), timeout=timeout_s)
-    # A request and its answer are one small write each: Nagle would only delay them.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Nagle stays on: every write is answered (an OK, a run's CONFIRM), which brings its ACK,
+    # so a burst of group sends leaves in a few segments, none held past an answer.
     tls = settings.tls_for(host)
     if tls is None:
         return sock
