@@ -10,6 +10,7 @@ runs for every request, and the exporter reads the numbers only when scraped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -175,11 +176,6 @@ class Handlers:
         self.shell.fail(request_id, ErrorCode.MESSAGE_TOO_LARGE, message)
         return False
 
-    # -- sends ---------------------------------------------------------------
-
-    async def _on_send_many(self, frame: SendMany) -> None:
-        await self.sends.handle_many(frame)
-
     # -- receiving -----------------------------------------------------------
 
     async def _on_receive(self, frame: Receive) -> None:
@@ -296,6 +292,9 @@ class Handlers:
                 if frame.request_id:
                     continue
                 break  # the connection closes
+            # Others first, as an awaited answer let them: owners push what came before and
+            # write out earlier fan-outs, so this one goes at the edge, in order, unstored.
+            await asyncio.sleep(0)
             try:
                 await self._deliver(frame)
             except BackendError as exc:
@@ -378,7 +377,7 @@ class Handlers:
 #: point back at it, and a closed connection's buffers would wait for the cyclic GC).
 _HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
     Hello: Handlers._on_hello,
-    SendMany: Handlers._on_send_many,
+    SendMany: lambda handlers, frame: handlers.sends.handle_many(frame),
     Receive: Handlers._on_receive,
     Cancel: Handlers._on_cancel,
     Ack: Handlers._on_ack,
