@@ -11,7 +11,7 @@ from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .fanout import EdgeOwner, EdgeOwners, FansOutAtTheEdge
 from .records import BackendStats, GroupSendResult, Taken
-from .room import ALREADY_STORED, SEQ_SPAN, ReservesRoom, room_to_grant
+from .room import ALREADY_STORED, SEQ_SPAN, RecordsSeqs, ReservesRoom, room_to_grant
 from .urls import redacted_url
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "FansOutAtTheEdge",
     "GroupSendResult",
     "LeasesToConsumers",
+    "RecordsSeqs",
     "ReservesRoom",
     "Taken",
     "UnknownBackend",

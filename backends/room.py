@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 from protocol import MAX_UNSETTLED_SENDS
 
-__all__ = ["ALREADY_STORED", "SEQ_SPAN", "ReservesRoom", "room_to_grant"]
+__all__ = ["ALREADY_STORED", "SEQ_SPAN", "RecordsSeqs", "ReservesRoom", "room_to_grant"]
 
 #: What ``send_reserving`` answers for a numbered send storage had stored before.
 ALREADY_STORED = -1
@@ -99,3 +99,22 @@ class ReservesRoom(Protocol):
 
     async def release_room(self, ns: str, channel: str, count: int, *, holder: str = "") -> None:
         """Stop counting ``count`` units of room reserved on ``channel`` (never below 0)."""
+
+
+@runtime_checkable
+class RecordsSeqs(Protocol):
+    """Shared storage that keeps each client's record of numbered sends (the one
+    ``ReservesRoom.dedupes_sends`` writes with the messages) for numbered GROUP_SENDs
+    too, so that a client that sends one again through another daemon is answered there
+    without a second delivery. A group send is not one atomic storage step (a big group
+    goes in slices, members may be pushed to directly), so its seq is looked up before
+    and recorded after: a daemon killed in between leaves it unrecorded, and the resend
+    delivers it again, which the receiving layers drop by its message id."""
+
+    async def seq_was_stored(self, ns: str, client: str, seq: int) -> bool:
+        """True if ``client``'s ``seq`` was recorded as stored (delivered) before."""
+
+    async def record_seq(
+        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+    ) -> None:
+        """Record ``seq``'s outcome in ``client``'s record (kept ``keep_s`` past it)."""

@@ -186,10 +186,11 @@ class FrameEncoder:
     frame costs more than the packing; a packer must not be shared between threads, so
     each connection, on its one event loop, has its own).
 
-    ``push_into`` and ``send`` encode a PUSH and a SEND from values their caller made and
-    checked already (the daemon's own storage; the layer's checked names), without
-    building and checking a frame object: that was the largest part of the cost of a
-    pushed or a windowed message. The bytes are those ``encode_frame`` gives.
+    ``push_into``, ``send`` and ``numbered`` encode a PUSH, a SEND and a GROUP_SEND
+    from values their caller made and checked already (the daemon's own storage; the
+    layer's checked names), without building and checking a frame object: that was the
+    largest part of the cost of a pushed or a windowed message. The bytes are those
+    ``encode_frame`` gives.
     """
 
     __slots__ = ("_pack",)
@@ -232,11 +233,12 @@ class FrameEncoder:
         return len(body) + HEADER_BYTES
 
     def send(self, request_id: int, channel: str, payload: bytes, seq: int) -> bytes:
-        body: bytes
-        if seq:
-            body = self._pack([Send.TYPE, request_id, channel, payload, seq])
-        else:  # its trailing default left off, as ``encode_frame`` does
-            body = self._pack([Send.TYPE, request_id, channel, payload])
+        return self.numbered(Send.TYPE, request_id, channel, payload, seq)
+
+    def numbered(self, code: int, request_id: int, name: str, payload: bytes, seq: int) -> bytes:
+        """A SEND or GROUP_SEND (``code``: its ``TYPE``); a ``seq`` of 0 is left off."""
+        items = [code, request_id, name, payload, seq] if seq else [code, request_id, name, payload]
+        body: bytes = self._pack(items)
         return _pack_header(len(body)) + body
 
 

@@ -358,17 +358,24 @@ class GroupDiscard:
 @dataclass(frozen=True, slots=True)
 class GroupSend:
     """Send one message to every member of a group. Answered by OK whose ``count``
-    is the number of members skipped because they were full."""
+    is the number of members skipped because they were full.
+
+    ``seq`` (0: none) numbers it among the client's SENDs (one sequence for both), so a
+    retry is delivered once; only to a daemon that agreed ``NUMBERED_GROUP_SEND_VERSION``.
+    With ``request_id`` 0 and a ``seq`` it is *numbered*: no answer but a later CONFIRM.
+    """
 
     TYPE: ClassVar[int] = 10
     request_id: int
     group: str
     payload: bytes
+    seq: int = 0
 
     def __post_init__(self) -> None:
         _check_int("request_id", self.request_id)
         _check_str("group", self.group)
         _check_bytes("payload", self.payload)
+        _check_int("seq", self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,8 +549,9 @@ class Flushed:
 
 @dataclass(frozen=True, slots=True)
 class Confirm:
-    """Every SEND of this client with a ``seq`` up to ``through_seq`` was handled (the
-    windowed ones stored): the client may forget them. One per batch of SENDs handled.
+    """Every SEND and GROUP_SEND of this client with a ``seq`` up to ``through_seq`` was
+    handled (the windowed ones stored): the client may forget them. One per batch of
+    SENDs handled, and one per run of numbered GROUP_SENDs.
 
     ``room``: (channel, count) pairs of send room granted on the channels the batch
     spent room on, so that a sender that keeps sending need not ask for more.

@@ -21,17 +21,22 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "FANOUT_VERSION",
+    "NUMBERED_GROUP_SEND_VERSION",
     "Handshake",
     "Role",
     "State",
 ]
 
 #: The version this code speaks; a daemon refuses HELLO with a version it does not support.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: The first version whose client takes group fan-outs (``Push.fanout_capacity``); a
 #: client of version 1 gets a PUSH per stored message, as before.
 FANOUT_VERSION = 2
-SUPPORTED_VERSIONS = frozenset({1, FANOUT_VERSION})
+#: The first version that numbers GROUP_SENDs (``GroupSend.seq``). A daemon that can keep
+#: their numbers answers WELCOME with it; one that cannot (or is older) with 2 or less,
+#: and the client sends GROUP_SENDs as requests, unnumbered, as before.
+NUMBERED_GROUP_SEND_VERSION = 3
+SUPPORTED_VERSIONS = frozenset({1, FANOUT_VERSION, NUMBERED_GROUP_SEND_VERSION})
 #: The frames of the handshake itself: the only ones it must see once it is over.
 HANDSHAKE_FRAMES: frozenset[type[Frame]] = frozenset({Hello, Welcome})
 

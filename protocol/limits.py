@@ -10,6 +10,7 @@ __all__ = [
     "MAX_ACK_PAIRS",
     "MAX_PATTERN_CHARS",
     "MAX_PUSH_FRAME_BYTES",
+    "MAX_UNCONFIRMED_GROUP_SENDS",
     "MAX_UNSETTLED_SENDS",
     "SMALLEST_MAX_MESSAGE_BYTES",
     "max_request_frame_bytes",
@@ -59,3 +60,7 @@ MAX_PATTERN_CHARS = 256
 #: which of a client's latest that many seqs it did not store, so a retry is stored once
 #: (docs/flow.md); 1,024 is sixteen full windows of the default 64.
 MAX_UNSETTLED_SENDS = 1024
+#: Most numbered GROUP_SENDs one client leaves unconfirmed at once (docs/flow.md); its
+#: numbered SENDs take the rest of ``MAX_UNSETTLED_SENDS``, so that, together, no resend
+#: is older than what a daemon remembers of the client's seqs.
+MAX_UNCONFIRMED_GROUP_SENDS = MAX_UNSETTLED_SENDS // 4

@@ -131,6 +131,9 @@ class PostgresBackend(Backend):
         self.send_reserved = windows.send_reserved
         self.reserve_room = windows.reserve_room
         self.release_room = windows.release_room
+        # Numbered group sends (``backends.RecordsSeqs``): in the same record.
+        self.seq_was_stored = windows.seq_was_stored
+        self.record_seq = windows.record_seq
 
     def can_reserve_room(self) -> bool:
         return True

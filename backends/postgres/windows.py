@@ -39,6 +39,9 @@ _SEND_RESERVING = "SELECT {s}.send_reserving($1, $2, $3, $4, $5, $6, $7, $8, $9,
 _SEND_RESERVED = "SELECT {s}.send_reserved($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RESERVE_ROOM = "SELECT {s}.reserve_room($1, $2, $3, $4, $5, $6, $7)"
 _RELEASE_ROOM = "SELECT {s}.release_room($1, $2, $3, $4)"
+#: A client's record (made if missing), and a seq's outcome written into it.
+_SEQ_STORED = "SELECT {s}.seq_stored(r.highest, r.kept, $3, $4) FROM {s}.sender_seqs($1, $2, $5) r"
+_RECORD_SEQ = "SELECT {s}.stored_into($1, $2, $3, $4, $5, $6) FROM {s}.sender_seqs($1, $2, $5)"
 #: Records of numbered sends past their expiry (what their clients stored has expired),
 #: and room that lapsed (its count is no longer held).
 FORGET_SENDERS = (
@@ -64,7 +67,14 @@ class PostgresRoom:
         lapse_s: float,
     ) -> None:
         self._db = db
-        templates = (_SEND_RESERVING, _SEND_RESERVED, _RESERVE_ROOM, _RELEASE_ROOM)
+        templates = (
+            _SEND_RESERVING,
+            _SEND_RESERVED,
+            _RESERVE_ROOM,
+            _RELEASE_ROOM,
+            _SEQ_STORED,
+            _RECORD_SEQ,
+        )
         self._sql = [sql.format(s=schema) for sql in templates]
         self._origin = secrets.token_hex(4)  # holders of several daemons never collide
         self._releases = releases
@@ -132,6 +142,18 @@ class PostgresRoom:
     async def release_room(self, ns: str, channel: str, count: int, *, holder: str = "") -> None:
         if count > 0:
             await self._db.execute(self._sql[3], ns, channel, self._field(holder), count)
+
+    async def seq_was_stored(self, ns: str, client: str, seq: int) -> bool:
+        """``backends.RecordsSeqs``: a numbered GROUP_SEND stored before?"""
+        stored: bool = await self._db.fetchval(self._sql[4], ns, client, seq, SEQ_SPAN, 60.0)
+        return stored
+
+    async def record_seq(
+        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+    ) -> None:
+        """``backends.RecordsSeqs``: a numbered GROUP_SEND's outcome, in the record."""
+        args = (ns, client, seq, stored, float(keep_s), SEQ_SPAN)
+        await self._db.fetchval(self._sql[5], *args)
 
     def _field(self, holder: str) -> str:
         """A connection's name in ``rooms``: its holder, and this daemon's name."""

@@ -90,6 +90,9 @@ class RedisBackend(Backend):
         self.send_reserved = self._room.send_reserved
         self.reserve_room = self._room.reserve_room
         self.release_room = self._room.release_room
+        # Numbered group sends (``backends.RecordsSeqs``): in the same record.
+        self.seq_was_stored = self._room.seq_was_stored
+        self.record_seq = self._room.record_seq
         self._stats_task: asyncio.Task[None] | None = None
         self._stats = BackendStats(0, 0, 0, 0, 0)
 

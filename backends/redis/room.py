@@ -25,7 +25,14 @@ from backends import ALREADY_STORED, SEQ_SPAN
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
-from .room_scripts import RELEASE_ROOM, RESERVE_ROOM, SEND_RESERVED, SEND_RESERVING
+from .room_scripts import (
+    RECORD_SEQ,
+    RELEASE_ROOM,
+    RESERVE_ROOM,
+    SEND_RESERVED,
+    SEND_RESERVING,
+    SEQ_STORED,
+)
 from .takes import Takes
 
 __all__ = ["RedisRoom"]
@@ -117,6 +124,19 @@ class RedisRoom:
             keys = [self._keys.room(ns, channel)]
             args = [self._field(holder), count, self._lapse_ms]
             await self._commands.run(RELEASE_ROOM, keys, args)
+
+    async def seq_was_stored(self, ns: str, client: str, seq: int) -> bool:
+        """``backends.RecordsSeqs``: a numbered GROUP_SEND stored before?"""
+        return bool(
+            await self._commands.run(SEQ_STORED, self._keys.seqs(ns, client), [seq, SEQ_SPAN])
+        )
+
+    async def record_seq(
+        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+    ) -> None:
+        """``backends.RecordsSeqs``: a numbered GROUP_SEND's outcome, in the record."""
+        args = [seq, int(stored), _ms(keep_s) + KEEP_MARGIN_MS, SEQ_SPAN]
+        await self._commands.run(RECORD_SEQ, self._keys.seqs(ns, client), args)
 
     def _field(self, holder: str) -> str:
         """The room hash's field of a connection: its holder, and this daemon's name."""

@@ -25,7 +25,15 @@ from __future__ import annotations
 
 from .scripts import SCRIPTS, Script
 
-__all__ = ["ALL_SCRIPTS", "RELEASE_ROOM", "RESERVE_ROOM", "SEND_RESERVED", "SEND_RESERVING"]
+__all__ = [
+    "ALL_SCRIPTS",
+    "RECORD_SEQ",
+    "RELEASE_ROOM",
+    "RESERVE_ROOM",
+    "SEND_RESERVED",
+    "SEND_RESERVING",
+    "SEQ_STORED",
+]
 
 #: Helpers of the room scripts (after ``scripts._COMMON``).
 _ROOM = r"""
@@ -211,5 +219,38 @@ return 1
 """,
 )
 
+#: Whether a numbered GROUP_SEND was stored (delivered) before. KEYS: s, k. ARGV: seq,
+#: span. -> 1 or 0.
+SEQ_STORED = Script.of(
+    "seq_stored",
+    _ROOM
+    + r"""
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+if was_stored(KEYS[2], top, tonumber(ARGV[1]), tonumber(ARGV[2])) then return 1 end
+return 0
+""",
+)
+
+#: A numbered GROUP_SEND's outcome. KEYS: s, k. ARGV: seq, stored (0/1), seq_keep_ms,
+#: span.
+RECORD_SEQ = Script.of(
+    "record_seq",
+    _ROOM
+    + r"""
+local top = tonumber(redis.call('GET', KEYS[1]) or '0')
+top = record(KEYS[2], top, tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[4]))
+keep_record(KEYS[1], KEYS[2], top, tonumber(ARGV[3]))
+return 1
+""",
+)
+
 #: Every script of the backend, loaded at connect.
-ALL_SCRIPTS = (*SCRIPTS, SEND_RESERVING, SEND_RESERVED, RESERVE_ROOM, RELEASE_ROOM)
+ALL_SCRIPTS = (
+    *SCRIPTS,
+    SEND_RESERVING,
+    SEND_RESERVED,
+    RESERVE_ROOM,
+    RELEASE_ROOM,
+    SEQ_STORED,
+    RECORD_SEQ,
+)

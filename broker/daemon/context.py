@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,11 @@ class Context:
     bounds: Bounds = field(init=False)
     #: What the numbered SENDs of each client with an owned id came to (``windows``).
     senders: Senders = field(init=False)
+    #: Per (namespace, client id), held while a run of its numbered GROUP_SENDs is handled
+    #: and recorded (``group_sends``): kept while a connection of the client holds it.
+    group_send_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
 
     def __post_init__(self) -> None:
         self.bounds = Bounds(self.config, self.metrics)

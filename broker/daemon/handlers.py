@@ -22,10 +22,11 @@ from backends import BackendError
 from broker.ops.metrics import Histogram
 from broker.version import __version__
 from protocol import (
-    SUPPORTED_VERSIONS,
+    NUMBERED_GROUP_SEND_VERSION,
     Ack,
     Cancel,
     Cancelled,
+    Confirm,
     ErrorCode,
     Flush,
     Frame,
@@ -43,16 +44,16 @@ from protocol import (
     Welcome,
     is_valid_channel,
     is_valid_group,
-    proves,
     ttl_ms,
 )
 
-from . import tokens
 from .capacity import Refused
 from .context import Context
+from .group_sends import GroupSeqs
+from .hello import hello_refusal
 from .pulls import acknowledge_leases
 from .routing import Pull
-from .sends import Sends
+from .sends import SEND_BATCH, Sends
 from .session import Session, new_client_id
 from .shell import Shell
 
@@ -70,6 +71,7 @@ class Handlers:
         self.shell = shell
         self.ctx = ctx
         self.sends = Sends(shell, ctx)
+        self.group_seqs = GroupSeqs(shell, ctx, self.sends)
         self._keeps_seqs = False  # the client's id is owned: ``ctx.senders`` keeps its seqs
 
     async def handle(self, frame: Frame) -> None:
@@ -112,7 +114,7 @@ class Handlers:
 
     async def _on_hello(self, hello: Hello) -> None:
         shell = self.shell
-        refusal = self._refusal(hello)
+        refusal = hello_refusal(hello, self.ctx, shell.peer)
         if refusal is not None:
             shell.fatal(*refusal)
             return
@@ -131,13 +133,16 @@ class Handlers:
             # the head of its channels: pushed to us before anything newer.
             await asyncio.shield(previous.closed)
         window = self.sends.open(hello)
+        version = self.group_seqs.version_for(hello)
+        self.group_seqs.attach(session.ns, client_id)
+        numbered = window or version >= NUMBERED_GROUP_SEND_VERSION
         # An owned id (proven by its secret) keeps what its numbered SENDs came to.
-        self._keeps_seqs = bool(window and hello.client_id) and not self.sends.seqs_in_storage
+        self._keeps_seqs = bool(numbered and hello.client_id) and not self.sends.seqs_in_storage
         if self._keeps_seqs:
             self.sends.seqs = self.ctx.senders.attach(session.ns, client_id)
         max_bytes = self.ctx.config.max_message_bytes
         incarnation = self.ctx.incarnation if hello.wants_incarnation else ""
-        shell.write(Welcome(hello.version, client_id, max_bytes, _SERVER, window, incarnation))
+        shell.write(Welcome(version, client_id, max_bytes, _SERVER, window, incarnation))
         await self.take_in_own_channels()
 
     async def take_in_own_channels(self) -> None:
@@ -152,25 +157,6 @@ class Handlers:
                 shell.guard.left_out(channel)
                 break
             ready[channel] = None
-
-    def _refusal(self, hello: Hello) -> tuple[ErrorCode, str] | None:
-        """Why this HELLO is refused (the error to close with), or None."""
-        if hello.version not in SUPPORTED_VERSIONS:
-            log.warning("protocol error from %s: version %d", self.shell.peer, hello.version)
-            return ErrorCode.UNSUPPORTED_VERSION, f"protocol version {hello.version} unknown"
-        peer = self.shell.peer
-        denied = tokens.refusal(self.ctx.tokens, hello, peer, self.ctx.ignored_tokens)
-        if denied is not None:
-            return denied
-        if not is_valid_group(hello.prefix):
-            return ErrorCode.INVALID_NAME, f"invalid prefix {hello.prefix!r}"
-        client_id = hello.client_id
-        if client_id and not proves(hello.secret, client_id):
-            # Not its secret: a HELLO may not take another client's id and messages.
-            log.warning("refused %s: client id %.40r without its secret", peer, client_id)
-            message = f"client id {client_id:.40} needs its secret (a layer older than the daemon?)"
-            return ErrorCode.CLIENT_ID_TAKEN, message
-        return None
 
     # -- checks --------------------------------------------------------------
 
@@ -193,21 +179,6 @@ class Handlers:
         message = f"message of {len(payload)} bytes is over the limit of {limit}"
         self.shell.fail(request_id, ErrorCode.MESSAGE_TOO_LARGE, message)
         return False
-
-    # -- sends ---------------------------------------------------------------
-
-    async def _on_send_many(self, frame: SendMany) -> None:
-        rid = frame.request_id
-        for channel, payload in frame.items:
-            if not (self._check_channel(rid, channel) and self._check_size(rid, payload)):
-                return
-        session = self.session()
-        rejected = await self.ctx.backend.send_many(
-            session.ns, frame.items, capacity_of=session.capacity_of, expiry_s=session.expiry_s
-        )
-        self.ctx.metrics.accepted["send_many"] += len(frame.items) - len(rejected)
-        self.ctx.metrics.rejected["send_many"] += len(rejected)
-        self.shell.write(Ok(rid, len(frame.items) - len(rejected), tuple(rejected)))
 
     # -- receiving -----------------------------------------------------------
 
@@ -282,9 +253,76 @@ class Handlers:
             self.shell.write(Ok(rid))
 
     async def _on_group_send(self, frame: GroupSend) -> None:
+        if frame.seq:
+            await self._numbered_group_sends(frame)
+        elif self._is_valid_group_send(frame):
+            await self._deliver(frame)  # a BackendError: ``handle`` answers it
+
+    def _is_valid_group_send(self, frame: GroupSend) -> bool:
+        """Check name and size; refuse the frame (a request) or close (a numbered one:
+        its sender heard nothing, so the metrics and the log say it, as for a SEND)."""
         rid = frame.request_id
-        if not (self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)):
-            return
+        if rid:
+            return self._check_group(rid, frame.group) and self._check_size(rid, frame.payload)
+        if not is_valid_group(frame.group):
+            code, message = ErrorCode.INVALID_NAME, f"invalid group name {frame.group!r}"
+        elif len(frame.payload) > self.ctx.config.max_message_bytes:
+            code, message = ErrorCode.MESSAGE_TOO_LARGE, "a numbered GroupSend over the size limit"
+        else:
+            return True
+        log.warning("protocol error from %s: %s", self.shell.peer, message)
+        self.shell.fatal(code, message)
+        return False
+
+    async def _numbered_group_sends(self, first: GroupSend) -> None:
+        """``first`` and the numbered GROUP_SENDs right behind it, in order, then one
+        CONFIRM (docs/flow.md; what each seq came to: ``group_sends``)."""
+        frames, inbox = [first], self.shell.inbox
+        while inbox and type(inbox[0]) is GroupSend and len(frames) < SEND_BATCH:
+            if not inbox[0].seq:
+                break
+            frames.append(inbox.popleft())  # type: ignore[arg-type]
+        async with self.group_seqs.lock:  # the client's other connections wait
+            await self._numbered_run(frames)
+
+    async def _numbered_run(self, frames: list[GroupSend]) -> None:
+        seqs, numbered = self.sends.seqs, self.group_seqs
+        stored = 0  # the run's highest seq delivered, for shared storage's record
+        for frame in frames:
+            if self.shell.closing:
+                break  # the client sends the rest again, on its next connection
+            seq = frame.seq
+            if (seq <= seqs.highest or frame.request_id) and await numbered.was_stored(frame):
+                continue
+            if not self._is_valid_group_send(frame):
+                await numbered.refused(frame)
+                if frame.request_id:
+                    continue
+                break  # the connection closes
+            # Others first, as an awaited answer let them: owners push what came before and
+            # write out earlier fan-outs, so this one goes at the edge, in order, unstored.
+            await asyncio.sleep(0)
+            try:
+                await self._deliver(frame)
+            except BackendError as exc:
+                await numbered.failed(frame, exc, stored)
+                if frame.request_id:
+                    continue
+                return  # the connection closes
+            # ``Seqs.handled``, written here for a new seq (it runs per message).
+            if seq > seqs.highest:
+                seqs.highest = seq
+            else:
+                seqs.handled(seq, stored=True)
+            stored = seq
+        if numbered.records is not None:
+            await numbered.record(stored, stored=True)
+        if not self.shell.closing:  # with what a held CONFIRM of SENDs carries (``confirms``)
+            held = self.sends.held_confirm.take()
+            self.shell.write(Confirm(seqs.highest, held.room if held is not None else ()))
+
+    async def _deliver(self, frame: GroupSend) -> None:
+        """The group send itself; an OK for a request (``count``: members full)."""
         session = self.session()
         result = await self.ctx.backend.group_send(
             session.ns,
@@ -293,7 +331,8 @@ class Handlers:
             capacity_of=session.capacity_of,
             expiry_s=session.expiry_s,
         )
-        self.shell.write(Ok(rid, result.skipped))
+        if frame.request_id:
+            self.shell.write(Ok(frame.request_id, result.skipped))
         skipped = result.skipped
         if result.direct:
             skipped += await self._push_direct(list(result.direct), frame.payload)
@@ -347,7 +386,7 @@ class Handlers:
 #: point back at it, and a closed connection's buffers would wait for the cyclic GC).
 _HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
     Hello: Handlers._on_hello,
-    SendMany: Handlers._on_send_many,
+    SendMany: lambda handlers, frame: handlers.sends.handle_many(frame),
     Receive: Handlers._on_receive,
     Cancel: Handlers._on_cancel,
     Ack: Handlers._on_ack,

@@ -1,5 +1,5 @@
-"""SEND frames: answered one by one or as a burst, and, with send windows, stored into
-the room the connection holds (docs/flow.md; ``windows`` keeps the counts).
+"""SEND frames (and SEND_MANY): answered one by one or as a burst, and, with send windows,
+stored into the room the connection holds (docs/flow.md; ``windows`` keeps the counts).
 
 Without windows (the backend cannot reserve room, ``--send-window 0``, or a client that
 asked for none) a SEND is a request answered by OK or CHANNEL_FULL, and a burst of them
@@ -23,7 +23,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from backends import ALREADY_STORED, BackendError, ReservesRoom
-from protocol import ErrorCode, Hello, Ok, Send, is_valid_channel
+from protocol import ErrorCode, Hello, Ok, Send, SendMany, is_valid_channel
 
 from .confirms import HeldConfirm
 from .context import Context
@@ -139,6 +139,21 @@ class Sends:
         full = set(refused)
         for index, frame in enumerate(valid):
             self._answer(frame, index not in full)
+
+    async def handle_many(self, frame: SendMany) -> None:
+        """SEND_MANY: stored unless full, answered by one OK listing those refused."""
+        rid = frame.request_id
+        for channel, payload in frame.items:
+            if not self._is_valid(Send(rid, channel, payload)):
+                return
+        session = self.shell.session
+        assert session is not None
+        rejected = await self.ctx.backend.send_many(
+            session.ns, frame.items, capacity_of=session.capacity_of, expiry_s=session.expiry_s
+        )
+        self.ctx.metrics.accepted["send_many"] += len(frame.items) - len(rejected)
+        self.ctx.metrics.rejected["send_many"] += len(rejected)
+        self.shell.write(Ok(rid, len(frame.items) - len(rejected), tuple(rejected)))
 
     def _answer(self, frame: Send, accepted: bool, room: int = 0) -> None:
         if accepted:

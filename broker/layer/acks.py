@@ -1,4 +1,6 @@
-"""What a loop client owes the daemon for pushed messages, and group fan-outs kept.
+"""Acknowledgements both ways: what a loop client owes the daemon for pushed messages
+and group fan-outs kept, and which of its numbered group sends the daemon has not yet
+confirmed.
 
 Messages the daemon took from storage count against their channel until this client
 acknowledges them, per channel, as ``receive`` takes them (``owe``). A group fan-out
@@ -6,23 +8,58 @@ acknowledges them, per channel, as ``receive`` takes them (``owe``). A group fan
 to its own buffer as the fan-out arrives (``keep_fanout``), where those messages wait,
 and tells the daemon in aggregate how many it kept and how many it dropped as full, so
 the daemon's counts of accepted and dropped messages add up.
+
+A ``group_send`` to a daemon that numbers them (WELCOME's version, docs/flow.md) is a
+GROUP_SEND with a ``seq`` and no request id: it returns once written, and waits in
+``Unconfirmed`` until a CONFIRM covers its seq. After a reconnect each is sent again as
+a request with its seq, in seq order among the unsettled SENDs, and the daemon delivers
+it at most once. Group sends raise nothing for full members, so nothing is lost by not
+waiting for the answer; what can be refused (a name, a size) is checked before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sized
+from typing import Protocol
 
-from protocol import MAX_ACK_PAIRS, Ack, Push, encode_frame
+from protocol import (
+    MAX_ACK_PAIRS,
+    MAX_UNCONFIRMED_GROUP_SENDS,
+    Ack,
+    Confirm,
+    Error,
+    ErrorCode,
+    Frame,
+    FrameEncoder,
+    GroupSend,
+    Ok,
+    Push,
+    encode_frame,
+)
 
-__all__ = ["FANOUT_REPORT_S", "Acks", "Buffer", "wake_one"]
+__all__ = [
+    "FANOUT_REPORT_S",
+    "MAX_UNCONFIRMED_GROUP_BYTES",
+    "Acks",
+    "Buffer",
+    "Inbox",
+    "Numbering",
+    "Unconfirmed",
+    "wake_one",
+]
+
+log = logging.getLogger("channels_broker.layer")
 
 #: How late the counts of fan-outs kept and dropped may reach the daemon when nothing
 #: else is written: they only feed its metrics (nothing waits for them, unlike the
 #: acknowledgements that free a channel's capacity), so a frame per PUSH would cost the
 #: daemon a wake-up per connection and group_send for nothing.
 FANOUT_REPORT_S = 0.5
+#: Payload bytes of unconfirmed group sends kept for a resend; past it, they wait too.
+MAX_UNCONFIRMED_GROUP_BYTES = 8 * 1024 * 1024
 
 #: A channel's buffered messages: (deadline, payload, held: acknowledged per channel).
 Buffer = deque[tuple[float, bytes, bool]]
@@ -124,3 +161,205 @@ class Acks:
                 kept = [(deadline, payload, False) for deadline, payload, _ in buffer]
                 buffer.clear()
                 buffer.extend(kept)
+
+
+class Inbox:
+    """What was pushed (or delivered for a cancelled pull) to one loop client's channels,
+    per channel, until ``receive`` takes it, its waiting receivers, and what is owed
+    for it (``Acks``)."""
+
+    __slots__ = ("_loop", "_schedule_flush", "acks", "buffers", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, schedule_flush: Callable[[], None]):
+        self._loop = loop
+        self._schedule_flush = schedule_flush  # writes what is owed with the next pass
+        self.buffers: dict[str, Buffer] = {}
+        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.acks = Acks()
+
+    def take(self, channel: str) -> bytes | None:
+        """The next unexpired message of ``channel``, or None."""
+        buffer = self.buffers.get(channel)
+        if not buffer:  # the usual case of a receive that waits: no clock read
+            self.buffers.pop(channel, None)
+            return None
+        now = self._loop.time()
+        while buffer:
+            deadline, payload, held = buffer.popleft()
+            if held:
+                self.acks.owe(channel)
+                self._schedule_flush()
+            if deadline >= now:
+                if not buffer:
+                    del self.buffers[channel]
+                return payload
+        self.buffers.pop(channel, None)
+        return None
+
+    def keep(self, channel: str, payload: bytes, ttl_ms: int, held: bool) -> None:
+        """Buffer a message of ``channel`` for its next ``receive``."""
+        deadline = self._loop.time() + ttl_ms / 1000
+        self.buffers.setdefault(channel, deque()).append((deadline, payload, held))
+        wake_one(self.waiters.get(channel))
+
+    def keep_push(self, frame: Push) -> None:
+        if frame.fanout_capacity:  # a group fan-out: its capacity applies here
+            self.acks.keep_fanout(frame, self.buffers, self.waiters, self._loop.time())
+            self.acks.report_later(self._loop, self._schedule_flush)
+            return
+        for channel in frame.channels:
+            self.keep(channel, frame.payload, frame.ttl_ms, held=True)
+
+    async def wait(self, channel: str) -> None:
+        """Until a message of ``channel`` is kept (or at once, if one is)."""
+        if channel in self.buffers:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiters = self.waiters.setdefault(channel, deque())
+        waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            # Cancelled, perhaps just after a push woke us: another receiver of this
+            # channel must not sleep on a message we leave in the buffer.
+            if channel in self.buffers:
+                wake_one(self.waiters.get(channel), skip=waiter)
+            raise
+        finally:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self.waiters.pop(channel, None)
+
+    def fail(self, error: Exception) -> None:
+        """Every waiting receiver hears ``error``."""
+        for waiter in [w for waiters in self.waiters.values() for w in waiters if not w.done()]:
+            waiter.set_exception(error)
+
+
+class Numbering(Protocol):
+    """The numbers of one client's sends (``window.SendWindow``; a sync thread's
+    ``sync_session.SyncNumbers``): one sequence for SENDs and group sends."""
+
+    #: WELCOME agreed numbered group sends.
+    numbers_groups: bool
+    #: A send failed in storage: everything goes again on the next connection.
+    dropping: bool
+    last_seq: int
+
+    @property
+    def unsettled(self) -> Sized: ...  # numbered SENDs not settled
+
+    def confirmed(self, frame: Confirm) -> None: ...
+
+    def drop_later(self) -> None: ...
+
+
+class Unconfirmed:
+    """The numbered group sends of one loop client that no CONFIRM covers yet."""
+
+    __slots__ = ("_bytes", "_encoder", "_requests", "_waiters", "entries")
+
+    def __init__(self) -> None:
+        #: (seq, group, payload), oldest first.
+        self.entries: deque[tuple[int, str, bytes]] = deque()
+        self._bytes = 0
+        self._requests: dict[int, int] = {}  # request id of a resend -> its seq
+        self._encoder = FrameEncoder()
+        self._waiters: list[asyncio.Future[None]] = []  # group sends waiting for room
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def is_full(self, size: int) -> bool:
+        """True if one more group send of ``size`` payload bytes would pass the bound
+        (one goes whatever its size when none waits)."""
+        entries = self.entries
+        return bool(entries) and (
+            len(entries) >= MAX_UNCONFIRMED_GROUP_SENDS
+            or self._bytes + size > MAX_UNCONFIRMED_GROUP_BYTES
+        )
+
+    async def room(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Until a CONFIRM (or the answer to a resend) settles some: the bound's wait."""
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+    def number(self, window: Numbering, group: str, payload: bytes) -> bytes | None:
+        """The numbered GROUP_SEND of a group send, encoded and kept until confirmed; or
+        None if the daemon does not number them (then it goes as a request)."""
+        if not window.numbers_groups or window.dropping:
+            return None
+        window.last_seq = seq = window.last_seq + 1  # one sequence with the SENDs
+        self.entries.append((seq, group, payload))
+        self._bytes += len(payload)
+        return self._encoder.numbered(GroupSend.TYPE, 0, group, payload, seq)
+
+    def confirmed(self, frame: Confirm, window: Numbering) -> None:
+        """CONFIRM: settle the group sends it covers, and the window's sends."""
+        if window.dropping:
+            return  # a send failed: everything goes again on the next connection
+        self.confirm(frame.through_seq)
+        if window.unsettled or frame.room:
+            window.confirmed(frame)
+
+    def confirm(self, through_seq: int) -> None:
+        """Every numbered send up to ``through_seq`` was handled: forget those."""
+        entries = self.entries
+        if not entries or entries[0][0] > through_seq:
+            return
+        while entries and entries[0][0] <= through_seq:
+            self._bytes -= len(entries.popleft()[2])
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def resend(self, next_id: Callable[[], int], numbered: bool) -> list[tuple[int, bytes]]:
+        """A new connection: each as a request with its seq, as (seq, frame); without it
+        (not ``numbered``) to a daemon older than numbered group sends, which delivers
+        again what it delivered before (the receiving layers drop it by its id)."""
+        frames = []
+        for seq, group, payload in self.entries:
+            request_id = next_id()
+            self._requests[request_id] = seq
+            wire_seq = seq if numbered else 0
+            frame = self._encoder.numbered(GroupSend.TYPE, request_id, group, payload, wire_seq)
+            frames.append((seq, frame))
+        return frames
+
+    def answer(self, frame: Frame, window: Numbering) -> bool:
+        """Take the OK or ERROR of a resend (True), or leave another frame (False)."""
+        seq = self._requests.pop(getattr(frame, "request_id", 0), None)
+        if seq is None:
+            return False
+        if window.dropping:
+            return True  # a send failed: everything goes again on the next connection
+        if type(frame) is Error:
+            if frame.error_code is ErrorCode.BACKEND_UNAVAILABLE:
+                window.drop_later()  # storage failed it: again, on the next connection
+                return True
+            log.warning("a group message (seq %d) was lost on a reconnect: %s", seq, frame)
+        elif type(frame) is Ok and frame.count:
+            log.info("a group_send sent again skipped %d full members", frame.count)
+        self.confirm(seq)  # the daemon handled it, and every earlier one
+        return True
+
+    def lost(self) -> None:
+        """The connection dropped: the resends' answers will not come."""
+        self._requests.clear()
+
+    def fail(self, error: Exception) -> None:
+        """No connection will come: what was not confirmed is lost; say so."""
+        if self.entries:
+            count = len(self.entries)
+            log.warning("%d group messages sent were not confirmed and are lost: %s", count, error)
+        self.entries.clear()
+        self._bytes = 0
+        self._requests.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error)

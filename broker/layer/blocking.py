@@ -3,8 +3,10 @@ a time, in the thread that opened it.
 
 Theory of operation. ``protocol`` is sans-IO, so this shell drives the same encoder,
 ``FrameDecoder`` and ``Handshake`` as the event-loop client, over a plain socket: write a
-request, read until its answer. It says HELLO with no client id (the daemon names one):
-nothing is ever addressed to it, so it has no channels to re-attach to.
+request, read until its answer. It says HELLO with its thread's client id
+(``sync_session``): nothing is ever addressed to it, but the daemon keeps the seqs of its
+numbered group sends, which are written without waiting for an answer and confirmed
+later (``group_send``); every frame read on the way is looked at for their CONFIRMs.
 
 A connection left idle between two calls may have been closed by the daemon (a restart,
 a shutdown): ``is_usable`` looks, without blocking, before it is used again, so a call
@@ -27,9 +29,13 @@ import weakref
 from typing import TypeAlias
 
 from protocol import (
+    FANOUT_VERSION,
     MAX_PUSH_FRAME_BYTES,
+    NUMBERED_GROUP_SEND_VERSION,
     SENDER_BYTES,
+    Confirm,
     Error,
+    ErrorCode,
     Frame,
     FrameDecoder,
     GroupAdd,
@@ -55,6 +61,7 @@ from .connecting import (
 from .errors import BrokerTLSError, BrokerUnavailable, exception_for, is_refusal
 from .outages import Outages
 from .settings import Host, LayerSettings, host_url
+from .sync_session import SyncSession
 from .unreachable import unreachable
 
 __all__ = ["BlockingConnection", "Request"]
@@ -89,13 +96,20 @@ class BlockingConnection:
         "next_seq",
         "pid",
         "sender",
+        "session",
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, decoder: FrameDecoder, welcome: Welcome) -> None:
+    def __init__(
+        self, sock: socket.socket, decoder: FrameDecoder, welcome: Welcome, session: SyncSession
+    ) -> None:
         self.sock = sock
         self.decoder = decoder
         self.max_message_bytes = welcome.max_message_bytes
+        #: The thread's id, numbers and unconfirmed group sends: they outlive this socket.
+        self.session = session
+        session.numbers.numbers_groups = welcome.version >= NUMBERED_GROUP_SEND_VERSION
+        session.numbers.dropping = False
         self.pid = os.getpid()
         self._request_ids = 0
         #: The ids of the messages sent here, as the event-loop client makes them
@@ -107,7 +121,9 @@ class BlockingConnection:
         weakref.finalize(self, sock.close)
 
     @classmethod
-    def open(cls, settings: LayerSettings, outages: Outages) -> BlockingConnection:
+    def open(
+        cls, settings: LayerSettings, outages: Outages, session: SyncSession
+    ) -> BlockingConnection:
         """A connection to the first of ``settings.hosts`` that answers. When none does,
         raises at once why (``unreachable``), as the layer's other calls do, unless the
         daemon was reachable within ``connect_timeout`` (``outages``: a restart): then it
@@ -119,9 +135,11 @@ class BlockingConnection:
         delay = RECONNECT_FIRST_DELAY_S
         while True:
             for host in rotated(settings.hosts):
-                connection = cls._try(settings, host, _slice(settings, deadline), failures)
+                timeout_s = _slice(settings, deadline)
+                connection = cls._try(settings, host, timeout_s, failures, session, outages)
                 if connection is not None:
                     outages.reached(host_url(host))
+                    connection.resend()
                     return connection
             waited_s = time.monotonic() - started
             error = unreachable(settings.hosts, failures, _share_s(settings), waited_s)
@@ -134,17 +152,30 @@ class BlockingConnection:
 
     @classmethod
     def _try(
-        cls, settings: LayerSettings, host: Host, timeout_s: float, failures: dict[Host, OSError]
+        cls,
+        settings: LayerSettings,
+        host: Host,
+        timeout_s: float,
+        failures: dict[Host, OSError],
+        session: SyncSession,
+        outages: Outages,
     ) -> BlockingConnection | None:
         """A connection to ``host``, or None with why in ``failures``."""
         sock: socket.socket | None = None
         try:
             sock = _dial(settings, host, timeout_s)
             decoder = FrameDecoder(MAX_PUSH_FRAME_BYTES)
-            welcome = _greet(sock, settings, decoder)
+            welcome = _greet(sock, settings, decoder, session, outages.version)
         except _Refused as refused:
             _close(sock)
-            raise exception_for(refused.error) from None
+            error = refused.error
+            if (
+                error.error_code is ErrorCode.UNSUPPORTED_VERSION
+                and outages.version > FANOUT_VERSION
+            ):
+                outages.version = FANOUT_VERSION  # an older daemon: as the loops' clients
+                return cls._try(settings, host, timeout_s, failures, session, outages)
+            raise exception_for(error) from None
         except OSError as exc:
             _close(sock)
             hopeless = _hopeless(exc, host)
@@ -153,7 +184,7 @@ class BlockingConnection:
             failures[host] = exc
             return None
         sock.settimeout(None)  # an answer takes what the daemon takes, as on an event loop
-        return cls(sock, decoder, welcome)
+        return cls(sock, decoder, welcome, session)
 
     def next_id(self) -> int:
         self._request_ids += 1
@@ -162,7 +193,7 @@ class BlockingConnection:
     def is_usable(self) -> bool:
         """Ours (not inherited through ``fork()``) and not closed by the daemon since
         its last answer; reads, without blocking, what the daemon sent meanwhile."""
-        if self.pid != os.getpid():
+        if self.pid != os.getpid() or self.session.numbers.dropping:
             return False
         pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
         if not pending and not self._poller.poll(0):
@@ -183,9 +214,64 @@ class BlockingConnection:
             while (frame := self.decoder.next_frame()) is not None:
                 if _is_farewell(frame):
                     return False
+                self._take(frame)
         except ProtocolError:
             return False
         return True
+
+    @property
+    def numbers_group_sends(self) -> bool:
+        numbers = self.session.numbers
+        return numbers.numbers_groups and not numbers.dropping
+
+    def group_send(self, group: str, payload: bytes) -> None:
+        """Write a numbered GROUP_SEND, once fewer than the bound are unconfirmed (reading
+        CONFIRMs until then); no answer is awaited. ``BrokerUnavailable`` if the
+        connection fails (the group send stays unconfirmed: the next connection of this
+        thread sends it again, and the daemon delivers it at most once)."""
+        session = self.session
+        try:
+            while session.unconfirmed.is_full(len(payload)):
+                self._take(self._next_frame())
+            data = session.unconfirmed.number(session.numbers, group, payload)
+            assert data is not None  # the caller saw ``numbers_group_sends``
+            self.sock.sendall(data)
+        except (OSError, ProtocolError) as exc:
+            self.close()
+            raise BrokerUnavailable(f"connection to the broker lost: {exc}") from exc
+        except BaseException:
+            self.close()  # interrupted mid-frame: out of step for good
+            raise
+
+    def settle(self, timeout_s: float) -> None:
+        """Read until every group send is confirmed, or ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while self.session.unconfirmed and (left_s := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left_s)
+                self._take(self._next_frame())
+        except (OSError, ProtocolError, BrokerUnavailable):
+            pass  # what is left is sent again by this thread's next connection, if any
+
+    def resend(self) -> None:
+        """A new connection: the group sends the last one left unconfirmed, as requests
+        with their seq, before anything new (their answers are read as they come)."""
+        unconfirmed = self.session.unconfirmed
+        if unconfirmed:
+            numbered = self.session.numbers.numbers_groups
+            frames = unconfirmed.resend(self.next_id, numbered)
+            self.sock.sendall(b"".join(frame for _, frame in frames))
+
+    def _take(self, frame: Frame) -> None:
+        """A frame no caller waits for: a CONFIRM, or the answer to a group send sent
+        again; a farewell is raised; anything else (Flushed) is for no caller of ours."""
+        session = self.session
+        if type(frame) is Confirm:
+            session.unconfirmed.confirmed(frame, session.numbers)
+        elif type(frame) is Error and frame.request_id == 0:
+            raise exception_for(frame)
+        elif type(frame) is Ok or type(frame) is Error:
+            session.unconfirmed.answer(frame, session.numbers)
 
     def request(self, frame: Request) -> Ok | Error:
         """Write ``frame`` and return its answer. ``BrokerUnavailable`` if the connection
@@ -215,7 +301,7 @@ class BlockingConnection:
                 return frame
             if isinstance(frame, Error) and frame.request_id == 0:
                 return frame  # a farewell: the daemon ends the connection
-            # Anything else (Flushed, a stray answer) is for no caller of ours.
+            self._take(frame)
 
     def _next_frame(self) -> Frame:
         decoder = self.decoder
@@ -259,8 +345,8 @@ def _dial(settings: LayerSettings, host: Host, timeout_s: float) -> socket.socke
             raise
         return sock
     sock = socket.create_connection((address, port), timeout=timeout_s)
-    # A request and its answer are one small write each: Nagle would only delay them.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Nagle stays on: every write is answered (an OK, a run's CONFIRM), which brings its ACK,
+    # so a burst of group sends leaves in a few segments, none held past an answer.
     tls = settings.tls_for(host)
     if tls is None:
         return sock
@@ -271,10 +357,19 @@ def _dial(settings: LayerSettings, host: Host, timeout_s: float) -> socket.socke
         raise
 
 
-def _greet(sock: socket.socket, settings: LayerSettings, decoder: FrameDecoder) -> Welcome:
-    """Say HELLO and return the WELCOME; raises ``_Refused`` for a refusal, ``OSError``
-    (``BrokerUnavailable`` for a daemon that cannot serve now) otherwise."""
-    sock.sendall(encode_frame(settings.hello("", b"")))
+def _greet(
+    sock: socket.socket,
+    settings: LayerSettings,
+    decoder: FrameDecoder,
+    session: SyncSession,
+    version: int,
+) -> Welcome:
+    """Say HELLO (in ``version``) and return the WELCOME; raises ``_Refused`` for a
+    refusal, ``OSError`` (``BrokerUnavailable`` for a daemon that cannot serve now)
+    otherwise."""
+    identity = session.identity
+    hello = settings.hello(identity.client_id, identity.secret, version=version)
+    sock.sendall(encode_frame(hello))
     try:
         while (frame := decoder.next_frame()) is None:
             data = sock.recv(READ_BYTES)

@@ -218,12 +218,23 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await client.request(GroupDiscard(client.next_id(), group, channel))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send to every member; members at capacity are skipped (never ``ChannelFull``)."""
+        """Send to every member; members at capacity are skipped (never ``ChannelFull``).
+
+        To a daemon that numbers group sends, it returns once the frame is written; past
+        a bound of unconfirmed ones, it waits for a CONFIRM first (docs/flow.md). To
+        another, once the daemon answers.
+        """
         self.require_valid_group_name(group)
         client = self._client()
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()
         self._check_size(payload, limit)
+        if client.conn is not None and client.window.numbers_groups:
+            unconfirmed = client.unconfirmed
+            while unconfirmed.is_full(len(payload)):  # the bound: until a CONFIRM
+                await unconfirmed.room(client.loop)
+            if client.group_send_numbered(group, payload):
+                return  # written, numbered: confirmed later (``acks.Unconfirmed``)
         try:
             reply = await client.request(GroupSend(client.next_id(), group, payload))
         except BrokerUnavailable as exc:  # it may have been stored: again, same id

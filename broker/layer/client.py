@@ -12,17 +12,19 @@ import asyncio
 import itertools
 import logging
 import secrets
-from collections import deque
 
 from protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    FANOUT_VERSION,
     HANDSHAKE_FRAMES,
     MAX_PUSH_FRAME_BYTES,
+    NUMBERED_GROUP_SEND_VERSION,
     SENDER_BYTES,
     Cancelled,
     Confirm,
     Deliver,
     Error,
+    ErrorCode,
     Flushed,
     Frame,
     FrameDecoder,
@@ -37,7 +39,7 @@ from protocol import (
     encode_frame,
 )
 
-from .acks import Acks, Buffer, wake_one
+from .acks import Inbox, Unconfirmed
 from .connecting import Dialer, adopt, tls_refusal
 from .errors import BrokerTLSError, BrokerUnavailable, LayerClosed, exception_for, is_refusal
 from .identity import Family
@@ -98,9 +100,7 @@ class LoopClient:
         outages: Outages,
         memberships: Memberships,
     ) -> None:
-        self.settings = settings
-        self.loop = loop
-        self._idle_pool = idle_pool
+        self.settings, self.loop, self._idle_pool = settings, loop, idle_pool
         self._parked = parked = idle_pool.take()
         #: Our client id and the secret HELLO proves it with (a parked session's, if any).
         self.identity = parked.identity if parked else family.mint()
@@ -111,7 +111,10 @@ class LoopClient:
         #: new_channel() gave out our client id: this connection must not go to another loop.
         self.minted = False
         self._connecting: asyncio.Task[ClientConnection] | None = None
-        self._dialer = Dialer(settings, loop, outages)
+        self._dialer, self._outages = Dialer(settings, loop, outages), outages
+        #: Requests written before WELCOME, written again if it refuses (``_older_daemon``).
+        self._unwelcomed: dict[int, bytes] = {}
+        self._replay: list[bytes] = []
         self.next_id = itertools.count(1).__next__  # request ids
         #: The ids of the messages this client sends: (sender, next_seq()); see channel_layer.
         self.sender, self.next_seq = secrets.token_bytes(SENDER_BYTES), itertools.count(1).__next__
@@ -120,9 +123,9 @@ class LoopClient:
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._pulls = Pulls(self, loop)
         self.window = SendWindow(self, loop, *(parked.window if parked else ()))
-        self._buffers: dict[str, Buffer] = {}
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._acks = Acks()
+        self.inbox = Inbox(loop, self._schedule_flush)  # pushed messages, what is owed
+        self._acks = self.inbox.acks
+        self.unconfirmed = Unconfirmed()  # numbered group sends (``acks``)
         #: The layer's memberships: added again on a store that lost them (``welcomed``).
         self.memberships = memberships
         self._output: list[bytes] = []
@@ -164,10 +167,13 @@ class LoopClient:
         conn = await self._dialer.connect(lambda: ClientConnection(self))
         # HELLO goes first; requests may follow it at once (the daemon answers in
         # order), which saves a round trip for short-lived async_to_sync loops.
-        secret, window = self.identity.secret, WANTED_SEND_WINDOW
-        hello = self.settings.hello(self.client_id, secret, window, True, acks_deliveries=True)
+        secret, window, version = self.identity.secret, WANTED_SEND_WINDOW, self._outages.version
+        hello = self.settings.hello(self.client_id, secret, window, True, True, version)
         again = [encode_frame(ack) for ack in self._pulls.acks_again()]
-        self._output[:0] = [encode_frame(hello), *again, *self.window.resend()]
+        numbered = version >= NUMBERED_GROUP_SEND_VERSION
+        resent = sorted(self.window.resend() + self.unconfirmed.resend(self.next_id, numbered))
+        replay, self._replay, self._unwelcomed = self._replay, [], {}
+        self._output[:0] = [encode_frame(hello), *again, *(f for _, f in resent), *replay]
         self.conn = conn
         self._schedule_flush()
         return conn
@@ -188,20 +194,23 @@ class LoopClient:
             return
         self.conn = None
         self._output.clear()
-        self._acks.connection_lost(self._buffers)
+        self._acks.connection_lost(self.inbox.buffers)
         if refused is not None:  # the daemon refused our client certificate: no retry
             self._fail_calls(refused)
             return
         self._pulls.end(self._refusal)  # None: a pull is simply retried
         self.window.lost()  # unsettled sends wait for the next connection
-        for future in self._pending.values():
-            if not future.done():
-                if self._refusal is not None:
-                    future.set_result(self._refusal)
-                else:
-                    future.set_exception(BrokerUnavailable("connection to the broker lost"))
-        self._pending.clear()
-        wanted = self._waiters or self.window.unsettled or self.memberships
+        self.unconfirmed.lost()
+        if not self._replay:  # else their callers wait for the answers on the next one
+            for future in self._pending.values():
+                if not future.done():
+                    if self._refusal is not None:
+                        future.set_result(self._refusal)
+                    else:
+                        future.set_exception(BrokerUnavailable("connection to the broker lost"))
+            self._pending.clear()
+        waits = (self.inbox.waiters, self.window.unsettled, self.unconfirmed, self.memberships)
+        wanted = any(waits) or self._replay
         if not self.closed and wanted and not self._refusal:
             # Someone waits for pushes, sends to resend, or memberships to keep: reconnect now.
             self._connecting = self.loop.create_task(self._connect())
@@ -239,13 +248,24 @@ class LoopClient:
 
     # -- requests ------------------------------------------------------------
 
+    def group_send_numbered(self, group: str, payload: bytes) -> bool:
+        """Write a numbered GROUP_SEND and say True, if the daemon takes them and the
+        bound leaves room (``acks.Unconfirmed``); else False: send it as a request."""
+        frame = self.conn and self.unconfirmed.number(self.window, group, payload)
+        if frame:
+            self.write(frame)
+        return bool(frame)
+
     async def request(self, frame: Frame) -> Frame:
         """Send a request and wait for its answer frame; raise for an ERROR answer."""
         await self.connected()
         request_id: int = frame.request_id  # type: ignore[union-attr]
         future: asyncio.Future[Frame] = self.loop.create_future()
         self._pending[request_id] = future
-        self.write(frame)
+        data = encode_frame(frame)
+        if self.conn is not None and not self.conn.handshake.is_ready:
+            self._unwelcomed[request_id] = data  # written again if HELLO is refused
+        self.write(data)
         try:
             reply = await future
         finally:
@@ -257,18 +277,20 @@ class LoopClient:
     def dispatch(self, conn: ClientConnection, frame: Frame) -> None:
         """Handle one frame from the daemon."""
         if isinstance(frame, Push):
-            self._buffer_push(frame)
+            self.inbox.keep_push(frame)
         elif isinstance(frame, (Ok, Error, Deliver, Cancelled, Pong)):
             self._answer(frame)
         elif isinstance(frame, Confirm):
-            self.window.confirmed(frame)
+            self.unconfirmed.confirmed(frame, self.window)
         elif isinstance(frame, Welcome):
+            self._unwelcomed.clear()
             self.max_message_bytes = frame.max_message_bytes
-            self.window.open(frame.send_window)
+            numbered = frame.version >= NUMBERED_GROUP_SEND_VERSION
+            self.window.open(frame.send_window, numbered)
             for group_add in self.memberships.welcomed(frame.incarnation, self.next_id):
                 self.write(group_add)  # its answer goes unread
         elif isinstance(frame, Flushed):
-            self._buffers.clear()
+            self.inbox.buffers.clear()
             self.memberships.clear()
             self._acks.counts.clear()  # what it kept of fan-outs is still told
 
@@ -278,14 +300,33 @@ class LoopClient:
             self._connection_error(frame)
             return
         future = self._pending.pop(request_id, None)
-        if future is None:
-            self.window.answer(frame) or self._pulls.answer(frame)  # a numbered send's, or a pull's
+        if future is None:  # a numbered send's, a numbered group send's, or a pull's
+            window = self.window
+            window.answer(frame) or self.unconfirmed.answer(frame, window) or self._pulls.answer(
+                frame
+            )
         elif not future.done():
             future.set_result(frame)
 
+    def _older_daemon(self, frame: Error) -> bool:
+        """A daemon older than this layer refused HELLO's version: say the version before
+        numbered group sends from now on (every loop of the layer), and write again on
+        the next connection the requests it never read; True. Else False."""
+        outages = self._outages
+        if frame.error_code is not ErrorCode.UNSUPPORTED_VERSION:
+            return False
+        if outages.version <= FANOUT_VERSION:
+            return False
+        log.warning("the broker is older than this layer: %s; speaking version 2", frame.message)
+        outages.version = FANOUT_VERSION
+        self._replay, self._unwelcomed = list(self._unwelcomed.values()), {}
+        return True
+
     def _connection_error(self, frame: Error) -> None:
-        log.error("the broker closed the connection: %s", frame.message)
         at_hello = self.conn is not None and not self.conn.handshake.is_ready
+        if at_hello and self._older_daemon(frame):
+            return  # the daemon closes the connection; the next one says version 2
+        log.error("the broker closed the connection: %s", frame.message)
         self._pulls.end(frame)
         for future in self._pending.values():
             if not future.done():
@@ -299,87 +340,36 @@ class LoopClient:
 
     async def receive(self, channel: str) -> bytes:
         while True:
-            payload = self._take_buffered(channel)
+            payload = self.inbox.take(channel)
             if payload is not None:
                 return payload
             if self.owns(channel):
-                await self._wait_for_push(channel)
+                if self.conn is None:  # the daemon pushes only to a connected owner
+                    await self.connected(patient=True)
+                await self.inbox.wait(channel)
             else:
                 payload = await self._pulls.pull(channel)
                 if payload is not None:
                     return payload
 
-    def _take_buffered(self, channel: str) -> bytes | None:
-        buffer = self._buffers.get(channel)
-        if not buffer:  # the usual case of a receive that waits: no clock read
-            self._buffers.pop(channel, None)
-            return None
-        now = self.loop.time()
-        while buffer:
-            deadline, payload, held = buffer.popleft()
-            if held:
-                self._acks.owe(channel)
-                self._schedule_flush()
-            if deadline >= now:
-                if not buffer:
-                    del self._buffers[channel]
-                return payload
-        self._buffers.pop(channel, None)
-        return None
-
     def keep(self, channel: str, payload: bytes, ttl_ms: int, held: bool) -> None:
-        """Buffer a message of ``channel`` for its next ``receive``."""
-        deadline = self.loop.time() + ttl_ms / 1000
-        self._buffers.setdefault(channel, deque()).append((deadline, payload, held))
-        self._wake_one(channel)
-
-    def _buffer_push(self, frame: Push) -> None:
-        if frame.fanout_capacity:  # a group fan-out: its capacity applies here
-            self._acks.keep_fanout(frame, self._buffers, self._waiters, self.loop.time())
-            self._acks.report_later(self.loop, self._schedule_flush)
-            return
-        for channel in frame.channels:
-            self.keep(channel, frame.payload, frame.ttl_ms, held=True)
-
-    async def _wait_for_push(self, channel: str) -> None:
-        if self.conn is None:  # the daemon pushes only to a connected owner
-            await self.connected(patient=True)
-        if channel in self._buffers:
-            return  # a push arrived while we connected
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        waiters = self._waiters.setdefault(channel, deque())
-        waiters.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            # Cancelled, perhaps just after a push woke us: another receiver of this
-            # channel must not sleep on a message we leave in the buffer.
-            if channel in self._buffers:
-                self._wake_one(channel, skip=waiter)
-            raise
-        finally:
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(channel, None)
-
-    def _wake_one(self, channel: str, skip: asyncio.Future[None] | None = None) -> None:
-        wake_one(self._waiters.get(channel), skip)
+        """Buffer a message of ``channel`` for its next ``receive`` (``Inbox.keep``)."""
+        self.inbox.keep(channel, payload, ttl_ms, held)
 
     def _fail_calls(self, error: Exception) -> None:  # pulls, requests, receives of pushes
         self._pulls.end(error=error)
         self.window.fail(error)
+        self.unconfirmed.fail(error)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        for waiter in [w for waiters in self._waiters.values() for w in waiters if not w.done()]:
-            waiter.set_exception(error)
+        self.inbox.fail(error)
 
     # -- closing -------------------------------------------------------------
 
     async def close(self, park: bool = False) -> None:
         """Close; with ``park``, hand an idle connection to the next loop instead."""
-        await self.window.settle(self.settings.connect_timeout_s)
+        await self.window.settle(self.settings.connect_timeout_s, bool(self.unconfirmed))
         self.closed = True
         if park and park_quietly(self, self._idle_pool):
             return
@@ -396,4 +386,5 @@ class LoopClient:
 
     @property
     def is_quiet(self) -> bool:  # for parking: nothing pending, buffered, unwritten or pulled
-        return not (self._pending or self._buffers or self._output) and self._pulls.is_quiet
+        busy = self._pending or self.inbox.buffers or self._output or self.unconfirmed
+        return not busy and self._pulls.is_quiet

@@ -15,6 +15,8 @@ import logging
 import threading
 import time
 
+from protocol import PROTOCOL_VERSION
+
 from .errors import BrokerUnavailable
 
 __all__ = ["Outages"]
@@ -32,6 +34,9 @@ class Outages:
         self._lock = threading.Lock()
         self._alive_at: float | None = None  # time.monotonic(), as the loops' clocks
         self._down_since: float | None = None
+        #: The protocol version HELLO says: lowered, for every loop of the layer, once a
+        #: daemon older than the layer refuses it (``LoopClient._older_daemon``).
+        self.version = PROTOCOL_VERSION
 
     def saw_alive(self) -> None:
         """A connection to the daemon was alive until now (it ended, or was handed on)."""

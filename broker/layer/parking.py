@@ -45,15 +45,16 @@ class ParkedConnection:
         identity: Identity,
         unread: bytes,
         max_message_bytes: int,
-        window: tuple[int, int],
+        window: tuple[int, int, bool],
     ) -> None:
         self.sock = sock
         #: The session's id and its secret: the next loop reconnects with them if need be.
         self.identity = identity
         self.unread = unread
         self.max_message_bytes = max_message_bytes
-        #: The send window WELCOME agreed, and the id's latest send number (the daemon
-        #: took every one up to it): the next loop's numbers go on from there.
+        #: The send window WELCOME agreed, the id's latest send number (the daemon
+        #: took every one up to it): the next loop's numbers go on from there; and
+        #: whether WELCOME agreed numbered group sends.
         self.window = window
         self.pid = os.getpid()
 
@@ -117,7 +118,7 @@ def park_quietly(client: Parking, pool: IdlePool) -> bool:
         client.identity,
         conn.decoder.unread(),
         client.max_message_bytes,
-        (window.size, window.last_seq),
+        (window.size, window.last_seq, window.numbers_groups),
     )
     if not park(conn.transport, parked, pool):
         return False

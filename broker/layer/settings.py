@@ -163,13 +163,14 @@ class LayerSettings:
         send_window: int = 0,
         wants_incarnation: bool = False,
         acks_deliveries: bool = False,
+        version: int = PROTOCOL_VERSION,
     ) -> Hello:
         """The HELLO frame of a connection for ``client_id``, proven by ``secret``, that
         can use ``send_window`` (``broker.layer.window``), reads WELCOME's incarnation
         if ``wants_incarnation`` (``broker.layer.memberships``) and, ``acks_deliveries``,
-        acknowledges each DELIVER's lease (``broker.layer.pulls``)."""
+        acknowledges each DELIVER's lease (``broker.layer.pulls``), in ``version``."""
         return Hello(
-            PROTOCOL_VERSION,
+            version,
             self.token,
             client_id,
             self.prefix,

@@ -52,7 +52,8 @@ from protocol import (
 
 from .blocking import BlockingConnection, Request
 from .channel_layer import BrokerChannelLayer
-from .errors import exception_for
+from .errors import BrokerUnavailable, exception_for
+from .sync_session import SyncSession
 
 __all__ = [
     "SyncLayer",
@@ -112,9 +113,30 @@ class SyncLayer:
         conn = self._connection()
         payload = with_message_id(conn.sender, conn.next_seq(), body)
         self.layer._check_size(payload, conn.max_message_bytes)
+        if conn.numbers_group_sends:
+            self._numbered(conn, group, payload)
+            return
         reply = self._request(conn, GroupSend(conn.next_id(), group, payload))
         if reply.count:
             log.info("group_send to %s skipped %d full members", group, reply.count)
+
+    def _numbered(self, conn: BlockingConnection, group: str, payload: bytes) -> None:
+        """A numbered group send: written, not waited for (``sync_session``). If the
+        connection fails, the next one is opened now, and sends it again if it was
+        numbered, or it goes on that one."""
+        numbers = conn.session.numbers
+        numbered_before = numbers.last_seq
+        try:
+            conn.group_send(group, payload)
+        except BrokerUnavailable:
+            self._local.conn = None
+            self.layer.outages.saw_alive()  # a call failing next may meet a restart
+            conn = self._connection()  # sends again what is unconfirmed, this one too
+            if numbers.last_seq == numbered_before:  # it failed before it was written
+                if conn.numbers_group_sends:
+                    conn.group_send(group, payload)
+                else:
+                    self._request(conn, GroupSend(conn.next_id(), group, payload))
 
     def send_many(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[int]:
         """Send each (channel, message), in order, a few hundred per round trip; return
@@ -155,10 +177,13 @@ class SyncLayer:
         self._request(conn, GroupDiscard(conn.next_id(), group, channel))
 
     def close(self) -> None:
-        """Close this thread's connection; the next call opens another."""
+        """Close this thread's connection, once its group sends are confirmed (within
+        ``connect_timeout``); the next call opens another."""
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            if conn.is_usable():
+                conn.settle(self.layer.settings.connect_timeout_s)
             conn.close()
 
     def _checked(self, channel: str) -> str:
@@ -182,7 +207,11 @@ class SyncLayer:
             conn.close()
             if conn.pid == os.getpid():  # the daemon closed it: alive until now
                 self.layer.outages.saw_alive()
-        local.conn = conn = BlockingConnection.open(self.layer.settings, self.layer.outages)
+        session: SyncSession | None = getattr(local, "session", None)
+        if session is None or not session.is_ours():  # a forked child sends its own only
+            session = local.session = SyncSession()
+        settings, outages = self.layer.settings, self.layer.outages
+        local.conn = conn = BlockingConnection.open(settings, outages, session)
         return conn
 
     def _request(self, conn: BlockingConnection, frame: Request) -> Ok:

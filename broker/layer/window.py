@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol import (
+    MAX_UNCONFIRMED_GROUP_SENDS,
     MAX_UNSETTLED_SENDS,
     Confirm,
     Error,
@@ -117,7 +118,12 @@ class SendWindow:
     """The send room, sequence and unsettled sends of one loop's client."""
 
     def __init__(
-        self, client: Sender, loop: asyncio.AbstractEventLoop, size: int = 0, last_seq: int = 0
+        self,
+        client: Sender,
+        loop: asyncio.AbstractEventLoop,
+        size: int = 0,
+        last_seq: int = 0,
+        numbers_groups: bool = False,
     ) -> None:
         self._client = client
         self._loop = loop
@@ -127,6 +133,8 @@ class SendWindow:
         #: The latest seq used: numbers go on across connections (a parked one's too, as
         #: the daemon knows its client id's numbers).
         self.last_seq = last_seq
+        #: The daemon numbers group sends (WELCOME's version): they take seqs from here.
+        self.numbers_groups = numbers_groups
         self._rooms: dict[str, int] = {}
         self._used: set[str] = set()  # channels whose room was spent since the last tick
         self._timer: asyncio.TimerHandle | None = None
@@ -135,7 +143,7 @@ class SendWindow:
         self._requests: dict[int, Unsettled] = {}  # request id -> its numbered send
         self._encoder = FrameEncoder()
         #: Storage failed an accepted send: answers are ignored until the connection goes.
-        self._dropping = False
+        self.dropping = False
 
     # -- sending -------------------------------------------------------------
 
@@ -155,7 +163,9 @@ class SendWindow:
 
     def _has_space(self, payload: bytes) -> bool:
         return (
-            len(self.unsettled) < min(4 * self.size, MAX_UNSETTLED_SENDS)
+            # The daemon remembers MAX_UNSETTLED_SENDS seqs; group sends may take the rest.
+            len(self.unsettled)
+            < min(4 * self.size, MAX_UNSETTLED_SENDS - MAX_UNCONFIRMED_GROUP_SENDS)
             and self._unsettled_bytes + len(payload) <= MAX_UNSETTLED_BYTES
         )
 
@@ -241,7 +251,7 @@ class SendWindow:
         """Whether a numbered send may go out now: not while no connection is up, nor
         while one waits to be dropped after storage failed an accepted send (that send
         goes again first on the next connection: a later one must not overtake it)."""
-        return self._client.conn is not None and not self._dropping
+        return self._client.conn is not None and not self.dropping
 
     def _write_request(self, entry: Unsettled) -> None:
         if not self._is_writable():
@@ -257,7 +267,7 @@ class SendWindow:
         entry = self._requests.pop(getattr(frame, "request_id", 0), None)
         if entry is None:
             return False
-        if self._dropping or self._storage_failed(entry, frame):
+        if self.dropping or self._storage_failed(entry, frame):
             return True  # it, and every later one, goes again on the next connection
         self.confirm(entry.seq)  # the daemon handled it, and every earlier one
         if type(frame) is Ok:
@@ -276,15 +286,20 @@ class SendWindow:
             return False
         if frame.error_code is not ErrorCode.BACKEND_UNAVAILABLE:
             return False
-        conn = self._client.conn
-        if conn is not None and conn.transport is not None:
-            self._dropping = True
-            self._loop.call_later(STORAGE_RETRY_S, conn.transport.abort)
+        self.drop_later()
         return True
+
+    def drop_later(self) -> None:
+        """Storage failed an accepted send (or group send): drop the connection after a
+        pause, ignoring answers meanwhile; the next one sends it and every later one."""
+        conn = self._client.conn
+        if conn is not None and conn.transport is not None and not self.dropping:
+            self.dropping = True
+            self._loop.call_later(STORAGE_RETRY_S, conn.transport.abort)
 
     def confirmed(self, frame: Confirm) -> None:
         """CONFIRM: every numbered send up to its seq was handled, and room came."""
-        if self._dropping:
+        if self.dropping:
             return
         self.confirm(frame.through_seq)
         for channel, room in frame.room:
@@ -337,25 +352,28 @@ class SendWindow:
 
     # -- the connection ------------------------------------------------------
 
-    def open(self, size: int) -> None:
-        """WELCOME agreed ``size`` (0: no windows)."""
+    def open(self, size: int, numbers_groups: bool) -> None:
+        """WELCOME agreed ``size`` (0: no windows), and numbered group sends or not."""
         self.size = size
+        self.numbers_groups = numbers_groups
 
-    def resend(self) -> list[bytes]:
-        """A new connection: the unsettled sends as requests, in order (after HELLO)."""
+    def resend(self) -> list[tuple[int, bytes]]:
+        """A new connection: the unsettled sends as requests, in order (after HELLO), as
+        (seq, frame), to go in seq order with the group sends resent."""
         frames = []
         for entry in self.unsettled:
             entry.request_id = request_id = self._client.next_id()
             self._requests[request_id] = entry
             if entry.reply is not None:
                 entry.reply = self._loop.create_future()
-            frames.append(self._encoder.send(request_id, entry.channel, entry.payload, entry.seq))
+            send = self._encoder.send(request_id, entry.channel, entry.payload, entry.seq)
+            frames.append((entry.seq, send))
         return frames
 
     def lost(self) -> None:
         """The connection dropped: its room went with it; waiting callers are told, to
         wait for the resend (unsettled sends stay, for the next connection)."""
-        self._dropping = False
+        self.dropping = False
         self._drop_room()
         self._requests.clear()
         for entry in self.unsettled:
@@ -373,10 +391,11 @@ class SendWindow:
         self._unsettled_bytes = 0
         self.lost()
 
-    async def settle(self, timeout_s: float) -> None:
-        """Wait (up to ``timeout_s``) until every unsettled send is handled: a PING's
-        PONG comes after the answers and CONFIRMs of every frame written before it."""
-        if self.unsettled and self._client.conn is not None:
+    async def settle(self, timeout_s: float, groups: bool = False) -> None:
+        """Wait (up to ``timeout_s``) until every unsettled send (and group send, if
+        ``groups`` are unconfirmed) is handled: a PING's PONG comes after the answers
+        and CONFIRMs of every frame written before it."""
+        if (self.unsettled or groups) and self._client.conn is not None:
             client = self._client
             try:
                 await asyncio.wait_for(client.request(Ping(client.next_id())), timeout_s)

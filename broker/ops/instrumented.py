@@ -26,11 +26,20 @@ __all__ = ["BACKEND_OPERATIONS", "InstrumentedBackend", "instrument"]
 
 #: Every storage call of the contract (its coroutine methods, less the status query),
 #: made up front so each series exists from the first scrape.
-BACKEND_OPERATIONS = tuple(
-    name
-    for name, value in vars(Backend).items()
-    if not name.startswith("_") and inspect.iscoroutinefunction(value) and name != "top_channels"
-) + ("send_reserving", "send_reserved", "reserve_room", "release_room")  # ReservesRoom
+BACKEND_OPERATIONS = (
+    tuple(
+        name
+        for name, value in vars(Backend).items()
+        if not name.startswith("_")
+        and inspect.iscoroutinefunction(value)
+        and name != "top_channels"
+    )
+    + ("send_reserving", "send_reserved", "reserve_room", "release_room")
+    + (  # ReservesRoom
+        "seq_was_stored",  # RecordsSeqs
+        "record_seq",
+    )
+)
 
 
 def instrument(backend: Backend, metrics: Metrics, url: str) -> Backend:

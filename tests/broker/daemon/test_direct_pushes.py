@@ -108,6 +108,7 @@ async def test_direct_pushes_count_against_capacity_until_read(
     with pytest.raises(ChannelFull):
         await sender.send(channel, {"n": "refused"})
     await sender.group_send(group, {"n": "skipped"})
+    await sender.ping()  # answered after the group send (numbered: it returned once written)
     assert value(scrape(own_broker), "channels_broker_messages_dropped_total") == 1
     assert [(await receive(owner, channel))["n"] for _ in range(2)] == [0, 1]
     await asyncio.sleep(IN_FLIGHT_S)  # the acknowledgements reach the daemon
