@@ -119,14 +119,8 @@ class PostgresBackend(Backend):
 
     def _offer_windows(self, schema: str) -> None:
         """Send windows (``backends.ReservesRoom``): room and seq records in the database."""
-        windows = PostgresRoom(
-            self._db,
-            schema,
-            self._releases,
-            self._room,
-            self._stored,
-            lapse_s=self.options.room_lapse_s,
-        )
+        parts = (self._db, schema, self._releases, self._room, self._stored)
+        windows = PostgresRoom(*parts, lapse_s=self.options.room_lapse_s)
         self.send_reserving = windows.send_reserving
         self.send_reserved = windows.send_reserved
         self.reserve_room = windows.reserve_room

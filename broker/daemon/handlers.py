@@ -80,8 +80,7 @@ class Handlers:
             await self.sends.handle(frame)
             return
         handler = _HANDLERS.get(type(frame))
-        if handler is None:
-            # A daemon-to-client frame sent to the daemon.
+        if handler is None:  # a daemon-to-client frame sent to the daemon
             name = type(frame).__name__
             log.warning("protocol error from %s: unexpected %s", self.shell.peer, name)
             self.shell.fatal(ErrorCode.UNKNOWN_FRAME, f"{name} is not a request")
@@ -105,8 +104,7 @@ class Handlers:
             self.ctx.senders.detach(session.ns, session.client_id, session.expiry_s)
 
     def session(self) -> Session:
-        # The handshake admits no request before HELLO, and HELLO sets the session
-        # or closes the connection.
+        # No request comes before HELLO, and HELLO sets the session or closes.
         assert self.shell.session is not None
         return self.shell.session
 
@@ -378,9 +376,6 @@ class Handlers:
         self.sends.write_held_confirm()  # a PONG comes after the CONFIRMs of what came before
         self.shell.write(Pong(frame.request_id))
 
-    async def _on_return_room(self, frame: ReturnRoom) -> None:
-        await self.sends.give_back(frame.channel, frame.count)
-
 
 #: Frame type -> its handler: functions, not bound methods kept per instance (they would
 #: point back at it, and a closed connection's buffers would wait for the cyclic GC).
@@ -395,7 +390,7 @@ _HANDLERS: dict[type[Any], Callable[[Handlers, Any], Awaitable[None]]] = {
     GroupSend: Handlers._on_group_send,
     Flush: Handlers._on_flush,
     Ping: Handlers._on_ping,
-    ReturnRoom: Handlers._on_return_room,
+    ReturnRoom: lambda handlers, frame: handlers.sends.give_back(frame.channel, frame.count),
 }
 
 

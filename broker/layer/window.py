@@ -103,9 +103,7 @@ class Unsettled:
     __slots__ = ("accepted", "channel", "payload", "reply", "request_id", "seq")
 
     def __init__(self, seq: int, channel: str, payload: bytes, accepted: bool) -> None:
-        self.seq = seq
-        self.channel = channel
-        self.payload = payload
+        self.seq, self.channel, self.payload = seq, channel, payload
         #: ``send`` returned for it (windowed): a later refusal loses an accepted message.
         self.accepted = accepted
         #: The request id of its latest SEND with one (0: windowed, not resent yet).
@@ -125,8 +123,7 @@ class SendWindow:
         last_seq: int = 0,
         numbers_groups: bool = False,
     ) -> None:
-        self._client = client
-        self._loop = loop
+        self._client, self._loop = client, loop
         #: The window the daemon agreed on this connection; 0: no numbers, no room. A
         #: parked connection's, if its client goes on with it (else WELCOME says).
         self.size = size
