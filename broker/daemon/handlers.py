@@ -297,9 +297,7 @@ class Handlers:
                 if frame.request_id:
                     continue
                 break  # the connection closes
-            # Others first, as an awaited answer let them: owners push what came before and
-            # write out earlier fan-outs, so this one goes at the edge, in order, unstored.
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # others first: earlier pushes out, so this one fans out
             try:
                 await self._deliver(frame)
             except BackendError as exc:
@@ -315,9 +313,10 @@ class Handlers:
             stored = seq
         if numbered.records is not None:
             await numbered.record(stored, stored=True)
-        if not self.shell.closing:  # with what a held CONFIRM of SENDs carries (``confirms``)
-            held = self.sends.held_confirm.take()
-            self.shell.write(Confirm(seqs.highest, held.room if held is not None else ()))
+        if not self.shell.closing:  # with the room a held CONFIRM of SENDs carries
+            held = self.sends.held_confirm
+            room = held.take().room if held.seqs else ()  # type: ignore[union-attr]
+            self.shell.write(Confirm(seqs.highest, room))
 
     async def _deliver(self, frame: GroupSend) -> None:
         """The group send itself; an OK for a request (``count``: members full)."""
