@@ -127,10 +127,6 @@ async def test_a_consumer_cut_off_gets_every_pushed_message_once(
 KILL_RECOVERY_S = 10.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pushes are kept by the daemon, not leased in storage: docs/flow.md, Not yet",
-)
 async def test_a_daemon_killed_with_pushes_in_flight_loses_none_on_redis(
     unique: Callable[[str], str],
 ) -> None:
