@@ -153,10 +153,14 @@ class PushedLeases:
 
     # -- a client's channels -----------------------------------------------------
 
-    async def own_waiting(self, ns: str, client_id: str) -> list[str]:
+    async def own_waiting(self, ns: str, client_id: str, until: float = 0.0) -> list[str]:
         """The client's channels with messages, after giving back lapsed leases; if
         some are leased still (a daemon killed with them, perhaps), look again when
-        the soonest lapses, while the client is attached here (``forget_client``)."""
+        the soonest lapses, while the client is attached here (``forget_client``), for
+        a lease and a second: a dead daemon's leases have all lapsed by then, and later
+        ones are ours (we renew them) or a live daemon's (it gives them back itself)."""
+        loop = asyncio.get_running_loop()
+        until = until or loop.time() + self.lease_ms / 1000 + 1.0
         base = self._keys.base(f"{ns}!{client_id}")
         pubcmd = self._commands.require().publish_command
         args = [base, pubcmd, KEEP_MARGIN_MS, REAP_MOST_TAKES]
@@ -166,11 +170,9 @@ class PushedLeases:
         timer = self._rechecks.pop(key, None)
         if timer is not None:
             timer.cancel()
-        if soonest_ms:
-            delay = soonest_ms / 1000 + RECHECK_SLACK_S
-            self._rechecks[key] = asyncio.get_running_loop().call_later(
-                delay, self._recheck, ns, client_id
-            )
+        delay = soonest_ms / 1000 + RECHECK_SLACK_S
+        if soonest_ms and loop.time() + delay <= until:
+            self._rechecks[key] = loop.call_later(delay, self._recheck, ns, client_id, until)
         return [name.decode() for name in reply[1:]]
 
     def forget_client(self, ns: str, client_id: str) -> None:
@@ -179,10 +181,10 @@ class PushedLeases:
         if timer is not None:
             timer.cancel()
 
-    def _recheck(self, ns: str, client_id: str) -> None:
+    def _recheck(self, ns: str, client_id: str, until: float) -> None:
         self._rechecks.pop((ns, client_id), None)
-        self._commands.spawn(self._wake_waiting(ns, client_id))
+        self._commands.spawn(self._wake_waiting(ns, client_id, until))
 
-    async def _wake_waiting(self, ns: str, client_id: str) -> None:
-        for channel in await self.own_waiting(ns, client_id):
+    async def _wake_waiting(self, ns: str, client_id: str, until: float) -> None:
+        for channel in await self.own_waiting(ns, client_id, until):
             self._wake(ns, channel)

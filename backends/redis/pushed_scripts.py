@@ -140,16 +140,15 @@ local out, soonest = {0}, false
 for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local q, d = base .. 'q:' .. channel, base .. 'd:' .. channel
   give_back(q, base .. 'l:' .. channel, d, channel, base .. 'w', pubcmd, now, keep_ms, most)
+  local first = redis.call('ZRANGE', d, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    local at = tonumber(first[2])
+    if not soonest or at < soonest then soonest = at end
+  end
   if trim(q, now) > 0 then
     out[#out + 1] = channel
-  else
-    local first = redis.call('ZRANGE', d, 0, 0, 'WITHSCORES')
-    if #first > 0 then
-      local at = tonumber(first[2])
-      if not soonest or at < soonest then soonest = at end
-    else
-      redis.call('SREM', KEYS[1], channel)
-    end
+  elseif #first == 0 then
+    redis.call('SREM', KEYS[1], channel)
   end
 end
 if soonest then out[1] = math.max(1, soonest - now) end
