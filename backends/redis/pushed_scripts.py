@@ -70,7 +70,6 @@ for a = 7, #ARGV do
       local keep = math.max(latest - now, lease_ms) + keep_ms
       extend(l, keep)
       extend(d, keep)
-      extend(idx, keep)
     end
   elseif idx and redis.call('LLEN', q) == 0 and redis.call('EXISTS', d) == 0 then
     redis.call('SREM', idx, channel)
