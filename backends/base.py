@@ -163,6 +163,12 @@ class Backend(abc.ABC):
     async def release(self, ns: str, channel: str, count: int) -> None:
         """Stop counting ``count`` held messages of ``channel`` against its capacity."""
 
+    async def release_taken(self, ns: str, channel: str, count: int, leases: Sequence[str]) -> None:
+        """The client acknowledged ``count`` held messages of ``channel``; ``leases``:
+        those of them that a take for a push left leased in storage (``Taken.lease``),
+        whose leases end with them. Storage that leases no push just releases."""
+        await self.release(ns, channel, count)
+
     @abc.abstractmethod
     async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
         """Put messages pushed to a client and not acknowledged back at the head of

@@ -121,6 +121,7 @@ class RedisBackend(Backend):
         self._commands.topology = topology
         self._wakeups.start()
         self._leases.start()
+        self._takes.pushed.start()
         self._stats_task = asyncio.get_running_loop().create_task(self._sample_stats())
 
     async def close(self) -> None:
@@ -208,6 +209,12 @@ class RedisBackend(Backend):
         messages' deadlines.
         """
         self._commands.release(self._keys.held(ns, channel), count)
+
+    async def release_taken(self, ns: str, channel: str, count: int, leases: Sequence[str]) -> None:
+        """As ``release``; the leases of pushed messages end with it (``pushed``)."""
+        if leases:
+            self._takes.pushed.end(ns, channel, leases)
+        self._commands.release(self._keys.held(ns, channel), count - len(leases))
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels with unexpired messages (one script on its slot)."""

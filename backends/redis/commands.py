@@ -29,6 +29,7 @@ from redis.exceptions import AskError, NoScriptError
 from backends import BackendError, BackendUnavailable
 
 from .keys import Keys
+from .pushed_scripts import END_PUSHED
 from .scripts import RELEASE, Script
 from .topology import Topology
 
@@ -43,6 +44,8 @@ class Commands:
     def __init__(self) -> None:
         self.topology: Topology | None = None
         self._releases: dict[str, int] = {}  # held-count key -> count, not yet sent
+        #: (held, lease hash, lease zset) -> leases of pushed messages to end, not yet sent.
+        self._ends: dict[tuple[str, ...], list[str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def require(self) -> Topology:
@@ -54,14 +57,14 @@ class Commands:
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script on the node of ``keys[0]``, after the queued releases."""
         topology = self.require()
-        if self._releases:
+        if self._releases or self._ends:
             self.send_releases()  # releases go first: later commands see their effect
         return await topology.run(script, keys, args)
 
     async def command(self, key: str, *command: str | bytes | int | float) -> Any:
         """Run one command on the node of ``key``, after the queued releases."""
         topology = self.require()
-        if self._releases:
+        if self._releases or self._ends:
             self.send_releases()
         return await topology.command(key, *command)
 
@@ -73,11 +76,24 @@ class Commands:
             return
         self.require()
         self._releases[key] = self._releases.get(key, 0) + count
-        if len(self._releases) == 1:
+        if len(self._releases) == 1 and not self._ends:
             asyncio.get_running_loop().call_soon(self.send_releases)
 
+    def end_leases(self, keys: Sequence[str], leases: Sequence[str]) -> None:
+        """Queue the end of pushed messages' leases (``pushed``), which uncounts them as
+        held: sent with this pass's releases. ``keys``: held, lease hash, lease zset."""
+        if not leases:
+            return
+        self.require()
+        if not (self._releases or self._ends):
+            asyncio.get_running_loop().call_soon(self.send_releases)
+        self._ends.setdefault(tuple(keys), []).extend(leases)
+
     def send_releases(self) -> None:
-        """Send the queued releases: one script per slot (Cluster) or one in all."""
+        """Send the queued releases and ends of leases: one script each per slot
+        (Cluster) or one in all."""
+        if self._ends:
+            self._send_ends()
         releases, self._releases = self._releases, {}
         topology = self.topology
         if not releases or topology is None:
@@ -95,6 +111,36 @@ class Commands:
                 log.warning("release of held messages failed: %s", exc)
                 continue
             future.add_done_callback(functools.partial(self._released, keys=keys, counts=counts))
+
+    def _send_ends(self) -> None:
+        ends, self._ends = self._ends, {}
+        topology = self.topology
+        if topology is None:
+            return
+        groups: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+        for three in ends:
+            groups[Keys.slot(three[0]) if topology.is_cluster else 0].append(three)
+        for channels in groups.values():
+            keys = [key for three in channels for key in three]
+            args: list[Any] = []
+            for three in channels:
+                args += [len(ends[three]), *ends[three]]
+            try:  # on the pipe now, as releases are: later commands see the ends
+                future = topology.pipe_for(keys[0]).call(
+                    "EVALSHA", END_PUSHED.sha, len(keys), *keys, *args
+                )
+            except BackendUnavailable as exc:
+                log.warning("ending the leases of pushed messages failed: %s", exc)
+                continue
+            future.add_done_callback(functools.partial(self._ended, keys=keys, args=args))
+
+    def _ended(self, done: asyncio.Future[Any], *, keys: list[str], args: list[Any]) -> None:
+        if done.cancelled() or done.exception() is None or self.topology is None:
+            return
+        if isinstance(done.exception(), NoScriptError | AskError):
+            self.spawn(self.require().run(END_PUSHED, keys, args))
+        else:  # they lapse, and their messages come again: the layer drops the copies
+            log.warning("ending the leases of pushed messages failed: %s", done.exception())
 
     def _released(self, done: asyncio.Future[Any], *, keys: list[str], counts: list[int]) -> None:
         if done.cancelled() or done.exception() is None or self.topology is None:

@@ -42,6 +42,16 @@ local function give_back(q, l, d, channel, wake, pubcmd, now, keep_ms, most)
   end
   if count > 0 then
     extend(q, latest - now + keep_ms)
+    if string.find(channel, '!', 1, true) then
+      -- A push's lease (``pushed_scripts``): its messages were counted as held, and the
+      -- client's index must list the channel for its next connection to find them.
+      local base = string.sub(q, 1, #q - #channel - 2)
+      if redis.call('DECRBY', base .. 'h:' .. channel, count) <= 0 then
+        redis.call('DEL', base .. 'h:' .. channel)
+      end
+      redis.call('SADD', base .. 'i', channel)
+      extend(base .. 'i', latest - now + keep_ms)
+    end
     local names = {}
     for i = 1, count do names[i] = channel end
     redis.call(pubcmd, wake, '- ' .. table.concat(names, ' '))
@@ -137,28 +147,43 @@ return back
 """,
 )
 
-#: Put messages pushed to a client and not acknowledged back at the head of their
-#: channel, in order (``Backend.give_back``), and uncount held ones. KEYS: queue, held,
-#: index (process-specific channels). ARGV: channel, wake-up channel, pubcmd, keep_ms,
-#: how many held to uncount, how many of the entries are relative, then the entries,
-#: oldest first: the relative ones (13 digits of ms to live, then the payload) before
-#: the absolute ones (stashed entries, as stored). -> how many went back.
+#: Put messages pushed to a client and not acknowledged (or grabbed for it and not
+#: pushed) back at the head of their channel, in order, and uncount held ones
+#: (``Backend.give_back``). KEYS: queue, held, index (process-specific channels). ARGV:
+#: channel, wake-up channel, pubcmd, keep_ms, how many held to uncount besides leased
+#: ones, then the items, oldest first, each tagged: ``E`` and an entry relative to now
+#: (13 digits of ms to live, then the payload), or ``L`` and a push's lease
+#: ``<token>.<i>.<n>`` (``pushed_scripts``): its entry comes from the lease hash, unless
+#: that lease lapsed and was given back already. -> how many went back.
 GIVE_BACK = Script.of(
     "give_back",
     r"""
 local now = now_ms()
-local relative = tonumber(ARGV[6])
-local latest, count = now, 0
-for i = #ARGV, 7, -1 do
-  local entry = ARGV[i]
-  if i - 6 <= relative then
-    entry = string.format('%013d', now + deadline_of(entry)) .. string.sub(entry, 14)
+local channel = ARGV[1]
+local base = string.sub(KEYS[1], 1, #KEYS[1] - #channel - 2)
+local l, d = base .. 'l:' .. channel, base .. 'd:' .. channel
+local latest, count, uncount = now, 0, tonumber(ARGV[5])
+for i = #ARGV, 6, -1 do
+  local item = ARGV[i]
+  local entry = false
+  if string.sub(item, 1, 1) == 'E' then
+    entry = string.format('%013d', now + tonumber(string.sub(item, 2, 14))) .. string.sub(item, 15)
+  else
+    local token, j, n = string.match(item, '^L([^.]+)%.(%d+)%.(%d+)$')
+    entry = redis.call('HGET', l, token .. '.' .. j)
+    if entry then
+      redis.call('HDEL', l, token .. '.' .. j)
+      uncount = uncount + 1
+      if deadline_of(entry) <= now then entry = false end
+    end
+    redis.call('ZREM', d, token .. '.' .. n)
   end
-  redis.call('LPUSH', KEYS[1], entry)
-  latest = math.max(latest, deadline_of(entry))
-  count = count + 1
+  if entry then
+    redis.call('LPUSH', KEYS[1], entry)
+    latest = math.max(latest, deadline_of(entry))
+    count = count + 1
+  end
 end
-local uncount = tonumber(ARGV[5])
 if uncount > 0 and redis.call('DECRBY', KEYS[2], uncount) <= 0 then
   redis.call('DEL', KEYS[2])
 end

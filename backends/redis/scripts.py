@@ -24,8 +24,6 @@ __all__ = [
     "RELEASE",
     "SCRIPTS",
     "TAKE",
-    "UNGRAB",
-    "WAITING",
     "Script",
 ]
 
@@ -134,9 +132,10 @@ end
 #: Queue payloads for targets. KEYS: per target queue, held[, index] (3 keys when the
 #: channel has a "!"). ARGV: expiry_ms, keep_ms, origin, pubcmd, K, payload 1..K, then
 #: per target: channel, capacity, payload number, wake-up channel, whether we subscribe
-#: to that (0/1), whether to grab (0/1: the owner is attached to the sender). -> per
-#: target 0 (full), 1 (queued), or the entry itself, popped again and held (grabbed:
-#: nothing else waited on the channel; see ``stash``).
+#: to that (0/1), whether to grab (0, or ``<lease_ms>:<token>``: the owner is attached
+#: to the sender). -> per target 0 (full), 1 (queued), or the entry itself, popped
+#: again, held and leased to ``token`` (grabbed: nothing else waited on the channel;
+#: see ``stash``, ``pushed_scripts``).
 PUSH = Script.of(
     "push",
     r"""
@@ -154,11 +153,21 @@ while a <= #ARGV do
   local ok = push(KEYS[k], KEYS[k + 1], idx, channel, entries[tonumber(ARGV[a + 2])],
                   tonumber(ARGV[a + 1]), now, keep_ms)
   results[#results + 1] = ok
-  if ok == 1 and ARGV[a + 5] == '1' and redis.call('LLEN', KEYS[k]) == 1 then
-    results[#results] = redis.call('LPOP', KEYS[k])
+  if ok == 1 and ARGV[a + 5] ~= '0' and redis.call('LLEN', KEYS[k]) == 1 then
+    local entry = redis.call('LPOP', KEYS[k])
+    results[#results] = entry
     redis.call('INCRBY', KEYS[k + 1], 1)
     extend(KEYS[k + 1], expiry_ms + keep_ms)
-    if idx then redis.call('SREM', idx, channel) end
+    if idx then
+      -- Leased as a take of one (``pushed_scripts``): the index keeps the channel.
+      local lease_ms, token = string.match(ARGV[a + 5], '^(%d+):(.+)$')
+      local base = string.sub(KEYS[k], 1, #KEYS[k] - #channel - 2)
+      redis.call('HSET', base .. 'l:' .. channel, token .. '.1', entry)
+      redis.call('ZADD', base .. 'd:' .. channel, now + tonumber(lease_ms), token .. '.1')
+      local keep = math.max(expiry_ms, tonumber(lease_ms)) + keep_ms
+      extend(base .. 'l:' .. channel, keep)
+      extend(base .. 'd:' .. channel, keep)
+    end
   elseif ok == 1 then
     note_wake(wakes, ARGV[a + 3], channel)
     mine[ARGV[a + 3]] = tonumber(ARGV[a + 4])
@@ -283,29 +292,6 @@ return out
 """,
 )
 
-#: Put grabbed entries back at the head of their queue, uncount them as held, and wake
-#: the channel (everywhere: origin "-"). KEYS: queue, held[, index]. ARGV: channel,
-#: wake-up channel, pubcmd, keep_ms, entry... (oldest first).
-UNGRAB = Script.of(
-    "ungrab",
-    r"""
-local now = now_ms()
-local latest = now
-for i = #ARGV, 5, -1 do
-  redis.call('LPUSH', KEYS[1], ARGV[i])
-  latest = math.max(latest, deadline_of(ARGV[i]))
-end
-if redis.call('DECRBY', KEYS[2], #ARGV - 4) <= 0 then redis.call('DEL', KEYS[2]) end
-extend(KEYS[1], latest - now + tonumber(ARGV[4]))
-if KEYS[3] then
-  redis.call('SADD', KEYS[3], ARGV[1])
-  extend(KEYS[3], latest - now + tonumber(ARGV[4]))
-end
-redis.call(ARGV[3], ARGV[2], '- ' .. ARGV[1])
-return 1
-""",
-)
-
 #: Uncount held messages, never below zero. KEYS: held counts. ARGV: a count for each.
 RELEASE = Script.of(
     "release",
@@ -317,22 +303,4 @@ return 1
 """,
 )
 
-#: A client's channels with unexpired messages. KEYS: index. ARGV: the queue key prefix
-#: (``<prefix>:{<ns>!<client>}:q:``). The queues share the index's hash tag, so its slot.
-WAITING = Script.of(
-    "waiting",
-    r"""
-local now = now_ms()
-local out = {}
-for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if trim(ARGV[1] .. channel, now) > 0 then
-    out[#out + 1] = channel
-  else
-    redis.call('SREM', KEYS[1], channel)
-  end
-end
-return out
-""",
-)
-
-SCRIPTS = (PUSH, GROUP_SEND, GROUP_MEMBERS, GROUP_ADD, TAKE, UNGRAB, RELEASE, WAITING)
+SCRIPTS = (PUSH, GROUP_SEND, GROUP_MEMBERS, GROUP_ADD, TAKE, RELEASE)

@@ -96,8 +96,8 @@ class Sends:
         for batch, accepted in zip(batches, results, strict=True):
             for i, ok in zip(batch, accepted, strict=True):
                 channel = targets[i][0]
-                if isinstance(ok, bytes):  # grabbed for its owner here: see stash
-                    self._takes.keep_grabbed(ns, channel, ok, now + expiry_s, now)
+                if isinstance(ok, tuple):  # grabbed for its owner here: see stash
+                    self._takes.keep_grabbed(ns, channel, ok[0], now + expiry_s, now, ok[1])
                 elif ok:
                     self._takes.wake(ns, channel)
                 else:
@@ -106,28 +106,35 @@ class Sends:
 
     async def _push_batch(
         self, ns: str, targets: Sequence[Target], expiry_s: float
-    ) -> list[int | bytes]:
-        """One PUSH script: per target 1 (queued), 0 (full) or the grabbed entry."""
+    ) -> list[int | tuple[bytes, str]]:
+        """One PUSH script: per target 1 (queued), 0 (full) or the grabbed entry with
+        its lease (``pushed``)."""
         topology = self._commands.require()
+        pushed = self._takes.pushed
+        token = pushed.new_token()
         keys: list[str] = []
         payload_numbers: dict[int, int] = {}
         payloads: list[bytes] = []
         per_target: list[Any] = []
-        for channel, payload, capacity in targets:
+        for number, (channel, payload, capacity) in enumerate(targets):
             keys += self._keys.channel_keys(ns, channel)
-            number = payload_numbers.get(id(payload))
-            if number is None:
+            payload_number = payload_numbers.get(id(payload))
+            if payload_number is None:
                 payloads.append(payload)
-                number = payload_numbers[id(payload)] = len(payloads)
+                payload_number = payload_numbers[id(payload)] = len(payloads)
             wake = self._keys.wake(ns, channel)
             # Whether our own subscription is among the listeners (see PUSH).
             mine = int(topology.is_listening(wake.encode()))
             grab = "!" in channel and self._subs.owns(ns, client_id_of(channel))
-            per_target += [channel, capacity, number, wake, mine, int(grab)]
+            per_target += [channel, capacity, payload_number, wake, mine]
+            per_target.append(pushed.grab_arg(token, number) if grab else 0)
         args = [_ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS, self._origin]
         args += [topology.publish_command, len(payloads), *payloads, *per_target]
         reply = await self._commands.run(PUSH, keys, args)
-        return [ok if isinstance(ok, bytes) else int(ok) for ok in reply]
+        return [
+            (ok, pushed.grabbed(ns, targets[i][0], token, i)) if isinstance(ok, bytes) else int(ok)
+            for i, ok in enumerate(reply)
+        ]
 
     async def group_send(
         self,

@@ -32,8 +32,10 @@ from backends import BackendError, Taken, WakeupCallback
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .lease_scripts import GIVE_BACK, TAKE_LEASED
-from .leases import Leases
-from .scripts import TAKE, UNGRAB, WAITING
+from .leases import REAP_MOST_TAKES, Leases
+from .pushed import PushedLeases
+from .pushed_scripts import TAKE_HELD
+from .scripts import TAKE
 from .stash import HOLD_S, Stash
 
 __all__ = ["DEADLINE_DIGITS", "Takes"]
@@ -62,6 +64,8 @@ class Takes:
         self._commands = commands
         self._notify = notify
         self._stash = Stash()
+        #: The leases of what we push (and grab for a push): ``pushed``.
+        self.pushed = PushedLeases(keys, commands, leases.lease_s, self.wake)
         self._stash_timer: asyncio.TimerHandle | None = None
         self._inflight: dict[ChannelKey, int] = {}
         self._woken_inflight: set[ChannelKey] = set()
@@ -133,28 +137,48 @@ class Takes:
         self, ns: str, channel: str, limit: int, hold: bool, now: float
     ) -> list[Taken]:
         items, expired = self._stash.take(ns, channel, limit, now)
-        # Stashed messages are held in Redis: uncount expired ones, and all for a pull.
+        # Stashed messages are leased and held in Redis: end the leases of expired ones,
+        # and of all for a pull.
         if expired or (items and not hold):
-            uncount = expired + (0 if hold else len(items))
-            self._commands.release(self._keys.held(ns, channel), uncount)
-        self.expired_total += expired
+            ended = expired + ([] if hold else items)
+            self.pushed.end(ns, channel, [item[3] for item in ended])
+        self.expired_total += len(expired)
         mono = time.monotonic()  # Taken's clock (the stash's is the loop's)
-        return [Taken(e[DEADLINE_DIGITS:], d - now, "", mono + d - now) for e, d, _ in items]
+        return [
+            Taken(e[DEADLINE_DIGITS:], d - now, lease if hold else "", mono + d - now)
+            for e, d, _, lease in items
+        ]
 
     async def _take_from_redis(
         self, ns: str, channels: list[str], limit: int, hold: bool
     ) -> dict[str, list[Taken]]:
-        """One TAKE script for channels of one slot."""
+        """One TAKE script for channels of one slot; for a push (``hold``) TAKE_HELD,
+        which leases what it takes of process-specific channels (``pushed``)."""
         keys: list[str] = []
         for channel in channels:
             keys += self._keys.channel_keys(ns, channel)
             self._inflight[(ns, channel)] = self._inflight.get((ns, channel), 0) + 1
+        token = self.pushed.new_token()
         try:
-            args = [limit, 1 if hold else 0, KEEP_MARGIN_MS, *channels]
-            reply = await self._commands.run(TAKE, keys, args)
+            if hold:
+                pubcmd = self._commands.require().publish_command
+                args = [limit, KEEP_MARGIN_MS, self.pushed.lease_ms, token, pubcmd]
+                reply = await self._commands.run(
+                    TAKE_HELD, keys, [*args, REAP_MOST_TAKES, *channels]
+                )
+            else:
+                args = [limit, 0, KEEP_MARGIN_MS, *channels]
+                reply = await self._commands.run(TAKE, keys, args)
         finally:
             woken = [self._end_take(ns, channel) for channel in channels]
-        return self._read_take(ns, channels, woken, limit, reply)
+        if not hold:
+            return self._read_take(ns, channels, woken, limit, reply)
+        self.leases.gave_back(int(reply[-1]))
+        taken = self._read_take(ns, channels, woken, limit, reply[:-1])
+        for channel, items in taken.items():
+            if items and "!" in channel:
+                taken[channel] = self.pushed.leased(ns, channel, token, items)
+        return taken
 
     async def _take_leased(
         self, ns: str, channel: str, limit: int, by_consumer: bool = False
@@ -241,10 +265,7 @@ class Takes:
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
         """The client's channels with unexpired messages, in Redis or in the stash."""
-        index = self._keys.index(ns, client_id)
-        queues = f"{self._keys.base(f'{ns}!{client_id}')}q:"
-        waiting = await self._commands.run(WAITING, [index], [queues])
-        names = {name.decode() for name in waiting}
+        names = set(await self.pushed.own_waiting(ns, client_id))
         return sorted(names.union(self._stash.channels_of(ns, client_id)))
 
     # -- wake-ups --------------------------------------------------------------
@@ -261,36 +282,52 @@ class Takes:
     # -- the stash -------------------------------------------------------------
 
     def keep_grabbed(
-        self, ns: str, channel: str, entry: bytes, deadline: float, now: float
+        self, ns: str, channel: str, entry: bytes, deadline: float, now: float, lease: str
     ) -> None:
-        """Stash an entry a send grabbed for its owner here, and wake the channel."""
-        self._stash.add(ns, channel, entry, deadline, now)
+        """Stash an entry a send grabbed (and leased) for its owner here, and wake the
+        channel."""
+        self._stash.add(ns, channel, entry, deadline, now, lease)
         self._arm_stash_timer()
         self.wake(ns, channel, more=False)
 
     async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
         """Pushed messages not acknowledged, back at the head of their queue in one
         GIVE_BACK, before what the stash holds of the channel (grabbed after them)."""
-        stashed = self._stash.pop_channel(ns, channel)
+        stashed = self._stash.pop_channel(ns, channel)  # grabbed after the pushes
         mono = time.monotonic()
-        entries = []
+        tagged: list[str | bytes] = []
         for item in items:
+            if item.lease:  # Redis has the entry: it goes back unless its lease lapsed
+                tagged.append("L" + item.lease)
+                continue
             ttl_ms = int(((item.deadline or mono + item.ttl_s) - mono) * 1000)
             if ttl_ms > 0:  # expired ones are dropped
-                entries.append(b"%013d" % ttl_ms + item.payload)
-        self.expired_total += len(items) - len(entries)
-        if not (entries or stashed):
-            self._commands.release(self._keys.held(ns, channel), held)
+                tagged.append(b"E%013d" % ttl_ms + item.payload)
+            else:
+                self.expired_total += 1
+        tagged += ["L" + lease for lease in stashed]
+        leases = [item.lease for item in items if item.lease] + stashed
+        # Leased ones are uncounted by the script, as their leases end.
+        uncount = max(0, held - (len(leases) - len(stashed)))
+        if not tagged:
+            self._commands.release(self._keys.held(ns, channel), uncount)
             return
+        self.pushed.forget(ns, channel, leases)
+        await self._give_back(ns, channel, uncount, tagged)
+
+    async def _give_back(
+        self, ns: str, channel: str, uncount: int, tagged: Sequence[str | bytes]
+    ) -> None:
+        """One GIVE_BACK (``lease_scripts``), then wake the channel here."""
         self._maybe_more.discard((ns, channel))
         pubcmd = self._commands.require().publish_command
-        args = [channel, self._keys.wake(ns, channel), pubcmd, KEEP_MARGIN_MS]
-        args += [held + len(stashed), len(entries), *entries, *stashed]
-        await self._commands.run(GIVE_BACK, self._keys.channel_keys(ns, channel), args)
+        args = [channel, self._keys.wake(ns, channel), pubcmd, KEEP_MARGIN_MS, uncount]
+        await self._commands.run(GIVE_BACK, self._keys.channel_keys(ns, channel), [*args, *tagged])
         self.wake(ns, channel)
 
     def return_client(self, ns: str, client_id: str) -> None:
         """The client is no longer attached here: its grabbed messages go back to Redis."""
+        self.pushed.forget_client(ns, client_id)
         if self._stash:
             self._return(self._stash.pop_client(ns, client_id))
 
@@ -301,9 +338,11 @@ class Takes:
     def drop_namespace(self, ns: str) -> None:
         """Forget the grabbed messages of a namespace being flushed."""
         self._stash.pop_namespace(ns)
+        self.pushed.drop_namespace(ns)
 
     def stop(self) -> None:
-        """Stop looking for stale grabbed messages."""
+        """Stop looking for stale grabbed messages, and renewing leases."""
+        self.pushed.stop()
         if self._stash_timer is not None:
             self._stash_timer.cancel()
             self._stash_timer = None
@@ -320,14 +359,10 @@ class Takes:
         if self._stash_timer is None:
             self._stash_timer = asyncio.get_running_loop().call_later(HOLD_S, self._stale_stash)
 
-    def _return(self, grabbed: dict[ChannelKey, list[bytes]]) -> None:
-        for (ns, channel), entries in grabbed.items():
-            self._commands.spawn(self._ungrab(ns, channel, entries))
-
-    async def _ungrab(self, ns: str, channel: str, entries: list[bytes]) -> None:
-        """Put grabbed entries back at the head of their Redis queue (see stash)."""
-        self._maybe_more.discard((ns, channel))
-        topology = self._commands.require()
-        wake = self._keys.wake(ns, channel)
-        args = [channel, wake, topology.publish_command, KEEP_MARGIN_MS, *entries]
-        await self._commands.run(UNGRAB, self._keys.channel_keys(ns, channel), args)
+    def _return(self, grabbed: dict[ChannelKey, list[str]]) -> None:
+        """Put grabbed entries back at the head of their Redis queue, by their leases
+        (see stash)."""
+        for (ns, channel), leases in grabbed.items():
+            self.pushed.forget(ns, channel, leases)
+            tagged = ["L" + lease for lease in leases]
+            self._commands.spawn(self._give_back(ns, channel, 0, tagged))

@@ -40,6 +40,7 @@ from backends import BackendError, BackendUnavailable
 from .lease_scripts import ALL_SCRIPTS as LEASE_SCRIPTS
 from .link import ConnectionFactory
 from .pipe import Pipe
+from .pushed_scripts import PUSHED_SCRIPTS
 from .room_scripts import ALL_SCRIPTS as ROOM_SCRIPTS
 from .scripts import Script
 from .subscriber import Subscriber
@@ -62,7 +63,7 @@ TRYAGAIN_PAUSE_S = 0.05
 REFRESH_MIN_INTERVAL_S = 0.5
 #: Every script of the backend (each module's list holds the common ones), loaded at
 #: connect and found by SHA1 after a NOSCRIPT.
-SCRIPTS = tuple(dict.fromkeys((*ROOM_SCRIPTS, *LEASE_SCRIPTS)))
+SCRIPTS = tuple(dict.fromkeys((*ROOM_SCRIPTS, *LEASE_SCRIPTS, *PUSHED_SCRIPTS)))
 
 
 def _connection_kwargs(settings: RedisSettings) -> dict[str, Any]:

@@ -208,9 +208,9 @@ class Handlers:
     async def _on_ack(self, frame: Ack) -> None:
         ns = self.session().ns
         for channel, count in frame.counts:
-            stored = self.shell.held.acknowledge(channel, count)
+            stored, leases = self.shell.held.acknowledge(channel, count)
             if stored:
-                await self.ctx.backend.release(ns, channel, stored)
+                await self.ctx.backend.release_taken(ns, channel, stored, leases)
         if frame.fanout_kept or frame.fanout_dropped:  # what the layer made of fan-outs
             metrics = self.ctx.metrics
             metrics.accepted["group_send"] += frame.fanout_kept

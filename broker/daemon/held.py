@@ -54,18 +54,22 @@ class Unacked:
         if type(kept) is list and len(kept) > LONG_UNACKED:
             self._by_channel[channel] = deque(kept)
 
-    def acknowledge(self, channel: str, count: int) -> None:
-        """The client consumed the ``count`` oldest of ``channel``."""
+    def acknowledge(self, channel: str, count: int) -> list[str]:
+        """The client consumed the ``count`` oldest of ``channel``: return the leases
+        storage keeps them under (``Taken.lease``), which end now."""
         kept = self._by_channel.get(channel)
         if kept is None:
-            return
+            return []
+        leased = bool(kept[0].lease)
         if count >= len(kept):
             del self._by_channel[channel]
-        elif isinstance(kept, list):
+            return [item.lease for item in kept if item.lease] if leased else []
+        if isinstance(kept, list):
+            dropped = kept[:count]
             del kept[:count]
         else:
-            for _ in range(count):
-                kept.popleft()
+            dropped = [kept.popleft() for _ in range(count)]
+        return [item.lease for item in dropped if item.lease] if leased else []
 
     def take_all(self) -> Mapping[str, Sequence[Taken]]:
         """Forget them all and return them, by channel (to give back)."""
@@ -156,31 +160,32 @@ class Held:
         if channel not in self.direct:
             self._direct_until.pop(channel, None)
 
-    def acknowledge(self, channel: str, count: int) -> int:
+    def acknowledge(self, channel: str, count: int) -> tuple[int, list[str]]:
         """The client consumed ``count`` of ``channel``: stored ones first (storage must
-        release those, the number returned), then direct ones. Never more than held: a
-        client must not lift its own capacity."""
-        self.unacked.acknowledge(channel, count)
+        release those, the number returned, and end the leases returned), then direct
+        ones. Never more than held: a client must not lift its own capacity."""
+        leases = self.unacked.acknowledge(channel, count)
         stored = _uncount(self.stored, channel, count)
         if count > stored:
             self.unreserve_direct(channel, count - stored)
-        return stored
+        return stored, leases
 
     async def give_back(self, backend: Backend, ns: str, *, redeliver: bool) -> None:
         """The connection closed: have storage release the stored counts, so that what
         was pushed and not acknowledged does not keep its channel full forever; and,
         ``redeliver``, give those messages back to their channels first (the module)."""
         stored, self.stored = self.stored, {}
-        pushed = self.unacked.take_all() if redeliver else {}
+        pushed = self.unacked.take_all()
         given = 0
         for channel in stored.keys() | pushed.keys():
             items, count = pushed.get(channel, ()), stored.get(channel, 0)
             try:
-                if items:
+                if items and redeliver:
                     await backend.give_back(ns, channel, items, count)
                     given += len(items)
-                elif count:
-                    await backend.release(ns, channel, count)
+                elif count:  # storage ends the leases it kept them under
+                    leases = [item.lease for item in items if item.lease]
+                    await backend.release_taken(ns, channel, count, leases)
             except BackendError:
                 log.warning("could not give back %d messages of %s", len(items) or count, channel)
         if given:

@@ -6,8 +6,9 @@ and each message counts as held until the consumer's layer acknowledges it (by c
 as ``receive`` takes it). The daemon keeps what it pushed until then; a connection that
 closes without acknowledging gives it back at the head of its channel's queue, and the
 consumer, reconnecting under the same client id, gets it again (its layer drops a copy
-of one it handed to ``receive`` already, by its message id). A daemon killed outright
-still loses what it pushed and the consumer did not get (docs/flow.md, "Not yet").
+of one it handed to ``receive`` already, by its message id). On Redis a daemon killed
+outright loses none either: what it pushed stays leased in Redis until acknowledged,
+and comes back to the consumer's next connection once the lease lapses.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-
-import pytest
 
 from broker.layer import BrokerChannelLayer
 from tests import servers
@@ -127,10 +126,6 @@ async def test_a_consumer_cut_off_gets_every_pushed_message_once(
 KILL_RECOVERY_S = 10.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pushes are kept by the daemon, not leased in storage: docs/flow.md, Not yet",
-)
 async def test_a_daemon_killed_with_pushes_in_flight_loses_none_on_redis(
     unique: Callable[[str], str],
 ) -> None:

@@ -1,0 +1,158 @@
+"""The Lua scripts of pushes' leases: a message pushed to a client stays in Redis until
+its layer acknowledges it, so a daemon killed with pushes in flight loses none.
+
+A take for a push (``hold``, a process-specific channel) keeps each message it pops in
+the channel's lease hash ``l:<channel>`` (field ``<token>.<i>``) and notes the take in
+the lease zset ``d:<channel>`` (member ``<token>.<n>``, scored by its deadline), as a
+take for workers does (``lease_scripts``), and counts the messages as held. The daemon
+names each message by ``<token>.<i>.<n>`` (``Taken.lease``): an ACK's count ends the
+leases of the messages it covers (``END_PUSHED``: their fields go, the take's member
+with its last message, the held count with them); the daemon renews its takes' leases
+while it holds them (``RENEW_PUSHED``). A lease that lapses (the daemon died) goes back
+to the head of its channel with its held count, and the client's index lists the
+channel: at the channel's next take, or when the client's next connection looks for
+its channels (``OWN_WAITING``, again at the soonest live lease's deadline).
+A grab of the PUSH script (``scripts``) is a take of one message, leased alike.
+"""
+
+from __future__ import annotations
+
+from .lease_scripts import _GIVE_BACK
+from .scripts import Script
+
+__all__ = ["END_PUSHED", "OWN_WAITING", "PUSHED_SCRIPTS", "RENEW_PUSHED", "TAKE_HELD"]
+
+#: Pop up to ``want`` unexpired messages from each of several channels (one slot), held,
+#: and leased (process-specific ones) to ``token``, after giving back their lapsed
+#: leases. KEYS: per channel queue, held[, index] (3 keys when the channel has a "!").
+#: ARGV: want, keep_ms, lease_ms, token, pubcmd, most (takes given back per channel),
+#: channel... -> {now_ms, expired, then per channel: n, n entries, then given back}.
+TAKE_HELD = Script.of(
+    "take_held",
+    _GIVE_BACK
+    + r"""
+local now = now_ms()
+local want, keep_ms, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local token, pubcmd, most = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local out, back, k = {now, 0}, 0, 1
+for a = 7, #ARGV do
+  local channel = ARGV[a]
+  local q, h = KEYS[k], KEYS[k + 1]
+  local idx = false
+  if string.find(channel, '!', 1, true) then idx = KEYS[k + 2]; k = k + 3 else k = k + 2 end
+  local base = string.sub(q, 1, #q - #channel - 2)
+  local l, d = base .. 'l:' .. channel, base .. 'd:' .. channel
+  if idx then back = back + give_back(q, l, d, channel, base .. 'w', pubcmd, now, keep_ms, most) end
+  local at = #out + 1
+  out[at] = 0
+  local n, latest = 0, 0
+  while n < want do
+    local popped = redis.call('LPOP', q, want - n)
+    if not popped then break end
+    for _, entry in ipairs(popped) do
+      local deadline = deadline_of(entry)
+      if deadline > now then
+        n = n + 1
+        out[#out + 1] = entry
+        if idx then redis.call('HSET', l, token .. '.' .. n, entry) end
+        if deadline > latest then latest = deadline end
+      else
+        out[2] = out[2] + 1
+      end
+    end
+  end
+  out[at] = n
+  if n > 0 then
+    redis.call('INCRBY', h, n)
+    extend(h, latest - now + keep_ms)
+    if idx then
+      redis.call('ZADD', d, now + lease_ms, token .. '.' .. n)
+      local keep = math.max(latest - now, lease_ms) + keep_ms
+      extend(l, keep)
+      extend(d, keep)
+    end
+  elseif idx and redis.call('LLEN', q) == 0 and redis.call('EXISTS', d) == 0 then
+    redis.call('SREM', idx, channel)
+  end
+end
+out[#out + 1] = back
+return out
+""",
+)
+
+#: End the leases of pushed messages a client acknowledged, and uncount them as held.
+#: KEYS: per channel held, lease hash, lease zset. ARGV: per channel the number k of
+#: leases, then k leases ``<token>.<i>.<n>``. A lapsed one (given back, uncounted
+#: then) is skipped. -> 1.
+END_PUSHED = Script.of(
+    "end_pushed",
+    r"""
+local at = 1
+for c = 1, #KEYS, 3 do
+  local k, ended = tonumber(ARGV[at]), 0
+  for i = at + 1, at + k do
+    local token, j, n = string.match(ARGV[i], '^([^.]+)%.(%d+)%.(%d+)$')
+    if token then
+      ended = ended + redis.call('HDEL', KEYS[c + 1], token .. '.' .. j)
+      if j == n then redis.call('ZREM', KEYS[c + 2], token .. '.' .. n) end
+    end
+  end
+  if ended > 0 and redis.call('DECRBY', KEYS[c], ended) <= 0 then redis.call('DEL', KEYS[c]) end
+  at = at + k + 1
+end
+return 1
+""",
+)
+
+#: Renew the leases of takes a live daemon holds. KEYS: per channel lease hash, lease
+#: zset. ARGV: lease_ms, keep_ms, then per channel k and k members ``<token>.<n>``. A
+#: lease that lapsed and was given back is not made again (``XX``). -> 1.
+RENEW_PUSHED = Script.of(
+    "renew_pushed",
+    r"""
+local now = now_ms()
+local lease_ms, keep_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local at = 3
+for c = 1, #KEYS, 2 do
+  local k = tonumber(ARGV[at])
+  for i = at + 1, at + k do
+    redis.call('ZADD', KEYS[c + 1], 'XX', now + lease_ms, ARGV[i])
+  end
+  extend(KEYS[c], lease_ms + keep_ms)
+  extend(KEYS[c + 1], lease_ms + keep_ms)
+  at = at + k + 1
+end
+return 1
+""",
+)
+
+#: A client's channels with unexpired messages, after giving back their lapsed leases.
+#: KEYS: index. ARGV: the client's key base (``<prefix>:{<ns>!<client>}:``), pubcmd,
+#: keep_ms, most. -> {ms until the soonest live lease lapses (0: none), channel...}.
+OWN_WAITING = Script.of(
+    "own_waiting",
+    _GIVE_BACK
+    + r"""
+local now = now_ms()
+local base, pubcmd, keep_ms, most = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, soonest = {0}, false
+for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local q, d = base .. 'q:' .. channel, base .. 'd:' .. channel
+  give_back(q, base .. 'l:' .. channel, d, channel, base .. 'w', pubcmd, now, keep_ms, most)
+  local first = redis.call('ZRANGE', d, 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    local at = tonumber(first[2])
+    if not soonest or at < soonest then soonest = at end
+  end
+  if trim(q, now) > 0 then
+    out[#out + 1] = channel
+  elseif #first == 0 then
+    redis.call('SREM', KEYS[1], channel)
+  end
+end
+if soonest then out[1] = math.max(1, soonest - now) end
+return out
+""",
+)
+
+PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING)
