@@ -115,6 +115,7 @@ class RecordsSeqs(Protocol):
         """True if ``client``'s ``seq`` was recorded as stored (delivered) before."""
 
     async def record_seq(
-        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+        self, ns: str, client: str, seqs: Sequence[int], *, stored: bool, keep_s: float
     ) -> None:
-        """Record ``seq``'s outcome in ``client``'s record (kept ``keep_s`` past it)."""
+        """Record each of ``seqs``' outcome in ``client``'s record (kept ``keep_s`` past
+        it): the record says which seqs were stored, so each is written, not the last."""

@@ -41,7 +41,10 @@ _RESERVE_ROOM = "SELECT {s}.reserve_room($1, $2, $3, $4, $5, $6, $7)"
 _RELEASE_ROOM = "SELECT {s}.release_room($1, $2, $3, $4)"
 #: A client's record (made if missing), and a seq's outcome written into it.
 _SEQ_STORED = "SELECT {s}.seq_stored(r.highest, r.kept, $3, $4) FROM {s}.sender_seqs($1, $2, $5) r"
-_RECORD_SEQ = "SELECT {s}.stored_into($1, $2, $3, $4, $5, $6) FROM {s}.sender_seqs($1, $2, $5)"
+_RECORD_SEQ = (
+    "SELECT {s}.stored_into($1, $2, u.seq, $4, $5, $6)"
+    " FROM {s}.sender_seqs($1, $2, $5) r, unnest($3::bigint[]) AS u(seq)"
+)
 #: Records of numbered sends past their expiry (what their clients stored has expired),
 #: and room that lapsed (its count is no longer held).
 FORGET_SENDERS = (
@@ -149,11 +152,11 @@ class PostgresRoom:
         return stored
 
     async def record_seq(
-        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+        self, ns: str, client: str, seqs: Sequence[int], *, stored: bool, keep_s: float
     ) -> None:
         """``backends.RecordsSeqs``: a numbered GROUP_SEND's outcome, in the record."""
-        args = (ns, client, seq, stored, float(keep_s), SEQ_SPAN)
-        await self._db.fetchval(self._sql[5], *args)
+        args = (ns, client, list(seqs), stored, float(keep_s), SEQ_SPAN)
+        await self._db.execute(self._sql[5], *args)
 
     def _field(self, holder: str) -> str:
         """A connection's name in ``rooms``: its holder, and this daemon's name."""

@@ -132,10 +132,10 @@ class RedisRoom:
         )
 
     async def record_seq(
-        self, ns: str, client: str, seq: int, *, stored: bool, keep_s: float
+        self, ns: str, client: str, seqs: Sequence[int], *, stored: bool, keep_s: float
     ) -> None:
         """``backends.RecordsSeqs``: a numbered GROUP_SEND's outcome, in the record."""
-        args = [seq, int(stored), _ms(keep_s) + KEEP_MARGIN_MS, SEQ_SPAN]
+        args = [int(stored), _ms(keep_s) + KEEP_MARGIN_MS, SEQ_SPAN, *seqs]
         await self._commands.run(RECORD_SEQ, self._keys.seqs(ns, client), args)
 
     def _field(self, holder: str) -> str:

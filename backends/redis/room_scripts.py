@@ -231,15 +231,16 @@ return 0
 """,
 )
 
-#: A numbered GROUP_SEND's outcome. KEYS: s, k. ARGV: seq, stored (0/1), seq_keep_ms,
-#: span.
+#: Numbered GROUP_SENDs' outcome, each. KEYS: s, k. ARGV: stored (0/1), seq_keep_ms,
+#: span, then the seqs.
 RECORD_SEQ = Script.of(
     "record_seq",
     _ROOM
     + r"""
 local top = tonumber(redis.call('GET', KEYS[1]) or '0')
-top = record(KEYS[2], top, tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[4]))
-keep_record(KEYS[1], KEYS[2], top, tonumber(ARGV[3]))
+local stored, span = ARGV[1] == '1', tonumber(ARGV[3])
+for i = 4, #ARGV do top = record(KEYS[2], top, tonumber(ARGV[i]), stored, span) end
+keep_record(KEYS[1], KEYS[2], top, tonumber(ARGV[2]))
 return 1
 """,
 )

@@ -92,9 +92,9 @@ class GroupSeqs:
     async def refused(self, frame: GroupSend) -> None:
         """``frame`` was refused (answered, or the connection closes): not delivered."""
         self.sends.seqs.handled(frame.seq, stored=False)
-        await self.record(frame.seq, stored=False)
+        await self.record([frame.seq], stored=False)
 
-    async def failed(self, frame: GroupSend, exc: BackendError, stored: int) -> None:
+    async def failed(self, frame: GroupSend, exc: BackendError, stored: list[int]) -> None:
         """Storage failed ``frame``: record the run's delivered ones up to ``stored``
         and this one as not delivered, then answer so, or close (the client sends it,
         and every later one, again)."""
@@ -106,16 +106,14 @@ class GroupSeqs:
         else:  # no answer can say so
             self.shell.fatal(ErrorCode.BACKEND_UNAVAILABLE, f"a numbered GroupSend failed: {exc}")
 
-    async def record(self, seq: int, *, stored: bool) -> None:
-        """Shared storage: write ``seq``'s outcome. For ``stored``, one write says every
-        seq of the run up to it was delivered: a seq at most the highest and not listed
-        as unstored counts as stored."""
+    async def record(self, seqs: list[int], *, stored: bool) -> None:
+        """Shared storage: write each of ``seqs``' outcome, in one storage call."""
         session = self.shell.session
-        if not seq or self.records is None or session is None:
+        if not seqs or self.records is None or session is None:
             return
         try:
             await self.records.record_seq(
-                session.ns, session.client_id, seq, stored=stored, keep_s=session.expiry_s
+                session.ns, session.client_id, seqs, stored=stored, keep_s=session.expiry_s
             )
         except BackendError as exc:
-            log.warning("could not record group send %d of %s: %s", seq, session.client_id, exc)
+            log.warning("could not record group sends of %s: %s", session.client_id, exc)

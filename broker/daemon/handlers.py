@@ -285,7 +285,7 @@ class Handlers:
 
     async def _numbered_run(self, frames: list[GroupSend]) -> None:
         seqs, numbered = self.sends.seqs, self.group_seqs
-        stored = 0  # the run's highest seq delivered, for shared storage's record
+        stored: list[int] = []  # the run's seqs delivered, for shared storage's record
         for frame in frames:
             if self.shell.closing:
                 break  # the client sends the rest again, on its next connection
@@ -310,7 +310,7 @@ class Handlers:
                 seqs.highest = seq
             else:
                 seqs.handled(seq, stored=True)
-            stored = seq
+            stored.append(seq)
         if numbered.records is not None:
             await numbered.record(stored, stored=True)
         if not self.shell.closing:  # with the room a held CONFIRM of SENDs carries
