@@ -325,7 +325,9 @@ class MemoryMachine(RuleBasedStateMachine):
         result = self.run(
             self.backend.group_send(ns, group, payload, capacity_of=policy, expiry_s=expiry_s)
         )
-        assert (result.delivered, result.skipped) == (delivered, skipped)
+        # In no order: the backend walks members by owning client (groups.py), the
+        # model in the order they were added; each member's outcome is its own.
+        assert (sorted(result.delivered), result.skipped) == (sorted(delivered), skipped)
 
     # -- namespaces -----------------------------------------------------------
 
