@@ -287,8 +287,6 @@ class Handlers:
         seqs, numbered = self.sends.seqs, self.group_seqs
         stored: list[int] = []  # the run's seqs delivered, for shared storage's record
         for frame in frames:
-            if self.shell.closing:
-                break  # the client sends the rest again, on its next connection
             seq = frame.seq
             if (seq <= seqs.highest or frame.request_id) and await numbered.was_stored(frame):
                 continue

@@ -353,10 +353,16 @@ class Unconfirmed:
         self._requests.clear()
 
     def fail(self, error: Exception) -> None:
-        """No connection will come: what was not confirmed is lost; say so."""
+        """No connection will come: what was not confirmed is never sent again; say so
+        (those the daemon read are delivered: it handles a closed connection's reads)."""
         if self.entries:
             count = len(self.entries)
-            log.warning("%d group messages sent were not confirmed and are lost: %s", count, error)
+            log.warning(
+                "%d group messages sent were not confirmed and will not be sent again "
+                "(those the daemon read are delivered): %s",
+                count,
+                error,
+            )
         self.entries.clear()
         self._bytes = 0
         self._requests.clear()

@@ -111,6 +111,33 @@ async def test_group_send_waits_only_past_the_bound_of_unconfirmed_ones(
         await proxy.close()
 
 
+#: Members and group sends of the closed sender's test: on Redis the daemon is still
+#: delivering most of them when the sender's close arrives.
+ROOM, ROOM_SENDS = 500, 20
+
+
+async def test_group_sends_of_a_sender_that_closed_are_all_delivered(
+    broker: Any, make_layer: LayerFactory, unique: Any
+) -> None:
+    """1. A sender group_sends ``ROOM_SENDS`` messages to a group of ``ROOM`` members,
+       each awaited (it returns once written), and closes at once, waiting for its
+       CONFIRMs only 50 ms (``connect_timeout``).
+    2. Each was accepted: every member gets every one, once, in order, though the
+       daemon was still delivering them when the sender's connection closed."""
+    sender = make_layer(connect_timeout=0.05)
+    member = make_layer(capacity=ROOM_SENDS)
+    group = unique("closed-sender")
+    channels = [await member.new_channel() for _ in range(ROOM)]
+    await asyncio.gather(*(member.group_add(group, channel) for channel in channels))
+    for n in range(ROOM_SENDS):
+        await sender.group_send(group, {"n": n})
+    await sender.close()
+    for channel in channels:
+        got = [(await receive(member, channel, RECOVERY_TIMEOUT_S))["n"] for _ in range(ROOM_SENDS)]
+        assert got == list(range(ROOM_SENDS)), channel
+    await assert_nothing_within(member, channels[0])
+
+
 class OlderDaemon:
     """A daemon of the release before numbered group sends, as its HELLO handling is:
     version 3 is refused with UNSUPPORTED_VERSION and the connection closed; a HELLO of
