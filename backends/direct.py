@@ -41,9 +41,18 @@ class DirectPushes(Protocol):
     def unreserve(self, ns: str, channels: Sequence[str]) -> None:
         """Give back what ``pushable`` reserved for channels that were stored after all."""
 
-    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
+    def push_now(
+        self,
+        ns: str,
+        channels: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        leases: Sequence[str] = (),
+    ) -> list[str]:
         """Push ``payload`` to each channel's owner at once; return the channels not
-        reached (their owner left since ``pushable`` named them)."""
+        reached (their owner left since ``pushable`` named them). ``leases``: storage's
+        lease on each channel's message (written leased, to outlive this daemon), to
+        end when its owner acknowledges it (``Backend.release_taken``), else empty."""
 
 
 @runtime_checkable

@@ -39,6 +39,9 @@ class GroupSendResult:
     skipped: int
     direct: Sequence[str] = ()
     edge: int = 0
+    #: Storage's lease on each of ``direct`` (``Taken.lease``), in order, if it keeps
+    #: them leased until acknowledged (PostgreSQL); else empty.
+    direct_leases: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

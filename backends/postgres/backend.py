@@ -10,7 +10,8 @@ daemon's router at once, and ``pg_notify`` wakes the others through their
 ``Listener``; a periodic re-check makes up for a lost notification (``wakeups``).
 ``FOR UPDATE SKIP LOCKED`` lets daemons take from one channel at once without ever
 handing out one message twice; a worker's message is leased, not deleted, until it
-has been handed out, so a daemon killed outright loses none; takes of one channel that
+has been handed out, and a message pushed to a client's own channel until the client
+acknowledges it (``pushed``), so a daemon killed outright loses none; takes of one channel that
 queue up in this daemon go out as one, a channel that workers pull busily has its next
 messages taken ahead of their pulls (``take_ahead``, ``taker``), and releases and
 acknowledgements are written in the background, many per statement (``batching``):
@@ -18,9 +19,10 @@ round trips, and their system calls, are what a daemon spends its time on. A gro
 sent to in slices of members (``group_sends``), so that no statement grows with it.
 
 A message for a channel whose owner is connected to this daemon, with nothing of that
-channel waiting or held in the database, is not stored at all: the same round trip
-that checks this hands it back for the daemon to push (``DirectPushes``; ``sends``,
-``group_sends``), which saves the insert, the notification and the take. What this
+channel waiting or held in the database, is not stored to wait: the same round trip
+that checks this writes it leased to this daemon and hands it back for the daemon to
+push (``DirectPushes``; ``sends``, ``group_sends``), which saves the notification and
+the take. What this
 daemon took ahead or pushed directly counts against capacities (``room``). A periodic
 sweep (``sweep``) removes expired messages, lapsed memberships and idle channel rows
 in bounded batches, one daemon at a time, and vacuums the queue tables (``vacuum``).
@@ -32,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Self
@@ -53,8 +54,9 @@ from .group_sends import GroupSends
 from .listener import Listener
 from .notifier import Notifier
 from .pool import Database
+from .pushed import PushedLeases
 from .room import Room
-from .schema import SCHEMA_VERSION, current_version, migrate, quote_ident
+from .schema import migrate_with, prepare_schema, quote_ident
 from .sends import Sends
 from .statements import Statements
 from .sweep import Sweeper
@@ -101,7 +103,8 @@ class PostgresBackend(Backend):
             linger_s=TAKE_AHEAD_LINGER_S,
         )
         self._releases = ReleaseWriter(self._taker.write_releases)
-        self._room = Room(self._takes)
+        self._pushed = PushedLeases(self._db, self._sql, options.lease_s)
+        self._room = Room(self._takes, self._pushed)
         self._notifier = Notifier(self._db, self._sql.notify)
         parts = (self._db, self._sql, self._releases, self._room, self._stored)
         self._sends = Sends(*parts)
@@ -168,6 +171,7 @@ class PostgresBackend(Backend):
             listener, self.options.recheck_s, self.options.timeout_s
         )
         self._tasks = [loop.create_task(recheck), loop.create_task(self._sweeper.run_forever())]
+        self._pushed.start()
 
     async def close(self) -> None:
         """Write pending releases, stop the jobs and the listener, close the pool. Idempotent."""
@@ -175,6 +179,7 @@ class PostgresBackend(Backend):
             await self._releases.close()
         await self._takes.close()
         await self._taker.acks.close()
+        await self._pushed.close()
         await self._notifier.close()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -237,6 +242,8 @@ class PostgresBackend(Backend):
         """
         if limit < 1:
             return []
+        if hold:  # a push: leased until acknowledged (``pushed``)
+            return (await self.take_many(ns, [channel], limit, hold=True))[channel]
         return await self._takes.take(ns, channel, limit, hold)
 
     async def take_leased(self, ns: str, channel: str, limit: int) -> list[Taken]:
@@ -254,7 +261,14 @@ class PostgresBackend(Backend):
     async def take_many(
         self, ns: str, channels: Sequence[str], limit: int, *, hold: bool
     ) -> dict[str, list[Taken]]:
-        """``take`` from several channels in one call (all reached, or an error)."""
+        """``take`` from several channels in one call (all reached, or an error); for
+        pushes (``hold``), each message leased to this daemon until acknowledged."""
+        if hold:
+            taken = await self._taker.take_pushed(ns, channels, limit, self._pushed.base)
+            for channel, items in taken.items():
+                if items:
+                    self._pushed.held(ns, channel, len(items))
+            return taken
         if len(channels) < 2:
             return await super().take_many(ns, channels, limit, hold=hold)
         return await self._taker.take_many(ns, channels, limit, hold)
@@ -267,18 +281,18 @@ class PostgresBackend(Backend):
         if count > 0:
             self._releases.add(ns, channel, count)
 
+    async def release_taken(self, ns: str, channel: str, count: int, leases: Sequence[str]) -> None:
+        """The client acknowledged pushes: their held count released, and the messages
+        of their leases deleted (both in the background, many per statement)."""
+        await self.release(ns, channel, count)
+        self._pushed.end(ns, channel, leases)
+
     async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
-        """Pushed messages not acknowledged, back at the head of their channel (one
-        statement), then their held count released and the channel's daemons woken."""
-        now = time.monotonic()
-        left = [(item.deadline or now + item.ttl_s) - now for item in items]
-        live = [(item.payload, ttl_s) for item, ttl_s in zip(items, left, strict=True) if ttl_s > 0]
-        if live:
-            payloads, ttls = [payload for payload, _ in live], [ttl for _, ttl in live]
-            client = client_of(channel)
-            await self._db.execute(self._sql.give_back, ns, channel, client, payloads, ttls)
+        """Pushed messages not acknowledged, back in their places (``pushed``), then
+        their held count released and the channel's daemons woken."""
+        put_back = await self._pushed.put_back(ns, channel, items)
         await self.release(ns, channel, held)
-        if live:
+        if put_back:
             self._stored(ns, [channel])
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
@@ -313,6 +327,7 @@ class PostgresBackend(Backend):
         await self._takes.settled()
         await self._db.execute(self._sql.flush, ns)
         self._takes.forget(ns)
+        self._pushed.forget(ns)
         self._group_sends.forget_members()
 
     # -- wake-ups and gauges -------------------------------------------------
@@ -374,23 +389,7 @@ class PostgresBackend(Backend):
         )
 
     async def _prepare_schema(self) -> None:
-        if self.options.migrate:
-            before, after = await self._db.run(self._migrate_with)
-            if before != after:
-                log.info(
-                    "migrated schema %s from version %d to %d", self.options.schema, before, after
-                )
-            return
-        version = await self._db.run(lambda conn: current_version(conn, self.options.schema))
-        if version != SCHEMA_VERSION:
-            raise BackendError(
-                f"schema {self.options.schema} is at version {version}, this daemon needs "
-                f"{SCHEMA_VERSION}: run 'channels-broker migrate' first, "
-                "or start without --no-migrate"
-            )
+        await prepare_schema(self._db, self.options)
 
     async def _migrate_with(self, conn: Any) -> tuple[int, int]:
-        try:
-            return await migrate(conn, self.options.schema, unlogged=self.options.unlogged)
-        except ValueError as exc:
-            raise BackendError(str(exc)) from exc
+        return await migrate_with(conn, self.options)

@@ -21,7 +21,8 @@ database's order, so that the members passed for a slice are the ones it holds,
 first read in pages that lock nothing: ``_discover``); members that joined since cost
 a second call for their slice, once. Members the
 daemon can push to are left to it if nothing of theirs waits or is held in the
-database (``direct``, see ``DirectPushes``): no row is written for them.
+database (``direct``, see ``DirectPushes``): the slice writes their rows leased to this
+daemon (``pushed``), not to wait, so that the pushes outlive a killed daemon.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class _Slice(NamedTuple):
     last: str | None
     #: The slice's members in order, where they differ from those passed in.
     members: str | None
+    #: The lease of each of ``direct``, in order (``pushed``).
+    leases: list[str]
 
 
 class _Window(NamedTuple):
@@ -168,6 +171,7 @@ class GroupSends:
         walk = _Walk(await self._discover(ns, group) if cached is None else cached)
         delivered: list[str] = []
         direct: list[str] = []
+        leases: list[str] = []
         skipped = 0
         after = ""
         while True:
@@ -175,13 +179,16 @@ class GroupSends:
             part = await self._slice(ns, group, payload, expiry_s, capacity_of, after, chunk)
             delivered += part.delivered
             direct += part.direct
+            leases += part.leases
             skipped += part.skipped
             walk.advance(chunk, part.known, part.members)
             if part.last is None:
                 break
             after = part.last
         self._remember(key, walk.found)
-        return GroupSendResult(delivered=delivered, skipped=skipped, direct=direct)
+        return GroupSendResult(
+            delivered=delivered, skipped=skipped, direct=direct, direct_leases=leases
+        )
 
     def forget_members(self) -> None:
         """Forget every member list (a flush emptied some groups)."""
@@ -223,6 +230,7 @@ class GroupSends:
                 delivered=part.delivered + more.delivered,
                 skipped=part.skipped + more.skipped,
                 direct=part.direct + more.direct,
+                leases=part.leases + more.leases,
             )
         self.slice_size.took(longest_s, len(part.delivered))
         if part.delivered:
@@ -245,15 +253,25 @@ class GroupSends:
         pushes = self._room.pushes
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
         args = (ns, group, payload, float(expiry_s), *window)
+        leases = self._room.leases
+        lease_of = {channel: leases.new_lease() for channel in direct}
         with self._room.given_back_on_error(ns, direct):
             row = await self._db.fetchrow(
-                self._sql.group_send, *args, *_arguments(channels, capacities, direct)
+                self._sql.group_send,
+                *args,
+                *_arguments(channels, capacities, direct),
+                " ".join(str(lease) for lease in lease_of.values()),
+                " ".join(client_id_of(channel) for channel in direct),
+                leases.lease_s,
             )
         confirmed: list[str] = row[3].split()
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
             pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
-        return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6])
+        for channel in confirmed:
+            leases.held(ns, channel, 1)
+        confirmed_leases = [f"0.{lease_of[channel]}" for channel in confirmed]
+        return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6], confirmed_leases)
 
     def _remember(self, key: tuple[str, str], members: list[str]) -> None:
         if len(self._members) >= MEMBER_CACHE_GROUPS:

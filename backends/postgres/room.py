@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from backends import DirectPushes
 
+from .pushed import PushedLeases
 from .take_ahead import Takes
 
 __all__ = ["Room"]
@@ -22,8 +23,10 @@ class Room:
     """A channel's capacity less what waits outside the database; direct-push
     reservations given back when the statement they were made for fails."""
 
-    def __init__(self, takes: Takes) -> None:
+    def __init__(self, takes: Takes, leases: PushedLeases) -> None:
         self._takes = takes
+        #: This daemon's leases on what it pushes (direct pushes are written leased).
+        self.leases = leases
         #: The daemon's router, once it offers itself (``set_direct_pushes``).
         self.pushes: DirectPushes | None = None
 

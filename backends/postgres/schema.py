@@ -16,14 +16,20 @@ migrations build (``current_schema_sql`` gives its text for one schema).
 
 from __future__ import annotations
 
+import logging
 import re
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from backends import BackendError
 
 from .migrations import EXPRESSIONS, MIGRATIONS
 
 if TYPE_CHECKING:
     import asyncpg
+
+    from .pool import Database
+    from .url import PostgresOptions
 
 __all__ = [
     "MIGRATIONS",
@@ -32,10 +38,14 @@ __all__ = [
     "current_schema_sql",
     "current_version",
     "migrate",
+    "migrate_with",
     "placeholders",
+    "prepare_schema",
     "quote_ident",
     "quote_literal",
 ]
+
+log = logging.getLogger("channels_broker.backends.postgres")
 
 #: Tables whose persistence follows the ``unlogged`` option.
 TABLES = ("channels", "takes", "messages", "groups", "senders")
@@ -144,3 +154,28 @@ def _sweep_lock(schema: str) -> int:
     for byte in f"channels-broker sweep {schema}".encode():
         value = (value * 131 + byte) % (1 << 62)
     return value
+
+
+async def prepare_schema(db: Database, options: PostgresOptions) -> None:
+    """A daemon's start: migrate the schema (``options.migrate``), or check that it is
+    at ``SCHEMA_VERSION``; raise ``BackendError`` if it is not."""
+    if options.migrate:
+        before, after = await db.run(lambda conn: migrate_with(conn, options))
+        if before != after:
+            log.info("migrated schema %s from version %d to %d", options.schema, before, after)
+        return
+    version = await db.run(lambda conn: current_version(conn, options.schema))
+    if version != SCHEMA_VERSION:
+        raise BackendError(
+            f"schema {options.schema} is at version {version}, this daemon needs "
+            f"{SCHEMA_VERSION}: run 'channels-broker migrate' first, "
+            "or start without --no-migrate"
+        )
+
+
+async def migrate_with(conn: Any, options: PostgresOptions) -> tuple[int, int]:
+    """``migrate`` as ``options`` say, its refusal a ``BackendError``."""
+    try:
+        return await migrate(conn, options.schema, unlogged=options.unlogged)
+    except ValueError as exc:
+        raise BackendError(str(exc)) from exc

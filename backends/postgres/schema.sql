@@ -67,7 +67,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (7);
+INSERT INTO {s}.schema_version VALUES (8);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -1172,4 +1172,172 @@ BEGIN
         UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_held)
         WHERE t.ns = p_ns AND t.channel = p_channel;
     END IF;
+END $$;
+
+-- Leased pushes (version 8): a message pushed to a client's own channel stays in the
+-- table, leased to the pushing daemon, until the client's layer acknowledges it, so a
+-- daemon killed outright (SIGKILL) with pushes in flight loses none. The daemon leases
+-- every push under its own range of lease values (a random base, its low 32 bits 0):
+-- a message taken from the table for a push gets the base itself (its id tells it
+-- apart), a direct push (never stored for waiting) a value of its own above the base,
+-- chosen before the statement, so that the daemon knows it without the row's id. The
+-- daemon renews the leases of its range on the channels it holds pushes of
+-- (renew_pushed), ends each as its client acknowledges it (ack_pushed), and gives back
+-- what a closing connection did not acknowledge (unlease_pushed). A lapsed lease (its
+-- daemon died) leaves the message in its place for the next push_take of the channel.
+
+-- push_take: take_many for pushes: the oldest unexpired messages of several channels
+-- that nobody holds (never leased, or their lease lapsed), leased to p_lease for
+-- p_lease_s seconds instead of removed; those never leased before are counted out, and
+-- all of them counted as held.
+CREATE FUNCTION {s}.push_take(p_ns text, p_channels text[], p_limit integer,
+                              p_lease bigint, p_lease_s double precision)
+RETURNS TABLE (taken_channel text, taken_id bigint, taken_payload bytea,
+               taken_ttl_s double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT p.ctid, p.fresh FROM unnest(p_channels) AS k(name)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = k.name AND m.expires_at > now()
+              AND (m.lease IS NULL OR m.lease_until <= now())
+            ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ) p
+    ), leased AS (
+        UPDATE {s}.messages m
+        SET lease = p_lease, lease_until = now() + make_interval(secs => p_lease_s)
+        FROM picked p WHERE m.ctid = p.ctid
+        RETURNING m.channel, m.id, m.payload, m.expires_at, p.fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, l.channel, count(*) FILTER (WHERE l.fresh), count(*), max(l.expires_at)
+        FROM leased l GROUP BY l.channel ORDER BY l.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held,
+            held_until = greatest(t.held_until, excluded.held_until)
+    )
+    SELECT l.channel, l.id, l.payload, extract(epoch FROM l.expires_at - now())::float8
+    FROM leased l ORDER BY l.channel, l.id;
+END $$;
+
+-- push_direct: send_direct, and when it answers 2 (push it yourself) the message is
+-- written leased to p_lease (not counted in: as a message taken), so that it outlives
+-- its daemon. Such a transaction writes only that row, for a message already in its
+-- daemon's hands: its commit does not wait for the disk.
+CREATE FUNCTION {s}.push_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
+                                p_capacity integer, p_expiry_s double precision,
+                                p_direct boolean, p_lease bigint,
+                                p_lease_s double precision)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_outcome integer;
+BEGIN
+    v_outcome := {s}.send_direct(p_ns, p_channel, p_client, p_payload, p_capacity,
+                                 p_expiry_s, p_direct);
+    IF v_outcome = 2 THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at, lease, lease_until)
+        VALUES (p_ns, p_channel, p_client, p_payload,
+                now() + make_interval(secs => p_expiry_s),
+                p_lease, now() + make_interval(secs => p_lease_s));
+    END IF;
+    RETURN v_outcome;
+END $$;
+
+-- group_push_slice: group_send_slice, and a leased row for each member it leaves to
+-- the caller to push (direct), under the lease the caller chose for it (p_leases, in
+-- the order of p_direct, as are their clients, p_direct_clients). A slice that stores
+-- nothing else commits without waiting for the disk (as push_direct).
+CREATE FUNCTION {s}.group_push_slice(p_ns text, p_group text, p_payload bytea,
+                                     p_expiry_s double precision, p_after text,
+                                     p_upto text, p_limit integer, p_channels text,
+                                     p_capacities text, p_direct text,
+                                     p_direct_capacities text, p_clients text,
+                                     p_leases text, p_direct_clients text,
+                                     p_lease_s double precision,
+                                     OUT delivered text[], OUT skipped integer,
+                                     OUT unknown text[], OUT direct text,
+                                     OUT known integer, OUT last text, OUT members text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT r.delivered, r.skipped, r.unknown, r.direct, r.known, r.last, r.members
+    INTO delivered, skipped, unknown, direct, known, last, members
+    FROM {s}.group_send_slice(p_ns, p_group, p_payload, p_expiry_s, p_after, p_upto,
+                              p_limit, p_channels, p_capacities, p_direct,
+                              p_direct_capacities, p_clients) r;
+    IF direct <> '' THEN
+        IF cardinality(delivered) = 0 THEN
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at, lease, lease_until)
+        SELECT p_ns, d.channel, n.client, p_payload,
+               now() + make_interval(secs => p_expiry_s), n.lease,
+               now() + make_interval(secs => p_lease_s)
+        FROM unnest(string_to_array(direct, ' ')) AS d(channel)
+        JOIN unnest(string_to_array(p_direct, ' '), string_to_array(p_direct_clients, ' '),
+                    string_to_array(p_leases, ' ')::bigint[]) AS n(channel, client, lease)
+          ON n.channel = d.channel;
+    END IF;
+END $$;
+
+-- ack_pushed: delete messages whose push was acknowledged, each by its lease and, for
+-- one taken from the table, its id (0 for a direct push: its lease alone names it);
+-- one whose lease lapsed and was taken again meanwhile is left to its new taker.
+CREATE FUNCTION {s}.ack_pushed(p_ns text[], p_channels text[], p_ids bigint[],
+                               p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM {s}.messages WHERE ctid = ANY(ARRAY(
+        SELECT x.ctid FROM unnest(p_ns, p_channels, p_ids, p_leases) AS k(ns, channel, id, lease)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = k.ns AND m.channel = k.channel AND m.lease = k.lease
+              AND (k.id = 0 OR m.id = k.id)
+            FOR UPDATE SKIP LOCKED
+        ) x));
+END $$;
+
+-- unlease_pushed: pushes not acknowledged (their connection closed) go back to their
+-- places, unleased and counted in, as unlease does; ids and leases as in ack_pushed.
+CREATE FUNCTION {s}.unlease_pushed(p_ns text, p_channel text, p_ids bigint[],
+                                   p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_back bigint;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH back AS (
+        UPDATE {s}.messages SET lease = NULL, lease_until = NULL
+        WHERE ctid = ANY(ARRAY(
+            SELECT x.ctid FROM unnest(p_ids, p_leases) AS k(id, lease)
+            CROSS JOIN LATERAL (
+                SELECT m.ctid FROM {s}.messages m
+                WHERE m.ns = p_ns AND m.channel = p_channel AND m.lease = k.lease
+                  AND (k.id = 0 OR m.id = k.id)
+                FOR UPDATE SKIP LOCKED
+            ) x))
+        RETURNING 1)
+    SELECT count(*) INTO v_back FROM back;
+    IF v_back > 0 THEN
+        INSERT INTO {s}.channels AS c (ns, channel, waiting) VALUES (p_ns, p_channel, v_back)
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+        PERFORM pg_notify({notify}, p_ns || ' ' || p_channel);
+    END IF;
+END $$;
+
+-- renew_pushed: the leases of a daemon's range (p_low to p_high) on the channels it
+-- holds pushes of run p_lease_s seconds from now.
+CREATE FUNCTION {s}.renew_pushed(p_ns text[], p_channels text[], p_low bigint,
+                                 p_high bigint, p_lease_s double precision)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE {s}.messages m SET lease_until = now() + make_interval(secs => p_lease_s)
+    FROM unnest(p_ns, p_channels) AS k(ns, channel)
+    WHERE m.ns = k.ns AND m.channel = k.channel AND m.lease BETWEEN p_low AND p_high;
 END $$;

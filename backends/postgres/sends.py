@@ -1,9 +1,10 @@
 """Sends of the PostgreSQL backend: one message, or several in one call.
 
 A message for a process-specific channel whose owner is connected to this daemon,
-with nothing of that channel waiting or held in the database, is not stored at all:
-the round trip that checks this (``send_direct``) hands it back for the daemon to
-push (``DirectPushes``), which saves the insert, the notification and the take.
+with nothing of that channel waiting or held in the database, is not stored to wait:
+the round trip that checks this (``push_direct``) writes it leased to this daemon
+(``pushed``: it outlives a killed daemon) and hands it back for the daemon to push
+(``DirectPushes``), which saves the notification and the take.
 Every other send is stored with those of other clients that come meanwhile, in one
 transaction (``group_commit``).
 """
@@ -63,14 +64,13 @@ class Sends:
             await self._releases.written(ns, [channel])
             if not direct:
                 return await self._store(ns, channel, payload, capacity, expiry_s)
-            outcome = await self._send_direct(ns, channel, payload, capacity, expiry_s)
+            lease = self._room.leases.new_lease()
+            outcome = await self._send_direct(ns, channel, payload, capacity, expiry_s, lease)
         if pushes is not None:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
-            elif not pushes.push_now(ns, direct, payload, ttl_ms(expiry_s)):
-                return True
-            else:  # its owner left meanwhile (and its count with it): store it
-                return await self._store(ns, channel, payload, capacity, expiry_s)
+            else:
+                return await self._push(ns, channel, payload, ttl_ms(expiry_s), lease)
         if outcome == _STORED:
             self._stored(ns, [channel])
         return outcome != _REFUSED
@@ -107,8 +107,20 @@ class Sends:
         return True
 
     async def _send_direct(
-        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float
+        self, ns: str, channel: str, payload: bytes, capacity: int, expiry_s: float, lease: int
     ) -> int:
         args = (ns, channel, client_of(channel), payload, capacity, float(expiry_s), True)
-        outcome: int = await self._db.fetchval(self._sql.send, *args)
+        lease_s = self._room.leases.lease_s
+        outcome: int = await self._db.fetchval(self._sql.push_direct, *args, lease, lease_s)
         return outcome
+
+    async def _push(self, ns: str, channel: str, payload: bytes, ttl: int, lease: int) -> bool:
+        """Push a message written leased to us (``_send_direct``); if its owner left
+        meanwhile (and its count with it), end the lease: it waits in its place."""
+        leases, pushes = self._room.leases, self._room.pushes
+        leases.held(ns, channel, 1)
+        if pushes is not None and not pushes.push_now(ns, [channel], payload, ttl, [f"0.{lease}"]):
+            return True
+        await leases.give_back(ns, channel, [f"0.{lease}"])
+        self._stored(ns, [channel])
+        return True

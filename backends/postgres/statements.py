@@ -9,10 +9,13 @@ __all__ = ["Statements"]
 #: Each statement's SQL, formatted with ``s`` (the quoted schema).
 _TEMPLATES = {
     "send": "SELECT {s}.send_direct($1, $2, $3, $4, $5, $6, $7)",
+    # send_direct, a direct push written leased to this daemon (see ``pushed``).
+    "push_direct": "SELECT {s}.push_direct($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     "send_batch": "SELECT {s}.send_batch($1, $2, $3, $4, $5, $6)",
     "group_send": (
         "SELECT delivered, skipped, unknown, direct, known, last, members"
-        " FROM {s}.group_send_slice($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " FROM {s}.group_push_slice($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+        " $13, $14, $15)"
     ),
     "sweep": "SELECT * FROM {s}.sweep($1, $2, $3)",
     "take_many": "SELECT * FROM {s}.take_many($1, $2, $3, $4)",
@@ -25,6 +28,12 @@ _TEMPLATES = {
     "lease": "SELECT * FROM {s}.lease($1, $2, $3, $4, $5)",
     "ack": "SELECT {s}.ack($1, $2, $3, $4)",
     "unlease": "SELECT {s}.unlease($1, $2, $3, $4)",
+    # Pushes to a client's own channels: leased until its layer acknowledges them
+    # (``pushed``; schema.sql).
+    "push_take": "SELECT * FROM {s}.push_take($1, $2, $3, $4, $5)",
+    "ack_pushed": "SELECT {s}.ack_pushed($1, $2, $3, $4)",
+    "unlease_pushed": "SELECT {s}.unlease_pushed($1, $2, $3, $4)",
+    "renew_pushed": "SELECT {s}.renew_pushed($1, $2, $3, $4, $5)",
     # Notifications of what committed transactions stored (see ``notifier``).
     "notify": "SELECT {s}.notify($1)",
     "release_many": "SELECT {s}.release_many($1, $2, $3)",
@@ -48,9 +57,12 @@ _TEMPLATES = {
                    now() + make_interval(secs => g.ttl)
             FROM head, c, unnest($4::bytea[], $5::float8[]) WITH ORDINALITY AS g(payload, ttl, i)
         """,
+    # A client's channels with messages to push: not leased (pushed and held by a
+    # daemon), or leased and lapsed (its daemon died: the re-check finds those too).
     "channels_with_messages": """
             SELECT DISTINCT channel FROM {s}.messages
             WHERE ns = $1 AND client = $2 AND expires_at > now()
+              AND (lease IS NULL OR lease_until <= now())
         """,
     "group_add": """
             INSERT INTO {s}.groups (ns, grp, channel, client, expires_at)
@@ -72,7 +84,7 @@ _TEMPLATES = {
                  t AS (DELETE FROM {s}.takes WHERE ns = $1)
             DELETE FROM {s}.groups WHERE ns = $1
         """,
-    # Waiting channels among watched keys: a client id's channels, or a channel itself
+    # Waiting channels among watched keys: a client id's channels, or a channel itself,
     # with a message nobody holds (never leased, or its lease lapsed: its daemon died).
     "recheck": """
             SELECT DISTINCT m.ns, m.channel
@@ -80,6 +92,7 @@ _TEMPLATES = {
             CROSS JOIN LATERAL (
                 SELECT x.ns, x.channel FROM {s}.messages x
                 WHERE x.ns = w.ns AND x.client = w.key AND x.expires_at > now()
+                  AND (x.lease IS NULL OR x.lease_until <= now())
                 UNION ALL
                 (SELECT x.ns, x.channel FROM {s}.messages x
                  WHERE x.ns = w.ns AND x.channel = w.key AND x.expires_at > now()
@@ -110,6 +123,7 @@ class Statements:
     """SQL text for one schema; asyncpg prepares each once."""
 
     ack: str
+    ack_pushed: str
     channels_with_messages: str
     flush: str
     give_back: str
@@ -119,8 +133,11 @@ class Statements:
     lease: str
     members: str
     notify: str
+    push_direct: str
+    push_take: str
     recheck: str
     release_many: str
+    renew_pushed: str
     send: str
     send_batch: str
     stats: str
@@ -129,6 +146,7 @@ class Statements:
     take_many: str
     top_channels: str
     unlease: str
+    unlease_pushed: str
 
     @classmethod
     def for_schema(cls, s: str) -> Statements:

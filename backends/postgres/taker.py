@@ -116,6 +116,21 @@ class Taker:
             taken[channel].append(Taken(self.interned(payload), ttl_s, "", now + ttl_s))
         return taken
 
+    async def take_pushed(
+        self, ns: str, channels: Sequence[str], limit: int, lease: int
+    ) -> dict[str, list[Taken]]:
+        """Up to ``limit`` messages of each channel for a push, leased to this daemon's
+        ``lease`` until acknowledged (``pushed``), counted as held; one statement."""
+        args = (ns, list(channels), limit, lease, self._lease_s)
+        rows = await self._db.fetch(self._sql.push_take, *args)
+        taken: dict[str, list[Taken]] = {channel: [] for channel in channels}
+        now = time.monotonic()
+        for channel, id_, payload, ttl_s in rows:
+            ttl_s = max(0.0, ttl_s)
+            item = Taken(self.interned(payload), ttl_s, f"{id_}.{lease}", now + ttl_s)
+            taken[channel].append(item)
+        return taken
+
     async def give_back(self, ns: str, channel: str, items: list[Ahead]) -> None:
         """End the leases of messages taken ahead: they wait in their places again."""
         ids, leases = [item.id for item in items], [item.lease for item in items]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from time import perf_counter
 from typing import cast
 
@@ -193,16 +194,16 @@ class Connection(asyncio.Protocol):
         room = self.held.has_room(channel, len(self.ready_channels))
         return open_ and self._writable.is_set() and room
 
-    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
+    def push_now(
+        self, channels: list[str], payload: bytes, ttl_ms: int, leases: Sequence[str] = ()
+    ) -> bool:
         transport = self.transport
         if self.closing or transport is None or transport.is_closing():
             return False
         self.ctx.metrics.delivered["direct"] += len(channels)
-        self.held.add_direct(channels, payload, ttl_ms / 1000)
+        self.held.add_direct(channels, payload, ttl_ms / 1000, leases)
         self.write(Push(tuple(channels), payload, ttl_ms))
-        # Out now: this connection's worker may be idle, and nothing else would write
-        # its buffer (nor can anything take these messages back from storage).
-        self.flush()
+        self.flush()  # out now: this connection's worker may be idle
         return True
 
     def can_fan_out(self, frame_bytes: int) -> bool:

@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-__all__ = ["DirectPusher", "Owner"]
+from backends import Backend, Taken
+
+from .session import Session
+
+__all__ = ["DirectPusher", "Owner", "give_back_unpushed"]
 
 
 class DirectCounts(Protocol):
@@ -34,7 +38,9 @@ class Owner(Protocol):
 
     def can_push(self, channel: str) -> bool: ...
 
-    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool: ...
+    def push_now(
+        self, channels: list[str], payload: bytes, ttl_ms: int, leases: Sequence[str] = ()
+    ) -> bool: ...
 
 
 class DirectPusher:
@@ -72,18 +78,47 @@ class DirectPusher:
             if owner is not None:
                 owner.held.unreserve_direct(channel)
 
-    def push_now(self, ns: str, channels: Sequence[str], payload: bytes, ttl_ms: int) -> list[str]:
+    def push_now(
+        self,
+        ns: str,
+        channels: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        leases: Sequence[str] = (),
+    ) -> list[str]:
         """Push ``payload`` to each channel's owner now; return the channels not reached
-        (their owner left since ``pushable`` named them)."""
-        by_owner: dict[Owner, list[str]] = {}
+        (their owner left since ``pushable`` named them). ``leases``: storage's lease on
+        each channel's message, if any (kept with it until acknowledged)."""
+        by_owner: dict[Owner, tuple[list[str], list[str]]] = {}
         missed: list[str] = []
-        for channel in channels:
+        for index, channel in enumerate(channels):
             owner = self._owner_of(ns, channel)
             if owner is None:
                 missed.append(channel)
-            else:
-                by_owner.setdefault(owner, []).append(channel)
-        for owner, owned in by_owner.items():
-            if not owner.push_now(owned, payload, ttl_ms):
+                continue
+            owned, owned_leases = by_owner.setdefault(owner, ([], []))
+            owned.append(channel)
+            if leases:
+                owned_leases.append(leases[index])
+        for owner, (owned, owned_leases) in by_owner.items():
+            if not owner.push_now(owned, payload, ttl_ms, owned_leases):
                 missed += owned
         return missed
+
+
+async def give_back_unpushed(
+    backend: Backend,
+    session: Session,
+    channels: Sequence[str],
+    leases: Sequence[str],
+    missed: Sequence[str],
+    payload: bytes,
+) -> int:
+    """Direct pushes of ``channels`` that storage keeps leased (``leases``, in order),
+    ``missed`` by their owner, who left before the push: their leases end, and they
+    wait in their places for the owner's next connection. None was full: 0."""
+    lease_of = dict(zip(channels, leases, strict=True))
+    for channel in missed:
+        item = Taken(payload, session.expiry_s, lease_of[channel], 0.0)
+        await backend.give_back(session.ns, channel, [item], 0)
+    return 0

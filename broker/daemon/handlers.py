@@ -49,6 +49,7 @@ from protocol import (
 
 from .capacity import Refused
 from .context import Context
+from .direct import give_back_unpushed
 from .group_sends import GroupSeqs
 from .hello import hello_refusal
 from .pulls import acknowledge_leases
@@ -209,7 +210,7 @@ class Handlers:
         ns = self.session().ns
         for channel, count in frame.counts:
             stored, leases = self.shell.held.acknowledge(channel, count)
-            if stored:
+            if stored or leases:
                 await self.ctx.backend.release_taken(ns, channel, stored, leases)
         if frame.fanout_kept or frame.fanout_dropped:  # what the layer made of fan-outs
             metrics = self.ctx.metrics
@@ -330,7 +331,8 @@ class Handlers:
             self.shell.write(Ok(frame.request_id, result.skipped))
         skipped = result.skipped
         if result.direct:
-            skipped += await self._push_direct(list(result.direct), frame.payload)
+            leases = list(result.direct_leases)
+            skipped += await self._push_direct(list(result.direct), frame.payload, leases)
         metrics = self.ctx.metrics
         reached = len(result.delivered) + len(result.direct) + result.skipped - skipped
         metrics.accepted["group_send"] += reached
@@ -339,25 +341,26 @@ class Handlers:
         if skipped:
             log.debug("group_send to %s skipped %d full members", frame.group, skipped)
 
-    async def _push_direct(self, channels: list[str], payload: bytes) -> int:
-        """Push a group message to the members nothing was stored for; store it for those
-        whose owner left meanwhile. Return how many of those were full."""
+    async def _push_direct(self, channels: list[str], payload: bytes, leases: list[str]) -> int:
+        """Push to the members nothing was stored for (to wait); return how many were full."""
         # The sender hears first, as writing to many connections takes a while.
         self.shell.flush()
-        session = self.session()
+        session, backend = self.session(), self.ctx.backend
         ttl = ttl_ms(session.expiry_s)
-        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl)
+        missed = self.ctx.router.direct.push_now(session.ns, channels, payload, ttl, leases)
         if not missed:
             return 0
         try:
-            refused = await self.ctx.backend.send_many(
+            if leases:  # kept leased in storage: back in place for their next connection
+                return await give_back_unpushed(backend, session, channels, leases, missed, payload)
+            refused = await backend.send_many(
                 session.ns,
                 [(channel, payload) for channel in missed],
                 capacity_of=session.capacity_of,
                 expiry_s=session.expiry_s,
             )
         except BackendError as exc:
-            log.warning("lost a group message for %d members that left: %s", len(missed), exc)
+            log.warning("group message for %d members that left: %s", len(missed), exc)
             return len(missed)
         return len(refused)
 

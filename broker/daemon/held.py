@@ -132,11 +132,15 @@ class Held:
         self.stored[channel] = self.stored.get(channel, 0) + len(taken)
         self.unacked.pushed(channel, taken)
 
-    def add_direct(self, channels: Sequence[str], payload: bytes, ttl_s: float) -> None:
-        """A direct push (reserved already, ``reserve_direct``) went out to ``channels``."""
+    def add_direct(
+        self, channels: Sequence[str], payload: bytes, ttl_s: float, leases: Sequence[str] = ()
+    ) -> None:
+        """A direct push (reserved already, ``reserve_direct``) went out to ``channels``;
+        ``leases``: storage's lease on each (it keeps a leased copy), or empty."""
         deadline = time.monotonic() + ttl_s
-        for channel in channels:
-            self.unacked.pushed(channel, [Taken(payload, ttl_s, "", deadline)])
+        for index, channel in enumerate(channels):
+            lease = leases[index] if leases else ""
+            self.unacked.pushed(channel, [Taken(payload, ttl_s, lease, deadline)])
 
     def direct_of(self, channel: str) -> int:
         """Direct pushes of ``channel`` not yet acknowledged; lapsed ones count 0."""
@@ -183,7 +187,8 @@ class Held:
                 if items and redeliver:
                     await backend.give_back(ns, channel, items, count)
                     given += len(items)
-                elif count:  # storage ends the leases it kept them under
+                elif count or any(item.lease for item in items):
+                    # storage ends the leases it kept them under
                     leases = [item.lease for item in items if item.lease]
                     await backend.release_taken(ns, channel, count, leases)
             except BackendError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,8 +52,11 @@ class Endpoint(Protocol):
     def can_push(self, channel: str) -> bool:
         """True if messages for ``channel``, one of ours, can be pushed now (``push_now``)."""
 
-    def push_now(self, channels: list[str], payload: bytes, ttl_ms: int) -> bool:
-        """Push one message to several of our channels at once; False if closing."""
+    def push_now(
+        self, channels: list[str], payload: bytes, ttl_ms: int, leases: Sequence[str] = ()
+    ) -> bool:
+        """Push one message to several of our channels at once (``leases``: storage's
+        lease on each, if it keeps one); False if closing."""
 
     def can_fan_out(self, frame_bytes: int) -> bool:
         """True if a group fan-out of about ``frame_bytes`` can go to this connection

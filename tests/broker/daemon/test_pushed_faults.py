@@ -8,7 +8,9 @@ closes without acknowledging gives it back at the head of its channel's queue, a
 consumer, reconnecting under the same client id, gets it again (its layer drops a copy
 of one it handed to ``receive`` already, by its message id). On Redis a daemon killed
 outright loses none either: what it pushed stays leased in Redis until acknowledged,
-and comes back to the consumer's next connection once the lease lapses.
+and comes back to the consumer's next connection once the lease lapses; on PostgreSQL
+likewise, whether the message was stored and taken out for the push or pushed directly
+(written leased in the send's own commit).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+
+import pytest
 
 from broker.layer import BrokerChannelLayer
 from tests import servers
@@ -45,14 +49,14 @@ async def read_all(
 
 
 async def send_into_a_stall(
-    sender: BrokerChannelLayer, channel: str, numbers: range, proxy: CutProxy
+    sender: BrokerChannelLayer, channel: str, numbers: range, proxy: CutProxy, how: str = "send"
 ) -> None:
     """Send ``numbers``, the second half while the proxy holds what the daemon writes to
     the consumer: those PUSHes pile up in the proxy and the kernel's buffers."""
     half = numbers.start + len(numbers) // 2
-    await send_round(sender, channel, range(numbers.start, half))
+    await send_round(sender, channel, range(numbers.start, half), how)
     proxy.stall_replies()
-    await send_round(sender, channel, range(half, numbers.stop))
+    await send_round(sender, channel, range(half, numbers.stop), how)
     await asyncio.sleep(IN_FLIGHT_S)  # no event says the pushes left the daemon
 
 
@@ -69,13 +73,17 @@ def check(got: list[int], proxy: CutProxy, consumer: BrokerChannelLayer) -> None
     assert twice == 0, f"{twice} messages reached the application twice"
 
 
-async def send_round(sender: BrokerChannelLayer, channel: str, numbers: range) -> None:
-    """Send each of ``numbers`` once, ``IN_FLIGHT`` at a time."""
+async def send_round(
+    sender: BrokerChannelLayer, channel: str, numbers: range, how: str = "send"
+) -> None:
+    """Send each of ``numbers`` once, ``IN_FLIGHT`` at a time (``how``: ``send`` to a
+    channel, or ``group_send`` to a group)."""
     slots = asyncio.Semaphore(IN_FLIGHT)
+    send_one = sender.group_send if how == "group_send" else sender.send
 
     async def send(n: int) -> None:
         async with slots:
-            await sender.send(channel, {"n": n})
+            await send_one(channel, {"n": n})
 
     await asyncio.gather(*(send(n) for n in numbers))
 
@@ -124,6 +132,9 @@ async def test_a_consumer_cut_off_gets_every_pushed_message_once(
 
 #: How long the consumer may take to get everything once the killed daemon is back.
 KILL_RECOVERY_S = 10.0
+#: PostgreSQL: short leases and re-checks, so the restarted daemon takes the killed
+#: one's pushes again about a second later.
+POSTGRES_OPTIONS = "&lease=1&recheck_interval=0.2"
 
 
 async def test_a_daemon_killed_with_pushes_in_flight_loses_none_on_redis(
@@ -136,24 +147,60 @@ async def test_a_daemon_killed_with_pushes_in_flight_loses_none_on_redis(
        daemon 1 starts again; the consumer reconnects to it; 300 more are sent.
     3. Every message reaches the consumer's application exactly once.
     """
-    storage = servers.backend_url("redis://")
-    pushing, sending = BrokerProcess(storage), BrokerProcess(storage)
+    await kill_with_pushes_in_flight(servers.backend_url("redis://"), unique, "send")
+
+
+async def test_a_daemon_killed_with_stored_pushes_in_flight_loses_none_on_postgres(
+    unique: Callable[[str], str],
+) -> None:
+    """As on Redis: the sender on daemon 2 stores each message in PostgreSQL, daemon 1
+    takes it out for the consumer and pushes it; daemon 1 is killed with pushes in
+    flight. What it pushed stays leased in PostgreSQL until acknowledged."""
+    storage = servers.backend_url("postgresql://") + POSTGRES_OPTIONS
+    await kill_with_pushes_in_flight(storage, unique, "send")
+
+
+@pytest.mark.parametrize("how", ["send", "group_send"])
+async def test_a_daemon_killed_with_direct_pushes_in_flight_loses_none_on_postgres(
+    unique: Callable[[str], str], how: str
+) -> None:
+    """As above, but the sender is on daemon 1 too, without send windows: its sends
+    (and group sends) to the consumer, connected to the same daemon with nothing
+    waiting, are pushed directly (``docs/postgres.md``, *Direct pushes*); daemon 1 is
+    killed with those in flight, and the sender reconnects to it too."""
+    storage = servers.backend_url("postgresql://") + POSTGRES_OPTIONS
+    await kill_with_pushes_in_flight(storage, unique, how, same_daemon=True)
+
+
+async def kill_with_pushes_in_flight(
+    storage: str, unique: Callable[[str], str], how: str, *, same_daemon: bool = False
+) -> None:
+    """The test above on ``storage``: the sender on daemon 2, or ``same_daemon`` on
+    daemon 1 without send windows; ``how`` it sends: ``send`` or ``group_send`` (to a
+    group of the consumer's channel only)."""
+    extra = ("--send-window", "0") if same_daemon else ()
+    pushing, sending = BrokerProcess(storage, extra_args=extra), BrokerProcess(storage)
     await asyncio.gather(asyncio.to_thread(pushing.start), asyncio.to_thread(sending.start))
     proxy = CutProxy(pushing.address)
     await proxy.start()
     consumer = BrokerChannelLayer(hosts=[proxy.url], capacity=COUNT)
-    sender = BrokerChannelLayer(hosts=[sending.url], capacity=COUNT)
+    through = pushing if same_daemon else sending
+    sender = BrokerChannelLayer(hosts=[through.url], capacity=COUNT)
     channel = await consumer.new_channel(unique("pushed"))
+    target = channel
+    if how == "group_send":
+        target = unique("room")
+        await consumer.group_add(target, channel)
     got: list[int] = []
     changed = asyncio.Event()
     reader = asyncio.create_task(read_all(consumer, channel, got, changed))
     try:
-        await send_into_a_stall(sender, channel, range(COUNT // 2), proxy)
+        await send_into_a_stall(sender, target, range(COUNT // 2), proxy, how)
         pushing.kill()
         proxy.cut()
         proxy.resume()
         await asyncio.to_thread(pushing.start)
-        await send_round(sender, channel, range(COUNT // 2, COUNT))
+        await send_round(sender, target, range(COUNT // 2, COUNT), how)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_RECOVERY_S):
                 while len(set(got)) < COUNT:
