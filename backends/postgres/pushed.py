@@ -102,8 +102,10 @@ class PushedLeases:
         given = _parsed(leases)
         if given:
             ids, values = [id_ for id_, _ in given], [lease for _, lease in given]
-            await self._db.execute(self._sql.unlease_pushed, ns, channel, ids, values)
-            self._unhold(ns, channel, len(given))
+            try:
+                await self._db.execute(self._sql.unlease_pushed, ns, channel, ids, values)
+            finally:  # not given back (the database away): renewed no more, they lapse
+                self._unhold(ns, channel, len(given))
         return len(given)
 
     def forget(self, ns: str) -> None:
