@@ -165,8 +165,9 @@ class Backend(abc.ABC):
 
     async def release_taken(self, ns: str, channel: str, count: int, leases: Sequence[str]) -> None:
         """The client acknowledged ``count`` held messages of ``channel``; ``leases``:
-        those of them that a take for a push left leased in storage (``Taken.lease``),
-        whose leases end with them. Storage that leases no push just releases."""
+        those of them that storage keeps leased (``Taken.lease``: a take for a push, or
+        on PostgreSQL a direct push, which ``count`` leaves out), whose leases end with
+        them. Storage that leases no push just releases."""
         await self.release(ns, channel, count)
 
     @abc.abstractmethod

@@ -86,9 +86,10 @@ class Held:
 
     Two kinds. *Stored* ones were taken from storage with ``hold`` (storage counts them
     too, until released: other daemons see only those). *Direct* ones were pushed without
-    ever being stored (``DirectPusher``): storage never saw them, so every capacity it
-    checks is lowered by them; their count lapses when the newest of them expires, as
-    counts held in storage do.
+    being stored to wait (``DirectPusher``; PostgreSQL keeps a leased row of each, until
+    acknowledged, which it does not count): storage counts none of them, so every
+    capacity it checks is lowered by them; their count lapses when the newest of them
+    expires, as counts held in storage do.
 
     The channels one connection holds messages of, here or waiting to be pushed, are
     bounded (``--max-channels``, ``has_room``): past it, storage keeps the others'
