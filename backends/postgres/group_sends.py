@@ -21,8 +21,9 @@ database's order, so that the members passed for a slice are the ones it holds,
 first read in pages that lock nothing: ``_discover``); members that joined since cost
 a second call for their slice, once. Members the
 daemon can push to are left to it if nothing of theirs waits or is held in the
-database (``direct``, see ``DirectPushes``): the slice writes their rows leased to this
-daemon (``pushed``), not to wait, so that the pushes outlive a killed daemon.
+database (``direct``, see ``DirectPushes``): the slice writes them leased to this
+daemon (one row of ``pushes`` for them all: ``pushed``), not to wait, so that the
+pushes outlive a killed daemon.
 """
 
 from __future__ import annotations
@@ -254,24 +255,22 @@ class GroupSends:
         direct = [] if pushes is None else pushes.pushable(ns, channels, capacities, expiry_s)
         args = (ns, group, payload, float(expiry_s), *window)
         leases = self._room.leases
-        lease_of = {channel: leases.new_lease() for channel in direct}
+        lease = leases.new_lease()
         with self._room.given_back_on_error(ns, direct):
             row = await self._db.fetchrow(
                 self._sql.group_send,
                 *args,
                 *_arguments(channels, capacities, direct),
-                " ".join(str(lease) for lease in lease_of.values()),
-                " ".join(client_id_of(channel) for channel in direct),
+                lease,
                 leases.lease_s,
             )
         confirmed: list[str] = row[3].split()
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
             pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
-        for channel in confirmed:
-            leases.held(ns, channel, 1)
-        confirmed_leases = [f"0.{lease_of[channel]}" for channel in confirmed]
-        return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6], confirmed_leases)
+        leases.pushed(ns, lease, len(confirmed))
+        pushed = [f"0.{lease}"] * len(confirmed)
+        return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6], pushed)
 
     def _remember(self, key: tuple[str, str], members: list[str]) -> None:
         if len(self._members) >= MEMBER_CACHE_GROUPS:

@@ -1,21 +1,25 @@
-"""Leases on the messages this daemon pushes to its clients' own channels (schema 8).
+"""Leases on what this daemon pushes to its clients' own channels (schema version 8).
 
-Theory of operation. A message pushed to a client stays in the table, leased to this
-daemon, until the client's layer acknowledges it, so that a daemon killed outright
-(SIGKILL, the OOM killer) with pushes in its buffers loses none: their leases lapse,
-and the client's next connection (to any daemon) is pushed them again, its layer
-dropping a copy of one it handed to ``receive`` already (``HandedIds``).
+Theory of operation. A message pushed to a client outlives its daemon until the
+client's layer acknowledges it, so that a daemon killed outright (SIGKILL, the OOM
+killer) with pushes in its buffers loses none: its leases lapse, and the client's next
+connection (to any daemon) is pushed those messages again, its layer dropping a copy
+of one it handed to ``receive`` already (``HandedIds``).
 
 Every lease of this daemon lies in its own range: a random base with its low 32 bits
-0. A message taken from the table for a push (``push_take``) is leased under the base
-itself, its id naming it (``<id>.<base>`` in ``Taken.lease``); a direct push, which
-was never stored to wait (``DirectPushes``), is written leased in the round trip that
-decides on it, under a value of its own above the base chosen before it
-(``0.<lease>``: the daemon knows it without the row's id). The daemon counts the
-pushes it holds per channel, renews the leases of its range on those channels every
-third of the lease (one statement), ends them in the background as ACKs come, many
-per statement (``AckWriter``, ``ack_pushed``), and gives back what a closing
-connection did not acknowledge (``unlease_pushed``: back in place, in order).
+0, new at each start. A message taken from the table for a push (``push_take``) stays
+there, leased under the base itself, its id naming it (``<id>.<base>`` in
+``Taken.lease``). A direct push (``DirectPushes``), never stored to wait, is written in
+the round trip that decides on it as one ``pushes`` row per send or group send slice,
+the payload once for all its members, under a lease of the range chosen before the
+call (``0.<lease>``: the daemon knows it without a row id). The daemon renews its
+range's leases every third of the lease while it holds pushes (one statement), ends
+them in the background as ACKs come, many per statement (``AckWriter``: a taken
+message is deleted at its ACK, a ``pushes`` row once every member has acknowledged
+it), and gives back what a closing connection did not acknowledge. Each tick it also
+turns the ``pushes`` rows of dead daemons (lapsed) into waiting messages, one per
+member (``expand_pushes``): a member that had acknowledged one gets it again, and its
+layer drops it by its message id.
 """
 
 from __future__ import annotations
@@ -39,14 +43,15 @@ log = logging.getLogger("channels_broker.backends.postgres")
 
 #: A daemon's leases: base + 0 .. base + LEASE_RANGE - 1.
 LEASE_RANGE = 2**32
+#: Lapsed ``pushes`` rows one statement turns into waiting messages at most.
+EXPAND_MOST = 1000
 
 #: (namespace, channel)
 ChannelKey = tuple[str, str]
 
 
 class PushedLeases:
-    """The leases of this daemon's pushes: their values, count per channel, renewal,
-    ends and give-backs."""
+    """The leases of this daemon's pushes: their values, renewal, ends and give-backs."""
 
     def __init__(self, db: Database, sql: Statements, lease_s: float) -> None:
         self._db = db
@@ -55,63 +60,95 @@ class PushedLeases:
         #: This daemon's range, new at each start: a killed daemon's leases are not ours.
         self.base = (secrets.randbits(31) or 1) * LEASE_RANGE
         self._last = 0
-        #: Pushes held leased, by channel (renewed while above 0).
+        #: Messages taken for pushes and held leased, by channel (renewed while above 0).
         self._live: dict[ChannelKey, int] = {}
+        #: Direct pushes: a ``pushes`` row's lease -> [namespace, members not done].
+        self._rows: dict[int, list[str | int]] = {}
         self.acks = AckWriter(self._write_acks, retry_for_s=lease_s)
+        self._ends = AckWriter(self._write_ends, retry_for_s=lease_s)
         self._renewer: asyncio.Task[None] | None = None
 
     def new_lease(self) -> int:
-        """A lease of our range for one direct push."""
+        """A lease of our range for one ``pushes`` row."""
         self._last = self._last % (LEASE_RANGE - 1) + 1
         return self.base + self._last
 
     def held(self, ns: str, channel: str, count: int) -> None:
-        """``count`` more pushes of ``channel`` are leased to us: renew them."""
+        """``count`` more messages of ``channel`` were taken for pushes, leased to us."""
         key = (ns, channel)
         self._live[key] = self._live.get(key, 0) + count
 
+    def pushed(self, ns: str, lease: int, members: int) -> None:
+        """A ``pushes`` row of ours went to ``members`` directly."""
+        if members:
+            self._rows[lease] = [ns, members]
+
     def end(self, ns: str, channel: str, leases: Sequence[str]) -> None:
-        """The client acknowledged the pushes of these leases: delete them (in the
-        background, with the other ends due)."""
-        ended = _parsed(leases)
-        if ended:
-            self.acks.add(ns, channel, ended)
-            self._unhold(ns, channel, len(ended))
+        """The client acknowledged the pushes of these leases: their messages go (in
+        the background, with the other ends due)."""
+        taken = []
+        for id_, lease in _parsed(leases):
+            if id_:
+                taken.append((id_, lease))
+            else:
+                self._member_done(lease)
+        if taken:
+            self.acks.add(ns, channel, taken)
+            self._unhold(ns, channel, len(taken))
+
+    def member_done(self, lease: str) -> None:
+        """A member of a direct push (``0.<lease>``) is done with it (its owner left)."""
+        parsed = parse_push_lease(lease)
+        if parsed is not None and not parsed[0]:
+            self._member_done(parsed[1])
 
     async def put_back(self, ns: str, channel: str, items: Sequence[Taken]) -> bool:
-        """Pushes not acknowledged (``Backend.give_back``) back in their places: leased
-        ones unleased; any without a lease written again at the head of its channel
-        (unless expired). True if any went back."""
-        given = await self.give_back(ns, channel, [item.lease for item in items])
+        """Pushes not acknowledged (``Backend.give_back``) back before what waits, in
+        order: taken ones unleased in their places if all were taken from the table,
+        else every one written again at the head of its channel (unless expired; the
+        taken ones' rows deleted first). True if any went back."""
+        parsed = [parse_push_lease(item.lease) for item in items]
+        taken = [pair for pair in parsed if pair is not None and pair[0]]
+        if taken:
+            self._unhold(ns, channel, len(taken))
+        if taken and len(taken) == len(items):
+            ids, leases = [id_ for id_, _ in taken], [lease for _, lease in taken]
+            await self._db.execute(self._sql.unlease_pushed, ns, channel, ids, leases)
+            return True
+        for pair in parsed:
+            if pair is not None and not pair[0]:
+                self._member_done(pair[1])
+        if taken:
+            await self._write_acks([(ns, channel, id_, lease) for id_, lease in taken])
         now = time.monotonic()
-        unleased = [(item.payload, item.deadline or now + item.ttl_s) for item in items]
         live = [
-            (payload, deadline - now)
-            for (payload, deadline), item in zip(unleased, items, strict=True)
-            if not item.lease and deadline > now
+            (item.payload, left)
+            for item in items
+            if (left := (item.deadline or now + item.ttl_s) - now) > 0
         ]
         if live:
             payloads, ttls = [payload for payload, _ in live], [ttl for _, ttl in live]
             client = client_id_of(channel) if is_process_specific(channel) else None
             await self._db.execute(self._sql.give_back, ns, channel, client, payloads, ttls)
-        return bool(given or live)
-
-    async def give_back(self, ns: str, channel: str, leases: Sequence[str]) -> int:
-        """Pushes not acknowledged go back to their places, unleased (one statement);
-        return how many leases were ours to give."""
-        given = _parsed(leases)
-        if given:
-            ids, values = [id_ for id_, _ in given], [lease for _, lease in given]
-            try:
-                await self._db.execute(self._sql.unlease_pushed, ns, channel, ids, values)
-            finally:  # not given back (the database away): renewed no more, they lapse
-                self._unhold(ns, channel, len(given))
-        return len(given)
+        return bool(live)
 
     def forget(self, ns: str) -> None:
-        """The namespace was flushed: nothing of it to renew."""
+        """The namespace was flushed: nothing of it to renew or end."""
         for key in [key for key in self._live if key[0] == ns]:
             del self._live[key]
+        for lease in [lease for lease, row in self._rows.items() if row[0] == ns]:
+            del self._rows[lease]
+
+    def _member_done(self, lease: int) -> None:
+        row = self._rows.get(lease)
+        if row is None:
+            return
+        left = int(row[1]) - 1
+        if left > 0:
+            row[1] = left
+        else:
+            del self._rows[lease]
+            self._ends.add(str(row[0]), "", [(0, lease)])
 
     def _unhold(self, ns: str, channel: str, count: int) -> None:
         key = (ns, channel)
@@ -122,9 +159,13 @@ class PushedLeases:
             self._live.pop(key, None)
 
     async def _write_acks(self, acks: list[Ack]) -> None:
-        """``AckWriter``'s one statement: (namespace, channel, id or 0, lease) each."""
+        """``AckWriter``'s one statement: (namespace, channel, id, lease) each."""
         columns = ([a[0] for a in acks], [a[1] for a in acks], [a[2] for a in acks])
         await self._db.execute(self._sql.ack_pushed, *columns, [a[3] for a in acks])
+
+    async def _write_ends(self, ends: list[Ack]) -> None:
+        """The ``pushes`` rows every member is done with: one statement."""
+        await self._db.execute(self._sql.end_pushes, [end[3] for end in ends])
 
     # -- renewal ---------------------------------------------------------------
 
@@ -139,19 +180,20 @@ class PushedLeases:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
         await self.acks.close()
+        await self._ends.close()
 
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self.renew_once()
+                await self._db.execute(self._sql.expand_pushes, EXPAND_MOST)
             except BackendError as exc:
                 log.info("renewing the leases of pushed messages failed: %s", exc)
 
     async def renew_once(self) -> None:
-        """Every lease of our range on the channels we hold pushes of runs a whole
-        lease from now: one statement."""
-        if not self._live:
+        """Every lease of our range runs a whole lease from now: one statement."""
+        if not self._live and not self._rows:
             return
         keys = list(self._live)
         spaces, channels = [key[0] for key in keys], [key[1] for key in keys]

@@ -48,7 +48,7 @@ __all__ = [
 log = logging.getLogger("channels_broker.backends.postgres")
 
 #: Tables whose persistence follows the ``unlogged`` option.
-TABLES = ("channels", "takes", "messages", "groups", "senders")
+TABLES = ("channels", "takes", "messages", "groups", "senders", "pushes")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 #: ``schema.sql``'s placeholders, those ``placeholders`` gives, replaced by name: SQL's

@@ -1174,17 +1174,31 @@ BEGIN
     END IF;
 END $$;
 
--- Leased pushes (version 8): a message pushed to a client's own channel stays in the
--- table, leased to the pushing daemon, until the client's layer acknowledges it, so a
--- daemon killed outright (SIGKILL) with pushes in flight loses none. The daemon leases
--- every push under its own range of lease values (a random base, its low 32 bits 0):
--- a message taken from the table for a push gets the base itself (its id tells it
--- apart), a direct push (never stored for waiting) a value of its own above the base,
--- chosen before the statement, so that the daemon knows it without the row's id. The
--- daemon renews the leases of its range on the channels it holds pushes of
--- (renew_pushed), ends each as its client acknowledges it (ack_pushed), and gives back
--- what a closing connection did not acknowledge (unlease_pushed). A lapsed lease (its
--- daemon died) leaves the message in its place for the next push_take of the channel.
+-- Leased pushes (version 8): a message pushed to a client's own channel outlives its
+-- daemon until the client's layer acknowledges it, so a daemon killed outright
+-- (SIGKILL) with pushes in flight loses none. Each daemon leases under its own range of
+-- lease values (a random base, its low 32 bits 0), new at each start, renewed every
+-- third of the lease while it holds pushes (renew_pushed). A message taken from the
+-- table for a push stays there, leased under the base itself, its id naming it
+-- (push_take), until acknowledged (ack_pushed) or given back (unlease_pushed). A direct
+-- push, never stored to wait, is written as one row of pushes per send or group send
+-- slice, the payload once for all its members, under a lease the daemon chose before
+-- the call (push_direct, group_push_slice); the daemon deletes it once every member
+-- has acknowledged it (end_pushes). A lapsed lease (its daemon died) leaves a taken
+-- message in its place for the next push_take of its channel, and turns a pushes row
+-- into a waiting message for each of its members (expand_pushes), in order, notified:
+-- a member that had acknowledged it gets it again, and its layer drops it by its id.
+
+CREATE {unlogged} TABLE {s}.pushes (
+    lease bigint PRIMARY KEY,
+    ns text NOT NULL,
+    payload bytea NOT NULL,
+    expires_at timestamptz NOT NULL,
+    lease_until timestamptz NOT NULL,
+    channels text[] NOT NULL
+);
+ALTER TABLE {s}.pushes ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE INDEX pushes_by_lease_until ON {s}.pushes (lease_until);
 
 -- push_take: take_many for pushes: the oldest unexpired messages of several channels
 -- that nobody holds (never leased, or their lease lapsed), leased to p_lease for
@@ -1225,9 +1239,8 @@ BEGIN
 END $$;
 
 -- push_direct: send_direct, and when it answers 2 (push it yourself) the message is
--- written leased to p_lease (not counted in: as a message taken), so that it outlives
--- its daemon. Such a transaction writes only that row, for a message already in its
--- daemon's hands: its commit does not wait for the disk.
+-- written to pushes under p_lease. Such a transaction writes only that row, for a
+-- message already in its daemon's hands: its commit does not wait for the disk.
 CREATE FUNCTION {s}.push_direct(p_ns text, p_channel text, p_client text, p_payload bytea,
                                 p_capacity integer, p_expiry_s double precision,
                                 p_direct boolean, p_lease bigint,
@@ -1240,25 +1253,22 @@ BEGIN
                                  p_expiry_s, p_direct);
     IF v_outcome = 2 THEN
         PERFORM set_config('synchronous_commit', 'off', true);
-        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at, lease, lease_until)
-        VALUES (p_ns, p_channel, p_client, p_payload,
-                now() + make_interval(secs => p_expiry_s),
-                p_lease, now() + make_interval(secs => p_lease_s));
+        INSERT INTO {s}.pushes (lease, ns, payload, expires_at, lease_until, channels)
+        VALUES (p_lease, p_ns, p_payload, now() + make_interval(secs => p_expiry_s),
+                now() + make_interval(secs => p_lease_s), ARRAY[p_channel]);
     END IF;
     RETURN v_outcome;
 END $$;
 
--- group_push_slice: group_send_slice, and a leased row for each member it leaves to
--- the caller to push (direct), under the lease the caller chose for it (p_leases, in
--- the order of p_direct, as are their clients, p_direct_clients). A slice that stores
--- nothing else commits without waiting for the disk (as push_direct).
+-- group_push_slice: group_send_slice, and one pushes row, under p_lease, for the
+-- members it leaves to the caller to push (direct). A slice that stores nothing else
+-- commits without waiting for the disk (as push_direct).
 CREATE FUNCTION {s}.group_push_slice(p_ns text, p_group text, p_payload bytea,
                                      p_expiry_s double precision, p_after text,
                                      p_upto text, p_limit integer, p_channels text,
                                      p_capacities text, p_direct text,
                                      p_direct_capacities text, p_clients text,
-                                     p_leases text, p_direct_clients text,
-                                     p_lease_s double precision,
+                                     p_lease bigint, p_lease_s double precision,
                                      OUT delivered text[], OUT skipped integer,
                                      OUT unknown text[], OUT direct text,
                                      OUT known integer, OUT last text, OUT members text)
@@ -1273,20 +1283,60 @@ BEGIN
         IF cardinality(delivered) = 0 THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
-        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at, lease, lease_until)
-        SELECT p_ns, d.channel, n.client, p_payload,
-               now() + make_interval(secs => p_expiry_s), n.lease,
-               now() + make_interval(secs => p_lease_s)
-        FROM unnest(string_to_array(direct, ' ')) AS d(channel)
-        JOIN unnest(string_to_array(p_direct, ' '), string_to_array(p_direct_clients, ' '),
-                    string_to_array(p_leases, ' ')::bigint[]) AS n(channel, client, lease)
-          ON n.channel = d.channel;
+        INSERT INTO {s}.pushes (lease, ns, payload, expires_at, lease_until, channels)
+        VALUES (p_lease, p_ns, p_payload, now() + make_interval(secs => p_expiry_s),
+                now() + make_interval(secs => p_lease_s), string_to_array(direct, ' '));
     END IF;
 END $$;
 
--- ack_pushed: delete messages whose push was acknowledged, each by its lease and, for
--- one taken from the table, its id (0 for a direct push: its lease alone names it);
--- one whose lease lapsed and was taken again meanwhile is left to its new taker.
+-- end_pushes: pushes rows whose every member acknowledged the message (or gave it back).
+CREATE FUNCTION {s}.end_pushes(p_leases bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM {s}.pushes WHERE lease = ANY(p_leases);
+END $$;
+
+-- expand_pushes: up to p_limit pushes rows whose lease lapsed (their daemon died)
+-- become a waiting message for each member, in the order they were written, counted in
+-- and notified (each with its client, the name's part before '!' after its last '.');
+-- expired ones are dropped.
+CREATE FUNCTION {s}.expand_pushes(p_limit integer)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_ns text[];
+    v_channels text[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH gone AS (
+        DELETE FROM {s}.pushes WHERE lease = ANY(ARRAY(
+            SELECT p.lease FROM {s}.pushes p WHERE p.lease_until <= now()
+            ORDER BY p.lease_until LIMIT p_limit FOR UPDATE SKIP LOCKED))
+        RETURNING lease, ns, payload, expires_at, channels
+    ), stored AS (
+        INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+        SELECT g.ns, k.channel, substring(split_part(k.channel, '!', 1) FROM '[^.]*$'),
+               g.payload, g.expires_at
+        FROM gone g CROSS JOIN LATERAL unnest(g.channels) WITH ORDINALITY AS k(channel, i)
+        WHERE g.expires_at > now()
+        ORDER BY g.lease, k.i
+        RETURNING ns, channel, client
+    ), counted AS (
+        INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+        SELECT x.ns, x.channel, min(x.client), count(*) FROM stored x
+        GROUP BY x.ns, x.channel ORDER BY x.ns, x.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting
+        RETURNING c.ns, c.channel
+    )
+    SELECT coalesce(array_agg(n.ns), '{}'), coalesce(array_agg(n.channel), '{}')
+    INTO v_ns, v_channels FROM counted n;
+    PERFORM pg_notify({notify}, k.ns || ' ' || k.channel)
+    FROM unnest(v_ns, v_channels) AS k(ns, channel);
+    RETURN cardinality(v_channels);
+END $$;
+
+-- ack_pushed: delete messages taken for a push and acknowledged, each by its id and
+-- lease; one whose lease lapsed and was taken again meanwhile is left to its new taker.
 CREATE FUNCTION {s}.ack_pushed(p_ns text[], p_channels text[], p_ids bigint[],
                                p_leases bigint[])
 RETURNS void LANGUAGE plpgsql AS $$
@@ -1296,14 +1346,13 @@ BEGIN
         SELECT x.ctid FROM unnest(p_ns, p_channels, p_ids, p_leases) AS k(ns, channel, id, lease)
         CROSS JOIN LATERAL (
             SELECT m.ctid FROM {s}.messages m
-            WHERE m.ns = k.ns AND m.channel = k.channel AND m.lease = k.lease
-              AND (k.id = 0 OR m.id = k.id)
+            WHERE m.ns = k.ns AND m.channel = k.channel AND m.id = k.id AND m.lease = k.lease
             FOR UPDATE SKIP LOCKED
         ) x));
 END $$;
 
--- unlease_pushed: pushes not acknowledged (their connection closed) go back to their
--- places, unleased and counted in, as unlease does; ids and leases as in ack_pushed.
+-- unlease_pushed: messages taken for a push and not acknowledged (their connection
+-- closed) go back to their places, unleased and counted in, as unlease does.
 CREATE FUNCTION {s}.unlease_pushed(p_ns text, p_channel text, p_ids bigint[],
                                    p_leases bigint[])
 RETURNS void LANGUAGE plpgsql AS $$
@@ -1317,8 +1366,8 @@ BEGIN
             SELECT x.ctid FROM unnest(p_ids, p_leases) AS k(id, lease)
             CROSS JOIN LATERAL (
                 SELECT m.ctid FROM {s}.messages m
-                WHERE m.ns = p_ns AND m.channel = p_channel AND m.lease = k.lease
-                  AND (k.id = 0 OR m.id = k.id)
+                WHERE m.ns = p_ns AND m.channel = p_channel AND m.id = k.id
+                  AND m.lease = k.lease
                 FOR UPDATE SKIP LOCKED
             ) x))
         RETURNING 1)
@@ -1330,8 +1379,8 @@ BEGIN
     END IF;
 END $$;
 
--- renew_pushed: the leases of a daemon's range (p_low to p_high) on the channels it
--- holds pushes of run p_lease_s seconds from now.
+-- renew_pushed: the leases of a daemon's range (p_low to p_high) run p_lease_s seconds
+-- from now: its taken messages' on the channels it holds pushes of, and its pushes rows.
 CREATE FUNCTION {s}.renew_pushed(p_ns text[], p_channels text[], p_low bigint,
                                  p_high bigint, p_lease_s double precision)
 RETURNS void LANGUAGE plpgsql AS $$
@@ -1340,4 +1389,6 @@ BEGIN
     UPDATE {s}.messages m SET lease_until = now() + make_interval(secs => p_lease_s)
     FROM unnest(p_ns, p_channels) AS k(ns, channel)
     WHERE m.ns = k.ns AND m.channel = k.channel AND m.lease BETWEEN p_low AND p_high;
+    UPDATE {s}.pushes SET lease_until = now() + make_interval(secs => p_lease_s)
+    WHERE lease BETWEEN p_low AND p_high;
 END $$;

@@ -69,8 +69,10 @@ class Sends:
         if pushes is not None:
             if outcome != _SENT_DIRECT:
                 pushes.unreserve(ns, direct)
-            else:
-                return await self._push(ns, channel, payload, ttl_ms(expiry_s), lease)
+            elif self._pushed(ns, channel, payload, ttl_ms(expiry_s), lease):
+                return True
+            else:  # its owner left meanwhile (and its count with it): store it
+                return await self._store(ns, channel, payload, capacity, expiry_s)
         if outcome == _STORED:
             self._stored(ns, [channel])
         return outcome != _REFUSED
@@ -114,13 +116,12 @@ class Sends:
         outcome: int = await self._db.fetchval(self._sql.push_direct, *args, lease, lease_s)
         return outcome
 
-    async def _push(self, ns: str, channel: str, payload: bytes, ttl: int, lease: int) -> bool:
-        """Push a message written leased to us (``_send_direct``); if its owner left
-        meanwhile (and its count with it), end the lease: it waits in its place."""
+    def _pushed(self, ns: str, channel: str, payload: bytes, ttl: int, lease: int) -> bool:
+        """Push a message written under ``lease`` (``_send_direct``); False if its owner
+        left meanwhile (that row is done with: the caller stores the message)."""
         leases, pushes = self._room.leases, self._room.pushes
-        leases.held(ns, channel, 1)
+        leases.pushed(ns, lease, 1)
         if pushes is not None and not pushes.push_now(ns, [channel], payload, ttl, [f"0.{lease}"]):
             return True
-        await leases.give_back(ns, channel, [f"0.{lease}"])
-        self._stored(ns, [channel])
-        return True
+        leases.member_done(f"0.{lease}")
+        return False

@@ -15,7 +15,7 @@ _TEMPLATES = {
     "group_send": (
         "SELECT delivered, skipped, unknown, direct, known, last, members"
         " FROM {s}.group_push_slice($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-        " $13, $14, $15)"
+        " $13, $14)"
     ),
     "sweep": "SELECT * FROM {s}.sweep($1, $2, $3)",
     "take_many": "SELECT * FROM {s}.take_many($1, $2, $3, $4)",
@@ -34,6 +34,8 @@ _TEMPLATES = {
     "ack_pushed": "SELECT {s}.ack_pushed($1, $2, $3, $4)",
     "unlease_pushed": "SELECT {s}.unlease_pushed($1, $2, $3, $4)",
     "renew_pushed": "SELECT {s}.renew_pushed($1, $2, $3, $4, $5)",
+    "end_pushes": "SELECT {s}.end_pushes($1)",
+    "expand_pushes": "SELECT {s}.expand_pushes($1)",
     # Notifications of what committed transactions stored (see ``notifier``).
     "notify": "SELECT {s}.notify($1)",
     "release_many": "SELECT {s}.release_many($1, $2, $3)",
@@ -80,6 +82,7 @@ _TEMPLATES = {
         """,
     "flush": """
             WITH m AS (DELETE FROM {s}.messages WHERE ns = $1),
+                 p AS (DELETE FROM {s}.pushes WHERE ns = $1),
                  c AS (DELETE FROM {s}.channels WHERE ns = $1),
                  t AS (DELETE FROM {s}.takes WHERE ns = $1)
             DELETE FROM {s}.groups WHERE ns = $1
@@ -125,6 +128,8 @@ class Statements:
     ack: str
     ack_pushed: str
     channels_with_messages: str
+    end_pushes: str
+    expand_pushes: str
     flush: str
     give_back: str
     group_add: str
