@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 7 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 8 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -23,7 +23,8 @@
 -- daemon killed before releasing cannot shrink a channel for good. The sweep folds
 -- taken back into waiting and forgets idle rows.
 --
--- Leases. A take for a worker (a normal channel, without hold) does not delete: it
+-- Leases. A take for a worker (a normal channel, without hold), or for a push (with
+-- hold: see "Leased pushes", below, for those and for direct pushes), does not delete: it
 -- leases the message (messages.lease, a token of the take, and lease_until), and a
 -- daemon deletes it once the worker's layer acknowledged it (ack; or, for a layer that
 -- does not, once the daemon has handed it out), or the taking daemon ends the lease

@@ -86,8 +86,8 @@ class Held:
 
     Two kinds. *Stored* ones were taken from storage with ``hold`` (storage counts them
     too, until released: other daemons see only those). *Direct* ones were pushed without
-    being stored to wait (``DirectPusher``; PostgreSQL keeps a leased row of each, until
-    acknowledged, which it does not count): storage counts none of them, so every
+    being stored to wait (``DirectPusher``; PostgreSQL keeps them leased until
+    acknowledged, uncounted): storage counts none of them, so every
     capacity it checks is lowered by them; their count lapses when the newest of them
     expires, as counts held in storage do.
 
