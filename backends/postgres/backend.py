@@ -284,7 +284,8 @@ class PostgresBackend(Backend):
     async def release_taken(self, ns: str, channel: str, count: int, leases: Sequence[str]) -> None:
         """The client acknowledged pushes: their held count released, and the messages
         of their leases deleted (both in the background, many per statement)."""
-        await self.release(ns, channel, count)
+        if count > 0:  # as ``release``, without a coroutine: this runs for every ACK
+            self._releases.add(ns, channel, count)
         self._pushed.end(ns, channel, leases)
 
     async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:

@@ -268,8 +268,7 @@ class GroupSends:
         if pushes is not None and len(confirmed) < len(direct):
             kept = set(confirmed)
             pushes.unreserve(ns, [channel for channel in direct if channel not in kept])
-        leases.pushed(ns, lease, len(confirmed))
-        pushed = [f"0.{lease}"] * len(confirmed)
+        pushed = [leases.pushed(ns, lease, len(confirmed))] * len(confirmed)
         return _Slice(row[0], row[1], row[2], confirmed, row[4], row[5], row[6], pushed)
 
     def _remember(self, key: tuple[str, str], members: list[str]) -> None:

@@ -28,7 +28,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from backends import BackendError, Taken
 from protocol import client_id_of, is_process_specific
@@ -62,8 +63,9 @@ class PushedLeases:
         self._last = 0
         #: Messages taken for pushes and held leased, by channel (renewed while above 0).
         self._live: dict[ChannelKey, int] = {}
-        #: Direct pushes: a ``pushes`` row's lease -> [namespace, members not done].
-        self._rows: dict[int, list[str | int]] = {}
+        #: Direct pushes: a ``pushes`` row's lease as its members' ``Taken.lease``
+        #: (``0.<lease>``) -> [members not done, namespace, lease].
+        self._rows: dict[str, list[Any]] = {}
         self.acks = AckWriter(self._write_acks, retry_for_s=lease_s)
         self._ends = AckWriter(self._write_ends, retry_for_s=lease_s)
         self._renewer: asyncio.Task[None] | None = None
@@ -78,29 +80,34 @@ class PushedLeases:
         key = (ns, channel)
         self._live[key] = self._live.get(key, 0) + count
 
-    def pushed(self, ns: str, lease: int, members: int) -> None:
-        """A ``pushes`` row of ours went to ``members`` directly."""
+    def pushed(self, ns: str, lease: int, members: int) -> str:
+        """A ``pushes`` row of ours went to ``members`` directly: return its members'
+        ``Taken.lease`` (one string for all)."""
+        name = f"0.{lease}"
         if members:
-            self._rows[lease] = [ns, members]
+            self._rows[name] = [members, ns, lease]
+        return name
 
     def end(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """The client acknowledged the pushes of these leases: their messages go (in
         the background, with the other ends due)."""
-        taken = []
-        for id_, lease in _parsed(leases):
-            if id_:
-                taken.append((id_, lease))
-            else:
-                self._member_done(lease)
+        rows, taken = self._rows, []
+        for lease in leases:
+            row = rows.get(lease)
+            if row is not None:  # a direct push (most of them, in a big group)
+                row[0] -= 1
+                if row[0] <= 0:
+                    del rows[lease]
+                    self._ends.add(row[1], "", [(0, row[2])])
+            elif parsed := parse_push_lease(lease):
+                taken.append(parsed)
         if taken:
             self.acks.add(ns, channel, taken)
             self._unhold(ns, channel, len(taken))
 
     def member_done(self, lease: str) -> None:
         """A member of a direct push (``0.<lease>``) is done with it (its owner left)."""
-        parsed = parse_push_lease(lease)
-        if parsed is not None and not parsed[0]:
-            self._member_done(parsed[1])
+        self.end("", "", [lease])
 
     async def put_back(self, ns: str, channel: str, items: Sequence[Taken]) -> bool:
         """Pushes not acknowledged (``Backend.give_back``) back before what waits, in
@@ -115,9 +122,7 @@ class PushedLeases:
             ids, leases = [id_ for id_, _ in taken], [lease for _, lease in taken]
             await self._db.execute(self._sql.unlease_pushed, ns, channel, ids, leases)
             return True
-        for pair in parsed:
-            if pair is not None and not pair[0]:
-                self._member_done(pair[1])
+        self.end(ns, channel, [item.lease for item in items if item.lease in self._rows])
         if taken:
             await self._write_acks([(ns, channel, id_, lease) for id_, lease in taken])
         now = time.monotonic()
@@ -136,19 +141,8 @@ class PushedLeases:
         """The namespace was flushed: nothing of it to renew or end."""
         for key in [key for key in self._live if key[0] == ns]:
             del self._live[key]
-        for lease in [lease for lease, row in self._rows.items() if row[0] == ns]:
+        for lease in [lease for lease, row in self._rows.items() if row[1] == ns]:
             del self._rows[lease]
-
-    def _member_done(self, lease: int) -> None:
-        row = self._rows.get(lease)
-        if row is None:
-            return
-        left = int(row[1]) - 1
-        if left > 0:
-            row[1] = left
-        else:
-            del self._rows[lease]
-            self._ends.add(str(row[0]), "", [(0, lease)])
 
     def _unhold(self, ns: str, channel: str, count: int) -> None:
         key = (ns, channel)
@@ -209,7 +203,3 @@ def parse_push_lease(lease: str) -> tuple[int, int] | None:
     if not dot or not id_.isdigit() or not value.isdigit():
         return None
     return int(id_), int(value)
-
-
-def _parsed(leases: Iterable[str]) -> list[tuple[int, int]]:
-    return [parsed for lease in leases if (parsed := parse_push_lease(lease))]

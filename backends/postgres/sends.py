@@ -120,8 +120,8 @@ class Sends:
         """Push a message written under ``lease`` (``_send_direct``); False if its owner
         left meanwhile (that row is done with: the caller stores the message)."""
         leases, pushes = self._room.leases, self._room.pushes
-        leases.pushed(ns, lease, 1)
-        if pushes is not None and not pushes.push_now(ns, [channel], payload, ttl, [f"0.{lease}"]):
+        name = leases.pushed(ns, lease, 1)
+        if pushes is not None and not pushes.push_now(ns, [channel], payload, ttl, [name]):
             return True
-        leases.member_done(f"0.{lease}")
+        leases.member_done(name)
         return False
