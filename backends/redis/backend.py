@@ -36,11 +36,13 @@ from backends import (
     BackendError,
     BackendStats,
     CapacityOf,
+    EdgeOwners,
     GroupSendResult,
     Taken,
 )
 
 from .commands import Commands
+from .edge import EdgeFanOuts
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import Leases
 from .pipe import Pipe
@@ -77,8 +79,15 @@ class RedisBackend(Backend):
         subs = Subscriptions(self._keys)
         self._leases = Leases(self._keys, self._commands, settings.lease_s, subs.watched_channels)
         self._takes = Takes(self._keys, self._commands, self._notify, self._leases)
+        self._edge = EdgeFanOuts(self._keys, self._commands, settings.lease_s, self._takes.wake)
         self._sends = Sends(
-            settings.prefix, self._keys, self._commands, self._takes, subs, origin=origin
+            settings.prefix,
+            self._keys,
+            self._commands,
+            self._takes,
+            subs,
+            self._edge,
+            origin=origin,
         )
         self._wakeups = Wakeups(subs, self._commands, self._takes, origin=origin.encode())
         self._room = RedisRoom(
@@ -122,6 +131,7 @@ class RedisBackend(Backend):
         self._wakeups.start()
         self._leases.start()
         self._takes.pushed.start()
+        self._edge.start()
         self._stats_task = asyncio.get_running_loop().create_task(self._sample_stats())
 
     async def close(self) -> None:
@@ -133,6 +143,7 @@ class RedisBackend(Backend):
             await self._leases.flush()
             await self._commands.settle(self.settings.timeout_s)
         self._leases.stop()
+        self._edge.stop()
         self._takes.stop()
         self._wakeups.stop()
         if self._stats_task is not None:
@@ -242,11 +253,23 @@ class RedisBackend(Backend):
             ns, group, payload, capacity_of=capacity_of, expiry_s=expiry_s
         )
 
+    # -- fan-outs at the edge (``backends.FansOutAtTheEdge``, ``LeasesFanOuts``) --------
+
+    def set_edge_owners(self, owners: EdgeOwners) -> None:
+        self._edge.owners = owners
+
+    async def end_fanouts(self, ns: str, leases: Sequence[str]) -> None:
+        self._edge.end(ns, leases)
+
+    async def give_back_fanouts(self, ns: str, leases: Sequence[str]) -> None:
+        await self._edge.give_back(ns, leases)
+
     async def flush(self, ns: str) -> None:
         """Delete every key of the namespace: SCAN (never KEYS) on each server."""
         topology = self._commands.require()
         pattern = self._keys.namespace_pattern(ns)
         self._takes.drop_namespace(ns)
+        self._edge.drop_namespace(ns)
         await asyncio.gather(*(self._flush_pipe(pipe, pattern) for pipe in topology.pipes()))
 
     # -- wake-ups and gauges ---------------------------------------------------

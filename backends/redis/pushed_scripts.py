@@ -17,6 +17,7 @@ A grab of the PUSH script (``scripts``) is a take of one message, leased alike.
 
 from __future__ import annotations
 
+from .edge_scripts import _EXPAND, EDGE_SCRIPTS
 from .lease_scripts import _GIVE_BACK
 from .scripts import Script
 
@@ -126,16 +127,21 @@ return 1
 """,
 )
 
-#: A client's channels with unexpired messages, after giving back their lapsed leases.
+#: A client's channels with unexpired messages, after giving back their lapsed leases
+#: (and storing the fan-outs whose lease lapsed for their members: ``edge_scripts``).
 #: KEYS: index. ARGV: the client's key base (``<prefix>:{<ns>!<client>}:``), pubcmd,
 #: keep_ms, most. -> {ms until the soonest live lease lapses (0: none), channel...}.
 OWN_WAITING = Script.of(
     "own_waiting",
     _GIVE_BACK
+    + _EXPAND
     + r"""
 local now = now_ms()
 local base, pubcmd, keep_ms, most = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, soonest = {0}, false
+expand_lapsed(base, now, keep_ms, most, {})
+local fanout = redis.call('ZRANGE', base .. 'fd', 0, 0, 'WITHSCORES')
+if #fanout > 0 then soonest = tonumber(fanout[2]) end
 for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local q, d = base .. 'q:' .. channel, base .. 'd:' .. channel
   give_back(q, base .. 'l:' .. channel, d, channel, base .. 'w', pubcmd, now, keep_ms, most)
@@ -155,4 +161,5 @@ return out
 """,
 )
 
-PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING)
+#: With the fan-outs' scripts, whose lapsed records ``OWN_WAITING`` expands.
+PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING, *EDGE_SCRIPTS)

@@ -21,6 +21,11 @@ of a few hundred take a millisecond or two each, and others' commands run betwee
 The slices of one send go out in order on one connection, and the sender's next send
 waits for them all, so each member still gets a sender's messages once and in order.
 ``origin`` names this daemon in the wake-ups it publishes.
+
+When some owner is attached to this daemon, a group send with one capacity goes at the
+edge where it can: the members are read, grouped by owning client, and each attached
+owner that can take it gets one leased record and one PUSH, with no per-member work
+(``edge``); only the rest is pushed per member, as above.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from backends import CapacityOf, GroupSendResult
 from protocol import client_id_of
 
 from .commands import Commands
+from .edge import EdgeFanOuts
 from .keys import KEEP_MARGIN_MS, Keys
 from .scripts import GROUP_MEMBERS, GROUP_SEND, PUSH
 from .takes import Takes
@@ -63,9 +69,12 @@ class Sends:
         commands: Commands,
         takes: Takes,
         subs: Subscriptions,
+        edge: EdgeFanOuts,
         *,
         origin: str,
     ) -> None:
+        #: Fan-outs at the edge, for owners attached here (``edge``).
+        self.edge = edge
         self._prefix = prefix
         self._origin = origin
         self._keys = keys
@@ -150,6 +159,8 @@ class Sends:
         topology = self._commands.require()
         key = self._keys.group(ns, group)
         uniform = capacity_of.uniform
+        if uniform is not None and self.edge.owners:  # some owner may be attached here
+            return await self._fan_out(ns, key, group, payload, uniform, expiry_s)
         if uniform is not None and not topology.is_cluster:
             args = [self._prefix, ns, _ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS]
             args += [self._origin, topology.publish_command, payload, uniform, SLICE_MEMBERS]
@@ -166,8 +177,22 @@ class Sends:
         delivered = [channel for i, channel in enumerate(members) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused))
 
+    async def _fan_out(
+        self, ns: str, key: str, group: str, payload: bytes, capacity: int, expiry_s: float
+    ) -> GroupSendResult:
+        """At the edge for owners attached here (``edge``), per member for the rest."""
+        owned = self.edge.grouped(ns, group, await self._member_names(key))
+        edge, rest = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s)
+        refused = set(await self.push(ns, [(c, payload, capacity) for c in rest], expiry_s))
+        delivered = [channel for i, channel in enumerate(rest) if i not in refused]
+        return GroupSendResult(delivered=delivered, skipped=len(refused), edge=edge)
+
     async def _members(self, key: str) -> list[str]:
-        """A group's live members, a page per call (each once, in the order first met)."""
+        """A group's live members (each once, in the order first met)."""
+        return [name.decode() for name in await self._member_names(key)]
+
+    async def _member_names(self, key: str) -> list[bytes]:
+        """A group's live members as Redis names them, a page per call."""
         members: dict[bytes, None] = {}
         cursor: bytes | str = "0"
         while True:
@@ -175,7 +200,7 @@ class Sends:
             members.update(dict.fromkeys(page[1:]))
             cursor = page[0]
             if cursor in (b"0", "0"):
-                return [name.decode() for name in members]
+                return list(members)
 
 
 def _ms(seconds: float) -> int:

@@ -212,6 +212,9 @@ class Handlers:
             if stored:
                 await self.ctx.backend.release_taken(ns, channel, stored, leases)
         if frame.fanout_kept or frame.fanout_dropped:  # what the layer made of fan-outs
+            await self.shell.held.end_fanouts(
+                self.ctx.backend, ns, frame.fanout_kept + frame.fanout_dropped
+            )
             metrics = self.ctx.metrics
             metrics.accepted["group_send"] += frame.fanout_kept
             metrics.delivered["edge"] += frame.fanout_kept

@@ -1,0 +1,225 @@
+"""Group fan-out at the edge on Redis: work per owning client, not per member.
+
+Theory of operation. A group send with one capacity for all members reads the group's
+live members (``ZSCAN`` pages, as for any big group) and groups them by the client id
+that owns them (``grouped``: kept per group while the member list Redis returns is the
+same, so a steady room costs no decoding). For each owner attached to this daemon whose
+connection can take a fan-out now, in order (``EdgeOwner.can_fan_out``), one
+``FANOUT_LEASE`` (one per slot, for all such owners) keeps one record in the owner's
+slot: the payload once and the member list, leased (``edge_scripts``). Then the daemon
+writes one PUSH per owner; the layer applies each member's capacity in its own buffer.
+The connection keeps the lease (``FanOutLease``) until the layer's ACK counts cover the
+fan-out (``end``), and hands it back if it closes first (``give_back``: the record is
+stored for each member, under capacity). This daemon renews the leases it holds every
+third of the lease; a daemon killed with fan-outs in flight renews nothing, and the
+owner's next connection stores them once they lapse (``OWN_WAITING``), so none is lost;
+its layer drops a copy of one it got (by message id). Members of other owners (away,
+attached to another daemon, or unable to take it in order now) are stored per member,
+in bounded slices, as before (``sends``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from backends import BackendError, EdgeOwner, EdgeOwners, FanOutLease
+from protocol import client_id_of, encode_channels, ttl_ms
+
+from .commands import Commands
+from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, RENEW_FANOUTS
+from .keys import KEEP_MARGIN_MS, Keys
+from .pushed import PushedLeases
+
+__all__ = ["EdgeFanOuts", "Owned"]
+
+log = logging.getLogger("channels_broker.backends.redis")
+
+#: One owner's members of a group: their names, the list a PUSH carries (encoded once),
+#: and the list its record keeps (space-separated).
+Owned = tuple[list[str], bytes, str]
+#: Groups whose grouped members are kept (the oldest go past it).
+KEPT_GROUPS = 1024
+
+
+class EdgeFanOuts:
+    """The fan-outs of one daemon: owners it can reach, records leased, renewal."""
+
+    def __init__(
+        self, keys: Keys, commands: Commands, lease_s: float, wake: Callable[[str, str], None]
+    ) -> None:
+        self._keys = keys
+        self._commands = commands
+        self._lease_ms = int(lease_s * 1000)
+        self._wake = wake
+        self.owners: EdgeOwners = {}
+        #: (ns, group) -> the member names Redis returned last, and them by owner.
+        self._grouped: dict[tuple[str, str], tuple[list[bytes], dict[str | None, Owned]]] = {}
+        #: (ns, owner) -> tokens of the records this daemon holds leased.
+        self._live: dict[tuple[str, str], set[str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+
+    def grouped(self, ns: str, group: str, names: list[bytes]) -> dict[str | None, Owned]:
+        """``names`` (a group's live members) by owning client (None: normal channels)."""
+        kept = self._grouped.get((ns, group))
+        if kept is not None and kept[0] == names:
+            return kept[1]
+        by_owner: dict[str | None, list[str]] = defaultdict(list)
+        for name in names:
+            channel = name.decode()
+            by_owner[client_id_of(channel) if "!" in channel else None].append(channel)
+        owned = {
+            owner: (channels, encode_channels(channels), " ".join(channels))
+            for owner, channels in by_owner.items()
+        }
+        if len(self._grouped) >= KEPT_GROUPS:
+            del self._grouped[next(iter(self._grouped))]
+        self._grouped[(ns, group)] = (names, owned)
+        return owned
+
+    async def fan_out(
+        self,
+        ns: str,
+        owned: dict[str | None, Owned],
+        payload: bytes,
+        capacity: int,
+        expiry_s: float,
+    ) -> tuple[int, list[str]]:
+        """Fan out to the owners that can take it now; -> the members reached so, and
+        the channels left to store per member."""
+        owners, rest = self.owners, []
+        chosen: list[tuple[str, EdgeOwner, Owned]] = []
+        for client, members in owned.items():
+            owner = None if client is None else owners.get((ns, client))
+            if owner is not None and owner.can_fan_out(len(members[1]) + len(payload)):
+                assert client is not None
+                chosen.append((client, owner, members))
+            else:
+                rest += members[0]
+        if not chosen:
+            return 0, rest
+        token = PushedLeases.new_token()
+        await self._lease(ns, chosen, token, payload, capacity, expiry_s)
+        edge, back, ttl = 0, [], ttl_ms(expiry_s)
+        for client, owner, (channels, listed, _) in chosen:
+            # The await let other work run: the owner may be gone, or have pushes first.
+            if owners.get((ns, client)) is owner and owner.can_fan_out(len(listed) + len(payload)):
+                lease = FanOutLease(len(channels), lease_name(client, token))
+                owner.fan_out(listed, payload, ttl, capacity, lease)
+                self._live.setdefault((ns, client), set()).add(token)
+                edge += len(channels)
+            else:
+                back.append(lease_name(client, token))
+        if back:
+            await self.give_back(ns, back)
+        return edge, rest
+
+    async def _lease(
+        self,
+        ns: str,
+        chosen: list[tuple[str, EdgeOwner, Owned]],
+        token: str,
+        payload: bytes,
+        capacity: int,
+        expiry_s: float,
+    ) -> None:
+        """One ``FANOUT_LEASE`` per slot (one outside Cluster) for the chosen owners."""
+        is_cluster = self._commands.require().is_cluster
+        by_slot: dict[int, list[Owned]] = defaultdict(list)
+        keys_by_slot: dict[int, list[str]] = defaultdict(list)
+        for client, _, members in chosen:
+            f, fd = self._record_keys(ns, client)
+            slot = Keys.slot(f) if is_cluster else 0
+            by_slot[slot].append(members)
+            keys_by_slot[slot] += [f, fd]
+        expiry_ms = max(1, round(expiry_s * 1000))
+        head = [token, self._lease_ms, expiry_ms, KEEP_MARGIN_MS, payload]
+        await asyncio.gather(
+            *(
+                self._commands.run(
+                    FANOUT_LEASE,
+                    keys_by_slot[slot],
+                    [*head, *(f"{capacity} {members[2]}" for members in by_slot[slot])],
+                )
+                for slot in by_slot
+            )
+        )
+
+    def _record_keys(self, ns: str, client: str) -> tuple[str, str]:
+        base = self._keys.base(f"{ns}!{client}")
+        return f"{base}f", f"{base}fd"
+
+    # -- after the push ----------------------------------------------------------
+
+    def end(self, ns: str, leases: Sequence[str]) -> None:
+        """The layer acknowledged these fan-outs: forget their records (in the background:
+        one that is not forgotten lapses, and its copies are dropped by the layer)."""
+        for client, tokens in self._by_client(ns, leases).items():
+            self._commands.spawn(
+                self._commands.run(END_FANOUTS, self._record_keys(ns, client), tokens)
+            )
+
+    async def give_back(self, ns: str, leases: Sequence[str]) -> None:
+        """These fan-outs were not acknowledged: store each for its members, now."""
+        pubcmd = self._commands.require().publish_command
+        for client, tokens in self._by_client(ns, leases).items():
+            base = self._keys.base(f"{ns}!{client}")
+            args = [base, pubcmd, KEEP_MARGIN_MS, *tokens]
+            queued = await self._commands.run(
+                GIVE_BACK_FANOUTS, [self._keys.index(ns, client)], args
+            )
+            for name in queued:
+                self._wake(ns, name.decode())
+
+    def _by_client(self, ns: str, leases: Sequence[str]) -> dict[str, list[str]]:
+        by_client: dict[str, list[str]] = defaultdict(list)
+        for lease in leases:
+            client, _, token = lease.partition(" ")
+            by_client[client].append(token)
+            live = self._live.get((ns, client))
+            if live is not None:
+                live.discard(token)
+                if not live:
+                    del self._live[(ns, client)]
+        return by_client
+
+    def drop_namespace(self, ns: str) -> None:
+        for key in [key for key in self._live if key[0] == ns]:
+            del self._live[key]
+        for key in [key for key in self._grouped if key[0] == ns]:
+            del self._grouped[key]
+
+    # -- renewal -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                await self.renew_once()
+            except BackendError as exc:
+                log.info("renewing the leases of fan-outs failed: %s", exc)
+
+    async def renew_once(self) -> None:
+        """Renew every fan-out lease this daemon holds: one script per owner."""
+        calls: list[Any] = []
+        for (ns, client), tokens in list(self._live.items()):
+            args = [self._lease_ms, KEEP_MARGIN_MS, *tokens]
+            calls.append(self._commands.run(RENEW_FANOUTS, self._record_keys(ns, client), args))
+        await asyncio.gather(*calls)
+
+
+def lease_name(client: str, token: str) -> str:
+    """A fan-out's name as the daemon keeps it (``FanOutLease.lease``)."""
+    return f"{client} {token}"
