@@ -225,7 +225,8 @@ class Connection(asyncio.Protocol):
     ) -> None:
         output, encoder = self._output, self._encoder
         self._output_bytes += encoder.fanout_into(output, channels, payload, ttl_ms, capacity)
-        self.held.fanned_out(lease)
+        if lease is not None:  # kept until the layer's ACK covers it (``held``)
+            self.held.fanouts.append(lease)
         self._wake()  # the worker's pass writes it out, with whatever else came meanwhile
 
     def notify_flushed(self) -> None:

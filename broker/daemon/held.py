@@ -180,11 +180,6 @@ class Held:
             self.unreserve_direct(channel, count - stored)
         return stored, leases
 
-    def fanned_out(self, lease: Leased) -> None:
-        """A fan-out went out; keep its lease, if any, until acknowledged."""
-        if lease is not None:
-            self.fanouts.append(lease)
-
     async def end_fanouts(self, backend: Backend, ns: str, deliveries: int) -> None:
         """The layer made ``deliveries`` of fan-outs (kept or dropped): the oldest fan-outs
         they cover are acknowledged, and storage forgets them."""
