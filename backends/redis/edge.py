@@ -32,7 +32,7 @@ from protocol import client_id_of, encode_channels, ttl_ms
 from .commands import Commands
 from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, RENEW_FANOUTS
 from .keys import KEEP_MARGIN_MS, Keys
-from .pushed import PushedLeases
+from .pushed import EXPAND_MOST_MEMBERS, PushedLeases
 
 __all__ = ["EdgeFanOuts", "Owned"]
 
@@ -166,13 +166,15 @@ class EdgeFanOuts:
         """These fan-outs were not acknowledged: store each for its members, now."""
         pubcmd = self._commands.require().publish_command
         for client, tokens in self._by_client(ns, leases).items():
-            base = self._keys.base(f"{ns}!{client}")
-            args = [base, pubcmd, KEEP_MARGIN_MS, *tokens]
-            queued = await self._commands.run(
-                GIVE_BACK_FANOUTS, [self._keys.index(ns, client)], args
-            )
-            for name in queued:
-                self._wake(ns, name.decode())
+            head = [self._keys.base(f"{ns}!{client}"), pubcmd, KEEP_MARGIN_MS]
+            head.append(EXPAND_MOST_MEMBERS)
+            while tokens:  # a slice of members a call (``edge_scripts``)
+                reply = await self._commands.run(
+                    GIVE_BACK_FANOUTS, [self._keys.index(ns, client)], [*head, *tokens]
+                )
+                tokens = tokens[int(reply[0]) :]
+                for name in reply[1:]:
+                    self._wake(ns, name.decode())
 
     def _by_client(self, ns: str, leases: Sequence[str]) -> dict[str, list[str]]:
         by_client: dict[str, list[str]] = defaultdict(list)

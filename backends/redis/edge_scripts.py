@@ -19,33 +19,49 @@ from .scripts import Script
 
 __all__ = ["EDGE_SCRIPTS", "END_FANOUTS", "FANOUT_LEASE", "GIVE_BACK_FANOUTS", "RENEW_FANOUTS"]
 
-#: Store one fan-out record for each of its members (under capacity, unexpired), and
-#: forget it. ``base`` is the owner's key base. -> the channels queued to.
+#: Store fan-out records for each of their members (under capacity, unexpired), and
+#: forget them, at most ``budget`` members per script: Redis runs one script at a time,
+#: so a record of thousands of members is stored over several calls, each holding
+#: Redis a few milliseconds at most (the rest of its list stays in the record).
+#: ``base`` is the owner's key base; ``queued`` collects the channels queued to. ->
+#: the budget left (0: stop, there may be more).
 _EXPAND = r"""
-local function expand_fanout(base, token, now, keep_ms, queued)
+local function expand_fanout(base, token, now, keep_ms, queued, budget)
   local f = base .. 'f'
   local entry = redis.call('HGET', f, token)
   local listed = redis.call('HGET', f, token .. ':m')
-  redis.call('HDEL', f, token, token .. ':m')
-  redis.call('ZREM', base .. 'fd', token)
-  if not entry or not listed then return end
-  local deadline = deadline_of(entry)
-  if deadline <= now then return end
-  local cap = false
-  for name in string.gmatch(listed, '%S+') do
-    if not cap then
-      cap = tonumber(name)
-    elseif push(base .. 'q:' .. name, base .. 'h:' .. name, base .. 'i', name, entry, cap,
-                now, deadline - now + keep_ms) == 1 then
+  local at, cap = nil, 0
+  if entry and listed and deadline_of(entry) > now then
+    cap, at = string.match(listed, '^(%d+) ()')
+    cap = tonumber(cap)
+  end
+  local deadline = at and deadline_of(entry) or now
+  while at and budget > 0 do
+    local first, last = string.find(listed, '%S+', at)
+    if not first then at = nil; break end
+    local name = string.sub(listed, first, last)
+    if push(base .. 'q:' .. name, base .. 'h:' .. name, base .. 'i', name, entry, cap,
+            now, deadline - now + keep_ms) == 1 then
       queued[#queued + 1] = name
     end
+    budget = budget - 1
+    at = last + 1
   end
+  if at and string.find(listed, '%S', at) then
+    redis.call('HSET', f, token .. ':m', cap .. ' ' .. string.sub(listed, at))
+    return 0
+  end
+  redis.call('HDEL', f, token, token .. ':m')
+  redis.call('ZREM', base .. 'fd', token)
+  return budget
 end
-local function expand_lapsed(base, now, keep_ms, most, queued)
+local function expand_lapsed(base, now, keep_ms, most, queued, budget)
   local due = redis.call('ZRANGEBYSCORE', base .. 'fd', '-inf', now, 'LIMIT', 0, most)
   for _, token in ipairs(due) do
-    expand_fanout(base, token, now, keep_ms, queued)
+    budget = expand_fanout(base, token, now, keep_ms, queued, budget)
+    if budget == 0 then return 0 end
   end
+  return budget
 end
 """
 
@@ -99,15 +115,22 @@ return 1
 
 #: Store fan-outs their connection did not acknowledge for their members, and wake the
 #: owner's daemon (any). KEYS: the owner's index. ARGV: the owner's key base, pubcmd,
-#: keep_ms, tokens. -> the channels queued to.
+#: keep_ms, budget (members), tokens. -> {how many tokens are done, channel queued to...}
+#: (fewer than given: call again with the rest).
 GIVE_BACK_FANOUTS = Script.of(
     "give_back_fanouts",
     _EXPAND
     + r"""
 local now = now_ms()
-local base, keep_ms, queued = ARGV[1], tonumber(ARGV[3]), {}
-for i = 4, #ARGV do expand_fanout(base, ARGV[i], now, keep_ms, queued) end
+local base, keep_ms, budget = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
+local queued, done = {}, 0
+for i = 5, #ARGV do
+  budget = expand_fanout(base, ARGV[i], now, keep_ms, queued, budget)
+  if budget == 0 then break end
+  done = done + 1
+end
 if #queued > 0 then redis.call(ARGV[2], base .. 'w', '- ' .. table.concat(queued, ' ')) end
+table.insert(queued, 1, done)
 return queued
 """,
 )
