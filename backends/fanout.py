@@ -1,4 +1,4 @@
-"""Group fan-out at the edge: an optional capability (the memory backend has it).
+"""Group fan-out at the edge: an optional capability (the memory and Redis backends have it).
 
 A group send to members whose owner is connected to this daemon need not store a
 copy per member only to take each back out at once: the backend hands the daemon,

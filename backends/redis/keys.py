@@ -15,9 +15,10 @@ reserved on it, ``s`` and ``k`` a client's record of numbered sends (``room_scri
 ``l:<channel>`` and ``d:<channel>`` a normal channel's leased messages and their
 leases (``lease_scripts``),
 ``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
-``g`` a group's ZSET of member -> deadline in ms. ``scripts`` builds the same names in
-Lua. Queue, index and held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so
-abandoned data vanishes by itself.
+``g`` a group's ZSET of member -> deadline in ms, ``f`` and ``fd`` a client's fan-out
+records (payload and member list) and their leases (``edge_scripts``). ``scripts``
+builds the same names in Lua. Queue, index and held keys outlive their newest deadline
+by ``KEEP_MARGIN_MS``, so abandoned data vanishes by itself.
 """
 
 from __future__ import annotations
