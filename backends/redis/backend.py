@@ -43,6 +43,7 @@ from backends import (
 
 from .commands import Commands
 from .edge import EdgeFanOuts
+from .edge_scripts import GROUP_DISCARD
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import Leases
 from .pipe import Pipe
@@ -236,13 +237,13 @@ class RedisBackend(Backend):
     async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
         """Add or renew; the membership lapses ``group_expiry_s`` after this call."""
         expiry_ms = max(1, round(group_expiry_s * 1000))
-        await self._commands.run(
-            GROUP_ADD, [self._keys.group(ns, group)], [channel, expiry_ms, KEEP_MARGIN_MS]
-        )
+        keys = [self._keys.group(ns, group), self._keys.group_version(ns, group)]
+        args = [channel, expiry_ms, KEEP_MARGIN_MS, secrets.token_hex(8)]
+        await self._commands.run(GROUP_ADD, keys, args)
 
     async def group_discard(self, ns: str, group: str, channel: str) -> None:
-        key = self._keys.group(ns, group)
-        await self._commands.command(key, "ZREM", key, channel)
+        keys = [self._keys.group(ns, group), self._keys.group_version(ns, group)]
+        await self._commands.run(GROUP_DISCARD, keys, [channel, secrets.token_hex(8)])
 
     async def group_send(
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from backends import BackendError, EdgeOwner, EdgeOwners, FanOutLease
 from protocol import client_id_of, encode_channels, ttl_ms
@@ -43,6 +44,20 @@ log = logging.getLogger("channels_broker.backends.redis")
 Owned = tuple[list[str], bytes, str]
 #: Groups whose grouped members are kept (the oldest go past it).
 KEPT_GROUPS = 1024
+#: Members kept are read again after this long even if the group's version says they
+#: hold: a daemon of an earlier release adds members without changing the version, so
+#: while both run (a rolling upgrade) its additions reach these sends within this.
+KEEP_GROUPED_S = 1.0
+
+
+class Kept(NamedTuple):
+    """A group's live members as read last, and what says whether they still hold."""
+
+    names: list[bytes]
+    owned: dict[str | None, Owned]
+    version: bytes | None
+    soonest: int
+    read_at: float
 
 
 class EdgeFanOuts:
@@ -56,29 +71,48 @@ class EdgeFanOuts:
         self._lease_ms = int(lease_s * 1000)
         self._wake = wake
         self.owners: EdgeOwners = {}
-        #: (ns, group) -> the member names Redis returned last, and them by owner.
-        self._grouped: dict[tuple[str, str], tuple[list[bytes], dict[str | None, Owned]]] = {}
+        #: (ns, group) -> the member names Redis returned last, them by owner, the group's
+        #: version they were read at, the soonest deadline among them (ms), and when they
+        #: were read (``time.monotonic``).
+        self._grouped: dict[tuple[str, str], Kept] = {}
         #: (ns, owner) -> tokens of the records this daemon holds leased.
         self._live: dict[tuple[str, str], set[str]] = {}
         self._renewer: asyncio.Task[None] | None = None
 
-    def grouped(self, ns: str, group: str, names: list[bytes]) -> dict[str | None, Owned]:
-        """``names`` (a group's live members) by owning client (None: normal channels)."""
+    def kept(self, ns: str, group: str) -> tuple[bytes, int, dict[str | None, Owned]] | None:
+        """A group's members by owner as read last (``grouped``), with the version and
+        soonest deadline that say whether they still hold; None if none are kept, or
+        they were read over ``KEEP_GROUPED_S`` ago."""
         kept = self._grouped.get((ns, group))
-        if kept is not None and kept[0] == names:
-            return kept[1]
+        if kept is None or kept.version is None or not kept.soonest:
+            return None
+        if time.monotonic() - kept.read_at > KEEP_GROUPED_S:
+            return None
+        return kept.version, kept.soonest, kept.owned
+
+    def grouped(
+        self, ns: str, group: str, names: list[bytes], version: bytes | None, soonest: int
+    ) -> dict[str | None, Owned]:
+        """``names`` (a group's live members, read at ``version``) by owning client (None:
+        normal channels), kept for the next sends."""
+        kept = self._grouped.get((ns, group))
+        same = kept is not None and kept.names == names
+        owned = kept.owned if kept is not None and same else self._by_owner(names)
+        if len(self._grouped) >= KEPT_GROUPS and (ns, group) not in self._grouped:
+            del self._grouped[next(iter(self._grouped))]
+        self._grouped[(ns, group)] = Kept(names, owned, version, soonest, time.monotonic())
+        return owned
+
+    @staticmethod
+    def _by_owner(names: list[bytes]) -> dict[str | None, Owned]:
         by_owner: dict[str | None, list[str]] = defaultdict(list)
         for name in names:
             channel = name.decode()
             by_owner[client_id_of(channel) if "!" in channel else None].append(channel)
-        owned = {
+        return {
             owner: (channels, encode_channels(channels), " ".join(channels))
             for owner, channels in by_owner.items()
         }
-        if len(self._grouped) >= KEPT_GROUPS:
-            del self._grouped[next(iter(self._grouped))]
-        self._grouped[(ns, group)] = (names, owned)
-        return owned
 
     async def fan_out(
         self,

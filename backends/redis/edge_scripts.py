@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from .scripts import Script
 
-__all__ = ["EDGE_SCRIPTS", "END_FANOUTS", "FANOUT_LEASE", "GIVE_BACK_FANOUTS", "RENEW_FANOUTS"]
+__all__ = [
+    "EDGE_SCRIPTS",
+    "END_FANOUTS",
+    "FANOUT_LEASE",
+    "GIVE_BACK_FANOUTS",
+    "GROUP_DISCARD",
+    "GROUP_SAME",
+    "GROUP_VERSION",
+    "RENEW_FANOUTS",
+]
 
 #: Store fan-out records for each of their members (under capacity, unexpired), and
 #: forget them, at most ``budget`` members per script: Redis runs one script at a time,
@@ -135,4 +144,54 @@ return queued
 """,
 )
 
-EDGE_SCRIPTS = (FANOUT_LEASE, END_FANOUTS, RENEW_FANOUTS, GIVE_BACK_FANOUTS)
+#: Remove a membership; a new version if it was there. KEYS: group, its version. ARGV:
+#: channel, the new version. -> 1.
+GROUP_DISCARD = Script.of(
+    "group_discard",
+    r"""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[2], 'KEEPTTL')
+end
+return 1
+""",
+)
+
+#: A group's version (made, as ``ARGV[1]``, if the group has none), read before its
+#: members are, so a change meanwhile shows at the next send. KEYS: group, its version.
+#: -> the version (nil: no such group).
+GROUP_VERSION = Script.of(
+    "group_version",
+    r"""
+local version = redis.call('GET', KEYS[2])
+if version then return version end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return false end
+if ttl > 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+return ARGV[1]
+""",
+)
+
+#: Whether members read at a version are still the group's live members: the version is
+#: the same and none of them has lapsed. KEYS: the group's version. ARGV: version, the
+#: soonest deadline among them (ms). -> 1 or 0.
+GROUP_SAME = Script.of(
+    "group_same",
+    r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] and now_ms() < tonumber(ARGV[2]) then return 1 end
+return 0
+""",
+)
+
+EDGE_SCRIPTS = (
+    FANOUT_LEASE,
+    END_FANOUTS,
+    RENEW_FANOUTS,
+    GIVE_BACK_FANOUTS,
+    GROUP_DISCARD,
+    GROUP_VERSION,
+    GROUP_SAME,
+)

@@ -31,6 +31,7 @@ owner that can take it gets one leased record and one PUSH, with no per-member w
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,8 @@ from backends import CapacityOf, GroupSendResult
 from protocol import client_id_of
 
 from .commands import Commands
-from .edge import EdgeFanOuts
+from .edge import EdgeFanOuts, Owned
+from .edge_scripts import GROUP_SAME, GROUP_VERSION
 from .keys import KEEP_MARGIN_MS, Keys
 from .scripts import GROUP_MEMBERS, GROUP_SEND, PUSH
 from .takes import Takes
@@ -181,26 +183,46 @@ class Sends:
         self, ns: str, key: str, group: str, payload: bytes, capacity: int, expiry_s: float
     ) -> GroupSendResult:
         """At the edge for owners attached here (``edge``), per member for the rest."""
-        owned = self.edge.grouped(ns, group, await self._member_names(key))
+        owned = await self._owned(ns, group, key)
         edge, rest = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s)
         refused = set(await self.push(ns, [(c, payload, capacity) for c in rest], expiry_s))
         delivered = [channel for i, channel in enumerate(rest) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused), edge=edge)
 
+    async def _owned(self, ns: str, group: str, key: str) -> dict[str | None, Owned]:
+        """The group's live members by owning client: as read before while the group's
+        version is the same and none of them lapsed (one O(1) script), else read again
+        (the version first, so a change meanwhile shows at the next send)."""
+        version_key = self._keys.group_version(ns, group)
+        kept = self.edge.kept(ns, group)
+        if kept is not None:
+            version, soonest, owned = kept
+            if await self._commands.run(GROUP_SAME, [version_key], [version, soonest]):
+                return owned
+        version = await self._commands.run(
+            GROUP_VERSION, [key, version_key], [secrets.token_hex(8)]
+        )
+        names, soonest = await self._member_names(key)
+        return self.edge.grouped(ns, group, names, version, soonest)
+
     async def _members(self, key: str) -> list[str]:
         """A group's live members (each once, in the order first met)."""
-        return [name.decode() for name in await self._member_names(key)]
+        return [name.decode() for name in (await self._member_names(key))[0]]
 
-    async def _member_names(self, key: str) -> list[bytes]:
-        """A group's live members as Redis names them, a page per call."""
+    async def _member_names(self, key: str) -> tuple[list[bytes], int]:
+        """A group's live members as Redis names them, a page per call, and the soonest
+        deadline of their memberships (ms, Redis time; 0: none)."""
         members: dict[bytes, None] = {}
         cursor: bytes | str = "0"
+        soonest = 0
         while True:
             page = await self._commands.run(GROUP_MEMBERS, [key], [cursor, PAGE_MEMBERS])
-            members.update(dict.fromkeys(page[1:]))
+            members.update(dict.fromkeys(page[2:]))
+            if int(page[1]) and (not soonest or int(page[1]) < soonest):
+                soonest = int(page[1])
             cursor = page[0]
             if cursor in (b"0", "0"):
-                return list(members)
+                return list(members), soonest
 
 
 def _ms(seconds: float) -> int:

@@ -120,3 +120,34 @@ async def test_a_dead_daemons_fan_out_is_stored_once_its_lease_lapses(url: str, 
         await stored_for_each(other, ns, members)
     finally:
         await other.close()
+
+
+async def test_the_member_list_follows_changes_lapses_and_other_daemons(url: str, ns: str) -> None:
+    """A daemon keeps a group's members by owner between sends while the group's version
+    in Redis says they hold: a member that lapses, one discarded through another daemon,
+    and one that comes back after lapsing each reach the next send."""
+    sending, other = backend_from_url(url), backend_from_url(url)
+    await asyncio.gather(sending.connect(), other.connect())
+    assert isinstance(sending, FansOutAtTheEdge)
+    owner = RecordingOwner()
+    sending.set_edge_owners({(ns, CLIENT): owner})
+    short, staying, leaving = (f"specific.{CLIENT}!{name}" for name in ("s", "t", "l"))
+
+    async def listed() -> list[str]:
+        await sending.group_send(ns, "room", b"m", capacity_of=capacity(10), expiry_s=LONG_S)
+        return sorted(owner.fanouts[-1][0])
+
+    try:
+        await sending.group_add(ns, "room", short, group_expiry_s=LEASE_S)
+        for member in (staying, leaving):
+            await sending.group_add(ns, "room", member, group_expiry_s=LONG_S)
+        assert await listed() == sorted([short, staying, leaving])
+        assert await listed() == sorted([short, staying, leaving])  # kept, the same
+        await other.group_discard(ns, "room", leaving)
+        assert await listed() == sorted([short, staying])
+        await asyncio.sleep(LEASE_S + 0.1)  # the membership lapses by Redis time
+        assert await listed() == [staying]
+        await other.group_add(ns, "room", short, group_expiry_s=LONG_S)
+        assert await listed() == sorted([short, staying])
+    finally:
+        await asyncio.gather(sending.close(), other.close())
