@@ -31,11 +31,11 @@ from backends import BackendError, EdgeOwner, EdgeOwners, FanOutLease
 from protocol import client_id_of, encode_channels, ttl_ms
 
 from .commands import Commands
-from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, RENEW_FANOUTS
+from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, GROUP_SAME, RENEW_FANOUTS
 from .keys import KEEP_MARGIN_MS, Keys
 from .pushed import EXPAND_MOST_MEMBERS, PushedLeases
 
-__all__ = ["EdgeFanOuts", "Owned"]
+__all__ = ["Check", "EdgeFanOuts", "Owned"]
 
 log = logging.getLogger("channels_broker.backends.redis")
 
@@ -48,6 +48,11 @@ KEPT_GROUPS = 1024
 #: hold: a daemon of an earlier release adds members without changing the version, so
 #: while both run (a rolling upgrade) its additions reach these sends within this.
 KEEP_GROUPED_S = 1.0
+
+
+#: What says whether members read before still hold: the group's version key, the
+#: version they were read at, and the soonest deadline among them (ms, Redis time).
+Check = tuple[str, bytes, int]
 
 
 class Kept(NamedTuple):
@@ -77,6 +82,8 @@ class EdgeFanOuts:
         self._grouped: dict[tuple[str, str], Kept] = {}
         #: (ns, owner) -> tokens of the records this daemon holds leased.
         self._live: dict[tuple[str, str], set[str]] = {}
+        #: Record keys (hash, zset) -> tokens acknowledged this pass, not yet ended.
+        self._ends: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
         self._renewer: asyncio.Task[None] | None = None
 
     def kept(self, ns: str, group: str) -> tuple[bytes, int, dict[str | None, Owned]] | None:
@@ -121,9 +128,11 @@ class EdgeFanOuts:
         payload: bytes,
         capacity: int,
         expiry_s: float,
-    ) -> tuple[int, list[str]]:
+        check: Check | None = None,
+    ) -> tuple[int, list[str]] | None:
         """Fan out to the owners that can take it now; -> the members reached so, and
-        the channels left to store per member."""
+        the channels left to store per member. With ``check`` (``owned`` was read
+        before), None, having done nothing, if the group changed since: read it again."""
         owners, rest = self.owners, []
         chosen: list[tuple[str, EdgeOwner, Owned]] = []
         for client, members in owned.items():
@@ -134,10 +143,25 @@ class EdgeFanOuts:
             else:
                 rest += members[0]
         if not chosen:
+            if check is not None and not await self._same(check):
+                return None
             return 0, rest
         token = PushedLeases.new_token()
-        await self._lease(ns, chosen, token, payload, capacity, expiry_s)
-        edge, back, ttl = 0, [], ttl_ms(expiry_s)
+        if not await self._lease(ns, chosen, token, payload, capacity, expiry_s, check):
+            return None
+        return await self._push(ns, chosen, token, payload, capacity, expiry_s), rest
+
+    async def _push(
+        self,
+        ns: str,
+        chosen: list[tuple[str, EdgeOwner, Owned]],
+        token: str,
+        payload: bytes,
+        capacity: int,
+        expiry_s: float,
+    ) -> int:
+        """One PUSH per chosen owner, its record leased already; -> members reached."""
+        owners, edge, back, ttl = self.owners, 0, [], ttl_ms(expiry_s)
         for client, owner, (channels, listed, _) in chosen:
             # The await let other work run: the owner may be gone, or have pushes first.
             if owners.get((ns, client)) is owner and owner.can_fan_out(len(listed) + len(payload)):
@@ -149,7 +173,7 @@ class EdgeFanOuts:
                 back.append(lease_name(client, token))
         if back:
             await self.give_back(ns, back)
-        return edge, rest
+        return edge
 
     async def _lease(
         self,
@@ -159,28 +183,34 @@ class EdgeFanOuts:
         payload: bytes,
         capacity: int,
         expiry_s: float,
-    ) -> None:
-        """One ``FANOUT_LEASE`` per slot (one outside Cluster) for the chosen owners."""
+        check: Check | None,
+    ) -> bool:
+        """One ``FANOUT_LEASE`` per slot (one outside Cluster) for the chosen owners;
+        False if ``check`` found the group changed (then nothing was written). Outside
+        Cluster the check is part of the script; in Cluster it goes first."""
         is_cluster = self._commands.require().is_cluster
-        by_slot: dict[int, list[Owned]] = defaultdict(list)
-        keys_by_slot: dict[int, list[str]] = defaultdict(list)
-        for client, _, members in chosen:
-            f, fd = self._record_keys(ns, client)
-            slot = Keys.slot(f) if is_cluster else 0
-            by_slot[slot].append(members)
-            keys_by_slot[slot] += [f, fd]
+        if check is not None and is_cluster:
+            if not await self._same(check):
+                return False
+            check = None
         expiry_ms = max(1, round(expiry_s * 1000))
-        head = [token, self._lease_ms, expiry_ms, KEEP_MARGIN_MS, payload]
-        await asyncio.gather(
-            *(
-                self._commands.run(
-                    FANOUT_LEASE,
-                    keys_by_slot[slot],
-                    [*head, *(f"{capacity} {members[2]}" for members in by_slot[slot])],
-                )
-                for slot in by_slot
-            )
-        )
+        head = [token, self._lease_ms, expiry_ms, KEEP_MARGIN_MS, payload, "", 0]
+        by_slot: dict[int, tuple[list[str], list[Any]]] = defaultdict(lambda: ([], head[:]))
+        for client, _, members in chosen:
+            keys = self._record_keys(ns, client)
+            slot_keys, args = by_slot[Keys.slot(keys[0]) if is_cluster else 0]
+            slot_keys += keys
+            args.append(f"{capacity} {members[2]}")
+        if check is not None:  # one slot: outside Cluster
+            by_slot[0][0].append(check[0])
+            by_slot[0][1][5:7] = check[1:]
+        calls = (self._commands.run(FANOUT_LEASE, *call) for call in by_slot.values())
+        return all(int(ok) for ok in await asyncio.gather(*calls))
+
+    async def _same(self, check: Check) -> bool:
+        """True if the group's members read before still hold (``GROUP_SAME``)."""
+        key, version, soonest = check
+        return bool(await self._commands.run(GROUP_SAME, [key], [version, soonest]))
 
     def _record_keys(self, ns: str, client: str) -> tuple[str, str]:
         base = self._keys.base(f"{ns}!{client}")
@@ -189,12 +219,28 @@ class EdgeFanOuts:
     # -- after the push ----------------------------------------------------------
 
     def end(self, ns: str, leases: Sequence[str]) -> None:
-        """The layer acknowledged these fan-outs: forget their records (in the background:
-        one that is not forgotten lapses, and its copies are dropped by the layer)."""
+        """The layer acknowledged these fan-outs: forget their records, with the other
+        acknowledgements of this loop pass, one script per slot, in the background (one
+        that is not forgotten lapses, and its copies are dropped by the layer)."""
+        if not self._ends:
+            asyncio.get_running_loop().call_soon(self._send_ends)
         for client, tokens in self._by_client(ns, leases).items():
-            self._commands.spawn(
-                self._commands.run(END_FANOUTS, self._record_keys(ns, client), tokens)
-            )
+            self._ends[self._record_keys(ns, client)].extend(tokens)
+
+    def _send_ends(self) -> None:
+        ends, self._ends = self._ends, defaultdict(list)
+        topology = self._commands.topology
+        if topology is None:
+            return
+        by_slot: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for keys in ends:
+            by_slot[Keys.slot(keys[0]) if topology.is_cluster else 0].append(keys)
+        for owners in by_slot.values():
+            args: list[Any] = []
+            for keys in owners:
+                args += [len(ends[keys]), *ends[keys]]
+            record_keys = [key for keys in owners for key in keys]
+            self._commands.spawn(self._commands.run(END_FANOUTS, record_keys, args))
 
     async def give_back(self, ns: str, leases: Sequence[str]) -> None:
         """These fan-outs were not acknowledged: store each for its members, now."""

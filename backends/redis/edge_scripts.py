@@ -74,18 +74,26 @@ local function expand_lapsed(base, now, keep_ms, most, queued, budget)
 end
 """
 
-#: Keep one fan-out record per owner, leased. KEYS: per owner the record hash, the
-#: lease zset. ARGV: token, lease_ms, expiry_ms, keep_ms, payload, then per owner its
-#: member list ``<capacity> <channel>...``. -> 1.
+#: Keep one fan-out record per owner, leased; first, if a group version is given (the
+#: members were read before: ``GROUP_SAME``), check it, and write nothing if it changed.
+#: KEYS: per owner the record hash, the lease zset[, then the group's version]. ARGV:
+#: token, lease_ms, expiry_ms, keep_ms, payload, the version ('' : no check), the
+#: soonest deadline of the members, then per owner its member list ``<capacity>
+#: <channel>...``. -> 1, or 0 (the version changed or a member lapsed: read again).
 FANOUT_LEASE = Script.of(
     "fanout_lease",
     r"""
 local now = now_ms()
+local pairs_end = #KEYS
+if ARGV[6] ~= '' then
+  pairs_end = #KEYS - 1
+  if redis.call('GET', KEYS[#KEYS]) ~= ARGV[6] or now >= tonumber(ARGV[7]) then return 0 end
+end
 local token, lease_ms, expiry_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local entry = entry_of(now + expiry_ms, ARGV[5])
 local keep = math.max(expiry_ms, lease_ms) + tonumber(ARGV[4])
-for k = 1, #KEYS, 2 do
-  redis.call('HSET', KEYS[k], token, entry, token .. ':m', ARGV[5 + (k + 1) / 2])
+for k = 1, pairs_end, 2 do
+  redis.call('HSET', KEYS[k], token, entry, token .. ':m', ARGV[7 + (k + 1) / 2])
   redis.call('ZADD', KEYS[k + 1], now + lease_ms, token)
   extend(KEYS[k], keep)
   extend(KEYS[k + 1], keep)
@@ -94,14 +102,19 @@ return 1
 """,
 )
 
-#: Forget fan-out records their layer acknowledged. KEYS: record hash, lease zset (one
-#: owner). ARGV: tokens. -> 1.
+#: Forget fan-out records their layers acknowledged. KEYS: per owner the record hash,
+#: the lease zset. ARGV: per owner the number k of tokens, then k tokens. -> 1.
 END_FANOUTS = Script.of(
     "end_fanouts",
     r"""
-for _, token in ipairs(ARGV) do
-  redis.call('HDEL', KEYS[1], token, token .. ':m')
-  redis.call('ZREM', KEYS[2], token)
+local at = 1
+for c = 1, #KEYS, 2 do
+  local k = tonumber(ARGV[at])
+  for i = at + 1, at + k do
+    redis.call('HDEL', KEYS[c], ARGV[i], ARGV[i] .. ':m')
+    redis.call('ZREM', KEYS[c + 1], ARGV[i])
+  end
+  at = at + k + 1
 end
 return 1
 """,

@@ -40,7 +40,7 @@ from protocol import client_id_of
 
 from .commands import Commands
 from .edge import EdgeFanOuts, Owned
-from .edge_scripts import GROUP_SAME, GROUP_VERSION
+from .edge_scripts import GROUP_VERSION
 from .keys import KEEP_MARGIN_MS, Keys
 from .scripts import GROUP_MEMBERS, GROUP_SEND, PUSH
 from .takes import Takes
@@ -183,22 +183,27 @@ class Sends:
         self, ns: str, key: str, group: str, payload: bytes, capacity: int, expiry_s: float
     ) -> GroupSendResult:
         """At the edge for owners attached here (``edge``), per member for the rest."""
-        owned = await self._owned(ns, group, key)
-        edge, rest = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s)
+        version_key, kept = self._keys.group_version(ns, group), self.edge.kept(ns, group)
+        done = None
+        if kept is not None:  # as read before, if the group did not change (checked)
+            version, soonest, owned = kept
+            check = (version_key, version, soonest)
+            done = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s, check)
+        if done is None:
+            owned = await self._read_owned(ns, group, key, version_key)
+            done = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s)
+        assert done is not None  # no check, nothing to fail
+        edge, rest = done
         refused = set(await self.push(ns, [(c, payload, capacity) for c in rest], expiry_s))
         delivered = [channel for i, channel in enumerate(rest) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused), edge=edge)
 
-    async def _owned(self, ns: str, group: str, key: str) -> dict[str | None, Owned]:
-        """The group's live members by owning client: as read before while the group's
-        version is the same and none of them lapsed (one O(1) script), else read again
-        (the version first, so a change meanwhile shows at the next send)."""
-        version_key = self._keys.group_version(ns, group)
-        kept = self.edge.kept(ns, group)
-        if kept is not None:
-            version, soonest, owned = kept
-            if await self._commands.run(GROUP_SAME, [version_key], [version, soonest]):
-                return owned
+    async def _read_owned(
+        self, ns: str, group: str, key: str, version_key: str
+    ) -> dict[str | None, Owned]:
+        """The group's live members by owning client, read (its version first, so a
+        change meanwhile shows at the next send) and kept for the next sends (``edge``),
+        which use them again while the version holds and none of them lapsed."""
         version = await self._commands.run(
             GROUP_VERSION, [key, version_key], [secrets.token_hex(8)]
         )
