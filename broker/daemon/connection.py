@@ -48,14 +48,13 @@ from .guard import (
     write_apart,
 )
 from .handlers import Handlers
-from .held import Held
+from .held import Held, Leased
 from .pulls import Pulls
 from .pushes import PushFrames
 from .routing import Pull
 from .session import Session
 
 __all__ = ["Connection"]
-
 log = logging.getLogger("channels_broker.connection")
 
 #: Messages taken from one channel per push pass: a busy one cannot starve the others.
@@ -221,10 +220,13 @@ class Connection(asyncio.Protocol):
             and self._output_bytes < OUTPUT_HIGH_WATER
         )
 
-    def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
-        self._output_bytes += self._encoder.fanout_into(
-            self._output, channels, payload, ttl_ms, capacity
-        )
+    def fan_out(
+        self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int, lease: Leased = None
+    ) -> None:
+        output, encoder = self._output, self._encoder
+        self._output_bytes += encoder.fanout_into(output, channels, payload, ttl_ms, capacity)
+        if lease is not None:  # kept until the layer's ACK covers it (``held``)
+            self.held.fanouts.append(lease)
         self._wake()  # the worker's pass writes it out, with whatever else came meanwhile
 
     def notify_flushed(self) -> None:
@@ -315,8 +317,7 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is not None:
             self._pulls.withdraw()
-            # Given back while we still own the client id: a new connection of it here
-            # waits for that (``closed``) before it is pushed anything, so order holds.
+            # Given back while we own the client id: its next connection here waits (``closed``).
             redeliver = session.acks_deliveries
             await self.held.give_back(self.ctx.backend, session.ns, redeliver=redeliver)
             self.ctx.router.detach(self, session.ns, session.client_id)
