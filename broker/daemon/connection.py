@@ -82,16 +82,15 @@ class Connection(asyncio.Protocol):
         self.pulls = self._pulls.pending  # RECEIVEs by request id
         self.held = Held(context.config.max_channels)
         self.handlers = Handlers(self, context)
+        self._held_confirm = self.handlers.sends.held_confirm  # goes with any write
         self.guard = Guard(self, context.bounds, context.config)
         self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
         # Messages the next push pass may take: the largest ones until sizes are seen.
         self._push_budget = max(1, self.guard.pass_bytes // context.config.max_message_bytes)
-        self.closing = False
+        self.closing = self.reading_paused = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
-        self._encoder = FrameEncoder()
-        self._output_bytes = 0
-        self.reading_paused = False
+        self._encoder, self._output_bytes = FrameEncoder(), 0
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_blocked = False  # not _writable: the output check reads it each flush
@@ -333,6 +332,8 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
+            if self._held_confirm.seqs:  # in this write, not in one of its own later
+                self.handlers.sends.write_held_confirm()
             if self._output_bytes < LARGE_FIELD_BYTES:
                 transport.write(b"".join(self._output))
             else:  # a large payload may be among them: not copied into a join
