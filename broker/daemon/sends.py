@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 from bisect import bisect_left
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING
 
 from backends import ALREADY_STORED, BackendError, ReservesRoom
@@ -215,12 +215,21 @@ class Sends:
                 self.write_held_confirm()
             elif held.timer is None:
                 held.timer = self._loop.call_later(delay, self._confirm_due)
+                held.ripe_at = monotonic() + delay / 2
 
     def write_held_confirm(self) -> None:
         """Write the CONFIRM held back (``confirms``), if any."""
         frame = self.held_confirm.take()
         if frame is not None and not self.shell.closing:
             self.shell.write(frame)
+
+    def confirm_in_write(self) -> None:
+        """The connection writes to the client: the held CONFIRM goes in that write if it
+        has waited half its delay, so that a client answered as it sends (a consumer
+        replying to each event) never gets one in a write of its own; a younger one
+        waits for a later write (each would cost a frame to make and read)."""
+        if monotonic() >= self.held_confirm.ripe_at:
+            self.write_held_confirm()
 
     def _confirm_due(self) -> None:
         self.held_confirm.timer = None
