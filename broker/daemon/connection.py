@@ -85,12 +85,10 @@ class Connection(asyncio.Protocol):
         self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
         # Messages the next push pass may take: the largest ones until sizes are seen.
         self._push_budget = max(1, self.guard.pass_bytes // context.config.max_message_bytes)
-        self.closing = False
+        self.closing = self.reading_paused = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
-        self._encoder = FrameEncoder()
-        self._output_bytes = 0
-        self.reading_paused = False
+        self._encoder, self._output_bytes = FrameEncoder(), 0
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_blocked = False  # not _writable: the output check reads it each flush
@@ -122,9 +120,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _decode(self) -> None:
-        """Decode up to PASS_FRAMES frames into the inbox. Pause reading if the inbox costs
-        more than --max-input-bytes, or if that many came: more may wait in the decoder, and
-        the worker decodes a batch a pass (one read of many small frames must not hold the loop)."""
+        """Decode up to PASS_FRAMES frames into the inbox; pause reading past --max-input-bytes
+        or after a whole batch (more may wait: one read of small frames must not hold the loop)."""
         decoder, inbox, handshake = self.decoder, self.inbox, self.handshake
         cost = 0  # beyond their bytes, counted as they were read
         try:
@@ -334,6 +331,8 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
+            if self.handlers.sends.held_confirm.seqs:  # a CONFIRM held back: due yet?
+                self.handlers.sends.confirm_in_write()
             if self._output_bytes < LARGE_FIELD_BYTES:
                 transport.write(b"".join(self._output))
             else:  # a large payload may be among them: not copied into a join
@@ -365,8 +364,7 @@ class Connection(asyncio.Protocol):
     # -- deliveries ----------------------------------------------------------
 
     async def _push_ready(self) -> None:
-        """Push waiting messages of our channels, one frame per distinct payload
-        (``pushes``)."""
+        """Push waiting messages of our channels, a frame per distinct payload (``pushes``)."""
         ns = self.handlers.session().ns
         budget, ready = self._push_budget, self.ready_channels
         if len(ready) > budget:  # one channel per message of the budget; the rest wait
