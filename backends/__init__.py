@@ -9,7 +9,7 @@ from .base import Backend, CapacityOf, WakeupCallback
 from .consumer_leases import LeasesToConsumers
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
-from .fanout import EdgeOwner, EdgeOwners, FansOutAtTheEdge
+from .fanout import EdgeOwner, EdgeOwners, FanOutLease, FansOutAtTheEdge, LeasesFanOuts
 from .records import BackendStats, GroupSendResult, Taken
 from .room import ALREADY_STORED, SEQ_SPAN, RecordsSeqs, ReservesRoom, room_to_grant
 from .urls import redacted_url
@@ -27,8 +27,10 @@ __all__ = [
     "DirectPushes",
     "EdgeOwner",
     "EdgeOwners",
+    "FanOutLease",
     "FansOutAtTheEdge",
     "GroupSendResult",
+    "LeasesFanOuts",
     "LeasesToConsumers",
     "RecordsSeqs",
     "ReservesRoom",

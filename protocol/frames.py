@@ -510,7 +510,7 @@ class Push:
 
     ``fanout_capacity`` 0: the messages were taken from storage and count against their
     channels until acknowledged per channel. Above 0 (only to a client of
-    ``FANOUT_VERSION`` or later): a group fan-out that was never stored; the client keeps
+    ``FANOUT_VERSION`` or later): a group fan-out never stored per member; the client keeps
     it for each listed channel whose buffer holds fewer messages than that, drops it for
     the others, and acknowledges both counts in aggregate (``Ack.fanout_kept``,
     ``Ack.fanout_dropped``).

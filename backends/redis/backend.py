@@ -36,11 +36,14 @@ from backends import (
     BackendError,
     BackendStats,
     CapacityOf,
+    EdgeOwners,
     GroupSendResult,
     Taken,
 )
 
 from .commands import Commands
+from .edge import EdgeFanOuts
+from .edge_scripts import GROUP_DISCARD
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import Leases
 from .pipe import Pipe
@@ -77,8 +80,15 @@ class RedisBackend(Backend):
         subs = Subscriptions(self._keys)
         self._leases = Leases(self._keys, self._commands, settings.lease_s, subs.watched_channels)
         self._takes = Takes(self._keys, self._commands, self._notify, self._leases)
+        self._edge = EdgeFanOuts(self._keys, self._commands, settings.lease_s, self._takes.wake)
         self._sends = Sends(
-            settings.prefix, self._keys, self._commands, self._takes, subs, origin=origin
+            settings.prefix,
+            self._keys,
+            self._commands,
+            self._takes,
+            subs,
+            self._edge,
+            origin=origin,
         )
         self._wakeups = Wakeups(subs, self._commands, self._takes, origin=origin.encode())
         self._room = RedisRoom(
@@ -122,6 +132,7 @@ class RedisBackend(Backend):
         self._wakeups.start()
         self._leases.start()
         self._takes.pushed.start()
+        self._edge.start()
         self._stats_task = asyncio.get_running_loop().create_task(self._sample_stats())
 
     async def close(self) -> None:
@@ -133,6 +144,7 @@ class RedisBackend(Backend):
             await self._leases.flush()
             await self._commands.settle(self.settings.timeout_s)
         self._leases.stop()
+        self._edge.stop()
         self._takes.stop()
         self._wakeups.stop()
         if self._stats_task is not None:
@@ -225,13 +237,13 @@ class RedisBackend(Backend):
     async def group_add(self, ns: str, group: str, channel: str, *, group_expiry_s: float) -> None:
         """Add or renew; the membership lapses ``group_expiry_s`` after this call."""
         expiry_ms = max(1, round(group_expiry_s * 1000))
-        await self._commands.run(
-            GROUP_ADD, [self._keys.group(ns, group)], [channel, expiry_ms, KEEP_MARGIN_MS]
-        )
+        keys = [self._keys.group(ns, group), self._keys.group_version(ns, group)]
+        args = [channel, expiry_ms, KEEP_MARGIN_MS, secrets.token_hex(8)]
+        await self._commands.run(GROUP_ADD, keys, args)
 
     async def group_discard(self, ns: str, group: str, channel: str) -> None:
-        key = self._keys.group(ns, group)
-        await self._commands.command(key, "ZREM", key, channel)
+        keys = [self._keys.group(ns, group), self._keys.group_version(ns, group)]
+        await self._commands.run(GROUP_DISCARD, keys, [channel, secrets.token_hex(8)])
 
     async def group_send(
         self, ns: str, group: str, payload: bytes, *, capacity_of: CapacityOf, expiry_s: float
@@ -242,11 +254,23 @@ class RedisBackend(Backend):
             ns, group, payload, capacity_of=capacity_of, expiry_s=expiry_s
         )
 
+    # -- fan-outs at the edge (``backends.FansOutAtTheEdge``, ``LeasesFanOuts``) --------
+
+    def set_edge_owners(self, owners: EdgeOwners) -> None:
+        self._edge.owners = owners
+
+    async def end_fanouts(self, ns: str, leases: Sequence[str]) -> None:
+        self._edge.end(ns, leases)
+
+    async def give_back_fanouts(self, ns: str, leases: Sequence[str]) -> None:
+        await self._edge.give_back(ns, leases)
+
     async def flush(self, ns: str) -> None:
         """Delete every key of the namespace: SCAN (never KEYS) on each server."""
         topology = self._commands.require()
         pattern = self._keys.namespace_pattern(ns)
         self._takes.drop_namespace(ns)
+        self._edge.drop_namespace(ns)
         await asyncio.gather(*(self._flush_pipe(pipe, pattern) for pipe in topology.pipes()))
 
     # -- wake-ups and gauges ---------------------------------------------------

@@ -15,9 +15,11 @@ reserved on it, ``s`` and ``k`` a client's record of numbered sends (``room_scri
 ``l:<channel>`` and ``d:<channel>`` a normal channel's leased messages and their
 leases (``lease_scripts``),
 ``i`` a client's SET of channels with messages, ``w`` the wake-up (pub/sub) channel,
-``g`` a group's ZSET of member -> deadline in ms. ``scripts`` builds the same names in
-Lua. Queue, index and held keys outlive their newest deadline by ``KEEP_MARGIN_MS``, so
-abandoned data vanishes by itself.
+``g`` a group's ZSET of member -> deadline in ms, ``gv`` its version (changed when its
+live members change), ``f`` and ``fd`` a client's fan-out
+records (payload and member list) and their leases (``edge_scripts``). ``scripts``
+builds the same names in Lua. Queue, index and held keys outlive their newest deadline
+by ``KEEP_MARGIN_MS``, so abandoned data vanishes by itself.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class Keys:
 
     def group(self, ns: str, group: str) -> str:
         return f"{self.base(f'{ns}#{group}')}g"
+
+    def group_version(self, ns: str, group: str) -> str:
+        """Changed whenever the group's live members change (``edge``)."""
+        return f"{self.base(f'{ns}#{group}')}gv"
 
     def namespace_pattern(self, ns: str) -> str:
         """A SCAN MATCH glob for every key of a namespace (prefix and ns have no glob chars)."""

@@ -34,6 +34,9 @@ __all__ = ["PushedLeases"]
 
 log = logging.getLogger("channels_broker.backends.redis")
 
+#: Members a script stores lapsed or given-back fan-outs for at most (``edge_scripts``):
+#: a few milliseconds of Redis, as a group send's slices.
+EXPAND_MOST_MEMBERS = 256
 #: Channels whose leases one RENEW_PUSHED renews at most.
 RENEW_MOST_CHANNELS = 512
 #: A client's channels are looked at again this long after their soonest lease lapses.
@@ -163,8 +166,11 @@ class PushedLeases:
         until = until or loop.time() + self.lease_ms / 1000 + 1.0
         base = self._keys.base(f"{ns}!{client_id}")
         pubcmd = self._commands.require().publish_command
-        args = [base, pubcmd, KEEP_MARGIN_MS, REAP_MOST_TAKES]
-        reply = await self._commands.run(OWN_WAITING, [self._keys.index(ns, client_id)], args)
+        args = [base, pubcmd, KEEP_MARGIN_MS, REAP_MOST_TAKES, EXPAND_MOST_MEMBERS]
+        index = [self._keys.index(ns, client_id)]
+        reply = await self._commands.run(OWN_WAITING, index, args)
+        while int(reply[0]) < 0:  # lapsed fan-outs left to store: a slice a call
+            reply = await self._commands.run(OWN_WAITING, index, args)
         soonest_ms = int(reply[0])
         key = (ns, client_id)
         timer = self._rechecks.pop(key, None)

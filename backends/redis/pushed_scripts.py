@@ -17,6 +17,7 @@ A grab of the PUSH script (``scripts``) is a take of one message, leased alike.
 
 from __future__ import annotations
 
+from .edge_scripts import _EXPAND, EDGE_SCRIPTS
 from .lease_scripts import _GIVE_BACK
 from .scripts import Script
 
@@ -126,16 +127,22 @@ return 1
 """,
 )
 
-#: A client's channels with unexpired messages, after giving back their lapsed leases.
+#: A client's channels with unexpired messages, after giving back their lapsed leases
+#: (and storing the fan-outs whose lease lapsed for their members: ``edge_scripts``).
 #: KEYS: index. ARGV: the client's key base (``<prefix>:{<ns>!<client>}:``), pubcmd,
-#: keep_ms, most. -> {ms until the soonest live lease lapses (0: none), channel...}.
+#: keep_ms, most, budget (fan-out members stored at most). -> {ms until the soonest
+#: live lease lapses (0: none; -1: lapsed fan-outs are left, call again), channel...}.
 OWN_WAITING = Script.of(
     "own_waiting",
     _GIVE_BACK
+    + _EXPAND
     + r"""
 local now = now_ms()
 local base, pubcmd, keep_ms, most = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, soonest = {0}, false
+local more = expand_lapsed(base, now, keep_ms, most, {}, tonumber(ARGV[5])) == 0
+local fanout = redis.call('ZRANGE', base .. 'fd', 0, 0, 'WITHSCORES')
+if #fanout > 0 then soonest = tonumber(fanout[2]) end
 for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local q, d = base .. 'q:' .. channel, base .. 'd:' .. channel
   give_back(q, base .. 'l:' .. channel, d, channel, base .. 'w', pubcmd, now, keep_ms, most)
@@ -151,8 +158,10 @@ for _, channel in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 if soonest then out[1] = math.max(1, soonest - now) end
+if more then out[1] = -1 end
 return out
 """,
 )
 
-PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING)
+#: With the fan-outs' scripts, whose lapsed records ``OWN_WAITING`` expands.
+PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING, *EDGE_SCRIPTS)

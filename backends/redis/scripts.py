@@ -220,27 +220,39 @@ return out
 
 #: One page of a group's live members (ZSCAN: a member there all along comes at least
 #: once, perhaps twice), dropping lapsed ones on the first page. KEYS: group. ARGV:
-#: cursor ("0" to start), page size. -> {next cursor ("0": done), member...}
+#: cursor ("0" to start), page size. -> {next cursor ("0": done), the soonest deadline
+#: of the page's members (ms; 0: none), member...}
 GROUP_MEMBERS = Script.of(
     "group_members",
     r"""
 local now = now_ms()
 if ARGV[1] == '0' then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 local page = redis.call('ZSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
-local out, items = {page[1]}, page[2]
+local out, items, soonest = {page[1], 0}, page[2], false
 for i = 1, #items, 2 do
-  if tonumber(items[i + 1]) > now then out[#out + 1] = items[i] end
+  local deadline = tonumber(items[i + 1])
+  if deadline > now then
+    out[#out + 1] = items[i]
+    if not soonest or deadline < soonest then soonest = deadline end
+  end
 end
+if soonest then out[2] = soonest end
 return out
 """,
 )
 
-#: Add or renew a membership. KEYS: group. ARGV: channel, group_expiry_ms, keep_ms.
+#: Add or renew a membership. KEYS: group, its version. ARGV: channel,
+#: group_expiry_ms, keep_ms, a new version (set when the live members change: a new
+#: member, or one that had lapsed; a renewal keeps the version: ``edge``).
 GROUP_ADD = Script.of(
     "group_add",
     r"""
-redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[2]), ARGV[1])
+local now = now_ms()
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 extend(KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
+if not before or tonumber(before) <= now then redis.call('SET', KEYS[2], ARGV[4]) end
+extend(KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]))
 return 1
 """,
 )

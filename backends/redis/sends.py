@@ -21,11 +21,17 @@ of a few hundred take a millisecond or two each, and others' commands run betwee
 The slices of one send go out in order on one connection, and the sender's next send
 waits for them all, so each member still gets a sender's messages once and in order.
 ``origin`` names this daemon in the wake-ups it publishes.
+
+When some owner is attached to this daemon, a group send with one capacity goes at the
+edge where it can: the members are read, grouped by owning client, and each attached
+owner that can take it gets one leased record and one PUSH, with no per-member work
+(``edge``); only the rest is pushed per member, as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +39,8 @@ from backends import CapacityOf, GroupSendResult
 from protocol import client_id_of
 
 from .commands import Commands
+from .edge import EdgeFanOuts, Owned
+from .edge_scripts import GROUP_VERSION
 from .keys import KEEP_MARGIN_MS, Keys
 from .scripts import GROUP_MEMBERS, GROUP_SEND, PUSH
 from .takes import Takes
@@ -63,9 +71,12 @@ class Sends:
         commands: Commands,
         takes: Takes,
         subs: Subscriptions,
+        edge: EdgeFanOuts,
         *,
         origin: str,
     ) -> None:
+        #: Fan-outs at the edge, for owners attached here (``edge``).
+        self.edge = edge
         self._prefix = prefix
         self._origin = origin
         self._keys = keys
@@ -150,6 +161,8 @@ class Sends:
         topology = self._commands.require()
         key = self._keys.group(ns, group)
         uniform = capacity_of.uniform
+        if uniform is not None and self.edge.owners:  # some owner may be attached here
+            return await self._fan_out(ns, key, group, payload, uniform, expiry_s)
         if uniform is not None and not topology.is_cluster:
             args = [self._prefix, ns, _ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS]
             args += [self._origin, topology.publish_command, payload, uniform, SLICE_MEMBERS]
@@ -166,16 +179,55 @@ class Sends:
         delivered = [channel for i, channel in enumerate(members) if i not in refused]
         return GroupSendResult(delivered=delivered, skipped=len(refused))
 
+    async def _fan_out(
+        self, ns: str, key: str, group: str, payload: bytes, capacity: int, expiry_s: float
+    ) -> GroupSendResult:
+        """At the edge for owners attached here (``edge``), per member for the rest."""
+        version_key, kept = self._keys.group_version(ns, group), self.edge.kept(ns, group)
+        done = None
+        if kept is not None:  # as read before, if the group did not change (checked)
+            version, soonest, owned = kept
+            check = (version_key, version, soonest)
+            done = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s, check)
+        if done is None:
+            owned = await self._read_owned(ns, group, key, version_key)
+            done = await self.edge.fan_out(ns, owned, payload, capacity, expiry_s)
+        assert done is not None  # no check, nothing to fail
+        edge, rest = done
+        refused = set(await self.push(ns, [(c, payload, capacity) for c in rest], expiry_s))
+        delivered = [channel for i, channel in enumerate(rest) if i not in refused]
+        return GroupSendResult(delivered=delivered, skipped=len(refused), edge=edge)
+
+    async def _read_owned(
+        self, ns: str, group: str, key: str, version_key: str
+    ) -> dict[str | None, Owned]:
+        """The group's live members by owning client, read (its version first, so a
+        change meanwhile shows at the next send) and kept for the next sends (``edge``),
+        which use them again while the version holds and none of them lapsed."""
+        version = await self._commands.run(
+            GROUP_VERSION, [key, version_key], [secrets.token_hex(8)]
+        )
+        names, soonest = await self._member_names(key)
+        return self.edge.grouped(ns, group, names, version, soonest)
+
     async def _members(self, key: str) -> list[str]:
-        """A group's live members, a page per call (each once, in the order first met)."""
+        """A group's live members (each once, in the order first met)."""
+        return [name.decode() for name in (await self._member_names(key))[0]]
+
+    async def _member_names(self, key: str) -> tuple[list[bytes], int]:
+        """A group's live members as Redis names them, a page per call, and the soonest
+        deadline of their memberships (ms, Redis time; 0: none)."""
         members: dict[bytes, None] = {}
         cursor: bytes | str = "0"
+        soonest = 0
         while True:
             page = await self._commands.run(GROUP_MEMBERS, [key], [cursor, PAGE_MEMBERS])
-            members.update(dict.fromkeys(page[1:]))
+            members.update(dict.fromkeys(page[2:]))
+            if int(page[1]) and (not soonest or int(page[1]) < soonest):
+                soonest = int(page[1])
             cursor = page[0]
             if cursor in (b"0", "0"):
-                return [name.decode() for name in members]
+                return list(members), soonest
 
 
 def _ms(seconds: float) -> int:

@@ -10,7 +10,11 @@ miss it:
 
 - at once when ``CONFIRM_EVERY_SEQS`` windowed SENDs are held (the client keeps at
   most ``MAX_UNSETTLED_SENDS`` unsettled), or when the client's room on a channel the
-  burst spent on is below what is held back for it (it would soon have to ask);
+  burst spent on is no more than what is held back for it (it would soon have to ask:
+  room is refilled once half the window is spent, ``Sends._refill``);
+- with any write to the client once it has waited half the delay (a consumer that
+  answers each event gets the PUSH of the answer to its send, and the CONFIRM rides
+  in that write, not in one of its own);
 - before a PONG, which promises every answer and CONFIRM of the frames before its PING;
 - otherwise ``--confirm-delay`` (2 ms) after the first held burst.
 """
@@ -32,13 +36,16 @@ CONFIRM_EVERY_SEQS = MAX_UNSETTLED_SENDS // 16
 class HeldConfirm:
     """What the CONFIRM not yet written says, and the timer that writes it."""
 
-    __slots__ = ("room", "seqs", "through_seq", "timer")
+    __slots__ = ("ripe_at", "room", "seqs", "through_seq", "timer")
 
     def __init__(self) -> None:
         self.through_seq = 0
         self.room: dict[str, int] = {}  # granted, and not yet told
         self.seqs = 0  # windowed SENDs it covers
         self.timer: asyncio.TimerHandle | None = None
+        #: When it may go with any write to the client: half the delay on, by
+        #: ``time.monotonic()`` (uvloop's ``loop.time()`` moves in whole milliseconds).
+        self.ripe_at = 0.0
 
     def add(self, through_seq: int, granted: Iterable[tuple[str, int]], seqs: int) -> None:
         """Merge a burst's CONFIRM into the held one."""
@@ -55,7 +62,7 @@ class HeldConfirm:
         room = self.room
         for channel in spent:
             owed = room.get(channel, 0)
-            if owed and held.by_channel.get(channel, 0) - owed < owed:
+            if owed and held.by_channel.get(channel, 0) - owed <= owed:
                 return True
         return False
 

@@ -49,14 +49,13 @@ from .guard import (
     write_apart,
 )
 from .handlers import Handlers
-from .held import Held
+from .held import Held, Leased
 from .pulls import Pulls
 from .pushes import PushFrames
 from .routing import Pull
 from .session import Session
 
 __all__ = ["Connection"]
-
 log = logging.getLogger("channels_broker.connection")
 
 #: Messages taken from one channel per push pass: a busy one cannot starve the others.
@@ -87,12 +86,10 @@ class Connection(asyncio.Protocol):
         self._input_bytes = 0  # read and not yet handled, as FRAME_COST_BYTES says
         # Messages the next push pass may take: the largest ones until sizes are seen.
         self._push_budget = max(1, self.guard.pass_bytes // context.config.max_message_bytes)
-        self.closing = False
+        self.closing = self.reading_paused = False
         self.closed = asyncio.get_running_loop().create_future()
         self._output: list[bytes] = []
-        self._encoder = FrameEncoder()
-        self._output_bytes = 0
-        self.reading_paused = False
+        self._encoder, self._output_bytes = FrameEncoder(), 0
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_blocked = False  # not _writable: the output check reads it each flush
@@ -124,9 +121,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _decode(self) -> None:
-        """Decode up to PASS_FRAMES frames into the inbox. Pause reading if the inbox costs
-        more than --max-input-bytes, or if that many came: more may wait in the decoder, and
-        the worker decodes a batch a pass (one read of many small frames must not hold the loop)."""
+        """Decode up to PASS_FRAMES frames into the inbox; pause reading past --max-input-bytes
+        or after a whole batch (more may wait: one read of small frames must not hold the loop)."""
         decoder, inbox, handshake = self.decoder, self.inbox, self.handshake
         cost = 0  # beyond their bytes, counted as they were read
         try:
@@ -222,10 +218,13 @@ class Connection(asyncio.Protocol):
             and self._output_bytes < OUTPUT_HIGH_WATER
         )
 
-    def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
-        self._output_bytes += self._encoder.fanout_into(
-            self._output, channels, payload, ttl_ms, capacity
-        )
+    def fan_out(
+        self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int, lease: Leased = None
+    ) -> None:
+        output, encoder = self._output, self._encoder
+        self._output_bytes += encoder.fanout_into(output, channels, payload, ttl_ms, capacity)
+        if lease is not None:  # kept until the layer's ACK covers it (``held``)
+            self.held.fanouts.append(lease)
         self._wake()  # the worker's pass writes it out, with whatever else came meanwhile
 
     def notify_flushed(self) -> None:
@@ -316,8 +315,7 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is not None:
             self._pulls.withdraw()
-            # Given back while we still own the client id: a new connection of it here
-            # waits for that (``closed``) before it is pushed anything, so order holds.
+            # Given back while we own the client id: its next connection here waits (``closed``).
             redeliver = session.acks_deliveries
             await self.held.give_back(self.ctx.backend, session.ns, redeliver=redeliver)
             self.ctx.router.detach(self, session.ns, session.client_id)
@@ -334,6 +332,8 @@ class Connection(asyncio.Protocol):
     def flush(self) -> None:
         transport = self.transport
         if self._output and transport is not None and not transport.is_closing():
+            if self.handlers.sends.held_confirm.seqs:  # a CONFIRM held back: due yet?
+                self.handlers.sends.confirm_in_write()
             if self._output_bytes < LARGE_FIELD_BYTES:
                 transport.write(b"".join(self._output))
             else:  # a large payload may be among them: not copied into a join
@@ -365,8 +365,7 @@ class Connection(asyncio.Protocol):
     # -- deliveries ----------------------------------------------------------
 
     async def _push_ready(self) -> None:
-        """Push waiting messages of our channels, one frame per distinct payload
-        (``pushes``)."""
+        """Push waiting messages of our channels, a frame per distinct payload (``pushes``)."""
         ns = self.handlers.session().ns
         budget, ready = self._push_budget, self.ready_channels
         if len(ready) > budget:  # one channel per message of the budget; the rest wait

@@ -212,17 +212,16 @@ class Handlers:
             stored, leases = self.shell.held.acknowledge(channel, count)
             if stored or leases:
                 await self.ctx.backend.release_taken(ns, channel, stored, leases)
-        if frame.fanout_kept or frame.fanout_dropped:  # what the layer made of fan-outs
+        kept, dropped, held = frame.fanout_kept, frame.fanout_dropped, self.shell.held
+        if held.fanouts:  # fan-outs leased in storage (Redis): these ones end
+            await held.end_fanouts(self.ctx.backend, ns, kept + dropped)
+        if kept or dropped:  # what the layer made of fan-outs
             metrics = self.ctx.metrics
-            metrics.accepted["group_send"] += frame.fanout_kept
-            metrics.delivered["edge"] += frame.fanout_kept
-            metrics.dropped += frame.fanout_dropped
-            if frame.fanout_dropped:
-                log.debug(
-                    "%s dropped %d group messages for full members",
-                    self.shell.peer,
-                    frame.fanout_dropped,
-                )
+            metrics.accepted["group_send"] += kept
+            metrics.delivered["edge"] += kept
+            metrics.dropped += dropped
+            if dropped:
+                log.debug("%s dropped %d group messages for full members", self.shell.peer, dropped)
         if frame.leases:
             await acknowledge_leases(self.ctx.backend, ns, frame.leases)
 

@@ -11,6 +11,11 @@ again and nothing in flight is lost with a cut connection; its layer drops a cop
 it handed to ``receive`` already, by its message id (``HandedIds``). A layer that does
 not say ``acks_deliveries`` in its HELLO (an older one) would see those copies: its held
 counts are released as before, and what it did not get is lost with its connection.
+
+Fan-outs that storage keeps leased (``backends.LeasesFanOuts``: Redis) are kept here too,
+in push order (``fanouts``): an ACK's ``fanout_kept`` + ``fanout_dropped`` count whole
+fan-out PUSHes, the oldest first, whose leases then end; a connection that closes hands
+the rest back to storage, which stores each for its members.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-from backends import Backend, BackendError, Taken
+from backends import Backend, BackendError, FanOutLease, LeasesFanOuts, Taken
 
-__all__ = ["Held", "Unacked"]
+__all__ = ["Held", "Leased", "Unacked"]
+
+#: A fan-out's lease in storage, or None (storage keeps none: ``memory://``).
+Leased = FanOutLease | None
 
 log = logging.getLogger("channels_broker.connection")
 
@@ -97,7 +105,7 @@ class Held:
     (``should_take_in``; ``Handlers.take_in_own_channels``).
     """
 
-    __slots__ = ("_direct_until", "direct", "left_out", "limit", "stored", "unacked")
+    __slots__ = ("_direct_until", "direct", "fanouts", "left_out", "limit", "stored", "unacked")
 
     def __init__(self, limit: int = sys.maxsize) -> None:
         self.stored: dict[str, int] = {}
@@ -108,6 +116,8 @@ class Held:
         self.limit = limit
         #: True once a channel was left out at ``limit``: storage has messages for it.
         self.left_out = False
+        #: Leased fan-outs pushed and not yet acknowledged, oldest first.
+        self.fanouts: deque[FanOutLease] = deque()
 
     def has_room(self, channel: str, ready: int) -> bool:
         """True if the connection may hold messages of ``channel`` beside the ``ready``
@@ -175,10 +185,21 @@ class Held:
             self.unreserve_direct(channel, count - stored)
         return stored, leases
 
+    async def end_fanouts(self, backend: Backend, ns: str, deliveries: int) -> None:
+        """The layer made ``deliveries`` of fan-outs (kept or dropped): the oldest fan-outs
+        they cover are acknowledged, and storage forgets them."""
+        fanouts, leases = self.fanouts, []
+        while fanouts and fanouts[0].members <= deliveries:
+            deliveries -= fanouts[0].members
+            leases.append(fanouts.popleft().lease)
+        if leases and isinstance(backend, LeasesFanOuts):
+            await backend.end_fanouts(ns, leases)
+
     async def give_back(self, backend: Backend, ns: str, *, redeliver: bool) -> None:
         """The connection closed: have storage release the stored counts, so that what
         was pushed and not acknowledged does not keep its channel full forever; and,
         ``redeliver``, give those messages back to their channels first (the module)."""
+        await _give_back_fanouts(backend, ns, self.fanouts, redeliver=redeliver)
         stored, self.stored = self.stored, {}
         pushed = self.unacked.take_all()
         given = 0
@@ -203,7 +224,26 @@ class Held:
         self.unacked.clear()
         self.direct.clear()
         self._direct_until.clear()
+        self.fanouts.clear()
         self.left_out = False
+
+
+async def _give_back_fanouts(
+    backend: Backend, ns: str, fanouts: deque[FanOutLease], *, redeliver: bool
+) -> None:
+    """Fan-outs not acknowledged at close: stored for their members (``redeliver``: the
+    layer drops a copy of one it got), or, for a layer that cannot drop copies, ended."""
+    leases = [fanout.lease for fanout in fanouts]
+    fanouts.clear()
+    if not leases or not isinstance(backend, LeasesFanOuts):
+        return
+    try:
+        if redeliver:
+            await backend.give_back_fanouts(ns, leases)
+        else:
+            await backend.end_fanouts(ns, leases)
+    except BackendError:
+        log.warning("could not give back %d fan-outs (%s)", len(leases), ns)
 
 
 def _uncount(counts: dict[str, int], channel: str, count: int) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends import AcceptsDirectPushes, Backend, FansOutAtTheEdge
+from backends import AcceptsDirectPushes, Backend, FanOutLease, FansOutAtTheEdge
 from protocol import client_id_of
 
 from .direct import DirectPusher
@@ -62,8 +62,16 @@ class Endpoint(Protocol):
         """True if a group fan-out of about ``frame_bytes`` can go to this connection
         now, in order (``backends.fanout``)."""
 
-    def fan_out(self, channels: bytes, payload: bytes, ttl_ms: int, capacity: int) -> None:
-        """Push a group message to these of our channels (encoded), under ``capacity``."""
+    def fan_out(
+        self,
+        channels: bytes,
+        payload: bytes,
+        ttl_ms: int,
+        capacity: int,
+        lease: FanOutLease | None = None,
+    ) -> None:
+        """Push a group message to these of our channels (encoded), under ``capacity``;
+        keep its ``lease`` until acknowledged."""
 
     def notify_flushed(self) -> None:
         """The connection's namespace was flushed."""

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 from bisect import bisect_left
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import TYPE_CHECKING
 
 from backends import ALREADY_STORED, BackendError, ReservesRoom
@@ -65,6 +65,7 @@ class Sends:
         self.holder = ""
         #: The CONFIRM of the latest bursts, not yet written (``confirms``).
         self.held_confirm = HeldConfirm()
+        self._loop = asyncio.get_running_loop()
 
     def open(self, hello: Hello) -> int:
         """Agree the window HELLO asks for, within ``--send-window``; return it (0: none)."""
@@ -213,13 +214,22 @@ class Sends:
             if not delay or held.is_urgent(room, spent):
                 self.write_held_confirm()
             elif held.timer is None:
-                held.timer = asyncio.get_running_loop().call_later(delay, self._confirm_due)
+                held.timer = self._loop.call_later(delay, self._confirm_due)
+                held.ripe_at = monotonic() + delay / 2
 
     def write_held_confirm(self) -> None:
         """Write the CONFIRM held back (``confirms``), if any."""
         frame = self.held_confirm.take()
         if frame is not None and not self.shell.closing:
             self.shell.write(frame)
+
+    def confirm_in_write(self) -> None:
+        """The connection writes to the client: the held CONFIRM goes in that write if it
+        has waited half its delay, so that a client answered as it sends (a consumer
+        replying to each event) never gets one in a write of its own; a younger one
+        waits for a later write (each would cost a frame to make and read)."""
+        if monotonic() >= self.held_confirm.ripe_at:
+            self.write_held_confirm()
 
     def _confirm_due(self) -> None:
         self.held_confirm.timer = None
@@ -228,12 +238,15 @@ class Sends:
 
     async def _refill(self, spent: dict[str, int]) -> tuple[tuple[str, int], ...]:
         """Room again on the channels a burst spent room on, as much as a request would
-        get (the sender keeps sending: it need not stop to ask)."""
+        get (the sender keeps sending: it need not stop to ask), once half the window
+        is spent there: a sender of one message at a time would otherwise cost a
+        reservation per message, and its CONFIRM a grant each."""
         session, room, reserves = self.shell.session, self.room, self.reserves
         assert session is not None and room is not None and reserves is not None
         granted = []
+        held, half = room.by_channel, room.window // 2
         for channel, size in spent.items():
-            want = room.wanted(channel)
+            want = room.wanted(channel) if held.get(channel, 0) <= half else 0
             if want:
                 capacity = session.capacity_of(channel)
                 got = await reserves.reserve_room(

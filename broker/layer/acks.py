@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sized
 from typing import Protocol
@@ -45,9 +46,11 @@ __all__ = [
     "MAX_UNCONFIRMED_GROUP_BYTES",
     "Acks",
     "Buffer",
+    "Entry",
     "Inbox",
     "Numbering",
     "Unconfirmed",
+    "Waiter",
     "wake_one",
 ]
 
@@ -61,18 +64,28 @@ FANOUT_REPORT_S = 0.5
 #: Payload bytes of unconfirmed group sends kept for a resend; past it, they wait too.
 MAX_UNCONFIRMED_GROUP_BYTES = 8 * 1024 * 1024
 
-#: A channel's buffered messages: (deadline, payload, held: acknowledged per channel).
-Buffer = deque[tuple[float, bytes, bool]]
+#: The clock of buffered messages' deadlines: the C call itself (asyncio's ``loop.time()``
+#: is a Python method around it, read for every message).
+_now = time.monotonic
+
+#: A buffered message: (deadline, payload, held: acknowledged per channel).
+Entry = tuple[float, bytes, bool]
+#: A channel's buffered messages.
+Buffer = deque[Entry]
+#: A waiting receiver: woken with the message handed to it, or None to take one.
+Waiter = asyncio.Future[Entry | None]
 
 
-def wake_one(
-    waiters: deque[asyncio.Future[None]] | None, skip: asyncio.Future[None] | None = None
-) -> None:
-    """Wake the first receiver waiting in ``waiters`` (not ``skip``), if any."""
-    for waiter in waiters or ():
-        if waiter is not skip and not waiter.done():
-            waiter.set_result(None)
-            return
+def wake_one(waiters: deque[Waiter] | None, entry: Entry | None = None) -> bool:
+    """Wake the first receiver waiting in ``waiters``, if any, handing it ``entry``
+    (None: it takes from the buffer), and take it out of them (its ``Inbox.wait`` need
+    not look for it); True if one was woken."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(entry)
+            return True
+    return False
 
 
 class Acks:
@@ -107,18 +120,23 @@ class Acks:
         self,
         frame: Push,
         buffers: dict[str, Buffer],
-        waiters: dict[str, deque[asyncio.Future[None]]],
+        waiters: dict[str, deque[Waiter]],
         now: float,
     ) -> None:
         """Buffer a fan-out for each listed channel with room under its capacity, as the
         daemon would have stored it (expired messages take no room), and wake a receiver
-        of it; drop it for the others. One entry, shared: it is the same message."""
+        of it; drop it for the others. One entry, shared: it is the same message. A
+        channel with nothing buffered and a receiver waiting hands it to that receiver
+        (a big room's every member: no buffer made and emptied per message)."""
         capacity = frame.fanout_capacity
         entry = (now + frame.ttl_ms / 1000, frame.payload, False)
         kept = 0
         for channel in frame.channels:
             buffer = buffers.get(channel)
             if buffer is None:
+                if channel in waiters and wake_one(waiters[channel], entry):
+                    kept += 1
+                    continue
                 buffer = buffers[channel] = deque()
             elif len(buffer) >= capacity:
                 while buffer and buffer[0][0] < now:  # expired: ``receive`` would skip it
@@ -174,16 +192,17 @@ class Inbox:
         self._loop = loop
         self._schedule_flush = schedule_flush  # writes what is owed with the next pass
         self.buffers: dict[str, Buffer] = {}
-        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.waiters: dict[str, deque[Waiter]] = {}
         self.acks = Acks()
 
     def take(self, channel: str) -> bytes | None:
         """The next unexpired message of ``channel``, or None."""
         buffer = self.buffers.get(channel)
         if not buffer:  # the usual case of a receive that waits: no clock read
-            self.buffers.pop(channel, None)
+            if buffer is not None:
+                del self.buffers[channel]
             return None
-        now = self._loop.time()
+        now = _now()
         while buffer:
             deadline, payload, held = buffer.popleft()
             if held:
@@ -198,38 +217,46 @@ class Inbox:
 
     def keep(self, channel: str, payload: bytes, ttl_ms: int, held: bool) -> None:
         """Buffer a message of ``channel`` for its next ``receive``."""
-        deadline = self._loop.time() + ttl_ms / 1000
+        deadline = _now() + ttl_ms / 1000
         self.buffers.setdefault(channel, deque()).append((deadline, payload, held))
         wake_one(self.waiters.get(channel))
 
     def keep_push(self, frame: Push) -> None:
         if frame.fanout_capacity:  # a group fan-out: its capacity applies here
-            self.acks.keep_fanout(frame, self.buffers, self.waiters, self._loop.time())
+            self.acks.keep_fanout(frame, self.buffers, self.waiters, _now())
             self.acks.report_later(self._loop, self._schedule_flush)
             return
         for channel in frame.channels:
             self.keep(channel, frame.payload, frame.ttl_ms, held=True)
 
-    async def wait(self, channel: str) -> None:
-        """Until a message of ``channel`` is kept (or at once, if one is)."""
+    async def wait(self, channel: str) -> bytes | None:
+        """Until a message of ``channel`` is kept (or at once, if one is); the message if
+        it was handed to this receiver (``keep_fanout``), else None: ``take`` it."""
         if channel in self.buffers:
-            return
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        waiters = self.waiters.setdefault(channel, deque())
+            return None
+        waiter: Waiter = self._loop.create_future()
+        waiters = self.waiters.get(channel)
+        if waiters is None:
+            waiters = self.waiters[channel] = deque()
         waiters.append(waiter)
         try:
-            await waiter
+            entry = await waiter
         except BaseException:
+            if waiter in waiters:  # not woken (``wake_one`` takes out whom it wakes)
+                waiters.remove(waiter)
+            elif not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()  # handed to us, then cancelled: not lost
+                if handed is not None:
+                    self.buffers.setdefault(channel, deque()).appendleft(handed)
             # Cancelled, perhaps just after a push woke us: another receiver of this
             # channel must not sleep on a message we leave in the buffer.
             if channel in self.buffers:
-                wake_one(self.waiters.get(channel), skip=waiter)
+                wake_one(waiters)
             raise
         finally:
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self.waiters.pop(channel, None)
+            if not waiters and self.waiters.get(channel) is waiters:
+                del self.waiters[channel]
+        return entry[1] if entry is not None and entry[0] >= _now() else None
 
     def fail(self, error: Exception) -> None:
         """Every waiting receiver hears ``error``."""

@@ -98,13 +98,13 @@ class HandedIds:
 
     def is_new(self, channel: str, sender: bytes, seq: int) -> bool:
         """Note the id as handed and say True, or say False if it was handed before."""
-        key = (channel, sender, seq)
-        if key in self._ids:
+        key, ids = (channel, sender, seq), self._ids
+        if key in ids:
             self.redelivered += 1
             return False
-        if len(self._ids) >= HANDED_IDS_KEPT:
-            self._ids.popitem(last=False)
-        self._ids[key] = None
+        ids[key] = None
+        if len(ids) > HANDED_IDS_KEPT:
+            ids.popitem(last=False)
         return True
 
 
@@ -181,10 +181,16 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         Raises ``UndecryptableMessage`` for a message this layer's keys cannot open
         (that message is consumed; the next call returns the next one).
         """
-        self.require_valid_channel_name(channel)
+        if type(channel) is not str or channel not in self._valid_names:
+            self.require_valid_channel_name(channel)
         client = self._client()
+        inbox = client.inbox
         while True:
-            sender, seq, payload = split_message_id(await client.receive(channel))
+            # A message buffered already is taken here, without a coroutine more.
+            payload = inbox.take(channel)
+            if payload is None:
+                payload = await client.receive(channel)
+            sender, seq, payload = split_message_id(payload)
             if not sender or self.handed.is_new(channel, sender, seq):
                 break
             log.info("dropped a message %s handed to receive() before (a redelivery)", channel)

@@ -339,18 +339,20 @@ class LoopClient:
     # -- receiving -----------------------------------------------------------
 
     async def receive(self, channel: str) -> bytes:
+        """The next message of ``channel``, of which ``inbox.take`` found none: a push
+        to one of our channels is waited for; another channel is pulled."""
+        inbox, owned = self.inbox, self.owns(channel)
         while True:
-            payload = self.inbox.take(channel)
-            if payload is not None:
-                return payload
-            if self.owns(channel):
+            if owned:
                 if self.conn is None:  # the daemon pushes only to a connected owner
                     await self.connected(patient=True)
-                await self.inbox.wait(channel)
+                payload = await inbox.wait(channel)
             else:
                 payload = await self._pulls.pull(channel)
-                if payload is not None:
-                    return payload
+            if payload is None:
+                payload = inbox.take(channel)
+            if payload is not None:
+                return payload
 
     def keep(self, channel: str, payload: bytes, ttl_ms: int, held: bool) -> None:
         """Buffer a message of ``channel`` for its next ``receive`` (``Inbox.keep``)."""

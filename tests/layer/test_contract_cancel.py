@@ -72,3 +72,33 @@ async def test_cancelled_receive_loses_no_message(
     assert extra is None, f"duplicate delivered after draining: {extra!r}"
     assert sorted(received) == list(range(MESSAGES)), "a message arrived twice"
     assert received == sorted(received), "one writer, one reader: order must be kept"
+
+
+async def test_a_group_message_handed_to_a_cancelled_receive_is_not_lost(
+    make_layer: Any, unique: Callable[[str], str]
+) -> None:
+    """A fan-out for a channel with nothing buffered goes straight to its waiting
+    receive (no buffer made for it).
+
+    1. A receive waits on a member's channel; a group_send reaches the member's layer,
+       which hands the message to that receive.
+    2. The receive is cancelled before its task runs again (the consumer exited).
+    3. The next receive of the channel gets the message, once.
+    """
+    layer, sender = make_layer(), make_layer()
+    group, channel = unique("room"), await layer.new_channel()
+    await layer.group_add(group, channel)
+    waiters = layer._client().inbox.waiters  # the member's receivers, by channel
+    task = asyncio.create_task(layer.receive(channel))
+    async with asyncio.timeout(DELIVERY_TIMEOUT_S):
+        while not waiters.get(channel):  # until the receive waits
+            await asyncio.sleep(0)
+        await sender.group_send(group, {"n": 1})
+        while waiters.get(channel):  # until the message is handed to it
+            await asyncio.sleep(0)
+    task.cancel()  # its task has not run since: it ends cancelled, the message given back
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.wait_for(layer.receive(channel), DELIVERY_TIMEOUT_S) == {"n": 1}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), QUIET_S)

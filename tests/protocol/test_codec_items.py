@@ -25,7 +25,9 @@ from protocol import (
 from tests.broker.raw_client import raw_frame
 
 MAX_ITEMS = 100
-#: Refusing must not cost what decoding would: far under the 50 ms a stall may take.
+#: Refusing must not cost what decoding would (about a second for two million pairs):
+#: far under the 50 ms a stall may take. CPU time of this thread, so that other work on
+#: a loaded machine does not count (wall time ran to 14 ms there).
 REFUSAL_BUDGET_S = 0.01
 
 
@@ -58,11 +60,11 @@ def test_a_frame_of_max_items_is_decoded(frame: Any) -> None:
 )
 def test_an_array_over_max_items_is_refused_from_its_header(frame: Any) -> None:
     decoder = bounded(encode_frame(frame))
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(FrameOverLimit) as refused:
         decoder.next_frame()
 
-    assert time.perf_counter() - started < REFUSAL_BUDGET_S
+    assert time.thread_time() - started < REFUSAL_BUDGET_S
     assert refused.value.code is ErrorCode.OVER_LIMIT
     assert "100 items" in str(refused.value) and "--max-batch" in str(refused.value)
 
@@ -72,10 +74,10 @@ def test_nested_arrays_are_refused_by_their_object_count() -> None:
     (what a frame of MAX_ITEMS pairs holds, or 64 K, the most built without counting)."""
     bomb = raw_frame([Ack.TYPE, [[[1] * MAX_ITEMS] * MAX_ITEMS] * MAX_ITEMS])
     decoder = bounded(bomb)
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(FrameOverLimit, match="objects"):
         decoder.next_frame()
-    assert time.perf_counter() - started < REFUSAL_BUDGET_S
+    assert time.thread_time() - started < REFUSAL_BUDGET_S
 
 
 def test_a_map_is_malformed_not_decoded() -> None:

@@ -1,6 +1,7 @@
-"""Memory backend: a group_send to members whose owner is connected goes out as one PUSH
-per owning connection, stored nowhere; their layers apply capacity and say what they
-kept and dropped (``backends.fanout``).
+"""A group_send to members whose owner is connected goes out as one PUSH per owning
+connection; their layers apply capacity and say what they kept and dropped
+(``backends.fanout``). Memory stores nothing for them; Redis (and Cluster) keeps one
+leased record per owning client, no copy per member (``backends.redis.edge``).
 
 These tests watch the path (``channels_broker_messages_delivered_total{mode="edge"}``),
 the accounting (accepted, dropped), what a layer of protocol version 1 still gets, order
@@ -22,7 +23,7 @@ from tests.broker.samples import settled, value
 from tests.conftest import LayerFactory
 from tests.waits import assert_nothing_within, receive
 
-pytestmark = pytest.mark.backends("memory")
+pytestmark = pytest.mark.backends("memory", "redis", "redis+cluster")
 
 ACCEPTED = "channels_broker_messages_accepted_total"
 DELIVERED = "channels_broker_messages_delivered_total"

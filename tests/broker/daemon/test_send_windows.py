@@ -30,6 +30,7 @@ from protocol import (
     Ok,
     Ping,
     Pong,
+    Push,
     ReturnRoom,
     Send,
     Welcome,
@@ -251,6 +252,37 @@ async def test_confirms_are_held_and_merged_and_come_before_a_pong(broker_factor
     assert await client.next_frame() == Pong(9)
     client.close()
     await layers.aclose()
+
+
+@pytest.mark.backends("memory", "redis", "postgresql")
+async def test_a_held_confirm_goes_with_the_next_write_to_its_client(
+    broker_factory: Any,
+) -> None:
+    """--confirm-delay 1: a client that sends to its own channel (as a consumer answers a
+    peer on the same connection) gets the PUSH of each windowed SEND at once; the held
+    CONFIRM rides in the first write to it after half the delay, not a write of its own
+    when the delay is up.
+
+    1. SEND 2 (windowed): its PUSH comes, and no CONFIRM with it (held: too young).
+    2. 0.55 s later, SEND 3: its PUSH comes with the CONFIRM of 2 and 3 right behind it,
+       before the second is up."""
+    daemon = broker_factory(extra_args=("--confirm-delay", "1"))
+    client, welcome = await windowed(daemon, capacity=100)
+    channel = f"specific.{welcome.client_id}!{uuid.uuid4().hex[:12]}"
+    await client.write(encode_frame(Send(1, channel, message(1), 1)))
+    frames = [await client.next_frame(), await client.next_frame()]  # its OK and its PUSH
+    assert any(isinstance(frame, Ok) and frame.room for frame in frames), frames
+    started = time.monotonic()
+    await client.write(encode_frame(Send(0, channel, message(2), 2)))
+    push = await client.next_frame()
+    assert isinstance(push, Push) and push.payload == message(2), push
+    await asyncio.sleep(0.55)  # the held CONFIRM ages: no event says so
+    await client.write(encode_frame(Send(0, channel, message(3), 3)))
+    push, confirm = await client.next_frame(), await client.next_frame()
+    assert isinstance(push, Push) and push.payload == message(3), push
+    assert isinstance(confirm, Confirm) and confirm.through_seq == 3, confirm
+    assert time.monotonic() - started < 1, "the CONFIRM waited for --confirm-delay"
+    client.close()
 
 
 @pytest.mark.backends("memory")
