@@ -54,11 +54,17 @@ class Faults:
     """What the soak can break: each a callable run in a thread, with its name."""
 
     actions: list[tuple[str, Callable[[], None]]]
-    done: list[tuple[float, str]] = field(default_factory=list)
+    #: What was done: (began, ended, name), in seconds of ``Soak.elapsed``.
+    done: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """The process's resident set, 0 when it is gone (a daemon killed, not yet restarted)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -84,6 +90,11 @@ class Soak:
         self.room = f"soak-room-{random.randrange(10**9)}"
         self._ids = itertools.count()
         self._stop = asyncio.Event()
+        self._started = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since the traffic began: the clock of sends, faults and RSS samples."""
+        return time.monotonic() - self._started
 
     async def run(self, seconds: float, faults: Faults) -> None:
         """Set up, run traffic and faults for ``seconds``, then wait for the drain."""
@@ -95,6 +106,7 @@ class Soak:
             asyncio.create_task(self._read(layer, channel))
             for layer, channel in zip(self.consumers, self.channels, strict=True)
         ] + [asyncio.create_task(self._read(worker, self.jobs)) for worker in self.workers]
+        self._started = time.monotonic()
         background = [asyncio.create_task(self._sample_rss())]
         senders = [asyncio.create_task(self._send(layer)) for layer in self.senders]
         background.append(asyncio.create_task(self._break(faults)))
@@ -118,16 +130,19 @@ class Soak:
                 return
             message_id = f"m{next(self._ids)}"
             if n % self.shape.group_send_every == 0:
-                targets, call = list(self.channels), layer.group_send(self.room, {"id": message_id})
+                kind, targets = "group", list(self.channels)
+                call = layer.group_send(self.room, {"id": message_id})
             else:
                 channel = self.jobs if n % 2 else rng.choice(self.channels)
-                targets, call = [channel], layer.send(channel, {"id": message_id})
+                kind, targets = ("worker" if n % 2 else "own"), [channel]
+                call = layer.send(channel, {"id": message_id})
+            sent_at = self.elapsed()
             try:
                 await call
             except (ChannelFull, BrokerUnavailable):
-                self.ledger.refuse(message_id)
+                self.ledger.refuse(message_id, kind)
             else:
-                self.ledger.accept(message_id, targets)
+                self.ledger.accept(message_id, targets, kind, sent_at)
             await asyncio.sleep(self.shape.send_interval_s)
 
     async def _read(self, layer: Any, channel: str) -> None:
@@ -140,14 +155,14 @@ class Soak:
             self.ledger.deliver(channel, message["id"])
 
     async def _break(self, faults: Faults) -> None:
-        started = time.monotonic()
         for name, action in itertools.cycle(faults.actions):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.shape.fault_every_s)
             if self._stop.is_set():
                 return
+            began = self.elapsed()
             await asyncio.to_thread(action)
-            faults.done.append((time.monotonic() - started, name))
+            faults.done.append((began, self.elapsed(), name))
 
     def cut_a_connection(self) -> None:
         """Abort one consumer's socket, as a network fault would (from any thread)."""
@@ -158,10 +173,9 @@ class Soak:
                 client.loop.call_soon_threadsafe(conn.transport.abort)
 
     async def _sample_rss(self) -> None:
-        started = time.monotonic()
         while True:
             pids = self._pids()
-            self.rss.append((time.monotonic() - started, [rss_kb(pid) for pid in pids]))
+            self.rss.append((self.elapsed(), [rss_kb(pid) for pid in pids]))
             await asyncio.sleep(1.0)
 
     async def _drain(self) -> None:
