@@ -83,14 +83,17 @@ class Ledger:
     kinds: dict[str, str] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    #: Why each refused send was refused (the exception's name), and when.
+    refusals: list[tuple[float, str]] = field(default_factory=list)
 
     def accept(self, message_id: str, channels: list[str], kind: str, sent_at: float) -> None:
         self.kinds[message_id] = kind
         self.sent_at[message_id] = sent_at
         self.owed.update((channel, message_id) for channel in channels)
 
-    def refuse(self, message_id: str, kind: str) -> None:
+    def refuse(self, message_id: str, kind: str, reason: str, at: float) -> None:
         self.refused[message_id] = kind
+        self.refusals.append((at, reason))
 
     def deliver(self, channel: str, message_id: str) -> None:
         self.delivered[(channel, message_id)] += 1

@@ -67,6 +67,20 @@ def _misses(title: str, misses: list[Miss], faults: Faults) -> list[str]:
     return lines
 
 
+def _refusals(soak: Soak, faults: Faults) -> list[str]:
+    """Refused sends by reason, and how far after the fault nearest each began."""
+    if not soak.ledger.refusals:
+        return []
+    lines = ["refused, by reason and by the fault nearest the send:"]
+    nearest: Counter[tuple[str, str]] = Counter()
+    for at, reason in soak.ledger.refusals:
+        name = min(faults.done, key=lambda done: abs(done[0] - at))[2] if faults.done else "-"
+        nearest[(reason, name)] += 1
+    for (reason, name), n in nearest.most_common():
+        lines.append(f"  {n:7,} {reason}, nearest '{name}'")
+    return lines
+
+
 def soak_report(title: str, books: Reconciliation, faults: Faults, soak: Soak, expired: int) -> str:
     kinds = Counter(name for *_, name in faults.done)
     return "\n".join(
@@ -74,6 +88,7 @@ def soak_report(title: str, books: Reconciliation, faults: Faults, soak: Soak, e
             title,
             "faults injected: " + ", ".join(f"{n} x {name}" for name, n in kinds.items()),
             books.table(expired),
+            *_refusals(soak, faults),
             f"RSS over time; daemon 2's growth after warm-up {rss_growth(soak):+.1%}:",
             _rss_table(soak),
             *_misses("lost", books.lost, faults),

@@ -139,8 +139,8 @@ class Soak:
             sent_at = self.elapsed()
             try:
                 await call
-            except (ChannelFull, BrokerUnavailable):
-                self.ledger.refuse(message_id, kind)
+            except (ChannelFull, BrokerUnavailable) as exc:
+                self.ledger.refuse(message_id, kind, type(exc).__name__, sent_at)
             else:
                 self.ledger.accept(message_id, targets, kind, sent_at)
             await asyncio.sleep(self.shape.send_interval_s)
