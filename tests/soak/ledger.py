@@ -61,9 +61,11 @@ class Reconciliation:
             counts = (self.accepted, self.owed, self.delivered, self.refused, lost, twice)
             rows.append((kind, *(f"{pick(c):,}" for c in counts)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-        ]
+        # The kind to the left, the counts to the right.
+        justified = [[row[0].ljust(widths[0])] for row in rows]
+        for line, row in zip(justified, rows, strict=True):
+            line.extend(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
+        lines = ["  ".join(line) for line in justified]
         return "\n".join(
             [
                 *lines,
