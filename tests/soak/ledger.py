@@ -85,6 +85,10 @@ class Ledger:
     kinds: dict[str, str] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    #: The first delivery of each message on the workers' channel: (when, to whom).
+    first_delivery: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
+    #: Each delivery of a message that came before, told with its first one.
+    repeats: list[str] = field(default_factory=list)
     #: Why each refused send was refused (the exception's name), and when.
     refusals: list[tuple[float, str]] = field(default_factory=list)
 
@@ -97,8 +101,18 @@ class Ledger:
         self.refused[message_id] = kind
         self.refusals.append((at, reason))
 
-    def deliver(self, channel: str, message_id: str) -> None:
-        self.delivered[(channel, message_id)] += 1
+    def deliver(self, channel: str, message_id: str, at: float, by: str = "") -> None:
+        """A delivery to ``channel`` at ``at`` s; ``by``: which layer, through which
+        daemon (given for the workers' channel, where a copy may reach another worker)."""
+        pair = (channel, message_id)
+        self.delivered[pair] += 1
+        if self.delivered[pair] == 1:
+            if by:
+                self.first_delivery[pair] = (at, by)
+        else:
+            first = self.first_delivery.get(pair)
+            before = f"first {first[1]} at {first[0]:.2f} s, " if first else ""
+            self.repeats.append(f"{message_id}: {before}again {by or channel} at {at:.2f} s")
 
     def outstanding(self) -> int:
         """Owed deliveries not yet made."""

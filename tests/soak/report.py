@@ -3,6 +3,7 @@ loss or double beside the fault just before it (the start of its diagnosis)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from tests.broker.http_client import http_get
@@ -107,6 +108,13 @@ def _pushes_at_kills(books: Reconciliation, faults: Faults) -> list[str]:
     ]
 
 
+def _timeline(soak: Soak, faults: Faults) -> str:
+    """When the traffic began (to read the daemons' logs by) and each fault."""
+    began = time.strftime("%H:%M:%S", time.gmtime(soak.began_at))
+    done = "; ".join(f"{a:.1f}-{b:.1f} s {name}" for a, b, name in faults.done)
+    return f"traffic began at {began} UTC; faults: {done}"
+
+
 def soak_report(title: str, books: Reconciliation, faults: Faults, soak: Soak, expired: int) -> str:
     kinds = Counter(name for *_, name in faults.done)
     return "\n".join(
@@ -120,6 +128,8 @@ def soak_report(title: str, books: Reconciliation, faults: Faults, soak: Soak, e
             *_misses("lost", books.lost, faults),
             *_pushes_at_kills(books, faults),
             *_misses("delivered twice", books.duplicated, faults),
+            *(f"  {repeat}" for repeat in soak.ledger.repeats[:50]),
+            _timeline(soak, faults),
             "",
         ]
     )

@@ -78,6 +78,8 @@ class Soak:
         self.ledger = Ledger()
         self.rss: list[tuple[float, list[int]]] = []
         self._pids = daemon_pids
+        #: Daemon number (1, 2) by its port, to tell whom a layer is connected to.
+        self._daemon_by_port = {int(host.rsplit(":", 1)[1]): n for n, host in enumerate(hosts, 1)}
         rotations = [hosts, hosts[::-1]]
         make = lambda i: BrokerChannelLayer(  # noqa: E731
             hosts=rotations[i % 2], capacity=CAPACITY, expiry=EXPIRY_S, group_expiry=EXPIRY_S
@@ -91,6 +93,8 @@ class Soak:
         self._ids = itertools.count()
         self._stop = asyncio.Event()
         self._started = time.monotonic()
+        #: Wall-clock time the traffic began, to read the daemons' logs by.
+        self.began_at = time.time()
 
     def elapsed(self) -> float:
         """Seconds since the traffic began: the clock of sends, faults and RSS samples."""
@@ -105,8 +109,12 @@ class Soak:
         readers = [
             asyncio.create_task(self._read(layer, channel))
             for layer, channel in zip(self.consumers, self.channels, strict=True)
-        ] + [asyncio.create_task(self._read(worker, self.jobs)) for worker in self.workers]
+        ] + [
+            asyncio.create_task(self._read(worker, self.jobs, f"worker {i}"))
+            for i, worker in enumerate(self.workers)
+        ]
         self._started = time.monotonic()
+        self.began_at = time.time()
         background = [asyncio.create_task(self._sample_rss())]
         senders = [asyncio.create_task(self._send(layer)) for layer in self.senders]
         background.append(asyncio.create_task(self._break(faults)))
@@ -145,14 +153,24 @@ class Soak:
                 self.ledger.accept(message_id, targets, kind, sent_at)
             await asyncio.sleep(self.shape.send_interval_s)
 
-    async def _read(self, layer: Any, channel: str) -> None:
+    async def _read(self, layer: Any, channel: str, name: str = "") -> None:
+        """Receive on ``channel`` for ever; ``name``: a worker's, told with its daemon."""
         while True:
             try:
                 message = await layer.receive(channel)
             except BrokerUnavailable:
                 await asyncio.sleep(0.05)
                 continue
-            self.ledger.deliver(channel, message["id"])
+            by = f"{name} via {self._daemon_of(layer)}" if name else ""
+            self.ledger.deliver(channel, message["id"], self.elapsed(), by)
+
+    def _daemon_of(self, layer: Any) -> str:
+        """The daemon (``host:port``) a layer is connected to now, if it is."""
+        for client in layer._clients.values():
+            if client.conn is not None and client.conn.transport is not None:
+                peer = client.conn.transport.get_extra_info("peername")
+                return f"daemon {self._daemon_by_port.get(peer[1], peer[1])}" if peer else "?"
+        return "no daemon"
 
     async def _break(self, faults: Faults) -> None:
         for name, action in itertools.cycle(faults.actions):
