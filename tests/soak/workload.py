@@ -178,9 +178,14 @@ class Soak:
                 await asyncio.wait_for(self._stop.wait(), self.shape.fault_every_s)
             if self._stop.is_set():
                 return
-            began = self.elapsed()
-            await asyncio.to_thread(action)
-            faults.done.append((began, self.elapsed(), name))
+            faults.done.append(await asyncio.to_thread(self._timed, action, name))
+
+    def _timed(self, action: Callable[[], None], name: str) -> tuple[float, float, str]:
+        # Timed in its thread: the soak's busy loop (and a queue in the default
+        # executor) would make the fault look later than it was.
+        began = self.elapsed()
+        action()
+        return began, self.elapsed(), name
 
     def cut_a_connection(self) -> None:
         """Abort one consumer's socket, as a network fault would (from any thread)."""
