@@ -108,6 +108,18 @@ def _pushes_at_kills(books: Reconciliation, faults: Faults) -> list[str]:
     ]
 
 
+def _loop_lag(soak: Soak) -> str:
+    """How late the soak's own loop woke: its clients' lag behind the daemons."""
+    lags = sorted(lag for _, lag in soak.loop_lag)
+    if not lags:
+        return "the soak's loop lag: no samples"
+    worst_at, worst = max(soak.loop_lag, key=lambda sample: sample[1])
+    return (
+        f"the soak's own loop woke late by {lags[len(lags) // 2]:.2f} s (median), "
+        f"{lags[int(len(lags) * 0.99)]:.2f} s (p99), {worst:.2f} s at worst (at {worst_at:.0f} s)"
+    )
+
+
 def _timeline(soak: Soak, faults: Faults) -> str:
     """When the traffic began (to read the daemons' logs by) and each fault."""
     began = time.strftime("%H:%M:%S", time.gmtime(soak.began_at))
@@ -123,6 +135,7 @@ def soak_report(title: str, books: Reconciliation, faults: Faults, soak: Soak, e
             "faults injected: " + ", ".join(f"{n} x {name}" for name, n in kinds.items()),
             books.table(expired),
             *_refusals(soak, faults),
+            _loop_lag(soak),
             f"RSS over time; daemon 2's growth after warm-up {rss_growth(soak):+.1%}:",
             _rss_table(soak),
             *_misses("lost", books.lost, faults),

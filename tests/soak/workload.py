@@ -77,6 +77,8 @@ class Soak:
         self.shape = shape
         self.ledger = Ledger()
         self.rss: list[tuple[float, list[int]]] = []
+        #: (when, seconds late) of each RSS sample's wake-up.
+        self.loop_lag: list[tuple[float, float]] = []
         self._pids = daemon_pids
         #: Daemon number (1, 2) by its port, to tell whom a layer is connected to.
         self._daemon_by_port = {int(host.rsplit(":", 1)[1]): n for n, host in enumerate(hosts, 1)}
@@ -196,10 +198,14 @@ class Soak:
                 client.loop.call_soon_threadsafe(conn.transport.abort)
 
     async def _sample_rss(self) -> None:
+        """Every second: the daemons' RSS, and how late this loop woke (the soak's own
+        lag: a client that lags past a lease sees its messages given to another)."""
         while True:
             pids = self._pids()
             self.rss.append((self.elapsed(), [rss_kb(pid) for pid in pids]))
+            asleep = time.monotonic()
             await asyncio.sleep(1.0)
+            self.loop_lag.append((self.elapsed(), time.monotonic() - asleep - 1.0))
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
