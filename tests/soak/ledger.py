@@ -89,17 +89,21 @@ class Ledger:
     first_delivery: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     #: Each delivery of a message that came before, told with its first one.
     repeats: list[str] = field(default_factory=list)
-    #: Why each refused send was refused (the exception's name), and when.
-    refusals: list[tuple[float, str]] = field(default_factory=list)
+    #: Each refusal: when, why (the exception's name), its kind, and how many owed
+    #: deliveries of that kind were waiting then.
+    refusals: list[tuple[float, str, str, int]] = field(default_factory=list)
+    #: Owed deliveries not yet made, by kind.
+    waiting: Counter[str] = field(default_factory=Counter)
 
     def accept(self, message_id: str, channels: list[str], kind: str, sent_at: float) -> None:
         self.kinds[message_id] = kind
         self.sent_at[message_id] = sent_at
         self.owed.update((channel, message_id) for channel in channels)
+        self.waiting[kind] += len(channels)
 
     def refuse(self, message_id: str, kind: str, reason: str, at: float) -> None:
         self.refused[message_id] = kind
-        self.refusals.append((at, reason))
+        self.refusals.append((at, reason, kind, self.waiting[kind]))
 
     def deliver(self, channel: str, message_id: str, at: float, by: str = "") -> None:
         """A delivery to ``channel`` at ``at`` s; ``by``: which layer, through which
@@ -107,6 +111,7 @@ class Ledger:
         pair = (channel, message_id)
         self.delivered[pair] += 1
         if self.delivered[pair] == 1:
+            self.waiting[self.kinds.get(message_id, "refused")] -= 1
             if by:
                 self.first_delivery[pair] = (at, by)
         else:

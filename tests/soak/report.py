@@ -8,7 +8,7 @@ from collections import Counter
 
 from tests.broker.http_client import http_get
 from tests.soak.ledger import Miss, Reconciliation
-from tests.soak.workload import Faults, Soak
+from tests.soak.workload import CAPACITY, Faults, Soak
 
 __all__ = ["KILL", "expired_total", "pushes_lost_to_kills", "rss_growth", "soak_report"]
 
@@ -21,14 +21,14 @@ KILL_WINDOW_S = 2.0
 
 
 def pushes_lost_to_kills(books: Reconciliation, faults: Faults) -> list[Miss]:
-    """Losses of messages to consumers' own channels sent shortly before a daemon was
-    SIGKILLed or while it was: pushes the killed daemon held (on PostgreSQL, not yet
-    kept through a kill: docs/flow.md, *Not yet*)."""
+    """Losses of messages to consumers' own channels (sent there or group-sent) sent
+    shortly before a daemon was SIGKILLed or while it was: pushes the killed daemon
+    held (on PostgreSQL, not yet kept through a kill: docs/flow.md, *Not yet*)."""
     kills = [(began, ended) for began, ended, name in faults.done if name == KILL]
     return [
         miss
         for miss in books.lost
-        if miss.kind == "own"
+        if miss.kind in ("own", "group")
         and any(began - KILL_WINDOW_S <= miss.sent_at <= ended for began, ended in kills)
     ]
 
@@ -86,16 +86,20 @@ def _misses(title: str, misses: list[Miss], faults: Faults) -> list[str]:
 
 
 def _refusals(soak: Soak, faults: Faults) -> list[str]:
-    """Refused sends by reason, and how far after the fault nearest each began."""
+    """Refused sends by reason and kind: when, and how many of that kind were waiting
+    undelivered then (near the capacity: the channel was full indeed)."""
     if not soak.ledger.refusals:
         return []
-    lines = ["refused, by reason and by the fault nearest the send:"]
-    nearest: Counter[tuple[str, str]] = Counter()
-    for at, reason in soak.ledger.refusals:
-        name = min(faults.done, key=lambda done: abs(done[0] - at))[2] if faults.done else "-"
-        nearest[(reason, name)] += 1
-    for (reason, name), n in nearest.most_common():
-        lines.append(f"  {n:7,} {reason}, nearest '{name}'")
+    lines = [f"refused (capacity {CAPACITY:,}), by reason and kind:"]
+    groups: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    for at, reason, kind, waiting in soak.ledger.refusals:
+        groups.setdefault((reason, kind), []).append((at, waiting))
+    for (reason, kind), seen in sorted(groups.items()):
+        times, waiting = [at for at, _ in seen], [w for _, w in seen]
+        lines.append(
+            f"  {len(seen):7,} {reason} ({kind}) from {min(times):.0f} s to {max(times):.0f} s, "
+            f"{min(waiting):,}-{max(waiting):,} of that kind waiting then"
+        )
     return lines
 
 
@@ -103,7 +107,7 @@ def _pushes_at_kills(books: Reconciliation, faults: Faults) -> list[str]:
     if not (pushed := pushes_lost_to_kills(books, faults)):
         return []
     return [
-        f"  of these, {len(pushed)} were to consumers' own channels, sent at most "
+        f"  of these, {len(pushed)} were to consumers' own channels (sent or group-sent) at most "
         f"{KILL_WINDOW_S:.0f} s before a daemon SIGKILL (pushes the killed daemon held)"
     ]
 
