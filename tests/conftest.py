@@ -41,14 +41,6 @@ BACKEND_URLS = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-#: tests/soak runs by ``make soak`` only (it sets the duration), until it reconciles on
-#: both storages: on Redis it does (a worker's message is leased until its consumer
-#: acknowledges it, issue 15); on PostgreSQL a daemon SIGKILLed within 20 ms of handing
-#: out a worker's message gives it again, possibly to another worker process (its
-#: leases are ended by the daemon, not yet by the consumer), and a message pushed to a
-#: client's own channel in the killed daemon's hands is lost (at most once, any storage).
-collect_ignore = [] if os.environ.get("CHANNELS_BROKER_SOAK_SECONDS") else ["soak"]
-
 T = TypeVar("T")
 
 

@@ -10,6 +10,7 @@ and writes each report to ``CHANNELS_BROKER_SOAK_REPORT_DIR`` if set.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,20 +18,36 @@ import pytest
 
 from tests import pg_server, servers
 from tests.conftest import BrokerProcess
+from tests.soak.report import (
+    KILL,
+    expired_total,
+    pushes_lost_to_kills,
+    rss_growth,
+    soak_report,
+)
 from tests.soak.workload import Faults, Soak, SoakShape
 
 SECONDS = float(os.environ.get("CHANNELS_BROKER_SOAK_SECONDS", "30"))
-#: The full shape for ``make soak``; the suite's 30 s run uses a small site.
-SHAPE = (
-    SoakShape()
-    if SECONDS > 60
-    else SoakShape(consumers=40, workers=6, senders=10, fault_every_s=5.0)
-)
+#: ``make soak``'s run (minutes); otherwise the suite's 30 s run.
+LONG = SECONDS > 60
+#: The full shape for ``make soak``; the suite's run uses a small site, and a fault
+#: every 4 s so each kind comes at least once in 30 s even on a loaded machine.
+SHAPE = SoakShape() if LONG else SoakShape(consumers=40, workers=6, senders=10, fault_every_s=4.0)
 #: RSS of the daemon that is never killed may grow this much from the second quarter
-#: of the run to its end (warm-up is over by then; a leak keeps growing).
-RSS_GROWTH = 0.20
+#: of the run to its end: warm-up is over by then in minutes, and a leak keeps growing.
+#: In 30 s the second quarter is 8 s in, some buffers are still growing: more room.
+RSS_GROWTH = 0.10 if LONG else 0.20
+#: PostgreSQL does not yet keep a message pushed to a client's own channel through a
+#: SIGKILL of the daemon holding it (docs/flow.md, *Not yet*: stored pushes are not
+#: leased, direct ones never stored). Until it does, such losses on PostgreSQL (sent
+#: just before a SIGKILL, to an own channel: ``pushes_lost_to_kills``) are reported and
+#: do not fail the soak; any other loss does. Set True when PostgreSQL keeps them.
+POSTGRES_KEEPS_PUSHES_THROUGH_SIGKILL = False
 
-pytestmark = pytest.mark.timeout(SECONDS + 300)
+#: Where each report goes, with the daemons' logs (for the diagnosis of a loss).
+REPORT_DIR = os.environ.get("CHANNELS_BROKER_SOAK_REPORT_DIR")
+
+pytestmark = [pytest.mark.timeout(SECONDS + 300), pytest.mark.slow]
 
 
 class Storage:
@@ -75,8 +92,10 @@ def daemons(storage: Storage) -> Iterator[list[BrokerProcess]]:
     for daemon in made:
         daemon.start()
     yield made
-    for daemon in made:
+    for n, daemon in enumerate(made, 1):
         daemon.kill()
+        if REPORT_DIR:
+            shutil.copy(daemon.log_path, Path(REPORT_DIR, f"soak-{storage.kind}-daemon{n}.log"))
         daemon.log_path.unlink(missing_ok=True)
 
 
@@ -88,28 +107,17 @@ def restart_killed(daemon: BrokerProcess) -> Callable[[], None]:
     return action
 
 
-def rss_report(soak: Soak) -> tuple[str, float]:
-    """The kept daemon's RSS over time, and its growth from the second quarter to the end."""
-    samples = [(t, kbs[1]) for t, kbs in soak.rss if len(kbs) > 1]
-    quarter = len(samples) // 4
-    settled = max(kb for _, kb in samples[quarter : 2 * quarter + 1])
-    final = max(kb for _, kb in samples[-max(quarter, 1) :])
-    lines = [
-        f"  {t:6.0f} s  {kb / 1024:7.1f} MiB" for t, kb in samples[:: max(1, len(samples) // 10)]
-    ]
-    return "\n".join(lines), final / settled - 1
-
-
 async def test_soak_reconciles_exactly_with_flat_memory(
     storage: Storage, daemons: list[BrokerProcess]
 ) -> None:
     first, second = daemons
     soak = Soak([first.url, second.url], SHAPE, lambda: [d.process.pid for d in daemons])  # type: ignore[union-attr]
+    # The slowest fault last: in 30 s on a loaded machine each kind still comes once.
     faults = Faults(
         [
-            ("SIGKILL daemon 1 and start it again", restart_killed(first)),
-            (f"restart {storage.kind}", storage.restart),
             ("cut a consumer's connection", soak.cut_a_connection),
+            (KILL, restart_killed(first)),
+            (f"restart {storage.kind}", storage.restart),
         ]
     )
     try:
@@ -117,20 +125,18 @@ async def test_soak_reconciles_exactly_with_flat_memory(
     finally:
         await soak.close()
     books = soak.ledger.reconcile()
-    rss, growth = rss_report(soak)
-    report = (
-        f"soak on {storage.kind}, {SECONDS:.0f} s, {SHAPE}\n"
-        f"faults: {faults.done}\n{books.summary()}\n"
-        f"expired 0 (expiry {3600} s: nothing accepted may lapse)\n"
-        f"RSS of daemon 2 (never killed), growth after warm-up {growth:+.1%}:\n{rss}\n"
-    )
+    title = f"soak on {storage.kind}: {SECONDS:.0f} s, two daemons, {SHAPE}"
+    expired = expired_total([d.metrics_port for d in daemons])
+    report = soak_report(title, books, faults, soak, expired)
     print(report)
-    if report_dir := os.environ.get("CHANNELS_BROKER_SOAK_REPORT_DIR"):
-        Path(report_dir, f"soak-{storage.kind}.txt").write_text(report)
-    assert faults.done, "faults happened"
-    assert books.is_exact, (
-        books.lost[:10],
-        books.duplicated[:10],
-        books.refused_yet_delivered[:10],
-    )
-    assert growth < RSS_GROWTH, rss
+    if REPORT_DIR:
+        Path(REPORT_DIR, f"soak-{storage.kind}.txt").write_text(report)
+    assert {name for *_, name in faults.done} == {name for name, _ in faults.actions}, faults.done
+    known = []
+    if storage.kind == "postgresql" and not POSTGRES_KEEPS_PUSHES_THROUGH_SIGKILL:
+        known = pushes_lost_to_kills(books, faults)
+    lost = [miss for miss in books.lost if miss not in known]
+    assert not (lost or books.duplicated or books.refused_yet_delivered), report
+    assert not books.unexpected, report
+    assert expired == 0, report
+    assert rss_growth(soak) < RSS_GROWTH, report

@@ -54,11 +54,17 @@ class Faults:
     """What the soak can break: each a callable run in a thread, with its name."""
 
     actions: list[tuple[str, Callable[[], None]]]
-    done: list[tuple[float, str]] = field(default_factory=list)
+    #: What was done: (began, ended, name), in seconds of ``Soak.elapsed``.
+    done: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """The process's resident set, 0 when it is gone (a daemon killed, not yet restarted)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
@@ -71,7 +77,11 @@ class Soak:
         self.shape = shape
         self.ledger = Ledger()
         self.rss: list[tuple[float, list[int]]] = []
+        #: (when, seconds late) of each RSS sample's wake-up.
+        self.loop_lag: list[tuple[float, float]] = []
         self._pids = daemon_pids
+        #: Daemon number (1, 2) by its port, to tell whom a layer is connected to.
+        self._daemon_by_port = {int(host.rsplit(":", 1)[1]): n for n, host in enumerate(hosts, 1)}
         rotations = [hosts, hosts[::-1]]
         make = lambda i: BrokerChannelLayer(  # noqa: E731
             hosts=rotations[i % 2], capacity=CAPACITY, expiry=EXPIRY_S, group_expiry=EXPIRY_S
@@ -84,6 +94,13 @@ class Soak:
         self.room = f"soak-room-{random.randrange(10**9)}"
         self._ids = itertools.count()
         self._stop = asyncio.Event()
+        self._started = time.monotonic()
+        #: Wall-clock time the traffic began, to read the daemons' logs by.
+        self.began_at = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds since the traffic began: the clock of sends, faults and RSS samples."""
+        return time.monotonic() - self._started
 
     async def run(self, seconds: float, faults: Faults) -> None:
         """Set up, run traffic and faults for ``seconds``, then wait for the drain."""
@@ -94,7 +111,12 @@ class Soak:
         readers = [
             asyncio.create_task(self._read(layer, channel))
             for layer, channel in zip(self.consumers, self.channels, strict=True)
-        ] + [asyncio.create_task(self._read(worker, self.jobs)) for worker in self.workers]
+        ] + [
+            asyncio.create_task(self._read(worker, self.jobs, f"worker {i}"))
+            for i, worker in enumerate(self.workers)
+        ]
+        self._started = time.monotonic()
+        self.began_at = time.time()
         background = [asyncio.create_task(self._sample_rss())]
         senders = [asyncio.create_task(self._send(layer)) for layer in self.senders]
         background.append(asyncio.create_task(self._break(faults)))
@@ -118,36 +140,54 @@ class Soak:
                 return
             message_id = f"m{next(self._ids)}"
             if n % self.shape.group_send_every == 0:
-                targets, call = list(self.channels), layer.group_send(self.room, {"id": message_id})
+                kind, targets = "group", list(self.channels)
+                call = layer.group_send(self.room, {"id": message_id})
             else:
                 channel = self.jobs if n % 2 else rng.choice(self.channels)
-                targets, call = [channel], layer.send(channel, {"id": message_id})
+                kind, targets = ("worker" if n % 2 else "own"), [channel]
+                call = layer.send(channel, {"id": message_id})
+            sent_at = self.elapsed()
             try:
                 await call
-            except (ChannelFull, BrokerUnavailable):
-                self.ledger.refuse(message_id)
+            except (ChannelFull, BrokerUnavailable) as exc:
+                self.ledger.refuse(message_id, kind, type(exc).__name__, sent_at)
             else:
-                self.ledger.accept(message_id, targets)
+                self.ledger.accept(message_id, targets, kind, sent_at)
             await asyncio.sleep(self.shape.send_interval_s)
 
-    async def _read(self, layer: Any, channel: str) -> None:
+    async def _read(self, layer: Any, channel: str, name: str = "") -> None:
+        """Receive on ``channel`` for ever; ``name``: a worker's, told with its daemon."""
         while True:
             try:
                 message = await layer.receive(channel)
             except BrokerUnavailable:
                 await asyncio.sleep(0.05)
                 continue
-            self.ledger.deliver(channel, message["id"])
+            by = f"{name} via {self._daemon_of(layer)}" if name else ""
+            self.ledger.deliver(channel, message["id"], self.elapsed(), by)
+
+    def _daemon_of(self, layer: Any) -> str:
+        """The daemon (``host:port``) a layer is connected to now, if it is."""
+        for client in layer._clients.values():
+            if client.conn is not None and client.conn.transport is not None:
+                peer = client.conn.transport.get_extra_info("peername")
+                return f"daemon {self._daemon_by_port.get(peer[1], peer[1])}" if peer else "?"
+        return "no daemon"
 
     async def _break(self, faults: Faults) -> None:
-        started = time.monotonic()
         for name, action in itertools.cycle(faults.actions):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.shape.fault_every_s)
             if self._stop.is_set():
                 return
-            await asyncio.to_thread(action)
-            faults.done.append((time.monotonic() - started, name))
+            faults.done.append(await asyncio.to_thread(self._timed, action, name))
+
+    def _timed(self, action: Callable[[], None], name: str) -> tuple[float, float, str]:
+        # Timed in its thread: the soak's busy loop (and a queue in the default
+        # executor) would make the fault look later than it was.
+        began = self.elapsed()
+        action()
+        return began, self.elapsed(), name
 
     def cut_a_connection(self) -> None:
         """Abort one consumer's socket, as a network fault would (from any thread)."""
@@ -158,11 +198,14 @@ class Soak:
                 client.loop.call_soon_threadsafe(conn.transport.abort)
 
     async def _sample_rss(self) -> None:
-        started = time.monotonic()
+        """Every second: the daemons' RSS, and how late this loop woke (the soak's own
+        lag: a client that lags past a lease sees its messages given to another)."""
         while True:
             pids = self._pids()
-            self.rss.append((time.monotonic() - started, [rss_kb(pid) for pid in pids]))
+            self.rss.append((self.elapsed(), [rss_kb(pid) for pid in pids]))
+            asleep = time.monotonic()
             await asyncio.sleep(1.0)
+            self.loop_lag.append((self.elapsed(), time.monotonic() - asleep - 1.0))
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
