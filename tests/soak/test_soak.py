@@ -21,7 +21,6 @@ from tests.conftest import BrokerProcess
 from tests.soak.report import (
     KILL,
     expired_total,
-    pushes_lost_to_kills,
     rss_growth,
     soak_report,
 )
@@ -37,13 +36,6 @@ SHAPE = SoakShape() if LONG else SoakShape(consumers=40, workers=6, senders=10, 
 #: of the run to its end: warm-up is over by then in minutes, and a leak keeps growing.
 #: In 30 s the second quarter is 8 s in, some buffers are still growing: more room.
 RSS_GROWTH = 0.10 if LONG else 0.20
-#: PostgreSQL does not yet keep a message pushed to a client's own channel through a
-#: SIGKILL of the daemon holding it (docs/flow.md, *Not yet*: stored pushes are not
-#: leased, direct ones never stored). Until it does, such losses on PostgreSQL (sent
-#: just before a SIGKILL, to an own channel: ``pushes_lost_to_kills``) are reported and
-#: do not fail the soak; any other loss does. Set True when PostgreSQL keeps them.
-POSTGRES_KEEPS_PUSHES_THROUGH_SIGKILL = False
-
 #: Where each report goes, with the daemons' logs (for the diagnosis of a loss).
 REPORT_DIR = os.environ.get("CHANNELS_BROKER_SOAK_REPORT_DIR")
 
@@ -132,11 +124,7 @@ async def test_soak_reconciles_exactly_with_flat_memory(
     if REPORT_DIR:
         Path(REPORT_DIR, f"soak-{storage.kind}.txt").write_text(report)
     assert {name for *_, name in faults.done} == {name for name, _ in faults.actions}, faults.done
-    known = []
-    if storage.kind == "postgresql" and not POSTGRES_KEEPS_PUSHES_THROUGH_SIGKILL:
-        known = pushes_lost_to_kills(books, faults)
-    lost = [miss for miss in books.lost if miss not in known]
-    assert not (lost or books.duplicated or books.refused_yet_delivered), report
+    assert not (books.lost or books.duplicated or books.refused_yet_delivered), report
     assert not books.unexpected, report
     assert expired == 0, report
     assert rss_growth(soak) < RSS_GROWTH, report
