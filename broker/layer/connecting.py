@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import ssl
@@ -191,14 +192,22 @@ async def _open(
     factory: Callable[[], _P],
 ) -> _P:
     scheme, address, port = host
-    if scheme == "unix":
-        _, conn = await loop.create_unix_connection(factory, address)
-    else:
+    try:
+        if scheme == "unix":
+            _, conn = await loop.create_unix_connection(factory, address)
+            return conn
         tls = settings.tls_for(host)
         transport, conn = await loop.create_connection(factory, address, port, ssl=tls)
-        if transport.is_closing():  # closed as soon as it opened: conn will not hear of it
-            refused = tls_refusal(None, transport)
-            raise refused or ConnectionResetError(f"{host_url(host)} closed the connection")
+    except ConnectionResetError as exc:
+        # Reset before the connect returned: the listener closed with this connection
+        # in its queue (a daemon stopping or killed; on a loaded machine the loop looks
+        # at the connect only after the kernel reset it). Nothing listens there now.
+        raise ConnectionRefusedError(
+            errno.ECONNREFUSED, f"{host_url(host)} reset the connection as it was made"
+        ) from exc
+    if transport.is_closing():  # closed as soon as it opened: conn will not hear of it
+        refused = tls_refusal(None, transport)
+        raise refused or ConnectionResetError(f"{host_url(host)} closed the connection")
     return conn
 
 

@@ -9,10 +9,13 @@ still catches it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +66,30 @@ def test_a_missing_unix_socket_is_a_refused_connection(tmp_path: Path) -> None:
         async_to_sync(layer.group_send)("room", {"type": "chat.message"})
     assert f"no socket at unix://{path}" in str(raised.value)
     assert f"channels-broker serve --unix {path}" in str(raised.value)
+
+
+async def test_a_connection_reset_as_it_is_made_is_a_refused_connection() -> None:
+    """A daemon that stops (or is killed) closes its listening socket with a layer's new
+    connection in its queue: the kernel resets that connection, and a loop that looks
+    at the connect after that (a loaded machine) sees it fail with ECONNRESET ("Connect
+    call failed"). Nothing listens there any more: BrokerConnectionRefused, as for a
+    refusal, not a plain BrokerUnavailable (which a send would retry as if the daemon
+    might have stored it, and which the outage's log named as an unknown failure)."""
+    listener = socket.create_server(("127.0.0.1", 0))  # a daemon's, which never accepts
+    url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    layer = BrokerChannelLayer(hosts=[url])
+    sending = asyncio.ensure_future(layer.send("jobs", {"type": "job"}))
+    try:
+        # Until the layer's connect is in the queue; this loop has not looked at it yet.
+        while not select.select([listener], [], [], 0)[0] and not sending.done():
+            await asyncio.sleep(0)
+        listener.close()  # as the daemon's exit does: the queued connection is reset
+        with pytest.raises(BrokerConnectionRefused) as raised:
+            await sending
+    finally:
+        listener.close()
+        await layer.close()
+    assert f"connection refused at {url}" in str(raised.value)
 
 
 def test_a_host_name_that_does_not_resolve_is_named() -> None:
