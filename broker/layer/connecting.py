@@ -51,7 +51,9 @@ log = logging.getLogger("channels_broker.layer")
 
 #: Reconnect backoff: first delay, cap, in seconds; each pause is jittered (half to all
 #: of the delay), so the processes of a site that lost their daemon do not all come back
-#: in the same instant.
+#: in the same instant. While a call waits for a restarting daemon, pauses are no longer
+#: than the first: it goes through as soon as the daemon is back, not up to 2 s after
+#: (past its connect_timeout, if the daemon came back late in it).
 RECONNECT_FIRST_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 2.0
 
@@ -101,6 +103,8 @@ class Dialer:
         self._round: asyncio.Future[None] = loop.create_future()
         #: Set to cut the pause between two rounds short.
         self._hurry = asyncio.Event()
+        #: Calls that cannot wait long (``wait``, not patient) waiting for a connection.
+        self._impatient = 0
 
     async def connect(self, factory: Callable[[], _P]) -> _P:
         """A connection to the first host that answers; tries again, with backoff, until
@@ -112,7 +116,8 @@ class Dialer:
             if conn is not None:
                 return conn
             self._end_round()
-            await self._pause(delay * random.uniform(0.5, 1.0))
+            pause = min(delay, RECONNECT_FIRST_DELAY_S) if self._impatient else delay
+            await self._pause(pause * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
     async def _round_of_hosts(self, factory: Callable[[], _P]) -> _P | None:
@@ -156,16 +161,20 @@ class Dialer:
         started = self.loop.time()
         deadline = started + self.settings.connect_timeout_s
         self._hurry.set()  # a fresh round now, not after the backoff pause
-        while not connecting.done():
-            round_ = self._round
-            timeout_s = max(deadline - self.loop.time(), 0)
-            await asyncio.wait(
-                (connecting, round_), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if connecting.done():
-                break
-            if not round_.done() or not self.outages.is_restarting():
-                raise self.unreachable(self.loop.time() - started)
+        self._impatient += 1  # and the next ones soon: a restarting daemon is found at once
+        try:
+            while not connecting.done():
+                round_ = self._round
+                timeout_s = max(deadline - self.loop.time(), 0)
+                await asyncio.wait(
+                    (connecting, round_), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if connecting.done():
+                    break
+                if not round_.done() or not self.outages.is_restarting():
+                    raise self.unreachable(self.loop.time() - started)
+        finally:
+            self._impatient -= 1
         return _result(connecting)
 
     async def _wait_patiently(self, connecting: asyncio.Task[_P]) -> _P:
