@@ -128,6 +128,7 @@ class Dialer:
                 conn = await asyncio.wait_for(
                     _open(self.settings, self.loop, host, factory), timeout_s
                 )
+                _still_open(conn, host)
             except OSError as exc:  # TimeoutError too: no answer within connect_timeout
                 log.debug("cannot connect to %s: %s", host_url(host), exc)
                 self.failures[host] = exc
@@ -206,7 +207,7 @@ async def _open(
             _, conn = await loop.create_unix_connection(factory, address)
             return conn
         tls = settings.tls_for(host)
-        transport, conn = await loop.create_connection(factory, address, port, ssl=tls)
+        _, conn = await loop.create_connection(factory, address, port, ssl=tls)
     except ConnectionResetError as exc:
         # Reset before the connect returned: the listener closed with this connection
         # in its queue (a daemon stopping or killed; on a loaded machine the loop looks
@@ -214,10 +215,19 @@ async def _open(
         raise ConnectionRefusedError(
             errno.ECONNREFUSED, f"{host_url(host)} reset the connection as it was made"
         ) from exc
-    if transport.is_closing():  # closed as soon as it opened: conn will not hear of it
+    return conn
+
+
+def _still_open(conn: asyncio.Protocol, host: Host) -> None:
+    """Raise if ``conn`` closed as soon as it opened. Checked where its client takes it,
+    with no await between: its ``connection_lost`` came before the client knew it, so
+    nothing else will tell (``wait_for`` runs ``_open`` as a task of its own, and a loop
+    pass between its end and the client meant a dead connection kept, and calls waiting
+    on it for ever)."""
+    transport = getattr(conn, "transport", None)
+    if transport is not None and transport.is_closing():
         refused = tls_refusal(None, transport)
         raise refused or ConnectionResetError(f"{host_url(host)} closed the connection")
-    return conn
 
 
 def tls_refusal(
