@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests import pg_server, servers
-from tests.ports import free_port
+from tests.ports import free_port, free_ports
 from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, START_TIMEOUT_S
 
 #: Every layer test runs once per backend URL. More are added as their servers are.
@@ -81,8 +81,8 @@ class BrokerProcess:
         self.unix_path = unix_path
         self.max_message_bytes = max_message_bytes
         self.open_files = open_files
-        self.port = free_port()
-        self.metrics_port = free_port()
+        # One call: two calls may return the same port (each socket is closed between).
+        self.port, self.metrics_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         fd, log_name = tempfile.mkstemp(prefix="channels-broker-", suffix=".log")
         os.close(fd)

@@ -25,7 +25,7 @@ import pytest
 from broker.cli import serve
 from tests.broker.http_client import http_get
 from tests.conftest import BrokerProcess
-from tests.ports import free_port
+from tests.ports import free_ports
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -158,7 +158,7 @@ def env_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A daemon configured by the example environment file alone (ports made free, and
     the state file in a directory of the test's: the unit's StateDirectory= is systemd's)."""
     values = env_file_values()
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     values["CHANNELS_BROKER_LISTEN"] = f"127.0.0.1:{port}"
     values["CHANNELS_BROKER_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     assert values["CHANNELS_BROKER_STATE_FILE"].startswith("/var/lib/channels-broker/")

@@ -17,7 +17,7 @@ import pytest
 
 from protocol import FrameDecoder, Ping, Pong, Welcome, encode_frame
 from tests.broker.raw_client import hello
-from tests.ports import free_port, outside_address
+from tests.ports import free_port, free_ports, outside_address
 from tests.waits import POLL_S, START_TIMEOUT_S
 
 
@@ -94,7 +94,7 @@ def _ping(port: int) -> Pong:
 def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
     """1. The file names one port, the environment another, the flag a third.
     2. Each run listens where the highest-precedence source says."""
-    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    file_port, env_port, flag_port = free_ports(3)
     config = tmp_path / "broker.toml"
     config.write_text(f'listen = ["127.0.0.1:{file_port}"]\nlog-format = "json"\n')
     runs = [
