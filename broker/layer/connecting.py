@@ -227,7 +227,16 @@ def _still_open(conn: asyncio.Protocol, host: Host) -> None:
     transport = getattr(conn, "transport", None)
     if transport is not None and transport.is_closing():
         refused = tls_refusal(None, transport)
-        raise refused or ConnectionResetError(f"{host_url(host)} closed the connection")
+        if refused is not None:
+            raise refused
+        handshake: Handshake | None = getattr(conn, "handshake", None)
+        if handshake is not None and handshake.state is State.AWAIT_WELCOME:
+            # Closed with not a frame said (a daemon refusing says why): reset as it was
+            # made, by a listener closing with it in its queue, as ``_open`` meets it too.
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"{host_url(host)} reset the connection as it was made"
+            )
+        raise ConnectionResetError(f"{host_url(host)} closed the connection")
 
 
 def tls_refusal(

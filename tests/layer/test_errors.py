@@ -72,15 +72,18 @@ def test_a_missing_unix_socket_is_a_refused_connection(tmp_path: Path) -> None:
     assert f"channels-broker serve --unix {path}" in str(raised.value)
 
 
-@pytest.mark.parametrize("late_by", range(4))
-async def test_a_connection_reset_as_it_is_made_is_a_refused_connection(late_by: int) -> None:
+@pytest.mark.parametrize("late_by", range(6))
+async def test_a_connection_reset_as_it_is_made_is_a_refused_connection(
+    late_by: int, caplog: pytest.LogCaptureFixture
+) -> None:
     """A daemon that stops (or is killed) closes its listening socket with a layer's new
     connection in its queue: the kernel resets that connection. However many passes late
     the layer's loop looks at it (``late_by``; a loaded machine), a send raises
     BrokerConnectionRefused: nothing listens there any more. It was a plain
     BrokerUnavailable, "Connect call failed" (ECONNRESET), when the reset came before
-    the connect returned; and a send waited for ever when it came between the connect's
-    end and the client taking the connection (kept, dead, as nothing told it)."""
+    the connect returned; "closed the connection" when it came before the client took
+    the connection; and a send waited for ever when it came in between (the connection
+    kept, dead, as nothing told it). The outage's log line says so too."""
     listener = socket.create_server(("127.0.0.1", 0))  # a daemon's, which never accepts
     url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
     layer = BrokerChannelLayer(hosts=[url], connect_timeout=RESET_CONNECT_TIMEOUT_S)
@@ -98,6 +101,8 @@ async def test_a_connection_reset_as_it_is_made_is_a_refused_connection(late_by:
         listener.close()
         await layer.close()
     assert f"connection refused at {url}" in str(raised.value)
+    down = [r.getMessage() for r in caplog.records if "no broker reachable" in r.getMessage()]
+    assert down and all(f"connection refused at {url}" in line for line in down), down
 
 
 def test_a_host_name_that_does_not_resolve_is_named() -> None:
