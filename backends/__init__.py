@@ -6,7 +6,7 @@ import importlib
 from urllib.parse import urlsplit
 
 from .base import Backend, CapacityOf, WakeupCallback
-from .consumer_leases import LeasesToConsumers
+from .consumer_leases import LeasesToConsumers, RenewsLeases
 from .direct import AcceptsDirectPushes, DirectPushes
 from .errors import BackendError, BackendUnavailable, UnknownBackend
 from .fanout import EdgeOwner, EdgeOwners, FanOutLease, FansOutAtTheEdge, LeasesFanOuts
@@ -32,6 +32,7 @@ __all__ = [
     "GroupSendResult",
     "LeasesFanOuts",
     "LeasesToConsumers",
+    "RenewsLeases",
     "RecordsSeqs",
     "ReservesRoom",
     "Taken",

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from .records import Taken
 
-__all__ = ["LeasesToConsumers"]
+__all__ = ["LeasesToConsumers", "RenewsLeases"]
 
 
 @runtime_checkable
@@ -31,3 +31,13 @@ class LeasesToConsumers(Protocol):
     async def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """End these leases of ``channel``'s messages: they were received. A lease
         unknown or lapsed is ignored (a lapsed one's message was given back)."""
+
+
+@runtime_checkable
+class RenewsLeases(Protocol):
+    """Storage that renews a consumer's lease while the daemon that delivered it lives
+    and its connection lasts (Redis): a busy consumer's late ACK still ends it."""
+
+    def abandon(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """Renew these no more: the connection their DELIVERs went on closed without
+        acknowledging them, so they lapse (a new connection may still acknowledge them)."""

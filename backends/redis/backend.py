@@ -209,6 +209,10 @@ class RedisBackend(Backend):
         if self._commands.topology is not None:
             self._leases.acknowledge(ns, channel, leases)
 
+    def abandon(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """``RenewsLeases``: their DELIVERs' connection closed unacknowledged."""
+        self._leases.release(ns, channel, leases)
+
     async def give_back(self, ns: str, channel: str, items: Sequence[Taken], held: int) -> None:
         """Pushed messages not acknowledged, back at the head of the queue: one script."""
         await self._takes.give_back(ns, channel, items, held)

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from .scripts import SCRIPTS, Script
 
-__all__ = ["ACK_LEASES", "ALL_SCRIPTS", "GIVE_BACK", "REAP_LEASES", "TAKE_LEASED"]
+__all__ = [
+    "ACK_LEASES",
+    "ALL_SCRIPTS",
+    "GIVE_BACK",
+    "REAP_LEASES",
+    "RENEW_LEASES",
+    "TAKE_LEASED",
+]
 
 #: Give back the expired leases of one channel (at most ``most`` takes): each message
 #: back at the head of the queue in its old place, one wake-up each. -> how many.
@@ -128,6 +135,30 @@ return lapsed
 """,
 )
 
+#: Renew leases of messages delivered and not yet acknowledged, on a live connection:
+#: each still leased runs ``lease_ms`` from now (one ended or given back is left as it
+#: is). KEYS: lease hash, lease zset, per channel. ARGV: lease_ms, keep_ms, then per
+#: channel the number of takes k, then k members ``<token>.<n>``. -> how many renewed.
+RENEW_LEASES = Script.of(
+    "renew_leases",
+    r"""
+local now = now_ms()
+local lease_ms, keep_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local renewed, at = 0, 3
+for c = 1, #KEYS, 2 do
+  local l, d = KEYS[c], KEYS[c + 1]
+  local k = tonumber(ARGV[at])
+  for i = at + 1, at + k do
+    renewed = renewed + redis.call('ZADD', d, 'XX', 'CH', now + lease_ms, ARGV[i])
+  end
+  extend(l, lease_ms + keep_ms)
+  extend(d, lease_ms + keep_ms)
+  at = at + k + 1
+end
+return renewed
+""",
+)
+
 #: Give back the expired leases of several normal channels (one slot). KEYS: queue,
 #: held, lease hash, lease zset per channel. ARGV: keep_ms, pubcmd, most, then per
 #: channel: channel, wake-up channel. -> how many messages went back.
@@ -200,4 +231,4 @@ return count
 )
 
 #: Every script, for loading at connect and for finding one by its SHA1.
-ALL_SCRIPTS = (*SCRIPTS, TAKE_LEASED, ACK_LEASES, REAP_LEASES, GIVE_BACK)
+ALL_SCRIPTS = (*SCRIPTS, TAKE_LEASED, ACK_LEASES, RENEW_LEASES, REAP_LEASES, GIVE_BACK)

@@ -12,7 +12,13 @@ by the reaper of any daemon that watches the channel (one script per slot per pa
 over at most ``REAP_MOST_CHANNELS`` channels and ``REAP_MOST_TAKES`` takes each).
 
 A message is handed out only within the first half of its lease (``in_time``): the
-rest is left for its acknowledgement. One handed out just before a fault may so come
+rest is left for its acknowledgement. A consumer's lease (``take_leased``) is renewed
+every third of the lease while its DELIVER's connection lasts and it is not
+acknowledged (``hold``, ``release``): a worker whose loop is busy, or whose ACK waits
+behind others, may take longer than a lease to answer, and its message must not go to
+another worker meanwhile (issue 15). Once the daemon dies or the connection closes,
+renewal stops and the lease lapses within ``lease_s``: time for the layer's next
+connection to acknowledge it again. One handed out just before a fault may so come
 again (its lease lapsed before the acknowledgement was written): never lost, and the
 receiving layer drops it by its message id. The token of a take is new each time, so
 a lease that lapsed and was taken again is never ended under the old one.
@@ -32,7 +38,7 @@ from backends import BackendError
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
-from .lease_scripts import ACK_LEASES, REAP_LEASES
+from .lease_scripts import ACK_LEASES, REAP_LEASES, RENEW_LEASES
 
 __all__ = ["ACK_DELAY_S", "REAP_MOST_CHANNELS", "REAP_MOST_TAKES", "Leases"]
 
@@ -71,6 +77,10 @@ class Leases:
         self._pending: list[_Ack] = []
         self._timer: asyncio.TimerHandle | None = None
         self._reaper: asyncio.Task[None] | None = None
+        #: Consumers' leases delivered on live connections and not yet acknowledged,
+        #: by (namespace, channel): renewed until then (``hold``).
+        self._live: dict[tuple[str, str], set[str]] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self._cursor = 0
         #: Messages whose lease lapsed, put back in their queue (by this daemon).
         self.given_back_total = 0
@@ -97,9 +107,24 @@ class Leases:
         """A take's ``count`` messages were handed out: end its lease soon."""
         self._end_later(ns, channel, f"{token}.{count}", ACK_DELAY_S)
 
+    def hold(self, ns: str, channel: str, lease: str) -> None:
+        """Renew ``lease`` (a consumer's) until it is acknowledged or ``release``d."""
+        self._live.setdefault((ns, channel), set()).add(lease)
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    def release(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """Renew these leases no more (acknowledged, or their connection closed)."""
+        live = self._live.get((ns, channel))
+        if live is not None:
+            live.difference_update(leases)
+            if not live:
+                del self._live[(ns, channel)]
+
     def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """The consumer received the messages of these leases: end them (with the
         others due). A token not of our making is ignored: the script trusts its form."""
+        self.release(ns, channel, leases)
         for lease in leases:
             if _LEASE.match(lease):
                 self._end_later(ns, channel, lease, 0.0)
@@ -186,6 +211,36 @@ class Leases:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+    # -- renewal ---------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.renew_once()
+            except BackendError as exc:
+                log.debug("renewing consumers' leases failed: %s", exc)
+
+    async def renew_once(self) -> None:
+        """One ``RENEW_LEASES`` per slot for every lease held (one outside a Cluster)."""
+        if not self._live or self._commands.topology is None:
+            return
+        is_cluster = self._commands.require().is_cluster
+        by_slot: dict[int, list[tuple[tuple[str, str], list[str]]]] = defaultdict(list)
+        for (ns, channel), live in self._live.items():
+            slot = Keys.slot(self._keys.wake(ns, channel)) if is_cluster else 0
+            by_slot[slot].append(((ns, channel), list(live)))
+        for channels in by_slot.values():
+            keys: list[str] = []
+            args: list[Any] = [int(self.lease_s * 1000), KEEP_MARGIN_MS]
+            for (ns, channel), leases in channels:
+                keys += self._keys.leased_keys(ns, channel)[2:]
+                args += [len(leases), *leases]
+            await self._commands.run(RENEW_LEASES, keys, args)
 
     async def _reap_forever(self) -> None:
         while True:

@@ -207,6 +207,8 @@ class Takes:
             return []
         if by_consumer:
             lease = f"{token}.{len(items)}"
+            if items:
+                leases.hold(ns, channel, lease)
             return [item._replace(lease=lease) for item in items]
         if items:
             leases.handed(ns, channel, token, len(items))

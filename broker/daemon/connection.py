@@ -80,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.ready_channels: dict[str, None] = {}  # insertion-ordered set
         self._pulls = Pulls(self, context)
         self.pulls = self._pulls.pending  # RECEIVEs by request id
+        self.leased = self._pulls.leased  # DELIVERs' leases not yet acknowledged
         self.held = Held(context.config.max_channels)
         self.handlers = Handlers(self, context)
         self.guard = Guard(self, context.bounds, context.config)

@@ -223,7 +223,7 @@ class Handlers:
             if dropped:
                 log.debug("%s dropped %d group messages for full members", self.shell.peer, dropped)
         if frame.leases:
-            await acknowledge_leases(self.ctx.backend, ns, frame.leases)
+            await acknowledge_leases(self.ctx.backend, ns, frame.leases, self.shell.leased)
 
     # -- groups --------------------------------------------------------------
 

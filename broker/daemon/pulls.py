@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from typing import Protocol
 
-from backends import Backend, BackendError, LeasesToConsumers
+from backends import Backend, BackendError, LeasesToConsumers, RenewsLeases
 from protocol import Deliver, Frame, ttl_ms
 
 from .context import Context
@@ -38,7 +38,7 @@ class PullShell(Protocol):
 class Pulls:
     """Pending RECEIVEs by request id, and the ones the router made ready."""
 
-    __slots__ = ("_ctx", "_leases", "_shell", "pending", "ready")
+    __slots__ = ("_ctx", "_leases", "_shell", "leased", "pending", "ready")
 
     def __init__(self, shell: PullShell, ctx: Context) -> None:
         # A proxy: no cycle through us keeps a closed connection's buffers until a GC.
@@ -50,6 +50,9 @@ class Pulls:
         self.pending: dict[int, Pull] = {}
         #: Pulls the router handed back: a message may wait on their channel.
         self.ready: deque[Pull] = deque()
+        #: Leases of DELIVERs written and not yet acknowledged: lease -> (ns, channel).
+        #: Storage renews them meanwhile (``RenewsLeases``) until this connection closes.
+        self.leased: dict[str, tuple[str, str]] = {}
 
     async def serve(self) -> None:
         """Answer ready pulls while the pass has room; raise ``BackendError`` with the
@@ -78,6 +81,8 @@ class Pulls:
             self._ctx.metrics.delivered["pull"] += 1
             item = taken[0]
             ttl = ttl_ms(item.ttl_s)
+            if item.lease:
+                self.leased[item.lease] = (pull.ns, pull.channel)
             shell.write(Deliver(pull.request_id, pull.channel, item.payload, ttl, item.lease))
 
     def withdraw(self) -> None:
@@ -86,17 +91,27 @@ class Pulls:
         for pull in self.pending.values():
             router.remove_pull(pull)
         self.pending.clear()
+        backend = self._ctx.backend
+        if self.leased and isinstance(backend, RenewsLeases):
+            for lease, (ns, channel) in self.leased.items():
+                backend.abandon(ns, channel, (lease,))
+        self.leased.clear()
 
 
 async def acknowledge_leases(
-    backend: Backend, ns: str, leases: tuple[tuple[str, str], ...]
+    backend: Backend,
+    ns: str,
+    leases: tuple[tuple[str, str], ...],
+    leased: dict[str, tuple[str, str]],
 ) -> None:
     """An ACK's leases: the client received these DELIVERs, so storage ends their
-    leases (a lease of another namespace cannot be named: ``ns`` is the client's)."""
+    leases (a lease of another namespace cannot be named: ``ns`` is the client's).
+    ``leased``: the connection's DELIVERs not yet acknowledged (``Pulls.leased``)."""
     if not isinstance(backend, LeasesToConsumers):
         return
     by_channel: dict[str, list[str]] = {}
     for channel, lease in leases:
+        leased.pop(lease, None)
         by_channel.setdefault(channel, []).append(lease)
     for channel, tokens in by_channel.items():
         if "!" not in channel:

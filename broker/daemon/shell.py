@@ -26,6 +26,8 @@ class Shell(Endpoint, Protocol):
     inbox: deque[Frame]
     #: Pending RECEIVEs by request id.
     pulls: dict[int, Pull]
+    #: Leases of DELIVERs not yet acknowledged: lease -> (namespace, channel).
+    leased: dict[str, tuple[str, str]]
     #: Own channels with messages to push (an insertion-ordered set).
     ready_channels: dict[str, None]
     #: Its bounds off the message path: pulls, memberships (``guard``).

@@ -40,7 +40,7 @@ async def test_a_lease_not_acknowledged_gives_its_message_back_in_its_place(
     leasing: Backend, ns: str
 ) -> None:
     """1. Three messages wait; a consumer's take leases the first two and never
-       acknowledges them (its DELIVER was lost).
+       acknowledges them (its DELIVER was lost with its connection: renewal stops).
     2. Once the lease lapsed the next take gets them again, first and in order, then
        the third; the daemon counts the two as given back."""
     assert isinstance(leasing, LeasesToConsumers)
@@ -49,6 +49,8 @@ async def test_a_lease_not_acknowledged_gives_its_message_back_in_its_place(
     taken = await leasing.take_leased(ns, "work", 2)
     assert [t.payload for t in taken] == [b"1", b"2"]
     assert taken[0].lease and taken[0].lease == taken[1].lease
+    assert isinstance(leasing, RedisBackend)
+    leasing.abandon(ns, "work", [taken[0].lease])
     await lapse()
     assert await drain(leasing, ns, "work") == [b"1", b"2", b"3"]
     assert leasing.stats().given_back_total == 2
@@ -79,7 +81,8 @@ async def test_the_reaper_gives_back_a_watched_channels_lapsed_lease(
     leasing.set_wakeup(log)
     leasing.watch(ns, "work")
     assert await put(leasing, ns, "work", b"1")
-    await leasing.take_leased(ns, "work", 1)  # never acknowledged
+    (taken,) = await leasing.take_leased(ns, "work", 1)  # never acknowledged
+    leasing.abandon(ns, "work", [taken.lease])  # its connection closed
     log.calls.clear()
     await log.wait_for({(ns, "work")}, timeout_s=LEASE_S + 2 * leasing._leases.reap_interval_s)
     assert leasing.stats().given_back_total == 1
@@ -93,3 +96,22 @@ async def test_a_plain_take_for_workers_ends_its_own_lease(leasing: Backend, ns:
     assert await drain(leasing, ns, "work") == [b"1"]
     await lapse()
     assert await drain(leasing, ns, "work") == []
+
+
+async def test_a_lease_is_renewed_until_its_connection_is_abandoned(
+    leasing: Backend, ns: str
+) -> None:
+    """1. A consumer's take leases a message; its ACK is late (the consumer is busy)
+       by three leases: the daemon renews the lease meanwhile, nothing comes back.
+    2. Its connection closes unacknowledged (``abandon``): the lease lapses within a
+       lease, and the message comes back (issue 15: a busy worker's message went to
+       another worker too)."""
+    assert isinstance(leasing, RedisBackend)
+    assert await put(leasing, ns, "work", b"1")
+    (taken,) = await leasing.take_leased(ns, "work", 1)
+    for _ in range(3):
+        await lapse()
+        assert await drain(leasing, ns, "work") == []
+    leasing.abandon(ns, "work", [taken.lease])
+    await lapse()
+    assert await drain(leasing, ns, "work") == [b"1"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -275,3 +277,71 @@ async def test_a_worker_cut_off_goes_on_through_the_other_daemon(
         await proxy.close()
     assert len(ledger.accepted) == COUNT
     ledger.check(workers)
+
+
+#: Worker processes of the lagging-workers test: each its own layer, so its own memory
+#: of the messages it handed (``HandedIds``); a copy reaching another one is a double.
+WORKER_LAYERS = 6
+#: Its lease: the workers' layers must reach the other daemon within it after the kill.
+LAGGING_LEASE_S = 2
+#: How long the workers' event loop is blocked: longer than a lease, as the soak's busy
+#: loop may be (200 layers in one process), so leases not renewed lapse meanwhile.
+LAG_S = 2 * LAGGING_LEASE_S
+#: Daemon 1 is killed this long before the workers' loop goes on.
+KILLED_BEFORE_LAG_ENDS_S = 0.3
+
+
+async def test_workers_lagging_when_their_daemon_is_killed_get_each_message_once(
+    unique: Callable[[str], str],
+) -> None:
+    """1. A backlog of 1,000 messages on a normal channel (Redis). Six worker layers
+       (six processes, as far as dropping copies goes) pull it with two pulls each,
+       half through daemon 1 and half through daemon 2 (each listing the other next).
+    2. Once 300 came, the workers' event loop is blocked for two leases (an
+       application busy on the CPU, the soak's loop lag): DELIVERs sit unread in their
+       sockets, unacknowledged. Daemon 1 is killed just before the loop goes on.
+    3. The layers read what came and go on through daemon 2. Every accepted message
+       reaches the application exactly once: a lease is renewed while its daemon and
+       connection live, and lapses only a lease after the kill, by when the layer has
+       acknowledged it again through daemon 2 (issue 15's soak delivered two worker
+       messages twice at a SIGKILL, each handed by one layer and, its lease lapsed
+       while that layer was slow, by another).
+    """
+    url = f"{servers.backend_url('redis://')}&lease={LAGGING_LEASE_S}"
+    first, second = BrokerProcess(url), BrokerProcess(url)
+    await asyncio.gather(asyncio.to_thread(first.start), asyncio.to_thread(second.start))
+    channel = unique("work")
+    sender = BrokerChannelLayer(hosts=[second.url], capacity=COUNT)
+    rotations = [[first.url, second.url], [second.url, first.url]]
+    workers = [
+        BrokerChannelLayer(hosts=rotations[i % 2], capacity=COUNT) for i in range(WORKER_LAYERS)
+    ]
+    ledger = Ledger()
+
+    def lag_through_a_kill() -> None:
+        killer = threading.Timer(LAG_S - KILLED_BEFORE_LAG_ENDS_S, first.kill)
+        killer.start()
+        time.sleep(LAG_S)  # the workers' loop, blocked: nothing is read or written
+        killer.join()
+
+    reading = [
+        asyncio.create_task(work(layer, channel, ledger)) for layer in workers for _ in range(2)
+    ]
+    try:
+        await send_all(sender, channel, ledger, no_fault)
+        await sender.close()
+        while len(ledger.got) < FAULT_AFTER:
+            ledger.changed.clear()
+            await ledger.changed.wait()
+        lag_through_a_kill()
+        restarted = asyncio.create_task(asyncio.to_thread(first.start))  # as the soak does
+        await ledger.wait_for_accepted()
+        await restarted
+    finally:
+        for task in reading:
+            task.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+        await asyncio.gather(*(layer.close() for layer in workers))
+        await asyncio.gather(*(asyncio.to_thread(d.cleanup) for d in (first, second)))
+    assert len(ledger.accepted) == COUNT
+    ledger.check(workers[0])
