@@ -913,7 +913,11 @@ END $$;
 
 -- Send windows (docs/flow.md): a client's record of numbered sends, and send room
 -- reserved per connection (rooms) and counted as held (takes.held), so that every
--- capacity check counts it.
+-- capacity check counts it. Each connection's room lapses on its own (rooms.until): the
+-- sweep's lapse_rooms takes it off takes.held (version 9), so room whose release
+-- failed comes back even on a channel where newer room keeps held from lapsing.
+-- takes.held_since, when held last started from nothing, tells whether a lapsed row's
+-- count is still in it (uncount_room).
 CREATE {unlogged} TABLE {s}.senders (
     ns text NOT NULL,
     client text NOT NULL,
