@@ -1413,7 +1413,8 @@ BEGIN
 END $$;
 
 -- unlease_pushed: messages taken for a push and not acknowledged (their connection
--- closed) go back to their places, unleased and counted in, as unlease does.
+-- closed) go back to their places, unleased and counted in, as unlease does; those
+-- that expired meanwhile are deleted (behind a live head no purge would reach them).
 CREATE FUNCTION {s}.unlease_pushed(p_ns text, p_channel text, p_ids bigint[],
                                    p_leases bigint[])
 RETURNS void LANGUAGE plpgsql AS $$
@@ -1421,6 +1422,10 @@ DECLARE
     v_back bigint;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM {s}.messages m
+    USING unnest(p_ids, p_leases) AS k(id, lease)
+    WHERE m.ns = p_ns AND m.channel = p_channel AND m.id = k.id AND m.lease = k.lease
+      AND m.expires_at <= now();
     WITH back AS (
         UPDATE {s}.messages SET lease = NULL, lease_until = NULL
         WHERE ctid = ANY(ARRAY(

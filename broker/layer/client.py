@@ -189,9 +189,9 @@ class LoopClient:
         return conn
 
     def connection_lost(self, conn: ClientConnection, refused: Exception | None = None) -> None:
-        self._dialer.outages.saw_alive()  # until now: a call failing next meets a restart
         if self.conn is not conn:
-            return
+            return  # not ours (yet): one reset as it was made says no daemon was alive
+        self._dialer.outages.saw_alive()  # until now: a call failing next meets a restart
         self.conn = None
         self._output.clear()
         self._acks.connection_lost(self.inbox.buffers)

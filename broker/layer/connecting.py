@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import ssl
@@ -50,7 +51,9 @@ log = logging.getLogger("channels_broker.layer")
 
 #: Reconnect backoff: first delay, cap, in seconds; each pause is jittered (half to all
 #: of the delay), so the processes of a site that lost their daemon do not all come back
-#: in the same instant.
+#: in the same instant. While a call waits for a restarting daemon, pauses are no longer
+#: than the first: it goes through as soon as the daemon is back, not up to 2 s after
+#: (past its connect_timeout, if the daemon came back late in it).
 RECONNECT_FIRST_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 2.0
 
@@ -100,6 +103,8 @@ class Dialer:
         self._round: asyncio.Future[None] = loop.create_future()
         #: Set to cut the pause between two rounds short.
         self._hurry = asyncio.Event()
+        #: Calls that cannot wait long (``wait``, not patient) waiting for a connection.
+        self._impatient = 0
 
     async def connect(self, factory: Callable[[], _P]) -> _P:
         """A connection to the first host that answers; tries again, with backoff, until
@@ -111,7 +116,8 @@ class Dialer:
             if conn is not None:
                 return conn
             self._end_round()
-            await self._pause(delay * random.uniform(0.5, 1.0))
+            pause = min(delay, RECONNECT_FIRST_DELAY_S) if self._impatient else delay
+            await self._pause(pause * random.uniform(0.5, 1.0))
             delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
 
     async def _round_of_hosts(self, factory: Callable[[], _P]) -> _P | None:
@@ -122,6 +128,7 @@ class Dialer:
                 conn = await asyncio.wait_for(
                     _open(self.settings, self.loop, host, factory), timeout_s
                 )
+                _still_open(conn, host)
             except OSError as exc:  # TimeoutError too: no answer within connect_timeout
                 log.debug("cannot connect to %s: %s", host_url(host), exc)
                 self.failures[host] = exc
@@ -155,16 +162,20 @@ class Dialer:
         started = self.loop.time()
         deadline = started + self.settings.connect_timeout_s
         self._hurry.set()  # a fresh round now, not after the backoff pause
-        while not connecting.done():
-            round_ = self._round
-            timeout_s = max(deadline - self.loop.time(), 0)
-            await asyncio.wait(
-                (connecting, round_), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if connecting.done():
-                break
-            if not round_.done() or not self.outages.is_restarting():
-                raise self.unreachable(self.loop.time() - started)
+        self._impatient += 1  # and the next ones soon: a restarting daemon is found at once
+        try:
+            while not connecting.done():
+                round_ = self._round
+                timeout_s = max(deadline - self.loop.time(), 0)
+                await asyncio.wait(
+                    (connecting, round_), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if connecting.done():
+                    break
+                if not round_.done() or not self.outages.is_restarting():
+                    raise self.unreachable(self.loop.time() - started)
+        finally:
+            self._impatient -= 1
         return _result(connecting)
 
     async def _wait_patiently(self, connecting: asyncio.Task[_P]) -> _P:
@@ -191,15 +202,41 @@ async def _open(
     factory: Callable[[], _P],
 ) -> _P:
     scheme, address, port = host
-    if scheme == "unix":
-        _, conn = await loop.create_unix_connection(factory, address)
-    else:
+    try:
+        if scheme == "unix":
+            _, conn = await loop.create_unix_connection(factory, address)
+            return conn
         tls = settings.tls_for(host)
-        transport, conn = await loop.create_connection(factory, address, port, ssl=tls)
-        if transport.is_closing():  # closed as soon as it opened: conn will not hear of it
-            refused = tls_refusal(None, transport)
-            raise refused or ConnectionResetError(f"{host_url(host)} closed the connection")
+        _, conn = await loop.create_connection(factory, address, port, ssl=tls)
+    except ConnectionResetError as exc:
+        # Reset before the connect returned: the listener closed with this connection
+        # in its queue (a daemon stopping or killed; on a loaded machine the loop looks
+        # at the connect only after the kernel reset it). Nothing listens there now.
+        raise ConnectionRefusedError(
+            errno.ECONNREFUSED, f"{host_url(host)} reset the connection as it was made"
+        ) from exc
     return conn
+
+
+def _still_open(conn: asyncio.Protocol, host: Host) -> None:
+    """Raise if ``conn`` closed as soon as it opened. Checked where its client takes it,
+    with no await between: its ``connection_lost`` came before the client knew it, so
+    nothing else will tell (``wait_for`` runs ``_open`` as a task of its own, and a loop
+    pass between its end and the client meant a dead connection kept, and calls waiting
+    on it for ever)."""
+    transport = getattr(conn, "transport", None)
+    if transport is not None and transport.is_closing():
+        refused = tls_refusal(None, transport)
+        if refused is not None:
+            raise refused
+        handshake: Handshake | None = getattr(conn, "handshake", None)
+        if handshake is not None and handshake.state is State.AWAIT_WELCOME:
+            # Closed with not a frame said (a daemon refusing says why): reset as it was
+            # made, by a listener closing with it in its queue, as ``_open`` meets it too.
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"{host_url(host)} reset the connection as it was made"
+            )
+        raise ConnectionResetError(f"{host_url(host)} closed the connection")
 
 
 def tls_refusal(

@@ -9,10 +9,13 @@ still catches it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -31,9 +34,13 @@ from broker.layer import (
     MessageTooLarge,
     UnserializableMessage,
 )
+from tests.waits import DELIVERY_TIMEOUT_S
 
 #: What the issue asks of a view when no daemon listens: the error within 100 ms.
 REFUSED_WITHIN_S = 0.1
+#: connect_timeout of the layer whose connection is reset: a send waits that long for a
+#: daemon that was reachable (its connection was the layer's before the reset).
+RESET_CONNECT_TIMEOUT_S = 0.5
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "notifications"
 
 pytestmark = pytest.mark.backends("memory")  # the layer's behaviour: any storage will do
@@ -63,6 +70,39 @@ def test_a_missing_unix_socket_is_a_refused_connection(tmp_path: Path) -> None:
         async_to_sync(layer.group_send)("room", {"type": "chat.message"})
     assert f"no socket at unix://{path}" in str(raised.value)
     assert f"channels-broker serve --unix {path}" in str(raised.value)
+
+
+@pytest.mark.parametrize("late_by", range(6))
+async def test_a_connection_reset_as_it_is_made_is_a_refused_connection(
+    late_by: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon that stops (or is killed) closes its listening socket with a layer's new
+    connection in its queue: the kernel resets that connection. However many passes late
+    the layer's loop looks at it (``late_by``; a loaded machine), a send raises
+    BrokerConnectionRefused: nothing listens there any more. It was a plain
+    BrokerUnavailable, "Connect call failed" (ECONNRESET), when the reset came before
+    the connect returned; "closed the connection" when it came before the client took
+    the connection; and a send waited for ever when it came in between (the connection
+    kept, dead, as nothing told it). The outage's log line says so too."""
+    listener = socket.create_server(("127.0.0.1", 0))  # a daemon's, which never accepts
+    url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    layer = BrokerChannelLayer(hosts=[url], connect_timeout=RESET_CONNECT_TIMEOUT_S)
+    sending = asyncio.ensure_future(layer.send("jobs", {"type": "job"}))
+    try:
+        # Until the layer's connect is in the queue, and then late_by passes of the loop.
+        while not select.select([listener], [], [], 0)[0] and not sending.done():
+            await asyncio.sleep(0)
+        for _ in range(late_by):
+            await asyncio.sleep(0)
+        listener.close()  # as the daemon's exit does: the queued connection is reset
+        with pytest.raises(BrokerConnectionRefused) as raised:
+            await asyncio.wait_for(sending, DELIVERY_TIMEOUT_S)
+    finally:
+        listener.close()
+        await layer.close()
+    assert f"connection refused at {url}" in str(raised.value)
+    down = [r.getMessage() for r in caplog.records if "no broker reachable" in r.getMessage()]
+    assert down and all(f"connection refused at {url}" in line for line in down), down
 
 
 def test_a_host_name_that_does_not_resolve_is_named() -> None:

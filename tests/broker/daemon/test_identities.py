@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 
 from broker.layer.identity import Family, Identity
 from protocol import (
@@ -31,7 +32,7 @@ from protocol import (
 )
 from tests.broker.daemon.attack import limit_hits
 from tests.broker.raw_client import RawClient
-from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, receive
+from tests.waits import DELIVERY_TIMEOUT_S, POLL_S, RETRY_S, receive
 
 #: Messages sent to the victim while the attack goes on.
 MESSAGES = 300
@@ -83,6 +84,26 @@ async def send_all(sender: Any, channel: str) -> None:
         await sender.send(channel, {"n": n})
 
 
+async def send_all_to_a_reader(sender: Any, channel: str) -> None:
+    """``send_all`` while the consumer reads: a full channel is waited out, as an
+    application that must not drop a message would. The sender may run ahead of the
+    consumer (under load) by more than the channel's capacity of 100 counts: what waits,
+    what was pushed and not yet acknowledged, and the room the consumer's own first send
+    (``victim``) was granted, 49 places, until its layer gives it back, idle (within
+    0.4 s, later on a loaded machine). The channel must drain within DELIVERY_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    for n in range(MESSAGES):
+        full_since = None
+        while True:
+            try:
+                await sender.send(channel, {"n": n})
+                break
+            except ChannelFull:
+                full_since = full_since or loop.time()
+                assert loop.time() - full_since < DELIVERY_TIMEOUT_S, f"{channel} stayed full"
+            await asyncio.sleep(RETRY_S)
+
+
 async def receive_all(layer: Any, channel: str) -> list[int]:
     return [(await receive(layer, channel))["n"] for _ in range(MESSAGES)]
 
@@ -107,7 +128,8 @@ async def test_hello_with_another_clients_id_is_refused_and_steals_nothing(
             await refused(raw, ErrorCode.CLIENT_ID_TAKEN)
 
     _, got = await asyncio.gather(
-        attack(), asyncio.gather(send_all(sender, channel), receive_all(consumer, channel))
+        attack(),
+        asyncio.gather(send_all_to_a_reader(sender, channel), receive_all(consumer, channel)),
     )
     assert got[1] == list(range(MESSAGES))
     assert consumer._client().conn is connection, "the consumer was cut off"
@@ -217,7 +239,8 @@ async def test_no_daemon_serves_another_clients_channel(
             await refused(raw, ErrorCode.CLIENT_ID_TAKEN)
 
     _, got = await asyncio.gather(
-        attack(), asyncio.gather(send_all(sender, channel), receive_all(consumer, channel))
+        attack(),
+        asyncio.gather(send_all_to_a_reader(sender, channel), receive_all(consumer, channel)),
     )
     assert got[1] == list(range(MESSAGES))
     assert consumer._client().conn is connection
