@@ -2017,6 +2017,233 @@ BEGIN
 END $$;
 """
 
+# Version 9, room that lapses holder by holder: each rooms row's count comes off the
+# channel's held count once the row lapses (lapse_rooms, run by the sweep), even while
+# newer room keeps the held count from lapsing; held_since says which rows it counts.
+_ROOM_LAPSE_V9 = """
+ALTER TABLE {s}.takes ADD COLUMN held_since timestamptz NOT NULL DEFAULT now();
+
+-- hold_room: p_room more units of send room for a holder (a connection: "<client>
+-- <number> ..."), counted as held on the channel too (whose channels row the caller
+-- locked). The holder's room lapses p_lapse_s from now; the held count with it (the
+-- sweep's lapse_rooms uncounts it) or when its held messages do. Room of the holder
+-- that had lapsed is uncounted here, as the new room replaces it.
+CREATE OR REPLACE FUNCTION {s}.hold_room(p_ns text, p_channel text, p_holder text, p_room integer,
+                              p_lapse_s double precision)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_old record;
+BEGIN
+    SELECT r.count, r.until INTO v_old FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder FOR UPDATE;
+    IF v_old.until <= now() THEN
+        PERFORM {s}.uncount_room(p_ns, p_channel, v_old.count, v_old.until);
+    END IF;
+    INSERT INTO {s}.rooms AS r (ns, channel, holder, count, until)
+    VALUES (p_ns, p_channel, p_holder, p_room, now() + make_interval(secs => p_lapse_s))
+    ON CONFLICT (ns, channel, holder) DO UPDATE SET
+        count = (CASE WHEN r.until > now() THEN r.count ELSE 0 END) + excluded.count,
+        until = excluded.until;
+    INSERT INTO {s}.takes AS t (ns, channel, held, held_until)
+    VALUES (p_ns, p_channel, p_room, now() + make_interval(secs => p_lapse_s))
+    ON CONFLICT (ns, channel) DO UPDATE SET held = {held} + excluded.held,
+        held_until = greatest(t.held_until, excluded.held_until),
+        held_since = CASE WHEN t.held_until > now() THEN t.held_since ELSE now() END;
+END $$;
+
+-- release_room: a connection gives back up to p_count units of its room on a channel;
+-- all of it if its room lapsed (uncount_room: what is still counted of it).
+CREATE OR REPLACE FUNCTION {s}.release_room(p_ns text, p_channel text, p_holder text,
+                                        p_count integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_row record;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT r.count, r.until INTO v_row FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_row.until > now() AND v_row.count > p_count THEN
+        UPDATE {s}.rooms r SET count = r.count - p_count
+        WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
+        PERFORM {s}.uncount_room(p_ns, p_channel, p_count, v_row.until);
+    ELSE
+        DELETE FROM {s}.rooms r
+        WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
+        PERFORM {s}.uncount_room(p_ns, p_channel, v_row.count, v_row.until);
+    END IF;
+END $$;
+
+-- uncount_room: p_count units of a holder's room, whose row said until p_until, no
+-- longer held on the channel, if they still are: room reserved before the channel's
+-- held count last lapsed (held_since) lapsed with it. Room still reserved always counts
+-- (held_until is at least its until), and so does room that lapsed since.
+CREATE FUNCTION {s}.uncount_room(p_ns text, p_channel text, p_count integer,
+                                 p_until timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE {s}.takes t SET held = greatest(0, {held} - p_count)
+    WHERE t.ns = p_ns AND t.channel = p_channel AND p_until > t.held_since AND p_count > 0
+$$;
+
+-- lapse_rooms: the rooms rows that lapsed (their daemon died, or could not release
+-- them), deleted and uncounted (uncount_room), channel by channel in name order, each
+-- channel's rooms rows before its takes row, as every function locks them; rows
+-- another transaction holds wait for the next sweep. Run by the sweep, so room a
+-- release missed comes back within room_lapse (and a sweep) even on a channel whose
+-- held count never lapses, room being reserved there all the time.
+CREATE FUNCTION {s}.lapse_rooms()
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+    v_gone record;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    FOR v_key IN SELECT DISTINCT r.ns, r.channel FROM {s}.rooms r WHERE r.until <= now()
+                 ORDER BY r.ns, r.channel LOOP
+        FOR v_gone IN
+            SELECT l.ctid, l.count, l.until FROM {s}.rooms l
+            WHERE l.ns = v_key.ns AND l.channel = v_key.channel AND l.until <= now()
+            ORDER BY l.holder FOR UPDATE SKIP LOCKED
+        LOOP
+            DELETE FROM {s}.rooms r WHERE r.ctid = v_gone.ctid;
+            PERFORM {s}.uncount_room(v_key.ns, v_key.channel, v_gone.count, v_gone.until);
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- take_many: the oldest unexpired messages of several channels that no other taker
+-- holds (locked, or leased), removed and counted out (or counted as held) in one
+-- statement; for pushes to process-specific channels, which are never leased.
+CREATE OR REPLACE FUNCTION {s}.take_many(p_ns text, p_channels text[], p_limit integer,
+                                         p_hold boolean)
+RETURNS TABLE (taken_channel text, taken_payload bytea, taken_ttl_s double precision)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT p.ctid FROM unnest(p_channels) AS k(name)
+        CROSS JOIN LATERAL (
+            SELECT m.ctid FROM {s}.messages m
+            WHERE m.ns = p_ns AND m.channel = k.name AND m.expires_at > now()
+              AND (m.lease IS NULL OR m.lease_until <= now())
+            ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ) p
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT x.ctid FROM picked x))
+        RETURNING m.channel, m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, g.channel, count(*) FILTER (WHERE g.fresh),
+               CASE WHEN p_hold THEN count(*) ELSE 0 END,
+               CASE WHEN p_hold THEN max(g.expires_at) ELSE '-infinity' END
+        FROM gone g GROUP BY g.channel ORDER BY g.channel
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN {held} + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until),
+            held_since = CASE WHEN p_hold AND t.held_until <= now() THEN now()
+                              ELSE t.held_since END
+    )
+    SELECT g.channel, g.payload, extract(epoch FROM g.expires_at - now())::float8
+    FROM gone g ORDER BY g.channel, g.id;
+END $$;
+
+-- take: remove the oldest unexpired messages nobody holds and count them out (or as
+-- held); for process-specific channels and takes with hold, which are never leased.
+CREATE OR REPLACE FUNCTION {s}.take(p_ns text, p_channel text, p_limit integer, p_hold boolean)
+RETURNS TABLE (taken_id bigint, taken_payload bytea, taken_ttl_s double precision,
+               more boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH picked AS (
+        SELECT m.ctid FROM {s}.messages m
+        WHERE m.ns = p_ns AND m.channel = p_channel AND m.expires_at > now()
+          AND (m.lease IS NULL OR m.lease_until <= now())
+        ORDER BY m.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM {s}.messages m WHERE m.ctid = ANY(ARRAY(SELECT p.ctid FROM picked p))
+        RETURNING m.id, m.payload, m.expires_at, m.lease IS NULL AS fresh
+    ), counted AS (
+        INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+        SELECT p_ns, p_channel, n.fresh, CASE WHEN p_hold THEN n.taken ELSE 0 END,
+               CASE WHEN p_hold THEN n.last ELSE '-infinity'::timestamptz END
+        FROM (SELECT count(*) AS taken, count(*) FILTER (WHERE g.fresh) AS fresh,
+                     max(g.expires_at) AS last FROM gone g) n
+        WHERE n.taken > 0
+        ON CONFLICT (ns, channel) DO UPDATE SET
+            taken = t.taken + excluded.taken,
+            held = CASE WHEN p_hold THEN {held} + excluded.held ELSE t.held END,
+            held_until = greatest(t.held_until, excluded.held_until),
+            held_since = CASE WHEN p_hold AND t.held_until <= now() THEN now()
+                              ELSE t.held_since END
+        RETURNING t.taken
+    )
+    SELECT g.id, g.payload, extract(epoch FROM g.expires_at - now())::float8,
+           coalesce((SELECT c.waiting FROM {s}.channels c
+                     WHERE c.ns = p_ns AND c.channel = p_channel), 0)
+           > (SELECT k.taken FROM counted k)
+    FROM gone g ORDER BY g.id;
+END $$;
+
+-- send_reserved: windowed sends, in order, each into a unit of its channel's room
+-- (p_holder's), unchecked; one whose seq was stored before spends its unit and is not
+-- stored again (room that lapsed and was uncounted is not uncounted again). Returns
+-- per message 1 (stored) or 2 (stored before). Locks: the
+-- sender's record, then channels, rooms and takes rows, each in name order.
+CREATE OR REPLACE FUNCTION {s}.send_reserved(p_ns text, p_channels text[], p_clients text[],
+                                  p_payloads bytea[], p_expiry_s double precision,
+                                  p_sender text, p_seqs bigint[], p_holder text,
+                                  p_span integer)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_highest bigint;
+    v_kept bytea;
+    v_new integer[] := '{{}}';
+    v_i integer;
+    v_key record;
+BEGIN
+    SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+    v_highest := v_seqs.highest;
+    v_kept := v_seqs.kept;
+    FOR v_i IN 1 .. coalesce(array_length(p_seqs, 1), 0) LOOP
+        IF p_seqs[v_i] > 0 THEN
+            CONTINUE WHEN {s}.seq_stored(v_highest, v_kept, p_seqs[v_i], p_span);
+            v_kept := {s}.seq_kept(v_highest, v_kept, p_seqs[v_i], true, p_span);
+            v_highest := greatest(v_highest, p_seqs[v_i]);
+        END IF;
+        v_new := v_new || v_i;
+    END LOOP;
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+    SELECT p_ns, p_channels[a.i], min(p_clients[a.i]), count(*)
+    FROM unnest(v_new) AS a(i) GROUP BY p_channels[a.i] ORDER BY 2
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+    FOR v_key IN SELECT k.channel, count(*) AS n FROM unnest(p_channels) AS k(channel)
+                 GROUP BY k.channel ORDER BY k.channel LOOP
+        UPDATE {s}.rooms r SET count = greatest(0, r.count - v_key.n)
+        WHERE r.ns = p_ns AND r.channel = v_key.channel AND r.holder = p_holder;
+        CONTINUE WHEN NOT FOUND;  -- its room lapsed and lapse_rooms uncounted it
+        UPDATE {s}.takes t SET held = greatest(0, {held} - v_key.n)
+        WHERE t.ns = p_ns AND t.channel = v_key.channel;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_new) AS a(i) ORDER BY a.i;
+    UPDATE {s}.senders r
+    SET highest = v_highest, kept = v_kept,
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender;
+    RETURN ARRAY(SELECT CASE WHEN k.i = ANY(v_new) THEN 1 ELSE 2 END
+                 FROM generate_subscripts(p_channels, 1) AS k(i) ORDER BY k.i);
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -2046,4 +2273,5 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (6, _SEQ_BITS_V6),
     (7, _LEASE_V7),
     (8, _PUSH_LEASES_V8),
+    (9, _ROOM_LAPSE_V9),
 )

@@ -1,4 +1,4 @@
--- The PostgreSQL backend's schema as it is at version 8 (SCHEMA_VERSION): every table,
+-- The PostgreSQL backend's schema as it is at version 9 (SCHEMA_VERSION): every table,
 -- index and function, each function at its latest version.
 --
 -- A schema is installed and upgraded by replaying the migrations (migrations.py, applied
@@ -68,7 +68,7 @@ CREATE SCHEMA {s};
 
 -- One row: the version the schema is at.
 CREATE TABLE {s}.schema_version (version integer NOT NULL);
-INSERT INTO {s}.schema_version VALUES (8);
+INSERT INTO {s}.schema_version VALUES (9);
 
 -- Tables. A channel's counter rows (channels, takes) are updated at every send and take:
 -- fillfactor 70 leaves room on each page for the new row versions. A large payload is
@@ -90,6 +90,7 @@ CREATE {unlogged} TABLE {s}.takes (
     taken bigint NOT NULL DEFAULT 0,
     held integer NOT NULL DEFAULT 0,
     held_until timestamptz NOT NULL DEFAULT '-infinity',
+    held_since timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (ns, channel)
 ) WITH (fillfactor = 70);
 
@@ -308,7 +309,9 @@ BEGIN
         ON CONFLICT (ns, channel) DO UPDATE SET
             taken = t.taken + excluded.taken,
             held = CASE WHEN p_hold THEN (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held ELSE t.held END,
-            held_until = greatest(t.held_until, excluded.held_until)
+            held_until = greatest(t.held_until, excluded.held_until),
+            held_since = CASE WHEN p_hold AND t.held_until <= now() THEN now()
+                              ELSE t.held_since END
     )
     SELECT g.channel, g.payload, extract(epoch FROM g.expires_at - now())::float8
     FROM gone g ORDER BY g.channel, g.id;
@@ -678,7 +681,9 @@ BEGIN
         ON CONFLICT (ns, channel) DO UPDATE SET
             taken = t.taken + excluded.taken,
             held = CASE WHEN p_hold THEN (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held ELSE t.held END,
-            held_until = greatest(t.held_until, excluded.held_until)
+            held_until = greatest(t.held_until, excluded.held_until),
+            held_since = CASE WHEN p_hold AND t.held_until <= now() THEN now()
+                              ELSE t.held_since END
         RETURNING t.taken
     )
     SELECT g.id, g.payload, extract(epoch FROM g.expires_at - now())::float8,
@@ -908,7 +913,11 @@ END $$;
 
 -- Send windows (docs/flow.md): a client's record of numbered sends, and send room
 -- reserved per connection (rooms) and counted as held (takes.held), so that every
--- capacity check counts it.
+-- capacity check counts it. Each connection's room lapses on its own (rooms.until): the
+-- sweep's lapse_rooms takes it off takes.held (version 9), so room whose release
+-- failed comes back even on a channel where newer room keeps held from lapsing.
+-- takes.held_since, when held last started from nothing, tells whether a lapsed row's
+-- count is still in it (uncount_room).
 CREATE {unlogged} TABLE {s}.senders (
     ns text NOT NULL,
     client text NOT NULL,
@@ -929,11 +938,20 @@ CREATE {unlogged} TABLE {s}.rooms (
 
 -- hold_room: p_room more units of send room for a holder (a connection: "<client>
 -- <number> ..."), counted as held on the channel too (whose channels row the caller
--- locked); both lapse p_lapse_s from now (held: or when its held messages do).
+-- locked). The holder's room lapses p_lapse_s from now; the held count with it (the
+-- sweep's lapse_rooms uncounts it) or when its held messages do. Room of the holder
+-- that had lapsed is uncounted here, as the new room replaces it.
 CREATE FUNCTION {s}.hold_room(p_ns text, p_channel text, p_holder text, p_room integer,
                               p_lapse_s double precision)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_old record;
 BEGIN
+    SELECT r.count, r.until INTO v_old FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder FOR UPDATE;
+    IF v_old.until <= now() THEN
+        PERFORM {s}.uncount_room(p_ns, p_channel, v_old.count, v_old.until);
+    END IF;
     INSERT INTO {s}.rooms AS r (ns, channel, holder, count, until)
     VALUES (p_ns, p_channel, p_holder, p_room, now() + make_interval(secs => p_lapse_s))
     ON CONFLICT (ns, channel, holder) DO UPDATE SET
@@ -942,7 +960,8 @@ BEGIN
     INSERT INTO {s}.takes AS t (ns, channel, held, held_until)
     VALUES (p_ns, p_channel, p_room, now() + make_interval(secs => p_lapse_s))
     ON CONFLICT (ns, channel) DO UPDATE SET held = (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) + excluded.held,
-        held_until = greatest(t.held_until, excluded.held_until);
+        held_until = greatest(t.held_until, excluded.held_until),
+        held_since = CASE WHEN t.held_until > now() THEN t.held_since ELSE now() END;
 END $$;
 
 -- room_for: half of what still fits a channel (its row locked), up to p_window.
@@ -1084,7 +1103,8 @@ END $$;
 
 -- send_reserved: windowed sends, in order, each into a unit of its channel's room
 -- (p_holder's), unchecked; one whose seq was stored before spends its unit and is not
--- stored again. Returns per message 1 (stored) or 2 (stored before). Locks: the
+-- stored again (room that lapsed and was uncounted is not uncounted again). Returns
+-- per message 1 (stored) or 2 (stored before). Locks: the
 -- sender's record, then channels, rooms and takes rows, each in name order.
 CREATE FUNCTION {s}.send_reserved(p_ns text, p_channels text[], p_clients text[],
                                   p_payloads bytea[], p_expiry_s double precision,
@@ -1118,6 +1138,7 @@ BEGIN
                  GROUP BY k.channel ORDER BY k.channel LOOP
         UPDATE {s}.rooms r SET count = greatest(0, r.count - v_key.n)
         WHERE r.ns = p_ns AND r.channel = v_key.channel AND r.holder = p_holder;
+        CONTINUE WHEN NOT FOUND;  -- its room lapsed and lapse_rooms uncounted it
         UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_key.n)
         WHERE t.ns = p_ns AND t.channel = v_key.channel;
     END LOOP;
@@ -1153,26 +1174,65 @@ BEGIN
     RETURN v_room;
 END $$;
 
--- release_room: a connection gives back up to p_count units of its room on a channel
--- (what it still holds: lapsed room was uncounted already).
+-- release_room: a connection gives back up to p_count units of its room on a channel;
+-- all of it if its room lapsed (uncount_room: what is still counted of it).
 CREATE FUNCTION {s}.release_room(p_ns text, p_channel text, p_holder text, p_count integer)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    v_held integer;
+    v_row record;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    SELECT least(p_count, r.count) INTO v_held FROM {s}.rooms r
-    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder AND r.until > now()
-    FOR UPDATE;
-    DELETE FROM {s}.rooms r
-    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder
-      AND (r.count <= p_count OR r.until <= now());
-    UPDATE {s}.rooms r SET count = r.count - p_count
-    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
-    IF coalesce(v_held, 0) > 0 THEN
-        UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - v_held)
-        WHERE t.ns = p_ns AND t.channel = p_channel;
+    SELECT r.count, r.until INTO v_row FROM {s}.rooms r
+    WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
     END IF;
+    IF v_row.until > now() AND v_row.count > p_count THEN
+        UPDATE {s}.rooms r SET count = r.count - p_count
+        WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
+        PERFORM {s}.uncount_room(p_ns, p_channel, p_count, v_row.until);
+    ELSE
+        DELETE FROM {s}.rooms r
+        WHERE r.ns = p_ns AND r.channel = p_channel AND r.holder = p_holder;
+        PERFORM {s}.uncount_room(p_ns, p_channel, v_row.count, v_row.until);
+    END IF;
+END $$;
+
+-- uncount_room: p_count units of a holder's room, whose row said until p_until, no
+-- longer held on the channel, if they still are: room reserved before the channel's
+-- held count last lapsed (held_since) lapsed with it. Room still reserved always counts
+-- (held_until is at least its until), and so does room that lapsed since.
+CREATE FUNCTION {s}.uncount_room(p_ns text, p_channel text, p_count integer,
+                                 p_until timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE {s}.takes t SET held = greatest(0, (CASE WHEN t.held_until > now() THEN t.held ELSE 0 END) - p_count)
+    WHERE t.ns = p_ns AND t.channel = p_channel AND p_until > t.held_since AND p_count > 0
+$$;
+
+-- lapse_rooms: the rooms rows that lapsed (their daemon died, or could not release
+-- them), deleted and uncounted (uncount_room), channel by channel in name order, each
+-- channel's rooms rows before its takes row, as every function locks them; rows
+-- another transaction holds wait for the next sweep. Run by the sweep, so room a
+-- release missed comes back within room_lapse (and a sweep) even on a channel whose
+-- held count never lapses, room being reserved there all the time.
+CREATE FUNCTION {s}.lapse_rooms()
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_key record;
+    v_gone record;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    FOR v_key IN SELECT DISTINCT r.ns, r.channel FROM {s}.rooms r WHERE r.until <= now()
+                 ORDER BY r.ns, r.channel LOOP
+        FOR v_gone IN
+            SELECT l.ctid, l.count, l.until FROM {s}.rooms l
+            WHERE l.ns = v_key.ns AND l.channel = v_key.channel AND l.until <= now()
+            ORDER BY l.holder FOR UPDATE SKIP LOCKED
+        LOOP
+            DELETE FROM {s}.rooms r WHERE r.ctid = v_gone.ctid;
+            PERFORM {s}.uncount_room(v_key.ns, v_key.channel, v_gone.count, v_gone.until);
+        END LOOP;
+    END LOOP;
 END $$;
 
 -- Leased pushes (version 8): a message pushed to a client's own channel outlives its

@@ -46,10 +46,11 @@ _RECORD_SEQ = (
     " FROM {s}.sender_seqs($1, $2, $5) r, unnest($3::bigint[]) AS u(seq)"
 )
 #: Records of numbered sends past their expiry (what their clients stored has expired),
-#: and room that lapsed (its count is no longer held).
+#: and room that lapsed, uncounted (``lapse_rooms``): room a release missed (storage
+#: failed under it, or its daemon died) comes back even where newer room keeps the
+#: channel's held count from lapsing.
 FORGET_SENDERS = (
-    "WITH r AS (DELETE FROM {s}.rooms WHERE until < now())"
-    " DELETE FROM {s}.senders WHERE expires_at < now()"
+    "WITH r AS (DELETE FROM {s}.senders WHERE expires_at < now()) SELECT {s}.lapse_rooms()"
 )
 
 #: What ``send_reserving`` answers besides the room reserved.

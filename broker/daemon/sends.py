@@ -248,19 +248,29 @@ class Sends:
         for channel, size in spent.items():
             want = room.wanted(channel) if held.get(channel, 0) <= half else 0
             if want:
-                capacity = session.capacity_of(channel)
-                got = await reserves.reserve_room(
-                    session.ns,
-                    channel,
-                    capacity=capacity,
-                    window=want,
-                    size=size,
-                    holder=self.holder,
-                )
+                got = await self._reserve_room(channel, want, size)
                 if got:
                     room.grant(channel, got)
                     granted.append((channel, got))
         return tuple(granted)
+
+    async def _reserve_room(self, channel: str, want: int, size: int) -> int:
+        """Room reserved for a refill; none if storage fails: what the burst stored is
+        confirmed all the same, and the sender asks again (a request reserves room)."""
+        session, reserves = self.shell.session, self.reserves
+        assert session is not None and reserves is not None
+        try:
+            return await reserves.reserve_room(
+                session.ns,
+                channel,
+                capacity=session.capacity_of(channel),
+                window=want,
+                size=size,
+                holder=self.holder,
+            )
+        except BackendError as exc:  # counted in backend_errors (broker.ops.instrumented)
+            log.warning("could not reserve room on %s after windowed SENDs: %s", channel, exc)
+            return 0
 
     async def _reserving(self, frame: Send) -> None:
         """A request: stored if there is room, with room reserved for the next ones."""
