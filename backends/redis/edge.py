@@ -27,13 +27,14 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from backends import BackendError, EdgeOwner, EdgeOwners, FanOutLease
+from backends import EdgeOwner, EdgeOwners, FanOutLease
 from protocol import client_id_of, encode_channels, ttl_ms
 
 from .commands import Commands
 from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, GROUP_SAME, RENEW_FANOUTS
 from .keys import KEEP_MARGIN_MS, Keys
 from .pushed import EXPAND_MOST_MEMBERS, PushedLeases
+from .renewer import Renewer
 
 __all__ = ["Check", "EdgeFanOuts", "Owned"]
 
@@ -84,7 +85,7 @@ class EdgeFanOuts:
         self._live: dict[tuple[str, str], set[str]] = {}
         #: Record keys (hash, zset) -> tokens acknowledged this pass, not yet ended.
         self._ends: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
-        self._renewer: asyncio.Task[None] | None = None
+        self._renewer = Renewer("the leases of fan-outs", lease_s, self.renew_once)
 
     def kept(self, ns: str, group: str) -> tuple[bytes, int, dict[str | None, Owned]] | None:
         """A group's members by owner as read last (``grouped``), with the version and
@@ -277,21 +278,10 @@ class EdgeFanOuts:
     # -- renewal -------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        self._renewer.start()
 
     def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            self._renewer = None
-
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease_ms / 3000)
-            try:
-                await self.renew_once()
-            except BackendError as exc:
-                log.info("renewing the leases of fan-outs failed: %s", exc)
+        self._renewer.stop()
 
     async def renew_once(self) -> None:
         """Renew every fan-out lease this daemon holds: one script per owner."""

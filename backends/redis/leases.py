@@ -39,6 +39,7 @@ from backends import BackendError
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .lease_scripts import ACK_LEASES, REAP_LEASES, RENEW_LEASES
+from .renewer import Renewer
 
 __all__ = ["ACK_DELAY_S", "REAP_MOST_CHANNELS", "REAP_MOST_TAKES", "Leases"]
 
@@ -80,7 +81,7 @@ class Leases:
         #: Consumers' leases delivered on live connections and not yet acknowledged,
         #: by (namespace, channel): renewed until then (``hold``).
         self._live: dict[tuple[str, str], set[str]] = {}
-        self._renewer: asyncio.Task[None] | None = None
+        self._renewer = Renewer("consumers' leases", lease_s, self.renew_once, logging.DEBUG)
         self._cursor = 0
         #: Messages whose lease lapsed, put back in their queue (by this daemon).
         self.given_back_total = 0
@@ -110,8 +111,7 @@ class Leases:
     def hold(self, ns: str, channel: str, lease: str) -> None:
         """Renew ``lease`` (a consumer's) until it is acknowledged or ``release``d."""
         self._live.setdefault((ns, channel), set()).add(lease)
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        self._renewer.start()
 
     def release(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """Renew these leases no more (acknowledged, or their connection closed)."""
@@ -211,19 +211,9 @@ class Leases:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
-        if self._renewer is not None:
-            self._renewer.cancel()
-            self._renewer = None
+        self._renewer.stop()
 
     # -- renewal ---------------------------------------------------------------
-
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            try:
-                await self.renew_once()
-            except BackendError as exc:
-                log.debug("renewing consumers' leases failed: %s", exc)
 
     async def renew_once(self) -> None:
         """One ``RENEW_LEASES`` per slot for every lease held (one outside a Cluster)."""

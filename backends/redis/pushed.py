@@ -23,12 +23,13 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backends import BackendError, Taken
+from backends import Taken
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import REAP_MOST_TAKES
 from .pushed_scripts import OWN_WAITING, RENEW_PUSHED
+from .renewer import Renewer
 
 __all__ = ["PushedLeases"]
 
@@ -58,7 +59,7 @@ class PushedLeases:
         self._wake = wake
         #: The takes this daemon holds leased, by channel: their members ``<token>.<n>``.
         self._live: dict[ChannelKey, set[str]] = {}
-        self._renewer: asyncio.Task[None] | None = None
+        self._renewer = Renewer("the leases of pushed messages", lease_s, self.renew_once)
         self._rechecks: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     # -- takes -----------------------------------------------------------------
@@ -114,24 +115,13 @@ class PushedLeases:
     # -- renewal ---------------------------------------------------------------
 
     def start(self) -> None:
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        self._renewer.start()
 
     def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            self._renewer = None
+        self._renewer.stop()
         for timer in self._rechecks.values():
             timer.cancel()
         self._rechecks.clear()
-
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ms / 3000)
-            try:
-                await self.renew_once()
-            except BackendError as exc:
-                log.info("renewing the leases of pushed messages failed: %s", exc)
 
     async def renew_once(self) -> None:
         """Renew every lease this daemon holds: one script per slot (and per
