@@ -13,7 +13,12 @@ message again from its place. A daemon killed renews nothing more, likewise.
 
 A renewal matches a row by its id and the take's token, so a lease that lapsed and was
 taken again (a new token) is never renewed for the old one; one that lapsed and was not
-taken again is simply ours again.
+taken again is simply ours again. A renewal never runs beside this daemon's ``ack``
+statement (``AckWriter.exclusive``): each skips the rows the other has locked, and an
+acknowledgement that skipped a row being renewed would leave its message leased. An
+ACK that reaches another daemon while this one still renews (a connection whose cut
+this daemon has not seen yet) may still meet a renewal: that message lapses once this
+daemon sees the close, and comes again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 from backends import Taken
 from backends.renewer import Renewer
 
+from .batching import AckWriter
 from .pool import Database
 from .statements import Statements
 
@@ -43,9 +49,10 @@ _Key = tuple[str, str, str]
 class ConsumerLeases:
     """The consumers' leases this daemon delivered and holds: renewed until released."""
 
-    def __init__(self, db: Database, sql: Statements, lease_s: float) -> None:
+    def __init__(self, db: Database, sql: Statements, lease_s: float, acks: AckWriter) -> None:
         self._db = db
         self._sql = sql
+        self._acks = acks
         self._lease_s = lease_s
         #: Leases held -> (message id, take token), as ``renew_leases`` matches rows.
         self._live: dict[_Key, tuple[int, int]] = {}
@@ -75,7 +82,10 @@ class ConsumerLeases:
         keys, rows = list(self._live), list(self._live.values())
         spaces, channels = [key[0] for key in keys], [key[1] for key in keys]
         ids, tokens = [row[0] for row in rows], [row[1] for row in rows]
-        await self._db.execute(self._sql.renew_leases, spaces, channels, ids, tokens, self._lease_s)
+        async with self._acks.exclusive():  # never beside an ``ack`` (``exclusive``)
+            await self._db.execute(
+                self._sql.renew_leases, spaces, channels, ids, tokens, self._lease_s
+            )
 
     async def close(self) -> None:
         """Stop renewing (the backend closes): what is held lapses unless acknowledged."""

@@ -174,7 +174,8 @@ class PushedLeases:
 
     async def _tick(self) -> None:
         """Every third of the lease: renew ours, expand dead daemons' ``pushes`` rows."""
-        await self.renew_once()
+        async with self.acks.exclusive():  # an ``ack_pushed`` beside it would skip rows
+            await self.renew_once()
         await self._db.execute(self._sql.expand_pushes, EXPAND_MOST)
 
     async def renew_once(self) -> None:

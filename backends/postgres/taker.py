@@ -51,7 +51,7 @@ class Taker:
         self.given_back_total = 0
         self.acks = AckWriter(self.write_acks, retry_for_s=lease_s)
         #: Consumers' leases delivered and not yet acknowledged: renewed meanwhile.
-        self.held = ConsumerLeases(db, sql, lease_s)
+        self.held = ConsumerLeases(db, sql, lease_s, self.acks)
 
     async def take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
         """``Takes``' one statement for a channel: up to ``limit`` messages, oldest first,
