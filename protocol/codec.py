@@ -41,6 +41,7 @@ __all__ = [
     "split_message_id",
     "with_message_id",
     "encode_into",
+    "packb",
 ]
 
 #: Bytes of the length prefix before every frame body.
@@ -56,8 +57,7 @@ _FIELD_OBJECTS = 64
 #: body of fewer bytes (each object takes one at least) is decoded without counting.
 _UNCOUNTED_OBJECTS = 64 * 1024
 
-#: Bodies from this size up are decoded from a view of the buffer, not from a copy: a
-#: view costs more than copying a small body.
+#: Bodies from this size up are decoded from a view of the buffer (cheaper than a copy).
 _IN_PLACE_BYTES = 64 * 1024
 
 #: A payload that starts with this byte carries its message id before the body: 0xC1
@@ -66,8 +66,7 @@ _IN_PLACE_BYTES = 64 * 1024
 MESSAGE_ID_MARK = 0xC1
 #: Random bytes naming the sending layer client: 96 bits, so two never meet.
 SENDER_BYTES = 12
-#: Bytes fields from this size up are parts of their own in ``encode_frame_parts``:
-#: msgpack writes them as bin 32 (a marker, then a 4-byte length).
+#: Bytes fields from this size up are parts of their own in ``encode_frame_parts`` (bin 32).
 LARGE_FIELD_BYTES = 64 * 1024
 _BIN32 = b"\xc6"
 #: The frames a daemon writes with a payload (a tuple: ``isinstance`` is fastest with one).
@@ -75,6 +74,9 @@ _CARRIERS = (Push, Deliver)
 _pack_array_header = msgpack.Packer().pack_array_header
 #: A fan-out PUSH up to its channels: an array of its five fields, then its type.
 _FANOUT_HEAD = _pack_array_header(5) + msgpack.packb(Push.TYPE)
+#: A one-off packer's first buffer: msgpack's own 256 KiB is past the mmap threshold the
+#: daemon pins (broker/ops/malloc.py), so each frame cost an mmap and a munmap (10 us).
+PACK_BUFFER_BYTES = 4096
 
 _header = struct.Struct(">I")
 _message_id = struct.Struct(f">B{SENDER_BYTES}sQ")
@@ -120,18 +122,21 @@ def _to_wire(frame: Frame) -> list[Any]:
     return items
 
 
+def packb(value: Any) -> bytes:
+    """``value`` as frames pack it, by a packer of its own (any thread may call)."""
+    return msgpack.packb(value, use_bin_type=True, buf_size=PACK_BUFFER_BYTES)  # type: ignore[no-any-return]
+
+
 def encode_frame(frame: Frame) -> bytes:
     """Serialize one frame, length prefix included."""
-    body: bytes = msgpack.packb(_to_wire(frame), use_bin_type=True)
-    return _pack_header(len(body)) + body
+    return _pack_header(len(body := packb(_to_wire(frame)))) + body
 
 
 def encode_frame_parts(frame: Frame) -> list[bytes]:
     """``encode_frame(frame)`` in parts whose concatenation it is, each bytes field of
-    ``LARGE_FIELD_BYTES`` or more a part of its own, the object itself: packing a
-    message of megabytes copies it several times over (the packer's buffer grows by
-    doubling, then becomes bytes, then gets its prefix), and these parts copy it once
-    when joined, or never when written one by one."""
+    ``LARGE_FIELD_BYTES`` or more a part of its own, the object itself: packing copies a
+    message of megabytes several times over (buffer doublings, to bytes, a prefix); these
+    parts copy it once when joined, or never when written one by one."""
     parts: list[bytes] = []
     pending = [_pack_array_header(len(wire := _to_wire(frame)))]
     for value in wire:
@@ -140,15 +145,14 @@ def encode_frame_parts(frame: Frame) -> list[bytes]:
             parts += (b"".join(pending), value)
             pending = []
         else:
-            pending.append(msgpack.packb(value, use_bin_type=True))
+            pending.append(packb(value))
     parts.append(b"".join(pending))
     return [_pack_header(sum(map(len, parts))) + parts[0], *parts[1:]]
 
 
 def encode_into(buffers: list[bytes], frame: Frame) -> int:
-    """Append ``frame``'s encoding to ``buffers`` (a writer's output, joined once a write)
-    and return its size. A PUSH or DELIVER of a large payload goes in parts
-    (``encode_frame_parts``), so that the join is the one copy of its payload."""
+    """Append ``frame``'s encoding to ``buffers`` (joined once a write); return its size.
+    A large payload's PUSH or DELIVER goes in parts (the join is the one copy of it)."""
     if isinstance(frame, _CARRIERS) and len(frame.payload) >= LARGE_FIELD_BYTES:
         parts = encode_frame_parts(frame)
         buffers += parts
@@ -182,15 +186,12 @@ def split_message_id(payload: bytes) -> tuple[bytes, int, bytes]:
 
 
 class FrameEncoder:
-    """Frames to bytes for one connection, with one msgpack packer kept (a packer made per
-    frame costs more than the packing; a packer must not be shared between threads, so
-    each connection, on its one event loop, has its own).
+    """Frames to bytes for one connection, with one msgpack packer kept (not shared
+    between threads: each connection, on its one event loop, has its own).
 
     ``push_into``, ``send`` and ``numbered`` encode a PUSH, a SEND and a GROUP_SEND
-    from values their caller made and checked already (the daemon's own storage; the
-    layer's checked names), without building and checking a frame object: that was the
-    largest part of the cost of a pushed or a windowed message. The bytes are those
-    ``encode_frame`` gives.
+    from values their caller checked already, without building and checking a frame
+    object (most of the cost of a pushed or a windowed message), as ``encode_frame``.
     """
 
     __slots__ = ("_pack",)
@@ -244,7 +245,7 @@ class FrameEncoder:
 
 def encode_channels(channels: list[str]) -> bytes:
     """A list of channel names as a PUSH carries it (``FrameEncoder.fanout_into``)."""
-    return msgpack.packb(channels, use_bin_type=True)  # type: ignore[no-any-return]
+    return packb(channels)
 
 
 class FrameDecoder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -413,3 +414,20 @@ def test_a_payload_without_an_id_is_its_own_body() -> None:
     """Plain msgpack and a Fernet token (base64 text) can never start with the mark."""
     for payload in (msgpack.packb({"type": "t"}), b"gAAAAABk-token", b"", b"\xc1short"):
         assert split_message_id(payload) == (b"", 0, payload)
+
+
+def test_encoding_a_frame_takes_no_large_buffer() -> None:
+    """msgpack's packer starts with 256 KiB, past the mmap threshold the daemon pins
+    (broker/ops/malloc.py): a frame packed with it cost an mmap and a munmap."""
+    frame = Ok(7, room=3)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        encoded = encode_frame(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    decoder = FrameDecoder()
+    decoder.receive_data(encoded)
+    assert decoder.next_frame() == frame
+    assert peak < 64 * 1024
