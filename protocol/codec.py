@@ -5,12 +5,10 @@ array: frame type number, then fields). The decoder is sans-IO: ``receive_data``
 stores bytes, ``next_frame`` returns one complete frame, ``None`` when more bytes
 are needed, or raises ``ProtocolError``; it never raises anything else.
 
-A daemon also bounds the work of decoding one frame (``max_items``): the length prefix
-bounds bytes, but 8 MiB of one-byte msgpack objects take half a second to build. An
-array longer than ``max_items`` is refused from its header, before its items are
-read; a body that could hold more objects than a frame of ``max_items`` pairs needs
-(or 64 K) is decoded counting the objects of each array as it completes, and refused
-past them.
+A daemon also bounds the work of decoding one frame (``max_items``): 8 MiB of one-byte
+msgpack objects take half a second to build. An array longer than ``max_items`` is
+refused from its header; a body that could hold more objects than a frame of
+``max_items`` pairs needs (or 64 K) is decoded counting them, and refused past them.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
-from .frames import FRAME_TYPES, Deliver, Frame, Push, Send, frame_from_wire
+from .frames import FRAME_TYPES, Ack, Deliver, Frame, Push, Send, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
@@ -44,20 +42,16 @@ __all__ = [
     "packb",
 ]
 
-#: Bytes of the length prefix before every frame body.
-HEADER_BYTES = 4
+HEADER_BYTES = 4  # the length prefix before every frame body
 #: What a daemon with the default message limit reads (see ``limits``).
 DEFAULT_MAX_FRAME_BYTES = max_request_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES)
 
-#: Objects per item of the longest array a frame carries (a pair: its array and two
-#: fields), and room for the frame's own fields: a bounded body holds no more.
-_OBJECTS_PER_ITEM = 3
-_FIELD_OBJECTS = 64
-#: Objects any bounded body may hold all the same: 64 K take a few ms to build, and a
-#: body of fewer bytes (each object takes one at least) is decoded without counting.
+#: Objects per item of the longest array a frame carries (a pair: array, two fields),
+#: and room for the frame's own fields: a bounded body holds no more.
+_OBJECTS_PER_ITEM, _FIELD_OBJECTS = 3, 64
+#: Objects any bounded body may hold (a few ms to build); a shorter body is not counted.
 _UNCOUNTED_OBJECTS = 64 * 1024
-
-#: Bodies from this size up are decoded from a view of the buffer (cheaper than a copy).
+#: Bodies from this size up are decoded from a view of the buffer (not copied).
 _IN_PLACE_BYTES = 64 * 1024
 
 #: A payload that starts with this byte carries its message id before the body: 0xC1
@@ -104,7 +98,7 @@ def _wire_form(cls: type[Frame]) -> tuple[Callable[[Frame], tuple[Any, ...]], tu
     return getter, tuple(tail)
 
 
-#: Per frame type: its fields getter and its trailing defaults (see ``_to_wire``).
+#: Per frame type: its fields getter and trailing defaults (``_to_wire``).
 _WIRE_FORMS = {cls: _wire_form(cls) for cls in FRAME_TYPES.values()}
 
 
@@ -189,9 +183,10 @@ class FrameEncoder:
     """Frames to bytes for one connection, with one msgpack packer kept (not shared
     between threads: each connection, on its one event loop, has its own).
 
-    ``push_into``, ``send`` and ``numbered`` encode a PUSH, a SEND and a GROUP_SEND
-    from values their caller checked already, without building and checking a frame
-    object (most of the cost of a pushed or a windowed message), as ``encode_frame``.
+    ``push_into``, ``send``, ``numbered`` and ``ack`` encode a PUSH, a SEND, a GROUP_SEND
+    and an ACK from values their caller checked already, without building and checking
+    a frame object (most of the cost of a pushed, a windowed or an acknowledged message),
+    as ``encode_frame``.
     """
 
     __slots__ = ("_pack",)
@@ -240,6 +235,11 @@ class FrameEncoder:
         """A SEND or GROUP_SEND (``code``: its ``TYPE``); a ``seq`` of 0 is left off."""
         items = [code, request_id, name, payload, seq] if seq else [code, request_id, name, payload]
         body: bytes = self._pack(items)
+        return _pack_header(len(body)) + body
+
+    def ack(self, counts: tuple[tuple[str, int], ...]) -> bytes:
+        """An ACK of (channel, count) pairs, one at least, and nothing else."""
+        body: bytes = self._pack([Ack.TYPE, counts])
         return _pack_header(len(body)) + body
 
 

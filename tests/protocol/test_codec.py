@@ -190,6 +190,13 @@ def test_the_encoders_push_is_encode_frame_with_a_large_payload_as_it_is(size: i
     assert any(part is payload for part in output) == (size >= LARGE_FIELD_BYTES)
 
 
+def test_the_encoders_ack_is_encode_frame() -> None:
+    """The layer's fast ACK encoding gives ``encode_frame``'s bytes."""
+    encoder = FrameEncoder()
+    for counts in [(("asgi.c!a", 1),), (("asgi.c!a", 3), ("asgi.c!b", 70_000))]:
+        assert encoder.ack(counts) == encode_frame(Ack(counts))
+
+
 def test_frames_split_across_reads_at_every_offset_come_out_in_order() -> None:
     frames: list[Frame] = [Send(1, "a", b"x" * 10), Ping(2), Push(("specific.c!d",), b"y", 5)]
     data = encode_frames(frames)
