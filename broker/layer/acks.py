@@ -97,9 +97,7 @@ class Acks:
         self.counts: dict[str, int] = {}
         self.fanout_kept = self.fanout_dropped = 0
         self._report: asyncio.TimerHandle | None = None
-        #: ACKs of our own counts need no checks (one ACK per message sent after a receive
-        #: made building and checking an ``Ack`` 40 % of the cost of ``send``).
-        self._encoder = FrameEncoder()
+        self._encoder = FrameEncoder()  # our own counts: no ``Ack`` built and checked
 
     def report_later(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
         """Have ``flush`` tell the fan-out counts within ``FANOUT_REPORT_S``, unless a
