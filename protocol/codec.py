@@ -277,7 +277,7 @@ class FrameDecoder:
         # holds many small frames, and each drop moves what follows).
         self._start = 0
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Store bytes read from the peer. Does nothing else."""
         if self._start:
             del self._buffer[: self._start]
