@@ -14,6 +14,7 @@ from .codec import (
     encode_frame_parts,
     encode_frames,
     encode_into,
+    packb,
     split_message_id,
     with_message_id,
 )
@@ -147,6 +148,7 @@ __all__ = [
     "encode_frame_parts",
     "encode_frames",
     "encode_into",
+    "packb",
     "family_of",
     "is_process_specific",
     "is_valid_channel",

@@ -5,12 +5,10 @@ array: frame type number, then fields). The decoder is sans-IO: ``receive_data``
 stores bytes, ``next_frame`` returns one complete frame, ``None`` when more bytes
 are needed, or raises ``ProtocolError``; it never raises anything else.
 
-A daemon also bounds the work of decoding one frame (``max_items``): the length prefix
-bounds bytes, but 8 MiB of one-byte msgpack objects take half a second to build. An
-array longer than ``max_items`` is refused from its header, before its items are
-read; a body that could hold more objects than a frame of ``max_items`` pairs needs
-(or 64 K) is decoded counting the objects of each array as it completes, and refused
-past them.
+A daemon also bounds the work of decoding one frame (``max_items``): 8 MiB of one-byte
+msgpack objects take half a second to build. An array longer than ``max_items`` is
+refused from its header; a body that could hold more objects than a frame of
+``max_items`` pairs needs (or 64 K) is decoded counting them, and refused past them.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from typing import Any
 import msgpack
 
 from .errors import FrameOverLimit, FrameTooLarge, MalformedFrame, ProtocolError
-from .frames import FRAME_TYPES, Deliver, Frame, Push, Send, frame_from_wire
+from .frames import FRAME_TYPES, Ack, Deliver, Frame, Push, Send, frame_from_wire
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, max_request_frame_bytes
 
 __all__ = [
@@ -41,23 +39,19 @@ __all__ = [
     "split_message_id",
     "with_message_id",
     "encode_into",
+    "packb",
 ]
 
-#: Bytes of the length prefix before every frame body.
-HEADER_BYTES = 4
+HEADER_BYTES = 4  # the length prefix before every frame body
 #: What a daemon with the default message limit reads (see ``limits``).
 DEFAULT_MAX_FRAME_BYTES = max_request_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES)
 
-#: Objects per item of the longest array a frame carries (a pair: its array and two
-#: fields), and room for the frame's own fields: a bounded body holds no more.
-_OBJECTS_PER_ITEM = 3
-_FIELD_OBJECTS = 64
-#: Objects any bounded body may hold all the same: 64 K take a few ms to build, and a
-#: body of fewer bytes (each object takes one at least) is decoded without counting.
+#: Objects per item of the longest array a frame carries (a pair: array, two fields),
+#: and room for the frame's own fields: a bounded body holds no more.
+_OBJECTS_PER_ITEM, _FIELD_OBJECTS = 3, 64
+#: Objects any bounded body may hold (a few ms to build); a shorter body is not counted.
 _UNCOUNTED_OBJECTS = 64 * 1024
-
-#: Bodies from this size up are decoded from a view of the buffer, not from a copy: a
-#: view costs more than copying a small body.
+#: Bodies from this size up are decoded from a view of the buffer (not copied).
 _IN_PLACE_BYTES = 64 * 1024
 
 #: A payload that starts with this byte carries its message id before the body: 0xC1
@@ -66,8 +60,7 @@ _IN_PLACE_BYTES = 64 * 1024
 MESSAGE_ID_MARK = 0xC1
 #: Random bytes naming the sending layer client: 96 bits, so two never meet.
 SENDER_BYTES = 12
-#: Bytes fields from this size up are parts of their own in ``encode_frame_parts``:
-#: msgpack writes them as bin 32 (a marker, then a 4-byte length).
+#: Bytes fields from this size up are parts of their own in ``encode_frame_parts`` (bin 32).
 LARGE_FIELD_BYTES = 64 * 1024
 _BIN32 = b"\xc6"
 #: The frames a daemon writes with a payload (a tuple: ``isinstance`` is fastest with one).
@@ -75,6 +68,9 @@ _CARRIERS = (Push, Deliver)
 _pack_array_header = msgpack.Packer().pack_array_header
 #: A fan-out PUSH up to its channels: an array of its five fields, then its type.
 _FANOUT_HEAD = _pack_array_header(5) + msgpack.packb(Push.TYPE)
+#: A one-off packer's first buffer: msgpack's own 256 KiB is past the mmap threshold the
+#: daemon pins (broker/ops/malloc.py), so each frame cost an mmap and a munmap (10 us).
+PACK_BUFFER_BYTES = 4096
 
 _header = struct.Struct(">I")
 _message_id = struct.Struct(f">B{SENDER_BYTES}sQ")
@@ -102,7 +98,7 @@ def _wire_form(cls: type[Frame]) -> tuple[Callable[[Frame], tuple[Any, ...]], tu
     return getter, tuple(tail)
 
 
-#: Per frame type: its fields getter and its trailing defaults (see ``_to_wire``).
+#: Per frame type: its fields getter and trailing defaults (``_to_wire``).
 _WIRE_FORMS = {cls: _wire_form(cls) for cls in FRAME_TYPES.values()}
 
 
@@ -120,18 +116,21 @@ def _to_wire(frame: Frame) -> list[Any]:
     return items
 
 
+def packb(value: Any) -> bytes:
+    """``value`` as frames pack it, by a packer of its own (any thread may call)."""
+    return msgpack.packb(value, use_bin_type=True, buf_size=PACK_BUFFER_BYTES)  # type: ignore[no-any-return]
+
+
 def encode_frame(frame: Frame) -> bytes:
     """Serialize one frame, length prefix included."""
-    body: bytes = msgpack.packb(_to_wire(frame), use_bin_type=True)
-    return _pack_header(len(body)) + body
+    return _pack_header(len(body := packb(_to_wire(frame)))) + body
 
 
 def encode_frame_parts(frame: Frame) -> list[bytes]:
     """``encode_frame(frame)`` in parts whose concatenation it is, each bytes field of
-    ``LARGE_FIELD_BYTES`` or more a part of its own, the object itself: packing a
-    message of megabytes copies it several times over (the packer's buffer grows by
-    doubling, then becomes bytes, then gets its prefix), and these parts copy it once
-    when joined, or never when written one by one."""
+    ``LARGE_FIELD_BYTES`` or more a part of its own, the object itself: packing copies a
+    message of megabytes several times over (buffer doublings, to bytes, a prefix); these
+    parts copy it once when joined, or never when written one by one."""
     parts: list[bytes] = []
     pending = [_pack_array_header(len(wire := _to_wire(frame)))]
     for value in wire:
@@ -140,15 +139,14 @@ def encode_frame_parts(frame: Frame) -> list[bytes]:
             parts += (b"".join(pending), value)
             pending = []
         else:
-            pending.append(msgpack.packb(value, use_bin_type=True))
+            pending.append(packb(value))
     parts.append(b"".join(pending))
     return [_pack_header(sum(map(len, parts))) + parts[0], *parts[1:]]
 
 
 def encode_into(buffers: list[bytes], frame: Frame) -> int:
-    """Append ``frame``'s encoding to ``buffers`` (a writer's output, joined once a write)
-    and return its size. A PUSH or DELIVER of a large payload goes in parts
-    (``encode_frame_parts``), so that the join is the one copy of its payload."""
+    """Append ``frame``'s encoding to ``buffers`` (joined once a write); return its size.
+    A large payload's PUSH or DELIVER goes in parts (the join is the one copy of it)."""
     if isinstance(frame, _CARRIERS) and len(frame.payload) >= LARGE_FIELD_BYTES:
         parts = encode_frame_parts(frame)
         buffers += parts
@@ -182,15 +180,13 @@ def split_message_id(payload: bytes) -> tuple[bytes, int, bytes]:
 
 
 class FrameEncoder:
-    """Frames to bytes for one connection, with one msgpack packer kept (a packer made per
-    frame costs more than the packing; a packer must not be shared between threads, so
-    each connection, on its one event loop, has its own).
+    """Frames to bytes for one connection, with one msgpack packer kept (not shared
+    between threads: each connection, on its one event loop, has its own).
 
-    ``push_into``, ``send`` and ``numbered`` encode a PUSH, a SEND and a GROUP_SEND
-    from values their caller made and checked already (the daemon's own storage; the
-    layer's checked names), without building and checking a frame object: that was the
-    largest part of the cost of a pushed or a windowed message. The bytes are those
-    ``encode_frame`` gives.
+    ``push_into``, ``send``, ``numbered`` and ``ack`` encode a PUSH, a SEND, a GROUP_SEND
+    and an ACK from values their caller checked already, without building and checking
+    a frame object (most of the cost of a pushed, a windowed or an acknowledged message),
+    as ``encode_frame``.
     """
 
     __slots__ = ("_pack",)
@@ -241,10 +237,15 @@ class FrameEncoder:
         body: bytes = self._pack(items)
         return _pack_header(len(body)) + body
 
+    def ack(self, counts: tuple[tuple[str, int], ...]) -> bytes:
+        """An ACK of (channel, count) pairs, one at least, and nothing else."""
+        body: bytes = self._pack([Ack.TYPE, counts])
+        return _pack_header(len(body)) + body
+
 
 def encode_channels(channels: list[str]) -> bytes:
     """A list of channel names as a PUSH carries it (``FrameEncoder.fanout_into``)."""
-    return msgpack.packb(channels, use_bin_type=True)  # type: ignore[no-any-return]
+    return packb(channels)
 
 
 class FrameDecoder:
@@ -276,7 +277,7 @@ class FrameDecoder:
         # holds many small frames, and each drop moves what follows).
         self._start = 0
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Store bytes read from the peer. Does nothing else."""
         if self._start:
             del self._buffer[: self._start]

@@ -28,13 +28,14 @@ POSITIVE = click.IntRange(min=1)
 LOOPBACK_ROUND_TRIPS = 2000
 
 
-def loopback_note() -> str:
-    """The yardstick, measured once: one send awaited for its reply cannot beat it."""
-    with echo_server() as (port, _):
+def loopback_note(loop: str) -> str:
+    """The yardstick, with its server on ``loop`` as our daemon is: one send awaited for
+    its reply cannot beat it."""
+    with echo_server(loop) as (port, _):
         echo = echo_round_trips(port, LOOPBACK_ROUND_TRIPS)
     return (
-        f"asyncio loopback echo (another process, one round trip at a time): p50"
-        f" {echo.p50_us:,.0f} us, {echo.per_s:,.0f} round trips/s"
+        f"asyncio loopback echo (server in another process on {loop}, one round trip at a"
+        f" time): p50 {echo.p50_us:,.0f} us, {echo.per_s:,.0f} round trips/s"
     )
 
 
@@ -147,7 +148,7 @@ def bench(
     if not backends and not addresses:
         backends = (DEFAULT_BACKEND,)
     loops = loops or default_loops(notes.append)
-    notes.append(loopback_note())
+    notes += [loopback_note(loop) for loop in loops]
     peers = {"redis": redis_url, "nats": nats_url}
     targets = build_targets(backends, loops, addresses, peers, notes.append)
     results = {t.name: run_target(t, chosen, settings, notes.append) for t in targets}

@@ -317,12 +317,15 @@ class Sends:
         rules (no room there, or what a request would have been refused for)."""
         room = self.room
         assert room is not None
+        too_large = len(frame.payload) > self.ctx.config.max_message_bytes
+        # Room is granted only on a channel whose name a request proved valid: a SEND
+        # that spends some needs no name check (a regular expression per message).
+        if not too_large and room.spend(frame.channel):
+            return True
         if not is_valid_channel(frame.channel):
             code, message = ErrorCode.INVALID_NAME, f"invalid channel name {frame.channel!r}"
-        elif len(frame.payload) > self.ctx.config.max_message_bytes:
+        elif too_large:
             code, message = ErrorCode.MESSAGE_TOO_LARGE, "a windowed SEND over the size limit"
-        elif room.spend(frame.channel):
-            return True
         else:
             code = ErrorCode.NO_ROOM
             message = f"a SEND with no request id on {frame.channel}, where it holds no room"

@@ -91,12 +91,13 @@ def wake_one(waiters: deque[Waiter] | None, entry: Entry | None = None) -> bool:
 class Acks:
     """Acknowledgements owed: per channel, and fan-outs kept and dropped."""
 
-    __slots__ = ("_report", "counts", "fanout_dropped", "fanout_kept")
+    __slots__ = ("_encoder", "_report", "counts", "fanout_dropped", "fanout_kept")
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.fanout_kept = self.fanout_dropped = 0
         self._report: asyncio.TimerHandle | None = None
+        self._encoder = FrameEncoder()  # our own counts: no ``Ack`` built and checked
 
     def report_later(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
         """Have ``flush`` tell the fan-out counts within ``FANOUT_REPORT_S``, unless a
@@ -153,9 +154,9 @@ class Acks:
     def frames(self) -> list[bytes]:
         """The ACK frames that say everything owed (then nothing is), in ACKs of
         ``MAX_ACK_PAIRS`` pairs at most: a daemon allows that many items a frame."""
-        pairs = tuple(self.counts.items())
+        pairs, ack = tuple(self.counts.items()), self._encoder.ack
         frames = [
-            encode_frame(Ack(pairs[start : start + MAX_ACK_PAIRS]))
+            ack(pairs[start : start + MAX_ACK_PAIRS])
             for start in range(0, len(pairs), MAX_ACK_PAIRS)
         ]
         if self.fanout_kept or self.fanout_dropped:

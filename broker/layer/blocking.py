@@ -68,8 +68,8 @@ __all__ = ["BlockingConnection", "Request"]
 
 #: The frames a blocking connection sends: each answered by OK or ERROR.
 Request: TypeAlias = Send | SendMany | GroupSend | GroupAdd | GroupDiscard
-#: Bytes asked of the socket per read: an answer is a few bytes, a frame at most 64 MiB.
-READ_BYTES = 256 * 1024
+#: Bytes asked per read, under glibc's mmap threshold (else an mmap, mremap, munmap each).
+READ_BYTES = 64 * 1024
 
 
 class _Refused(Exception):

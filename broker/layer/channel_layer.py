@@ -48,6 +48,7 @@ from protocol import (
     GroupSend,
     Ok,
     Ping,
+    packb,
     split_message_id,
     with_message_id,
 )
@@ -313,7 +314,7 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if RESERVED_KEY in message:
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
         try:
-            payload: bytes = msgpack.packb(message, use_bin_type=True)
+            payload = packb(message)  # a small first buffer (``protocol.packb``)
         except (TypeError, OverflowError) as exc:  # a value msgpack cannot pack
             raise unserializable(message, exc) from exc
         if self._encryption is not None:

@@ -53,7 +53,12 @@ __all__ = ["ClientConnection", "LoopClient"]
 log = logging.getLogger("channels_broker.layer")
 
 
-class ClientConnection(asyncio.Protocol):
+#: Bytes read per system call at most, into one buffer: a Protocol got 256 KiB of new
+#: bytes per read, an mmap, an mremap and a munmap unless glibc's threshold had risen.
+READ_BUFFER_BYTES = 64 * 1024
+
+
+class ClientConnection(asyncio.BufferedProtocol):
     """Bytes to frames for one socket; frames go to the loop client."""
 
     def __init__(self, client: LoopClient) -> None:
@@ -62,11 +67,18 @@ class ClientConnection(asyncio.Protocol):
         self.handshake = Handshake(Role.CLIENT)
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[BrokerTLSError | None] = client.loop.create_future()
+        self._read = memoryview(bytearray(READ_BUFFER_BYTES))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's: Transport, no subclass
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read[:nbytes])  # the decoder copies what it keeps
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.decoder.receive_data(data)
         try:
             handshake = self.handshake
@@ -104,10 +116,8 @@ class LoopClient:
         self.identity = parked.identity if parked else family.mint()
         self.client_id = self.identity.client_id
         self.conn: ClientConnection | None = None
-        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
-        self.closed = False
-        #: new_channel() gave out our client id: this connection must not go to another loop.
-        self.minted = False
+        self.max_message_bytes, self.closed = DEFAULT_MAX_MESSAGE_BYTES, False
+        self.minted = False  # new_channel() gave out our id: this connection stays on this loop
         self._connecting: asyncio.Task[ClientConnection] | None = None
         self._dialer, self._outages = Dialer(settings, loop, outages), outages
         #: Requests written before WELCOME, written again if it refuses (``_older_daemon``).
@@ -249,8 +259,8 @@ class LoopClient:
     # -- requests ------------------------------------------------------------
 
     def group_send_numbered(self, group: str, payload: bytes) -> bool:
-        """Write a numbered GROUP_SEND and say True, if the daemon takes them and the
-        bound leaves room (``acks.Unconfirmed``); else False: send it as a request."""
+        """Write a numbered GROUP_SEND and say True, if the daemon takes them and the bound
+        leaves room (``acks.Unconfirmed``); else False: send it as a request."""
         frame = self.conn and self.unconfirmed.number(self.window, group, payload)
         if frame:
             self.write(frame)
@@ -312,10 +322,8 @@ class LoopClient:
         """A daemon older than this layer refused HELLO's version: say the version before
         numbered group sends from now on (every loop of the layer), and write again on
         the next connection the requests it never read; True. Else False."""
-        outages = self._outages
-        if frame.error_code is not ErrorCode.UNSUPPORTED_VERSION:
-            return False
-        if outages.version <= FANOUT_VERSION:
+        outages, refused = self._outages, frame.error_code is ErrorCode.UNSUPPORTED_VERSION
+        if not refused or outages.version <= FANOUT_VERSION:
             return False
         log.warning("the broker is older than this layer: %s; speaking version 2", frame.message)
         outages.version = FANOUT_VERSION

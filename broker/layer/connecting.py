@@ -74,7 +74,7 @@ _CLIENT_CERTIFICATE_HINT = (
     " signed by the daemon's --tls-client-ca"
 )
 
-_P = TypeVar("_P", bound=asyncio.Protocol)
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
 class Dialer:
@@ -218,7 +218,7 @@ async def _open(
     return conn
 
 
-def _still_open(conn: asyncio.Protocol, host: Host) -> None:
+def _still_open(conn: asyncio.BaseProtocol, host: Host) -> None:
     """Raise if ``conn`` closed as soon as it opened. Checked where its client takes it,
     with no await between: its ``connection_lost`` came before the client knew it, so
     nothing else will tell (``wait_for`` runs ``_open`` as a task of its own, and a loop

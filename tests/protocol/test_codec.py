@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -187,6 +188,13 @@ def test_the_encoders_push_is_encode_frame_with_a_large_payload_as_it_is(size: i
     expected = encode_frame(Push(tuple(channels), payload, 5))
     assert (size_written, b"".join(output)) == (len(expected), b"before" + expected)
     assert any(part is payload for part in output) == (size >= LARGE_FIELD_BYTES)
+
+
+def test_the_encoders_ack_is_encode_frame() -> None:
+    """The layer's fast ACK encoding gives ``encode_frame``'s bytes."""
+    encoder = FrameEncoder()
+    for counts in [(("asgi.c!a", 1),), (("asgi.c!a", 3), ("asgi.c!b", 70_000))]:
+        assert encoder.ack(counts) == encode_frame(Ack(counts))
 
 
 def test_frames_split_across_reads_at_every_offset_come_out_in_order() -> None:
@@ -413,3 +421,20 @@ def test_a_payload_without_an_id_is_its_own_body() -> None:
     """Plain msgpack and a Fernet token (base64 text) can never start with the mark."""
     for payload in (msgpack.packb({"type": "t"}), b"gAAAAABk-token", b"", b"\xc1short"):
         assert split_message_id(payload) == (b"", 0, payload)
+
+
+def test_encoding_a_frame_takes_no_large_buffer() -> None:
+    """msgpack's packer starts with 256 KiB, past the mmap threshold the daemon pins
+    (broker/ops/malloc.py): a frame packed with it cost an mmap and a munmap."""
+    frame = Ok(7, room=3)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        encoded = encode_frame(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    decoder = FrameDecoder()
+    decoder.receive_data(encoded)
+    assert decoder.next_frame() == frame
+    assert peak < 64 * 1024

@@ -133,6 +133,30 @@ async def test_room_granted_is_spent_by_windowed_sends_and_confirmed(
     await holds(make_layer, channel, [1, 2, 3, 4, 5, 6])
 
 
+@pytest.mark.backends("memory")
+async def test_a_windowed_send_over_the_size_limit_is_refused_where_room_is_held(
+    broker_factory: Any,
+) -> None:
+    """Room on a channel proves its name valid (a request reserved it), not a message's
+    size: a windowed SEND over --max-message-bytes there closes the connection with
+    MESSAGE_TOO_LARGE, and one with an invalid name, where no room can be, INVALID_NAME."""
+    daemon = broker_factory(extra_args=("--max-message-bytes", "1024"))
+    client, _ = await windowed(daemon, capacity=100)
+    channel = channel_name()
+    await client.write(encode_frame(Send(1, channel, message(1), 1)))
+    ok = await client.next_frame()
+    assert isinstance(ok, Ok) and ok.room, ok
+    await client.write(encode_frame(Send(0, channel, b"x" * 1025, 2)))
+    [error] = await client.frames_until_closed()
+    client.close()
+    assert isinstance(error, Error) and error.error_code is ErrorCode.MESSAGE_TOO_LARGE, error
+    client, _ = await windowed(daemon, capacity=100)
+    await client.write(encode_frame(Send(0, "not valid", message(1), 1)))
+    [error] = await client.frames_until_closed()
+    client.close()
+    assert isinstance(error, Error) and error.error_code is ErrorCode.INVALID_NAME, error
+
+
 @pytest.mark.backends("memory", "redis", "postgresql")
 async def test_a_windowed_send_without_room_closes_the_connection_and_is_counted(
     broker: Any, make_layer: LayerFactory
