@@ -25,7 +25,7 @@ import pytest
 from backends.redis.pushed_scripts import TAKE_HELD
 from backends.redis.scripts import PUSH
 from broker.layer import BrokerChannelLayer
-from tests import servers
+from tests import pg_server, servers
 from tests.broker.daemon.test_faults import through
 from tests.broker.daemon.traffic import Readers, assert_once_in_order, send_until_accepted
 from tests.conftest import BrokerProcess
@@ -43,9 +43,11 @@ AFTER = 130
 SEND_INTERVAL_S = 0.05
 
 
-@pytest.mark.parametrize("how", ["take", "grab"])
+@pytest.mark.parametrize(
+    ("storage", "how"), [("redis", "take"), ("redis", "grab"), ("postgresql", "take")]
+)
 async def test_a_push_whose_answer_was_lost_keeps_its_channel_in_order(
-    how: str, unique: Callable[[str], str]
+    storage: str, how: str, unique: Callable[[str], str]
 ) -> None:
     """1. A consumer receives on its own channel through daemon 1, which reaches Redis
        through a proxy. "take": a sender sends numbered messages through daemon 2, and
@@ -59,6 +61,8 @@ async def test_a_push_whose_answer_was_lost_keeps_its_channel_in_order(
        once (a send the sender retried may come twice, in a row), and in order.
     """
     redis = servers.backend_url("redis://")
+    if storage == "postgresql":
+        redis = pg_server.backend_url("postgresql://")
     parts = urlsplit(redis)
     proxy = CutProxy((parts.hostname or "", parts.port or 0))
     await proxy.start()
@@ -75,7 +79,9 @@ async def test_a_push_whose_answer_was_lost_keeps_its_channel_in_order(
         async with Readers([(consumer, channel)]) as readers:
             for n in range(BEFORE):
                 await send_until_accepted(sender, channel, {"n": n})
-            proxy.stall_replies_after((TAKE_HELD if how == "take" else PUSH).sha.encode())
+            await readers.wait_for_all(BEFORE)  # and their ACKs written meanwhile: quiet
+            marker = (TAKE_HELD if how == "take" else PUSH).sha.encode()
+            proxy.stall_replies_after(channel.encode() if storage == "postgresql" else marker)
             meets_it = asyncio.create_task(send_until_accepted(sender, channel, {"n": BEFORE}))
             await asyncio.wait_for(proxy.stalled.wait(), DELIVERY_TIMEOUT_S)
             await asyncio.sleep(HELD_S)  # the fault lasts this long
