@@ -1,4 +1,4 @@
-"""Redis: a take for a push whose answer was lost keeps its channel in order (issue 15).
+"""A take for a push whose answer was lost keeps its channel in order (issue 15).
 
 A daemon takes a consumer's messages out of Redis for a push in one script, which
 leases them to it (``backends.redis.pushed``). If the answer never arrives (the command
@@ -12,6 +12,12 @@ A send that grabs its message back for its owner here (``PUSH``) is such a take 
 There the sender's layer sends the message again, with its id, and the copy that comes
 back is dropped: the "grab" case checks that the channel's next take gives the grabbed
 one back, and that nothing comes twice.
+
+PostgreSQL likewise: a ``push_take`` whose answer was lost may have committed, leasing
+its messages to the daemon (``backends.postgres.pushed``); they stayed leased, renewed
+with the daemon's others, while newer ones were pushed. There the proxy holds the
+answers from the moment a statement naming the consumer's channel goes up: once the
+consumer has everything before, that is the daemon's take for the push.
 """
 
 from __future__ import annotations
@@ -43,32 +49,39 @@ AFTER = 130
 SEND_INTERVAL_S = 0.05
 
 
+@pytest.fixture
+def storage_url(storage: str) -> str:
+    """The storage's URL, resolved outside the test's event loop: it may start a server."""
+    if storage == "postgresql":
+        return pg_server.backend_url("postgresql://")
+    return servers.backend_url("redis://")
+
+
 @pytest.mark.parametrize(
     ("storage", "how"), [("redis", "take"), ("redis", "grab"), ("postgresql", "take")]
 )
 async def test_a_push_whose_answer_was_lost_keeps_its_channel_in_order(
-    storage: str, how: str, unique: Callable[[str], str]
+    storage: str, how: str, storage_url: str, unique: Callable[[str], str]
 ) -> None:
-    """1. A consumer receives on its own channel through daemon 1, which reaches Redis
-       through a proxy. "take": a sender sends numbered messages through daemon 2, and
-       daemon 1 takes them out of Redis for the push. "grab": the sender is on daemon 1
-       too, without send windows, so each send grabs its message back for the push in
-       the same script.
-    2. The proxy holds what Redis answers from the moment daemon 1 takes (or grabs) for
-       a push: the script runs, its answer waits past the daemon's deadline, and the
-       daemon drops that connection; then Redis answers again.
+    """1. A consumer receives on its own channel through daemon 1, which reaches its
+       storage (Redis, PostgreSQL) through a proxy. "take": a sender sends numbered
+       messages through daemon 2, and daemon 1 takes them out of storage for the push.
+       "grab" (Redis): the sender is on daemon 1 too, without send windows, so each
+       send grabs its message back for the push in the same script.
+    2. The proxy holds what storage answers from the moment daemon 1 takes (or grabs)
+       for a push: the take runs, its answer waits past the daemon's deadline, and the
+       daemon drops that connection; then storage answers again.
     3. The sender goes on for more than a lease: every message reaches the consumer
        once (a send the sender retried may come twice, in a row), and in order.
     """
-    redis = servers.backend_url("redis://")
-    if storage == "postgresql":
-        redis = pg_server.backend_url("postgresql://")
-    parts = urlsplit(redis)
+    parts = urlsplit(storage_url)
     proxy = CutProxy((parts.hostname or "", parts.port or 0))
     await proxy.start()
     extra = ("--send-window", "0") if how == "grab" else ()
-    pushing = BrokerProcess(f"{through(redis, proxy.port)}&timeout={TIMEOUT_S}", extra_args=extra)
-    sending = BrokerProcess(redis) if how == "take" else pushing
+    pushing = BrokerProcess(
+        f"{through(storage_url, proxy.port)}&timeout={TIMEOUT_S}", extra_args=extra
+    )
+    sending = BrokerProcess(storage_url) if how == "take" else pushing
     daemons = list(dict.fromkeys((pushing, sending)))
     await asyncio.gather(*(asyncio.to_thread(d.start) for d in daemons))
     consumer = BrokerChannelLayer(hosts=[pushing.url], capacity=1000)
@@ -95,8 +108,9 @@ async def test_a_push_whose_answer_was_lost_keeps_its_channel_in_order(
     finally:
         await consumer.close()
         await sender.close()
-        await proxy.close()
+        # The daemons first: one whose storage is gone (the proxy) may not stop in time.
         await asyncio.gather(*(asyncio.to_thread(d.cleanup) for d in daemons))
+        await proxy.close()
 
 
 pytestmark = pytest.mark.timeout(120)
