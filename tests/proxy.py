@@ -7,12 +7,15 @@ are those still in the kernel's buffers. The proxy keeps listening, so a layer t
 reconnects gets a new connection through it. ``stall()`` holds every byte, both ways,
 until ``resume()``: what a congested or partitioned network does, connections left
 open; ``stall_replies()`` holds only what comes back from upstream (requests arrive and
-are carried out, their answers wait)."""
+are carried out, their answers wait); ``stall_replies_after(marker)`` does that from the
+moment a request carrying ``marker`` went up (that request is carried out, its answer
+waits), and sets ``stalled``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 __all__ = ["CutProxy"]
 
@@ -30,6 +33,10 @@ class CutProxy:
         self._carriers: set[asyncio.Task[None]] = set()
         self._upward = asyncio.Event()  # bytes toward upstream may flow
         self._downward = asyncio.Event()  # bytes from upstream may flow
+        #: Bytes whose passage upward stalls what comes down (``stall_replies_after``).
+        self._marker = b""
+        #: Set once a request carrying the marker went up, and replies are held.
+        self.stalled = asyncio.Event()
         self.resume()
 
     @property
@@ -55,7 +62,14 @@ class CutProxy:
         """Hold what upstream sends (until ``resume``); requests still reach it."""
         self._downward.clear()
 
+    def stall_replies_after(self, marker: bytes) -> None:
+        """Hold what upstream sends (until ``resume``) once a request carrying ``marker``
+        has gone up: that request is carried out, its answer waits."""
+        self.stalled.clear()
+        self._marker = marker
+
     def resume(self) -> None:
+        self._marker = b""
         self._upward.set()
         self._downward.set()
 
@@ -87,7 +101,7 @@ class CutProxy:
         self.connections += 1
         self._writers |= {writer, up_writer}
         pipes = [
-            asyncio.create_task(self._pipe(reader, up_writer, self._upward)),
+            asyncio.create_task(self._pipe(reader, up_writer, self._upward, self._watch)),
             asyncio.create_task(self._pipe(up_reader, writer, self._downward)),
         ]
         self._tasks.update(pipes)
@@ -99,12 +113,22 @@ class CutProxy:
             pipe.cancel()
             self._tasks.discard(pipe)
 
+    def _watch(self, data: bytes) -> None:
+        """``data`` went up: hold the replies from now on if it carries the marker."""
+        if self._marker and self._marker in data:
+            self._downward.clear()  # before the reply can come: it is read in a later pass
+            self.stalled.set()
+
     @staticmethod
     async def _pipe(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flowing: asyncio.Event,
+        sent: Callable[[bytes], None] = lambda _data: None,
     ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
                 await flowing.wait()
                 writer.write(data)
+                sent(data)
                 await writer.drain()

@@ -268,10 +268,9 @@ class PostgresBackend(Backend):
         """``take`` from several channels in one call (all reached, or an error); for
         pushes (``hold``), each message leased to this daemon until acknowledged."""
         if hold:
-            taken = await self._taker.take_pushed(ns, channels, limit, self._pushed.base)
-            for channel, items in taken.items():
-                if items:
-                    self._pushed.held(ns, channel, len(items))
+            taken, lost_held = await self._pushed.take(self._taker, ns, channels, limit)
+            for channel, held in lost_held.items():  # given back first, and uncounted
+                await self.release(ns, channel, held)
             return taken
         if len(channels) < 2:
             return await super().take_many(ns, channels, limit, hold=hold)

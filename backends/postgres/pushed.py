@@ -20,6 +20,13 @@ it), and gives back what a closing connection did not acknowledge. Each tick it 
 turns the ``pushes`` rows of dead daemons (lapsed) into waiting messages, one per
 member (``expand_pushes``): a member that had acknowledged one gets it again, and its
 layer drops it by its message id.
+
+Each take for a push leases under a value of its own (``new_lease``). One whose answer
+never came (the statement timed out, its connection broke: a storage restart or
+stall) may have committed: its messages stay leased, and renewed with our range while
+we hold pushes of their channel, and newer ones were pushed before them. So its lease
+is kept, and the channel's next take first puts back what it leased, in its places
+(``take``, ``unlease_lost``): a take that never ran leased nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from protocol import client_id_of, is_process_specific
 from .batching import Ack, AckWriter
 from .pool import Database
 from .statements import Statements
+from .taker import Taker
 
 __all__ = ["PushedLeases", "parse_push_lease"]
 
@@ -46,6 +54,9 @@ log = logging.getLogger("channels_broker.backends.postgres")
 LEASE_RANGE = 2**32
 #: Lapsed ``pushes`` rows one statement turns into waiting messages at most.
 EXPAND_MOST = 1000
+
+#: Lost takes' leases kept per channel at most (``lost``).
+LOST_MOST = 64
 
 #: (namespace, channel)
 ChannelKey = tuple[str, str]
@@ -69,6 +80,41 @@ class PushedLeases:
         self.acks = AckWriter(self._write_acks, retry_for_s=lease_s)
         self._ends = AckWriter(self._write_ends, retry_for_s=lease_s)
         self._renewer = Renewer("the leases of pushed messages", lease_s, self._tick, log)
+        #: Leases of takes whose answer was lost, by channel (``lost``).
+        self._lost: dict[ChannelKey, list[int]] = {}
+
+    async def take(
+        self, taker: Taker, ns: str, channels: Sequence[str], limit: int
+    ) -> tuple[dict[str, list[Taken]], dict[str, int]]:
+        """A take for a push, under a lease of its own, after putting back what our
+        takes of ``channels`` whose answer was lost leased: (what it took, how many
+        of those put back each channel had counted as held, to release)."""
+        held = await self._unlease_lost(ns, channels)
+        lease = self.new_lease()
+        try:
+            taken = await taker.take_pushed(ns, channels, limit, lease)
+        except BaseException:
+            for channel in channels:  # it may have run
+                kept = self._lost.setdefault((ns, channel), [])
+                kept.append(lease)
+                del kept[:-LOST_MOST]  # bounded: a failing channel is taken again soon
+            raise
+        for channel, items in taken.items():
+            if items:
+                self.held(ns, channel, len(items))
+        return taken, held
+
+    async def _unlease_lost(self, ns: str, channels: Sequence[str]) -> dict[str, int]:
+        """Put back in their places what our lost takes of ``channels`` leased; return
+        how many each had counted as held."""
+        held: dict[str, int] = {}
+        for channel in channels:
+            leases = self._lost.get((ns, channel))
+            if leases:
+                rows = await self._db.fetch(self._sql.unlease_lost, ns, channel, leases)
+                held[channel] = int(rows[0][1])
+                del self._lost[(ns, channel)]
+        return held
 
     def new_lease(self) -> int:
         """A lease of our range for one ``pushes`` row."""
@@ -143,6 +189,8 @@ class PushedLeases:
             del self._live[key]
         for lease in [lease for lease, row in self._rows.items() if row[1] == ns]:
             del self._rows[lease]
+        for key in [key for key in self._lost if key[0] == ns]:
+            del self._lost[key]
 
     def _unhold(self, ns: str, channel: str, count: int) -> None:
         key = (ns, channel)

@@ -51,6 +51,11 @@ _TEMPLATES = {
     "push_take": "SELECT * FROM {s}.push_take($1, $2, $3, $4, $5)",
     "ack_pushed": "SELECT {s}.ack_pushed($1, $2, $3, $4)",
     "unlease_pushed": "SELECT {s}.unlease_pushed($1, $2, $3, $4)",
+    # What takes whose answer was lost leased ($3: their leases), back in its places.
+    "unlease_lost": (
+        "SELECT {s}.unlease_pushed($1, $2, array_agg(m.id), array_agg(m.lease)), count(*)"
+        " FROM {s}.messages m WHERE m.ns = $1 AND m.channel = $2 AND m.lease = ANY($3)"
+    ),
     "renew_pushed": "SELECT {s}.renew_pushed($1, $2, $3, $4, $5)",
     "end_pushes": "SELECT {s}.end_pushes($1)",
     "expand_pushes": "SELECT {s}.expand_pushes($1)",
@@ -170,6 +175,7 @@ class Statements:
     take_many: str
     top_channels: str
     unlease: str
+    unlease_lost: str
     unlease_pushed: str
 
     @classmethod

@@ -12,6 +12,16 @@ renews them: they lapse, and their messages go back to the head of their channel
 order, with their held count; the client's next connection finds them
 (``own_waiting``: at once if lapsed, else again when the soonest lapses), and its
 layer drops a copy of one it handed out already (``HandedIds``).
+
+A take (or grab) whose answer never came (the command timed out or its connection
+broke: Redis, the network or this daemon stalled, a failover) may have run: then its
+messages are leased under a token we hold nothing of. Left to lapse, they came back a
+lease later, after newer messages of their channel pushed meanwhile. So the token is
+kept (``lost``), the channel is not grabbed for meanwhile (``has_lost``), and the
+channel's next take gives back what the token leased, at the head, before it pops
+(``TAKE_HELD``): a token that leased nothing is a no-op, and what it leased is pushed
+in its place. A token older than ``LOST_KEPT_LEASES`` leases has lapsed (given back by
+any take), and is forgotten.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +54,9 @@ RENEW_MOST_CHANNELS = 512
 #: A client's channels are looked at again this long after their soonest lease lapses.
 RECHECK_SLACK_S = 0.05
 
+#: Leases after which a take whose answer was lost is forgotten: lapsed by then.
+LOST_KEPT_LEASES = 2
+
 #: (namespace, channel)
 ChannelKey = tuple[str, str]
 
@@ -61,6 +75,8 @@ class PushedLeases:
         self._live: dict[ChannelKey, set[str]] = {}
         self._renewer = Renewer("the leases of pushed messages", lease_s, self.renew_once, log)
         self._rechecks: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        #: Takes and grabs whose answer was lost, by channel: (token, when), oldest first.
+        self._lost: dict[ChannelKey, list[tuple[str, float]]] = {}
 
     # -- takes -----------------------------------------------------------------
 
@@ -85,6 +101,34 @@ class PushedLeases:
             Taken(item.payload, item.ttl_s, f"{token}.{i}.{n}", item.deadline)
             for i, item in enumerate(items, 1)
         ]
+
+    def lost(self, ns: str, channel: str, token: str) -> None:
+        """A take (``token``) or grab (``<token>-<number>``) of ``channel`` went
+        unanswered: the channel's next take gives back what it may have leased."""
+        now = time.monotonic()
+        tokens = self._lost.setdefault((ns, channel), [])
+        tokens.append((token, now))
+        cutoff = now - LOST_KEPT_LEASES * self.lease_ms / 1000
+        if tokens[0][1] < cutoff:
+            tokens[:] = [(kept, at) for kept, at in tokens if at >= cutoff]
+
+    def lost_of(self, ns: str, channel: str) -> list[str]:
+        """The tokens of ``channel``'s takes whose answer was lost, oldest first."""
+        return [token for token, _ in self._lost.get((ns, channel), ())]
+
+    def has_lost(self, ns: str, channel: str) -> bool:
+        """True while a take of ``channel`` whose answer was lost is not given back:
+        a send must not grab past it."""
+        return (ns, channel) in self._lost
+
+    def found(self, ns: str, channel: str, tokens: Sequence[str]) -> None:
+        """A take gave back what the lost ``tokens`` of ``channel`` leased."""
+        kept = self._lost.get((ns, channel))
+        if kept is not None:
+            gone = set(tokens)
+            kept[:] = [(token, at) for token, at in kept if token not in gone]
+            if not kept:
+                del self._lost[(ns, channel)]
 
     def end(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """The messages of these leases were acknowledged (or dropped): end the leases,
@@ -111,6 +155,8 @@ class PushedLeases:
     def drop_namespace(self, ns: str) -> None:
         for key in [key for key in self._live if key[0] == ns]:
             del self._live[key]
+        for key in [key for key in self._lost if key[0] == ns]:
+            del self._lost[key]
 
     # -- renewal ---------------------------------------------------------------
 

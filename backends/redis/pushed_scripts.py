@@ -23,27 +23,66 @@ from .scripts import Script
 
 __all__ = ["END_PUSHED", "OWN_WAITING", "PUSHED_SCRIPTS", "RENEW_PUSHED", "TAKE_HELD"]
 
+#: Give back what takes of one channel whose answer was lost leased (``lost``: their
+#: tokens, oldest first; a grab's is ``<token>-<number>``): each take's messages back
+#: at the head of the queue in their old place, the oldest take's first, uncounted as
+#: held. A take that never ran leased nothing under its token. -> how many.
+_GIVE_BACK_LOST = r"""
+local function give_back_lost(q, l, d, h, lost, now, keep_ms)
+  local count, latest = 0, now
+  for t = #lost, 1, -1 do  -- the newest first: each LPUSH goes in front
+    local token, entries = lost[t], {}
+    while true do
+      local entry = redis.call('HGET', l, token .. '.' .. (#entries + 1))
+      if not entry then break end
+      entries[#entries + 1] = entry
+    end
+    for i = #entries, 1, -1 do
+      redis.call('LPUSH', q, entries[i])
+      redis.call('HDEL', l, token .. '.' .. i)
+      latest = math.max(latest, deadline_of(entries[i]))
+    end
+    if #entries > 0 then redis.call('ZREM', d, token .. '.' .. #entries) end
+    count = count + #entries
+  end
+  if count > 0 then
+    if redis.call('DECRBY', h, count) <= 0 then redis.call('DEL', h) end
+    extend(q, latest - now + keep_ms)
+  end
+  return count
+end
+"""
+
 #: Pop up to ``want`` unexpired messages from each of several channels (one slot), held,
-#: and leased (process-specific ones) to ``token``, after giving back their lapsed
-#: leases. KEYS: per channel queue, held[, index] (3 keys when the channel has a "!").
-#: ARGV: want, keep_ms, lease_ms, token, pubcmd, most (takes given back per channel),
-#: channel... -> {now_ms, expired, then per channel: n, n entries, then given back}.
+#: and leased (process-specific ones) to ``token``, after giving back what this
+#: daemon's takes whose answer was lost leased, then their lapsed leases (older). KEYS:
+#: per channel queue, held[, index] (3 keys when the channel has a "!"). ARGV: want,
+#: keep_ms, lease_ms, token, pubcmd, most (takes given back per channel), then per
+#: channel: the channel, k, k tokens of takes whose answer was lost (oldest first).
+#: -> {now_ms, expired, then per channel: n, n entries, then given back}.
 TAKE_HELD = Script.of(
     "take_held",
     _GIVE_BACK
+    + _GIVE_BACK_LOST
     + r"""
 local now = now_ms()
 local want, keep_ms, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local token, pubcmd, most = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local out, back, k = {now, 0}, 0, 1
-for a = 7, #ARGV do
-  local channel = ARGV[a]
+local a = 7
+while a <= #ARGV do
+  local channel, lost = ARGV[a], {}
+  for t = 1, tonumber(ARGV[a + 1]) do lost[t] = ARGV[a + 1 + t] end
+  a = a + 2 + #lost
   local q, h = KEYS[k], KEYS[k + 1]
   local idx = false
   if string.find(channel, '!', 1, true) then idx = KEYS[k + 2]; k = k + 3 else k = k + 2 end
   local base = string.sub(q, 1, #q - #channel - 2)
   local l, d = base .. 'l:' .. channel, base .. 'd:' .. channel
-  if idx then back = back + give_back(q, l, d, channel, base .. 'w', pubcmd, now, keep_ms, most) end
+  if idx then
+    give_back_lost(q, l, d, h, lost, now, keep_ms)
+    back = back + give_back(q, l, d, channel, base .. 'w', pubcmd, now, keep_ms, most)
+  end
   local at = #out + 1
   out[at] = 0
   local n, latest = pop_live(q, want, now, out, idx and l, token)

@@ -127,6 +127,7 @@ class Sends:
         payload_numbers: dict[int, int] = {}
         payloads: list[bytes] = []
         per_target: list[Any] = []
+        grabs: list[int] = []
         for number, (channel, payload, capacity) in enumerate(targets):
             keys += self._keys.channel_keys(ns, channel)
             payload_number = payload_numbers.get(id(payload))
@@ -136,16 +137,33 @@ class Sends:
             wake = self._keys.wake(ns, channel)
             # Whether our own subscription is among the listeners (see PUSH).
             mine = int(topology.is_listening(wake.encode()))
-            grab = "!" in channel and self._subs.owns(ns, client_id_of(channel))
+            grab = self._may_grab(ns, channel)
             per_target += [channel, capacity, payload_number, wake, mine]
             per_target.append(pushed.grab_arg(token, number) if grab else 0)
+            grabs += [number] if grab else []
         args = [_ms(expiry_s), _ms(expiry_s) + KEEP_MARGIN_MS, self._origin]
         args += [topology.publish_command, len(payloads), *payloads, *per_target]
-        reply = await self._commands.run(PUSH, keys, args)
+        try:
+            reply = await self._commands.run(PUSH, keys, args)
+        except BaseException:
+            # It may have run and grabbed: the channel's next take gives that back.
+            for number in grabs:
+                pushed.lost(ns, targets[number][0], f"{token}-{number}")
+                self._takes.wake(ns, targets[number][0])
+            raise
         return [
             (ok, pushed.grabbed(ns, targets[i][0], token, i)) if isinstance(ok, bytes) else int(ok)
             for i, ok in enumerate(reply)
         ]
+
+    def _may_grab(self, ns: str, channel: str) -> bool:
+        """Whether a send to ``channel`` may grab it back for its owner here: not past a
+        take or grab whose answer was lost (the channel's next take gives it back)."""
+        return (
+            "!" in channel
+            and self._subs.owns(ns, client_id_of(channel))
+            and not self._takes.pushed.has_lost(ns, channel)
+        )
 
     async def group_send(
         self,

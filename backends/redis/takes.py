@@ -126,7 +126,9 @@ class Takes:
             count = len(taken[channel])
             if not count:
                 rest.append(channel)
-            elif count < limit and (ns, channel) in self._maybe_more:
+            elif count < limit and (
+                (ns, channel) in self._maybe_more or (hold and self.pushed.has_lost(ns, channel))
+            ):
                 more = await self._take_from_redis(ns, [channel], limit - count, hold)
                 taken[channel] += more[channel]
         if rest:
@@ -153,22 +155,31 @@ class Takes:
         self, ns: str, channels: list[str], limit: int, hold: bool
     ) -> dict[str, list[Taken]]:
         """One TAKE script for channels of one slot; for a push (``hold``) TAKE_HELD,
-        which leases what it takes of process-specific channels (``pushed``)."""
+        which leases what it takes of process-specific channels (``pushed``), first
+        giving back what our takes of them whose answer was lost leased."""
         keys: list[str] = []
         for channel in channels:
             keys += self._keys.channel_keys(ns, channel)
             self._inflight[(ns, channel)] = self._inflight.get((ns, channel), 0) + 1
-        token = self.pushed.new_token()
+        pushed = self.pushed
+        token = pushed.new_token()
+        lost = {channel: pushed.lost_of(ns, channel) for channel in channels if hold}
         try:
             if hold:
                 pubcmd = self._commands.require().publish_command
-                args = [limit, KEEP_MARGIN_MS, self.pushed.lease_ms, token, pubcmd]
-                reply = await self._commands.run(
-                    TAKE_HELD, keys, [*args, REAP_MOST_TAKES, *channels]
-                )
+                args = [limit, KEEP_MARGIN_MS, pushed.lease_ms, token, pubcmd, REAP_MOST_TAKES]
+                for channel in channels:
+                    args += [channel, len(lost[channel]), *lost[channel]]
+                reply = await self._commands.run(TAKE_HELD, keys, args)
             else:
                 args = [limit, 0, KEEP_MARGIN_MS, *channels]
                 reply = await self._commands.run(TAKE, keys, args)
+        except BaseException:
+            # It may have run: what it leased is given back by the channel's next take.
+            for channel in lost:
+                if "!" in channel:
+                    pushed.lost(ns, channel, token)
+            raise
         finally:
             woken = [self._end_take(ns, channel) for channel in channels]
         if not hold:
@@ -176,8 +187,9 @@ class Takes:
         self.leases.gave_back(int(reply[-1]))
         taken = self._read_take(ns, channels, woken, limit, reply[:-1])
         for channel, items in taken.items():
+            pushed.found(ns, channel, lost[channel])
             if items and "!" in channel:
-                taken[channel] = self.pushed.leased(ns, channel, token, items)
+                taken[channel] = pushed.leased(ns, channel, token, items)
         return taken
 
     async def _take_leased(

@@ -103,6 +103,7 @@ class Readers:
         """Wait until every channel got messages 0 to ``count`` - 1, then ``QUIET_S``
         more, in which a duplicate would show up; fail the test after ``timeout_s``."""
         self._expected = set(range(count))
+        self._all_came.clear()  # a later wait is for more
         self._note_progress()
         try:
             await asyncio.wait_for(self._all_came.wait(), timeout_s)
