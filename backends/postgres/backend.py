@@ -263,8 +263,9 @@ class PostgresBackend(Backend):
     ) -> dict[str, list[Taken]]:
         """``take`` from several channels in one call (all reached, or an error); for
         pushes (``hold``), each message leased to this daemon until acknowledged."""
-        if hold:
-            taken = await self._taker.take_pushed(ns, channels, limit, self._pushed.base)
+        if hold:  # direct pushes of windowed sends wait for it (``PostgresRoom``)
+            with self._pushed.taking(ns, channels):
+                taken = await self._taker.take_pushed(ns, channels, limit, self._pushed.base)
             for channel, items in taken.items():
                 if items:
                     self._pushed.held(ns, channel, len(items))

@@ -2247,9 +2247,9 @@ END $$;
 _SEND_RESERVED_DIRECT_V10 = """
 -- send_reserved_direct (version 10): send_reserved, except that a message the caller
 -- can push itself (p_leases[i] > 0: its channel's owner is connected to the caller)
--- is not stored to wait when its channel holds nothing in the database beyond send
--- room (nothing waiting, nothing taken for a push and not yet acknowledged, so its
--- order holds): it is written to pushes under p_leases[i] (one row each, leased to the
+-- is not stored to wait when nothing of its channel waits untaken (what was taken for
+-- a push went out before it, or goes out first: the caller waits for its push takes
+-- under way): it is written to pushes under p_leases[i] (one row each, leased to the
 -- caller, not counted as waiting), for the caller to push once this has committed, and
 -- its unit of room is spent all the same (the caller counts it as a direct push).
 -- Returns per message 1 (stored), 2 (stored before) or 3 (written to pushes). A call
@@ -2273,16 +2273,14 @@ BEGIN
     SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
     v_highest := v_seqs.highest;
     v_kept := v_seqs.kept;
-    -- Channels that hold more than send room: what waits, and what is held for pushes
-    -- (the held count less the live room in it).
+    -- Channels with messages waiting untaken: a direct push would overtake them.
     v_busy := ARRAY(
         SELECT c.channel FROM {s}.channels c
         WHERE c.ns = p_ns AND c.channel = ANY(ARRAY(
             SELECT p_channels[k.i] FROM generate_subscripts(p_channels, 1) AS k(i)
             WHERE p_leases[k.i] > 0))
-          AND {used} - coalesce((SELECT sum(r.count) FROM {s}.rooms r
-                                 WHERE r.ns = c.ns AND r.channel = c.channel
-                                   AND r.until > now()), 0) > 0);
+          AND c.waiting - coalesce((SELECT t.taken FROM {s}.takes t
+                                    WHERE t.ns = c.ns AND t.channel = c.channel), 0) > 0);
     FOR v_i IN 1 .. coalesce(array_length(p_seqs, 1), 0) LOOP
         IF p_seqs[v_i] > 0 THEN
             CONTINUE WHEN {s}.seq_stored(v_highest, v_kept, p_seqs[v_i], p_span);

@@ -175,11 +175,16 @@ class PostgresRoom:
         leases: Sequence[int],
         expiry_s: float,
     ) -> None:
-        """Push what ``send_reserved_direct`` wrote to ``pushes``, in order; give back
-        what was reserved and stored instead. A channel whose owner left meanwhile has
+        """Push what ``send_reserved_direct`` wrote to ``pushes``, in order, once the
+        push takes of their channels under way have returned; give back what was
+        reserved and stored instead. A channel whose owner left meanwhile has
         its messages given back to wait for its next connection, in order."""
         pushes, pushed = self._room.pushes, self._room.leases
         assert pushes is not None
+        # What a push take under way took comes first: the statement saw it taken.
+        direct = {c for (c, _), done in zip(items, outcomes, strict=True) if done == _PUSHED}
+        for channel in direct:
+            await pushed.after_takes(ns, channel)
         ttl, missed, unreserve = ttl_ms(expiry_s), dict[str, list[Taken]](), []
         for (channel, payload), outcome, lease in zip(items, outcomes, leases, strict=True):
             if not lease:

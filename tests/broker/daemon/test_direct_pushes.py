@@ -17,6 +17,7 @@ import pytest
 
 from tests import pg_server
 from tests.broker.samples import scrape, settled, value
+from tests.proxy import CutProxy
 from tests.waits import IN_FLIGHT_S, receive
 
 BACKEND_KIND = "shared"
@@ -90,6 +91,36 @@ async def test_windowed_sends_to_a_channel_connected_here_go_direct_in_order(
     # The first few are stored: the first send's ACK releases its held count in the
     # background, and a send meanwhile sees it held.
     assert direct >= 20, f"{direct} of 30 went direct"
+
+
+async def test_windowed_sends_go_direct_behind_a_stored_message_pushed_and_unread(
+    broker_factory: Callable[..., Any],
+    make_own_layer: Callable[..., Any],
+    unique: Callable[[str], str],
+) -> None:
+    """A stored message taken and pushed to its owner, its ACK not back yet (the owner
+    reaches the daemon through a proxy that holds the daemon's writes), is held in the
+    database, but it went out before anything sent after: windowed sends behind it go
+    direct (only messages waiting untaken keep them stored), and arrive after it."""
+    windowed = broker_factory()
+    proxy = CutProxy(windowed.address)
+    await proxy.start()
+    sender, owner = make_own_layer(hosts=[windowed.url]), make_own_layer(hosts=[proxy.url])
+    try:
+        channel = await owner.new_channel()
+        await owner.group_add(unique("connect"), channel)  # layers connect on first use
+        proxy.stall_replies()
+        await sender.send(channel, {"n": 0})  # a request: stored, then taken and pushed
+        await settled(windowed, DELIVERED, 1, mode="push")
+        for n in range(1, 21):
+            await sender.send(channel, {"n": n})
+        samples = await settled(windowed, DELIVERED, 20, mode="direct")
+        assert value(samples, DELIVERED, mode="push") == 1
+        proxy.resume()
+        assert [(await receive(owner, channel))["n"] for _ in range(21)] == list(range(21))
+    finally:
+        await owner.close()
+        await proxy.close()
 
 
 async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(
