@@ -32,8 +32,9 @@ def backend_url() -> str:
 
 @pytest.fixture
 def own_broker(broker_factory: Callable[..., Any]) -> Any:
-    """A daemon of the test's own, with send windows off: a windowed send is always
-    stored (docs/postgres.md), and these tests are about sends that can go direct."""
+    """A daemon of the test's own, with send windows off: these tests are about
+    requests (``push_direct``) and group sends; windowed sends, which go direct too
+    (schema 10), have tests of their own below."""
     return broker_factory(extra_args=("--send-window", "0"))
 
 
