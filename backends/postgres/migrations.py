@@ -2244,6 +2244,88 @@ BEGIN
 END $$;
 """
 
+_SEND_RESERVED_DIRECT_V10 = """
+-- send_reserved_direct (version 10): send_reserved, except that a message the caller
+-- can push itself (p_leases[i] > 0: its channel's owner is connected to the caller)
+-- is not stored to wait when nothing of its channel waits untaken (what was taken for
+-- a push went out before it, or goes out first: the caller waits for its push takes
+-- under way): it is written to pushes under p_leases[i] (one row each, leased to the
+-- caller, not counted as waiting), for the caller to push once this has committed, and
+-- its unit of room is spent all the same (the caller counts it as a direct push).
+-- Returns per message 1 (stored), 2 (stored before) or 3 (written to pushes). A call
+-- that stores nothing to wait commits without waiting for the disk (as push_direct).
+CREATE FUNCTION {s}.send_reserved_direct(p_ns text, p_channels text[], p_clients text[],
+                                         p_payloads bytea[], p_expiry_s double precision,
+                                         p_sender text, p_seqs bigint[], p_holder text,
+                                         p_span integer, p_leases bigint[],
+                                         p_lease_s double precision)
+RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs record;
+    v_highest bigint;
+    v_kept bytea;
+    v_new integer[] := '{{}}';
+    v_direct integer[] := '{{}}';
+    v_busy text[];
+    v_i integer;
+    v_key record;
+BEGIN
+    SELECT * INTO v_seqs FROM {s}.sender_seqs(p_ns, p_sender, p_expiry_s);
+    v_highest := v_seqs.highest;
+    v_kept := v_seqs.kept;
+    -- Channels with messages waiting untaken: a direct push would overtake them.
+    v_busy := ARRAY(
+        SELECT c.channel FROM {s}.channels c
+        WHERE c.ns = p_ns AND c.channel = ANY(ARRAY(
+            SELECT p_channels[k.i] FROM generate_subscripts(p_channels, 1) AS k(i)
+            WHERE p_leases[k.i] > 0))
+          AND c.waiting - coalesce((SELECT t.taken FROM {s}.takes t
+                                    WHERE t.ns = c.ns AND t.channel = c.channel), 0) > 0);
+    FOR v_i IN 1 .. coalesce(array_length(p_seqs, 1), 0) LOOP
+        IF p_seqs[v_i] > 0 THEN
+            CONTINUE WHEN {s}.seq_stored(v_highest, v_kept, p_seqs[v_i], p_span);
+            v_kept := {s}.seq_kept(v_highest, v_kept, p_seqs[v_i], true, p_span);
+            v_highest := greatest(v_highest, p_seqs[v_i]);
+        END IF;
+        IF p_leases[v_i] > 0 AND NOT p_channels[v_i] = ANY(v_busy) THEN
+            v_direct := v_direct || v_i;
+        ELSE
+            v_new := v_new || v_i;
+        END IF;
+    END LOOP;
+    IF cardinality(v_new) = 0 THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    INSERT INTO {s}.channels AS c (ns, channel, client, waiting)
+    SELECT p_ns, p_channels[a.i], min(p_clients[a.i]), count(*)
+    FROM unnest(v_new) AS a(i) GROUP BY p_channels[a.i] ORDER BY 2
+    ON CONFLICT (ns, channel) DO UPDATE SET waiting = c.waiting + excluded.waiting;
+    FOR v_key IN SELECT k.channel, count(*) AS n FROM unnest(p_channels) AS k(channel)
+                 GROUP BY k.channel ORDER BY k.channel LOOP
+        UPDATE {s}.rooms r SET count = greatest(0, r.count - v_key.n)
+        WHERE r.ns = p_ns AND r.channel = v_key.channel AND r.holder = p_holder;
+        CONTINUE WHEN NOT FOUND;  -- its room lapsed and lapse_rooms uncounted it
+        UPDATE {s}.takes t SET held = greatest(0, {held} - v_key.n)
+        WHERE t.ns = p_ns AND t.channel = v_key.channel;
+    END LOOP;
+    INSERT INTO {s}.messages (ns, channel, client, payload, expires_at)
+    SELECT p_ns, p_channels[a.i], p_clients[a.i], p_payloads[a.i],
+           now() + make_interval(secs => p_expiry_s)
+    FROM unnest(v_new) AS a(i) ORDER BY a.i;
+    INSERT INTO {s}.pushes (lease, ns, payload, expires_at, lease_until, channels)
+    SELECT p_leases[a.i], p_ns, p_payloads[a.i], now() + make_interval(secs => p_expiry_s),
+           now() + make_interval(secs => p_lease_s), ARRAY[p_channels[a.i]]
+    FROM unnest(v_direct) AS a(i);
+    UPDATE {s}.senders r
+    SET highest = v_highest, kept = v_kept,
+        expires_at = greatest(r.expires_at, now() + make_interval(secs => p_expiry_s))
+    WHERE r.ns = p_ns AND r.client = p_sender;
+    RETURN ARRAY(SELECT CASE WHEN k.i = ANY(v_new) THEN 1
+                             WHEN k.i = ANY(v_direct) THEN 3 ELSE 2 END
+                 FROM generate_subscripts(p_channels, 1) AS k(i) ORDER BY k.i);
+END $$;
+"""
+
 #: (version, SQL) in order; the SQL is formatted as the module docstring says.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -2274,4 +2356,5 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (7, _LEASE_V7),
     (8, _PUSH_LEASES_V8),
     (9, _ROOM_LAPSE_V9),
+    (10, _SEND_RESERVED_DIRECT_V10),
 )

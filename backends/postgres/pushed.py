@@ -31,10 +31,12 @@ is kept, and the channel's next take first puts back what it leased, in its plac
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from backends import Taken
@@ -82,6 +84,8 @@ class PushedLeases:
         self._renewer = Renewer("the leases of pushed messages", lease_s, self._tick, log)
         #: Leases of takes whose answer was lost, by channel (``lost``).
         self._lost: dict[ChannelKey, list[int]] = {}
+        #: Push takes under way, by channel, each a future done when it returned.
+        self._taking: dict[ChannelKey, list[asyncio.Future[None]]] = {}
 
     async def take(
         self, taker: Taker, ns: str, channels: Sequence[str], limit: int
@@ -115,6 +119,31 @@ class PushedLeases:
                 held[channel] = int(rows[0][1])
                 del self._lost[(ns, channel)]
         return held
+
+    @contextlib.contextmanager
+    def taking(self, ns: str, channels: Sequence[str]) -> Iterator[None]:
+        """A push take of ``channels`` is under way (``after_takes`` waits for it)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = [(ns, channel) for channel in channels]
+        for key in keys:
+            self._taking.setdefault(key, []).append(done)
+        try:
+            yield
+        finally:
+            for key in keys:
+                under_way = self._taking[key]
+                under_way.remove(done)
+                if not under_way:
+                    del self._taking[key]
+            done.set_result(None)
+
+    async def after_takes(self, ns: str, channel: str) -> None:
+        """Wait until the push takes of ``channel`` under way now have returned: their
+        messages are then written to the owner's connection (in the same step as the
+        take returns), and a direct push written after them keeps its place."""
+        under_way = self._taking.get((ns, channel))
+        if under_way:
+            await asyncio.wait(list(under_way))
 
     def new_lease(self) -> int:
         """A lease of our range for one ``pushes`` row."""

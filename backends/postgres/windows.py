@@ -25,7 +25,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from backends import ALREADY_STORED, SEQ_SPAN
+from backends import ALREADY_STORED, SEQ_SPAN, Taken
+from protocol import ttl_ms
 
 from .batching import ReleaseWriter
 from .group_commit import client_of
@@ -39,6 +40,9 @@ _SEND_RESERVING = "SELECT {s}.send_reserving($1, $2, $3, $4, $5, $6, $7, $8, $9,
 _SEND_RESERVED = "SELECT {s}.send_reserved($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RESERVE_ROOM = "SELECT {s}.reserve_room($1, $2, $3, $4, $5, $6, $7)"
 _RELEASE_ROOM = "SELECT {s}.release_room($1, $2, $3, $4)"
+_SEND_RESERVED_DIRECT = (
+    "SELECT {s}.send_reserved_direct($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
 #: A client's record (made if missing), and a seq's outcome written into it.
 _SEQ_STORED = "SELECT {s}.seq_stored(r.highest, r.kept, $3, $4) FROM {s}.sender_seqs($1, $2, $5) r"
 _RECORD_SEQ = (
@@ -55,6 +59,11 @@ FORGET_SENDERS = (
 
 #: What ``send_reserving`` answers besides the room reserved.
 _STORED_BEFORE, _FULL = -1, -2
+#: What ``send_reserved_direct`` answers per message (2: stored before).
+_STORED, _PUSHED = 1, 3
+#: The capacity a windowed send's direct push is checked against: none (its room was
+#: counted when it was reserved).
+_UNCHECKED = 2**31
 
 
 class PostgresRoom:
@@ -78,6 +87,7 @@ class PostgresRoom:
             _RELEASE_ROOM,
             _SEQ_STORED,
             _RECORD_SEQ,
+            _SEND_RESERVED_DIRECT,
         )
         self._sql = [sql.format(s=schema) for sql in templates]
         self._origin = secrets.token_hex(4)  # holders of several daemons never collide
@@ -122,16 +132,74 @@ class PostgresRoom:
         seqs: Sequence[int] = (),
         holder: str = "",
     ) -> None:
-        """Store each into a unit of its channel's room, in order, in one statement."""
+        """Store each into a unit of its channel's room, in order, in one statement; or,
+        for channels whose owner the daemon can push to and that hold nothing in the
+        database beyond send room, write it leased to ``pushes`` and push it (*Direct
+        pushes* in docs/postgres.md: no notification, no take, no row per member)."""
         channels = [channel for channel, _ in items]
         clients = [client_of(channel) for channel in channels]
         payloads = [payload for _, payload in items]
         numbers = list(seqs) or [0] * len(items)
         args = (ns, channels, clients, payloads, float(expiry_s), client, numbers)
-        field = self._field(holder)
-        outcomes: list[int] = await self._db.fetchval(self._sql[1], *args, field, SEQ_SPAN)
+        more = (self._field(holder), SEQ_SPAN)
+        leases = self._direct_leases(ns, channels, expiry_s)
+        if not leases:
+            outcomes: list[int] = await self._db.fetchval(self._sql[1], *args, *more)
+        else:
+            direct = [channel for channel, lease in zip(channels, leases, strict=True) if lease]
+            with self._room.given_back_on_error(ns, direct):
+                lease_s = self._room.leases.lease_s
+                outcomes = await self._db.fetchval(self._sql[6], *args, *more, leases, lease_s)
+            await self._push(ns, items, outcomes, leases, expiry_s)
         # One wake-up per message: each may serve a pull.
-        self._stored(ns, [c for c, outcome in zip(channels, outcomes, strict=True) if outcome == 1])
+        self._stored(ns, [c for c, done in zip(channels, outcomes, strict=True) if done == _STORED])
+
+    def _direct_leases(self, ns: str, channels: Sequence[str], expiry_s: float) -> list[int]:
+        """A new lease of ours for each message the daemon can push itself (its room
+        turned into a direct push reserved: ``DirectPushes.pushable``), else 0; empty
+        if none."""
+        pushes = self._room.pushes
+        if pushes is None or not any("!" in channel for channel in channels):
+            return []
+        new_lease, leases = self._room.leases.new_lease, []
+        for channel in channels:
+            pushable = pushes.pushable(ns, [channel], [_UNCHECKED], expiry_s)
+            leases.append(new_lease() if pushable else 0)
+        return leases if any(leases) else []
+
+    async def _push(
+        self,
+        ns: str,
+        items: Sequence[tuple[str, bytes]],
+        outcomes: Sequence[int],
+        leases: Sequence[int],
+        expiry_s: float,
+    ) -> None:
+        """Push what ``send_reserved_direct`` wrote to ``pushes``, in order, once the
+        push takes of their channels under way have returned; give back what was
+        reserved and stored instead. A channel whose owner left meanwhile has
+        its messages given back to wait for its next connection, in order."""
+        pushes, pushed = self._room.pushes, self._room.leases
+        assert pushes is not None
+        # What a push take under way took comes first: the statement saw it taken.
+        direct = {c for (c, _), done in zip(items, outcomes, strict=True) if done == _PUSHED}
+        for channel in direct:
+            await pushed.after_takes(ns, channel)
+        ttl, missed, unreserve = ttl_ms(expiry_s), dict[str, list[Taken]](), []
+        for (channel, payload), outcome, lease in zip(items, outcomes, leases, strict=True):
+            if not lease:
+                continue
+            if outcome != _PUSHED:
+                unreserve.append(channel)
+                continue
+            name = pushed.pushed(ns, lease, 1)
+            if channel in missed or pushes.push_now(ns, [channel], payload, ttl, [name]):
+                missed.setdefault(channel, []).append(Taken(payload, float(expiry_s), name))
+        if unreserve:
+            pushes.unreserve(ns, unreserve)
+        for channel, taken in missed.items():
+            if await pushed.put_back(ns, channel, taken):
+                self._stored(ns, [channel])
 
     async def reserve_room(
         self, ns: str, channel: str, *, capacity: int, window: int, size: int, holder: str = ""

@@ -17,6 +17,7 @@ import pytest
 
 from tests import pg_server
 from tests.broker.samples import scrape, settled, value
+from tests.proxy import CutProxy
 from tests.waits import IN_FLIGHT_S, receive
 
 BACKEND_KIND = "shared"
@@ -31,8 +32,9 @@ def backend_url() -> str:
 
 @pytest.fixture
 def own_broker(broker_factory: Callable[..., Any]) -> Any:
-    """A daemon of the test's own, with send windows off: a windowed send is always
-    stored (docs/postgres.md), and these tests are about sends that can go direct."""
+    """A daemon of the test's own, with send windows off: these tests are about
+    requests (``push_direct``) and group sends; windowed sends, which go direct too
+    (schema 10), have tests of their own below."""
     return broker_factory(extra_args=("--send-window", "0"))
 
 
@@ -64,6 +66,62 @@ async def test_sends_to_a_channel_connected_here_go_direct_in_order(
     assert [(await receive(owner, channel))["n"] for _ in range(10)] == list(range(10))
     samples = await settled(own_broker, DELIVERED, 10, mode="direct")
     assert value(samples, DELIVERED, mode="push") == 0
+
+
+async def test_windowed_sends_to_a_channel_connected_here_go_direct_in_order(
+    broker_factory: Callable[..., Any],
+    make_own_layer: Callable[..., Any],
+    unique: Callable[[str], str],
+) -> None:
+    """With send windows (the default), a sender's windowed SENDs to a channel whose
+    owner is connected to the same daemon are pushed directly once nothing of that
+    channel waits or is held in the database beyond send room: the first send (a
+    request, stored) is read, then each windowed one is read before the next."""
+    windowed = broker_factory()
+    sender, owner = make_own_layer(hosts=[windowed.url]), make_own_layer(hosts=[windowed.url])
+    channel = await owner.new_channel()
+    await owner.group_add(unique("connect"), channel)  # layers connect on first use
+    got = []
+    for n in range(30):
+        await sender.send(channel, {"n": n})
+        got.append((await receive(owner, channel))["n"])
+    assert got == list(range(30))
+    samples = await asyncio.to_thread(scrape, windowed)
+    direct, pushed = (value(samples, DELIVERED, mode=mode) for mode in ("direct", "push"))
+    assert direct + pushed == 30
+    # The first few are stored: the first send's ACK releases its held count in the
+    # background, and a send meanwhile sees it held.
+    assert direct >= 20, f"{direct} of 30 went direct"
+
+
+async def test_windowed_sends_go_direct_behind_a_stored_message_pushed_and_unread(
+    broker_factory: Callable[..., Any],
+    make_own_layer: Callable[..., Any],
+    unique: Callable[[str], str],
+) -> None:
+    """A stored message taken and pushed to its owner, its ACK not back yet (the owner
+    reaches the daemon through a proxy that holds the daemon's writes), is held in the
+    database, but it went out before anything sent after: windowed sends behind it go
+    direct (only messages waiting untaken keep them stored), and arrive after it."""
+    windowed = broker_factory()
+    proxy = CutProxy(windowed.address)
+    await proxy.start()
+    sender, owner = make_own_layer(hosts=[windowed.url]), make_own_layer(hosts=[proxy.url])
+    try:
+        channel = await owner.new_channel()
+        await owner.group_add(unique("connect"), channel)  # layers connect on first use
+        proxy.stall_replies()
+        await sender.send(channel, {"n": 0})  # a request: stored, then taken and pushed
+        await settled(windowed, DELIVERED, 1, mode="push")
+        for n in range(1, 21):
+            await sender.send(channel, {"n": n})
+        samples = await settled(windowed, DELIVERED, 20, mode="direct")
+        assert value(samples, DELIVERED, mode="push") == 1
+        proxy.resume()
+        assert [(await receive(owner, channel))["n"] for _ in range(21)] == list(range(21))
+    finally:
+        await owner.close()
+        await proxy.close()
 
 
 async def test_a_member_with_messages_in_storage_gets_the_group_send_after_them(

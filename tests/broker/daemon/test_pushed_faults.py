@@ -172,13 +172,28 @@ async def test_a_daemon_killed_with_direct_pushes_in_flight_loses_none_on_postgr
     await kill_with_pushes_in_flight(storage, unique, how, same_daemon=True)
 
 
+async def test_a_daemon_killed_with_windowed_direct_pushes_in_flight_loses_none_on_postgres(
+    unique: Callable[[str], str],
+) -> None:
+    """As above, with send windows (the default): the sender's windowed SENDs to the
+    consumer, on the same daemon, are pushed directly too (``send_reserved_direct``:
+    written leased to ``pushes`` in the commit that spends their room)."""
+    storage = servers.backend_url("postgresql://") + POSTGRES_OPTIONS
+    await kill_with_pushes_in_flight(storage, unique, "send", same_daemon=True, windows=True)
+
+
 async def kill_with_pushes_in_flight(
-    storage: str, unique: Callable[[str], str], how: str, *, same_daemon: bool = False
+    storage: str,
+    unique: Callable[[str], str],
+    how: str,
+    *,
+    same_daemon: bool = False,
+    windows: bool = False,
 ) -> None:
     """The test above on ``storage``: the sender on daemon 2, or ``same_daemon`` on
-    daemon 1 without send windows; ``how`` it sends: ``send`` or ``group_send`` (to a
-    group of the consumer's channel only)."""
-    extra = ("--send-window", "0") if same_daemon else ()
+    daemon 1 (without send windows unless ``windows``); ``how`` it sends: ``send`` or
+    ``group_send`` (to a group of the consumer's channel only)."""
+    extra = ("--send-window", "0") if same_daemon and not windows else ()
     pushing, sending = BrokerProcess(storage, extra_args=extra), BrokerProcess(storage)
     await asyncio.gather(asyncio.to_thread(pushing.start), asyncio.to_thread(sending.start))
     proxy = CutProxy(pushing.address)

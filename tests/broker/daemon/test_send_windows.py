@@ -289,7 +289,9 @@ async def test_a_held_confirm_goes_with_the_next_write_to_its_client(
 
     1. SEND 2 (windowed): its PUSH comes, and no CONFIRM with it (held: too young).
     2. 0.55 s later, SEND 3: its PUSH comes with the CONFIRM of 2 and 3 right behind it,
-       before the second is up."""
+       before the second is up. (On PostgreSQL the PUSH of 3 goes out directly, in the
+       very storage call that records 3, before 3 can be confirmed: the CONFIRM of 2
+       rides with it, and 3's is held in turn.)"""
     daemon = broker_factory(extra_args=("--confirm-delay", "1"))
     client, welcome = await windowed(daemon, capacity=100)
     channel = f"specific.{welcome.client_id}!{uuid.uuid4().hex[:12]}"
@@ -304,7 +306,8 @@ async def test_a_held_confirm_goes_with_the_next_write_to_its_client(
     await client.write(encode_frame(Send(0, channel, message(3), 3)))
     push, confirm = await client.next_frame(), await client.next_frame()
     assert isinstance(push, Push) and push.payload == message(3), push
-    assert isinstance(confirm, Confirm) and confirm.through_seq == 3, confirm
+    through = 2 if daemon.backend_url.startswith("postgresql") else 3
+    assert isinstance(confirm, Confirm) and confirm.through_seq == through, confirm
     assert time.monotonic() - started < 1, "the CONFIRM waited for --confirm-delay"
     client.close()
 
