@@ -46,6 +46,9 @@ log = logging.getLogger("channels_broker.backends.redis")
 Owned = tuple[list[str], bytes, str]
 #: Groups whose grouped members are kept (the oldest go past it).
 KEPT_GROUPS = 1024
+#: Member lists of records taken from owners' lists kept encoded (a steady room sends
+#: the same list each time; a few rooms' worth, a list of 10,000 members is ~200 KB).
+KEPT_LISTS = 64
 #: Members kept are read again after this long even if the group's version says they
 #: hold: a daemon of an earlier release adds members without changing the version, so
 #: while both run (a rolling upgrade) its additions reach these sends within this.
@@ -284,7 +287,7 @@ class EdgeFanOuts:
         """A record's member list as a PUSH carries it, and its length."""
         known = self._listed.get(names)
         if known is None:
-            if len(self._listed) >= KEPT_GROUPS:
+            if len(self._listed) >= KEPT_LISTS:
                 self._listed.clear()
             channels = names.decode().split(" ")
             known = self._listed[names] = (encode_channels(channels), len(channels))
