@@ -13,9 +13,11 @@ fan-out (``end``), and hands it back if it closes first (``give_back``: the reco
 stored for each member, under capacity). This daemon renews the leases it holds every
 third of the lease; a daemon killed with fan-outs in flight renews nothing, and the
 owner's next connection stores them once they lapse (``OWN_WAITING``), so none is lost;
-its layer drops a copy of one it got (by message id). Members of other owners (away,
-attached to another daemon, or unable to take it in order now) are stored per member,
-in bounded slices, as before (``sends``).
+its layer drops a copy of one it got (by message id). An owner attached to another
+daemon that marked it gets the same record, appended to its list in the same script,
+for that daemon to take and push (``remote``, ``deliver``). Members of other owners
+(away, on a daemon of an earlier release, or unable to take it in order now) are stored
+per member, in bounded slices, as before (``sends``).
 """
 
 from __future__ import annotations
