@@ -84,9 +84,6 @@ class RedisBackend(Backend):
         self._edge = EdgeFanOuts(
             self._keys, self._commands, settings.lease_s, self._takes.wake, origin
         )
-        self._remote = RemoteFanOuts(
-            self._keys, self._commands, self._edge, settings.lease_s, origin
-        )
         self._sends = Sends(
             settings.prefix,
             self._keys,
@@ -97,7 +94,7 @@ class RedisBackend(Backend):
             origin=origin,
         )
         self._wakeups = Wakeups(subs, self._commands, self._takes, origin=origin.encode())
-        self._wakeups.on_fanouts = self._remote.take_soon
+        self._remote = RemoteFanOuts(self._keys, self._commands, self._edge, self._wakeups)
         self._room = RedisRoom(
             self._keys, self._commands, self._takes, origin=origin, lapse_s=settings.room_lapse_s
         )

@@ -84,9 +84,9 @@ class EdgeFanOuts:
         origin: str,
     ) -> None:
         self._keys = keys
-        self._origin = origin
+        self.origin = origin
         self._commands = commands
-        self._lease_ms = int(lease_s * 1000)
+        self.lease_ms = int(lease_s * 1000)
         #: Tells the router messages may wait on a channel.
         self.wake = wake
         self.owners: EdgeOwners = {}
@@ -225,8 +225,8 @@ class EdgeFanOuts:
                 return None
             check = None
         capacity, expiry_s = limits
-        head = [token, self._lease_ms, max(1, round(expiry_s * 1000)), KEEP_MARGIN_MS, payload]
-        head += ["", 0, topology.publish_command, self._origin]
+        head = [token, self.lease_ms, max(1, round(expiry_s * 1000)), KEEP_MARGIN_MS, payload]
+        head += ["", 0, topology.publish_command, self.origin]
         by_slot: dict[int, tuple[list[str], list[Any]]] = defaultdict(lambda: ([], head[:]))
         owners = [("L", client, members) for client, _, members in chosen]
         owners += [("R", client, members) for client, members in away]
@@ -365,7 +365,7 @@ class EdgeFanOuts:
         """Renew every fan-out lease this daemon holds: one script per owner."""
         calls: list[Any] = []
         for (ns, client), tokens in list(self._live.items()):
-            args = [self._lease_ms, KEEP_MARGIN_MS, *tokens]
+            args = [self.lease_ms, KEEP_MARGIN_MS, *tokens]
             calls.append(self._commands.run(RENEW_FANOUTS, self.record_keys(ns, client), args))
         await asyncio.gather(*calls)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from .commands import Commands
@@ -31,6 +32,7 @@ from .keys import KEEP_MARGIN_MS, Keys
 from .pushed import EXPAND_MOST_MEMBERS
 from .remote_scripts import MARK_CLIENTS, REMOTE_VERSION, TAKE_FANOUTS, UNMARK_CLIENT
 from .renewer import Renewer
+from .wakeups import Wakeups
 
 __all__ = ["RemoteFanOuts"]
 
@@ -45,19 +47,22 @@ RENEW_MOST_CLIENTS = 512
 class RemoteFanOuts:
     """The marks of the clients attached here, and the records taken from their lists."""
 
-    def __init__(
-        self, keys: Keys, commands: Commands, edge: EdgeFanOuts, lease_s: float, origin: str
-    ) -> None:
+    def __init__(self, keys: Keys, commands: Commands, edge: EdgeFanOuts, wakeups: Wakeups) -> None:
         self._keys = keys
         self._commands = commands
         self._edge = edge
-        self._lease_ms = int(lease_s * 1000)
-        self._mark = f"{REMOTE_VERSION} {origin}"
+        lease_s = edge.lease_ms / 1000
+        self._lease_ms = edge.lease_ms
+        self._mark = f"{REMOTE_VERSION} {edge.origin}"
         #: (ns, client) marked by us, while attached here.
         self._marked: set[tuple[str, str]] = set()
         #: (ns, client) -> whether to take again once the take in flight is done.
         self._taking: dict[tuple[str, str], bool] = {}
         self._renewer = Renewer("the marks of attached clients", lease_s, self.renew_once)
+        #: Called with (ns, client id) when a fan-out of the client's lapsed: look at
+        #: its channels (``OWN_WAITING`` stores the record per member).
+        self.on_lapsed: Callable[[str, str], None] = wakeups.rewake_client
+        wakeups.on_fanouts = self.take_soon  # the wake-up ``*``, or a look after a gap
 
     def start(self) -> None:
         self._renewer.start()
@@ -73,8 +78,8 @@ class RemoteFanOuts:
         if owner is None or not owner.takes_fanouts or (ns, client) in self._marked:
             return
         self._marked.add((ns, client))
-        keys = self._keys_of(ns, client)
-        await self._commands.run(MARK_CLIENTS, keys[:2], [self._mark, self._lease_ms, 1])
+        keys = self._mark_keys(ns, client)
+        await self._commands.run(MARK_CLIENTS, keys, [*self._mark_args(), 1])
         self.take_soon(ns, client)
 
     def detach(self, ns: str, client: str) -> None:
@@ -127,8 +132,10 @@ class RemoteFanOuts:
             self._taking.pop(key, None)
 
     async def renew_once(self) -> None:
-        """Renew our marks (one script per slot and ``RENEW_MOST_CLIENTS``), and take
-        the lists that hold records (a wake-up may have been missed)."""
+        """Renew our marks (one script per slot and ``RENEW_MOST_CLIENTS``), take the
+        lists that hold records (a wake-up may have been missed), and look at the
+        channels of clients with a lapsed fan-out (a take's reply may have been lost:
+        nothing renews it; or a dead daemon's, while the client stayed here)."""
         if not self._marked:
             return
         is_cluster = self._commands.require().is_cluster
@@ -139,14 +146,21 @@ class RemoteFanOuts:
         for clients in by_slot.values():
             for at in range(0, len(clients), RENEW_MOST_CLIENTS):
                 some = clients[at : at + RENEW_MOST_CLIENTS]
-                keys: list[Any] = [key for c in some for key in self._keys_of(*c)[:2]]
+                keys: list[Any] = [key for c in some for key in self._mark_keys(*c)]
                 reply = await self._commands.run(MARK_CLIENTS, keys, [*self._mark_args(), 0])
-                for (ns, client), waiting in zip(some, reply, strict=True):
-                    if int(waiting):
+                for i, (ns, client) in enumerate(some):
+                    if int(reply[2 * i]):
                         self.take_soon(ns, client)
+                    if int(reply[2 * i + 1]):
+                        self.on_lapsed(ns, client)
 
     def _mark_args(self) -> list[Any]:
         return [self._mark, self._lease_ms]
+
+    def _mark_keys(self, ns: str, client: str) -> list[str]:
+        """``MARK_CLIENTS``' keys of a client: mark, fan-out list, fan-outs' leases."""
+        mark, fq, base = self._keys_of(ns, client)
+        return [mark, fq, f"{base}fd"]
 
     def _keys_of(self, ns: str, client: str) -> tuple[str, str, str]:
         """A client's mark, fan-out list and key base."""

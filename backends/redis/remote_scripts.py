@@ -24,18 +24,21 @@ REMOTE_VERSION = 1
 
 #: Mark clients attached to this daemon (``force``: at attach, over a mark a daemon that
 #: had the client before left; else only ours, or a mark lost, is renewed). KEYS: per
-#: client its mark, its fan-out list. ARGV: the mark (``<version> <daemon>``), lease_ms,
-#: force (1 or 0). -> per client the length of its fan-out list (records to take).
+#: client its mark, its fan-out list, its fan-outs' lease zset. ARGV: the mark
+#: (``<version> <daemon>``), lease_ms, force (1 or 0). -> per client the length of its
+#: fan-out list (records to take), and 1 if a fan-out's lease lapsed (a dead daemon's,
+#: or one whose take's reply was lost: to store per member), else 0.
 MARK_CLIENTS = Script.of(
     "mark_clients",
     r"""
-local out = {}
-for k = 1, #KEYS, 2 do
+local out, now = {}, now_ms()
+for k = 1, #KEYS, 3 do
   local mark = redis.call('GET', KEYS[k])
   if ARGV[3] == '1' or not mark or mark == ARGV[1] then
     redis.call('SET', KEYS[k], ARGV[1], 'PX', ARGV[2])
   end
   out[#out + 1] = redis.call('LLEN', KEYS[k + 1])
+  out[#out + 1] = #redis.call('ZRANGEBYSCORE', KEYS[k + 2], '-inf', now, 'LIMIT', 0, 1)
 end
 return out
 """,

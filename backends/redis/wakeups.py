@@ -188,6 +188,11 @@ class Wakeups:
         for ns, key, is_client in self._subs.watchers():
             self._rewake(ns, key, is_client)
 
+    def rewake_client(self, ns: str, client_id: str) -> None:
+        """Look at a client's channels (lapsed leases given back) and wake those with
+        messages."""
+        self._commands.spawn(self._wake_client(ns, client_id))
+
     def _rewake(self, ns: str, key: str, is_client: bool) -> None:
         if is_client:
             self._commands.spawn(self._wake_client(ns, key))
