@@ -1,32 +1,32 @@
 """PostgreSQL storage on asyncpg: queues and groups shared by every daemon on one database.
 
-Theory of operation. Each operation is one round trip on a pooled connection
-(``pool``): a prepared statement (``statements``) or a call of one of the functions
-that ``schema`` installs (capacity check, insert and notification in one
-transaction; the live SQL reads in ``schema.sql``). Sends are answered once committed
-(to disk, unless the URL says ``synchronous_commit=off``), and the sends that come
-while one commits share the next commit (``group_commit``). A send wakes this
-daemon's router at once, and ``pg_notify`` wakes the others through their
-``Listener``; a periodic re-check makes up for a lost notification (``wakeups``).
-``FOR UPDATE SKIP LOCKED`` lets daemons take from one channel at once without ever
-handing out one message twice; a worker's message is leased, not deleted, until it
-has been handed out, and a message pushed to a client's own channel until the client
-acknowledges it (``pushed``), so a daemon killed outright loses none; takes of one channel that
-queue up in this daemon go out as one, a channel that workers pull busily has its next
-messages taken ahead of their pulls (``take_ahead``, ``taker``), and releases and
-acknowledgements are written in the background, many per statement (``batching``):
-round trips, and their system calls, are what a daemon spends its time on. A group is
-sent to in slices of members (``group_sends``), so that no statement grows with it.
+Theory of operation. Each operation is one round trip on a pooled connection (``pool``):
+a prepared statement (``statements``) or a call of one of the functions that ``schema``
+installs (capacity check, insert and notification in one transaction; the live SQL reads
+in ``schema.sql``). Sends are answered once committed (to disk, unless the URL says
+``synchronous_commit=off``), and the sends that come while one commits share the next
+commit (``group_commit``). A send wakes this daemon's router at once, and ``pg_notify``
+wakes the others through their ``Listener``; a periodic re-check makes up for a lost
+notification (``wakeups``). ``FOR UPDATE SKIP LOCKED`` lets daemons take from one
+channel at once without ever handing out one message twice; a worker's message is
+leased, not deleted, until handed out or its consumer's ACK (renewed until then:
+``consumer_leases``), and a message pushed to a client's own channel until the client
+acknowledges it (``pushed``), so a daemon killed outright loses none; takes of one
+channel that queue up in this daemon go out as one, a channel that workers pull busily
+has its next messages taken ahead of their pulls (``take_ahead``, ``taker``), and
+releases and acknowledgements are written in the background, many per statement
+(``batching``): round trips, and their system calls, are what a daemon spends its time
+on. A group is sent to in slices of members (``group_sends``), so that no statement
+grows with it.
 
 A message for a channel whose owner is connected to this daemon, with nothing of that
-channel waiting or held in the database, is not stored to wait: the same round trip
-that checks this writes it leased to this daemon and hands it back for the daemon to
-push (``DirectPushes``; ``sends``, ``group_sends``), which saves the notification and
-the take. What this
-daemon took ahead or pushed directly counts against capacities (``room``). A periodic
-sweep (``sweep``) removes expired messages, lapsed memberships and idle channel rows
-in bounded batches, one daemon at a time, and vacuums the queue tables (``vacuum``).
-The URL and its options: ``url``.
+channel waiting or held in the database, is not stored to wait: the same round trip that
+checks this writes it leased to this daemon and hands it back for the daemon to push
+(``DirectPushes``; ``sends``, ``group_sends``), which saves the notification and the
+take. What this daemon took ahead or pushed directly counts against capacities
+(``room``). A periodic sweep (``sweep``) removes expired messages, lapsed memberships
+and idle channel rows in bounded batches, one daemon at a time, and vacuums the queue
+tables (``vacuum``). The URL and its options: ``url``.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class PostgresBackend(Backend):
         with contextlib.suppress(BackendError):
             await self._releases.close()
         await self._takes.close()
-        await self._taker.acks.close()
+        await self._taker.close()
         await self._pushed.close()
         await self._notifier.close()
         tasks, self._tasks = self._tasks, []
@@ -236,10 +236,8 @@ class PostgresBackend(Backend):
         return await self._sends.send_many(ns, items, capacity_of, expiry_s)
 
     async def take(self, ns: str, channel: str, limit: int, *, hold: bool) -> list[Taken]:
-        """Remove up to ``limit`` unexpired messages from the head, oldest first.
-
-        Takes of one channel that come while one is under way go out together.
-        """
+        """Remove up to ``limit`` unexpired messages from the head, oldest first; takes
+        of one channel that come while one is under way go out together."""
         if limit < 1:
             return []
         if hold:  # a push: leased until acknowledged (``pushed``)
@@ -251,12 +249,18 @@ class PostgresBackend(Backend):
         leased (``Taken.lease``) until ``acknowledge`` or its lease lapses."""
         if limit < 1:
             return []
-        return await self._takes.take(ns, channel, limit, False, by_consumer=True)
+        taken = await self._takes.take(ns, channel, limit, False, by_consumer=True)
+        self._taker.held.hold(ns, channel, taken)  # renewed until acknowledged
+        return taken
 
     async def acknowledge(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """End leases of messages a consumer received: they are deleted in the
         background, with the other acknowledgements due, many per statement."""
         self._taker.consumed(ns, channel, leases)
+
+    def abandon(self, ns: str, channel: str, leases: Sequence[str]) -> None:
+        """``RenewsLeases``: their DELIVERs' connection closed unacknowledged."""
+        self._taker.held.release(ns, channel, leases)
 
     async def take_many(
         self, ns: str, channels: Sequence[str], limit: int, *, hold: bool

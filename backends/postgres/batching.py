@@ -111,6 +111,17 @@ class AckWriter:
         #: Loop time ``_timer`` fires at.
         self._timer_at = math.inf
         self._task: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def exclusive(self) -> asyncio.Lock:
+        """Held while a statement of this writer runs: a renewal of the same rows takes
+        it too. Both lock rows ``FOR UPDATE SKIP LOCKED``, so an acknowledgement that
+        met a renewal under way would skip its row and leave it leased, renewed."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     def add(self, ns: str, channel: str, ended: Iterable[tuple[int, int]]) -> None:
         """``ended``: (id, lease) of each message of ``channel`` just handed out, or
@@ -129,7 +140,8 @@ class AckWriter:
         if self._pending:
             pending, self._pending = self._pending, []
             try:
-                await self._write(_acks(pending))
+                async with self.exclusive():
+                    await self._write(_acks(pending))
             except BackendError as exc:
                 log.warning("could not delete %d messages handed out: %s", len(pending), exc)
 
@@ -163,7 +175,8 @@ class AckWriter:
         if batch:
             self._pending = [item for item in self._pending if item[0] > due_by]
             try:
-                await self._write(_acks(batch))
+                async with self.exclusive():
+                    await self._write(_acks(batch))
             except BackendError as exc:
                 self._retry(batch, exc)
         self._task = None

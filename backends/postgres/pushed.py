@@ -24,14 +24,14 @@ layer drops it by its message id.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from backends import BackendError, Taken
+from backends import Taken
+from backends.renewer import Renewer
 from protocol import client_id_of, is_process_specific
 
 from .batching import Ack, AckWriter
@@ -68,7 +68,7 @@ class PushedLeases:
         self._rows: dict[str, list[Any]] = {}
         self.acks = AckWriter(self._write_acks, retry_for_s=lease_s)
         self._ends = AckWriter(self._write_ends, retry_for_s=lease_s)
-        self._renewer: asyncio.Task[None] | None = None
+        self._renewer = Renewer("the leases of pushed messages", lease_s, self._tick, log)
 
     def new_lease(self) -> int:
         """A lease of our range for one ``pushes`` row."""
@@ -164,26 +164,19 @@ class PushedLeases:
     # -- renewal ---------------------------------------------------------------
 
     def start(self) -> None:
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        self._renewer.start()
 
     async def close(self) -> None:
         """Stop renewing; write the ends still due (best effort)."""
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        await self._renewer.close()
         await self.acks.close()
         await self._ends.close()
 
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            try:
-                await self.renew_once()
-                await self._db.execute(self._sql.expand_pushes, EXPAND_MOST)
-            except BackendError as exc:
-                log.info("renewing the leases of pushed messages failed: %s", exc)
+    async def _tick(self) -> None:
+        """Every third of the lease: renew ours, expand dead daemons' ``pushes`` rows."""
+        async with self.acks.exclusive():  # an ``ack_pushed`` beside it would skip rows
+            await self.renew_once()
+        await self._db.execute(self._sql.expand_pushes, EXPAND_MOST)
 
     async def renew_once(self) -> None:
         """Every lease of our range runs a whole lease from now: one statement."""

@@ -28,6 +28,24 @@ _TEMPLATES = {
     "lease": "SELECT * FROM {s}.lease($1, $2, $3, $4, $5)",
     "ack": "SELECT {s}.ack($1, $2, $3, $4)",
     "unlease": "SELECT {s}.unlease($1, $2, $3, $4)",
+    # Consumers' leases this daemon delivered, not yet acknowledged (``consumer_leases``):
+    # each runs a whole lease from now. A row matches by its id and the take's token, so
+    # one taken again since (a new token) is left alone, and one locked (being
+    # acknowledged, or taken again after it lapsed) is skipped: renewed next time, if
+    # still ours. Not a function of the schema: any version 7 or later runs it.
+    "renew_leases": """
+            UPDATE {s}.messages SET lease_until = now() + make_interval(secs => $5)
+            WHERE ctid = ANY(ARRAY(
+                SELECT x.ctid
+                FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                    AS k(ns, channel, id, lease)
+                CROSS JOIN LATERAL (
+                    SELECT m.ctid FROM {s}.messages m
+                    WHERE m.ns = k.ns AND m.channel = k.channel AND m.id = k.id
+                      AND m.lease = k.lease
+                    FOR UPDATE SKIP LOCKED
+                ) x))
+        """,
     # Pushes to a client's own channels: leased until its layer acknowledges them
     # (``pushed``; schema.sql).
     "push_take": "SELECT * FROM {s}.push_take($1, $2, $3, $4, $5)",
@@ -142,6 +160,7 @@ class Statements:
     push_take: str
     recheck: str
     release_many: str
+    renew_leases: str
     renew_pushed: str
     send: str
     send_batch: str

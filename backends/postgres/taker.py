@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -20,11 +19,12 @@ from typing import Any
 from backends import Taken, WakeupCallback
 
 from .batching import Ack, AckWriter
+from .consumer_leases import ConsumerLeases, parse_consumer_lease
 from .pool import Database
 from .statements import Statements
 from .take_ahead import Ahead, is_leased
 
-__all__ = ["Taker", "parse_consumer_lease"]
+__all__ = ["Taker"]
 
 log = logging.getLogger("channels_broker.backends.postgres")
 
@@ -33,10 +33,6 @@ log = logging.getLogger("channels_broker.backends.postgres")
 #: the frames it would save.
 INTERN_MAX_BYTES = 64 * 1024
 INTERN_ENTRIES = 1024
-
-#: A consumer's lease as ``take_ahead.consumer_lease`` writes it: two bigints.
-_CONSUMER_LEASE = re.compile(r"(\d{1,19})\.(\d{1,19})\Z")
-_BIGINT_MAX = 2**63 - 1
 
 
 class Taker:
@@ -54,6 +50,8 @@ class Taker:
         #: Messages this daemon took again after their lease lapsed (``lease``).
         self.given_back_total = 0
         self.acks = AckWriter(self.write_acks, retry_for_s=lease_s)
+        #: Consumers' leases delivered and not yet acknowledged: renewed meanwhile.
+        self.held = ConsumerLeases(db, sql, lease_s, self.acks)
 
     async def take_now(self, ns: str, channel: str, limit: int, hold: bool) -> list[Ahead]:
         """``Takes``' one statement for a channel: up to ``limit`` messages, oldest first,
@@ -91,13 +89,20 @@ class Taker:
 
     def consumed(self, ns: str, channel: str, leases: Sequence[str]) -> None:
         """A consumer received the messages of these leases (``consumer_lease``):
-        delete them, with the other acknowledgements due. A lease not of that form is
-        ignored; one of a message gone or taken again matches nothing in ``ack``."""
+        delete them, with the other acknowledgements due, and renew them no more. A
+        lease not of that form is ignored; one of a message gone or taken again matches
+        nothing in ``ack``."""
+        self.held.release(ns, channel, leases)
         acked = [parsed for lease in leases if (parsed := parse_consumer_lease(lease))]
         if len(acked) < len(leases):
             log.debug("ignored %d malformed leases of %s", len(leases) - len(acked), channel)
         if acked:
             self.acks.add(ns, channel, acked)
+
+    async def close(self) -> None:
+        """Stop renewing consumers' leases; write the acknowledgements due (best effort)."""
+        await self.held.close()
+        await self.acks.close()
 
     async def write_acks(self, acks: list[Ack]) -> None:
         """``AckWriter``'s one statement: (namespace, channel, id, lease) each."""
@@ -156,12 +161,3 @@ class Taker:
             self._payloads.clear()
         self._payloads[payload] = payload
         return payload
-
-
-def parse_consumer_lease(lease: str) -> tuple[int, int] | None:
-    """(id, lease token) from a consumer's lease; None if it is not of that form."""
-    match = _CONSUMER_LEASE.match(lease)
-    if match is None:
-        return None
-    id_, token = int(match[1]), int(match[2])
-    return (id_, token) if id_ <= _BIGINT_MAX and token <= _BIGINT_MAX else None

@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from backends import EdgeOwner, EdgeOwners, FanOutLease
+from backends.renewer import Renewer
 from protocol import client_id_of, encode_channels, ttl_ms
 
 from .commands import Commands
 from .edge_scripts import END_FANOUTS, FANOUT_LEASE, GIVE_BACK_FANOUTS, GROUP_SAME, RENEW_FANOUTS
 from .keys import KEEP_MARGIN_MS, Keys
 from .pushed import EXPAND_MOST_MEMBERS, PushedLeases
-from .renewer import Renewer
 from .takes import DEADLINE_DIGITS
 
 __all__ = ["Check", "EdgeFanOuts", "Owned"]
@@ -98,7 +98,7 @@ class EdgeFanOuts:
         self._live: dict[tuple[str, str], set[str]] = {}
         #: Record keys (hash, zset) -> tokens acknowledged this pass, not yet ended.
         self._ends: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
-        self._renewer = Renewer("the leases of fan-outs", lease_s, self.renew_once)
+        self._renewer = Renewer("the leases of fan-outs", lease_s, self.renew_once, log)
         #: Member lists taken from records (``deliver``) -> (encoded, count): a steady
         #: room sends the same list every time.
         self._listed: dict[bytes, tuple[bytes, int]] = {}

@@ -81,29 +81,9 @@ local want, keep_ms, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(A
 local token = ARGV[4]
 local back = give_back(q, l, d, ARGV[5], ARGV[6], ARGV[7], now, keep_ms, tonumber(ARGV[8]))
 local out = {now, 0, 0}
-local n, latest = 0, 0
-while n < want do
-  local popped = redis.call('LPOP', q, want - n)
-  if not popped then break end
-  for _, entry in ipairs(popped) do
-    local deadline = deadline_of(entry)
-    if deadline > now then
-      n = n + 1
-      out[#out + 1] = entry
-      redis.call('HSET', l, token .. '.' .. n, entry)
-      if deadline > latest then latest = deadline end
-    else
-      out[2] = out[2] + 1
-    end
-  end
-end
+local n, latest = pop_live(q, want, now, out, l, token)
 out[3] = n
-if n > 0 then
-  redis.call('ZADD', d, now + lease_ms, token .. '.' .. n)
-  local keep = math.max(latest - now, lease_ms) + keep_ms
-  extend(l, keep)
-  extend(d, keep)
-end
+if n > 0 then note_take(l, d, token, n, latest, now, lease_ms, keep_ms) end
 out[#out + 1] = back
 return out
 """,

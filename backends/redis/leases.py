@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends import BackendError
+from backends.renewer import Renewer
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .lease_scripts import ACK_LEASES, REAP_LEASES, RENEW_LEASES
-from .renewer import Renewer
 
 __all__ = ["ACK_DELAY_S", "REAP_MOST_CHANNELS", "REAP_MOST_TAKES", "Leases"]
 
@@ -81,7 +81,7 @@ class Leases:
         #: Consumers' leases delivered on live connections and not yet acknowledged,
         #: by (namespace, channel): renewed until then (``hold``).
         self._live: dict[tuple[str, str], set[str]] = {}
-        self._renewer = Renewer("consumers' leases", lease_s, self.renew_once, logging.DEBUG)
+        self._renewer = Renewer("consumers' leases", lease_s, self.renew_once, log, logging.DEBUG)
         self._cursor = 0
         #: Messages whose lease lapsed, put back in their queue (by this daemon).
         self.given_back_total = 0

@@ -24,12 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends import Taken
+from backends.renewer import Renewer
 
 from .commands import Commands
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import REAP_MOST_TAKES
 from .pushed_scripts import OWN_WAITING, RENEW_PUSHED
-from .renewer import Renewer
 
 __all__ = ["PushedLeases"]
 
@@ -59,7 +59,7 @@ class PushedLeases:
         self._wake = wake
         #: The takes this daemon holds leased, by channel: their members ``<token>.<n>``.
         self._live: dict[ChannelKey, set[str]] = {}
-        self._renewer = Renewer("the leases of pushed messages", lease_s, self.renew_once)
+        self._renewer = Renewer("the leases of pushed messages", lease_s, self.renew_once, log)
         self._rechecks: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     # -- takes -----------------------------------------------------------------

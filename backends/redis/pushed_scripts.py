@@ -47,32 +47,12 @@ for a = 7, #ARGV do
   if idx then back = back + give_back(q, l, d, channel, base .. 'w', pubcmd, now, keep_ms, most) end
   local at = #out + 1
   out[at] = 0
-  local n, latest = 0, 0
-  while n < want do
-    local popped = redis.call('LPOP', q, want - n)
-    if not popped then break end
-    for _, entry in ipairs(popped) do
-      local deadline = deadline_of(entry)
-      if deadline > now then
-        n = n + 1
-        out[#out + 1] = entry
-        if idx then redis.call('HSET', l, token .. '.' .. n, entry) end
-        if deadline > latest then latest = deadline end
-      else
-        out[2] = out[2] + 1
-      end
-    end
-  end
+  local n, latest = pop_live(q, want, now, out, idx and l, token)
   out[at] = n
   if n > 0 then
     redis.call('INCRBY', h, n)
     extend(h, latest - now + keep_ms)
-    if idx then
-      redis.call('ZADD', d, now + lease_ms, token .. '.' .. n)
-      local keep = math.max(latest - now, lease_ms) + keep_ms
-      extend(l, keep)
-      extend(d, keep)
-    end
+    if idx then note_take(l, d, token, n, latest, now, lease_ms, keep_ms) end
   elseif idx and redis.call('LLEN', q) == 0 and redis.call('EXISTS', d) == 0 then
     redis.call('SREM', idx, channel)
   end

@@ -26,12 +26,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from backends.renewer import Renewer
+
 from .commands import Commands
 from .edge import EdgeFanOuts
 from .keys import KEEP_MARGIN_MS, Keys
 from .pushed import EXPAND_MOST_MEMBERS
 from .remote_scripts import MARK_CLIENTS, REMOTE_VERSION, TAKE_FANOUTS, UNMARK_CLIENT
-from .renewer import Renewer
 from .wakeups import Wakeups
 
 __all__ = ["RemoteFanOuts"]
@@ -58,7 +59,7 @@ class RemoteFanOuts:
         self._marked: set[tuple[str, str]] = set()
         #: (ns, client) -> whether to take again once the take in flight is done.
         self._taking: dict[tuple[str, str], bool] = {}
-        self._renewer = Renewer("the marks of attached clients", lease_s, self.renew_once)
+        self._renewer = Renewer("the marks of attached clients", lease_s, self.renew_once, log)
         #: Called with (ns, client id) when a fan-out of the client's lapsed: look at
         #: its channels (``OWN_WAITING`` stores the record per member).
         self.on_lapsed: Callable[[str, str], None] = wakeups.rewake_client

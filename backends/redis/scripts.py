@@ -100,6 +100,37 @@ local function push(q, h, idx, channel, entry, cap, now, keep_ms)
   end
   return 1
 end
+-- Pop up to ``want`` unexpired entries of queue ``q`` onto ``out``; expired ones do not
+-- count toward ``want`` (popped on until enough live ones) and add to ``out[2]``. With a
+-- lease hash ``l``, each live entry is kept there too, as ``<token>.<i>``, until its
+-- take is acknowledged (``lease_scripts``). -> how many, their latest deadline.
+local function pop_live(q, want, now, out, l, token)
+  local n, latest = 0, 0
+  while n < want do
+    local popped = redis.call('LPOP', q, want - n)
+    if not popped then break end
+    for _, entry in ipairs(popped) do
+      local deadline = deadline_of(entry)
+      if deadline > now then
+        n = n + 1
+        out[#out + 1] = entry
+        if l then redis.call('HSET', l, token .. '.' .. n, entry) end
+        if deadline > latest then latest = deadline end
+      else
+        out[2] = out[2] + 1
+      end
+    end
+  end
+  return n, latest
+end
+-- Note a take of ``n`` messages leased to ``token`` (each already in the lease hash
+-- ``l``) in the lease zset ``d``, both kept while the lease or a message may last.
+local function note_take(l, d, token, n, latest, now, lease_ms, keep_ms)
+  redis.call('ZADD', d, now + lease_ms, token .. '.' .. n)
+  local keep = math.max(latest - now, lease_ms) + keep_ms
+  extend(l, keep)
+  extend(d, keep)
+end
 local function entry_of(deadline, payload)
   return string.format('%013d', deadline) .. payload
 end
@@ -162,11 +193,10 @@ while a <= #ARGV do
       -- Leased as a take of one (``pushed_scripts``): the index keeps the channel.
       local lease_ms, token = string.match(ARGV[a + 5], '^(%d+):(.+)$')
       local base = string.sub(KEYS[k], 1, #KEYS[k] - #channel - 2)
-      redis.call('HSET', base .. 'l:' .. channel, token .. '.1', entry)
-      redis.call('ZADD', base .. 'd:' .. channel, now + tonumber(lease_ms), token .. '.1')
-      local keep = math.max(expiry_ms, tonumber(lease_ms)) + keep_ms
-      extend(base .. 'l:' .. channel, keep)
-      extend(base .. 'd:' .. channel, keep)
+      local l = base .. 'l:' .. channel
+      redis.call('HSET', l, token .. '.1', entry)
+      note_take(l, base .. 'd:' .. channel, token, 1, now + expiry_ms, now,
+                tonumber(lease_ms), keep_ms)
     end
   elseif ok == 1 then
     note_wake(wakes, ARGV[a + 3], channel)
@@ -275,22 +305,7 @@ for a = 4, #ARGV do
   if string.find(channel, '!', 1, true) then idx = KEYS[k + 2]; k = k + 3 else k = k + 2 end
   local at = #out + 1
   out[at] = 0
-  local n, latest = 0, 0
-  -- Expired entries do not count toward the limit: pop on until enough live ones.
-  while n < want do
-    local popped = redis.call('LPOP', q, want - n)
-    if not popped then break end
-    for _, entry in ipairs(popped) do
-      local deadline = deadline_of(entry)
-      if deadline > now then
-        n = n + 1
-        out[#out + 1] = entry
-        if deadline > latest then latest = deadline end
-      else
-        out[2] = out[2] + 1
-      end
-    end
-  end
+  local n, latest = pop_live(q, want, now, out, false)
   out[at] = n
   if hold and n > 0 then
     redis.call('INCRBY', h, n)

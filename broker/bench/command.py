@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .layers import Note, Settings
+from .asgiref_floor import SYNC_SCENARIO, asgiref_floor_note
+from .layers import Note, Settings, Target
 from .loopback import echo_round_trips, echo_server
 from .report import build_report, machine, text_report
-from .runner import run_target
+from .runner import Results, run_target
 from .scenarios import SCENARIOS
 from .targets import build_targets
 
@@ -41,6 +43,12 @@ def default_loops(note: Note) -> tuple[str, ...]:
         return LOOPS
     note("daemon on asyncio's loop only: uvloop is not installed (pip install uvloop)")
     return ("asyncio",)
+
+
+def sync_rates(results: Results, targets: Sequence[Target]) -> dict[str, float]:
+    """Our targets' ``sync`` calls/s, by name, where the scenario measured one."""
+    rates = {t.name: results[t.name][SYNC_SCENARIO].values for t in targets if t.is_ours}
+    return {name: values[0] for name, values in rates.items() if values}
 
 
 @click.command()
@@ -143,6 +151,8 @@ def bench(
     peers = {"redis": redis_url, "nats": nats_url}
     targets = build_targets(backends, loops, addresses, peers, notes.append)
     results = {t.name: run_target(t, chosen, settings, notes.append) for t in targets}
+    if any(s.name == SYNC_SCENARIO for s in chosen):
+        notes.append(asgiref_floor_note(settings, sync_rates(results, targets)))
     report = build_report(info, settings, chosen, targets, results, notes)
     document = json.dumps(report, indent=2)
     if json_path is not None and str(json_path) == "-":

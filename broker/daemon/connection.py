@@ -1,6 +1,5 @@
-"""One client connection: bytes in and out, the worker, and deliveries.
-
-What each request means is in ``handlers``; what a channel holds, in ``held``.
+"""One client connection: bytes in and out, the worker, and deliveries. What each
+request means is in ``handlers``; what a channel holds, in ``held``.
 
 Theory of operation. ``data_received`` only decodes frames into ``inbox``; one
 worker task per connection does everything else in order: it answers requests one
@@ -232,9 +231,10 @@ class Connection(asyncio.Protocol):
         self.guard.flushed()
 
     def shut_down(self) -> None:
-        """Stop reading; the worker answers what was already read, then closes."""
+        """Stop reading; the worker answers what was read, then closes (``_work_once``)."""
         self._pause_reading()
         self.closing = True
+        self._writable.set()  # a worker waiting for the client to read goes on
         self._wake()
 
     def abort(self, reason: str) -> None:
@@ -270,7 +270,8 @@ class Connection(asyncio.Protocol):
             await self._finish()
 
     async def _work_once(self) -> None:
-        await self._writable.wait()
+        if not self.closing:  # a shutdown does not wait for a client that stopped reading
+            await self._writable.wait()
         inbox, handle = self.inbox, self.handlers.handle
         deadline = perf_counter() + WORK_SLICE_S
         while inbox and self._output_bytes < OUTPUT_HIGH_WATER and perf_counter() < deadline:
@@ -279,6 +280,8 @@ class Connection(asyncio.Protocol):
             self._input_bytes = 0
             if self.reading_paused:
                 self._read_on()
+        if self.closing and not inbox:
+            return  # deliveries stay in storage for the client's next connection
         try:
             if self._pulls.ready and not self._retry_pending:
                 await self._pulls.serve()
@@ -288,9 +291,7 @@ class Connection(asyncio.Protocol):
             if held.left_out and held.should_take_in(len(self.ready_channels)):
                 await self.handlers.take_in_own_channels()
         except BackendError as exc:
-            # What was not delivered stays queued (pulls and ready channels are put
-            # back before the failing call); try again shortly, not in a busy loop
-            # (a backend that is down fails at once, without yielding).
+            # What failed stays queued (put back first); retry soon, not in a busy loop.
             log.warning("backend error while delivering to %s: %s", self.peer, exc)
             self._retry_pending = True
             asyncio.get_running_loop().call_later(DELIVERY_RETRY_S, self._retry_deliveries)
@@ -387,10 +388,9 @@ class Connection(asyncio.Protocol):
             pushed += frames.collect(held, metrics, channel, items)
             if len(items) == limit:
                 self.ready_channels[channel] = None  # more may wait: next pass
+        encoder, output = self._encoder, self._output
         for payload, ttl_s, channels in frames.frames:
-            self._output_bytes += self._encoder.push_into(
-                self._output, channels, payload, ttl_ms(ttl_s)
-            )
+            self._output_bytes += encoder.push_into(output, channels, payload, ttl_ms(ttl_s))
         written, pass_bytes = self._output_bytes - start, self.guard.pass_bytes
         if pushed and (written > pass_bytes or budget < PUSH_PASS_MESSAGES):
             # The next pass takes what fits pass_bytes at this pass's sizes.

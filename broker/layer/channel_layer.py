@@ -61,6 +61,7 @@ from .memberships import MAX_REMEMBERED_MEMBERSHIPS, Memberships
 from .outages import Outages
 from .parking import IdlePool
 from .settings import CONFIG_KEYS, LayerSettings
+from .short_loops import SHORT_LOOPS, caller_calls
 from .unserializable import unserializable
 from .window import worth_resending
 
@@ -169,6 +170,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raise ``ChannelFull`` if it is at capacity."""
         self.require_valid_channel_name(channel)
+        if asyncio.get_running_loop() in SHORT_LOOPS and (caller := caller_calls(self)):
+            with caller as calls:  # async_to_sync from sync code: no loop connection
+                return calls.send(channel, message)
         client = self._client()
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()
@@ -231,6 +235,9 @@ class BrokerChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         another, once the daemon answers.
         """
         self.require_valid_group_name(group)
+        if asyncio.get_running_loop() in SHORT_LOOPS and (caller := caller_calls(self)):
+            with caller as calls:  # async_to_sync from sync code: no loop connection
+                return calls.group_send(group, message)
         client = self._client()
         payload = with_message_id(client.sender, client.next_seq(), self._serialize(message))
         limit = client.max_message_bytes if client.conn else await client.message_limit()

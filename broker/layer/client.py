@@ -1,9 +1,7 @@
-"""One event loop's connection to the daemon, for ``BrokerChannelLayer``.
-
-Requests and their answers, pushed messages in per-channel buffers with their
-acknowledgements, pulls and their cancellation, reconnects (``connecting``), and the
-hand-over of a quiet connection to the next short-lived loop (``parking``). See
-``broker.layer.channel_layer`` for the theory of operation.
+"""One event loop's connection to the daemon, for ``BrokerChannelLayer``: requests and
+their answers, pushed messages in per-channel buffers with their acks, pulls and their
+cancellation, reconnects (``connecting``), and the hand-over of a quiet connection to the
+next short-lived loop (``parking``); see ``channel_layer``.
 """
 
 from __future__ import annotations
@@ -151,7 +149,9 @@ class LoopClient:
         if self._connecting is None or self._connecting.done():
             self._connecting = self.loop.create_task(self._connect())
             self._connecting.add_done_callback(self._reconnected)
-        conn = await self._dialer.wait(self._connecting, patient)
+        adopting = self._parked is not None and self._parked.is_alive()  # no network wait
+        task = self._connecting
+        conn = await (task if adopting else self._dialer.wait(task, patient))
         if conn.lost.done() and (refused := conn.lost.result()) is not None:
             raise refused  # refused (TLS) before our turn came: as a request would hear
         return conn

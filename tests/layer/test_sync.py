@@ -25,7 +25,8 @@ import pytest
 from channels.exceptions import ChannelFull
 
 from broker.layer import BrokerConnectionRefused, BrokerUnavailable, MessageTooLarge
-from broker.layer.sync import SEND_MANY_BATCH, _batches, layer_for
+from broker.layer.sync import SEND_MANY_BATCH, layer_for
+from broker.layer.sync_calls import _batches
 from protocol import with_message_id
 from tests import servers
 from tests.conftest import REPO_ROOT, BrokerProcess

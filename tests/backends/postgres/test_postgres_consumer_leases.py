@@ -11,9 +11,10 @@ import uuid
 import asyncpg
 import pytest
 
-from backends import LeasesToConsumers
+from backends import LeasesToConsumers, RenewsLeases
 from backends.postgres.backend import PostgresBackend, PostgresOptions
 from backends.postgres.batching import ACK_RETRY_S
+from broker.daemon.capacity import CapacityPolicy
 from tests import pg_server
 from tests.backends.postgres.test_postgres import connected
 from tests.backends.postgres.test_postgres_leases import lease_as_a_dying_daemon
@@ -50,7 +51,8 @@ async def test_a_consumer_lease_not_acknowledged_gives_its_messages_back_in_plac
     url: str, ns: str
 ) -> None:
     """1. Three messages wait; a consumer's take leases the first two, each with a lease
-       of its own, and never acknowledges them (its DELIVERs were lost).
+       of its own, and never acknowledges them (its DELIVERs were lost with their
+       connection: ``abandon``, and renewal stops).
     2. They stay in the database, leased: nothing deletes them.
     3. Once the lease lapsed the next takes get them again, first and in order, then
        the third; the daemon counts the two as given back."""
@@ -60,6 +62,7 @@ async def test_a_consumer_lease_not_acknowledged_gives_its_messages_back_in_plac
         taken = await backend.take_leased(ns, "work", 2)
         assert [t.payload for t in taken] == [b"0", b"1"]
         assert taken[0].lease and taken[1].lease and taken[0].lease != taken[1].lease
+        backend.abandon(ns, "work", [t.lease for t in taken])
         await lapse()
         assert await stored(url, ns, where="true") == [0, 1, 2], "leased, never deleted"
         assert await pull(backend, ns, 4) == [0, 1, 2]
@@ -132,5 +135,74 @@ async def test_a_take_after_a_lapsed_lease_says_more_may_wait(url: str, ns: str)
         await backend.flush(ns)
 
 
+async def test_a_lease_is_renewed_until_its_connection_is_abandoned(url: str, ns: str) -> None:
+    """1. A consumer's take leases a message; its ACK is late (the consumer is busy)
+       by three leases: the daemon renews the lease meanwhile, so it never waits free
+       for another daemon's take.
+    2. Its connection closes unacknowledged (``abandon``): the lease lapses within a
+       lease, and the message waits free again, in its place (issue 15: a busy
+       worker's message went to another worker too)."""
+    async with connected(f"{url}&prefetch=0&lease={LEASE_S:g}") as backend:
+        await fill(backend, ns, 2)
+        (taken,) = await backend.take_leased(ns, "work", 1)
+        for _ in range(3):
+            await lapse()
+            assert await stored(url, ns) == [1], "still leased: renewed"
+        backend.abandon(ns, "work", [taken.lease])
+        await until_stored(url, ns, [0, 1])
+        await backend.flush(ns)
+
+
+async def test_one_statement_renews_every_lease_held_and_no_other(url: str, ns: str) -> None:
+    """Three consumers' takes on two channels, one of them abandoned; their leases are
+    made to run out in a second. One renewal (one statement) gives the two held a whole
+    lease again, and leaves the abandoned one to lapse."""
+    async with connected(f"{url}&prefetch=0&lease=30") as backend:
+        items = [("work", b"0"), ("work", b"1"), ("other", b"2")]
+        assert await backend.send_many(ns, items, capacity_of=CapacityPolicy(10), expiry_s=60) == []
+        for channel in ("work", "other"):
+            assert await backend.take_leased(ns, channel, 1)
+        (abandoned,) = await backend.take_leased(ns, "work", 1)
+        backend.abandon(ns, "work", [abandoned.lease])
+        await shorten_leases(url, ns, 1.0)
+        await backend._taker.held.renew_once()
+        left = await lease_left_s(url, ns)
+        assert left[b"0"] > 20 and left[b"2"] > 20, left
+        assert left[b"1"] <= 1, left
+        assert len(backend._taker.held) == 2
+        await backend.flush(ns)
+
+
+async def shorten_leases(url: str, ns: str, seconds: float) -> None:
+    """Every lease of ``ns`` runs out ``seconds`` from now (as if time had passed)."""
+    schema = PostgresOptions.from_url(url).schema
+    conn = await asyncpg.connect(url.split("?", 1)[0])
+    try:
+        await conn.execute(
+            f'UPDATE "{schema}".messages SET lease_until = now() + make_interval(secs => $2)'
+            " WHERE ns = $1 AND lease IS NOT NULL",
+            ns,
+            seconds,
+        )
+    finally:
+        await conn.close()
+
+
+async def lease_left_s(url: str, ns: str) -> dict[bytes, float]:
+    """Each leased message's payload -> seconds its lease still runs."""
+    schema = PostgresOptions.from_url(url).schema
+    conn = await asyncpg.connect(url.split("?", 1)[0])
+    try:
+        rows = await conn.fetch(
+            "SELECT payload, extract(epoch FROM lease_until - now())::float8"
+            f' FROM "{schema}".messages WHERE ns = $1 AND lease IS NOT NULL',
+            ns,
+        )
+    finally:
+        await conn.close()
+    return {bytes(row[0]): row[1] for row in rows}
+
+
 def test_the_backend_leases_to_consumers() -> None:
     assert issubclass(PostgresBackend, LeasesToConsumers)
+    assert issubclass(PostgresBackend, RenewsLeases)

@@ -29,8 +29,11 @@ CAP = CapacityPolicy(100)
 SLICE = 100
 #: The group of the issue: one statement for all of it took 7 to 20 s here.
 BIG_GROUP = 100_000
-#: A slice takes a few milliseconds on an idle machine; this bound leaves room for a
-#: loaded one (2 CPUs shared with other test runs), far below one statement's seconds.
+#: A slice takes a few milliseconds on an idle machine; one statement for the whole
+#: group, seconds. The bound is on a statement's time less what its client and server
+#: processes waited for a CPU meanwhile (``run_queue``): a loaded machine (2 CPUs shared
+#: with other test runs) adds nothing to that; the room left is for the disk (a commit
+#: waits for its WAL to be written) and for CPUs shared with other work.
 LONGEST_STATEMENT_S = 0.5
 #: The longest another client's statement may wait for a lock the group send holds, on
 #: an idle machine (the issue asks for about 50 ms): its session's lock_timeout, so
@@ -175,7 +178,8 @@ async def test_a_100000_member_group_send_holds_up_no_other_client(url: str, ns:
     2. A group send to 100,000 members runs in a process of its own, while that client
        sends and takes on a member's channel and on another: none of its statements
        waits more than 50 ms for a lock (more on a loaded machine), nor takes much
-       longer than before, and no statement of the group send is long.
+       longer than before, and no statement of the group send is long (less what
+       the machine's load added: its processes' wait for a CPU).
     """
     async with connected(url) as backend:
         await add_members(url, ns, "big", BIG_GROUP)
@@ -188,14 +192,16 @@ async def test_a_100000_member_group_send_holds_up_no_other_client(url: str, ns:
         report = json.loads(await sender)
         await backend.flush(ns)
     took = sorted(report["took"])
+    ran = sorted(t - w for t, w in zip(report["took"], report["waited"], strict=True))
     print(
         f"{len(took)} statements, median {took[len(took) // 2] * 1000:.1f} ms, longest "
-        f"{took[-1] * 1000:.1f} ms; probes: longest {baseline * 1000:.1f} ms before, "
-        f"{during * 1000:.1f} ms during, no lock wait over {lock_timeout_ms} ms"
+        f"{took[-1] * 1000:.1f} ms ({ran[-1] * 1000:.1f} ms less the wait for a CPU);"
+        f" probes: longest {baseline * 1000:.1f} ms before, {during * 1000:.1f} ms during,"
+        f" no lock wait over {lock_timeout_ms} ms"
     )
     assert report["delivered"] == BIG_GROUP
     assert len(took) >= BIG_GROUP // MAX_SLICE_MEMBERS
-    assert took[-1] < LONGEST_STATEMENT_S
+    assert ran[-1] < LONGEST_STATEMENT_S, (took[-5:], ran[-5:])
     assert during < baseline + MOST_SLOWED_S
 
 

@@ -5,7 +5,9 @@ the message once.
 On a throwaway redis-server of this module's own, whose SLOWLOG records every command
 (a server setting no test may change on a Redis it did not start). Before slices, the
 one GROUP_SEND script over this room ran for 1.3 to 3.2 s, and every other client of
-that Redis waited as long.
+that Redis waited as long. SLOWLOG times by the wall clock: what a busy machine added
+(Redis waiting for a CPU, ``run_queue``) is taken off, so that the bound is on a
+script's own work, the same on any machine.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from backends.redis.keys import Keys
 from backends.redis.sends import SLICE_MEMBERS
 from tests import servers
 from tests.backends.test_backend_contract import LONG_S, capacity
+from tests.run_queue import waited_s
 
 MEMBERS = 100_000
-#: A slice takes 1-3 ms of Redis's CPU here. SLOWLOG times commands by the wall clock,
-#: so on a loaded machine that takes the CPU from Redis mid-script a slice can read
-#: tens of ms; the bound allows that and is still far below the seconds of one script.
-LONGEST_COMMAND_US = 250_000
+#: A slice takes 1-3 ms of Redis's CPU here; the one script over the whole room took
+#: 1.3 s and more. The bound is on a script's time less Redis's wait for a CPU meanwhile
+#: (``run_queue``): a loaded machine does not add to that, and CPUs shared with other
+#: work (caches, hyperthreads) do not make it ten times longer.
+LONGEST_SCRIPT_US = 30_000
 PREFIX = "bigroom"
 
 
@@ -56,12 +60,12 @@ def fill_room(client: redis.Redis, ns: str, group: str) -> list[str]:
     return members
 
 
-def slowest_commands(client: redis.Redis) -> list[tuple[int, str]]:
-    """(microseconds, command) of every command since the last reset, slowest first."""
+def slowest_scripts(client: redis.Redis) -> list[tuple[int, str]]:
+    """(microseconds, command) of every script call since the last reset, slowest first."""
     entries = client.slowlog_get(10_000)
+    commands = ((entry["duration"], entry["command"].decode(errors="replace")) for entry in entries)
     return sorted(
-        ((entry["duration"], entry["command"].decode(errors="replace")[:40]) for entry in entries),
-        reverse=True,
+        ((us, command[:40]) for us, command in commands if command.startswith("EVAL")), reverse=True
     )
 
 
@@ -74,7 +78,8 @@ async def test_a_group_send_to_100000_members_goes_in_slices(
     backend: Backend, ns: str, redis_server: servers.RedisServer
 ) -> None:
     """Each member gets the message once, from scripts of at most ``SLICE_MEMBERS``
-    members each; no command held Redis over the bound."""
+    members each; no script held Redis over the bound, less what Redis waited for a
+    CPU during the send."""
     client = redis.Redis(port=redis_server.port)
     members = fill_room(client, ns, "room")
     url = redis_server.url
@@ -82,11 +87,13 @@ async def test_a_group_send_to_100000_members_goes_in_slices(
     servers.server_command(url, "CONFIG", "SET", "slowlog-max-len", "10000")
     servers.server_command(url, "SLOWLOG", "RESET")
     calls_before = script_calls(client)
-    started = time.monotonic()
+    assert redis_server.process is not None
+    waited_before, started = waited_s(redis_server.process.pid), time.monotonic()
     result = await backend.group_send(ns, "room", b"m", capacity_of=capacity(10), expiry_s=LONG_S)
     took_s = time.monotonic() - started
+    waited_us = round((waited_s(redis_server.process.pid) - waited_before) * 1e6)
     calls = script_calls(client) - calls_before
-    slowest = slowest_commands(client)
+    slowest = slowest_scripts(client)
     servers.server_command(url, "CONFIG", "SET", "slowlog-log-slower-than", "10000")
     assert sorted(result.delivered) == sorted(members) and result.skipped == 0
     keys = Keys(PREFIX)
@@ -95,6 +102,10 @@ async def test_a_group_send_to_100000_members_goes_in_slices(
             pipe.llen(keys.channel_keys(ns, member)[0])
         lengths = pipe.execute()
     assert set(lengths) == {1}, "every member has the message once"
-    print(f"group_send to {MEMBERS}: {took_s:.2f} s, {calls} scripts, slowest {slowest[:3]}")
+    longest_us = slowest[0][0] - waited_us
+    print(
+        f"group_send to {MEMBERS}: {took_s:.2f} s, {calls} scripts, slowest {slowest[:3]};"
+        f" Redis waited {waited_us} us for a CPU: the slowest less that, {longest_us} us"
+    )
     assert calls >= MEMBERS / SLICE_MEMBERS, "no script queued to more than a slice"
-    assert not slowest or slowest[0][0] < LONGEST_COMMAND_US, slowest[:5]
+    assert longest_us < LONGEST_SCRIPT_US, (slowest[:5], waited_us)
