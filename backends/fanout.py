@@ -35,6 +35,10 @@ class FanOutLease(NamedTuple):
 class EdgeOwner(Protocol):
     """A connection of the daemon that owns a client id, as fan-outs see it."""
 
+    @property
+    def takes_fanouts(self) -> bool:
+        """True if its layer takes fan-out PUSHes (protocol version 2 or later)."""
+
     def can_fan_out(self, frame_bytes: int) -> bool:
         """True if it takes fan-outs, nothing of its channels waits to be pushed before
         one (so their order holds), and a PUSH of about ``frame_bytes`` fits its bounds."""

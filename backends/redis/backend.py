@@ -47,6 +47,7 @@ from .edge_scripts import GROUP_DISCARD
 from .keys import KEEP_MARGIN_MS, Keys
 from .leases import Leases
 from .pipe import Pipe
+from .remote import RemoteFanOuts
 from .room import RedisRoom
 from .scripts import GROUP_ADD
 from .sends import Sends
@@ -80,7 +81,9 @@ class RedisBackend(Backend):
         subs = Subscriptions(self._keys)
         self._leases = Leases(self._keys, self._commands, settings.lease_s, subs.watched_channels)
         self._takes = Takes(self._keys, self._commands, self._notify, self._leases)
-        self._edge = EdgeFanOuts(self._keys, self._commands, settings.lease_s, self._takes.wake)
+        self._edge = EdgeFanOuts(
+            self._keys, self._commands, settings.lease_s, self._takes.wake, origin
+        )
         self._sends = Sends(
             settings.prefix,
             self._keys,
@@ -91,6 +94,7 @@ class RedisBackend(Backend):
             origin=origin,
         )
         self._wakeups = Wakeups(subs, self._commands, self._takes, origin=origin.encode())
+        self._remote = RemoteFanOuts(self._keys, self._commands, self._edge, self._wakeups)
         self._room = RedisRoom(
             self._keys, self._commands, self._takes, origin=origin, lapse_s=settings.room_lapse_s
         )
@@ -133,6 +137,7 @@ class RedisBackend(Backend):
         self._leases.start()
         self._takes.pushed.start()
         self._edge.start()
+        self._remote.start()
         self._stats_task = asyncio.get_running_loop().create_task(self._sample_stats())
 
     async def close(self) -> None:
@@ -145,6 +150,7 @@ class RedisBackend(Backend):
             await self._commands.settle(self.settings.timeout_s)
         self._leases.stop()
         self._edge.stop()
+        self._remote.stop()
         self._takes.stop()
         self._wakeups.stop()
         if self._stats_task is not None:
@@ -233,7 +239,9 @@ class RedisBackend(Backend):
         self._commands.release(self._keys.held(ns, channel), count - len(leases))
 
     async def channels_with_messages(self, ns: str, client_id: str) -> list[str]:
-        """The client's channels with unexpired messages (one script on its slot)."""
+        """The client's channels with unexpired messages (one script on its slot), once
+        the client is marked attached here, if it is (``remote``)."""
+        await self._remote.attach(ns, client_id)
         return await self._takes.channels_with_messages(ns, client_id)
 
     # -- groups ----------------------------------------------------------------
@@ -287,6 +295,8 @@ class RedisBackend(Backend):
         """Drop a watch; the subscription lingers ``LINGER_S`` (``wakeups``) in case it
         comes back."""
         self._wakeups.unwatch(ns, key)
+        if (ns, key) not in self._edge.owners:
+            self._remote.detach(ns, key)
 
     async def top_channels(self, limit: int) -> list[tuple[str, str, int]] | None:
         """The longest queues, by a SCAN of our keys (expired messages not yet removed

@@ -74,31 +74,55 @@ local function expand_lapsed(base, now, keep_ms, most, queued, budget)
 end
 """
 
-#: Keep one fan-out record per owner, leased; first, if a group version is given (the
-#: members were read before: ``GROUP_SAME``), check it, and write nothing if it changed.
-#: KEYS: per owner the record hash, the lease zset[, then the group's version]. ARGV:
-#: token, lease_ms, expiry_ms, keep_ms, payload, the version ('' : no check), the
-#: soonest deadline of the members, then per owner its member list ``<capacity>
-#: <channel>...``. -> 1, or 0 (the version changed or a member lapsed: read again).
+#: Keep one fan-out record per owner: leased to this daemon for an owner attached here
+#: (``L``), or appended to the owner's fan-out list ``fq`` for one attached to another
+#: daemon (``R``), if a daemon of this release marked it (``a``: ``<version> <daemon>``,
+#: ``remote_scripts``), with one wake-up on the owner's wake-up channel. An unmarked
+#: owner's members are left to the caller to store per member. An appended record's
+#: lease deadline is a lease away: if no daemon takes it by then (the marking one died),
+#: the owner's next connection stores it per member, as a lapsed one (``OWN_WAITING``).
+#: First, if a group version is given (the members were read before: ``GROUP_SAME``),
+#: check it, and write nothing if it changed. KEYS: per owner the record hash, the lease
+#: zset, the mark, the list[, then the group's version]. ARGV: token, lease_ms,
+#: expiry_ms, keep_ms, payload, the version ('' : no check), the soonest deadline of the
+#: members, pubcmd, origin, then per owner ``<L|R> <capacity> <channel>...``. -> 0 (the
+#: version changed or a member lapsed: read again), or {1, per owner 1 (kept) or 0 (not
+#: marked)}.
 FANOUT_LEASE = Script.of(
     "fanout_lease",
     r"""
 local now = now_ms()
-local pairs_end = #KEYS
+local owners_end = #KEYS
 if ARGV[6] ~= '' then
-  pairs_end = #KEYS - 1
+  owners_end = #KEYS - 1
   if redis.call('GET', KEYS[#KEYS]) ~= ARGV[6] or now >= tonumber(ARGV[7]) then return 0 end
 end
 local token, lease_ms, expiry_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local entry = entry_of(now + expiry_ms, ARGV[5])
 local keep = math.max(expiry_ms, lease_ms) + tonumber(ARGV[4])
-for k = 1, pairs_end, 2 do
-  redis.call('HSET', KEYS[k], token, entry, token .. ':m', ARGV[7 + (k + 1) / 2])
-  redis.call('ZADD', KEYS[k + 1], now + lease_ms, token)
-  extend(KEYS[k], keep)
-  extend(KEYS[k + 1], keep)
+local out = {1}
+for k = 1, owners_end, 4 do
+  local arg = ARGV[9 + (k + 3) / 4]
+  local remote = string.sub(arg, 1, 1) == 'R'
+  local ok = 1
+  if remote then
+    local mark = redis.call('GET', KEYS[k + 2])
+    if not (mark and tonumber(string.match(mark, '^(%d+) ') or '0') >= 1) then ok = 0 end
+  end
+  if ok == 1 then
+    redis.call('HSET', KEYS[k], token, entry, token .. ':m', string.sub(arg, 3))
+    redis.call('ZADD', KEYS[k + 1], now + lease_ms, token)
+    extend(KEYS[k], keep)
+    extend(KEYS[k + 1], keep)
+    if remote then
+      redis.call('RPUSH', KEYS[k + 3], token)
+      extend(KEYS[k + 3], keep)
+      redis.call(ARGV[8], string.sub(KEYS[k], 1, -2) .. 'w', ARGV[9] .. ' *')
+    end
+  end
+  out[#out + 1] = ok
 end
-return 1
+return out
 """,
 )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .edge_scripts import _EXPAND, EDGE_SCRIPTS
 from .lease_scripts import _GIVE_BACK
+from .remote_scripts import REMOTE_SCRIPTS
 from .scripts import Script
 
 __all__ = ["END_PUSHED", "OWN_WAITING", "PUSHED_SCRIPTS", "RENEW_PUSHED", "TAKE_HELD"]
@@ -183,4 +184,4 @@ return out
 )
 
 #: With the fan-outs' scripts, whose lapsed records ``OWN_WAITING`` expands.
-PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING, *EDGE_SCRIPTS)
+PUSHED_SCRIPTS = (TAKE_HELD, END_PUSHED, RENEW_PUSHED, OWN_WAITING, *EDGE_SCRIPTS, *REMOTE_SCRIPTS)

@@ -24,8 +24,9 @@ waits for them all, so each member still gets a sender's messages once and in or
 
 When some owner is attached to this daemon, a group send with one capacity goes at the
 edge where it can: the members are read, grouped by owning client, and each attached
-owner that can take it gets one leased record and one PUSH, with no per-member work
-(``edge``); only the rest is pushed per member, as above.
+owner that can take it gets one leased record and one PUSH, and each owner marked
+attached to another daemon one record in its list, which that daemon pushes, with no
+per-member work (``edge``, ``remote``); only the rest is pushed per member, as above.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import client_id_of
@@ -135,6 +136,9 @@ class Wakeups:
         self._takes = takes
         self._origin = origin
         self._sweeper: asyncio.TimerHandle | None = None
+        #: Called with (ns, client id) when records may wait in the client's fan-out
+        #: list (``remote``): the wake-up ``*``, or a look after a gap.
+        self.on_fanouts: Callable[[str, str], None] = lambda ns, client: None
 
     def start(self) -> None:
         """Listen to every watched channel (the topology is new) and sweep idle ones."""
@@ -166,7 +170,11 @@ class Wakeups:
         if origin == self._origin:
             return  # our own send: the router was woken already
         ns = self._subs.namespace_of(wake)
-        if ns is not None:
+        if ns is not None and names == b"*":  # a fan-out appended to a client's list
+            for ns, key, is_client in self._subs.watchers(wake):
+                if is_client:
+                    self.on_fanouts(ns, key)
+        elif ns is not None:
             for name in names.split(b" "):
                 self._takes.wake(ns, name.decode())
 
@@ -180,9 +188,15 @@ class Wakeups:
         for ns, key, is_client in self._subs.watchers():
             self._rewake(ns, key, is_client)
 
+    def rewake_client(self, ns: str, client_id: str) -> None:
+        """Look at a client's channels (lapsed leases given back) and wake those with
+        messages."""
+        self._commands.spawn(self._wake_client(ns, client_id))
+
     def _rewake(self, ns: str, key: str, is_client: bool) -> None:
         if is_client:
             self._commands.spawn(self._wake_client(ns, key))
+            self.on_fanouts(ns, key)
         else:
             self._takes.wake(ns, key)
 

@@ -73,6 +73,7 @@ class Connection(asyncio.Protocol):
         self.decoder = context.config.frame_decoder()
         self.handshake = Handshake(Role.DAEMON)
         self.session: Session | None = None
+        self.takes_fanouts = False  # its layer said so in its HELLO (``backends.fanout``)
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
         self.inbox: deque[Frame] = deque()
@@ -207,10 +208,9 @@ class Connection(asyncio.Protocol):
         # (ready, left out at --max-channels, or after a backend error); and within the
         # output's bounds (a PUSH no larger than a push pass writes): else storage keeps
         # the message, under capacity, and the push passes bring it.
-        transport, session = self.transport, self.session
+        transport = self.transport
         return (
-            session is not None
-            and session.takes_fanouts
+            self.takes_fanouts
             and frame_bytes <= self.guard.pass_bytes
             and not (self.ready_channels or self.held.left_out or self._retry_pending)
             and not (self.closing or transport is None or transport.is_closing())

@@ -125,6 +125,7 @@ class Handlers:
             self.ctx.metrics.count_limit(exc.limit)
             shell.fatal(exc.code, str(exc))
             return
+        shell.takes_fanouts = session.takes_fanouts
         previous = self.ctx.router.attach(shell, session.ns, client_id)
         if previous is not None and previous is not shell:
             previous.abort(f"client {client_id} re-attached from {shell.peer}")

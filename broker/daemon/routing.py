@@ -40,6 +40,8 @@ class Endpoint(Protocol):
 
     #: What the connection's own channels hold of their capacity (``Held``).
     held: Held
+    #: True if its layer takes fan-out PUSHes (``backends.fanout``).
+    takes_fanouts: bool
     #: Done once the connection closed and gave back what it pushed unacknowledged.
     closed: asyncio.Future[None]
 

@@ -32,6 +32,7 @@ class RecordingOwner:
 
     def __init__(self) -> None:
         self.fanouts: list[tuple[list[str], bytes, FanOutLease | None]] = []
+        self.takes_fanouts = True
 
     def can_fan_out(self, frame_bytes: int) -> bool:
         return True
