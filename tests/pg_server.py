@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import glob
 import os
@@ -88,10 +89,17 @@ def is_answering(url: str, timeout_s: float = 3.0) -> bool:
         finally:
             await conn.close()
 
-    try:
+    def run_probe() -> None:
         asyncio.run(asyncio.wait_for(probe(), timeout_s))
-    except Exception:  # whatever went wrong, the answer is no
-        return False
+
+    # In a thread of its own: the first use of a PostgreSQL URL may come from inside a
+    # running test's event loop, where asyncio.run refuses (the probe then never ran,
+    # the answer was a wrong "no", and a throwaway server was started for nothing).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(run_probe).result()
+        except Exception:  # whatever went wrong, the answer is no
+            return False
     return True
 
 

@@ -48,7 +48,43 @@ _TEMPLATES = {
         """,
     # Pushes to a client's own channels: leased until its layer acknowledges them
     # (``pushed``; schema.sql).
-    "push_take": "SELECT * FROM {s}.push_take($1, $2, $3, $4, $5)",
+    # push_take of the schema (version 8), except that a message taken again after its
+    # lease lapsed is not counted as held again: its first taker's count is still in
+    # takes.held, and a daemon killed (SIGKILL) never releases it, so counting it twice
+    # left the channel full of its dead daemon's pushes for as long as it stayed busy
+    # (held_until kept moving). Its new taker's ACK releases that count. Not a function
+    # of the schema: any version 8 or later runs it.
+    "push_take": """
+            WITH picked AS (
+                SELECT p.ctid, p.fresh FROM unnest($2::text[]) AS k(name)
+                CROSS JOIN LATERAL (
+                    SELECT m.ctid, m.lease IS NULL AS fresh FROM {s}.messages m
+                    WHERE m.ns = $1 AND m.channel = k.name AND m.expires_at > now()
+                      AND (m.lease IS NULL OR m.lease_until <= now())
+                    ORDER BY m.id LIMIT $3 FOR UPDATE SKIP LOCKED
+                ) p
+            ), leased AS (
+                UPDATE {s}.messages m
+                SET lease = $4, lease_until = now() + make_interval(secs => $5)
+                FROM picked p WHERE m.ctid = p.ctid
+                RETURNING m.channel, m.id, m.payload, m.expires_at, p.fresh
+            ), counted AS (
+                INSERT INTO {s}.takes AS t (ns, channel, taken, held, held_until)
+                SELECT $1, l.channel, count(*) FILTER (WHERE l.fresh),
+                       count(*) FILTER (WHERE l.fresh), max(l.expires_at)
+                FROM leased l GROUP BY l.channel ORDER BY l.channel
+                ON CONFLICT (ns, channel) DO UPDATE SET
+                    taken = t.taken + excluded.taken,
+                    held = CASE WHEN t.held_until > now() THEN t.held ELSE 0 END
+                        + excluded.held,
+                    held_until = greatest(t.held_until, excluded.held_until)
+            ), quick AS (  -- as the function: the commit does not wait for the disk
+                SELECT set_config('synchronous_commit', 'off', true)
+            )
+            SELECT l.channel, l.id, l.payload,
+                   extract(epoch FROM l.expires_at - now())::float8
+            FROM leased l, quick ORDER BY l.channel, l.id
+        """,
     "ack_pushed": "SELECT {s}.ack_pushed($1, $2, $3, $4)",
     "unlease_pushed": "SELECT {s}.unlease_pushed($1, $2, $3, $4)",
     # What takes whose answer was lost leased ($3: their leases), back in its places.

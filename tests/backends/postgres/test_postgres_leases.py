@@ -14,6 +14,7 @@ import pytest
 
 from backends.postgres.backend import TAKE_AHEAD_LINGER_S, PostgresBackend, PostgresOptions
 from backends.postgres.batching import ACK_DELAY_S
+from backends.records import Taken
 from tests import pg_server
 from tests.backends.postgres.test_postgres import connected
 from tests.backends.postgres.test_postgres_takes import (
@@ -120,4 +121,34 @@ async def test_leased_messages_that_expire_are_not_uncounted_twice(url: str, ns:
         await backend._sweeper.sweep()
         assert await stored(url, ns, where="true") == [], "swept"
         assert [await send(backend, ns, b"1", capacity=3) for _ in range(4)] == [True] * 3 + [False]
+        await backend.flush(ns)
+
+
+async def test_a_push_taken_again_after_its_daemon_died_is_held_once(url: str, ns: str) -> None:
+    """1. Three messages of a client's own channel (capacity 3); a daemon takes them for
+       a push, counted as held and leased to it, and is killed.
+    2. Once the lease lapses another daemon takes them for a push again, and its
+       consumer acknowledges them.
+    3. Three fit again: the dead daemon's held count went to the new taker, whose ACK
+       released it (counted twice, the channel stayed full while it stayed busy).
+    """
+    channel = "pushed.client!abc"
+    async with connected(f"{url}&prefetch=0") as backend:
+        for n in range(3):
+            assert await backend.send(ns, channel, b"%d" % n, capacity=3, expiry_s=LONG_S)
+        conn = await asyncpg.connect(url.split("?", 1)[0])
+        try:  # the daemon's own statement, under its lease, by a daemon about to die
+            args = (ns, [channel], 3, 42 << 32, SHORT_LEASE_S)
+            assert len(await conn.fetch(backend._taker._sql.push_take, *args)) == 3
+        finally:
+            await conn.close()
+        taken: list[Taken] = []
+        async with asyncio.timeout(LAPSE_WAIT_S):  # until the lease lapses
+            while not taken:
+                await asyncio.sleep(0.05)
+                taken = (await backend.take_many(ns, [channel], 3, hold=True))[channel]
+        assert [item.payload for item in taken] == [b"0", b"1", b"2"]
+        await backend.release_taken(ns, channel, 3, [item.lease for item in taken])
+        sent = [await backend.send(ns, channel, b"9", capacity=3, expiry_s=LONG_S) for _ in "1234"]
+        assert sent == [True] * 3 + [False]
         await backend.flush(ns)
