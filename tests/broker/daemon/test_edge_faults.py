@@ -54,6 +54,46 @@ def check(got: list[int], proxy: CutProxy) -> None:
     assert twice == 0, f"{twice} messages reached the application twice"
 
 
+async def fault_round(
+    sending: BrokerProcess, owning: BrokerProcess, fault: str, group: str
+) -> tuple[list[int], CutProxy, float]:
+    """The consumer on ``owning`` through a proxy, the sender on ``sending``: 150 group
+    sends, 150 more with the consumer's replies held, then the fault ("cut", or "kill":
+    ``owning`` SIGKILLed and started again), then 300 more. Returns what the consumer's
+    application got, the proxy (for ``check``), and ``owning``'s edge deliveries."""
+    proxy = CutProxy(owning.address)
+    await proxy.start()
+    consumer = BrokerChannelLayer(hosts=[proxy.url], capacity=COUNT)
+    sender = BrokerChannelLayer(hosts=[sending.url], capacity=COUNT)
+    channel, other = await consumer.new_channel(), await consumer.new_channel()
+    for member in (channel, other):
+        await consumer.group_add(group, member)
+    got: list[int] = []
+    changed = asyncio.Event()
+    reader = asyncio.create_task(read_all(consumer, channel, got, changed))
+    try:
+        await group_round(sender, group, range(COUNT // 4))
+        proxy.stall_replies()
+        await group_round(sender, group, range(COUNT // 4, COUNT // 2))
+        await asyncio.sleep(IN_FLIGHT_S)  # no event says the pushes left the daemon
+        if fault == "kill":
+            owning.kill()
+        proxy.cut()
+        proxy.resume()
+        if fault == "kill":
+            await asyncio.to_thread(owning.start)
+        await group_round(sender, group, range(COUNT // 2, COUNT))
+        await wait_for_all(got, changed)
+        edge = value(await asyncio.to_thread(scrape, owning), DELIVERED, mode="edge")
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await consumer.close()
+        await sender.close()
+        await proxy.close()
+    return got, proxy, edge
+
+
 @pytest.mark.parametrize("fault", ["cut", "kill"])
 async def test_fan_outs_in_flight_are_neither_lost_nor_doubled(
     fault: str, unique: Callable[[str], str]
@@ -68,37 +108,9 @@ async def test_fan_outs_in_flight_are_neither_lost_nor_doubled(
     """
     daemon = BrokerProcess(servers.backend_url("redis://"))
     await asyncio.to_thread(daemon.start)
-    proxy = CutProxy(daemon.address)
-    await proxy.start()
-    consumer = BrokerChannelLayer(hosts=[proxy.url], capacity=COUNT)
-    sender = BrokerChannelLayer(hosts=[daemon.url], capacity=COUNT)
-    group = unique("room")
-    channel, other = await consumer.new_channel(), await consumer.new_channel()
-    for member in (channel, other):
-        await consumer.group_add(group, member)
-    got: list[int] = []
-    changed = asyncio.Event()
-    reader = asyncio.create_task(read_all(consumer, channel, got, changed))
     try:
-        await group_round(sender, group, range(COUNT // 4))
-        proxy.stall_replies()
-        await group_round(sender, group, range(COUNT // 4, COUNT // 2))
-        await asyncio.sleep(IN_FLIGHT_S)  # no event says the pushes left the daemon
-        if fault == "kill":
-            daemon.kill()
-        proxy.cut()
-        proxy.resume()
-        if fault == "kill":
-            await asyncio.to_thread(daemon.start)
-        await group_round(sender, group, range(COUNT // 2, COUNT))
-        await wait_for_all(got, changed)
-        edge = value(await asyncio.to_thread(scrape, daemon), DELIVERED, mode="edge")
+        got, proxy, edge = await fault_round(daemon, daemon, fault, unique("room"))
     finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await consumer.close()
-        await sender.close()
-        await proxy.close()
         await asyncio.to_thread(daemon.cleanup)
     check(got, proxy)
     assert edge > 0, "group messages went at the edge"

@@ -11,7 +11,6 @@ when no member got a copy of its own.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -20,13 +19,14 @@ from broker.layer import BrokerChannelLayer
 from protocol import GroupSend, Push, encode_frame
 from tests import servers
 from tests.broker.daemon.test_edge_fanout import _raw_member
-from tests.broker.daemon.test_edge_faults import COUNT, check, group_round, wait_for_all
-from tests.broker.daemon.test_pushed_faults import read_all
+from tests.broker.daemon.test_edge_faults import (
+    check,
+    fault_round,
+)
 from tests.broker.raw_client import RawClient, hello
-from tests.broker.samples import scrape, settled, value
+from tests.broker.samples import settled, value
 from tests.conftest import BrokerProcess
-from tests.proxy import CutProxy
-from tests.waits import IN_FLIGHT_S, assert_nothing_within, receive
+from tests.waits import assert_nothing_within, receive
 
 pytestmark = pytest.mark.backends("redis", "redis+cluster")
 
@@ -133,36 +133,6 @@ async def test_fan_outs_to_another_daemon_in_flight_are_neither_lost_nor_doubled
     3. Every message reaches the consumer's application exactly once, and B pushed
        fan-outs at the edge after it came back."""
     a, b = broker_factory(), broker_factory()
-    proxy = CutProxy(b.address)
-    await proxy.start()
-    consumer = BrokerChannelLayer(hosts=[proxy.url], capacity=COUNT)
-    sender = BrokerChannelLayer(hosts=[a.url], capacity=COUNT)
-    group = unique("room")
-    channel, other = await consumer.new_channel(), await consumer.new_channel()
-    for member in (channel, other):
-        await consumer.group_add(group, member)
-    got: list[int] = []
-    changed = asyncio.Event()
-    reader = asyncio.create_task(read_all(consumer, channel, got, changed))
-    try:
-        await group_round(sender, group, range(COUNT // 4))
-        proxy.stall_replies()
-        await group_round(sender, group, range(COUNT // 4, COUNT // 2))
-        await asyncio.sleep(IN_FLIGHT_S)  # no event says the pushes left the daemon
-        if fault == "kill":
-            b.kill()
-        proxy.cut()
-        proxy.resume()
-        if fault == "kill":
-            await asyncio.to_thread(b.start)
-        await group_round(sender, group, range(COUNT // 2, COUNT))
-        await wait_for_all(got, changed)
-        edge = value(await asyncio.to_thread(scrape, b), DELIVERED, mode="edge")
-    finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await consumer.close()
-        await sender.close()
-        await proxy.close()
+    got, proxy, edge = await fault_round(a, b, fault, unique("room"))
     check(got, proxy)
     assert edge > 0, "group messages went at the edge of the owner's daemon"
