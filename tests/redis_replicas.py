@@ -30,7 +30,7 @@ from tests.servers import (
 )
 from tests.waits import POLL_S, START_TIMEOUT_S
 
-__all__ = ["ReplicatedCluster", "SentinelGroup"]
+__all__ = ["SWITCH_TIMEOUT_S", "ReplicatedCluster", "SentinelGroup"]
 
 #: How long a Sentinel waits before it calls an unanswering primary down, and how long
 #: a failover may take: short, so that a test's failover takes seconds, not a minute.
@@ -66,6 +66,12 @@ def _client(port: int) -> redis.Redis:
 def _role(port: int) -> str:
     """``master`` or ``slave``, as the server itself says."""
     return str(_client(port).execute_command("ROLE")[0])
+
+
+def _caught_up(primary: int, replica: int) -> bool:
+    """Whether ``replica`` has every write of ``primary`` (their offsets are equal)."""
+    offset = _client(primary).info("replication")["master_repl_offset"]
+    return bool(_client(replica).info("replication")["slave_repl_offset"] == offset)
 
 
 def _is_synced_replica(port: int) -> bool:
@@ -144,26 +150,38 @@ class SentinelGroup:
         return int(port)
 
     def fail_over(self) -> int:
-        """Promote the replica (``SENTINEL FAILOVER``); return the new primary's port once
-        every Sentinel names it and the old primary follows it."""
+        """Promote the replica (``SENTINEL FAILOVER``) without losing a write; return the
+        new primary's port once every Sentinel names it and the old primary follows it.
+
+        ``SENTINEL FAILOVER`` alone loses writes: the old primary goes on accepting them
+        after the replica's promotion, until Sentinel demotes it (seconds later), and
+        then drops them for the new primary's data (redis/redis#6062). So, as for a
+        switchover that must lose nothing, writes are paused on the old primary (until
+        the replica has them all), and it is made a replica of the new one as soon as
+        the Sentinels name that; the writes it held back then meet a replica (READONLY)."""
         old = self.primary_port()
         new = self.replica.port if old == self.primary.port else self.primary.port
-        sentinel_url = f"redis://127.0.0.1:{self.sentinels[0].port}"
-        server_command(sentinel_url, "SENTINEL", "FAILOVER", self.NAME)
-
-        def switched() -> bool:
-            named = {
-                int(
-                    _client(s.port).execute_command(
-                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.NAME
-                    )[1]
-                )
-                for s in self.sentinels
-            }
-            return named == {new} and _is_synced_replica(old)
-
-        _wait_until("Sentinel failover", switched, SWITCH_TIMEOUT_S)
+        old_url = f"redis://127.0.0.1:{old}"
+        server_command(old_url, "CLIENT", "PAUSE", str(int(SWITCH_TIMEOUT_S * 1000)), "WRITE")
+        try:
+            _wait_until("replica caught up", lambda: _caught_up(old, new), SWITCH_TIMEOUT_S)
+            sentinel_url = f"redis://127.0.0.1:{self.sentinels[0].port}"
+            server_command(sentinel_url, "SENTINEL", "FAILOVER", self.NAME)
+            _wait_until("Sentinels name the replica", lambda: self._named(new), SWITCH_TIMEOUT_S)
+            server_command(old_url, "REPLICAOF", "127.0.0.1", str(new))
+        finally:
+            server_command(old_url, "CLIENT", "UNPAUSE")
+        _wait_until("old primary follows", lambda: _is_synced_replica(old), SWITCH_TIMEOUT_S)
         return new
+
+    def _named(self, port: int) -> bool:
+        """Whether every Sentinel names ``port`` as the primary."""
+        return {
+            int(
+                _client(s.port).execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.NAME)[1]
+            )
+            for s in self.sentinels
+        } == {port}
 
     def stop(self) -> None:
         for sentinel in self.sentinels:

@@ -7,8 +7,11 @@ to a normal channel a worker pulls. Mid-traffic the topology changes under the d
 Every message is counted: each accepted send reaches its reader once and in order, and
 delivery resumes within ``RESUME_S``.
 
-The failovers are the graceful kind an operator runs (``SENTINEL FAILOVER``, ``CLUSTER
-FAILOVER``): the replica has every write of the old primary when it takes over. A
+The failovers are the graceful kind an operator runs: the replica has every write of the
+old primary when it takes over, and the old primary takes none after. ``CLUSTER
+FAILOVER`` is that by itself; ``SENTINEL FAILOVER`` is not (the old primary accepts
+writes until Sentinel demotes it, seconds later, then drops them), so the Sentinel
+switchover pauses writes on the old primary first (``SentinelGroup.fail_over``). A
 primary that dies before its replica has a write loses that write with it; Redis
 replication is asynchronous (docs/redis.md says what that means for a site).
 """
@@ -17,17 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from backends.redis.keys import Keys
 from tests import servers
 from tests.broker.daemon.traffic import Readers, assert_once_in_order, send_until_accepted
-from tests.redis_replicas import ReplicatedCluster, SentinelGroup
+from tests.redis_replicas import SWITCH_TIMEOUT_S, ReplicatedCluster, SentinelGroup
 
 #: The message before which the topology changes, and how many are sent after the
 #: change is complete (however many went while it was under way).
@@ -135,6 +140,35 @@ async def test_sentinel_failover_mid_traffic_loses_and_doubles_nothing(
     before = sentinel_group.primary_port()
     await run_traffic(make_own_layer, unique, lambda _channels: sentinel_group.fail_over())
     assert sentinel_group.primary_port() != before
+
+
+def test_sentinel_switchover_keeps_every_acknowledged_write(sentinel_group: SentinelGroup) -> None:
+    """The test's Sentinel switchover itself loses nothing: every write the old primary
+    acknowledged is on the new one (``SENTINEL FAILOVER`` alone let the old primary
+    accept writes for seconds after the promotion, then dropped them)."""
+    acknowledged = 0
+    wrote, done = threading.Event(), threading.Event()
+
+    def write(old: redis.Redis) -> None:
+        nonlocal acknowledged
+        while not done.is_set():
+            try:
+                acknowledged = int(old.incr(PREFIX))
+            except redis.RedisError:  # demoted (READONLY) or cut off: it took no write
+                return
+            wrote.set()
+
+    with redis.Redis(port=sentinel_group.primary_port(), socket_timeout=SWITCH_TIMEOUT_S) as old:
+        writer = threading.Thread(target=write, args=(old,))
+        writer.start()
+        try:
+            assert wrote.wait(SWITCH_TIMEOUT_S)
+            new = sentinel_group.fail_over()
+        finally:
+            done.set()
+            writer.join()
+    with redis.Redis(port=new) as client:
+        assert int(client.get(PREFIX) or 0) >= acknowledged
 
 
 @pytest.mark.parametrize("backend_url", ["cluster"], indirect=True)
