@@ -267,9 +267,8 @@ class PostgresBackend(Backend):
     ) -> dict[str, list[Taken]]:
         """``take`` from several channels in one call (all reached, or an error); for
         pushes (``hold``), each message leased to this daemon until acknowledged."""
-        if hold:  # direct pushes of windowed sends wait for it (``PostgresRoom``)
-            with self._pushed.taking(ns, channels):
-                taken, lost_held = await self._pushed.take(self._taker, ns, channels, limit)
+        if hold:
+            taken, lost_held = await self._pushed.take(self._taker, ns, channels, limit)
             for channel, held in lost_held.items():  # given back first, and uncounted
                 await self.release(ns, channel, held)
             return taken

@@ -92,20 +92,22 @@ class PushedLeases:
     ) -> tuple[dict[str, list[Taken]], dict[str, int]]:
         """A take for a push, under a lease of its own, after putting back what our
         takes of ``channels`` whose answer was lost leased: (what it took, how many
-        of those put back each channel had counted as held, to release)."""
-        held = await self._unlease_lost(ns, channels)
-        lease = self.new_lease()
-        try:
-            taken = await taker.take_pushed(ns, channels, limit, lease)
-        except BaseException:
-            for channel in channels:  # it may have run
-                kept = self._lost.setdefault((ns, channel), [])
-                kept.append(lease)
-                del kept[:-LOST_MOST]  # bounded: a failing channel is taken again soon
-            raise
-        for channel, items in taken.items():
-            if items:
-                self.held(ns, channel, len(items))
+        of those put back each channel had counted as held, to release). Direct pushes
+        of windowed sends to ``channels`` wait for it (``taking``, ``PostgresRoom``)."""
+        with self.taking(ns, channels):
+            held = await self._unlease_lost(ns, channels)
+            lease = self.new_lease()
+            try:
+                taken = await taker.take_pushed(ns, channels, limit, lease)
+            except BaseException:
+                for channel in channels:  # it may have run
+                    kept = self._lost.setdefault((ns, channel), [])
+                    kept.append(lease)
+                    del kept[:-LOST_MOST]  # bounded: a failing channel is taken again soon
+                raise
+            for channel, items in taken.items():
+                if items:
+                    self.held(ns, channel, len(items))
         return taken, held
 
     async def _unlease_lost(self, ns: str, channels: Sequence[str]) -> dict[str, int]:
